@@ -1,0 +1,43 @@
+//! cdc-sink: the webhook target of CockroachDB changefeeds, for active-active replication.
+//!
+//! ```text
+//! changefeed ──HTTPS──▶ server ──▶ source::webhook ──▶ (script dispatch) ──▶ stage ──▶ 200 OK
+//!                                      │ resolved ts                        (durable first)
+//!                                      ▼
+//!                                  checkpoint ──▶ sequence (lease holder per schema)
+//!                                                   read staged window ≤ resolved, HLC order
+//!                                                   ──▶ apply: upsert/delete (CAS, merge, DLQ)
+//!                                                   ──▶ retire staged rows + commit checkpoint
+//! ```
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`cli`] | the command tree; `start` wires everything |
+//! | [`server`] | listener, TLS, HTTP/1.1 + HTTP/2, diagnostic routes, graceful shutdown |
+//! | [`source`] | changefeed requests: URL routes, payload decoding, hand-off to staging |
+//! | [`auth`] | request authentication |
+//! | [`target`] | database connections, dialect detection, retries |
+//! | [`stage`] | the `_cdc_sink` staging tables |
+//! | [`checkpoint`] | resolved timestamps and leases |
+//! | [`sequence`] | consistent and immediate modes: when and in what order to apply |
+//! | [`apply`] | target schema introspection and the SQL that writes rows |
+//! | [`hlc`], [`ident`], [`mutation`] | shared vocabulary |
+//! | [`metrics`] | the catalogue of metric names |
+//! | [`bench`] | the `cdc-sink bench` measurement |
+//! | [`cluster`] | throwaway PostgreSQL clusters (demo, bench, tests) |
+
+pub mod apply;
+pub mod auth;
+pub mod bench;
+pub mod checkpoint;
+pub mod cluster;
+pub mod cli;
+pub mod hlc;
+pub mod ident;
+pub mod metrics;
+pub mod mutation;
+pub mod sequence;
+pub mod server;
+pub mod source;
+pub mod stage;
+pub mod target;

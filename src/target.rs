@@ -1,0 +1,182 @@
+//! Connections to the target (and staging) database: pools, dialect detection and the retry
+//! rules shared by every step that writes.
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::ConnectOptions;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The SQL dialect of a database we talk to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Cockroach,
+}
+
+impl Dialect {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "postgresql",
+            Dialect::Cockroach => "cockroachdb",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("invalid connection string: {0}")]
+    Url(#[source] sqlx::Error),
+    #[error("cannot connect to {what}: {source}")]
+    Connect {
+        what: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("unsupported connection scheme {0:?}: use postgres://, postgresql://, pg:// or pgx://")]
+    Scheme(String),
+}
+
+/// Pool settings for one database (target or staging).
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    pub max_lifetime: Duration,
+    pub idle_timeout: Duration,
+    /// Server-side `idle_in_transaction_session_timeout`.
+    pub idle_in_transaction: Duration,
+}
+
+/// An open database with its detected dialect and the database name the URL connects to.
+#[derive(Clone, Debug)]
+pub struct Database {
+    pub pool: PgPool,
+    pub dialect: Dialect,
+    pub database: String,
+}
+
+/// Accepts the reference's schemes (`pg`, `pgx` are aliases of `postgres`).
+fn normalise_url(url: &str) -> Result<String, TargetError> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(TargetError::Scheme(String::new()));
+    };
+    match scheme {
+        "postgres" | "postgresql" => Ok(url.to_string()),
+        "pg" | "pgx" => Ok(format!("postgres://{rest}")),
+        other => Err(TargetError::Scheme(other.to_string())),
+    }
+}
+
+/// Parses a connection URL into options carrying our session settings.
+pub fn connect_options(url: &str, settings: &PoolSettings) -> Result<PgConnectOptions, TargetError> {
+    let url = normalise_url(url)?;
+    let mut opts = PgConnectOptions::from_str(&url).map_err(TargetError::Url)?;
+    if !url.contains("application_name=") {
+        opts = opts.application_name("cdc-sink");
+    }
+    let idle_ms = settings.idle_in_transaction.as_millis().max(1).to_string();
+    opts = opts
+        .options([("idle_in_transaction_session_timeout", idle_ms.as_str())])
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(5));
+    Ok(opts)
+}
+
+/// Opens a pool and detects whether it is CockroachDB or PostgreSQL.
+pub async fn open(url: &str, what: &'static str, settings: &PoolSettings) -> Result<Database, TargetError> {
+    let opts = connect_options(url, settings)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections.max(2))
+        .min_connections(0)
+        .max_lifetime(Some(settings.max_lifetime))
+        .idle_timeout(Some(settings.idle_timeout))
+        .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
+        .connect_lazy_with(opts);
+    let (version, database): (String, String) =
+        sqlx::query_as("SELECT version(), current_database()")
+            .fetch_one(&pool)
+            .await
+            .map_err(|source| TargetError::Connect { what, source })?;
+    let dialect = if version.contains("CockroachDB") {
+        Dialect::Cockroach
+    } else {
+        Dialect::Postgres
+    };
+    tracing::info!(what, dialect = dialect.name(), database = %database, "connected");
+    Ok(Database {
+        pool,
+        dialect,
+        database,
+    })
+}
+
+/// SQLSTATEs worth retrying at once: serialization failures and dropped connections.
+pub fn is_retryable_sqlstate(code: &str) -> bool {
+    matches!(code, "40001" | "40P01" | "40003" | "08003" | "08006" | "57P01")
+}
+
+/// Whether an error means the database is unreachable or overloaded (HTTP 503), as opposed to
+/// a statement the database refused (bad data: HTTP 400).
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            is_retryable_sqlstate(&c)
+                || c.starts_with("08")
+                || c.starts_with("53")
+                || c.starts_with("57")
+                || c == "55P03"
+        }),
+        _ => false,
+    }
+}
+
+/// The SQLSTATE of an error, or `unknown`.
+pub fn sqlstate(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()).unwrap_or_else(|| "unknown".into()),
+        _ => "unknown".into(),
+    }
+}
+
+/// Runs `op` again, immediately, up to ten times while it fails with a retryable SQLSTATE.
+pub async fn retry<T, F, Fut>(mut op: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    metrics::counter!(crate::metrics::RETRY_ACTIONS).increment(1);
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let code = sqlstate(&e);
+                attempt += 1;
+                if attempt < 10 && is_retryable_sqlstate(&code) {
+                    metrics::counter!(crate::metrics::RETRY_RETRIED, crate::metrics::LABEL_CODE => code).increment(1);
+                    continue;
+                }
+                metrics::counter!(crate::metrics::RETRY_ABORTED, crate::metrics::LABEL_CODE => code).increment(1);
+                return Err(e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_reference_url_schemes() {
+        assert_eq!(normalise_url("pgx://u@h/db").unwrap(), "postgres://u@h/db");
+        assert_eq!(normalise_url("postgresql://h").unwrap(), "postgresql://h");
+        assert!(matches!(normalise_url("mysql://h"), Err(TargetError::Scheme(s)) if s == "mysql"));
+    }
+}

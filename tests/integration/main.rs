@@ -1,0 +1,5 @@
+//! The one integration-test binary: everything that touches a database or a socket.
+
+mod support;
+
+mod harness;

@@ -1,0 +1,74 @@
+//! Shared test support: throwaway PostgreSQL clusters and helpers to reach them.
+
+#![allow(dead_code)]
+
+use cdc_sink::cluster::Cluster;
+use sqlx::PgPool;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// A cluster with a fresh database `name` and a pool connected to it.
+pub struct Db {
+    pub cluster: Cluster,
+    pub name: String,
+    pub pool: PgPool,
+}
+
+impl Db {
+    pub async fn new(name: &str) -> Db {
+        let cluster = tokio::task::spawn_blocking(Cluster::start)
+            .await
+            .expect("join")
+            .expect("start postgresql cluster");
+        cluster
+            .psql("postgres", &format!("CREATE DATABASE \"{name}\""))
+            .expect("create database");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(std::time::Duration::from_secs(2))
+            .connect(&cluster.url(name))
+            .await
+            .expect("connect");
+        Db {
+            cluster,
+            name: name.to_string(),
+            pool,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.cluster.url(&self.name)
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        sqlx::raw_sql(sql)
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("count {table}: {e}"))
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
