@@ -31,6 +31,7 @@ pub mod auth;
 pub mod bench;
 pub mod checkpoint;
 pub mod cluster;
+pub mod config;
 pub mod cli;
 pub mod hlc;
 pub mod ident;
