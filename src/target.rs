@@ -34,6 +34,10 @@ pub enum TargetError {
     },
     #[error("unsupported connection scheme {0:?}: use postgres://, postgresql://, pg:// or pgx://")]
     Scheme(String),
+    #[error("targetConn must be set")]
+    Missing,
+    #[error("a separate --stagingConn is not supported yet: staging lives in the target database")]
+    SeparateStaging,
 }
 
 /// Pool settings for one database (target or staging).
@@ -178,5 +182,87 @@ mod tests {
         assert_eq!(normalise_url("pgx://u@h/db").unwrap(), "postgres://u@h/db");
         assert_eq!(normalise_url("postgresql://h").unwrap(), "postgresql://h");
         assert!(matches!(normalise_url("mysql://h"), Err(TargetError::Scheme(s)) if s == "mysql"));
+    }
+}
+
+/// Flags for the target and staging connections.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// Target database URL (postgres://, postgresql://, pg:// or pgx://); CockroachDB or
+    /// PostgreSQL is detected from `version()`.
+    #[arg(long = "targetConn", env = "CDC_SINK_TARGET_CONN")]
+    pub target_conn: Option<String>,
+    /// Maximum target connections.
+    #[arg(long = "targetMaxPoolSize", env = "CDC_SINK_TARGET_MAX_POOL_SIZE", default_value_t = 128)]
+    pub target_max_pool_size: u32,
+    /// Maximum lifetime of a target connection.
+    #[arg(long = "targetMaxLifetime", env = "CDC_SINK_TARGET_MAX_LIFETIME", default_value = "5m0s", value_parser = crate::config::parse_duration)]
+    pub target_max_lifetime: Duration,
+    /// Maximum idle time of a target connection.
+    #[arg(long = "targetIdleTime", env = "CDC_SINK_TARGET_IDLE_TIME", default_value = "1m0s", value_parser = crate::config::parse_duration)]
+    pub target_idle_time: Duration,
+    /// Accepted for compatibility (connection lifetimes are not jittered).
+    #[arg(long = "targetJitterTime", env = "CDC_SINK_TARGET_JITTER_TIME", default_value = "15s", value_parser = crate::config::parse_duration)]
+    pub target_jitter_time: Duration,
+    /// Prepared statements kept per target connection.
+    #[arg(long = "targetStatementCacheSize", env = "CDC_SINK_TARGET_STATEMENT_CACHE_SIZE", default_value_t = 128)]
+    pub target_statement_cache_size: usize,
+    /// The target's idle_in_transaction_session_timeout.
+    #[arg(long = "applyTimeout", env = "CDC_SINK_APPLY_TIMEOUT", default_value = "30s", value_parser = crate::config::parse_duration)]
+    pub apply_timeout: Duration,
+    /// Staging database URL; empty means the target database (one transaction per window).
+    #[arg(long = "stagingConn", env = "CDC_SINK_STAGING_CONN")]
+    pub staging_conn: Option<String>,
+    /// Maximum staging connections.
+    #[arg(long = "stagingMaxPoolSize", env = "CDC_SINK_STAGING_MAX_POOL_SIZE", default_value_t = 128)]
+    pub staging_max_pool_size: u32,
+    #[arg(long = "stagingMaxLifetime", env = "CDC_SINK_STAGING_MAX_LIFETIME", default_value = "5m0s", value_parser = crate::config::parse_duration)]
+    pub staging_max_lifetime: Duration,
+    #[arg(long = "stagingIdleTime", env = "CDC_SINK_STAGING_IDLE_TIME", default_value = "1m0s", value_parser = crate::config::parse_duration)]
+    pub staging_idle_time: Duration,
+    #[arg(long = "stagingJitterTime", env = "CDC_SINK_STAGING_JITTER_TIME", default_value = "15s", value_parser = crate::config::parse_duration)]
+    pub staging_jitter_time: Duration,
+    /// How often the target schema is reloaded (0 disables periodic reloads).
+    #[arg(long = "schemaRefresh", env = "CDC_SINK_SCHEMA_REFRESH", default_value = "1m0s", value_parser = crate::config::parse_duration)]
+    pub schema_refresh: Duration,
+}
+
+impl TargetArgs {
+    pub fn validate(&self) -> Result<(), TargetError> {
+        if self.target_conn.as_deref().unwrap_or("").is_empty() {
+            return Err(TargetError::Missing);
+        }
+        Ok(())
+    }
+
+    pub fn target_settings(&self) -> PoolSettings {
+        PoolSettings {
+            max_connections: self.target_max_pool_size,
+            max_lifetime: self.target_max_lifetime,
+            idle_timeout: self.target_idle_time,
+            idle_in_transaction: self.apply_timeout,
+        }
+    }
+
+    pub fn staging_settings(&self) -> PoolSettings {
+        PoolSettings {
+            max_connections: self.staging_max_pool_size,
+            max_lifetime: self.staging_max_lifetime,
+            idle_timeout: self.staging_idle_time,
+            idle_in_transaction: Duration::from_secs(60),
+        }
+    }
+
+    /// Opens the target and the staging database (the same pool when `--stagingConn` is unset).
+    pub async fn open(&self) -> Result<(Database, Database), TargetError> {
+        let url = self.target_conn.as_deref().ok_or(TargetError::Missing)?;
+        let target = open(url, "target", &self.target_settings()).await?;
+        // Applying a window, retiring its staged rows and committing its checkpoint happen in
+        // one target transaction, which needs staging inside the target database.
+        if self.staging_conn.as_deref().is_some_and(|s| !s.is_empty() && s != url) {
+            return Err(TargetError::SeparateStaging);
+        }
+        let staging = target.clone();
+        Ok((target, staging))
     }
 }

@@ -1,1 +1,300 @@
-//! TODO
+//! Resolved timestamps (checkpoints) and leases, both kept in the staging schema.
+//!
+//! A resolved timestamp is recorded as a *proposed* checkpoint of its schema; once the window
+//! up to it has been applied, it is *committed* (`target_applied_at` set) in the same target
+//! transaction as the last rows of the window. A lease per schema elects the one instance that
+//! applies it.
+
+mod lease;
+
+use crate::hlc::Hlc;
+use crate::ident::Schema;
+use crate::metrics as m;
+use crate::stage::StagingSchema;
+use crate::target::{self, Database, Dialect};
+use sqlx::{PgConnection, Row};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+pub use lease::{Lease, Leases};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(
+        "proposed checkpoint timestamp for group={group}, partition={group} is going backwards: \
+{proposed} < {newest}; verify changefeed cursor or remove already-applied checkpoint timestamp entries"
+    )]
+    Backwards {
+        group: String,
+        proposed: Hlc,
+        newest: Hlc,
+    },
+    #[error("resolved timestamp must not be zero")]
+    Zero,
+    #[error("checkpoint storage error: {0}")]
+    Sql(#[source] sqlx::Error),
+    #[error("stored checkpoint {0:?} is not a valid timestamp")]
+    Corrupt(String),
+}
+
+impl CheckpointError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, CheckpointError::Sql(e) if target::is_unavailable(e))
+    }
+
+    /// Caused by the request (400) rather than by us.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, CheckpointError::Backwards { .. } | CheckpointError::Zero)
+    }
+}
+
+/// The checkpoint range of a schema: everything at or before `committed` is applied; the
+/// window `(committed, proposed]` is complete and waits to be applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bounds {
+    pub committed: Hlc,
+    pub proposed: Hlc,
+}
+
+/// The `checkpoints` table.
+pub struct Checkpoints {
+    db: Database,
+    table: String,
+    /// Last known bounds per schema; a lower bound of the truth, used to drop redeliveries.
+    cache: Mutex<HashMap<Schema, Bounds>>,
+}
+
+impl Checkpoints {
+    pub async fn open(db: Database, staging: &StagingSchema) -> Result<Arc<Checkpoints>, CheckpointError> {
+        let table = staging.object("checkpoints");
+        for stmt in ddl(db.dialect, &table) {
+            sqlx::raw_sql(&stmt).execute(&db.pool).await.map_err(CheckpointError::Sql)?;
+        }
+        Ok(Arc::new(Checkpoints {
+            db,
+            table,
+            cache: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Records a resolved timestamp for `schema`. An equal timestamp is an idempotent
+    /// redelivery; an older one than the newest stored is refused.
+    pub async fn advance(&self, schema: &Schema, ts: Hlc) -> Result<(), CheckpointError> {
+        if ts.is_zero() {
+            return Err(CheckpointError::Zero);
+        }
+        let started = Instant::now();
+        let group = schema.canonical();
+        let stmt = format!(
+            "WITH newest AS (SELECT max(source_hlc) AS hlc FROM {t} WHERE group_name = $1 AND partition = $1), \
+ins AS (INSERT INTO {t} (group_name, source_hlc, partition) \
+SELECT $1, $2::DECIMAL, $1 FROM newest WHERE newest.hlc IS NULL OR newest.hlc <= $2::DECIMAL \
+ON CONFLICT DO NOTHING RETURNING 1) \
+SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
+            t = self.table
+        );
+        let row = target::retry(|| sqlx::query(&stmt).bind(&group).bind(ts.to_decimal()).fetch_one(&self.db.pool))
+            .await
+            .map_err(CheckpointError::Sql)?;
+        metrics::histogram!(m::CHECKPOINT_ADVANCE_DURATION, m::LABEL_SCHEMA => schema.to_string())
+            .record(started.elapsed().as_secs_f64());
+        let newest: Option<String> = row.try_get(0).map_err(CheckpointError::Sql)?;
+        if let Some(newest) = newest {
+            let newest = parse_decimal(&newest)?;
+            if ts < newest {
+                metrics::counter!(m::CHECKPOINT_BACKWARDS, m::LABEL_SCHEMA => schema.to_string()).increment(1);
+                return Err(CheckpointError::Backwards {
+                    group,
+                    proposed: ts,
+                    newest,
+                });
+            }
+        }
+        let mut cache = self.cache.lock().expect("poisoned");
+        let b = cache.entry(schema.clone()).or_default();
+        b.proposed = b.proposed.max(ts);
+        Ok(())
+    }
+
+    /// Reads the current bounds of `schema` from the table.
+    pub async fn bounds(&self, schema: &Schema) -> Result<Bounds, CheckpointError> {
+        let started = Instant::now();
+        let stmt = format!(
+            "SELECT (SELECT max(source_hlc)::TEXT FROM {t} WHERE group_name = $1 AND target_applied_at IS NOT NULL), \
+(SELECT max(source_hlc)::TEXT FROM {t} WHERE group_name = $1)",
+            t = self.table
+        );
+        let row = sqlx::query(&stmt)
+            .bind(schema.canonical())
+            .fetch_one(&self.db.pool)
+            .await
+            .map_err(CheckpointError::Sql)?;
+        let committed: Option<String> = row.try_get(0).map_err(CheckpointError::Sql)?;
+        let proposed: Option<String> = row.try_get(1).map_err(CheckpointError::Sql)?;
+        let committed = committed.as_deref().map(parse_decimal).transpose()?.unwrap_or(Hlc::ZERO);
+        let proposed = proposed.as_deref().map(parse_decimal).transpose()?.unwrap_or(Hlc::ZERO).max(committed);
+        let bounds = Bounds { committed, proposed };
+        metrics::histogram!(m::CHECKPOINT_REFRESH_DURATION, m::LABEL_SCHEMA => schema.to_string())
+            .record(started.elapsed().as_secs_f64());
+        self.observe(schema, bounds);
+        Ok(bounds)
+    }
+
+    /// The last known committed checkpoint of `schema` (from this process's view).
+    pub fn cached_committed(&self, schema: &Schema) -> Hlc {
+        self.cache
+            .lock()
+            .expect("poisoned")
+            .get(schema)
+            .map(|b| b.committed)
+            .unwrap_or(Hlc::ZERO)
+    }
+
+    fn observe(&self, schema: &Schema, bounds: Bounds) {
+        {
+            let mut cache = self.cache.lock().expect("poisoned");
+            let b = cache.entry(schema.clone()).or_default();
+            b.committed = b.committed.max(bounds.committed);
+            b.proposed = b.proposed.max(bounds.proposed);
+        }
+        let now = Hlc::from_system_time(std::time::SystemTime::now()).seconds();
+        let s = schema.to_string();
+        let kind = [(m::LABEL_KIND, "cdc".to_string()), (m::LABEL_TARGET, s.clone())];
+        if !bounds.committed.is_zero() {
+            metrics::gauge!(m::TARGET_APPLIED_TIMESTAMP, &kind).set(bounds.committed.seconds());
+            metrics::gauge!(m::TARGET_LAG, &kind).set(now - bounds.committed.seconds());
+            metrics::gauge!(m::CHECKPOINT_COMMITTED_TIME, m::LABEL_SCHEMA => s.clone()).set(bounds.committed.seconds());
+            metrics::gauge!(m::CHECKPOINT_COMMITTED_AGE, m::LABEL_SCHEMA => s.clone()).set(now - bounds.committed.seconds());
+        }
+        if !bounds.proposed.is_zero() {
+            metrics::gauge!(m::TARGET_PENDING_TIMESTAMP, &kind).set(bounds.proposed.seconds());
+            metrics::gauge!(m::SOURCE_LAG, &kind).set(now - bounds.proposed.seconds());
+            metrics::gauge!(m::CHECKPOINT_PROPOSED_TIME, m::LABEL_SCHEMA => s.clone()).set(bounds.proposed.seconds());
+            metrics::gauge!(m::CHECKPOINT_PROPOSED_AGE, m::LABEL_SCHEMA => s).set(now - bounds.proposed.seconds());
+        }
+    }
+
+    /// Marks every checkpoint of `schema` up to `upto` applied, inside the caller's
+    /// transaction, and drops older applied rows (the newest applied one is what counts).
+    pub async fn commit(&self, conn: &mut PgConnection, schema: &Schema, upto: Hlc) -> Result<(), CheckpointError> {
+        let started = Instant::now();
+        let group = schema.canonical();
+        let upd = format!(
+            "UPDATE {t} SET target_applied_at = now() \
+WHERE group_name = $1 AND source_hlc <= $2::DECIMAL AND target_applied_at IS NULL",
+            t = self.table
+        );
+        sqlx::query(&upd)
+            .bind(&group)
+            .bind(upto.to_decimal())
+            .execute(&mut *conn)
+            .await
+            .map_err(CheckpointError::Sql)?;
+        let del = format!(
+            "DELETE FROM {t} WHERE group_name = $1 AND source_hlc < $2::DECIMAL AND target_applied_at IS NOT NULL",
+            t = self.table
+        );
+        sqlx::query(&del)
+            .bind(&group)
+            .bind(upto.to_decimal())
+            .execute(&mut *conn)
+            .await
+            .map_err(CheckpointError::Sql)?;
+        metrics::histogram!(m::CHECKPOINT_COMMIT_DURATION, m::LABEL_SCHEMA => schema.to_string())
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Records that a commit made by this process became durable.
+    pub fn committed(&self, schema: &Schema, upto: Hlc) {
+        let proposed = self.cache.lock().expect("poisoned").get(schema).map(|b| b.proposed).unwrap_or(upto);
+        self.observe(
+            schema,
+            Bounds {
+                committed: upto,
+                proposed: proposed.max(upto),
+            },
+        );
+    }
+
+    /// Schemas with proposed but unapplied checkpoints: their pipelines start at once on
+    /// start-up so staged data is applied without waiting for new traffic.
+    pub async fn pending_schemas(&self) -> Result<Vec<Schema>, CheckpointError> {
+        let stmt = format!(
+            "SELECT DISTINCT group_name FROM {t} WHERE target_applied_at IS NULL",
+            t = self.table
+        );
+        let names: Vec<String> = sqlx::query_scalar(&stmt)
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(CheckpointError::Sql)?;
+        Ok(names.iter().filter_map(|n| Schema::parse(n).ok()).collect())
+    }
+}
+
+/// `DECIMAL` text `nanos.logical` back to an HLC. The logical part has 10 digits when written
+/// by us; other spellings (fewer digits, trailing zeros trimmed) are right-padded.
+fn parse_decimal(s: &str) -> Result<Hlc, CheckpointError> {
+    let (n, l) = s.split_once('.').unwrap_or((s, "0"));
+    let nanos: i64 = n.parse().map_err(|_| CheckpointError::Corrupt(s.to_string()))?;
+    let mut l = l.to_string();
+    if l.len() > 10 {
+        if l[10..].bytes().any(|b| b != b'0') {
+            return Err(CheckpointError::Corrupt(s.to_string()));
+        }
+        l.truncate(10);
+    }
+    while l.len() < 10 {
+        l.push('0');
+    }
+    let logical: i32 = l.parse().map_err(|_| CheckpointError::Corrupt(s.to_string()))?;
+    Ok(Hlc::new(nanos, logical))
+}
+
+/// The checkpoints table, shaped like the reference's so an existing staging database keeps
+/// working (CockroachDB adds its virtual convenience columns).
+fn ddl(dialect: Dialect, table: &str) -> Vec<String> {
+    match dialect {
+        Dialect::Postgres => vec![format!(
+            "CREATE TABLE IF NOT EXISTS {table} (\
+group_name TEXT NOT NULL, source_hlc DECIMAL NOT NULL, partition TEXT NOT NULL, \
+first_seen TIMESTAMPTZ NOT NULL DEFAULT now(), target_applied_at TIMESTAMPTZ, \
+PRIMARY KEY (group_name, source_hlc, partition))"
+        )],
+        Dialect::Cockroach => vec![format!(
+            "CREATE TABLE IF NOT EXISTS {table} (\
+group_name STRING NOT NULL, source_hlc DECIMAL NOT NULL, partition STRING NOT NULL, \
+first_seen TIMESTAMPTZ NOT NULL DEFAULT now(), target_applied_at TIMESTAMPTZ, \
+source_nanos INT8 AS (floor(source_hlc)::INT8) VIRTUAL, \
+source_logical INT8 AS (((source_hlc - floor(source_hlc)) * 1e10)::INT8) VIRTUAL, \
+source_wall_time TIMESTAMPTZ AS (to_timestamp(floor(source_hlc)::FLOAT8 / 1e9)) VIRTUAL, \
+PRIMARY KEY (group_name, source_hlc, partition), \
+INDEX (group_name, target_applied_at, partition))"
+        )],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_checkpoints_round_trip() {
+        let h = Hlc::new(1586019746136571000, 1);
+        assert_eq!(parse_decimal(&h.to_decimal()).unwrap(), h);
+        assert_eq!(parse_decimal("5").unwrap(), Hlc::new(5, 0));
+        assert_eq!(parse_decimal("5.00000000010000").unwrap(), Hlc::new(5, 1));
+        assert_eq!(parse_decimal("5.1").unwrap(), Hlc::new(5, 1_000_000_000));
+        assert!(parse_decimal("x.1").is_err());
+    }
+
+    #[test]
+    fn golden_checkpoint_ddl() {
+        let pg = ddl(Dialect::Postgres, "\"_cdc_sink\".\"checkpoints\"");
+        assert_eq!(pg, ["CREATE TABLE IF NOT EXISTS \"_cdc_sink\".\"checkpoints\" (group_name TEXT NOT NULL, source_hlc DECIMAL NOT NULL, partition TEXT NOT NULL, first_seen TIMESTAMPTZ NOT NULL DEFAULT now(), target_applied_at TIMESTAMPTZ, PRIMARY KEY (group_name, source_hlc, partition))"]);
+        let crdb = ddl(Dialect::Cockroach, "\"_cdc_sink\".\"public\".\"checkpoints\"");
+        assert!(crdb[0].contains("source_nanos INT8 AS (floor(source_hlc)::INT8) VIRTUAL"));
+        assert!(crdb[0].contains("INDEX (group_name, target_applied_at, partition)"));
+    }
+}

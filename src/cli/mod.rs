@@ -1,26 +1,95 @@
-//! The command tree. Each subcommand's flags are the `clap::Args` of the module that owns them.
+//! The command tree. Each subcommand's flags are the `clap::Args` of the module that owns them;
+//! this is the only place that uses `anyhow`.
 
-use clap::{Parser, Subcommand};
+mod start;
+
+pub use start::{launch, Running, StartArgs};
+
+use clap::{ArgAction, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
 #[command(name = "cdc-sink", version, about = "CockroachDB changefeed sink for active-active replication")]
 pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Logging flags, shared by every command.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LogArgs {
+    /// More logging: once for debug, twice for trace.
+    #[arg(short = 'v', long = "verbose", action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// `text`, or `fluent` for one JSON object per line.
+    #[arg(long = "logFormat", env = "CDC_SINK_LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "fluent", "json"])]
+    pub log_format: String,
+    /// Append logs to this file instead of standard error.
+    #[arg(long = "logDestination", env = "CDC_SINK_LOG_DESTINATION", global = true)]
+    pub log_destination: Option<std::path::PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the changefeed sink server.
+    Start(Box<start::StartArgs>),
+    /// Check that the target database can be reached (accepts a whole `start` command line).
+    Preflight(start::PreflightArgs),
     /// Print the version.
     Version,
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    match cli.command {
+    if let Err(e) = init_logging(&cli.log) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let result = match cli.command {
         Command::Version => {
             println!("cdc-sink {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+            Ok(())
+        }
+        Command::Start(args) => runtime().and_then(|rt| rt.block_on(start::start(*args))),
+        Command::Preflight(args) => runtime().and_then(|rt| rt.block_on(start::preflight(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "exiting");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let level = match args.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    // Our own crate at the chosen level; noisy dependencies stay at warn unless RUST_LOG says.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,cdc_sink={level},cdc_sink::userscript={level}")));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let writer: tracing_subscriber::fmt::writer::BoxMakeWriter = match &args.log_destination {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(file))
+        }
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
+    let result = if args.log_format == "text" {
+        builder.with_writer(writer).try_init()
+    } else {
+        builder.json().with_writer(writer).try_init()
+    };
+    result.map_err(|e| anyhow::anyhow!("logging: {e}"))
 }

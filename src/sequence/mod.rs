@@ -1,1 +1,276 @@
-//! TODO
+//! When and in what order staged mutations reach the target.
+//!
+//! *Consistent* mode (the default): every instance stages; per schema, the instance holding
+//! the schema's lease reads the staged window `(committed, resolved]` in HLC order and applies
+//! it in transactions that never split a source timestamp. The last transaction of a window
+//! also deletes the window's staged rows and commits the checkpoint (DESIGN §3.2), so the
+//! target never holds applied-but-unmarked data. *Immediate* mode applies each request at once.
+
+mod window;
+
+use crate::apply::{Applier, SchemaInfo};
+use crate::checkpoint::{CheckpointError, Checkpoints, Leases};
+use crate::config::parse_duration;
+use crate::hlc::Hlc;
+use crate::ident::{Schema, Table};
+use crate::metrics as m;
+use crate::mutation::{last_version_per_key, Mutation, TableBatches};
+use crate::stage::{StageError, Stager};
+use sqlx::PgConnection;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// Flags of the sequencing step.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SequenceArgs {
+    /// Apply each request to the target at once, without staging or transactional consistency.
+    #[arg(long = "immediate", env = "CDC_SINK_IMMEDIATE")]
+    pub immediate: bool,
+    /// Always use best-effort mode (not supported yet: refused at start).
+    #[arg(long = "bestEffortOnly", env = "CDC_SINK_BEST_EFFORT_ONLY")]
+    pub best_effort_only: bool,
+    /// Lag beyond which best-effort mode would be used (accepted; best-effort is not built yet).
+    #[arg(long = "bestEffortWindow", env = "CDC_SINK_BEST_EFFORT_WINDOW", default_value = "1h0m0s", value_parser = parse_duration)]
+    pub best_effort_window: Duration,
+    /// Maximum time to buffer staged data before applying (windows are applied as soon as
+    /// their resolved timestamp arrives, so this only bounds the idle poll).
+    #[arg(long = "flushPeriod", env = "CDC_SINK_FLUSH_PERIOD", default_value = "1s", value_parser = parse_duration)]
+    pub flush_period: Duration,
+    /// Target number of mutations per target transaction.
+    #[arg(long = "flushSize", env = "CDC_SINK_FLUSH_SIZE", default_value_t = 1000)]
+    pub flush_size: usize,
+    /// Concurrent target transactions per schema (transactions of one window are applied in
+    /// order; the value is accepted for compatibility).
+    #[arg(long = "parallelism", env = "CDC_SINK_PARALLELISM", default_value_t = 16)]
+    pub parallelism: usize,
+    /// Rows per staging read query.
+    #[arg(long = "scanSize", env = "CDC_SINK_SCAN_SIZE", default_value_t = 10_000)]
+    pub scan_size: usize,
+    /// How long applied staging rows are kept (rows are deleted when their window commits,
+    /// in the same transaction; accepted for compatibility).
+    #[arg(long = "retireOffset", env = "CDC_SINK_RETIRE_OFFSET", default_value = "24h0m0s", value_parser = parse_duration)]
+    pub retire_offset: Duration,
+    /// Accepted for compatibility; unused (as in the reference).
+    #[arg(long = "timestampLimit", env = "CDC_SINK_TIMESTAMP_LIMIT", default_value_t = 1000)]
+    pub timestamp_limit: usize,
+    /// Accepted for compatibility; unused (as in the reference).
+    #[arg(long = "quiescentPeriod", env = "CDC_SINK_QUIESCENT_PERIOD", default_value = "10s", value_parser = parse_duration)]
+    pub quiescent_period: Duration,
+}
+
+impl Default for SequenceArgs {
+    fn default() -> Self {
+        SequenceArgs {
+            immediate: false,
+            best_effort_only: false,
+            best_effort_window: Duration::from_secs(3600),
+            flush_period: Duration::from_secs(1),
+            flush_size: 1000,
+            parallelism: 16,
+            scan_size: 10_000,
+            retire_offset: Duration::from_secs(86400),
+            timestamp_limit: 1000,
+            quiescent_period: Duration::from_secs(10),
+        }
+    }
+}
+
+impl SequenceArgs {
+    pub fn validate(&self) -> Result<(), SequenceError> {
+        if self.best_effort_only {
+            return Err(SequenceError::Config(
+                "--bestEffortOnly is not supported yet; use the default consistent mode or --immediate".into(),
+            ));
+        }
+        if self.flush_size == 0 || self.scan_size == 0 {
+            return Err(SequenceError::Config("--flushSize and --scanSize must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SequenceError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Apply(#[from] crate::apply::ApplyError),
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("target transaction failed: {0}")]
+    Sql(#[source] sqlx::Error),
+    #[error("lease on {0} was lost")]
+    LeaseLost(String),
+}
+
+impl SequenceError {
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            SequenceError::Apply(e) => e.is_unavailable(),
+            SequenceError::Stage(e) => e.is_unavailable(),
+            SequenceError::Checkpoint(e) => e.is_unavailable(),
+            SequenceError::Sql(e) => crate::target::is_unavailable(e),
+            _ => false,
+        }
+    }
+}
+
+/// Lease timing. Renewal happens in every apply transaction and at least every third of the
+/// lifetime while idle.
+pub(crate) const LEASE_LIFETIME: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Shared parts every schema's pipeline uses.
+pub(crate) struct Parts {
+    pub args: SequenceArgs,
+    pub stager: Arc<Stager>,
+    pub checkpoints: Arc<Checkpoints>,
+    pub leases: Arc<Leases>,
+    pub applier: Applier,
+}
+
+/// Owns one pipeline task per target schema.
+pub struct Sequencer {
+    parts: Arc<Parts>,
+    pipelines: Mutex<HashMap<Schema, Arc<Notify>>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Sequencer {
+    pub fn new(
+        args: SequenceArgs,
+        stager: Arc<Stager>,
+        checkpoints: Arc<Checkpoints>,
+        leases: Arc<Leases>,
+        applier: Applier,
+    ) -> Arc<Sequencer> {
+        let (stop, _) = watch::channel(false);
+        Arc::new(Sequencer {
+            parts: Arc::new(Parts {
+                args,
+                stager,
+                checkpoints,
+                leases,
+                applier,
+            }),
+            pipelines: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+            stop,
+        })
+    }
+
+    pub fn immediate(&self) -> bool {
+        self.parts.args.immediate
+    }
+
+    /// Starts the pipeline of `schema` if it is not running, and wakes it.
+    pub fn wake(&self, schema: &Schema) {
+        if self.parts.args.immediate {
+            return;
+        }
+        let mut pipes = self.pipelines.lock().expect("poisoned");
+        if let Some(n) = pipes.get(schema) {
+            n.notify_one();
+            return;
+        }
+        let notify = Arc::new(Notify::new());
+        pipes.insert(schema.clone(), notify.clone());
+        let pipeline = window::Pipeline::new(self.parts.clone(), schema.clone(), notify);
+        let stop = self.stop.subscribe();
+        let handle = tokio::spawn(pipeline.run(stop));
+        self.tasks.lock().expect("poisoned").push(handle);
+        tracing::info!(schema = %schema, "pipeline started");
+    }
+
+    /// Starts pipelines for schemas with staged but unapplied windows.
+    pub async fn recover(&self) -> Result<(), SequenceError> {
+        for schema in self.parts.checkpoints.pending_schemas().await? {
+            self.wake(&schema);
+        }
+        Ok(())
+    }
+
+    /// Stops every pipeline (finishing the transaction in flight) and releases leases.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().expect("poisoned"));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Immediate mode: applies one request in a single target transaction.
+    pub async fn apply_now(&self, schema: &Schema, batches: &TableBatches) -> Result<(), SequenceError> {
+        let info = self.parts.applier.schema(schema).await?;
+        let pool = &self.parts.stager.database().pool;
+        let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
+        write_ordered(&self.parts.applier, &mut tx, &info, batches).await?;
+        tx.commit().await.map_err(SequenceError::Sql)?;
+        Ok(())
+    }
+
+    /// Immediate mode: a resolved timestamp is recorded and committed at once.
+    pub async fn resolve_now(&self, schema: &Schema, ts: Hlc) -> Result<(), SequenceError> {
+        self.parts.checkpoints.advance(schema, ts).await?;
+        let pool = &self.parts.stager.database().pool;
+        let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
+        self.parts.checkpoints.commit(&mut tx, schema, ts).await?;
+        tx.commit().await.map_err(SequenceError::Sql)?;
+        self.parts.checkpoints.committed(schema, ts);
+        Ok(())
+    }
+}
+
+/// Writes several tables' mutations in foreign-key order: deletes children first, upserts
+/// parents first. Each table's batch is reduced to the last version of each key beforehand,
+/// which is the net effect of applying it in order.
+pub(crate) async fn write_ordered(
+    applier: &Applier,
+    conn: &mut PgConnection,
+    info: &SchemaInfo,
+    batches: &TableBatches,
+) -> Result<(), SequenceError> {
+    let mut deletes: HashMap<&Table, Vec<Mutation>> = HashMap::new();
+    let mut upserts: HashMap<&Table, Vec<Mutation>> = HashMap::new();
+    for (table, muts) in batches {
+        for mu in last_version_per_key(muts) {
+            let side = if mu.is_delete() { &mut deletes } else { &mut upserts };
+            side.entry(table).or_default().push(mu.clone());
+        }
+    }
+    let ordered: Vec<&Table> = info.levels.iter().flatten().collect();
+    let unordered: Vec<&Table> = batches.keys().filter(|t| !ordered.contains(t)).collect();
+    for table in ordered.iter().rev().chain(unordered.iter()) {
+        if let Some(muts) = deletes.get(*table) {
+            applier.apply(conn, table, muts).await?;
+        }
+    }
+    for table in ordered.iter().chain(unordered.iter()) {
+        if let Some(muts) = upserts.get(*table) {
+            applier.apply(conn, table, muts).await?;
+        }
+    }
+    Ok(())
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let secs = 1u64 << attempt.min(6);
+    Duration::from_secs(secs).min(MAX_BACKOFF)
+}
+
+fn now_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+fn schema_label(schema: &Schema) -> [(&'static str, String); 1] {
+    [(m::LABEL_SCHEMA, schema.to_string())]
+}

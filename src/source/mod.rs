@@ -1,3 +1,263 @@
-//! Changefeed requests: the webhook decoding and the hand-off to staging.
+//! Changefeed requests: routing and decoding ([`webhook`]), then the hand-off to staging (or,
+//! in immediate mode, straight to the target). A request is acknowledged only once what it
+//! carried is durable.
 
 pub mod webhook;
+
+use crate::apply::{Applier, ApplyError, SchemaInfo};
+use crate::auth::Authenticator;
+use crate::checkpoint::{CheckpointError, Checkpoints};
+use crate::hlc::Hlc;
+use crate::ident::{Ident, Schema, Table};
+use crate::metrics as m;
+use crate::mutation::{group_by_table, Mutation};
+use crate::sequence::{SequenceError, Sequencer};
+use crate::server::{Handler, Request, Response};
+use crate::stage::{StageError, Stager};
+use crate::target::{Database, Dialect};
+use futures::future::BoxFuture;
+use http::StatusCode;
+use std::sync::Arc;
+use std::time::Duration;
+use webhook::{DecodeLimits, Payload, PrimaryKeys, Route, WebhookError};
+
+/// Flags of the ingest step.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// Maximum bytes of one ndjson line.
+    #[arg(long = "ndjsonBufferSize", env = "CDC_SINK_NDJSON_BUFFER_SIZE", default_value_t = 65_536)]
+    pub ndjson_buffer_size: usize,
+}
+
+impl Default for SourceArgs {
+    fn default() -> Self {
+        SourceArgs {
+            ndjson_buffer_size: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
+    #[error("missing or invalid access token")]
+    Unauthorized,
+    #[error("database {got:?} is not the target database {want:?}")]
+    WrongDatabase { got: String, want: String },
+    #[error("table {0} not found in the target schema")]
+    UnknownTable(String),
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Sequence(#[from] SequenceError),
+}
+
+impl IngestError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            IngestError::Webhook(e) => e.status(),
+            IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
+            IngestError::WrongDatabase { .. } => StatusCode::NOT_FOUND,
+            IngestError::UnknownTable(_) => StatusCode::BAD_REQUEST,
+            _ if self.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Checkpoint(e) if e.is_bad_input() => StatusCode::BAD_REQUEST,
+            // The target refused the data itself (constraint, type): the request cannot succeed.
+            IngestError::Apply(_) | IngestError::Sequence(SequenceError::Apply(_)) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn is_unavailable(&self) -> bool {
+        match self {
+            IngestError::Stage(e) => e.is_unavailable(),
+            IngestError::Checkpoint(e) => e.is_unavailable(),
+            IngestError::Apply(e) => e.is_unavailable(),
+            IngestError::Sequence(e) => e.is_unavailable(),
+            _ => false,
+        }
+    }
+}
+
+/// The changefeed handler behind the server.
+pub struct Ingest {
+    target: Database,
+    staging: Database,
+    auth: Authenticator,
+    applier: Applier,
+    stager: Arc<Stager>,
+    checkpoints: Arc<Checkpoints>,
+    sequencer: Arc<Sequencer>,
+    limits: DecodeLimits,
+}
+
+impl Ingest {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        args: &SourceArgs,
+        target: Database,
+        staging: Database,
+        auth: Authenticator,
+        applier: Applier,
+        stager: Arc<Stager>,
+        checkpoints: Arc<Checkpoints>,
+        sequencer: Arc<Sequencer>,
+    ) -> IngestHandler {
+        IngestHandler(Arc::new(Ingest {
+            target,
+            staging,
+            auth,
+            applier,
+            stager,
+            checkpoints,
+            sequencer,
+            limits: DecodeLimits {
+                ndjson_line_bytes: args.ndjson_buffer_size,
+            },
+        }))
+    }
+
+    async fn handle(&self, req: Request) -> Result<(), IngestError> {
+        let route = webhook::parse_path(&req.path)?;
+        let schema = route_schema(&route).clone();
+        if self.target.dialect == Dialect::Postgres && schema.db != Ident::new(&self.target.database) {
+            return Err(IngestError::WrongDatabase {
+                got: schema.db.raw().to_string(),
+                want: self.target.database.clone(),
+            });
+        }
+        if !self.auth.allows(&req.headers, req.query.as_deref(), &schema) {
+            return Err(IngestError::Unauthorized);
+        }
+        let info = self.applier.schema(&schema).await?;
+        let payload = webhook::decode(&route, &req.body, &Keys(&info), &self.limits)?;
+        match payload {
+            Payload::Empty => Ok(()),
+            Payload::Resolved(ts) => self.resolved(&schema, ts).await,
+            Payload::Mutations(muts) => self.mutations(&schema, info, muts).await,
+        }
+    }
+
+    async fn resolved(&self, schema: &Schema, ts: Hlc) -> Result<(), IngestError> {
+        if self.sequencer.immediate() {
+            self.sequencer.resolve_now(schema, ts).await?;
+        } else {
+            self.checkpoints.advance(schema, ts).await?;
+            self.sequencer.wake(schema);
+        }
+        Ok(())
+    }
+
+    async fn mutations(
+        &self,
+        schema: &Schema,
+        mut info: Arc<SchemaInfo>,
+        muts: Vec<(Table, Mutation)>,
+    ) -> Result<(), IngestError> {
+        let labels = [(m::LABEL_KIND, "cdc".to_string()), (m::LABEL_TARGET, schema.to_string())];
+        let received = muts.len() as u64;
+        metrics::counter!(m::MUTATIONS_RECEIVED, &labels).increment(received);
+        // Tables created after the schema was loaded: look again once before refusing.
+        if muts.iter().any(|(t, _)| !info.tables.contains_key(t)) {
+            info = self.applier.refresh(schema).await?;
+            if let Some((t, _)) = muts.iter().find(|(t, _)| !info.tables.contains_key(t)) {
+                metrics::counter!(m::MUTATIONS_ERROR, &labels).increment(received);
+                return Err(IngestError::UnknownTable(t.to_string()));
+            }
+        }
+        // Redeliveries at or before the committed checkpoint were applied already.
+        let committed = self.checkpoints.cached_committed(schema);
+        let mut below = 0u64;
+        let batches = group_by_table(muts.into_iter().filter(|(_, mu)| {
+            let keep = mu.time > committed;
+            below += u64::from(!keep);
+            keep
+        }));
+        if below > 0 {
+            metrics::counter!(m::STAGE_BELOW_CHECKPOINT, m::LABEL_SCHEMA => schema.to_string()).increment(below);
+        }
+        let result = if batches.is_empty() {
+            Ok(())
+        } else if self.sequencer.immediate() {
+            self.sequencer.apply_now(schema, &batches).await.map_err(IngestError::from)
+        } else {
+            self.stager.stage(&batches).await.map(drop).map_err(IngestError::from)
+        };
+        match &result {
+            Ok(()) => metrics::counter!(m::MUTATIONS_SUCCESS, &labels).increment(received),
+            Err(_) => metrics::counter!(m::MUTATIONS_ERROR, &labels).increment(received),
+        }
+        result
+    }
+}
+
+fn route_schema(route: &Route) -> &Schema {
+    match route {
+        Route::Webhook { schema, .. } | Route::Ndjson { schema, .. } | Route::Resolved { schema, .. } => schema,
+    }
+}
+
+/// Primary keys from the target schema, for CDC-query feeds.
+struct Keys<'a>(&'a SchemaInfo);
+
+impl PrimaryKeys for Keys<'_> {
+    fn primary_key(&self, table: &Table) -> Option<Vec<Ident>> {
+        self.0
+            .tables
+            .get(table)
+            .map(|t| t.columns.iter().filter(|c| c.primary).map(|c| c.name.clone()).collect())
+    }
+}
+
+/// The server's view of [`Ingest`]: cheap to clone into each request's task.
+#[derive(Clone)]
+pub struct IngestHandler(pub Arc<Ingest>);
+
+impl Handler for IngestHandler {
+    fn changefeed(&self, req: Request) -> BoxFuture<'static, Response> {
+        let this = self.0.clone();
+        Box::pin(async move {
+            let path = req.path.clone();
+            match this.handle(req).await {
+                Ok(()) => Response {
+                    status: StatusCode::OK,
+                    body: "OK".into(),
+                    retry_after: None,
+                },
+                Err(e) => {
+                    let status = e.status();
+                    if status.is_server_error() {
+                        tracing::warn!(path = %path, status = status.as_u16(), error = %e, "changefeed request failed");
+                    } else {
+                        tracing::debug!(path = %path, status = status.as_u16(), error = %e, "changefeed request refused");
+                    }
+                    Response {
+                        status,
+                        body: e.to_string(),
+                        retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(Duration::from_secs(1)),
+                    }
+                }
+            }
+        })
+    }
+
+    fn health(&self) -> BoxFuture<'static, Result<(), String>> {
+        let staging = self.0.staging.pool.clone();
+        let target = self.0.target.pool.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1")
+                .execute(&staging)
+                .await
+                .map_err(|e| format!("health check failed for staging: {e}"))?;
+            sqlx::query("SELECT 1")
+                .execute(&target)
+                .await
+                .map_err(|e| format!("health check failed for target: {e}"))?;
+            Ok(())
+        })
+    }
+}

@@ -1,1 +1,359 @@
-//! TODO
+//! Durable staging of mutations in the `_cdc_sink` schema, one staging table per target table.
+//!
+//! On PostgreSQL the staging schema is a schema inside the target database; on CockroachDB it is
+//! the `_cdc_sink` database (schema `public`). Rows are keyed by `(nanos, logical, key)`, so a
+//! redelivered mutation is a no-op. Rows are marked `applied` when a window is applied in
+//! several transactions and deleted when its checkpoint commits.
+
+mod sql;
+
+use crate::hlc::Hlc;
+use crate::ident::Table;
+use crate::metrics as m;
+use crate::mutation::{Mutation, TableBatches};
+use crate::target::{self, Database, Dialect};
+use sqlx::{PgConnection, Row};
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Instant;
+
+pub use sql::StagingSchema;
+
+/// Flags of the staging step.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StageArgs {
+    /// Where staged mutations, checkpoints and leases live: a schema of the target database on
+    /// PostgreSQL, a database on CockroachDB. Created if missing.
+    #[arg(long = "stagingSchema", env = "CDC_SINK_STAGING_SCHEMA", default_value = "_cdc_sink")]
+    pub staging_schema: String,
+}
+
+impl Default for StageArgs {
+    fn default() -> Self {
+        StageArgs {
+            staging_schema: "_cdc_sink".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("staging schema {0:?} is not valid: {1}")]
+    Schema(String, String),
+    #[error("could not create staging table {table}: {source}")]
+    Create {
+        table: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("could not write staged mutations: {0}")]
+    Write(#[source] sqlx::Error),
+    #[error("could not read staged mutations of {table}: {source}")]
+    Read {
+        table: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("could not retire staged mutations of {table}: {source}")]
+    Retire {
+        table: String,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl StageError {
+    fn sql(&self) -> Option<&sqlx::Error> {
+        match self {
+            StageError::Schema(..) => None,
+            StageError::Create { source, .. }
+            | StageError::Read { source, .. }
+            | StageError::Retire { source, .. }
+            | StageError::Write(source) => Some(source),
+        }
+    }
+
+    /// The database is down or overloaded: worth a 503 and a retry.
+    pub fn is_unavailable(&self) -> bool {
+        self.sql().is_some_and(target::is_unavailable)
+    }
+}
+
+/// Counts of one staging write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageStats {
+    pub staged: u64,
+    pub duplicates: u64,
+}
+
+/// A staged mutation read back for apply.
+#[derive(Clone, Debug)]
+pub struct StagedRow {
+    pub table: usize,
+    pub mutation: Mutation,
+}
+
+/// Staging tables of one staging database.
+pub struct Stager {
+    db: Database,
+    schema: StagingSchema,
+    known: Mutex<HashSet<String>>,
+}
+
+impl Stager {
+    /// Creates the staging schema (and its checkpoint and lease tables) if missing.
+    pub async fn open(db: Database, staging_schema: &str) -> Result<Stager, StageError> {
+        let schema = StagingSchema::parse(staging_schema, db.dialect, &db.database)
+            .map_err(|e| StageError::Schema(staging_schema.to_string(), e))?;
+        for stmt in schema.bootstrap_sql() {
+            sqlx::raw_sql(&stmt)
+                .execute(&db.pool)
+                .await
+                .map_err(|source| StageError::Create {
+                    table: schema.to_string(),
+                    source,
+                })?;
+        }
+        tracing::info!(schema = %schema, "staging schema ready");
+        Ok(Stager {
+            db,
+            schema,
+            known: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn schema(&self) -> &StagingSchema {
+        &self.schema
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.db.dialect
+    }
+
+    /// The quoted name of `table`'s staging table.
+    pub fn staging_table(&self, table: &Table) -> String {
+        self.schema.table(table)
+    }
+
+    /// Creates the staging table of `table` if this process has not seen it yet.
+    pub async fn ensure(&self, table: &Table) -> Result<String, StageError> {
+        let name = self.staging_table(table);
+        if self.known.lock().expect("poisoned").contains(&name) {
+            return Ok(name);
+        }
+        for stmt in sql::create_table(self.db.dialect, &name, &table.staging_name()) {
+            target::retry(|| sqlx::raw_sql(&stmt).execute(&self.db.pool))
+                .await
+                .map_err(|source| StageError::Create {
+                    table: name.clone(),
+                    source,
+                })?;
+        }
+        self.known.lock().expect("poisoned").insert(name.clone());
+        Ok(name)
+    }
+
+    /// Stages every mutation of one request in a single statement (one round trip, atomic), so
+    /// the caller may acknowledge as soon as this returns.
+    pub async fn stage(&self, batches: &TableBatches) -> Result<StageStats, StageError> {
+        let mut names = Vec::with_capacity(batches.len());
+        for table in batches.keys() {
+            names.push(self.ensure(table).await?);
+        }
+        let started = Instant::now();
+        let cols: Vec<Columns> = batches.values().map(|muts| Columns::from(muts.as_slice())).collect();
+        let stmt = sql::insert(&names);
+        let result = target::retry(|| {
+            let mut q = sqlx::query(&stmt);
+            for c in &cols {
+                q = q
+                    .bind(&c.nanos)
+                    .bind(&c.logical)
+                    .bind(&c.keys)
+                    .bind(&c.muts)
+                    .bind(&c.befores);
+            }
+            q.fetch_one(&self.db.pool)
+        })
+        .await;
+        let row = match result {
+            Ok(row) => row,
+            Err(e) => {
+                for table in batches.keys() {
+                    metrics::counter!(m::STAGE_ERRORS, &labels(table)).increment(1);
+                }
+                return Err(StageError::Write(e));
+            }
+        };
+        let mut stats = StageStats::default();
+        for (i, (table, c)) in batches.keys().zip(&cols).enumerate() {
+            let inserted: i64 = row.try_get(i).map_err(StageError::Write)?;
+            let inserted = inserted.max(0) as u64;
+            let dups = c.offered.saturating_sub(inserted);
+            let l = labels(table);
+            metrics::counter!(m::STAGE_MUTATIONS, &l).increment(inserted);
+            metrics::counter!(m::STAGE_DUPLICATES, &l).increment(dups);
+            metrics::histogram!(m::STAGE_DURATION, &l).record(started.elapsed().as_secs_f64());
+            stats.staged += inserted;
+            stats.duplicates += dups;
+        }
+        Ok(stats)
+    }
+
+    /// Reads unapplied rows of one table with time in `(after, upto]`, in (time, key) order,
+    /// at most `limit`; `resume_key` continues inside the timestamp `after` itself.
+    pub async fn read(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        after: Hlc,
+        resume_key: Option<&str>,
+        upto: Hlc,
+        limit: usize,
+    ) -> Result<Vec<Mutation>, StageError> {
+        let name = self.ensure(table).await?;
+        let started = Instant::now();
+        let stmt = sql::read(&name, resume_key.is_some());
+        let mut q = sqlx::query(&stmt)
+            .bind(after.nanos())
+            .bind(i64::from(after.logical()))
+            .bind(upto.nanos())
+            .bind(i64::from(upto.logical()))
+            .bind(limit as i64);
+        if let Some(k) = resume_key {
+            q = q.bind(k);
+        }
+        let rows = q.fetch_all(&mut *conn).await.map_err(|source| StageError::Read {
+            table: name.clone(),
+            source,
+        })?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let decode = |source| StageError::Read {
+                table: name.clone(),
+                source,
+            };
+            let nanos: i64 = r.try_get(0).map_err(decode)?;
+            let logical: i64 = r.try_get(1).map_err(decode)?;
+            let key: String = r.try_get(2).map_err(decode)?;
+            let data: Vec<u8> = r.try_get(3).map_err(decode)?;
+            let before: Option<Vec<u8>> = r.try_get(4).map_err(decode)?;
+            out.push(Mutation {
+                time: Hlc::new(nanos, logical.clamp(0, i32::MAX as i64) as i32),
+                key,
+                after: json_text(data),
+                before: before.and_then(json_text),
+            });
+        }
+        let l = labels(table);
+        metrics::counter!(m::STAGE_READ_ROWS, &l).increment(out.len() as u64);
+        metrics::histogram!(m::STAGE_READ_DURATION, &l).record(started.elapsed().as_secs_f64());
+        Ok(out)
+    }
+
+    /// Marks rows applied (a window applied in several transactions keeps its rows until the
+    /// checkpoint commits, so a redelivery cannot be staged and applied a second time).
+    pub async fn mark_applied(&self, conn: &mut PgConnection, table: &Table, muts: &[&Mutation]) -> Result<(), StageError> {
+        if muts.is_empty() {
+            return Ok(());
+        }
+        let name = self.ensure(table).await?;
+        let nanos: Vec<i64> = muts.iter().map(|m| m.time.nanos()).collect();
+        let logical: Vec<i64> = muts.iter().map(|m| i64::from(m.time.logical())).collect();
+        let keys: Vec<&str> = muts.iter().map(|m| m.key.as_str()).collect();
+        sqlx::query(&sql::mark_applied(&name))
+            .bind(nanos)
+            .bind(logical)
+            .bind(keys)
+            .execute(&mut *conn)
+            .await
+            .map_err(|source| StageError::Retire { table: name, source })?;
+        Ok(())
+    }
+
+    /// Deletes every staged row of `table` at or before `upto` (applied, or redelivered
+    /// duplicates of applied rows).
+    pub async fn retire(&self, conn: &mut PgConnection, table: &Table, upto: Hlc) -> Result<u64, StageError> {
+        let name = self.ensure(table).await?;
+        let started = Instant::now();
+        let done = sqlx::query(&sql::retire(&name))
+            .bind(upto.nanos())
+            .bind(i64::from(upto.logical()))
+            .execute(&mut *conn)
+            .await
+            .map_err(|source| StageError::Retire {
+                table: name.clone(),
+                source,
+            })?;
+        metrics::histogram!("stage_retire_duration_seconds", &labels(table)).record(started.elapsed().as_secs_f64());
+        Ok(done.rows_affected())
+    }
+
+    /// Counts unapplied rows at or before `upto` (should be none once a window committed).
+    pub async fn count_unapplied(&self, table: &Table, upto: Hlc) -> Result<i64, StageError> {
+        let name = self.ensure(table).await?;
+        sqlx::query_scalar(&sql::count_unapplied(&name))
+            .bind(upto.nanos())
+            .bind(i64::from(upto.logical()))
+            .fetch_one(&self.db.pool)
+            .await
+            .map_err(|source| StageError::Read { table: name, source })
+    }
+}
+
+fn labels(table: &Table) -> [(&'static str, String); 2] {
+    [
+        (m::LABEL_SCHEMA, table.schema.to_string()),
+        (m::LABEL_TABLE, table.name.raw().to_string()),
+    ]
+}
+
+/// Staged bytes back to JSON text; `null` means a deletion.
+fn json_text(bytes: Vec<u8>) -> Option<String> {
+    if bytes == b"null" {
+        return None;
+    }
+    Some(String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+}
+
+/// One table's batch as the column arrays the insert binds.
+struct Columns {
+    nanos: Vec<i64>,
+    logical: Vec<i64>,
+    keys: Vec<String>,
+    muts: Vec<Vec<u8>>,
+    befores: Vec<Option<Vec<u8>>>,
+    offered: u64,
+}
+
+impl From<&[Mutation]> for Columns {
+    /// De-duplicates on (time, key), keeping the later occurrence in the request.
+    fn from(muts: &[Mutation]) -> Self {
+        let mut seen: HashMap<(Hlc, &str), usize> = HashMap::with_capacity(muts.len());
+        let mut order: Vec<&Mutation> = Vec::with_capacity(muts.len());
+        for mu in muts {
+            match seen.get(&(mu.time, mu.key.as_str())) {
+                Some(&i) => order[i] = mu,
+                None => {
+                    seen.insert((mu.time, mu.key.as_str()), order.len());
+                    order.push(mu);
+                }
+            }
+        }
+        Columns {
+            nanos: order.iter().map(|m| m.time.nanos()).collect(),
+            logical: order.iter().map(|m| i64::from(m.time.logical())).collect(),
+            keys: order.iter().map(|m| m.key.clone()).collect(),
+            muts: order
+                .iter()
+                .map(|m| m.after.as_deref().unwrap_or("null").as_bytes().to_vec())
+                .collect(),
+            befores: order.iter().map(|m| m.before.as_ref().map(|b| b.as_bytes().to_vec())).collect(),
+            offered: order.len() as u64,
+        }
+    }
+}

@@ -2,4 +2,6 @@
 
 mod support;
 
+mod crash;
 mod harness;
+mod pipeline;

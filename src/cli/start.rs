@@ -1,0 +1,164 @@
+//! `cdc-sink start` and `cdc-sink preflight`.
+
+use crate::apply::Applier;
+use crate::auth::{AuthArgs, Authenticator};
+use crate::checkpoint::{Checkpoints, Leases};
+use crate::sequence::{SequenceArgs, Sequencer};
+use crate::server::ServerArgs;
+use crate::source::{Ingest, SourceArgs};
+use crate::stage::{StageArgs, Stager};
+use crate::target::TargetArgs;
+use anyhow::{bail, Context};
+use std::sync::Arc;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub stage: StageArgs,
+    #[command(flatten)]
+    pub sequence: SequenceArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// TypeScript or JavaScript userscript (not supported yet: refused at start).
+    #[arg(long = "userscript", env = "CDC_SINK_USERSCRIPT")]
+    pub userscript: Option<std::path::PathBuf>,
+    /// Dead-letter table name inside each target schema.
+    #[arg(long = "dlqTableName", env = "CDC_SINK_DLQ_TABLE_NAME", default_value = "cdc_sink_dlq")]
+    pub dlq_table_name: String,
+}
+
+impl StartArgs {
+    fn validate(&self) -> anyhow::Result<()> {
+        self.server.validate()?;
+        self.target.validate()?;
+        self.sequence.validate()?;
+        self.auth.validate()?;
+        if let Some(p) = &self.userscript {
+            // Running without the script would silently skip its loop filtering and merges.
+            bail!(
+                "userscripts are not supported by this version yet; refusing to start without {}",
+                p.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A running sink: what `start` runs until a signal, and what tests drive directly.
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub tls: bool,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Graceful stop: in-flight requests finish, pipelines finish their transaction.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        (&mut self.task).await.context("server task")?
+    }
+
+    /// Waits until the server stops by itself (after a signal).
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        (&mut self.task).await.context("server task")?
+    }
+}
+
+/// Opens the databases, prepares staging, binds the listeners and starts serving.
+pub async fn launch(args: StartArgs) -> anyhow::Result<Running> {
+    args.validate()?;
+    crate::metrics::install();
+    let auth = Authenticator::new(&args.auth)?;
+    let (target, staging) = args.target.open().await.context("opening databases")?;
+    let stager = Arc::new(Stager::open(staging.clone(), &args.stage.staging_schema).await?);
+    let checkpoints = Checkpoints::open(staging.clone(), stager.schema()).await?;
+    let leases = Arc::new(Leases::open(staging.clone(), stager.schema()).await?);
+    let applier = Applier::new(target.clone(), args.target.schema_refresh);
+    let sequencer = Sequencer::new(args.sequence.clone(), stager.clone(), checkpoints.clone(), leases, applier.clone());
+    sequencer.recover().await?;
+    let handler = Ingest::new(&args.source, target, staging, auth, applier, stager, checkpoints, sequencer.clone());
+    let bound = crate::server::bind(&args.server).await?;
+    let (addr, metrics_addr, tls) = (bound.local_addr(), bound.metrics_addr(), bound.tls());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = stop_rx => {}
+        }
+    };
+    let task = tokio::spawn(async move {
+        let served = bound.serve(Arc::new(handler), shutdown).await;
+        sequencer.shutdown().await;
+        served?;
+        tracing::info!("stopped");
+        Ok(())
+    });
+    Ok(Running {
+        addr,
+        metrics_addr,
+        tls,
+        stop: Some(stop_tx),
+        task,
+    })
+}
+
+pub async fn start(args: StartArgs) -> anyhow::Result<()> {
+    launch(args).await?.wait().await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown requested");
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PreflightArgs {
+    #[arg(long = "targetConn", env = "CDC_SINK_TARGET_CONN")]
+    pub target_conn: String,
+    #[arg(long = "stagingConn", env = "CDC_SINK_STAGING_CONN")]
+    pub staging_conn: Option<String>,
+    /// Other `start` flags are tolerated so a whole command line can be pasted.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub rest: Vec<String>,
+}
+
+pub async fn preflight(args: PreflightArgs) -> anyhow::Result<()> {
+    let settings = crate::target::PoolSettings {
+        max_connections: 2,
+        max_lifetime: std::time::Duration::from_secs(60),
+        idle_timeout: std::time::Duration::from_secs(60),
+        idle_in_transaction: std::time::Duration::from_secs(30),
+    };
+    let mut urls = vec![("target", args.target_conn.clone())];
+    if let Some(s) = args.staging_conn.filter(|s| !s.is_empty()) {
+        urls.push(("staging", s));
+    }
+    for (what, url) in urls {
+        let db = crate::target::open(&url, what, &settings).await?;
+        sqlx::query("SELECT 1").execute(&db.pool).await.with_context(|| format!("{what}: SELECT 1"))?;
+        println!("{what}: ok ({}, database {})", db.dialect.name(), db.database);
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! One schema's consistent-mode pipeline: win the lease, then apply resolved windows.
+
+use super::{backoff, now_seconds, schema_label, write_ordered, Parts, SequenceError, LEASE_LIFETIME, POLL};
+use crate::checkpoint::{Bounds, Lease};
+use crate::hlc::Hlc;
+use crate::ident::{Schema, Table};
+use crate::metrics as m;
+use crate::mutation::{Mutation, TableBatches};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+
+pub(super) struct Pipeline {
+    parts: Arc<Parts>,
+    schema: Schema,
+    notify: Arc<Notify>,
+    lease_name: String,
+}
+
+enum Held {
+    Stopped,
+    Lost,
+}
+
+impl Pipeline {
+    pub(super) fn new(parts: Arc<Parts>, schema: Schema, notify: Arc<Notify>) -> Self {
+        let lease_name = format!("sequtil.Lease.\"{}\"", schema.canonical());
+        Pipeline {
+            parts,
+            schema,
+            notify,
+            lease_name,
+        }
+    }
+
+    pub(super) async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut failures = 0u32;
+        while !*stop.borrow() {
+            let acquired = self.parts.leases.try_acquire(&self.lease_name, LEASE_LIFETIME).await;
+            match acquired {
+                Ok(Some(lease)) => {
+                    failures = 0;
+                    tracing::info!(schema = %self.schema, "acquired apply lease");
+                    metrics::gauge!(m::CORE_SWEEP_ACTIVE, &schema_label(&self.schema)).set(1.0);
+                    let held = self.hold(&lease, &mut stop).await;
+                    metrics::gauge!(m::CORE_SWEEP_ACTIVE, &schema_label(&self.schema)).set(0.0);
+                    match held {
+                        Held::Stopped => {
+                            if let Err(e) = self.parts.leases.release(&lease).await {
+                                tracing::warn!(schema = %self.schema, error = %e, "could not release apply lease");
+                            }
+                            break;
+                        }
+                        Held::Lost => tracing::warn!(schema = %self.schema, "apply lease lost"),
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(schema = %self.schema, error = %e, "could not acquire apply lease");
+                }
+            }
+            let wait = if failures > 0 { backoff(failures) } else { POLL };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    /// Applies windows while the lease is held.
+    async fn hold(&self, lease: &Lease, stop: &mut watch::Receiver<bool>) -> Held {
+        let mut renewed = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            if *stop.borrow() {
+                return Held::Stopped;
+            }
+            let started = Instant::now();
+            metrics::gauge!(m::CORE_SWEEP_ATTEMPT_TIMESTAMP, &schema_label(&self.schema)).set(now_seconds());
+            let result = match self.parts.checkpoints.bounds(&self.schema).await {
+                Ok(b) if b.proposed > b.committed => self.apply_window(lease, b).await.map(|_| true),
+                Ok(_) => Ok(false),
+                Err(e) => Err(SequenceError::from(e)),
+            };
+            let wait = match result {
+                Ok(worked) => {
+                    attempt = 0;
+                    if worked {
+                        renewed = Instant::now();
+                        metrics::histogram!(m::CORE_SWEEP_DURATION, &schema_label(&self.schema))
+                            .record(started.elapsed().as_secs_f64());
+                        metrics::gauge!(m::CORE_SWEEP_SUCCESS_TIMESTAMP, &schema_label(&self.schema)).set(now_seconds());
+                        continue;
+                    }
+                    POLL.min(self.parts.args.flush_period.max(Duration::from_millis(50)))
+                }
+                Err(SequenceError::LeaseLost(_)) => return Held::Lost,
+                Err(e) => {
+                    attempt += 1;
+                    let wait = backoff(attempt);
+                    metrics::counter!(m::POISON_BACKOFF, &schema_label(&self.schema)).increment(1);
+                    if e.is_unavailable() {
+                        tracing::warn!(schema = %self.schema, error = %e, retry_in = ?wait, "target unavailable; will retry");
+                    } else {
+                        tracing::error!(schema = %self.schema, error = %e, retry_in = ?wait, "could not apply window; will retry");
+                    }
+                    wait
+                }
+            };
+            if renewed.elapsed() >= LEASE_LIFETIME / 3 {
+                match self.parts.leases.renew_now(lease, LEASE_LIFETIME).await {
+                    Ok(true) => renewed = Instant::now(),
+                    Ok(false) => return Held::Lost,
+                    Err(e) => {
+                        tracing::warn!(schema = %self.schema, error = %e, "could not renew apply lease");
+                        if renewed.elapsed() >= LEASE_LIFETIME {
+                            return Held::Lost;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.notify.notified() => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    /// Applies `(committed, proposed]`. Reads pages of every table, cuts them at a time up to
+    /// which all tables are complete, and applies whole timestamps in flushes of about
+    /// `--flushSize` mutations; the last flush of the window retires it and commits.
+    async fn apply_window(&self, lease: &Lease, bounds: Bounds) -> Result<(), SequenceError> {
+        let info = self.parts.applier.schema(&self.schema).await?;
+        let tables: Vec<Table> = info.levels.iter().flatten().cloned().collect();
+        let hi = bounds.proposed;
+        let mut from = bounds.committed;
+        let pool = self.parts.stager.database().pool.clone();
+        loop {
+            let (cut, rows) = {
+                let mut conn = pool.acquire().await.map_err(SequenceError::Sql)?;
+                self.read_page(&mut conn, &tables, from, hi).await?
+            };
+            let last_page = cut == hi;
+            let mut groups: BTreeMap<Hlc, Vec<(usize, Mutation)>> = BTreeMap::new();
+            for (t, mu) in rows {
+                groups.entry(mu.time).or_default().push((t, mu));
+            }
+            // Whole timestamps, in order, about flush_size mutations per transaction.
+            let mut flush: Vec<(usize, Mutation)> = Vec::new();
+            let n_groups = groups.len();
+            for (i, (_, group)) in groups.into_iter().enumerate() {
+                flush.extend(group);
+                let last_group = i + 1 == n_groups;
+                if flush.len() >= self.parts.args.flush_size && !(last_page && last_group) {
+                    self.flush(lease, &tables, std::mem::take(&mut flush), None, &info).await?;
+                }
+            }
+            if last_page {
+                self.flush(lease, &tables, flush, Some(hi), &info).await?;
+                self.parts.checkpoints.committed(&self.schema, hi);
+                tracing::debug!(schema = %self.schema, resolved = %hi, "window committed");
+                return Ok(());
+            }
+            if !flush.is_empty() {
+                self.flush(lease, &tables, flush, None, &info).await?;
+            }
+            from = cut;
+        }
+    }
+
+    /// Reads unapplied rows in `(from, hi]` from every table, returning the time up to which
+    /// the result is complete and the rows at or before it.
+    async fn read_page(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        tables: &[Table],
+        from: Hlc,
+        hi: Hlc,
+    ) -> Result<(Hlc, Vec<(usize, Mutation)>), SequenceError> {
+        let scan = self.parts.args.scan_size;
+        let stager = &self.parts.stager;
+        let mut cut = hi;
+        let mut rows: Vec<(usize, Mutation)> = Vec::new();
+        for (i, table) in tables.iter().enumerate() {
+            let mut page = stager.read(conn, table, from, None, cut, scan).await?;
+            if page.len() == scan {
+                let first = page[0].time;
+                let last = page[page.len() - 1].time;
+                if first == last {
+                    // One source timestamp larger than a page: read all of it, never split it.
+                    loop {
+                        let key = page[page.len() - 1].key.clone();
+                        let more = stager.read(conn, table, last, Some(&key), last, scan).await?;
+                        let done = more.len() < scan;
+                        page.extend(more.into_iter().filter(|m| m.time == last));
+                        if done {
+                            break;
+                        }
+                    }
+                    cut = cut.min(last);
+                } else {
+                    cut = cut.min(last.before());
+                }
+            }
+            rows.extend(page.into_iter().map(|m| (i, m)));
+        }
+        rows.retain(|(_, m)| m.time <= cut);
+        Ok((cut, rows))
+    }
+
+    /// One target transaction: fence on the lease, write in FK order, then either mark the
+    /// rows applied or (last flush of a window) retire the window and commit its checkpoint.
+    async fn flush(
+        &self,
+        lease: &Lease,
+        tables: &[Table],
+        rows: Vec<(usize, Mutation)>,
+        commit: Option<Hlc>,
+        info: &crate::apply::SchemaInfo,
+    ) -> Result<(), SequenceError> {
+        let pool = &self.parts.stager.database().pool;
+        let mut batches = TableBatches::new();
+        for (t, mu) in rows {
+            batches.entry(tables[t].clone()).or_default().push(mu);
+        }
+        let count: usize = batches.values().map(Vec::len).sum();
+        let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
+        if !self.parts.leases.renew(&mut tx, lease, LEASE_LIFETIME).await? {
+            return Err(SequenceError::LeaseLost(self.schema.to_string()));
+        }
+        write_ordered(&self.parts.applier, &mut tx, info, &batches).await?;
+        match commit {
+            Some(hi) => {
+                for table in tables {
+                    self.parts.stager.retire(&mut tx, table, hi).await?;
+                }
+                self.parts.checkpoints.commit(&mut tx, &self.schema, hi).await?;
+            }
+            None => {
+                for (table, muts) in &batches {
+                    let refs: Vec<&Mutation> = muts.iter().collect();
+                    self.parts.stager.mark_applied(&mut tx, table, &refs).await?;
+                }
+            }
+        }
+        tx.commit().await.map_err(SequenceError::Sql)?;
+        metrics::counter!(m::CORE_SWEEP_APPLY_COUNT, &schema_label(&self.schema)).increment(count as u64);
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! An in-process sink server over TLS, and builders of changefeed payloads.
+
+use super::Db;
+use bytes::Bytes;
+use cdc_sink::cli::{launch, Cli, Command, Running};
+use cdc_sink::hlc::Hlc;
+use cdc_sink::server::client::{Client, ClientOptions};
+use clap::Parser;
+use http::StatusCode;
+use serde_json::{json, Value};
+
+/// A running sink in front of `db`, with an HTTP/2 TLS client aimed at it.
+pub struct Sink {
+    running: Option<Running>,
+    pub client: Client,
+}
+
+impl Sink {
+    /// Starts a sink on a random port with a self-signed certificate; `extra` adds flags.
+    pub async fn start(db: &Db, extra: &[&str]) -> Sink {
+        let url = db.url();
+        let mut argv = vec![
+            "cdc-sink",
+            "start",
+            "--bindAddr",
+            "127.0.0.1:0",
+            "--tlsSelfSigned",
+            "--disableAuthentication",
+            "--targetConn",
+            &url,
+        ];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).expect("valid flags");
+        let Command::Start(args) = cli.command else {
+            unreachable!("start command")
+        };
+        let running = launch(*args).await.expect("sink starts");
+        let client = Client::new(
+            &format!("https://{}", running.addr),
+            ClientOptions {
+                insecure_skip_verify: true,
+                ..Default::default()
+            },
+        )
+        .expect("client");
+        Sink {
+            running: Some(running),
+            client,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<String>) -> (StatusCode, String) {
+        self.client
+            .post(path, Bytes::from(body.into()))
+            .await
+            .expect("request reaches the sink")
+    }
+
+    /// Posts and insists on 200.
+    pub async fn post_ok(&self, path: &str, body: impl Into<String>) {
+        let (status, text) = self.post(path, body).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await.expect("clean stop");
+        }
+    }
+}
+
+/// `nanos.logical` text of an HLC at second `s` (small numbers keep tests readable).
+pub fn ts(s: i64) -> String {
+    Hlc::new(1_700_000_000_000_000_000 + s * 1_000_000_000, 0).to_string()
+}
+
+pub fn hlc(s: i64) -> Hlc {
+    Hlc::new(1_700_000_000_000_000_000 + s * 1_000_000_000, 0)
+}
+
+/// One upsert element for a `kv(k, v)` style table.
+pub fn upsert(topic: &str, key: Value, after: Value, at: i64) -> Value {
+    json!({"after": after, "key": key, "topic": topic, "updated": ts(at)})
+}
+
+/// One delete element.
+pub fn delete(topic: &str, key: Value, at: i64) -> Value {
+    json!({"after": null, "key": key, "topic": topic, "updated": ts(at)})
+}
+
+/// A webhook body carrying `elements`.
+pub fn batch(elements: Vec<Value>) -> String {
+    let n = elements.len();
+    json!({"payload": elements, "length": n}).to_string()
+}
+
+/// A resolved-timestamp body.
+pub fn resolved(at: i64) -> String {
+    json!({"resolved": ts(at)}).to_string()
+}
