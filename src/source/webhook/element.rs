@@ -33,10 +33,7 @@ impl<'a> Fields<'a> {
     /// Reads a raw value that must be a JSON object.
     pub(crate) fn read(raw: &'a RawValue, dialect: Dialect) -> Result<Fields<'a>, WebhookError> {
         if kind(raw) != Kind::Object {
-            return Err(WebhookError::WrongType {
-                field: "element",
-                expected: "a JSON object",
-            });
+            return Err(WebhookError::ElementNotObject);
         }
         let obj = Object::parse(raw.get()).map_err(WebhookError::json)?;
         Fields::from_object(obj, dialect)

@@ -36,6 +36,8 @@ pub enum WebhookError {
         field: &'static str,
         expected: &'static str,
     },
+    #[error("a payload element must be a JSON object")]
+    ElementNotObject,
     #[error("invalid timestamp: {0}")]
     BadTime(HlcError),
     #[error(

@@ -130,7 +130,8 @@ mod tests {
 
     #[test]
     fn objects_keep_raw_values_and_key_order() {
-        let o = Object::parse(r#" { "b" : [1, 2] , "a\u0041":{"x" :  1.50} , "b": null } "#).unwrap();
+        let o =
+            Object::parse(r#" { "b" : [1, 2] , "a\u0041":{"x" :  1.50} , "b": null } "#).unwrap();
         let got: Vec<_> = o.0.iter().map(|(k, v)| (k.as_ref(), v.get())).collect();
         assert_eq!(
             got,
@@ -156,7 +157,10 @@ mod tests {
     #[test]
     fn strings_are_borrowed_unless_escaped() {
         let o = Object::parse(r#"{"a":"plain","b":"esc\"aped\u00e9"}"#).unwrap();
-        assert!(matches!(string_value(o.0[0].1).unwrap(), Cow::Borrowed("plain")));
+        assert!(matches!(
+            string_value(o.0[0].1).unwrap(),
+            Cow::Borrowed("plain")
+        ));
         assert_eq!(string_value(o.0[1].1).unwrap(), "esc\"apedé");
     }
 

@@ -16,7 +16,10 @@ const SCHEMA_SEGMENTS: usize = 2;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
     /// `/db/sch` (table feed, table from each element's topic) or `/db/sch/tbl` (CDC-query feed).
-    Webhook { schema: Schema, table: Option<Ident> },
+    Webhook {
+        schema: Schema,
+        table: Option<Ident>,
+    },
     /// Cloud-storage ndjson file: `/db/sch/<date>/<file>.ndjson` (topic from file name) or
     /// `/db/sch/tbl/<date>/<file>.ndjson` (query feed for tbl).
     Ndjson {
@@ -449,14 +452,17 @@ mod tests {
     #[test]
     fn ndjson_names_need_five_groups_a_topic_and_a_schema_id() {
         assert_eq!(ndjson_topic("2020-04-02/a-b-c-d-e-t-1.ndjson"), Some("t"));
-        assert_eq!(ndjson_topic("2020-04-02/a-b-c-d-e-t-x-1.ndjson"), Some("t-x"));
+        assert_eq!(
+            ndjson_topic("2020-04-02/a-b-c-d-e-t-x-1.ndjson"),
+            Some("t-x")
+        );
         assert_eq!(ndjson_topic("2020-04-02/a-b-c-d-e-t-1xndjson"), Some("t"));
         assert_eq!(ndjson_topic("2020-04-02/a-b-c-d-e-t-1.NDJSON"), None);
         assert_eq!(ndjson_topic("2020-04-02/a-b-c-d-t-1.ndjson"), None); // four groups
         assert_eq!(ndjson_topic("2020-04-02/a--c-d-e-t-1.ndjson"), None); // empty group
         assert_eq!(ndjson_topic("2020-04-02/a-b-c-d-e--1.ndjson"), None); // empty topic
         assert_eq!(ndjson_topic("2020-04-02/a-b-c-d-e-t-.ndjson"), None); // empty schema id
-        // The any-char needs a schema id before it: `-1` + `ndjson` leaves the id empty.
+                                                                          // The any-char needs a schema id before it: `-1` + `ndjson` leaves the id empty.
         assert_eq!(ndjson_topic("2020-04-02/a-b-c-d-e-t-1ndjson"), None);
         assert_eq!(ndjson_topic("2020-4-02/a-b-c-d-e-t-1.ndjson"), None);
         assert_eq!(ndjson_topic("2020-04-02a-b-c-d-e-t-1.ndjson"), None);
@@ -483,10 +489,7 @@ mod tests {
             resolved_digits(&format!("2020-04-04/{}.RESOLVED", &d33[1..])),
             None
         );
-        assert_eq!(
-            resolved_digits(&format!("2020-04-04/{d33}.resolved")),
-            None
-        );
+        assert_eq!(resolved_digits(&format!("2020-04-04/{d33}.resolved")), None);
         assert_eq!(
             resolved_digits(&format!("2020-04-04/{d33}é.RESOLVED")),
             None

@@ -228,7 +228,11 @@ mod tests {
         assert_eq!(table_rows(&body).len(), 1);
         for bad in ["1.5", "\"1\"", "[]", "99999999999999999999"] {
             let e = table_err(&format!(r#"{{"payload":[],"length":{bad}}}"#));
-            assert_eq!(e.to_string(), r#"field "length" must be an integer"#, "{bad}");
+            assert_eq!(
+                e.to_string(),
+                r#"field "length" must be an integer"#,
+                "{bad}"
+            );
         }
     }
 
@@ -260,14 +264,19 @@ mod tests {
     #[test]
     fn trailing_data_after_the_envelope_is_rejected() {
         let e = table_err(r#"{"payload":[]} {"payload":[]}"#);
-        assert!(e.to_string().starts_with("could not decode payload: trailing"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("could not decode payload: trailing"),
+            "{e}"
+        );
     }
 
     #[test]
     fn a_truncated_body_is_rejected_with_a_json_reason() {
         let e = table_err(r#"{"payload":[{"after":{"a":1"#);
         assert!(
-            e.to_string().starts_with("could not decode payload: EOF while parsing"),
+            e.to_string()
+                .starts_with("could not decode payload: EOF while parsing"),
             "{e}"
         );
     }
@@ -326,7 +335,11 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [("b".into(), "[2]".into()), ("a".into(), "[1]".into()), ("b".into(), "[3]".into())]
+            [
+                ("b".into(), "[2]".into()),
+                ("a".into(), "[1]".into()),
+                ("b".into(), "[3]".into())
+            ]
         );
     }
 
@@ -336,7 +349,10 @@ mod tests {
             "{ \"after\" :  { \"k\" : [ 1 ,2 ], \"s\":\"a\\u00e9\" } ,\n\"before\":{ }, \"key\" : [ 1,\t\"x\" ], \"topic\":\"t\", \"updated\":\"1.0\" }",
         ));
         let m = &rows[0].1;
-        assert_eq!(m.after.as_deref(), Some("{ \"k\" : [ 1 ,2 ], \"s\":\"a\\u00e9\" }"));
+        assert_eq!(
+            m.after.as_deref(),
+            Some("{ \"k\" : [ 1 ,2 ], \"s\":\"a\\u00e9\" }")
+        );
         assert_eq!(m.before.as_deref(), Some("{ }"));
         assert_eq!(m.key, "[ 1,\t\"x\" ]");
     }
@@ -375,7 +391,9 @@ mod tests {
             assert_eq!(rows[0].1.before.as_deref(), Some(r#"{"k":1}"#));
         }
         // A delete without a before image (no `diff`) is still a delete.
-        let rows = table_rows(&one_element(r#"{"after":null,"key":[1],"topic":"t","updated":"1.0"}"#));
+        let rows = table_rows(&one_element(
+            r#"{"after":null,"key":[1],"topic":"t","updated":"1.0"}"#,
+        ));
         assert_eq!(rows[0].1.after, None);
         assert_eq!(rows[0].1.before, None);
     }
@@ -404,7 +422,10 @@ mod tests {
             {"after":{"k":1},"key":[1],"topic":"t","updated":"1.0"},
             {"after":{"k":2},"key":[2],"topic":"t","updated":"0.0"}
         ]}"#;
-        assert_eq!(table_err(body).to_string(), "payload[1]: mutation has zero time");
+        assert_eq!(
+            table_err(body).to_string(),
+            "payload[1]: mutation has zero time"
+        );
     }
 
     #[test]
@@ -428,7 +449,10 @@ mod tests {
             )));
             assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
             assert!(
-                matches!(e.root(), WebhookError::BadTime(_) | WebhookError::WrongType { .. }),
+                matches!(
+                    e.root(),
+                    WebhookError::BadTime(_) | WebhookError::WrongType { .. }
+                ),
                 "{bad}: {e}"
             );
         }
@@ -461,8 +485,13 @@ mod tests {
 
     #[test]
     fn a_key_that_is_not_an_array_is_rejected() {
-        let e = table_err(&one_element(r#"{"after":{"k":1},"key":1,"topic":"t","updated":"1.0"}"#));
-        assert_eq!(e.to_string(), r#"payload[0]: field "key" must be a JSON array"#);
+        let e = table_err(&one_element(
+            r#"{"after":{"k":1},"key":1,"topic":"t","updated":"1.0"}"#,
+        ));
+        assert_eq!(
+            e.to_string(),
+            r#"payload[0]: field "key" must be a JSON array"#
+        );
     }
 
     #[test]
@@ -477,7 +506,10 @@ mod tests {
             );
         }
         let e = table_err(r#"{"payload":[42]}"#);
-        assert_eq!(e.to_string(), r#"payload[0]: field "element" must be a JSON object"#);
+        assert_eq!(
+            e.to_string(),
+            "payload[0]: a payload element must be a JSON object"
+        );
     }
 
     #[test]
@@ -493,7 +525,12 @@ mod tests {
 
     #[test]
     fn a_qualified_topic_is_rerooted_in_the_url_schema() {
-        for topic in ["kv", "public.kv", "other_db.other_sch.kv", r#"\"db\".\"public\".\"kv\""#] {
+        for topic in [
+            "kv",
+            "public.kv",
+            "other_db.other_sch.kv",
+            r#"\"db\".\"public\".\"kv\""#,
+        ] {
             let rows = table_rows(&one_element(&format!(
                 r#"{{"after":{{"k":1}},"key":[1],"topic":"{topic}","updated":"1.0"}}"#
             )));
@@ -511,10 +548,14 @@ mod tests {
 
     #[test]
     fn a_topic_with_too_many_parts_is_rejected() {
-        let e = table_err(&one_element(r#"{"after":{"k":1},"key":[1],"topic":"a.b.c.d","updated":"1.0"}"#));
+        let e = table_err(&one_element(
+            r#"{"after":{"k":1},"key":[1],"topic":"a.b.c.d","updated":"1.0"}"#,
+        ));
         assert!(matches!(e.root(), WebhookError::TableName(_)), "{e}");
         assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
-        let e = table_err(&one_element(r#"{"after":{"k":1},"key":[1],"topic":"a..b","updated":"1.0"}"#));
+        let e = table_err(&one_element(
+            r#"{"after":{"k":1},"key":[1],"topic":"a..b","updated":"1.0"}"#,
+        ));
         assert!(matches!(e.root(), WebhookError::TableName(_)), "{e}");
     }
 
@@ -570,7 +611,8 @@ mod tests {
     #[test]
     fn a_query_phantom_delete_is_dropped() {
         // No table lookup happens, so an unknown table does not matter.
-        let body = r#"{"payload":[{"after":null,"before":null,"updated":"3.0"},{"updated":"4.0"}]}"#;
+        let body =
+            r#"{"payload":[{"after":null,"before":null,"updated":"3.0"},{"updated":"4.0"}]}"#;
         assert_eq!(
             run(&query_feed(), body, &()).unwrap(),
             Payload::Mutations(vec![])
@@ -600,7 +642,10 @@ mod tests {
         let body = one_element(r#"{"after":{"pk1":1},"updated":"3.0"}"#);
         let e = run(&query_feed(), &body, &pks).unwrap_err();
         assert_eq!(e.root(), &WebhookError::MissingPrimaryKey("pk2".into()));
-        assert!(e.to_string().ends_with(r#"missing primary key: "pk2""#), "{e}");
+        assert!(
+            e.to_string().ends_with(r#"missing primary key: "pk2""#),
+            "{e}"
+        );
         assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
     }
 
@@ -608,7 +653,11 @@ mod tests {
     fn a_query_for_an_unknown_table_is_rejected() {
         let body = one_element(r#"{"after":{"pk":1},"updated":"3.0"}"#);
         let e = run(&query_feed(), &body, &()).unwrap_err();
-        assert!(e.to_string().ends_with(r#"table "db.public.tbl" not found"#), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with(r#"table "db.public.tbl" not found"#),
+            "{e}"
+        );
         assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
     }
 
