@@ -21,21 +21,12 @@ pub enum ClusterError {
 }
 
 /// Options for a new cluster.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ClusterOptions {
     /// `fsync=off` makes tests fast; benchmarks keep it on.
     pub fsync: bool,
     /// Extra `postgresql.conf` lines.
     pub settings: Vec<(String, String)>,
-}
-
-impl Default for ClusterOptions {
-    fn default() -> Self {
-        ClusterOptions {
-            fsync: false,
-            settings: Vec::new(),
-        }
-    }
 }
 
 /// A running throwaway cluster; stopped and removed on drop (kept if `keep` is set).

@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use http::StatusCode;
 use std::sync::Arc;
 use std::time::Duration;
-use webhook::{DecodeLimits, Payload, PrimaryKeys, Route, WebhookError};
+use webhook::{DecodeLimits, Payload, PrimaryKeys, WebhookError};
 
 /// Flags of the ingest step.
 #[derive(clap::Args, Debug, Clone)]
@@ -123,7 +123,7 @@ impl Ingest {
 
     async fn handle(&self, req: Request) -> Result<(), IngestError> {
         let route = webhook::parse_path(&req.path)?;
-        let schema = route_schema(&route).clone();
+        let schema = route.schema().clone();
         if self.target.dialect == Dialect::Postgres && schema.db != Ident::new(&self.target.database) {
             return Err(IngestError::WrongDatabase {
                 got: schema.db.raw().to_string(),
@@ -192,12 +192,6 @@ impl Ingest {
             Err(_) => metrics::counter!(m::MUTATIONS_ERROR, &labels).increment(received),
         }
         result
-    }
-}
-
-fn route_schema(route: &Route) -> &Schema {
-    match route {
-        Route::Webhook { schema, .. } | Route::Ndjson { schema, .. } | Route::Resolved { schema, .. } => schema,
     }
 }
 
