@@ -29,7 +29,7 @@ const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 type Body = Full<Bytes>;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientOptions {
     /// Accept any server certificate (CockroachDB's `insecure_tls_skip_verify`).
     pub insecure_skip_verify: bool,
@@ -49,6 +49,19 @@ impl Default for ClientOptions {
             http2: true,
             headers: Vec::new(),
         }
+    }
+}
+
+/// Header values are left out: they usually carry a bearer token.
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("ClientOptions")
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .field("ca_cert_pem", &self.ca_cert_pem.as_ref().map(|p| p.len()))
+            .field("http2", &self.http2)
+            .field("headers", &names)
+            .finish()
     }
 }
 
@@ -128,8 +141,13 @@ impl Client {
             url: base_url.to_string(),
             reason: reason.to_string(),
         };
-        let uri: Uri = base_url.parse().map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
-        let scheme = uri.scheme().cloned().ok_or_else(|| invalid("missing scheme"))?;
+        let uri: Uri = base_url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| invalid("missing scheme"))?;
         let https = if scheme == Scheme::HTTPS {
             true
         } else if scheme == Scheme::HTTP {
@@ -137,7 +155,10 @@ impl Client {
         } else {
             return Err(invalid("scheme must be http or https"));
         };
-        let authority = uri.authority().cloned().ok_or_else(|| invalid("missing host"))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| invalid("missing host"))?;
         let host = authority
             .host()
             .trim_start_matches('[')
@@ -194,7 +215,9 @@ impl Client {
     }
 
     pub async fn get(&self, path_and_query: &str) -> Result<(StatusCode, String), ClientError> {
-        let r = self.request(Method::GET, path_and_query, Bytes::new()).await?;
+        let r = self
+            .request(Method::GET, path_and_query, Bytes::new())
+            .await?;
         Ok((r.status, r.body))
     }
 
@@ -248,7 +271,13 @@ impl Client {
                     debug!(error = %err.error(), "connection closed before sending; reconnecting");
                     retried = true;
                     // Restore the absolute form for a possible HTTP/2 retry.
-                    if let Ok(abs) = self.absolute(unsent.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")) {
+                    if let Ok(abs) = self.absolute(
+                        unsent
+                            .uri()
+                            .path_and_query()
+                            .map(|p| p.as_str())
+                            .unwrap_or("/"),
+                    ) {
                         *unsent.uri_mut() = abs;
                     }
                     req = unsent;
@@ -276,7 +305,11 @@ impl Client {
         path_and_query: &str,
         body: Bytes,
     ) -> Result<http::Request<Body>, ClientError> {
-        let sep = if path_and_query.starts_with('/') { "" } else { "/" };
+        let sep = if path_and_query.starts_with('/') {
+            ""
+        } else {
+            "/"
+        };
         let full = format!("{}{sep}{path_and_query}", self.inner.base_path);
         let mut req = http::Request::new(Full::new(body));
         *req.method_mut() = method;
@@ -362,6 +395,8 @@ impl Client {
         let fail = |e: hyper::Error| ClientError::Http(hyper_reason(&e));
         let conn = if h2 {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                // Large bodies: let more of one request be buffered while the window opens.
+                .max_send_buf_size(4 << 20)
                 .handshake(io)
                 .await
                 .map_err(fail)?;

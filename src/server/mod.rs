@@ -43,6 +43,9 @@ const DEFAULT_BIND_ADDR: &str = ":26258";
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What we suggest to clients after a timeout: the trouble is usually short-lived.
 const RETRY_AFTER_DEFAULT: Duration = Duration::from_secs(1);
+const H2_STREAM_WINDOW: u32 = 4 << 20;
+const H2_CONNECTION_WINDOW: u32 = 16 << 20;
+const H2_MAX_FRAME: u32 = 256 << 10;
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -53,7 +56,11 @@ pub struct ServerArgs {
     #[arg(long = "bindAddr", env = "CDC_SINK_BIND_ADDR", default_value = DEFAULT_BIND_ADDR)]
     pub bind_addr: String,
     /// Separate plain-HTTP address for /_/varz, /metrics and a trivial /_/healthz (empty = serve them on bindAddr)
-    #[arg(long = "metricsAddr", env = "CDC_SINK_METRICS_ADDR", default_value = "")]
+    #[arg(
+        long = "metricsAddr",
+        env = "CDC_SINK_METRICS_ADDR",
+        default_value = ""
+    )]
     pub metrics_addr: String,
     /// PEM certificate chain to serve (requires tlsPrivateKey)
     #[arg(long = "tlsCertificate", env = "CDC_SINK_TLS_CERTIFICATE")]
@@ -160,7 +167,9 @@ async fn bind_listener(flag: &'static str, addr: &str) -> Result<TcpListener, Se
         reason: e.to_string(),
     };
     match host {
-        Some(host) => TcpListener::bind((host.as_str(), port)).await.map_err(bind_err),
+        Some(host) => TcpListener::bind((host.as_str(), port))
+            .await
+            .map_err(bind_err),
         // All interfaces: the IPv6 wildcard is dual-stack on Linux; hosts without IPv6 fall
         // back to IPv4 only.
         None => match TcpListener::bind(("::", port)).await {
@@ -395,14 +404,22 @@ async fn accept_loop(
     routes: Routes,
     mut stop: watch::Receiver<Option<Instant>>,
 ) -> Instant {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Changefeed bodies reach megabytes; hyper's 1 MiB default windows would throttle several
+    // of them sharing one HTTP/2 connection.
+    builder
+        .http2()
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_frame_size(H2_MAX_FRAME);
     let graceful = GracefulShutdown::new();
     let mut conns = JoinSet::new();
     let deadline = loop {
         tokio::select! {
-            stopped = stop.wait_for(Option::is_some) => {
-                // An Err means the sender is gone without a deadline: stop now.
-                break stopped.ok().and_then(|d| *d).unwrap_or_else(Instant::now);
+            // Copy the deadline out at once: the watch guard must not live in this future.
+            stopped = async { stop.wait_for(Option::is_some).await.ok().and_then(|d| *d) } => {
+                // None means the sender is gone without a deadline: stop now.
+                break stopped.unwrap_or_else(Instant::now);
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
@@ -424,7 +441,10 @@ async fn accept_loop(
     };
     drop(listener);
     if timeout_at(deadline, graceful.shutdown()).await.is_err() {
-        warn!(connections = conns.len(), "grace period elapsed, closing connections");
+        warn!(
+            connections = conns.len(),
+            "grace period elapsed, closing connections"
+        );
     }
     conns.shutdown().await;
     deadline
@@ -657,6 +677,13 @@ mod tests {
             .map(|c| c.server)
     }
 
+    /// Callers spawn `serve`, so its future must be `Send` (checked at compile time).
+    #[allow(dead_code)]
+    fn serve_future_is_send(bound: Bound, handler: Arc<dyn Handler>) {
+        fn assert_send<T: Send>(_: &T) {}
+        assert_send(&bound.serve(handler, async {}));
+    }
+
     #[test]
     fn defaults_match_the_reference() {
         let a = parse(&[]).expect("parse");
@@ -668,8 +695,18 @@ mod tests {
         assert_eq!(a.max_request_bytes, 256 << 20);
         assert_eq!(a.grace_period, Duration::from_secs(30));
         assert_eq!(
-            (a.bind_addr, a.http_response_timeout, a.max_request_bytes, a.grace_period),
-            (d.bind_addr, d.http_response_timeout, d.max_request_bytes, d.grace_period)
+            (
+                a.bind_addr,
+                a.http_response_timeout,
+                a.max_request_bytes,
+                a.grace_period
+            ),
+            (
+                d.bind_addr,
+                d.http_response_timeout,
+                d.max_request_bytes,
+                d.grace_period
+            )
         );
     }
 
@@ -693,8 +730,16 @@ mod tests {
         assert_eq!(a.http_response_timeout, Duration::from_secs(90));
         assert_eq!(a.max_request_bytes, 1 << 20);
         assert_eq!(a.grace_period, Duration::from_secs(5));
-        assert!(!parse(&["--tlsSelfSigned=false"]).expect("parse").tls_self_signed);
-        assert!(parse(&["--tlsSelfSigned=true"]).expect("parse").tls_self_signed);
+        assert!(
+            !parse(&["--tlsSelfSigned=false"])
+                .expect("parse")
+                .tls_self_signed
+        );
+        assert!(
+            parse(&["--tlsSelfSigned=true"])
+                .expect("parse")
+                .tls_self_signed
+        );
         assert!(parse(&["--httpResponseTimeout", "soon"]).is_err());
     }
 

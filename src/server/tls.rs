@@ -18,7 +18,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 /// A generated certificate with its key, in DER (to serve) and PEM (for clients to trust).
-#[derive(Debug)]
 pub struct SelfSigned {
     pub certs: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
@@ -26,9 +25,19 @@ pub struct SelfSigned {
     pub key_pem: String,
 }
 
+/// The key stays out of Debug output.
+impl std::fmt::Debug for SelfSigned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SelfSigned")
+            .field("cert_pem", &self.cert_pem)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Generates the reference's localhost certificate: ECDSA P-256, SANs `localhost`,
 /// `127.0.0.1`, `::1`, organisation "Cockroach Labs", server-auth, valid now → +1 year.
-pub fn self_signed() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServerError> {
+pub fn self_signed() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServerError>
+{
     let s = self_signed_pem()?;
     Ok((s.certs, s.key))
 }
@@ -71,7 +80,9 @@ pub fn self_signed_pem() -> Result<SelfSigned, ServerError> {
 }
 
 /// Reads a PEM certificate chain (leaf first) and returns it with its PEM text.
-pub(crate) fn load_certs(path: &Path) -> Result<(Vec<CertificateDer<'static>>, String), ServerError> {
+pub(crate) fn load_certs(
+    path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, String), ServerError> {
     let bytes = std::fs::read(path).map_err(|e| ServerError::TlsFile {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -137,7 +148,10 @@ mod tests {
         assert!(s.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(s.key_pem.contains("PRIVATE KEY"));
         let config = server_config(s.certs, s.key).expect("config");
-        assert_eq!(config.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(
+            config.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
     }
 
     #[test]
