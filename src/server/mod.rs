@@ -1,1 +1,831 @@
-//! TODO
+//! The HTTP front door: one listener (TLS with ALPN `h2`/`http/1.1`, or cleartext HTTP/1.1 +
+//! h2c) that routes `/_/healthz`, `/_/varz`, `/metrics` itself and hands every other request,
+//! body fully read, to a [`Handler`] (the changefeed source). An optional second, plain
+//! listener (`--metricsAddr`) serves the diagnostics instead. Shutdown is graceful and bounded
+//! by `--gracePeriod`.
+//!
+//! Changefeed requests run detached from their connection: a client that hangs up does not
+//! abort staging half-way, only `--httpResponseTimeout` (or the end of the grace period) does.
+
+pub mod client;
+pub mod tls;
+
+pub use client::{Client, ClientError, ClientOptions, ClientResponse, Protocol};
+pub use tls::{self_signed, self_signed_pem, SelfSigned};
+
+use crate::config::{format_duration, parse_bytes, parse_duration};
+use crate::metrics as m;
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, X_CONTENT_TYPE_OPTIONS};
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, error, info, warn};
+
+const DEFAULT_BIND_ADDR: &str = ":26258";
+/// A stalled TLS handshake must not hold a connection slot (or the shutdown) forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// What we suggest to clients after a timeout: the trouble is usually short-lived.
+const RETRY_AFTER_DEFAULT: Duration = Duration::from_secs(1);
+const H2_STREAM_WINDOW: u32 = 4 << 20;
+const H2_CONNECTION_WINDOW: u32 = 16 << 20;
+const H2_MAX_FRAME: u32 = 256 << 10;
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Listener, TLS and request-limit flags of `cdc-sink start` (the reference's names).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Address to accept changefeed requests on (":port" = all interfaces)
+    #[arg(long = "bindAddr", env = "CDC_SINK_BIND_ADDR", default_value = DEFAULT_BIND_ADDR)]
+    pub bind_addr: String,
+    /// Separate plain-HTTP address for /_/varz, /metrics and a trivial /_/healthz (empty = serve them on bindAddr)
+    #[arg(
+        long = "metricsAddr",
+        env = "CDC_SINK_METRICS_ADDR",
+        default_value = ""
+    )]
+    pub metrics_addr: String,
+    /// PEM certificate chain to serve (requires tlsPrivateKey)
+    #[arg(long = "tlsCertificate", env = "CDC_SINK_TLS_CERTIFICATE")]
+    pub tls_certificate: Option<PathBuf>,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1) of tlsCertificate
+    #[arg(long = "tlsPrivateKey", env = "CDC_SINK_TLS_PRIVATE_KEY")]
+    pub tls_private_key: Option<PathBuf>,
+    /// Serve TLS with a generated self-signed localhost certificate
+    #[arg(
+        long = "tlsSelfSigned",
+        env = "CDC_SINK_TLS_SELF_SIGNED",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub tls_self_signed: bool,
+    /// Processing deadline per changefeed request (Go duration)
+    #[arg(long = "httpResponseTimeout", env = "CDC_SINK_HTTP_RESPONSE_TIMEOUT", default_value = "2m0s", value_parser = parse_duration)]
+    pub http_response_timeout: Duration,
+    /// Largest accepted request body; larger bodies are answered 413
+    #[arg(long = "maxRequestBytes", env = "CDC_SINK_MAX_REQUEST_BYTES", default_value = "256MiB", value_parser = parse_bytes)]
+    pub max_request_bytes: u64,
+    /// Time allowed for in-flight requests to finish at shutdown (Go duration)
+    #[arg(long = "gracePeriod", env = "CDC_SINK_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    pub grace_period: Duration,
+}
+
+impl Default for ServerArgs {
+    /// The flag defaults, without reading the environment.
+    fn default() -> Self {
+        ServerArgs {
+            bind_addr: DEFAULT_BIND_ADDR.to_string(),
+            metrics_addr: String::new(),
+            tls_certificate: None,
+            tls_private_key: None,
+            tls_self_signed: false,
+            http_response_timeout: Duration::from_secs(120),
+            max_request_bytes: 256 << 20,
+            grace_period: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ServerArgs {
+    /// Checks the flags once, before anything starts, with the reference's messages.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        if self.bind_addr.trim().is_empty() {
+            return Err(ServerError::BindAddrUnset);
+        }
+        parse_listen_addr("bindAddr", &self.bind_addr)?;
+        if !self.metrics_addr.trim().is_empty() {
+            parse_listen_addr("metricsAddr", &self.metrics_addr)?;
+        }
+        let cert = non_empty(&self.tls_certificate);
+        let key = non_empty(&self.tls_private_key);
+        if cert.is_some() != key.is_some() {
+            return Err(ServerError::TlsPairing);
+        }
+        if self.tls_self_signed && cert.is_some() {
+            return Err(ServerError::SelfSignedWithCertificate);
+        }
+        if self.http_response_timeout.is_zero() {
+            return Err(ServerError::InvalidFlag {
+                flag: "httpResponseTimeout",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        if self.max_request_bytes == 0 {
+            return Err(ServerError::InvalidFlag {
+                flag: "maxRequestBytes",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An empty path (e.g. from an empty environment variable) means "not set", as in the reference.
+fn non_empty(p: &Option<PathBuf>) -> Option<&Path> {
+    p.as_deref().filter(|p| !p.as_os_str().is_empty())
+}
+
+/// Splits `host:port`; an empty host (":26258") means every interface.
+fn parse_listen_addr(flag: &'static str, addr: &str) -> Result<(Option<String>, u16), ServerError> {
+    let invalid = |reason: &str| ServerError::InvalidFlag {
+        flag,
+        reason: format!("{addr:?}: {reason}"),
+    };
+    let (host, port) = addr
+        .trim()
+        .rsplit_once(':')
+        .ok_or_else(|| invalid("expected host:port or :port"))?;
+    let port: u16 = port.parse().map_err(|_| invalid("invalid port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok(((!host.is_empty()).then(|| host.to_string()), port))
+}
+
+async fn bind_listener(flag: &'static str, addr: &str) -> Result<TcpListener, ServerError> {
+    let (host, port) = parse_listen_addr(flag, addr)?;
+    let bind_err = |e: std::io::Error| ServerError::Bind {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    };
+    match host {
+        Some(host) => TcpListener::bind((host.as_str(), port))
+            .await
+            .map_err(bind_err),
+        // All interfaces: the IPv6 wildcard is dual-stack on Linux; hosts without IPv6 fall
+        // back to IPv4 only.
+        None => match TcpListener::bind(("::", port)).await {
+            Ok(l) => Ok(l),
+            Err(_) => TcpListener::bind(("0.0.0.0", port)).await.map_err(bind_err),
+        },
+    }
+}
+
+/// Everything that can stop the server from starting. Display is one line, without causes.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("bindAddr unset")]
+    BindAddrUnset,
+    #[error("either both of tlsCertificate and tlsPrivateKey must be set, or none")]
+    TlsPairing,
+    #[error("self-signed certificate requested, but also specified a TLS certificate")]
+    SelfSignedWithCertificate,
+    #[error("invalid --{flag}: {reason}")]
+    InvalidFlag { flag: &'static str, reason: String },
+    #[error("could not read {path}: {reason}")]
+    TlsFile { path: String, reason: String },
+    #[error("could not generate a self-signed certificate: {0}")]
+    SelfSigned(String),
+    #[error("invalid TLS configuration: {0}")]
+    Tls(String),
+    #[error("could not listen on {addr}: {reason}")]
+    Bind { addr: String, reason: String },
+}
+
+/// One changefeed request, body fully read (within `--maxRequestBytes`).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: Method,
+    /// The path as received, still percent-encoded.
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// The handler's answer; sent as one line of `text/plain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: StatusCode,
+    pub body: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl Response {
+    /// 200 `OK`.
+    pub fn ok() -> Response {
+        Response::text(StatusCode::OK, "OK")
+    }
+
+    pub fn text(status: StatusCode, body: impl Into<String>) -> Response {
+        Response {
+            status,
+            body: body.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Adds a `Retry-After` header (whole seconds, rounded up).
+    pub fn with_retry_after(mut self, after: Duration) -> Response {
+        self.retry_after = Some(after);
+        self
+    }
+}
+
+/// What the server calls for the requests it does not answer itself.
+pub trait Handler: Send + Sync + 'static {
+    fn changefeed(&self, req: Request) -> BoxFuture<'static, Response>;
+    /// Pings staging and target; Err(one-line reason) on failure.
+    fn health(&self) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// Listeners bound and TLS built, not yet serving: the caller learns the ports (port 0 in
+/// tests) before traffic starts.
+pub struct Bound {
+    main: TcpListener,
+    main_addr: SocketAddr,
+    metrics: Option<(TcpListener, SocketAddr)>,
+    tls: Option<TlsAcceptor>,
+    cert_pem: Option<String>,
+    args: ServerArgs,
+}
+
+/// Validates the flags, builds TLS and binds the main (and metrics) listeners.
+pub async fn bind(args: &ServerArgs) -> Result<Bound, ServerError> {
+    args.validate()?;
+    // Register the recorder so the http_* metrics recorded below are kept.
+    crate::metrics::install();
+    let (tls, cert_pem) = match (
+        non_empty(&args.tls_certificate),
+        non_empty(&args.tls_private_key),
+    ) {
+        (Some(cert), Some(key)) => {
+            let (certs, pem) = tls::load_certs(cert)?;
+            let key = tls::load_key(key)?;
+            (Some(tls::server_config(certs, key)?), Some(pem))
+        }
+        _ if args.tls_self_signed => {
+            let s = tls::self_signed_pem()?;
+            (Some(tls::server_config(s.certs, s.key)?), Some(s.cert_pem))
+        }
+        _ => (None, None),
+    };
+    let main = bind_listener("bindAddr", &args.bind_addr).await?;
+    let main_addr = local_addr(&main, &args.bind_addr)?;
+    let metrics = if args.metrics_addr.trim().is_empty() {
+        None
+    } else {
+        let l = bind_listener("metricsAddr", &args.metrics_addr).await?;
+        let a = local_addr(&l, &args.metrics_addr)?;
+        Some((l, a))
+    };
+    Ok(Bound {
+        main,
+        main_addr,
+        metrics,
+        tls: tls.map(TlsAcceptor::from),
+        cert_pem,
+        args: args.clone(),
+    })
+}
+
+fn local_addr(l: &TcpListener, addr: &str) -> Result<SocketAddr, ServerError> {
+    l.local_addr().map_err(|e| ServerError::Bind {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.main_addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, a)| *a)
+    }
+
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// PEM of the served certificate chain (generated or loaded), for clients to trust.
+    pub fn certificate_pem(&self) -> Option<&str> {
+        self.cert_pem.as_deref()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
+    /// within `--gracePeriod` and returns.
+    pub async fn serve(
+        self,
+        handler: Arc<dyn Handler>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let Bound {
+            main,
+            main_addr,
+            metrics,
+            tls,
+            args,
+            ..
+        } = self;
+        let grace = args.grace_period;
+        // The shutdown deadline, once known, reaches every accept loop.
+        let (stop_tx, stop_rx) = watch::channel::<Option<Instant>>(None);
+        // Tells detached handler tasks to give up when the grace period is over.
+        let (abort_tx, abort_rx) = watch::channel(false);
+        // Each detached handler task holds a sender; recv() returns None once all are done.
+        let (inflight_tx, mut inflight_rx) = mpsc::channel::<()>(1);
+        let state = Arc::new(MainState {
+            handler,
+            diagnostics: metrics.is_none(),
+            response_timeout: args.http_response_timeout,
+            max_request_bytes: args.max_request_bytes,
+            inflight: inflight_tx,
+            abort: abort_rx,
+        });
+
+        info!(addr = %main_addr, tls = tls.is_some(), "listening");
+        let main_loop = accept_loop(main, tls, Routes::Main(state), stop_rx.clone());
+        let metrics_loop = async move {
+            if let Some((listener, addr)) = metrics {
+                info!(addr = %addr, "metrics listening");
+                accept_loop(listener, None, Routes::Metrics, stop_rx).await;
+            }
+        };
+        let trigger = async move {
+            shutdown.await;
+            info!(grace_period = %format_duration(grace), "shutting down");
+            let _ = stop_tx.send(Some(Instant::now() + grace));
+        };
+        let (_, deadline, _) = tokio::join!(trigger, main_loop, metrics_loop);
+
+        // Connections are closed; wait for handler work whose client already left.
+        if timeout_at(deadline, inflight_rx.recv()).await.is_err() {
+            warn!("grace period elapsed, abandoning in-flight changefeed requests");
+            let _ = abort_tx.send(true);
+        }
+        info!("server stopped");
+        Ok(())
+    }
+}
+
+struct MainState {
+    handler: Arc<dyn Handler>,
+    /// Serve `/_/varz`, `/metrics` and 404 for `/_/…` here (no `--metricsAddr`).
+    diagnostics: bool,
+    response_timeout: Duration,
+    max_request_bytes: u64,
+    inflight: mpsc::Sender<()>,
+    abort: watch::Receiver<bool>,
+}
+
+#[derive(Clone)]
+enum Routes {
+    Main(Arc<MainState>),
+    Metrics,
+}
+
+type HttpResponse = hyper::Response<Full<Bytes>>;
+
+/// Accepts until the stop deadline arrives, then drains connections gracefully until that
+/// deadline and aborts what is left. Returns the deadline.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    routes: Routes,
+    mut stop: watch::Receiver<Option<Instant>>,
+) -> Instant {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Changefeed bodies reach megabytes; hyper's 1 MiB default windows would throttle several
+    // of them sharing one HTTP/2 connection.
+    builder
+        .http2()
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_frame_size(H2_MAX_FRAME);
+    let graceful = GracefulShutdown::new();
+    let mut conns = JoinSet::new();
+    let deadline = loop {
+        tokio::select! {
+            // Copy the deadline out at once: the watch guard must not live in this future.
+            stopped = async { stop.wait_for(Option::is_some).await.ok().and_then(|d| *d) } => {
+                // None means the sender is gone without a deadline: stop now.
+                break stopped.unwrap_or_else(Instant::now);
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    // Subscribe before spawning so a shutdown signalled during the TLS
+                    // handshake still reaches this connection.
+                    let watcher = graceful.watcher();
+                    conns.spawn(serve_connection(
+                        stream, peer, tls.clone(), routes.clone(), builder.clone(), watcher,
+                    ));
+                }
+                Err(e) => {
+                    // Typically EMFILE; back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    };
+    drop(listener);
+    if timeout_at(deadline, graceful.shutdown()).await.is_err() {
+        warn!(
+            connections = conns.len(),
+            "grace period elapsed, closing connections"
+        );
+    }
+    conns.shutdown().await;
+    deadline
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    routes: Routes,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+) {
+    // Small responses must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |req| {
+        let routes = routes.clone();
+        async move { Ok::<_, Infallible>(route(routes, req).await) }
+    });
+    let result = match tls {
+        Some(acceptor) => match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => {
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                watcher.watch(conn.into_owned()).await
+            }
+            Ok(Err(e)) => {
+                debug!(peer = %peer, error = %e, "tls handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!(peer = %peer, "tls handshake timed out");
+                return;
+            }
+        },
+        None => {
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            watcher.watch(conn.into_owned()).await
+        }
+    };
+    if let Err(e) = result {
+        debug!(peer = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+async fn route(routes: Routes, req: hyper::Request<Incoming>) -> HttpResponse {
+    let path = req.uri().path();
+    let metrics_path = path == "/_/varz" || path == "/metrics";
+    let health_path = path == "/_/healthz";
+    let reserved = path.starts_with("/_/");
+    match routes {
+        Routes::Metrics if metrics_path => metrics_response(),
+        Routes::Metrics if health_path => text_response(&Response::ok()),
+        Routes::Metrics => not_found(),
+        Routes::Main(state) if health_path => health(&state).await,
+        Routes::Main(state) if state.diagnostics && metrics_path => metrics_response(),
+        Routes::Main(state) if state.diagnostics && reserved => not_found(),
+        Routes::Main(state) => changefeed(state, req).await,
+    }
+}
+
+async fn health(state: &MainState) -> HttpResponse {
+    let resp = match timeout(state.response_timeout, state.handler.health()).await {
+        Ok(Ok(())) => Response::ok(),
+        Ok(Err(reason)) => Response::text(StatusCode::SERVICE_UNAVAILABLE, reason)
+            .with_retry_after(RETRY_AFTER_DEFAULT),
+        Err(_) => Response::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "health check timed out after {}",
+                format_duration(state.response_timeout)
+            ),
+        )
+        .with_retry_after(RETRY_AFTER_DEFAULT),
+    };
+    text_response(&resp)
+}
+
+async fn changefeed(state: Arc<MainState>, req: hyper::Request<Incoming>) -> HttpResponse {
+    let start = std::time::Instant::now();
+    // The deadline covers reading the body too, so a trickling client cannot hold a request
+    // open past it.
+    let deadline = Instant::now() + state.response_timeout;
+    let (parts, body) = req.into_parts();
+    let body = match timeout_at(deadline, read_body(body, state.max_request_bytes)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(resp)) => return finish(start, resp),
+        Err(_) => return finish(start, timed_out(state.response_timeout)),
+    };
+    metrics::histogram!(m::HTTP_PAYLOAD_IN).record(body.len() as f64);
+    let request = Request {
+        method: parts.method,
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().map(str::to_string),
+        headers: parts.headers,
+        body,
+    };
+    let work = state.handler.changefeed(request);
+    let inflight = state.inflight.clone();
+    let mut abort = state.abort.clone();
+    let limit = state.response_timeout;
+    // Detached: dropping this request future (client gone) leaves the task running.
+    let task = tokio::spawn(async move {
+        let _inflight = inflight;
+        let resp = tokio::select! {
+            r = timeout_at(deadline, work) => r.unwrap_or_else(|_| timed_out(limit)),
+            _ = abort.wait_for(|a| *a) => Response::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server shutting down",
+            )
+            .with_retry_after(RETRY_AFTER_DEFAULT),
+        };
+        finish(start, resp)
+    });
+    match task.await {
+        Ok(resp) => resp,
+        Err(e) => {
+            error!(error = %e, "changefeed handler failed");
+            finish(
+                start,
+                Response::text(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+            )
+        }
+    }
+}
+
+fn timed_out(limit: Duration) -> Response {
+    Response::text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("request timed out after {}", format_duration(limit)),
+    )
+    .with_retry_after(RETRY_AFTER_DEFAULT)
+}
+
+/// Records the changefeed metrics and renders the response.
+fn finish(start: std::time::Instant, resp: Response) -> HttpResponse {
+    metrics::counter!(m::HTTP_STATUS_CODES, m::LABEL_CODE => resp.status.as_str().to_string())
+        .increment(1);
+    metrics::histogram!(m::HTTP_LATENCY).record(start.elapsed().as_secs_f64());
+    text_response(&resp)
+}
+
+/// Reads the whole body, refusing (413) as soon as it exceeds `limit` bytes: the rest is never
+/// read.
+async fn read_body(mut body: Incoming, limit: u64) -> Result<Bytes, Response> {
+    let too_large = || {
+        Response::text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {limit} bytes (--maxRequestBytes)"),
+        )
+    };
+    // A declared Content-Length over the limit is refused without reading anything.
+    if body.size_hint().lower() > limit {
+        return Err(too_large());
+    }
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            Response::text(
+                StatusCode::BAD_REQUEST,
+                format!("could not read request body: {e}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len() as u64;
+            if total > limit {
+                return Err(too_large());
+            }
+            if !data.is_empty() {
+                chunks.push(data);
+            }
+        }
+    }
+    // One frame (the common case for small bodies) is passed on without copying.
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut buf = BytesMut::with_capacity(total as usize);
+            for c in chunks {
+                buf.extend_from_slice(&c);
+            }
+            buf.freeze()
+        }
+    })
+}
+
+fn not_found() -> HttpResponse {
+    text_response(&Response::text(StatusCode::NOT_FOUND, "404 page not found"))
+}
+
+fn metrics_response() -> HttpResponse {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(crate::metrics::render())));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_TEXT));
+    r.headers_mut()
+        .insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    r
+}
+
+/// One line of text: inner line breaks become spaces, and it ends with `\n`.
+fn text_response(resp: &Response) -> HttpResponse {
+    let mut line = resp.body.trim_end().replace(['\r', '\n'], " ");
+    line.push('\n');
+    let mut r = hyper::Response::new(Full::new(Bytes::from(line)));
+    *r.status_mut() = resp.status;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_PLAIN));
+    h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    if let Some(after) = resp.retry_after {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        h.insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ServerArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cdc-sink").chain(args.iter().copied()))
+            .map(|c| c.server)
+    }
+
+    /// Callers spawn `serve`, so its future must be `Send` (checked at compile time).
+    #[allow(dead_code)]
+    fn serve_future_is_send(bound: Bound, handler: Arc<dyn Handler>) {
+        fn assert_send<T: Send>(_: &T) {}
+        assert_send(&bound.serve(handler, async {}));
+    }
+
+    #[test]
+    fn defaults_match_the_reference() {
+        let a = parse(&[]).expect("parse");
+        let d = ServerArgs::default();
+        assert_eq!(a.bind_addr, ":26258");
+        assert_eq!(a.metrics_addr, "");
+        assert!(!a.tls_self_signed);
+        assert_eq!(a.http_response_timeout, Duration::from_secs(120));
+        assert_eq!(a.max_request_bytes, 256 << 20);
+        assert_eq!(a.grace_period, Duration::from_secs(30));
+        assert_eq!(
+            (
+                a.bind_addr,
+                a.http_response_timeout,
+                a.max_request_bytes,
+                a.grace_period
+            ),
+            (
+                d.bind_addr,
+                d.http_response_timeout,
+                d.max_request_bytes,
+                d.grace_period
+            )
+        );
+    }
+
+    #[test]
+    fn camel_case_flags_parse() {
+        let a = parse(&[
+            "--bindAddr",
+            "127.0.0.1:1",
+            "--metricsAddr=:2",
+            "--tlsSelfSigned",
+            "--httpResponseTimeout",
+            "1m30s",
+            "--maxRequestBytes",
+            "1MiB",
+            "--gracePeriod=5s",
+        ])
+        .expect("parse");
+        assert_eq!(a.bind_addr, "127.0.0.1:1");
+        assert_eq!(a.metrics_addr, ":2");
+        assert!(a.tls_self_signed);
+        assert_eq!(a.http_response_timeout, Duration::from_secs(90));
+        assert_eq!(a.max_request_bytes, 1 << 20);
+        assert_eq!(a.grace_period, Duration::from_secs(5));
+        assert!(
+            !parse(&["--tlsSelfSigned=false"])
+                .expect("parse")
+                .tls_self_signed
+        );
+        assert!(
+            parse(&["--tlsSelfSigned=true"])
+                .expect("parse")
+                .tls_self_signed
+        );
+        assert!(parse(&["--httpResponseTimeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn validate_reports_the_reference_messages() {
+        let ok = ServerArgs::default();
+        ok.validate().expect("defaults are valid");
+        let e = |a: ServerArgs| a.validate().expect_err("invalid").to_string();
+        assert_eq!(
+            e(ServerArgs {
+                bind_addr: String::new(),
+                ..ServerArgs::default()
+            }),
+            "bindAddr unset"
+        );
+        assert_eq!(
+            e(ServerArgs {
+                tls_certificate: Some("c.pem".into()),
+                ..ServerArgs::default()
+            }),
+            "either both of tlsCertificate and tlsPrivateKey must be set, or none"
+        );
+        assert_eq!(
+            e(ServerArgs {
+                tls_private_key: Some("k.pem".into()),
+                ..ServerArgs::default()
+            }),
+            "either both of tlsCertificate and tlsPrivateKey must be set, or none"
+        );
+        assert_eq!(
+            e(ServerArgs {
+                tls_certificate: Some("c.pem".into()),
+                tls_private_key: Some("k.pem".into()),
+                tls_self_signed: true,
+                ..ServerArgs::default()
+            }),
+            "self-signed certificate requested, but also specified a TLS certificate"
+        );
+        // Empty paths (an empty environment variable) count as unset.
+        ServerArgs {
+            tls_certificate: Some(PathBuf::new()),
+            tls_self_signed: true,
+            ..ServerArgs::default()
+        }
+        .validate()
+        .expect("empty path is unset");
+        assert!(e(ServerArgs {
+            bind_addr: "nonsense".into(),
+            ..ServerArgs::default()
+        })
+        .contains("bindAddr"));
+        assert!(e(ServerArgs {
+            max_request_bytes: 0,
+            ..ServerArgs::default()
+        })
+        .contains("maxRequestBytes"));
+    }
+
+    #[test]
+    fn listen_addresses_split_host_and_port() {
+        assert_eq!(parse_listen_addr("x", ":26258").unwrap(), (None, 26258));
+        assert_eq!(
+            parse_listen_addr("x", "127.0.0.1:0").unwrap(),
+            (Some("127.0.0.1".into()), 0)
+        );
+        assert_eq!(
+            parse_listen_addr("x", "[::1]:80").unwrap(),
+            (Some("::1".into()), 80)
+        );
+        assert!(parse_listen_addr("x", "host:port").is_err());
+        assert!(parse_listen_addr("x", "99999").is_err());
+    }
+
+    #[test]
+    fn text_responses_are_one_line_with_the_standard_headers() {
+        let r = text_response(
+            &Response::text(StatusCode::SERVICE_UNAVAILABLE, "a\nb\r\n")
+                .with_retry_after(Duration::from_millis(1500)),
+        );
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[CONTENT_TYPE], TEXT_PLAIN);
+        assert_eq!(r.headers()[X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert_eq!(r.headers()[RETRY_AFTER], "2");
+        let body = futures::executor::block_on(r.into_body().collect())
+            .expect("full body")
+            .to_bytes();
+        assert_eq!(&body[..], b"a b\n");
+    }
+}

@@ -5,3 +5,4 @@ mod support;
 mod crash;
 mod harness;
 mod pipeline;
+mod server;

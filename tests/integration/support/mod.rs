@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+
 use cdc_sink::cluster::Cluster;
 use sqlx::PgPool;
 use std::future::Future;
