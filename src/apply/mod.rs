@@ -1,1 +1,413 @@
-//! TODO
+//! Writing mutations to the target (§5): schema introspection, column mapping and the SQL that
+//! upserts and deletes rows.
+//!
+//! Per table, an [`Applier`] keeps a plan: the upsert and delete statements (one array
+//! parameter per column, `unnest`ed into rows, so any number of rows shares one prepared
+//! statement) and the mapping from payload properties to those arrays. Plans are rebuilt when
+//! the table's columns or its [`TableConfig`] change. Compare-and-set, deadlines, merge and the
+//! DLQ (§6) are not implemented yet.
+
+mod config;
+mod mapping;
+mod schema;
+pub mod sql;
+pub mod value;
+
+pub use config::{TableConfig, DEFAULT_ROW_LIMIT};
+pub use schema::{dependency_levels, type_name, Column, SchemaInfo, TableSchema};
+
+use crate::hlc::Hlc;
+use crate::ident::{Ident, Schema, Table};
+use crate::metrics::{
+    APPLY_DELETES, APPLY_DURATION, APPLY_ERRORS, APPLY_MUTATION_AGE, APPLY_UPSERTS, LABEL_SCHEMA, LABEL_TABLE,
+};
+use crate::mutation::Mutation;
+use crate::target::{self, Database, Dialect};
+use mapping::{Array, Batch, Plan};
+use sqlx::PgConnection;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// What one [`Applier::apply`] call wrote (rows sent after de-duplication).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub upserts: u64,
+    pub deletes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("schema {schema} is not in the connected database {database}")]
+    WrongDatabase { schema: String, database: String },
+    #[error("cannot read the schema {schema}: {error}")]
+    Introspect { schema: String, error: sqlx::Error },
+    #[error("cyclical FK references involving tables {tables}")]
+    Cycle { tables: String },
+    #[error("table {table} has more than one column named {column} (names are case-insensitive)")]
+    ColumnCollision { table: String, column: String },
+    #[error("table {0} not found in the target schema")]
+    UnknownTable(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("{what} not implemented yet (configured for {table})")]
+    Unsupported { what: &'static str, table: String },
+    #[error("schema drift detected in {table} at payload object offset {offset}: {detail}")]
+    Drift {
+        table: String,
+        offset: usize,
+        detail: String,
+    },
+    #[error(
+        "schema drift detected in {table}: inconsistent number of key columns: \
+         received {received} expect {expected}: key {key}@{time}"
+    )]
+    KeyLength {
+        table: String,
+        received: usize,
+        expected: usize,
+        key: String,
+        time: Hlc,
+    },
+    #[error("invalid payload for {table}: {detail}")]
+    Payload { table: String, detail: String },
+    #[error("cannot write to {table}: {error}")]
+    Write { table: String, error: sqlx::Error },
+    #[error("the schema of {table} changed while applying; retry the transaction")]
+    SchemaChanged { table: String },
+}
+
+impl ApplyError {
+    fn database_error(&self) -> Option<&sqlx::Error> {
+        match self {
+            ApplyError::Introspect { error, .. } | ApplyError::Write { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
+    /// The target database is unreachable or overloaded (HTTP 503, try later).
+    pub fn is_unavailable(&self) -> bool {
+        self.database_error().is_some_and(target::is_unavailable)
+    }
+
+    /// Running the same work again may succeed: serialization failures, dropped connections,
+    /// a schema reload that needs a fresh transaction.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ApplyError::SchemaChanged { .. })
+            || self
+                .database_error()
+                .is_some_and(|e| target::is_retryable_sqlstate(&target::sqlstate(e)))
+    }
+
+    /// The SQLSTATE of a database error (e.g. `23503` for a deferrable FK violation).
+    pub fn sqlstate(&self) -> Option<String> {
+        self.database_error().map(target::sqlstate)
+    }
+}
+
+/// SQLSTATEs meaning our idea of the table is out of date: undefined column, table or type,
+/// a changed column type, a changed primary key.
+fn is_schema_change(e: &sqlx::Error) -> bool {
+    matches!(
+        target::sqlstate(e).as_str(),
+        "42703" | "42P01" | "42704" | "42804" | "42P10"
+    )
+}
+
+struct Cached {
+    info: Arc<SchemaInfo>,
+    loaded: Instant,
+    /// One caller reloads a stale schema; the others keep using the old one meanwhile.
+    reloading: bool,
+}
+
+enum Lookup {
+    Fresh(Arc<SchemaInfo>),
+    /// Stale, and this caller now owns the reload.
+    Reload(Arc<SchemaInfo>),
+    Missing,
+}
+
+struct Inner {
+    target: Database,
+    refresh: Duration,
+    schemas: Mutex<HashMap<Schema, Cached>>,
+    configs: RwLock<HashMap<Table, Arc<TableConfig>>>,
+    plans: Mutex<HashMap<Table, Arc<Plan>>>,
+    default_config: Arc<TableConfig>,
+}
+
+/// Writes mutations to target tables. Cheap to clone; all clones share caches.
+#[derive(Clone)]
+pub struct Applier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Applier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applier")
+            .field("dialect", &self.inner.target.dialect)
+            .field("database", &self.inner.target.database)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Applier {
+    /// `refresh` is how long a loaded schema is trusted (`--schemaRefresh`).
+    pub fn new(target: Database, refresh: Duration) -> Self {
+        Applier {
+            inner: Arc::new(Inner {
+                target,
+                refresh,
+                schemas: Mutex::new(HashMap::new()),
+                configs: RwLock::new(HashMap::new()),
+                plans: Mutex::new(HashMap::new()),
+                default_config: Arc::new(TableConfig::default()),
+            }),
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.inner.target.dialect
+    }
+
+    /// Replaces the options of `table`; the next apply rebuilds its SQL.
+    pub fn set_config(&self, table: &Table, cfg: TableConfig) {
+        self.inner
+            .configs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(table.clone(), Arc::new(cfg));
+    }
+
+    fn config(&self, table: &Table) -> Arc<TableConfig> {
+        self.inner
+            .configs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(table)
+            .cloned()
+            .unwrap_or_else(|| self.inner.default_config.clone())
+    }
+
+    /// The schema, from cache while younger than the refresh interval.
+    pub async fn schema(&self, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
+        self.current(None, schema).await
+    }
+
+    /// Reloads the schema now.
+    pub async fn refresh(&self, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
+        self.check_database(schema)?;
+        self.load(None, schema).await
+    }
+
+    /// PostgreSQL resolves names only inside the connected database.
+    fn check_database(&self, schema: &Schema) -> Result<(), ApplyError> {
+        let t = &self.inner.target;
+        if t.dialect == Dialect::Postgres && schema.db != Ident::new(t.database.as_str()) {
+            return Err(ApplyError::WrongDatabase {
+                schema: schema.to_string(),
+                database: t.database.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, schema: &Schema) -> Lookup {
+        let mut schemas = self.inner.schemas.lock().unwrap_or_else(PoisonError::into_inner);
+        match schemas.get_mut(schema) {
+            None => Lookup::Missing,
+            Some(c) if c.loaded.elapsed() < self.inner.refresh || c.reloading => Lookup::Fresh(c.info.clone()),
+            Some(c) => {
+                c.reloading = true;
+                Lookup::Reload(c.info.clone())
+            }
+        }
+    }
+
+    /// The cached schema, reloaded through `conn` (or the pool) when stale. Reload errors after
+    /// the first load are only logged: the previous schema stays in use.
+    async fn current(&self, conn: Option<&mut PgConnection>, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
+        self.check_database(schema)?;
+        match self.lookup(schema) {
+            Lookup::Fresh(info) => Ok(info),
+            Lookup::Missing => self.load(conn, schema).await,
+            Lookup::Reload(old) => match self.load(conn, schema).await {
+                Ok(info) => Ok(info),
+                Err(e) => {
+                    tracing::warn!(schema = %schema, error = %e, "schema refresh failed; keeping the previous schema");
+                    Ok(old)
+                }
+            },
+        }
+    }
+
+    async fn load(&self, conn: Option<&mut PgConnection>, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
+        let dialect = self.inner.target.dialect;
+        let loaded = match conn {
+            Some(c) => schema::load(c, dialect, schema).await,
+            None => match self.inner.target.pool.acquire().await {
+                Ok(mut c) => schema::load(&mut c, dialect, schema).await,
+                Err(error) => Err(ApplyError::Introspect {
+                    schema: schema.to_string(),
+                    error,
+                }),
+            },
+        };
+        let mut schemas = self.inner.schemas.lock().unwrap_or_else(PoisonError::into_inner);
+        match loaded {
+            Ok(info) => {
+                let info = match schemas.get(schema) {
+                    Some(old) => info.reuse(&old.info),
+                    None => info,
+                };
+                let info = Arc::new(info);
+                tracing::debug!(schema = %schema, tables = info.tables.len(), "loaded target schema");
+                schemas.insert(
+                    schema.clone(),
+                    Cached {
+                        info: info.clone(),
+                        loaded: Instant::now(),
+                        reloading: false,
+                    },
+                );
+                Ok(info)
+            }
+            Err(e) => {
+                // Try again after another interval rather than on every call.
+                if let Some(c) = schemas.get_mut(schema) {
+                    c.reloading = false;
+                    c.loaded = Instant::now();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The plan of `table`, rebuilt when its columns or configuration changed.
+    async fn plan(&self, conn: &mut PgConnection, table: &Table) -> Result<Arc<Plan>, ApplyError> {
+        let info = self.current(Some(&mut *conn), &table.schema).await?;
+        let ts = match info.table(table) {
+            Some(ts) => ts.clone(),
+            // Perhaps created since the last load.
+            None => self
+                .load(Some(conn), &table.schema)
+                .await?
+                .table(table)
+                .cloned()
+                .ok_or_else(|| ApplyError::UnknownTable(table.to_string()))?,
+        };
+        let cfg = self.config(table);
+        let mut plans = self.inner.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = plans.get(table) {
+            if Arc::ptr_eq(&p.schema, &ts) && Arc::ptr_eq(&p.config, &cfg) {
+                return Ok(p.clone());
+            }
+        }
+        let plan = Arc::new(Plan::new(self.inner.target.dialect, ts, cfg)?);
+        plans.insert(table.clone(), plan.clone());
+        Ok(plan)
+    }
+
+    /// Writes one table's mutations through `conn` (inside the caller's transaction when it has
+    /// one): last version per key wins, deletes first, then upserts, at most `row_limit` rows
+    /// per statement. The whole batch is validated before anything is written.
+    pub async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        muts: &[Mutation],
+    ) -> Result<ApplyStats, ApplyError> {
+        if muts.is_empty() {
+            return Ok(ApplyStats::default());
+        }
+        let start = Instant::now();
+        let result = self.apply_once_or_twice(conn, table, muts).await;
+        let labels = [
+            (LABEL_SCHEMA, table.schema.canonical()),
+            (LABEL_TABLE, table.name.canonical()),
+        ];
+        match &result {
+            Ok((stats, times)) => {
+                metrics::counter!(APPLY_UPSERTS, &labels).increment(stats.upserts);
+                metrics::counter!(APPLY_DELETES, &labels).increment(stats.deletes);
+                metrics::histogram!(APPLY_DURATION, &labels).record(start.elapsed().as_secs_f64());
+                let now = Hlc::from_system_time(SystemTime::now()).seconds();
+                let age = metrics::histogram!(APPLY_MUTATION_AGE, &labels);
+                for t in times {
+                    age.record((now - t.seconds()).max(0.0));
+                }
+                tracing::debug!(table = %table, upserts = stats.upserts, deletes = stats.deletes,
+                    elapsed_ms = start.elapsed().as_millis() as u64, "applied batch");
+            }
+            Err(e) => {
+                metrics::counter!(APPLY_ERRORS, &labels).increment(1);
+                tracing::debug!(table = %table, error = %e, "apply failed");
+            }
+        }
+        result.map(|(stats, _)| stats)
+    }
+
+    /// Runs the batch; when the target says our schema is out of date, reloads it and runs the
+    /// batch once more with rebuilt SQL.
+    async fn apply_once_or_twice(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        muts: &[Mutation],
+    ) -> Result<(ApplyStats, Vec<Hlc>), ApplyError> {
+        let plan = self.plan(conn, table).await?;
+        let batch = plan.prepare(muts)?;
+        let error = match execute(conn, &plan, &batch).await {
+            Ok(()) => return Ok((batch.stats, batch.times)),
+            Err(e) if is_schema_change(&e) => e,
+            Err(error) => {
+                return Err(ApplyError::Write {
+                    table: table.to_string(),
+                    error,
+                })
+            }
+        };
+        tracing::info!(table = %table, code = %target::sqlstate(&error), "target schema changed; reloading");
+        // The pool, not `conn`: a failed statement has aborted the caller's transaction.
+        self.refresh(&table.schema).await?;
+        let replanned = self.plan(conn, table).await?;
+        if Arc::ptr_eq(&replanned, &plan) {
+            return Err(ApplyError::Write {
+                table: table.to_string(),
+                error,
+            });
+        }
+        let batch = replanned.prepare(muts)?;
+        match execute(conn, &replanned, &batch).await {
+            Ok(()) => Ok((batch.stats, batch.times)),
+            Err(e) if target::sqlstate(&e) == "25P02" => Err(ApplyError::SchemaChanged {
+                table: table.to_string(),
+            }),
+            Err(error) => Err(ApplyError::Write {
+                table: table.to_string(),
+                error,
+            }),
+        }
+    }
+}
+
+/// Sends the batch's statements: deletes, then upserts.
+async fn execute(conn: &mut PgConnection, plan: &Plan, batch: &Batch) -> Result<(), sqlx::Error> {
+    let statements = batch
+        .deletes
+        .iter()
+        .map(|c| (plan.delete_sql.as_str(), c))
+        .chain(batch.upserts.iter().map(|c| (plan.upsert_sql.as_str(), c)));
+    for (sql, chunk) in statements {
+        let mut q = sqlx::query(sql);
+        for a in &chunk.arrays {
+            q = match a {
+                Array::Text(v) => q.bind(v.as_slice()),
+                Array::Bool(v) => q.bind(v.as_slice()),
+            };
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}

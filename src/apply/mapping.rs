@@ -1,0 +1,618 @@
+//! Payload properties → column parameter arrays (§5.2, §5.3): one plan per table shape and
+//! configuration, turning a batch of mutations into statement-sized chunks.
+
+use super::config::TableConfig;
+use super::schema::TableSchema;
+use super::sql::{self, ColumnSql, Param};
+use super::value::{to_param, Kind};
+use super::{ApplyError, ApplyStats};
+use crate::hlc::Hlc;
+use crate::ident::Ident;
+use crate::mutation::{last_version_per_key, Mutation};
+use crate::target::Dialect;
+use serde_json::value::RawValue;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// What becomes of a payload property, by lower-cased name.
+#[derive(Clone, Copy, Debug)]
+enum Prop {
+    /// Fills the upsert slot with this index.
+    Slot(usize),
+    /// Generated or ignored: silently dropped.
+    Drop,
+}
+
+/// One written column of an upsert.
+#[derive(Debug)]
+struct Slot {
+    name: Ident,
+    kind: Kind,
+    /// Index of the value parameter.
+    value: Option<usize>,
+    /// Index of the presence-flag parameter (columns with a DEFAULT).
+    flag: Option<usize>,
+    /// PK columns must be present in every upsert.
+    required: bool,
+}
+
+/// One PK column of a delete.
+#[derive(Debug)]
+struct KeySlot {
+    kind: Kind,
+    value: Option<usize>,
+}
+
+/// One statement's worth of parameter arrays, in parameter order.
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    pub arrays: Vec<Array>,
+    pub rows: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Array {
+    Text(Vec<Option<String>>),
+    Bool(Vec<bool>),
+}
+
+/// A whole `apply` call, converted and validated before anything is written.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub deletes: Vec<Chunk>,
+    pub upserts: Vec<Chunk>,
+    pub stats: ApplyStats,
+    /// Times of the surviving mutations, for the age metric.
+    pub times: Vec<Hlc>,
+}
+
+/// The SQL and column mapping of one table under one configuration.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub schema: Arc<TableSchema>,
+    pub config: Arc<TableConfig>,
+    pub upsert_sql: String,
+    pub delete_sql: String,
+    upsert_params: Vec<Param>,
+    delete_params: Vec<Param>,
+    props: HashMap<String, Prop>,
+    slots: Vec<Slot>,
+    keys: Vec<KeySlot>,
+    extras: Option<usize>,
+    row_limit: usize,
+}
+
+fn missing(what: &str, name: &Ident, schema: &TableSchema) -> ApplyError {
+    ApplyError::Config(format!("{what} column name {name} not found in table {}", schema.table))
+}
+
+impl Plan {
+    pub fn new(dialect: Dialect, schema: Arc<TableSchema>, config: Arc<TableConfig>) -> Result<Plan, ApplyError> {
+        for c in &config.cas {
+            schema.column(c).ok_or_else(|| missing("cas", c, &schema))?;
+        }
+        for (c, _) in &config.deadlines {
+            schema.column(c).ok_or_else(|| missing("deadline", c, &schema))?;
+        }
+        for c in config.exprs.keys() {
+            schema.column(c).ok_or_else(|| missing("expression", c, &schema))?;
+        }
+        if let Some(c) = &config.extras {
+            schema.column(c).ok_or_else(|| missing("extras", c, &schema))?;
+        }
+        if !config.cas.is_empty() || !config.deadlines.is_empty() {
+            // Writing unconditionally would silently drop the configured conflict checks.
+            return Err(ApplyError::Unsupported {
+                what: "compare-and-set and deadlines",
+                table: schema.table.to_string(),
+            });
+        }
+
+        let mut props = HashMap::new();
+        let mut slots = Vec::new();
+        let mut cols = Vec::new();
+        let mut upsert_params = Vec::new();
+        let mut extras = None;
+        for c in &schema.columns {
+            if c.ignored || config.ignore.contains(&c.name) {
+                props.insert(c.name.canonical(), Prop::Drop);
+                continue;
+            }
+            let expr = config.exprs.get(&c.name).cloned();
+            let value = expr.as_ref().is_none_or(|e| e.contains("$0")).then(|| {
+                upsert_params.push(Param::Text);
+                upsert_params.len() - 1
+            });
+            let flag = match (&c.default, c.primary) {
+                (Some(_), false) => {
+                    upsert_params.push(Param::Bool);
+                    Some(upsert_params.len() - 1)
+                }
+                _ => None,
+            };
+            let index = slots.len();
+            if config.extras.as_ref() == Some(&c.name) {
+                extras = Some(index);
+            } else {
+                props.insert(c.name.canonical(), Prop::Slot(index));
+            }
+            slots.push(Slot {
+                name: c.name.clone(),
+                kind: Kind::of(&c.data_type),
+                value,
+                flag,
+                required: c.primary,
+            });
+            cols.push(ColumnSql {
+                name: c.name.clone(),
+                data_type: c.data_type.clone(),
+                expr,
+                value: value.map(|p| p + 1),
+                default: flag.zip(c.default.clone()).map(|(p, d)| (p + 1, d)),
+            });
+        }
+        for name in &config.ignore {
+            props.entry(name.canonical()).or_insert(Prop::Drop);
+        }
+
+        let mut keys = Vec::new();
+        let mut key_cols = Vec::new();
+        let mut delete_params = Vec::new();
+        for c in schema.primary_key() {
+            let expr = config.exprs.get(&c.name).cloned();
+            let value = expr.as_ref().is_none_or(|e| e.contains("$0")).then(|| {
+                delete_params.push(Param::Text);
+                delete_params.len() - 1
+            });
+            keys.push(KeySlot {
+                kind: Kind::of(&c.data_type),
+                value,
+            });
+            key_cols.push(ColumnSql {
+                name: c.name.clone(),
+                data_type: c.data_type.clone(),
+                expr,
+                value: value.map(|p| p + 1),
+                default: None,
+            });
+        }
+
+        let pk: Vec<Ident> = schema.primary_key().map(|c| c.name.clone()).collect();
+        Ok(Plan {
+            upsert_sql: sql::upsert(dialect, &schema.table, &pk, &cols, &upsert_params),
+            delete_sql: sql::delete(dialect, &schema.table, &key_cols, &delete_params),
+            row_limit: config.row_limit(),
+            schema,
+            config,
+            upsert_params,
+            delete_params,
+            props,
+            slots,
+            keys,
+            extras,
+        })
+    }
+
+    fn table(&self) -> String {
+        self.schema.table.to_string()
+    }
+
+    /// De-duplicates (last version per key wins), validates and converts a batch.
+    pub fn prepare(&self, muts: &[Mutation]) -> Result<Batch, ApplyError> {
+        let latest = last_version_per_key(muts);
+        let offset = |m: &Mutation| muts.iter().position(|x| std::ptr::eq(x, m)).unwrap_or_default();
+        let mut deletes = Builder::new(&self.delete_params, self.row_limit);
+        let mut upserts = Builder::new(&self.upsert_params, self.row_limit);
+        let mut times = Vec::with_capacity(latest.len());
+        let mut present: Vec<Option<&RawValue>> = Vec::with_capacity(self.slots.len());
+        for m in latest {
+            times.push(m.time);
+            match &m.after {
+                None => self.delete_row(m, &mut deletes)?,
+                Some(after) => self
+                    .upsert_row(after, &mut present, &mut upserts)
+                    .map_err(|e| e.at(self.table(), offset(m)))?,
+            }
+        }
+        let (deletes, d) = deletes.finish();
+        let (upserts, u) = upserts.finish();
+        Ok(Batch {
+            deletes,
+            upserts,
+            stats: ApplyStats {
+                upserts: u as u64,
+                deletes: d as u64,
+            },
+            times,
+        })
+    }
+
+    fn delete_row(&self, m: &Mutation, out: &mut Builder) -> Result<(), ApplyError> {
+        let key: Vec<&RawValue> = serde_json::from_str(&m.key).map_err(|e| ApplyError::Payload {
+            table: self.table(),
+            detail: format!("invalid key: {e}"),
+        })?;
+        if key.len() != self.keys.len() {
+            return Err(ApplyError::KeyLength {
+                table: self.table(),
+                received: key.len(),
+                expected: self.keys.len(),
+                key: m.key.clone(),
+                time: m.time,
+            });
+        }
+        out.row();
+        for (slot, v) in self.keys.iter().zip(key) {
+            if let Some(p) = slot.value {
+                let text = to_param(slot.kind, v).map_err(|e| ApplyError::Payload {
+                    table: self.table(),
+                    detail: format!("invalid key: {e}"),
+                })?;
+                out.text(p, text);
+            }
+        }
+        Ok(())
+    }
+
+    fn upsert_row<'a>(
+        &self,
+        after: &'a str,
+        present: &mut Vec<Option<&'a RawValue>>,
+        out: &mut Builder,
+    ) -> Result<(), RowError> {
+        let obj: HashMap<String, &'a RawValue> =
+            serde_json::from_str(after).map_err(|e| RowError::Json(e.to_string()))?;
+        present.clear();
+        present.resize(self.slots.len(), None);
+        let mut unmapped: BTreeMap<&str, &RawValue> = BTreeMap::new();
+        for (k, v) in &obj {
+            let prop = match self.props.get(k.as_str()) {
+                Some(p) => Some(p),
+                None => self.props.get(&k.to_lowercase()),
+            };
+            match prop {
+                Some(Prop::Slot(i)) => present[*i] = Some(v),
+                Some(Prop::Drop) => {}
+                None => {
+                    unmapped.insert(k, v);
+                }
+            }
+        }
+        if self.extras.is_none() && !unmapped.is_empty() {
+            let names: Vec<&str> = unmapped.keys().copied().collect();
+            return Err(RowError::Drift(format!("unexpected columns: {}", names.join(", "))));
+        }
+        let absent: Vec<&str> = self
+            .slots
+            .iter()
+            .zip(present.iter())
+            .filter(|(s, p)| s.required && p.is_none())
+            .map(|(s, _)| s.name.raw())
+            .collect();
+        if !absent.is_empty() {
+            return Err(RowError::Drift(format!("missing PK columns: {}", absent.join(", "))));
+        }
+        out.row();
+        for (i, slot) in self.slots.iter().enumerate() {
+            let (is_present, text) = if Some(i) == self.extras {
+                if unmapped.is_empty() {
+                    (false, None)
+                } else {
+                    let doc = serde_json::to_string(&unmapped).map_err(|e| RowError::Json(e.to_string()))?;
+                    (true, Some(doc))
+                }
+            } else {
+                match present[i] {
+                    Some(v) if slot.value.is_some() => {
+                        (true, to_param(slot.kind, v).map_err(|e| RowError::Json(e.to_string()))?)
+                    }
+                    Some(_) => (true, None),
+                    None => (false, None),
+                }
+            };
+            if let Some(p) = slot.value {
+                out.text(p, text);
+            }
+            if let Some(p) = slot.flag {
+                out.flag(p, is_present);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A row-level failure, placed in its table and offset by [`RowError::at`].
+enum RowError {
+    Json(String),
+    Drift(String),
+}
+
+impl RowError {
+    fn at(self, table: String, offset: usize) -> ApplyError {
+        match self {
+            RowError::Json(detail) => ApplyError::Payload {
+                table,
+                detail: format!("payload object offset {offset}: {detail}"),
+            },
+            RowError::Drift(detail) => ApplyError::Drift { table, offset, detail },
+        }
+    }
+}
+
+/// Accumulates rows into chunks of at most `limit` rows.
+struct Builder<'p> {
+    params: &'p [Param],
+    limit: usize,
+    done: Vec<Chunk>,
+    current: Option<Chunk>,
+    total: usize,
+}
+
+impl<'p> Builder<'p> {
+    fn new(params: &'p [Param], limit: usize) -> Self {
+        Builder {
+            params,
+            limit,
+            done: Vec::new(),
+            current: None,
+            total: 0,
+        }
+    }
+
+    /// Starts a row, opening a new chunk when the current one is full.
+    fn row(&mut self) {
+        if self.current.as_ref().is_some_and(|c| c.rows >= self.limit) {
+            self.done.extend(self.current.take());
+        }
+        let limit = self.limit;
+        let params = self.params;
+        let chunk = self.current.get_or_insert_with(|| Chunk {
+            arrays: params
+                .iter()
+                .map(|p| match p {
+                    Param::Text => Array::Text(Vec::with_capacity(limit.min(1024))),
+                    Param::Bool => Array::Bool(Vec::with_capacity(limit.min(1024))),
+                })
+                .collect(),
+            rows: 0,
+        });
+        chunk.rows += 1;
+        self.total += 1;
+    }
+
+    fn text(&mut self, param: usize, v: Option<String>) {
+        if let Some(Array::Text(a)) = self.current.as_mut().and_then(|c| c.arrays.get_mut(param)) {
+            a.push(v);
+        }
+    }
+
+    fn flag(&mut self, param: usize, v: bool) {
+        if let Some(Array::Bool(a)) = self.current.as_mut().and_then(|c| c.arrays.get_mut(param)) {
+            a.push(v);
+        }
+    }
+
+    fn finish(mut self) -> (Vec<Chunk>, usize) {
+        self.done.extend(self.current.take());
+        (self.done, self.total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::schema::Column;
+    use crate::ident::{Schema, Table};
+
+    fn column(name: &str, primary: bool, ty: &str, default: Option<&str>, ignored: bool) -> Column {
+        Column {
+            name: Ident::new(name),
+            primary,
+            data_type: ty.into(),
+            default: default.map(String::from),
+            ignored,
+        }
+    }
+
+    fn schema() -> Arc<TableSchema> {
+        Arc::new(TableSchema {
+            table: Table::new(Schema::new("db", "public"), "t"),
+            columns: vec![
+                column("pk0", true, "INT8", None, false),
+                column("Pk1", true, "TEXT", None, false),
+                column("d", false, "INT8", Some("42"), false),
+                column("g", false, "INT8", None, true),
+                column("v", false, "TEXT", None, false),
+                column("x", false, "JSONB", None, false),
+            ],
+        })
+    }
+
+    fn plan(cfg: TableConfig) -> Result<Plan, ApplyError> {
+        Plan::new(Dialect::Postgres, schema(), Arc::new(cfg))
+    }
+
+    fn up(t: i64, key: &str, after: &str) -> Mutation {
+        Mutation {
+            time: Hlc::new(t, 0),
+            key: key.into(),
+            after: Some(after.into()),
+            before: None,
+        }
+    }
+
+    fn del(t: i64, key: &str) -> Mutation {
+        Mutation {
+            time: Hlc::new(t, 0),
+            key: key.into(),
+            after: None,
+            before: None,
+        }
+    }
+
+    fn text(a: &Array) -> Vec<Option<&str>> {
+        match a {
+            Array::Text(v) => v.iter().map(|s| s.as_deref()).collect(),
+            Array::Bool(_) => panic!("not text"),
+        }
+    }
+
+    #[test]
+    fn properties_match_columns_case_insensitively_and_absence_selects_the_default() {
+        let p = plan(TableConfig::default()).unwrap();
+        assert_eq!(
+            p.upsert_sql,
+            r#"INSERT INTO "public"."t" AS x ("pk0", "Pk1", "d", "v", "x") SELECT d.p1::INT8, d.p2::TEXT, CASE WHEN d.p4 THEN d.p3::INT8 ELSE 42 END, d.p5::TEXT, d.p6::JSONB FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BOOL[], $5::TEXT[], $6::TEXT[]) AS d(p1, p2, p3, p4, p5, p6) ON CONFLICT ("pk0", "Pk1") DO UPDATE SET "d" = excluded."d", "v" = excluded."v", "x" = excluded."x""#
+        );
+        let muts = [
+            up(1, r#"[1,"a"]"#, r#"{"PK0":1,"pk1":"a","D":7,"v":"x","G":99,"x":{"b":[1,2e1]}}"#),
+            up(1, r#"[2,"b"]"#, r#"{"pk0":2,"pk1":"b","d":null}"#),
+            up(1, r#"[3,"c"]"#, r#"{"pk0":3,"pk1":"c"}"#),
+        ];
+        let b = p.prepare(&muts).unwrap();
+        assert_eq!(b.upserts.len(), 1);
+        let a = &b.upserts[0].arrays;
+        assert_eq!(text(&a[0]), [Some("1"), Some("2"), Some("3")]);
+        assert_eq!(text(&a[1]), [Some("a"), Some("b"), Some("c")]);
+        assert_eq!(text(&a[2]), [Some("7"), None, None]);
+        assert_eq!(a[3], Array::Bool(vec![true, true, false]));
+        assert_eq!(text(&a[4]), [Some("x"), None, None]);
+        assert_eq!(text(&a[5]), [Some(r#"{"b":[1,2e1]}"#), None, None]);
+        assert_eq!(b.stats, ApplyStats { upserts: 3, deletes: 0 });
+    }
+
+    #[test]
+    fn unexpected_properties_are_schema_drift() {
+        let p = plan(TableConfig::default()).unwrap();
+        let muts = [
+            up(1, "[1,\"a\"]", r#"{"pk0":1,"pk1":"a"}"#),
+            up(1, "[2,\"a\"]", r#"{"pk0":2,"pk1":"a","zz":1,"Aa":2}"#),
+        ];
+        assert_eq!(
+            p.prepare(&muts).unwrap_err().to_string(),
+            "schema drift detected in db.public.t at payload object offset 1: unexpected columns: Aa, zz"
+        );
+    }
+
+    #[test]
+    fn missing_key_columns_are_schema_drift() {
+        let p = plan(TableConfig::default()).unwrap();
+        let muts = [up(1, "[1]", r#"{"pk0":1,"v":"x"}"#)];
+        assert_eq!(
+            p.prepare(&muts).unwrap_err().to_string(),
+            "schema drift detected in db.public.t at payload object offset 0: missing PK columns: Pk1"
+        );
+        // An explicit null counts as present.
+        assert!(p.prepare(&[up(1, "[1]", r#"{"pk0":1,"pk1":null}"#)]).is_ok());
+    }
+
+    #[test]
+    fn delete_keys_must_cover_the_whole_key() {
+        let p = plan(TableConfig::default()).unwrap();
+        let err = p.prepare(&[del(5, "[1]")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "schema drift detected in db.public.t: inconsistent number of key columns: received 1 expect 2: key [1]@5.0000000000"
+        );
+        let b = p.prepare(&[del(5, r#"[1,"a"]"#)]).unwrap();
+        assert_eq!(text(&b.deletes[0].arrays[0]), [Some("1")]);
+        assert_eq!(text(&b.deletes[0].arrays[1]), [Some("a")]);
+    }
+
+    #[test]
+    fn extras_collect_unmapped_properties_sorted() {
+        let p = plan(TableConfig {
+            extras: Some(Ident::new("X")),
+            ..Default::default()
+        })
+        .unwrap();
+        let muts = [
+            up(1, "[1,\"a\"]", r#"{"pk0":1,"pk1":"a","heretofore":"unseen","are":"OK","x":5}"#),
+            up(1, "[2,\"a\"]", r#"{"pk0":2,"pk1":"a"}"#),
+        ];
+        let b = p.prepare(&muts).unwrap();
+        assert_eq!(
+            text(&b.upserts[0].arrays[5]),
+            [Some(r#"{"are":"OK","heretofore":"unseen","x":5}"#), None]
+        );
+    }
+
+    #[test]
+    fn ignored_properties_and_columns_are_dropped() {
+        let p = plan(TableConfig {
+            ignore: ["v", "nosuch"].into_iter().map(Ident::new).collect(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!p.upsert_sql.contains(r#""v""#), "{}", p.upsert_sql);
+        let b = p.prepare(&[up(1, "[1,\"a\"]", r#"{"pk0":1,"pk1":"a","v":"x","NoSuch":1}"#)]).unwrap();
+        assert_eq!(b.upserts[0].arrays.len(), 5);
+    }
+
+    #[test]
+    fn last_version_per_key_wins_and_deletes_come_first() {
+        let p = plan(TableConfig {
+            row_limit: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
+        let muts = [
+            up(3, "[1,\"a\"]", r#"{"pk0":1,"pk1":"a","v":"new"}"#),
+            up(1, "[1,\"a\"]", r#"{"pk0":1,"pk1":"a","v":"old"}"#),
+            up(1, "[2,\"a\"]", r#"{"pk0":2,"pk1":"a"}"#),
+            del(2, "[2,\"a\"]"),
+            up(1, "[3,\"a\"]", r#"{"pk0":3,"pk1":"a"}"#),
+            up(1, "[4,\"a\"]", r#"{"pk0":4,"pk1":"a"}"#),
+        ];
+        let b = p.prepare(&muts).unwrap();
+        assert_eq!(b.stats, ApplyStats { upserts: 3, deletes: 1 });
+        assert_eq!(b.deletes.len(), 1);
+        assert_eq!(b.upserts.iter().map(|c| c.rows).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(text(&b.upserts[0].arrays[4]), [Some("new"), None]);
+    }
+
+    #[test]
+    fn expressions_without_placeholder_take_no_parameter() {
+        let p = plan(TableConfig {
+            exprs: [(Ident::new("v"), "'fixed'".to_string()), (Ident::new("pk0"), "2 * $0".to_string())]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(p.upsert_sql.contains("(2 * (d.p1::INT8))::INT8"), "{}", p.upsert_sql);
+        assert!(p.upsert_sql.contains("('fixed')::TEXT"), "{}", p.upsert_sql);
+        assert_eq!(
+            p.delete_sql,
+            r#"DELETE FROM "public"."t" WHERE ("pk0", "Pk1") IN (SELECT (2 * (d.p1::INT8))::INT8, d.p2::TEXT FROM unnest($1::TEXT[], $2::TEXT[]) AS d(p1, p2))"#
+        );
+        let b = p.prepare(&[up(1, "[1,\"a\"]", r#"{"pk0":1,"pk1":"a","v":"x"}"#)]).unwrap();
+        assert_eq!(b.upserts[0].arrays.len(), 5);
+    }
+
+    #[test]
+    fn configured_columns_must_exist() {
+        let err = plan(TableConfig {
+            extras: Some(Ident::new("nope")),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "extras column name nope not found in table db.public.t");
+        let err = plan(TableConfig {
+            cas: vec![Ident::new("v")],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("not implemented"), "{err}");
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors_not_panics() {
+        let p = plan(TableConfig::default()).unwrap();
+        for after in ["", "[1]", "{", r#"{"pk0":1,"pk1":"a","v":"\ud800"}"#, "42"] {
+            let _ = p.prepare(&[up(1, "[1,\"a\"]", after)]);
+        }
+        assert!(p.prepare(&[del(1, "{}")]).is_err());
+        assert!(p.prepare(&[del(1, "not json")]).is_err());
+    }
+}

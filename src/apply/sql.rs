@@ -1,0 +1,418 @@
+//! Every SQL text the applier sends, for both dialects, in one place.
+//!
+//! Write statements bind one array parameter per column and `unnest` them into rows, so a
+//! statement carries any number of rows and its text (hence its prepared plan) depends only on
+//! the table shape (DESIGN §7).
+
+use super::value::base_type;
+use crate::ident::{Ident, Schema, Table};
+use crate::target::Dialect;
+use std::borrow::Cow;
+use std::fmt::Write;
+
+/// The element type of an array parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Param {
+    /// Values as text, cast in SQL.
+    Text,
+    /// Presence flags selecting a column's DEFAULT.
+    Bool,
+}
+
+/// One target column as a statement writes (or matches) it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnSql {
+    pub name: Ident,
+    pub data_type: String,
+    /// Configured replacement expression (`$0` = the incoming value).
+    pub expr: Option<String>,
+    /// 1-based number of the value parameter, when the column takes one.
+    pub value: Option<usize>,
+    /// 1-based number of the presence-flag parameter and the DEFAULT written when it is false.
+    pub default: Option<(usize, String)>,
+}
+
+/// The table name as each dialect resolves it (PostgreSQL only sees the connected database).
+pub fn table_name(dialect: Dialect, table: &Table) -> String {
+    match dialect {
+        Dialect::Postgres => table.quoted_in_db(),
+        Dialect::Cockroach => table.quoted(),
+    }
+}
+
+/// The type to cast text to. Two short names are SQL keywords that imply a length of one and
+/// would silently truncate on an explicit cast (`'101'::BIT` is `1`), so we cast to the
+/// unbounded relative and let the assignment cast check the length.
+fn cast_type(data_type: &str) -> Cow<'_, str> {
+    let base = base_type(data_type);
+    let (elem, array) = match base.strip_suffix("[]") {
+        Some(e) => (e, "[]"),
+        None => (base, ""),
+    };
+    let collate = &data_type[base.len()..];
+    match elem {
+        "BIT" => Cow::Owned(format!("VARBIT{array}{collate}")),
+        "CHAR" => Cow::Owned(format!("\"char\"{array}{collate}")),
+        _ => Cow::Borrowed(data_type),
+    }
+}
+
+/// The typed value of text expression `src` for a column of `data_type`.
+fn cast(dialect: Dialect, src: &str, data_type: &str) -> String {
+    let base = base_type(data_type);
+    match base {
+        "GEOGRAPHY" => match dialect {
+            Dialect::Cockroach => format!("st_geogfromgeojson({src}::JSONB)"),
+            Dialect::Postgres => format!("st_geomfromgeojson({src}::JSONB)::GEOGRAPHY"),
+        },
+        "GEOMETRY" => format!("st_geomfromgeojson({src}::JSONB)"),
+        // Arrays of user-defined types (enums) need the element text parsed first.
+        _ if base.ends_with("[]") && base.contains('.') => format!("{src}::TEXT[]::{data_type}"),
+        _ => format!("{src}::{}", cast_type(data_type)),
+    }
+}
+
+/// The SELECT-list expression producing a column's value from the unnested row `d`.
+fn value_expr(dialect: Dialect, c: &ColumnSql) -> String {
+    let value = c.value.map(|p| cast(dialect, &format!("d.p{p}"), &c.data_type));
+    let v = match (&c.expr, value) {
+        (Some(e), Some(v)) => format!("({})::{}", e.replace("$0", &format!("({v})")), cast_type(&c.data_type)),
+        (Some(e), None) => format!("({e})::{}", cast_type(&c.data_type)),
+        (None, Some(v)) => v,
+        (None, None) => "NULL".to_string(),
+    };
+    match &c.default {
+        Some((flag, default)) => format!("CASE WHEN d.p{flag} THEN {v} ELSE {default} END"),
+        None => v,
+    }
+}
+
+/// `SELECT <exprs> FROM unnest($1::TEXT[], …) AS d(p1, …)`.
+fn select_unnest(dialect: Dialect, cols: &[ColumnSql], params: &[Param]) -> String {
+    let mut s = String::from("SELECT ");
+    for (i, c) in cols.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push_str(&value_expr(dialect, c));
+    }
+    s.push_str(" FROM unnest(");
+    for (i, p) in params.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        let ty = match p {
+            Param::Text => "TEXT[]",
+            Param::Bool => "BOOL[]",
+        };
+        let _ = write!(s, "${}::{ty}", i + 1);
+    }
+    s.push_str(") AS d(");
+    for i in 1..=params.len() {
+        if i > 1 {
+            s.push_str(", ");
+        }
+        let _ = write!(s, "p{i}");
+    }
+    s.push(')');
+    s
+}
+
+fn name_list<'a>(names: impl IntoIterator<Item = &'a Ident>) -> String {
+    names.into_iter().map(Ident::quoted).collect::<Vec<_>>().join(", ")
+}
+
+/// Inserts or replaces rows. `pk` is the whole primary key (the conflict target); `cols` the
+/// written columns, PK columns first.
+pub fn upsert(dialect: Dialect, table: &Table, pk: &[Ident], cols: &[ColumnSql], params: &[Param]) -> String {
+    let target = table_name(dialect, table);
+    let names = name_list(cols.iter().map(|c| &c.name));
+    let select = select_unnest(dialect, cols, params);
+    match dialect {
+        // UPSERT has exactly the semantics we need (listed columns replaced, others kept) and
+        // is CockroachDB's fast path.
+        Dialect::Cockroach => format!("UPSERT INTO {target} ({names}) {select}"),
+        Dialect::Postgres => {
+            let update: Vec<String> = cols
+                .iter()
+                .filter(|c| !pk.contains(&c.name))
+                .map(|c| format!("{0} = excluded.{0}", c.name.quoted()))
+                .collect();
+            let action = if update.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                format!("DO UPDATE SET {}", update.join(", "))
+            };
+            format!(
+                "INSERT INTO {target} AS x ({names}) {select} ON CONFLICT ({}) {action}",
+                name_list(pk)
+            )
+        }
+    }
+}
+
+/// Deletes rows by primary key; `pk` lists every PK column (generated ones too).
+pub fn delete(dialect: Dialect, table: &Table, pk: &[ColumnSql], params: &[Param]) -> String {
+    format!(
+        "DELETE FROM {} WHERE ({}) IN ({})",
+        table_name(dialect, table),
+        name_list(pk.iter().map(|c| &c.name)),
+        select_unnest(dialect, pk, params)
+    )
+}
+
+fn catalog_prefix(dialect: Dialect, schema: &Schema, catalog: &str) -> String {
+    match dialect {
+        Dialect::Postgres => catalog.to_string(),
+        Dialect::Cockroach => format!("{}.{catalog}", schema.db.quoted()),
+    }
+}
+
+/// Every column of every base table in schema `$1` (matched case-insensitively) with its PK
+/// position, type parts, default and generation. Rows:
+/// `(catalog, schema, table, column, pk_position, data_type, udt_catalog, udt_schema, udt_name,
+/// collation, default, is_generated)`.
+pub fn columns_query(dialect: Dialect, schema: &Schema) -> String {
+    let is = catalog_prefix(dialect, schema, "information_schema");
+    format!(
+        "SELECT t.table_catalog::TEXT, t.table_schema::TEXT, t.table_name::TEXT, c.column_name::TEXT, \
+         k.ordinal_position::INT8, c.data_type::TEXT, c.udt_catalog::TEXT, c.udt_schema::TEXT, \
+         c.udt_name::TEXT, c.collation_name::TEXT, c.column_default::TEXT, c.is_generated::TEXT \
+         FROM {is}.tables AS t \
+         JOIN {is}.columns AS c ON c.table_catalog = t.table_catalog AND c.table_schema = t.table_schema \
+         AND c.table_name = t.table_name \
+         LEFT JOIN {is}.table_constraints AS tc ON tc.table_catalog = t.table_catalog \
+         AND tc.table_schema = t.table_schema AND tc.table_name = t.table_name \
+         AND tc.constraint_type = 'PRIMARY KEY' \
+         LEFT JOIN {is}.key_column_usage AS k ON k.constraint_catalog = tc.constraint_catalog \
+         AND k.constraint_schema = tc.constraint_schema AND k.constraint_name = tc.constraint_name \
+         AND k.table_name = t.table_name AND k.column_name = c.column_name \
+         WHERE t.table_type = 'BASE TABLE' AND lower(t.table_schema) = lower($1) \
+         ORDER BY t.table_name, c.column_name"
+    )
+}
+
+/// Foreign keys between tables of schema `$1`: rows `(child, parent)`. Read from pg_catalog
+/// because constraint names are only unique per table, which makes the information_schema
+/// joins ambiguous.
+pub fn foreign_keys_query(dialect: Dialect, schema: &Schema) -> String {
+    let pg = catalog_prefix(dialect, schema, "pg_catalog");
+    format!(
+        "SELECT c.relname::TEXT, p.relname::TEXT FROM {pg}.pg_constraint AS k \
+         JOIN {pg}.pg_class AS c ON c.oid = k.conrelid \
+         JOIN {pg}.pg_namespace AS cn ON cn.oid = c.relnamespace \
+         JOIN {pg}.pg_class AS p ON p.oid = k.confrelid \
+         JOIN {pg}.pg_namespace AS pn ON pn.oid = p.relnamespace \
+         WHERE k.contype = 'f' AND lower(cn.nspname) = lower($1) AND lower(pn.nspname) = lower($1)"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PG: Dialect = Dialect::Postgres;
+    const CRDB: Dialect = Dialect::Cockroach;
+
+    fn table() -> Table {
+        Table::new(Schema::new("db", "sch"), "t")
+    }
+
+    fn col(name: &str, ty: &str, value: usize) -> ColumnSql {
+        ColumnSql {
+            name: Ident::new(name),
+            data_type: ty.into(),
+            expr: None,
+            value: Some(value),
+            default: None,
+        }
+    }
+
+    fn pk(names: &[&str]) -> Vec<Ident> {
+        names.iter().map(|n| Ident::new(*n)).collect()
+    }
+
+    #[test]
+    fn upsert_binds_one_array_per_column() {
+        let cols = [col("k", "INT8", 1), col("v", "BYTEA", 2)];
+        let params = [Param::Text, Param::Text];
+        assert_eq!(
+            upsert(PG, &table(), &pk(&["k"]), &cols, &params),
+            r#"INSERT INTO "sch"."t" AS x ("k", "v") SELECT d.p1::INT8, d.p2::BYTEA FROM unnest($1::TEXT[], $2::TEXT[]) AS d(p1, p2) ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v""#
+        );
+        assert_eq!(
+            upsert(CRDB, &table(), &pk(&["k"]), &cols, &params),
+            r#"UPSERT INTO "db"."sch"."t" ("k", "v") SELECT d.p1::INT8, d.p2::BYTEA FROM unnest($1::TEXT[], $2::TEXT[]) AS d(p1, p2)"#
+        );
+    }
+
+    #[test]
+    fn upsert_of_a_pk_only_table_does_nothing_on_conflict() {
+        let cols = [col("a", "TEXT", 1), col("B", "INT8", 2)];
+        let params = [Param::Text, Param::Text];
+        assert_eq!(
+            upsert(PG, &table(), &pk(&["a", "B"]), &cols, &params),
+            r#"INSERT INTO "sch"."t" AS x ("a", "B") SELECT d.p1::TEXT, d.p2::INT8 FROM unnest($1::TEXT[], $2::TEXT[]) AS d(p1, p2) ON CONFLICT ("a", "B") DO NOTHING"#
+        );
+        assert_eq!(
+            upsert(CRDB, &table(), &pk(&["a", "B"]), &cols, &params),
+            r#"UPSERT INTO "db"."sch"."t" ("a", "B") SELECT d.p1::TEXT, d.p2::INT8 FROM unnest($1::TEXT[], $2::TEXT[]) AS d(p1, p2)"#
+        );
+    }
+
+    #[test]
+    fn upsert_selects_the_default_by_presence_flag() {
+        let mut d = col("d", "INT8", 3);
+        d.default = Some((4, "42".into()));
+        let mut ts = col("ts", "TIMESTAMPTZ", 5);
+        ts.default = Some((6, "now()".into()));
+        let cols = [col("pk0", "TEXT", 1), col("v", "TEXT", 2), d, ts];
+        let params = [Param::Text, Param::Text, Param::Text, Param::Bool, Param::Text, Param::Bool];
+        assert_eq!(
+            upsert(PG, &table(), &pk(&["pk0"]), &cols, &params),
+            r#"INSERT INTO "sch"."t" AS x ("pk0", "v", "d", "ts") SELECT d.p1::TEXT, d.p2::TEXT, CASE WHEN d.p4 THEN d.p3::INT8 ELSE 42 END, CASE WHEN d.p6 THEN d.p5::TIMESTAMPTZ ELSE now() END FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BOOL[], $5::TEXT[], $6::BOOL[]) AS d(p1, p2, p3, p4, p5, p6) ON CONFLICT ("pk0") DO UPDATE SET "v" = excluded."v", "d" = excluded."d", "ts" = excluded."ts""#
+        );
+        assert_eq!(
+            upsert(CRDB, &table(), &pk(&["pk0"]), &cols, &params),
+            r#"UPSERT INTO "db"."sch"."t" ("pk0", "v", "d", "ts") SELECT d.p1::TEXT, d.p2::TEXT, CASE WHEN d.p4 THEN d.p3::INT8 ELSE 42 END, CASE WHEN d.p6 THEN d.p5::TIMESTAMPTZ ELSE now() END FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BOOL[], $5::TEXT[], $6::BOOL[]) AS d(p1, p2, p3, p4, p5, p6)"#
+        );
+    }
+
+    #[test]
+    fn upsert_applies_configured_expressions() {
+        let mut k = col("k", "INT8", 1);
+        k.expr = Some("2 * $0".into());
+        let constant = ColumnSql {
+            name: Ident::new("c"),
+            data_type: "TEXT".into(),
+            expr: Some("'fixed'".into()),
+            value: None,
+            default: Some((2, "'dflt'::text".into())),
+        };
+        let mut v = col("v", "TEXT", 3);
+        v.expr = Some("upper($0) || $0".into());
+        let cols = [k, constant, v];
+        let params = [Param::Text, Param::Bool, Param::Text];
+        assert_eq!(
+            upsert(PG, &table(), &pk(&["k"]), &cols, &params),
+            r#"INSERT INTO "sch"."t" AS x ("k", "c", "v") SELECT (2 * (d.p1::INT8))::INT8, CASE WHEN d.p2 THEN ('fixed')::TEXT ELSE 'dflt'::text END, (upper((d.p3::TEXT)) || (d.p3::TEXT))::TEXT FROM unnest($1::TEXT[], $2::BOOL[], $3::TEXT[]) AS d(p1, p2, p3) ON CONFLICT ("k") DO UPDATE SET "c" = excluded."c", "v" = excluded."v""#
+        );
+        assert_eq!(
+            upsert(CRDB, &table(), &pk(&["k"]), &cols, &params),
+            r#"UPSERT INTO "db"."sch"."t" ("k", "c", "v") SELECT (2 * (d.p1::INT8))::INT8, CASE WHEN d.p2 THEN ('fixed')::TEXT ELSE 'dflt'::text END, (upper((d.p3::TEXT)) || (d.p3::TEXT))::TEXT FROM unnest($1::TEXT[], $2::BOOL[], $3::TEXT[]) AS d(p1, p2, p3)"#
+        );
+    }
+
+    #[test]
+    fn upsert_casts_special_types() {
+        let cols = [
+            col("k", "UUID", 1),
+            col("geog", "GEOGRAPHY", 2),
+            col("geom", "GEOMETRY", 3),
+            col("e", r#""db"."sch"."MyEnum""#, 4),
+            col("ea", r#""db"."sch"."MyEnum"[]"#, 5),
+            col("s", r#"TEXT COLLATE "C""#, 6),
+            col("b", "BIT", 7),
+            col("ba", "BIT[]", 8),
+            col("ch", "CHAR", 9),
+            col("j", "JSONB", 10),
+            col("ia", "INT8[]", 11),
+        ];
+        let params = [Param::Text; 11];
+        let select = r#"SELECT d.p1::UUID, st_geomfromgeojson(d.p2::JSONB)::GEOGRAPHY, st_geomfromgeojson(d.p3::JSONB), d.p4::"db"."sch"."MyEnum", d.p5::TEXT[]::"db"."sch"."MyEnum"[], d.p6::TEXT COLLATE "C", d.p7::VARBIT, d.p8::VARBIT[], d.p9::"char", d.p10::JSONB, d.p11::INT8[] FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::TEXT[]) AS d(p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11)"#;
+        assert_eq!(
+            upsert(PG, &table(), &pk(&["k"]), &cols, &params),
+            format!(
+                r#"INSERT INTO "sch"."t" AS x ("k", "geog", "geom", "e", "ea", "s", "b", "ba", "ch", "j", "ia") {select} ON CONFLICT ("k") DO UPDATE SET "geog" = excluded."geog", "geom" = excluded."geom", "e" = excluded."e", "ea" = excluded."ea", "s" = excluded."s", "b" = excluded."b", "ba" = excluded."ba", "ch" = excluded."ch", "j" = excluded."j", "ia" = excluded."ia""#
+            )
+        );
+        let crdb_select = select.replace(
+            "st_geomfromgeojson(d.p2::JSONB)::GEOGRAPHY",
+            "st_geogfromgeojson(d.p2::JSONB)",
+        );
+        assert_eq!(
+            upsert(CRDB, &table(), &pk(&["k"]), &cols, &params),
+            format!(r#"UPSERT INTO "db"."sch"."t" ("k", "geog", "geom", "e", "ea", "s", "b", "ba", "ch", "j", "ia") {crdb_select}"#)
+        );
+    }
+
+    #[test]
+    fn identifiers_are_quoted_as_the_catalog_spells_them() {
+        let t = Table::new(Schema::new("My\"Db", "Sch"), "Odd\"Name");
+        let cols = [col("K\"ey", "INT8", 1), col("Val", "TEXT", 2)];
+        let params = [Param::Text, Param::Text];
+        assert_eq!(
+            upsert(PG, &t, &pk(&["K\"ey"]), &cols, &params),
+            r#"INSERT INTO "Sch"."Odd""Name" AS x ("K""ey", "Val") SELECT d.p1::INT8, d.p2::TEXT FROM unnest($1::TEXT[], $2::TEXT[]) AS d(p1, p2) ON CONFLICT ("K""ey") DO UPDATE SET "Val" = excluded."Val""#
+        );
+        assert_eq!(
+            upsert(CRDB, &t, &pk(&["K\"ey"]), &cols, &params),
+            r#"UPSERT INTO "My""Db"."Sch"."Odd""Name" ("K""ey", "Val") SELECT d.p1::INT8, d.p2::TEXT FROM unnest($1::TEXT[], $2::TEXT[]) AS d(p1, p2)"#
+        );
+    }
+
+    #[test]
+    fn delete_matches_the_whole_key() {
+        let cols = [col("k", "INT8", 1)];
+        assert_eq!(
+            delete(PG, &table(), &cols, &[Param::Text]),
+            r#"DELETE FROM "sch"."t" WHERE ("k") IN (SELECT d.p1::INT8 FROM unnest($1::TEXT[]) AS d(p1))"#
+        );
+        assert_eq!(
+            delete(CRDB, &table(), &cols, &[Param::Text]),
+            r#"DELETE FROM "db"."sch"."t" WHERE ("k") IN (SELECT d.p1::INT8 FROM unnest($1::TEXT[]) AS d(p1))"#
+        );
+        let mut b = col("b", "INT8", 2);
+        b.expr = Some("2 * $0".into());
+        let cols = [col("a", "TEXT", 1), b, col("g", "INT8", 3)];
+        let params = [Param::Text; 3];
+        assert_eq!(
+            delete(PG, &table(), &cols, &params),
+            r#"DELETE FROM "sch"."t" WHERE ("a", "b", "g") IN (SELECT d.p1::TEXT, (2 * (d.p2::INT8))::INT8, d.p3::INT8 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[]) AS d(p1, p2, p3))"#
+        );
+        assert_eq!(
+            delete(CRDB, &table(), &cols, &params),
+            r#"DELETE FROM "db"."sch"."t" WHERE ("a", "b", "g") IN (SELECT d.p1::TEXT, (2 * (d.p2::INT8))::INT8, d.p3::INT8 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[]) AS d(p1, p2, p3))"#
+        );
+    }
+
+    #[test]
+    fn introspection_reads_the_schema_database() {
+        let s = Schema::new("Db", "public");
+        let pg = columns_query(PG, &s);
+        assert!(pg.contains(" FROM information_schema.tables AS t "), "{pg}");
+        assert!(pg.contains(" JOIN information_schema.key_column_usage AS k "), "{pg}");
+        let crdb = columns_query(CRDB, &s);
+        assert_eq!(crdb, pg.replace("information_schema.", "\"Db\".information_schema."));
+        assert_eq!(
+            columns_query(PG, &s),
+            "SELECT t.table_catalog::TEXT, t.table_schema::TEXT, t.table_name::TEXT, c.column_name::TEXT, \
+             k.ordinal_position::INT8, c.data_type::TEXT, c.udt_catalog::TEXT, c.udt_schema::TEXT, \
+             c.udt_name::TEXT, c.collation_name::TEXT, c.column_default::TEXT, c.is_generated::TEXT \
+             FROM information_schema.tables AS t \
+             JOIN information_schema.columns AS c ON c.table_catalog = t.table_catalog AND c.table_schema = t.table_schema \
+             AND c.table_name = t.table_name \
+             LEFT JOIN information_schema.table_constraints AS tc ON tc.table_catalog = t.table_catalog \
+             AND tc.table_schema = t.table_schema AND tc.table_name = t.table_name \
+             AND tc.constraint_type = 'PRIMARY KEY' \
+             LEFT JOIN information_schema.key_column_usage AS k ON k.constraint_catalog = tc.constraint_catalog \
+             AND k.constraint_schema = tc.constraint_schema AND k.constraint_name = tc.constraint_name \
+             AND k.table_name = t.table_name AND k.column_name = c.column_name \
+             WHERE t.table_type = 'BASE TABLE' AND lower(t.table_schema) = lower($1) \
+             ORDER BY t.table_name, c.column_name"
+        );
+        assert_eq!(
+            foreign_keys_query(PG, &s),
+            "SELECT c.relname::TEXT, p.relname::TEXT FROM pg_catalog.pg_constraint AS k \
+             JOIN pg_catalog.pg_class AS c ON c.oid = k.conrelid \
+             JOIN pg_catalog.pg_namespace AS cn ON cn.oid = c.relnamespace \
+             JOIN pg_catalog.pg_class AS p ON p.oid = k.confrelid \
+             JOIN pg_catalog.pg_namespace AS pn ON pn.oid = p.relnamespace \
+             WHERE k.contype = 'f' AND lower(cn.nspname) = lower($1) AND lower(pn.nspname) = lower($1)"
+        );
+        assert_eq!(
+            foreign_keys_query(CRDB, &s),
+            foreign_keys_query(PG, &s).replace("pg_catalog.", "\"Db\".pg_catalog.")
+        );
+    }
+}
