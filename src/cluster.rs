@@ -76,7 +76,8 @@ fn postgres_owner() -> Result<Option<(u32, u32)>, ClusterError> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
     }
-    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| ClusterError::Io("/etc/passwd".into(), e))?;
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| ClusterError::Io("/etc/passwd".into(), e))?;
     for line in passwd.lines() {
         let f: Vec<&str> = line.split(':').collect();
         if f.len() > 3 && f[0] == "postgres" {
@@ -110,10 +111,15 @@ fn command(bin: &Path, prog: &str, owner: Option<(u32, u32)>) -> Command {
 }
 
 fn chown_tree(path: &Path, owner: Option<(u32, u32)>) -> Result<(), ClusterError> {
-    let Some((uid, gid)) = owner else { return Ok(()) };
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| ClusterError::Io(path.display().to_string(), e))?;
+    let Some((uid, gid)) = owner else {
+        return Ok(());
+    };
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(|e| ClusterError::Io(path.display().to_string(), e))?;
     if path.is_dir() {
-        for e in std::fs::read_dir(path).map_err(|e| ClusterError::Io(path.display().to_string(), e))? {
+        for e in
+            std::fs::read_dir(path).map_err(|e| ClusterError::Io(path.display().to_string(), e))?
+        {
             let e = e.map_err(|e| ClusterError::Io(path.display().to_string(), e))?;
             chown_tree(&e.path(), owner)?;
         }
@@ -124,7 +130,11 @@ fn chown_tree(path: &Path, owner: Option<(u32, u32)>) -> Result<(), ClusterError
 fn unique_dir(prefix: &str) -> Result<PathBuf, ClusterError> {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("cdc-sink-{prefix}-{}-{n}-{}", std::process::id(), rand::random::<u32>()));
+    let dir = std::env::temp_dir().join(format!(
+        "cdc-sink-{prefix}-{}-{n}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::create_dir_all(&dir).map_err(|e| ClusterError::Io(dir.display().to_string(), e))?;
     Ok(dir)
 }
@@ -141,10 +151,16 @@ fn template(bin: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf, ClusterErr
     chown_tree(&root, owner)?;
     let data = root.join("data");
     run(
-        command(bin, "initdb", owner)
-            .arg("-D")
-            .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "--locale=C"]),
+        command(bin, "initdb", owner).arg("-D").arg(&data).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        ]),
         "initdb",
     )?;
     *guard = Some(data.clone());
@@ -163,23 +179,33 @@ impl Cluster {
         let template = template(&bin, owner)?;
         let root = unique_dir("pg")?;
         let data = root.join("data");
-        run(Command::new("cp").arg("-a").arg(&template).arg(&data), "copy template")?;
+        run(
+            Command::new("cp").arg("-a").arg(&template).arg(&data),
+            "copy template",
+        )?;
         let mut conf = String::from("\n# cdc-sink throwaway cluster\n");
         conf.push_str("listen_addresses = '127.0.0.1'\n");
         conf.push_str(&format!("unix_socket_directories = '{}'\n", root.display()));
-        conf.push_str(&format!("fsync = {}\n", if opts.fsync { "on" } else { "off" }));
+        conf.push_str(&format!(
+            "fsync = {}\n",
+            if opts.fsync { "on" } else { "off" }
+        ));
         if !opts.fsync {
             conf.push_str("synchronous_commit = off\nfull_page_writes = off\n");
         }
         conf.push_str("wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\n");
-        conf.push_str("max_connections = 300\nshared_buffers = 128MB\nlog_min_messages = warning\n");
+        conf.push_str(
+            "max_connections = 300\nshared_buffers = 128MB\nlog_min_messages = warning\n",
+        );
         for (k, v) in &opts.settings {
             conf.push_str(&format!("{k} = {v}\n"));
         }
         let conf_path = data.join("postgresql.conf");
-        let mut existing = std::fs::read_to_string(&conf_path).map_err(|e| ClusterError::Io(conf_path.display().to_string(), e))?;
+        let mut existing = std::fs::read_to_string(&conf_path)
+            .map_err(|e| ClusterError::Io(conf_path.display().to_string(), e))?;
         existing.push_str(&conf);
-        std::fs::write(&conf_path, existing).map_err(|e| ClusterError::Io(conf_path.display().to_string(), e))?;
+        std::fs::write(&conf_path, existing)
+            .map_err(|e| ClusterError::Io(conf_path.display().to_string(), e))?;
         chown_tree(&root, owner)?;
         let mut cluster = Cluster {
             bin,
@@ -221,7 +247,13 @@ impl Cluster {
             ClusterError::Command(w, m) => {
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
                 let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                ClusterError::Command(w, format!("{m}; log: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")))
+                ClusterError::Command(
+                    w,
+                    format!(
+                        "{m}; log: {}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                    ),
+                )
             }
             other => other,
         })
@@ -242,7 +274,14 @@ impl Cluster {
     }
 
     fn pg_ctl<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<(), ClusterError> {
-        run(command(&self.bin, "pg_ctl", self.owner).arg("-D").arg(self.data()).args(args), "pg_ctl").map(drop)
+        run(
+            command(&self.bin, "pg_ctl", self.owner)
+                .arg("-D")
+                .arg(self.data())
+                .args(args),
+            "pg_ctl",
+        )
+        .map(drop)
     }
 
     pub fn port(&self) -> u16 {
@@ -251,14 +290,28 @@ impl Cluster {
 
     /// A connection URL for `database` as the superuser.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}?sslmode=disable", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{database}?sslmode=disable",
+            self.port
+        )
     }
 
     /// Runs SQL through `psql` (for set-up outside an async context).
     pub fn psql(&self, database: &str, sql: &str) -> Result<String, ClusterError> {
         let out = run(
             command(&self.bin, "psql", None)
-                .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
+                .args([
+                    "-X",
+                    "-q",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                ])
                 .arg("-p")
                 .arg(self.port.to_string())
                 .arg("-d")
@@ -292,7 +345,11 @@ impl Drop for Cluster {
 }
 
 fn free_port() -> Result<u16, ClusterError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| ClusterError::Io("bind".into(), e))?;
-    let port = l.local_addr().map_err(|e| ClusterError::Io("bind".into(), e))?.port();
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| ClusterError::Io("bind".into(), e))?;
+    let port = l
+        .local_addr()
+        .map_err(|e| ClusterError::Io("bind".into(), e))?
+        .port();
     Ok(port)
 }

@@ -107,7 +107,10 @@ mod tests {
     #[test]
     fn parses_go_durations() {
         assert_eq!(parse_duration("1m0s").unwrap(), Duration::from_secs(60));
-        assert_eq!(parse_duration("24h0m0s").unwrap(), Duration::from_secs(86400));
+        assert_eq!(
+            parse_duration("24h0m0s").unwrap(),
+            Duration::from_secs(86400)
+        );
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));

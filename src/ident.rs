@@ -164,7 +164,10 @@ impl Table {
         if parts.len() > 3 {
             return Err(IdentError::TooManyParts(name.to_string(), 3));
         }
-        let last = parts.into_iter().last().expect("parse_dotted never returns nothing");
+        let last = parts
+            .into_iter()
+            .last()
+            .expect("parse_dotted never returns nothing");
         Ok(Table {
             schema: schema.clone(),
             name: last,
@@ -241,7 +244,10 @@ mod tests {
         assert_eq!(p.len(), 3);
         assert_eq!(p[2].raw(), "REAL-42");
         let p = parse_dotted("\"a.b\".\"c\"\"d\"").unwrap();
-        assert_eq!(p.iter().map(|i| i.raw()).collect::<Vec<_>>(), ["a.b", "c\"d"]);
+        assert_eq!(
+            p.iter().map(|i| i.raw()).collect::<Vec<_>>(),
+            ["a.b", "c\"d"]
+        );
         assert!(parse_dotted("").is_err());
         assert!(parse_dotted("a..b").is_err());
         assert!(parse_dotted("\"a").is_err());

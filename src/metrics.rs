@@ -113,8 +113,15 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets(&latency_buckets())
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(HTTP_PAYLOAD_IN.into()), &byte_buckets()))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(APPLY_MUTATION_AGE.into()), &age_buckets()))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(HTTP_PAYLOAD_IN.into()), &byte_buckets())
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(APPLY_MUTATION_AGE.into()),
+                        &age_buckets(),
+                    )
+                })
                 .expect("static bucket lists are non-empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -143,42 +150,121 @@ fn describe() {
     describe_gauge!(START_SECONDS, Unit::Seconds, "process start wall time");
     describe_counter!(HTTP_STATUS_CODES, "changefeed responses by status code");
     describe_histogram!(HTTP_LATENCY, Unit::Seconds, "changefeed request latency");
-    describe_histogram!(HTTP_PAYLOAD_IN, Unit::Bytes, "changefeed request body bytes");
+    describe_histogram!(
+        HTTP_PAYLOAD_IN,
+        Unit::Bytes,
+        "changefeed request body bytes"
+    );
     describe_counter!(MUTATIONS_RECEIVED, "mutations received per target schema");
     describe_counter!(MUTATIONS_SUCCESS, "mutations accepted per target schema");
     describe_counter!(MUTATIONS_ERROR, "mutations rejected per target schema");
-    describe_gauge!(TARGET_APPLIED_TIMESTAMP, Unit::Seconds, "committed checkpoint wall time");
-    describe_gauge!(TARGET_PENDING_TIMESTAMP, Unit::Seconds, "newest proposed checkpoint wall time");
-    describe_gauge!(TARGET_LAG, Unit::Seconds, "now minus the committed checkpoint");
-    describe_gauge!(SOURCE_LAG, Unit::Seconds, "now minus the newest proposed checkpoint");
-    describe_histogram!(CHECKPOINT_ADVANCE_DURATION, Unit::Seconds, "time to record a resolved timestamp");
-    describe_histogram!(CHECKPOINT_COMMIT_DURATION, Unit::Seconds, "time to commit a checkpoint");
-    describe_histogram!(CHECKPOINT_REFRESH_DURATION, Unit::Seconds, "time to refresh checkpoint bounds");
-    describe_gauge!(CHECKPOINT_COMMITTED_TIME, Unit::Seconds, "committed checkpoint wall time");
-    describe_gauge!(CHECKPOINT_COMMITTED_AGE, Unit::Seconds, "age of the committed checkpoint");
-    describe_gauge!(CHECKPOINT_PROPOSED_TIME, Unit::Seconds, "proposed checkpoint wall time");
-    describe_gauge!(CHECKPOINT_PROPOSED_AGE, Unit::Seconds, "age of the proposed checkpoint");
-    describe_counter!(CHECKPOINT_BACKWARDS, "resolved timestamps rejected for going backwards");
+    describe_gauge!(
+        TARGET_APPLIED_TIMESTAMP,
+        Unit::Seconds,
+        "committed checkpoint wall time"
+    );
+    describe_gauge!(
+        TARGET_PENDING_TIMESTAMP,
+        Unit::Seconds,
+        "newest proposed checkpoint wall time"
+    );
+    describe_gauge!(
+        TARGET_LAG,
+        Unit::Seconds,
+        "now minus the committed checkpoint"
+    );
+    describe_gauge!(
+        SOURCE_LAG,
+        Unit::Seconds,
+        "now minus the newest proposed checkpoint"
+    );
+    describe_histogram!(
+        CHECKPOINT_ADVANCE_DURATION,
+        Unit::Seconds,
+        "time to record a resolved timestamp"
+    );
+    describe_histogram!(
+        CHECKPOINT_COMMIT_DURATION,
+        Unit::Seconds,
+        "time to commit a checkpoint"
+    );
+    describe_histogram!(
+        CHECKPOINT_REFRESH_DURATION,
+        Unit::Seconds,
+        "time to refresh checkpoint bounds"
+    );
+    describe_gauge!(
+        CHECKPOINT_COMMITTED_TIME,
+        Unit::Seconds,
+        "committed checkpoint wall time"
+    );
+    describe_gauge!(
+        CHECKPOINT_COMMITTED_AGE,
+        Unit::Seconds,
+        "age of the committed checkpoint"
+    );
+    describe_gauge!(
+        CHECKPOINT_PROPOSED_TIME,
+        Unit::Seconds,
+        "proposed checkpoint wall time"
+    );
+    describe_gauge!(
+        CHECKPOINT_PROPOSED_AGE,
+        Unit::Seconds,
+        "age of the proposed checkpoint"
+    );
+    describe_counter!(
+        CHECKPOINT_BACKWARDS,
+        "resolved timestamps rejected for going backwards"
+    );
     describe_counter!(STAGE_MUTATIONS, "mutations written to staging");
     describe_counter!(STAGE_DUPLICATES, "redelivered mutations already staged");
     describe_counter!(STAGE_ERRORS, "staging write errors");
     describe_histogram!(STAGE_DURATION, Unit::Seconds, "staging write latency");
     describe_counter!(STAGE_READ_ROWS, "staged rows read for apply");
     describe_histogram!(STAGE_READ_DURATION, Unit::Seconds, "staging read latency");
-    describe_gauge!(STAGE_STALE, "unapplied staged rows behind the committed checkpoint");
-    describe_counter!(STAGE_BELOW_CHECKPOINT, "redelivered mutations at or below the committed checkpoint, dropped at ingest");
+    describe_gauge!(
+        STAGE_STALE,
+        "unapplied staged rows behind the committed checkpoint"
+    );
+    describe_counter!(
+        STAGE_BELOW_CHECKPOINT,
+        "redelivered mutations at or below the committed checkpoint, dropped at ingest"
+    );
     describe_counter!(APPLY_UPSERTS, "rows upserted into the target");
     describe_counter!(APPLY_DELETES, "rows deleted from the target");
     describe_counter!(APPLY_ERRORS, "target write errors");
     describe_counter!(APPLY_CONFLICTS, "compare-and-set conflicts");
     describe_counter!(APPLY_RESOLVES, "conflicts resolved by a merge");
     describe_histogram!(APPLY_DURATION, Unit::Seconds, "per-batch apply latency");
-    describe_histogram!(APPLY_MUTATION_AGE, Unit::Seconds, "now minus the mutation time at apply");
-    describe_gauge!(CORE_SWEEP_ACTIVE, "1 while this instance holds the apply lease");
-    describe_counter!(CORE_SWEEP_APPLY_COUNT, "mutations applied by the consistent sweeper");
-    describe_histogram!(CORE_SWEEP_DURATION, Unit::Seconds, "duration of a sweep round");
-    describe_gauge!(CORE_SWEEP_SUCCESS_TIMESTAMP, Unit::Seconds, "wall time of the last successful sweep");
-    describe_gauge!(CORE_SWEEP_ATTEMPT_TIMESTAMP, Unit::Seconds, "wall time of the last sweep attempt");
+    describe_histogram!(
+        APPLY_MUTATION_AGE,
+        Unit::Seconds,
+        "now minus the mutation time at apply"
+    );
+    describe_gauge!(
+        CORE_SWEEP_ACTIVE,
+        "1 while this instance holds the apply lease"
+    );
+    describe_counter!(
+        CORE_SWEEP_APPLY_COUNT,
+        "mutations applied by the consistent sweeper"
+    );
+    describe_histogram!(
+        CORE_SWEEP_DURATION,
+        Unit::Seconds,
+        "duration of a sweep round"
+    );
+    describe_gauge!(
+        CORE_SWEEP_SUCCESS_TIMESTAMP,
+        Unit::Seconds,
+        "wall time of the last successful sweep"
+    );
+    describe_gauge!(
+        CORE_SWEEP_ATTEMPT_TIMESTAMP,
+        Unit::Seconds,
+        "wall time of the last sweep attempt"
+    );
     describe_counter!(RETRY_ACTIONS, "database actions run under the retry helper");
     describe_counter!(RETRY_RETRIED, "database actions retried, by SQLSTATE");
     describe_counter!(RETRY_ABORTED, "database actions abandoned, by SQLSTATE");

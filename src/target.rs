@@ -32,7 +32,9 @@ pub enum TargetError {
         #[source]
         source: sqlx::Error,
     },
-    #[error("unsupported connection scheme {0:?}: use postgres://, postgresql://, pg:// or pgx://")]
+    #[error(
+        "unsupported connection scheme {0:?}: use postgres://, postgresql://, pg:// or pgx://"
+    )]
     Scheme(String),
     #[error("targetConn must be set")]
     Missing,
@@ -71,7 +73,10 @@ fn normalise_url(url: &str) -> Result<String, TargetError> {
 }
 
 /// Parses a connection URL into options carrying our session settings.
-pub fn connect_options(url: &str, settings: &PoolSettings) -> Result<PgConnectOptions, TargetError> {
+pub fn connect_options(
+    url: &str,
+    settings: &PoolSettings,
+) -> Result<PgConnectOptions, TargetError> {
     let url = normalise_url(url)?;
     let mut opts = PgConnectOptions::from_str(&url).map_err(TargetError::Url)?;
     if !url.contains("application_name=") {
@@ -86,7 +91,11 @@ pub fn connect_options(url: &str, settings: &PoolSettings) -> Result<PgConnectOp
 }
 
 /// Opens a pool and detects whether it is CockroachDB or PostgreSQL.
-pub async fn open(url: &str, what: &'static str, settings: &PoolSettings) -> Result<Database, TargetError> {
+pub async fn open(
+    url: &str,
+    what: &'static str,
+    settings: &PoolSettings,
+) -> Result<Database, TargetError> {
     let opts = connect_options(url, settings)?;
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections.max(2))
@@ -116,7 +125,10 @@ pub async fn open(url: &str, what: &'static str, settings: &PoolSettings) -> Res
 
 /// SQLSTATEs worth retrying at once: serialization failures and dropped connections.
 pub fn is_retryable_sqlstate(code: &str) -> bool {
-    matches!(code, "40001" | "40P01" | "40003" | "08003" | "08006" | "57P01")
+    matches!(
+        code,
+        "40001" | "40P01" | "40003" | "08003" | "08006" | "57P01"
+    )
 }
 
 /// Whether an error means the database is unreachable or overloaded (HTTP 503), as opposed to
@@ -143,7 +155,10 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
 /// The SQLSTATE of an error, or `unknown`.
 pub fn sqlstate(e: &sqlx::Error) -> String {
     match e {
-        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()).unwrap_or_else(|| "unknown".into()),
+        sqlx::Error::Database(db) => db
+            .code()
+            .map(|c| c.into_owned())
+            .unwrap_or_else(|| "unknown".into()),
         _ => "unknown".into(),
     }
 }
@@ -193,7 +208,11 @@ pub struct TargetArgs {
     #[arg(long = "targetConn", env = "CDC_SINK_TARGET_CONN")]
     pub target_conn: Option<String>,
     /// Maximum target connections.
-    #[arg(long = "targetMaxPoolSize", env = "CDC_SINK_TARGET_MAX_POOL_SIZE", default_value_t = 128)]
+    #[arg(
+        long = "targetMaxPoolSize",
+        env = "CDC_SINK_TARGET_MAX_POOL_SIZE",
+        default_value_t = 128
+    )]
     pub target_max_pool_size: u32,
     /// Maximum lifetime of a target connection.
     #[arg(long = "targetMaxLifetime", env = "CDC_SINK_TARGET_MAX_LIFETIME", default_value = "5m0s", value_parser = crate::config::parse_duration)]
@@ -205,7 +224,11 @@ pub struct TargetArgs {
     #[arg(long = "targetJitterTime", env = "CDC_SINK_TARGET_JITTER_TIME", default_value = "15s", value_parser = crate::config::parse_duration)]
     pub target_jitter_time: Duration,
     /// Prepared statements kept per target connection.
-    #[arg(long = "targetStatementCacheSize", env = "CDC_SINK_TARGET_STATEMENT_CACHE_SIZE", default_value_t = 128)]
+    #[arg(
+        long = "targetStatementCacheSize",
+        env = "CDC_SINK_TARGET_STATEMENT_CACHE_SIZE",
+        default_value_t = 128
+    )]
     pub target_statement_cache_size: usize,
     /// The target's idle_in_transaction_session_timeout.
     #[arg(long = "applyTimeout", env = "CDC_SINK_APPLY_TIMEOUT", default_value = "30s", value_parser = crate::config::parse_duration)]
@@ -214,7 +237,11 @@ pub struct TargetArgs {
     #[arg(long = "stagingConn", env = "CDC_SINK_STAGING_CONN")]
     pub staging_conn: Option<String>,
     /// Maximum staging connections.
-    #[arg(long = "stagingMaxPoolSize", env = "CDC_SINK_STAGING_MAX_POOL_SIZE", default_value_t = 128)]
+    #[arg(
+        long = "stagingMaxPoolSize",
+        env = "CDC_SINK_STAGING_MAX_POOL_SIZE",
+        default_value_t = 128
+    )]
     pub staging_max_pool_size: u32,
     #[arg(long = "stagingMaxLifetime", env = "CDC_SINK_STAGING_MAX_LIFETIME", default_value = "5m0s", value_parser = crate::config::parse_duration)]
     pub staging_max_lifetime: Duration,
@@ -259,7 +286,11 @@ impl TargetArgs {
         let target = open(url, "target", &self.target_settings()).await?;
         // Applying a window, retiring its staged rows and committing its checkpoint happen in
         // one target transaction, which needs staging inside the target database.
-        if self.staging_conn.as_deref().is_some_and(|s| !s.is_empty() && s != url) {
+        if self
+            .staging_conn
+            .as_deref()
+            .is_some_and(|s| !s.is_empty() && s != url)
+        {
             return Err(TargetError::SeparateStaging);
         }
         let staging = target.clone();

@@ -19,7 +19,8 @@ pub use schema::{dependency_levels, type_name, Column, SchemaInfo, TableSchema};
 use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics::{
-    APPLY_DELETES, APPLY_DURATION, APPLY_ERRORS, APPLY_MUTATION_AGE, APPLY_UPSERTS, LABEL_SCHEMA, LABEL_TABLE,
+    APPLY_DELETES, APPLY_DURATION, APPLY_ERRORS, APPLY_MUTATION_AGE, APPLY_UPSERTS, LABEL_SCHEMA,
+    LABEL_TABLE,
 };
 use crate::mutation::Mutation;
 use crate::target::{self, Database, Dialect};
@@ -214,10 +215,16 @@ impl Applier {
     }
 
     fn lookup(&self, schema: &Schema) -> Lookup {
-        let mut schemas = self.inner.schemas.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut schemas = self
+            .inner
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match schemas.get_mut(schema) {
             None => Lookup::Missing,
-            Some(c) if c.loaded.elapsed() < self.inner.refresh || c.reloading => Lookup::Fresh(c.info.clone()),
+            Some(c) if c.loaded.elapsed() < self.inner.refresh || c.reloading => {
+                Lookup::Fresh(c.info.clone())
+            }
             Some(c) => {
                 c.reloading = true;
                 Lookup::Reload(c.info.clone())
@@ -227,7 +234,11 @@ impl Applier {
 
     /// The cached schema, reloaded through `conn` (or the pool) when stale. Reload errors after
     /// the first load are only logged: the previous schema stays in use.
-    async fn current(&self, conn: Option<&mut PgConnection>, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
+    async fn current(
+        &self,
+        conn: Option<&mut PgConnection>,
+        schema: &Schema,
+    ) -> Result<Arc<SchemaInfo>, ApplyError> {
         self.check_database(schema)?;
         match self.lookup(schema) {
             Lookup::Fresh(info) => Ok(info),
@@ -242,7 +253,11 @@ impl Applier {
         }
     }
 
-    async fn load(&self, conn: Option<&mut PgConnection>, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
+    async fn load(
+        &self,
+        conn: Option<&mut PgConnection>,
+        schema: &Schema,
+    ) -> Result<Arc<SchemaInfo>, ApplyError> {
         let dialect = self.inner.target.dialect;
         let loaded = match conn {
             Some(c) => schema::load(c, dialect, schema).await,
@@ -254,7 +269,11 @@ impl Applier {
                 }),
             },
         };
-        let mut schemas = self.inner.schemas.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut schemas = self
+            .inner
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match loaded {
             Ok(info) => {
                 let info = match schemas.get(schema) {
@@ -298,7 +317,11 @@ impl Applier {
                 .ok_or_else(|| ApplyError::UnknownTable(table.to_string()))?,
         };
         let cfg = self.config(table);
-        let mut plans = self.inner.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut plans = self
+            .inner
+            .plans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(p) = plans.get(table) {
             if Arc::ptr_eq(&p.schema, &ts) && Arc::ptr_eq(&p.config, &cfg) {
                 return Ok(p.clone());

@@ -7,7 +7,10 @@ use std::time::Duration;
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct AuthArgs {
     /// Accept every request without a token (only behind a trusted network).
-    #[arg(long = "disableAuthentication", env = "CDC_SINK_DISABLE_AUTHENTICATION")]
+    #[arg(
+        long = "disableAuthentication",
+        env = "CDC_SINK_DISABLE_AUTHENTICATION"
+    )]
     pub disable_authentication: bool,
     /// How often JWT keys and revocations are reloaded (0 disables).
     #[arg(long = "jwtRefresh", env = "CDC_SINK_JWT_REFRESH", default_value = "1m0s", value_parser = parse_duration)]
@@ -51,7 +54,12 @@ impl Authenticator {
     }
 
     /// Whether the request (its headers and query) may write to `schema`.
-    pub fn allows(&self, _headers: &http::HeaderMap, _query: Option<&str>, _schema: &crate::ident::Schema) -> bool {
+    pub fn allows(
+        &self,
+        _headers: &http::HeaderMap,
+        _query: Option<&str>,
+        _schema: &crate::ident::Schema,
+    ) -> bool {
         self.disabled
     }
 }

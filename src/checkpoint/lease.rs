@@ -25,11 +25,18 @@ pub struct Lease {
 impl Leases {
     pub async fn open(db: Database, staging: &StagingSchema) -> Result<Leases, CheckpointError> {
         let table = staging.object("leases");
-        let text = if db.dialect == Dialect::Cockroach { "STRING" } else { "TEXT" };
+        let text = if db.dialect == Dialect::Cockroach {
+            "STRING"
+        } else {
+            "TEXT"
+        };
         let ddl = format!(
             "CREATE TABLE IF NOT EXISTS {table} (name {text} PRIMARY KEY, expires TIMESTAMPTZ NOT NULL, nonce UUID NOT NULL, hostname {text} NOT NULL)"
         );
-        sqlx::raw_sql(&ddl).execute(&db.pool).await.map_err(CheckpointError::Sql)?;
+        sqlx::raw_sql(&ddl)
+            .execute(&db.pool)
+            .await
+            .map_err(CheckpointError::Sql)?;
         let hostname = std::fs::read_to_string("/etc/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
@@ -41,7 +48,11 @@ impl Leases {
     }
 
     /// Takes the lease if it is free or expired.
-    pub async fn try_acquire(&self, name: &str, lifetime: Duration) -> Result<Option<Lease>, CheckpointError> {
+    pub async fn try_acquire(
+        &self,
+        name: &str,
+        lifetime: Duration,
+    ) -> Result<Option<Lease>, CheckpointError> {
         let nonce = Uuid::new_v4();
         let stmt = format!(
             "INSERT INTO {t} AS l (name, expires, nonce, hostname) VALUES ($1, now() + $2::INTERVAL, $3::UUID, $4) \
@@ -66,7 +77,12 @@ WHERE l.expires < now() RETURNING nonce::TEXT",
     /// Extends a held lease; `false` when it was lost (expired and taken, or released).
     /// Inside an apply transaction this also locks the lease row, fencing other holders
     /// until the transaction ends.
-    pub async fn renew(&self, conn: &mut PgConnection, lease: &Lease, lifetime: Duration) -> Result<bool, CheckpointError> {
+    pub async fn renew(
+        &self,
+        conn: &mut PgConnection,
+        lease: &Lease,
+        lifetime: Duration,
+    ) -> Result<bool, CheckpointError> {
         let stmt = format!(
             "UPDATE {t} SET expires = now() + $3::INTERVAL WHERE name = $1 AND nonce = $2::UUID",
             t = self.table
@@ -82,13 +98,20 @@ WHERE l.expires < now() RETURNING nonce::TEXT",
     }
 
     /// Renews outside any transaction.
-    pub async fn renew_now(&self, lease: &Lease, lifetime: Duration) -> Result<bool, CheckpointError> {
+    pub async fn renew_now(
+        &self,
+        lease: &Lease,
+        lifetime: Duration,
+    ) -> Result<bool, CheckpointError> {
         let mut conn = self.db.pool.acquire().await.map_err(CheckpointError::Sql)?;
         self.renew(&mut conn, lease, lifetime).await
     }
 
     pub async fn release(&self, lease: &Lease) -> Result<(), CheckpointError> {
-        let stmt = format!("DELETE FROM {t} WHERE name = $1 AND nonce = $2::UUID", t = self.table);
+        let stmt = format!(
+            "DELETE FROM {t} WHERE name = $1 AND nonce = $2::UUID",
+            t = self.table
+        );
         sqlx::query(&stmt)
             .bind(&lease.name)
             .bind(lease.nonce.to_string())

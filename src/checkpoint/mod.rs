@@ -45,7 +45,10 @@ impl CheckpointError {
 
     /// Caused by the request (400) rather than by us.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, CheckpointError::Backwards { .. } | CheckpointError::Zero)
+        matches!(
+            self,
+            CheckpointError::Backwards { .. } | CheckpointError::Zero
+        )
     }
 }
 
@@ -66,10 +69,16 @@ pub struct Checkpoints {
 }
 
 impl Checkpoints {
-    pub async fn open(db: Database, staging: &StagingSchema) -> Result<Arc<Checkpoints>, CheckpointError> {
+    pub async fn open(
+        db: Database,
+        staging: &StagingSchema,
+    ) -> Result<Arc<Checkpoints>, CheckpointError> {
         let table = staging.object("checkpoints");
         for stmt in ddl(db.dialect, &table) {
-            sqlx::raw_sql(&stmt).execute(&db.pool).await.map_err(CheckpointError::Sql)?;
+            sqlx::raw_sql(&stmt)
+                .execute(&db.pool)
+                .await
+                .map_err(CheckpointError::Sql)?;
         }
         Ok(Arc::new(Checkpoints {
             db,
@@ -94,16 +103,22 @@ ON CONFLICT DO NOTHING RETURNING 1) \
 SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
             t = self.table
         );
-        let row = target::retry(|| sqlx::query(&stmt).bind(&group).bind(ts.to_decimal()).fetch_one(&self.db.pool))
-            .await
-            .map_err(CheckpointError::Sql)?;
+        let row = target::retry(|| {
+            sqlx::query(&stmt)
+                .bind(&group)
+                .bind(ts.to_decimal())
+                .fetch_one(&self.db.pool)
+        })
+        .await
+        .map_err(CheckpointError::Sql)?;
         metrics::histogram!(m::CHECKPOINT_ADVANCE_DURATION, m::LABEL_SCHEMA => schema.to_string())
             .record(started.elapsed().as_secs_f64());
         let newest: Option<String> = row.try_get(0).map_err(CheckpointError::Sql)?;
         if let Some(newest) = newest {
             let newest = parse_decimal(&newest)?;
             if ts < newest {
-                metrics::counter!(m::CHECKPOINT_BACKWARDS, m::LABEL_SCHEMA => schema.to_string()).increment(1);
+                metrics::counter!(m::CHECKPOINT_BACKWARDS, m::LABEL_SCHEMA => schema.to_string())
+                    .increment(1);
                 return Err(CheckpointError::Backwards {
                     group,
                     proposed: ts,
@@ -132,9 +147,21 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
             .map_err(CheckpointError::Sql)?;
         let committed: Option<String> = row.try_get(0).map_err(CheckpointError::Sql)?;
         let proposed: Option<String> = row.try_get(1).map_err(CheckpointError::Sql)?;
-        let committed = committed.as_deref().map(parse_decimal).transpose()?.unwrap_or(Hlc::ZERO);
-        let proposed = proposed.as_deref().map(parse_decimal).transpose()?.unwrap_or(Hlc::ZERO).max(committed);
-        let bounds = Bounds { committed, proposed };
+        let committed = committed
+            .as_deref()
+            .map(parse_decimal)
+            .transpose()?
+            .unwrap_or(Hlc::ZERO);
+        let proposed = proposed
+            .as_deref()
+            .map(parse_decimal)
+            .transpose()?
+            .unwrap_or(Hlc::ZERO)
+            .max(committed);
+        let bounds = Bounds {
+            committed,
+            proposed,
+        };
         metrics::histogram!(m::CHECKPOINT_REFRESH_DURATION, m::LABEL_SCHEMA => schema.to_string())
             .record(started.elapsed().as_secs_f64());
         self.observe(schema, bounds);
@@ -160,24 +187,36 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
         }
         let now = Hlc::from_system_time(std::time::SystemTime::now()).seconds();
         let s = schema.to_string();
-        let kind = [(m::LABEL_KIND, "cdc".to_string()), (m::LABEL_TARGET, s.clone())];
+        let kind = [
+            (m::LABEL_KIND, "cdc".to_string()),
+            (m::LABEL_TARGET, s.clone()),
+        ];
         if !bounds.committed.is_zero() {
             metrics::gauge!(m::TARGET_APPLIED_TIMESTAMP, &kind).set(bounds.committed.seconds());
             metrics::gauge!(m::TARGET_LAG, &kind).set(now - bounds.committed.seconds());
-            metrics::gauge!(m::CHECKPOINT_COMMITTED_TIME, m::LABEL_SCHEMA => s.clone()).set(bounds.committed.seconds());
-            metrics::gauge!(m::CHECKPOINT_COMMITTED_AGE, m::LABEL_SCHEMA => s.clone()).set(now - bounds.committed.seconds());
+            metrics::gauge!(m::CHECKPOINT_COMMITTED_TIME, m::LABEL_SCHEMA => s.clone())
+                .set(bounds.committed.seconds());
+            metrics::gauge!(m::CHECKPOINT_COMMITTED_AGE, m::LABEL_SCHEMA => s.clone())
+                .set(now - bounds.committed.seconds());
         }
         if !bounds.proposed.is_zero() {
             metrics::gauge!(m::TARGET_PENDING_TIMESTAMP, &kind).set(bounds.proposed.seconds());
             metrics::gauge!(m::SOURCE_LAG, &kind).set(now - bounds.proposed.seconds());
-            metrics::gauge!(m::CHECKPOINT_PROPOSED_TIME, m::LABEL_SCHEMA => s.clone()).set(bounds.proposed.seconds());
-            metrics::gauge!(m::CHECKPOINT_PROPOSED_AGE, m::LABEL_SCHEMA => s).set(now - bounds.proposed.seconds());
+            metrics::gauge!(m::CHECKPOINT_PROPOSED_TIME, m::LABEL_SCHEMA => s.clone())
+                .set(bounds.proposed.seconds());
+            metrics::gauge!(m::CHECKPOINT_PROPOSED_AGE, m::LABEL_SCHEMA => s)
+                .set(now - bounds.proposed.seconds());
         }
     }
 
     /// Marks every checkpoint of `schema` up to `upto` applied, inside the caller's
     /// transaction, and drops older applied rows (the newest applied one is what counts).
-    pub async fn commit(&self, conn: &mut PgConnection, schema: &Schema, upto: Hlc) -> Result<(), CheckpointError> {
+    pub async fn commit(
+        &self,
+        conn: &mut PgConnection,
+        schema: &Schema,
+        upto: Hlc,
+    ) -> Result<(), CheckpointError> {
         let started = Instant::now();
         let group = schema.canonical();
         let upd = format!(
@@ -208,7 +247,13 @@ WHERE group_name = $1 AND source_hlc <= $2::DECIMAL AND target_applied_at IS NUL
 
     /// Records that a commit made by this process became durable.
     pub fn committed(&self, schema: &Schema, upto: Hlc) {
-        let proposed = self.cache.lock().expect("poisoned").get(schema).map(|b| b.proposed).unwrap_or(upto);
+        let proposed = self
+            .cache
+            .lock()
+            .expect("poisoned")
+            .get(schema)
+            .map(|b| b.proposed)
+            .unwrap_or(upto);
         self.observe(
             schema,
             Bounds {
@@ -237,7 +282,9 @@ WHERE group_name = $1 AND source_hlc <= $2::DECIMAL AND target_applied_at IS NUL
 /// by us; other spellings (fewer digits, trailing zeros trimmed) are right-padded.
 fn parse_decimal(s: &str) -> Result<Hlc, CheckpointError> {
     let (n, l) = s.split_once('.').unwrap_or((s, "0"));
-    let nanos: i64 = n.parse().map_err(|_| CheckpointError::Corrupt(s.to_string()))?;
+    let nanos: i64 = n
+        .parse()
+        .map_err(|_| CheckpointError::Corrupt(s.to_string()))?;
     let mut l = l.to_string();
     if l.len() > 10 {
         if l[10..].bytes().any(|b| b != b'0') {
@@ -248,7 +295,9 @@ fn parse_decimal(s: &str) -> Result<Hlc, CheckpointError> {
     while l.len() < 10 {
         l.push('0');
     }
-    let logical: i32 = l.parse().map_err(|_| CheckpointError::Corrupt(s.to_string()))?;
+    let logical: i32 = l
+        .parse()
+        .map_err(|_| CheckpointError::Corrupt(s.to_string()))?;
     Ok(Hlc::new(nanos, logical))
 }
 
@@ -293,7 +342,10 @@ mod tests {
     fn golden_checkpoint_ddl() {
         let pg = ddl(Dialect::Postgres, "\"_cdc_sink\".\"checkpoints\"");
         assert_eq!(pg, ["CREATE TABLE IF NOT EXISTS \"_cdc_sink\".\"checkpoints\" (group_name TEXT NOT NULL, source_hlc DECIMAL NOT NULL, partition TEXT NOT NULL, first_seen TIMESTAMPTZ NOT NULL DEFAULT now(), target_applied_at TIMESTAMPTZ, PRIMARY KEY (group_name, source_hlc, partition))"]);
-        let crdb = ddl(Dialect::Cockroach, "\"_cdc_sink\".\"public\".\"checkpoints\"");
+        let crdb = ddl(
+            Dialect::Cockroach,
+            "\"_cdc_sink\".\"public\".\"checkpoints\"",
+        );
         assert!(crdb[0].contains("source_nanos INT8 AS (floor(source_hlc)::INT8) VIRTUAL"));
         assert!(crdb[0].contains("INDEX (group_name, target_applied_at, partition)"));
     }

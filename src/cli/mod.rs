@@ -9,7 +9,11 @@ use clap::{ArgAction, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "cdc-sink", version, about = "CockroachDB changefeed sink for active-active replication")]
+#[command(
+    name = "cdc-sink",
+    version,
+    about = "CockroachDB changefeed sink for active-active replication"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub log: LogArgs,
@@ -27,7 +31,11 @@ pub struct LogArgs {
     #[arg(long = "logFormat", env = "CDC_SINK_LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "fluent", "json"])]
     pub log_format: String,
     /// Append logs to this file instead of standard error.
-    #[arg(long = "logDestination", env = "CDC_SINK_LOG_DESTINATION", global = true)]
+    #[arg(
+        long = "logDestination",
+        env = "CDC_SINK_LOG_DESTINATION",
+        global = true
+    )]
     pub log_destination: Option<std::path::PathBuf>,
 }
 
@@ -65,7 +73,9 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
@@ -76,12 +86,20 @@ fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
         _ => "trace",
     };
     // Our own crate at the chosen level; noisy dependencies stay at warn unless RUST_LOG says.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("warn,cdc_sink={level},cdc_sink::userscript={level}")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "warn,cdc_sink={level},cdc_sink::userscript={level}"
+        ))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
     let writer: tracing_subscriber::fmt::writer::BoxMakeWriter = match &args.log_destination {
         Some(path) => {
-            let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
             tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(file))
         }
         None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),

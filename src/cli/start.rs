@@ -29,7 +29,11 @@ pub struct StartArgs {
     #[arg(long = "userscript", env = "CDC_SINK_USERSCRIPT")]
     pub userscript: Option<std::path::PathBuf>,
     /// Dead-letter table name inside each target schema.
-    #[arg(long = "dlqTableName", env = "CDC_SINK_DLQ_TABLE_NAME", default_value = "cdc_sink_dlq")]
+    #[arg(
+        long = "dlqTableName",
+        env = "CDC_SINK_DLQ_TABLE_NAME",
+        default_value = "cdc_sink_dlq"
+    )]
     pub dlq_table_name: String,
 }
 
@@ -84,9 +88,24 @@ pub async fn launch(args: StartArgs) -> anyhow::Result<Running> {
     let checkpoints = Checkpoints::open(staging.clone(), stager.schema()).await?;
     let leases = Arc::new(Leases::open(staging.clone(), stager.schema()).await?);
     let applier = Applier::new(target.clone(), args.target.schema_refresh);
-    let sequencer = Sequencer::new(args.sequence.clone(), stager.clone(), checkpoints.clone(), leases, applier.clone());
+    let sequencer = Sequencer::new(
+        args.sequence.clone(),
+        stager.clone(),
+        checkpoints.clone(),
+        leases,
+        applier.clone(),
+    );
     sequencer.recover().await?;
-    let handler = Ingest::new(&args.source, target, staging, auth, applier, stager, checkpoints, sequencer.clone());
+    let handler = Ingest::handler(
+        &args.source,
+        target,
+        staging,
+        auth,
+        applier,
+        stager,
+        checkpoints,
+        sequencer.clone(),
+    );
     let bound = crate::server::bind(&args.server).await?;
     let (addr, metrics_addr, tls) = (bound.local_addr(), bound.metrics_addr(), bound.tls());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -157,8 +176,15 @@ pub async fn preflight(args: PreflightArgs) -> anyhow::Result<()> {
     }
     for (what, url) in urls {
         let db = crate::target::open(&url, what, &settings).await?;
-        sqlx::query("SELECT 1").execute(&db.pool).await.with_context(|| format!("{what}: SELECT 1"))?;
-        println!("{what}: ok ({}, database {})", db.dialect.name(), db.database);
+        sqlx::query("SELECT 1")
+            .execute(&db.pool)
+            .await
+            .with_context(|| format!("{what}: SELECT 1"))?;
+        println!(
+            "{what}: ok ({}, database {})",
+            db.dialect.name(),
+            db.database
+        );
     }
     Ok(())
 }

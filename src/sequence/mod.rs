@@ -39,21 +39,37 @@ pub struct SequenceArgs {
     #[arg(long = "flushPeriod", env = "CDC_SINK_FLUSH_PERIOD", default_value = "1s", value_parser = parse_duration)]
     pub flush_period: Duration,
     /// Target number of mutations per target transaction.
-    #[arg(long = "flushSize", env = "CDC_SINK_FLUSH_SIZE", default_value_t = 1000)]
+    #[arg(
+        long = "flushSize",
+        env = "CDC_SINK_FLUSH_SIZE",
+        default_value_t = 1000
+    )]
     pub flush_size: usize,
     /// Concurrent target transactions per schema (transactions of one window are applied in
     /// order; the value is accepted for compatibility).
-    #[arg(long = "parallelism", env = "CDC_SINK_PARALLELISM", default_value_t = 16)]
+    #[arg(
+        long = "parallelism",
+        env = "CDC_SINK_PARALLELISM",
+        default_value_t = 16
+    )]
     pub parallelism: usize,
     /// Rows per staging read query.
-    #[arg(long = "scanSize", env = "CDC_SINK_SCAN_SIZE", default_value_t = 10_000)]
+    #[arg(
+        long = "scanSize",
+        env = "CDC_SINK_SCAN_SIZE",
+        default_value_t = 10_000
+    )]
     pub scan_size: usize,
     /// How long applied staging rows are kept (rows are deleted when their window commits,
     /// in the same transaction; accepted for compatibility).
     #[arg(long = "retireOffset", env = "CDC_SINK_RETIRE_OFFSET", default_value = "24h0m0s", value_parser = parse_duration)]
     pub retire_offset: Duration,
     /// Accepted for compatibility; unused (as in the reference).
-    #[arg(long = "timestampLimit", env = "CDC_SINK_TIMESTAMP_LIMIT", default_value_t = 1000)]
+    #[arg(
+        long = "timestampLimit",
+        env = "CDC_SINK_TIMESTAMP_LIMIT",
+        default_value_t = 1000
+    )]
     pub timestamp_limit: usize,
     /// Accepted for compatibility; unused (as in the reference).
     #[arg(long = "quiescentPeriod", env = "CDC_SINK_QUIESCENT_PERIOD", default_value = "10s", value_parser = parse_duration)]
@@ -85,7 +101,9 @@ impl SequenceArgs {
             ));
         }
         if self.flush_size == 0 || self.scan_size == 0 {
-            return Err(SequenceError::Config("--flushSize and --scanSize must be positive".into()));
+            return Err(SequenceError::Config(
+                "--flushSize and --scanSize must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -206,7 +224,11 @@ impl Sequencer {
     }
 
     /// Immediate mode: applies one request in a single target transaction.
-    pub async fn apply_now(&self, schema: &Schema, batches: &TableBatches) -> Result<(), SequenceError> {
+    pub async fn apply_now(
+        &self,
+        schema: &Schema,
+        batches: &TableBatches,
+    ) -> Result<(), SequenceError> {
         let info = self.parts.applier.schema(schema).await?;
         let pool = &self.parts.stager.database().pool;
         let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
@@ -240,7 +262,11 @@ pub(crate) async fn write_ordered(
     let mut upserts: HashMap<&Table, Vec<Mutation>> = HashMap::new();
     for (table, muts) in batches {
         for mu in last_version_per_key(muts) {
-            let side = if mu.is_delete() { &mut deletes } else { &mut upserts };
+            let side = if mu.is_delete() {
+                &mut deletes
+            } else {
+                &mut upserts
+            };
             side.entry(table).or_default().push(mu.clone());
         }
     }

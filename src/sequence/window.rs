@@ -1,6 +1,8 @@
 //! One schema's consistent-mode pipeline: win the lease, then apply resolved windows.
 
-use super::{backoff, now_seconds, schema_label, write_ordered, Parts, SequenceError, LEASE_LIFETIME, POLL};
+use super::{
+    backoff, now_seconds, schema_label, write_ordered, Parts, SequenceError, LEASE_LIFETIME, POLL,
+};
 use crate::checkpoint::{Bounds, Lease};
 use crate::hlc::Hlc;
 use crate::ident::{Schema, Table};
@@ -37,7 +39,11 @@ impl Pipeline {
     pub(super) async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut failures = 0u32;
         while !*stop.borrow() {
-            let acquired = self.parts.leases.try_acquire(&self.lease_name, LEASE_LIFETIME).await;
+            let acquired = self
+                .parts
+                .leases
+                .try_acquire(&self.lease_name, LEASE_LIFETIME)
+                .await;
             match acquired {
                 Ok(Some(lease)) => {
                     failures = 0;
@@ -61,7 +67,11 @@ impl Pipeline {
                     tracing::warn!(schema = %self.schema, error = %e, "could not acquire apply lease");
                 }
             }
-            let wait = if failures > 0 { backoff(failures) } else { POLL };
+            let wait = if failures > 0 {
+                backoff(failures)
+            } else {
+                POLL
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => {}
@@ -78,9 +88,12 @@ impl Pipeline {
                 return Held::Stopped;
             }
             let started = Instant::now();
-            metrics::gauge!(m::CORE_SWEEP_ATTEMPT_TIMESTAMP, &schema_label(&self.schema)).set(now_seconds());
+            metrics::gauge!(m::CORE_SWEEP_ATTEMPT_TIMESTAMP, &schema_label(&self.schema))
+                .set(now_seconds());
             let result = match self.parts.checkpoints.bounds(&self.schema).await {
-                Ok(b) if b.proposed > b.committed => self.apply_window(lease, b).await.map(|_| true),
+                Ok(b) if b.proposed > b.committed => {
+                    self.apply_window(lease, b).await.map(|_| true)
+                }
                 Ok(_) => Ok(false),
                 Err(e) => Err(SequenceError::from(e)),
             };
@@ -91,7 +104,11 @@ impl Pipeline {
                         renewed = Instant::now();
                         metrics::histogram!(m::CORE_SWEEP_DURATION, &schema_label(&self.schema))
                             .record(started.elapsed().as_secs_f64());
-                        metrics::gauge!(m::CORE_SWEEP_SUCCESS_TIMESTAMP, &schema_label(&self.schema)).set(now_seconds());
+                        metrics::gauge!(
+                            m::CORE_SWEEP_SUCCESS_TIMESTAMP,
+                            &schema_label(&self.schema)
+                        )
+                        .set(now_seconds());
                         continue;
                     }
                     POLL.min(self.parts.args.flush_period.max(Duration::from_millis(50)))
@@ -155,7 +172,8 @@ impl Pipeline {
                 flush.extend(group);
                 let last_group = i + 1 == n_groups;
                 if flush.len() >= self.parts.args.flush_size && !(last_page && last_group) {
-                    self.flush(lease, &tables, std::mem::take(&mut flush), None, &info).await?;
+                    self.flush(lease, &tables, std::mem::take(&mut flush), None, &info)
+                        .await?;
                 }
             }
             if last_page {
@@ -193,7 +211,9 @@ impl Pipeline {
                     // One source timestamp larger than a page: read all of it, never split it.
                     loop {
                         let key = page[page.len() - 1].key.clone();
-                        let more = stager.read(conn, table, last, Some(&key), last, scan).await?;
+                        let more = stager
+                            .read(conn, table, last, Some(&key), last, scan)
+                            .await?;
                         let done = more.len() < scan;
                         page.extend(more.into_iter().filter(|m| m.time == last));
                         if done {
@@ -228,7 +248,12 @@ impl Pipeline {
         }
         let count: usize = batches.values().map(Vec::len).sum();
         let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
-        if !self.parts.leases.renew(&mut tx, lease, LEASE_LIFETIME).await? {
+        if !self
+            .parts
+            .leases
+            .renew(&mut tx, lease, LEASE_LIFETIME)
+            .await?
+        {
             return Err(SequenceError::LeaseLost(self.schema.to_string()));
         }
         write_ordered(&self.parts.applier, &mut tx, info, &batches).await?;
@@ -237,17 +262,24 @@ impl Pipeline {
                 for table in tables {
                     self.parts.stager.retire(&mut tx, table, hi).await?;
                 }
-                self.parts.checkpoints.commit(&mut tx, &self.schema, hi).await?;
+                self.parts
+                    .checkpoints
+                    .commit(&mut tx, &self.schema, hi)
+                    .await?;
             }
             None => {
                 for (table, muts) in &batches {
                     let refs: Vec<&Mutation> = muts.iter().collect();
-                    self.parts.stager.mark_applied(&mut tx, table, &refs).await?;
+                    self.parts
+                        .stager
+                        .mark_applied(&mut tx, table, &refs)
+                        .await?;
                 }
             }
         }
         tx.commit().await.map_err(SequenceError::Sql)?;
-        metrics::counter!(m::CORE_SWEEP_APPLY_COUNT, &schema_label(&self.schema)).increment(count as u64);
+        metrics::counter!(m::CORE_SWEEP_APPLY_COUNT, &schema_label(&self.schema))
+            .increment(count as u64);
         Ok(())
     }
 }

@@ -25,7 +25,11 @@ use webhook::{DecodeLimits, Payload, PrimaryKeys, WebhookError};
 #[derive(clap::Args, Debug, Clone)]
 pub struct SourceArgs {
     /// Maximum bytes of one ndjson line.
-    #[arg(long = "ndjsonBufferSize", env = "CDC_SINK_NDJSON_BUFFER_SIZE", default_value_t = 65_536)]
+    #[arg(
+        long = "ndjsonBufferSize",
+        env = "CDC_SINK_NDJSON_BUFFER_SIZE",
+        default_value_t = 65_536
+    )]
     pub ndjson_buffer_size: usize,
 }
 
@@ -67,7 +71,9 @@ impl IngestError {
             _ if self.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Checkpoint(e) if e.is_bad_input() => StatusCode::BAD_REQUEST,
             // The target refused the data itself (constraint, type): the request cannot succeed.
-            IngestError::Apply(_) | IngestError::Sequence(SequenceError::Apply(_)) => StatusCode::BAD_REQUEST,
+            IngestError::Apply(_) | IngestError::Sequence(SequenceError::Apply(_)) => {
+                StatusCode::BAD_REQUEST
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -96,8 +102,9 @@ pub struct Ingest {
 }
 
 impl Ingest {
+    /// Builds the handler the server calls for every changefeed request.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub fn handler(
         args: &SourceArgs,
         target: Database,
         staging: Database,
@@ -124,13 +131,18 @@ impl Ingest {
     async fn handle(&self, req: Request) -> Result<(), IngestError> {
         let route = webhook::parse_path(&req.path)?;
         let schema = route.schema().clone();
-        if self.target.dialect == Dialect::Postgres && schema.db != Ident::new(&self.target.database) {
+        if self.target.dialect == Dialect::Postgres
+            && schema.db != Ident::new(&self.target.database)
+        {
             return Err(IngestError::WrongDatabase {
                 got: schema.db.raw().to_string(),
                 want: self.target.database.clone(),
             });
         }
-        if !self.auth.allows(&req.headers, req.query.as_deref(), &schema) {
+        if !self
+            .auth
+            .allows(&req.headers, req.query.as_deref(), &schema)
+        {
             return Err(IngestError::Unauthorized);
         }
         let info = self.applier.schema(&schema).await?;
@@ -158,7 +170,10 @@ impl Ingest {
         mut info: Arc<SchemaInfo>,
         muts: Vec<(Table, Mutation)>,
     ) -> Result<(), IngestError> {
-        let labels = [(m::LABEL_KIND, "cdc".to_string()), (m::LABEL_TARGET, schema.to_string())];
+        let labels = [
+            (m::LABEL_KIND, "cdc".to_string()),
+            (m::LABEL_TARGET, schema.to_string()),
+        ];
         let received = muts.len() as u64;
         metrics::counter!(m::MUTATIONS_RECEIVED, &labels).increment(received);
         // Tables created after the schema was loaded: look again once before refusing.
@@ -178,14 +193,22 @@ impl Ingest {
             keep
         }));
         if below > 0 {
-            metrics::counter!(m::STAGE_BELOW_CHECKPOINT, m::LABEL_SCHEMA => schema.to_string()).increment(below);
+            metrics::counter!(m::STAGE_BELOW_CHECKPOINT, m::LABEL_SCHEMA => schema.to_string())
+                .increment(below);
         }
         let result = if batches.is_empty() {
             Ok(())
         } else if self.sequencer.immediate() {
-            self.sequencer.apply_now(schema, &batches).await.map_err(IngestError::from)
+            self.sequencer
+                .apply_now(schema, &batches)
+                .await
+                .map_err(IngestError::from)
         } else {
-            self.stager.stage(&batches).await.map(drop).map_err(IngestError::from)
+            self.stager
+                .stage(&batches)
+                .await
+                .map(drop)
+                .map_err(IngestError::from)
         };
         match &result {
             Ok(()) => metrics::counter!(m::MUTATIONS_SUCCESS, &labels).increment(received),
@@ -200,10 +223,13 @@ struct Keys<'a>(&'a SchemaInfo);
 
 impl PrimaryKeys for Keys<'_> {
     fn primary_key(&self, table: &Table) -> Option<Vec<Ident>> {
-        self.0
-            .tables
-            .get(table)
-            .map(|t| t.columns.iter().filter(|c| c.primary).map(|c| c.name.clone()).collect())
+        self.0.tables.get(table).map(|t| {
+            t.columns
+                .iter()
+                .filter(|c| c.primary)
+                .map(|c| c.name.clone())
+                .collect()
+        })
     }
 }
 
@@ -232,7 +258,8 @@ impl Handler for IngestHandler {
                     Response {
                         status,
                         body: e.to_string(),
-                        retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(Duration::from_secs(1)),
+                        retry_after: (status == StatusCode::SERVICE_UNAVAILABLE)
+                            .then_some(Duration::from_secs(1)),
                     }
                 }
             }

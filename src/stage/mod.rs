@@ -24,7 +24,11 @@ pub use sql::StagingSchema;
 pub struct StageArgs {
     /// Where staged mutations, checkpoints and leases live: a schema of the target database on
     /// PostgreSQL, a database on CockroachDB. Created if missing.
-    #[arg(long = "stagingSchema", env = "CDC_SINK_STAGING_SCHEMA", default_value = "_cdc_sink")]
+    #[arg(
+        long = "stagingSchema",
+        env = "CDC_SINK_STAGING_SCHEMA",
+        default_value = "_cdc_sink"
+    )]
     pub staging_schema: String,
 }
 
@@ -165,7 +169,10 @@ impl Stager {
             names.push(self.ensure(table).await?);
         }
         let started = Instant::now();
-        let cols: Vec<Columns> = batches.values().map(|muts| Columns::from(muts.as_slice())).collect();
+        let cols: Vec<Columns> = batches
+            .values()
+            .map(|muts| Columns::from(muts.as_slice()))
+            .collect();
         let stmt = sql::insert(&names);
         let result = target::retry(|| {
             let mut q = sqlx::query(&stmt);
@@ -227,10 +234,13 @@ impl Stager {
         if let Some(k) = resume_key {
             q = q.bind(k);
         }
-        let rows = q.fetch_all(&mut *conn).await.map_err(|source| StageError::Read {
-            table: name.clone(),
-            source,
-        })?;
+        let rows = q
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|source| StageError::Read {
+                table: name.clone(),
+                source,
+            })?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let decode = |source| StageError::Read {
@@ -257,7 +267,12 @@ impl Stager {
 
     /// Marks rows applied (a window applied in several transactions keeps its rows until the
     /// checkpoint commits, so a redelivery cannot be staged and applied a second time).
-    pub async fn mark_applied(&self, conn: &mut PgConnection, table: &Table, muts: &[&Mutation]) -> Result<(), StageError> {
+    pub async fn mark_applied(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        muts: &[&Mutation],
+    ) -> Result<(), StageError> {
         if muts.is_empty() {
             return Ok(());
         }
@@ -271,13 +286,21 @@ impl Stager {
             .bind(keys)
             .execute(&mut *conn)
             .await
-            .map_err(|source| StageError::Retire { table: name, source })?;
+            .map_err(|source| StageError::Retire {
+                table: name,
+                source,
+            })?;
         Ok(())
     }
 
     /// Deletes every staged row of `table` at or before `upto` (applied, or redelivered
     /// duplicates of applied rows).
-    pub async fn retire(&self, conn: &mut PgConnection, table: &Table, upto: Hlc) -> Result<u64, StageError> {
+    pub async fn retire(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        upto: Hlc,
+    ) -> Result<u64, StageError> {
         let name = self.ensure(table).await?;
         let started = Instant::now();
         let done = sqlx::query(&sql::retire(&name))
@@ -289,7 +312,8 @@ impl Stager {
                 table: name.clone(),
                 source,
             })?;
-        metrics::histogram!("stage_retire_duration_seconds", &labels(table)).record(started.elapsed().as_secs_f64());
+        metrics::histogram!("stage_retire_duration_seconds", &labels(table))
+            .record(started.elapsed().as_secs_f64());
         Ok(done.rows_affected())
     }
 
@@ -301,7 +325,10 @@ impl Stager {
             .bind(i64::from(upto.logical()))
             .fetch_one(&self.db.pool)
             .await
-            .map_err(|source| StageError::Read { table: name, source })
+            .map_err(|source| StageError::Read {
+                table: name,
+                source,
+            })
     }
 }
 
@@ -317,7 +344,10 @@ fn json_text(bytes: Vec<u8>) -> Option<String> {
     if bytes == b"null" {
         return None;
     }
-    Some(String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+    Some(
+        String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
 }
 
 /// One table's batch as the column arrays the insert binds.
@@ -352,7 +382,10 @@ impl From<&[Mutation]> for Columns {
                 .iter()
                 .map(|m| m.after.as_deref().unwrap_or("null").as_bytes().to_vec())
                 .collect(),
-            befores: order.iter().map(|m| m.before.as_ref().map(|b| b.as_bytes().to_vec())).collect(),
+            befores: order
+                .iter()
+                .map(|m| m.before.as_ref().map(|b| b.as_bytes().to_vec()))
+                .collect(),
             offered: order.len() as u64,
         }
     }

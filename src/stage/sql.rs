@@ -72,7 +72,9 @@ impl StagingSchema {
     /// Creates the staging namespace.
     pub fn bootstrap_sql(&self) -> Vec<String> {
         match (&self.dialect, &self.db) {
-            (Dialect::Cockroach, Some(db)) => vec![format!("CREATE DATABASE IF NOT EXISTS {}", db.quoted())],
+            (Dialect::Cockroach, Some(db)) => {
+                vec![format!("CREATE DATABASE IF NOT EXISTS {}", db.quoted())]
+            }
             _ => vec![format!("CREATE SCHEMA IF NOT EXISTS {}", self.quoted())],
         }
     }
@@ -173,15 +175,24 @@ mod tests {
         let pg = StagingSchema::parse("_cdc_sink", Dialect::Postgres, "kv").unwrap();
         let t = Table::new(Schema::new("kv", "public"), "KV");
         assert_eq!(pg.table(&t), "\"_cdc_sink\".\"kv_public_kv\"");
-        assert_eq!(pg.bootstrap_sql(), ["CREATE SCHEMA IF NOT EXISTS \"_cdc_sink\""]);
+        assert_eq!(
+            pg.bootstrap_sql(),
+            ["CREATE SCHEMA IF NOT EXISTS \"_cdc_sink\""]
+        );
         let pg2 = StagingSchema::parse("kv._cdc_sink", Dialect::Postgres, "kv").unwrap();
         assert_eq!(pg2.quoted(), "\"_cdc_sink\"");
         assert!(StagingSchema::parse("other._cdc_sink", Dialect::Postgres, "kv").is_err());
 
         let crdb = StagingSchema::parse("_cdc_sink", Dialect::Cockroach, "defaultdb").unwrap();
         assert_eq!(crdb.table(&t), "\"_cdc_sink\".\"public\".\"kv_public_kv\"");
-        assert_eq!(crdb.bootstrap_sql(), ["CREATE DATABASE IF NOT EXISTS \"_cdc_sink\""]);
-        assert_eq!(crdb.object("checkpoints"), "\"_cdc_sink\".\"public\".\"checkpoints\"");
+        assert_eq!(
+            crdb.bootstrap_sql(),
+            ["CREATE DATABASE IF NOT EXISTS \"_cdc_sink\""]
+        );
+        assert_eq!(
+            crdb.object("checkpoints"),
+            "\"_cdc_sink\".\"public\".\"checkpoints\""
+        );
     }
 
     #[test]
@@ -212,7 +223,10 @@ SELECT (SELECT count(*) FROM s0), (SELECT count(*) FROM s1)"
             "SELECT nanos, logical, key, mut, before FROM t WHERE (nanos, logical) > ($1, $2) AND (nanos, logical) <= ($3, $4) AND NOT applied ORDER BY nanos, logical, key LIMIT $5"
         );
         assert!(read("t", true).contains("(nanos, logical, key) > ($1, $2, $6)"));
-        assert_eq!(retire("t"), "DELETE FROM t WHERE (nanos, logical) <= ($1, $2)");
+        assert_eq!(
+            retire("t"),
+            "DELETE FROM t WHERE (nanos, logical) <= ($1, $2)"
+        );
         assert_eq!(
             mark_applied("t"),
             "UPDATE t SET applied = true WHERE (nanos, logical, key) IN (SELECT * FROM unnest($1::INT8[], $2::INT8[], $3::TEXT[]))"

@@ -10,7 +10,8 @@ const WAIT: Duration = Duration::from_secs(20);
 
 async fn kv_db(name: &str) -> Db {
     let db = Db::new(name).await;
-    db.exec("CREATE TABLE public.kv (k INT8 PRIMARY KEY, v TEXT)").await;
+    db.exec("CREATE TABLE public.kv (k INT8 PRIMARY KEY, v TEXT)")
+        .await;
     db
 }
 
@@ -55,12 +56,22 @@ async fn mutations_wait_for_resolved_then_apply_in_order() {
     )
     .await;
     assert_eq!(staged(&db).await, 3, "staged before the ack");
-    assert!(kv_rows(&db).await.is_empty(), "nothing applied before resolved");
+    assert!(
+        kv_rows(&db).await.is_empty(),
+        "nothing applied before resolved"
+    );
 
     sink.post_ok("/kv/public", resolved(2)).await;
     committed(&db, 2).await;
-    assert_eq!(kv_rows(&db).await, vec![(1, Some("b".into())), (2, Some("x".into()))]);
-    assert_eq!(staged(&db).await, 0, "applied rows retired with the checkpoint");
+    assert_eq!(
+        kv_rows(&db).await,
+        vec![(1, Some("b".into())), (2, Some("x".into()))]
+    );
+    assert_eq!(
+        staged(&db).await,
+        0,
+        "applied rows retired with the checkpoint"
+    );
     sink.stop().await;
 }
 
@@ -110,7 +121,10 @@ async fn redelivered_and_reordered_batches_end_in_the_final_state() {
     committed(&db, 4).await;
     let rows = kv_rows(&db).await;
     assert_eq!(rows.len(), 20);
-    assert!(rows.iter().all(|(_, v)| v.as_deref() == Some("v4")), "{rows:?}");
+    assert!(
+        rows.iter().all(|(_, v)| v.as_deref() == Some("v4")),
+        "{rows:?}"
+    );
     assert_eq!(staged(&db).await, 0);
     sink.stop().await;
 }
@@ -145,7 +159,12 @@ async fn large_windows_apply_in_several_transactions_without_losing_rows() {
     for t in 1..=30 {
         for k in 0..3 {
             let key = t * 10 + k;
-            elements.push(upsert("kv", json!([key]), json!({"k": key, "v": format!("t{t}")}), t));
+            elements.push(upsert(
+                "kv",
+                json!([key]),
+                json!({"k": key, "v": format!("t{t}")}),
+                t,
+            ));
         }
     }
     for k in 1000..1012 {
@@ -198,7 +217,10 @@ async fn bad_input_is_refused_and_changes_nothing() {
     for (path, body, want) in cases {
         let (status, text) = sink.post(path, body.clone()).await;
         assert_eq!(status, want, "{path} {body}: {text}");
-        assert!(!text.trim().is_empty() && !text.trim().contains('\n'), "one-line reason: {text:?}");
+        assert!(
+            !text.trim().is_empty() && !text.trim().contains('\n'),
+            "one-line reason: {text:?}"
+        );
     }
     // A mixed batch whose last element is bad stages nothing.
     let (status, _) = sink
@@ -242,7 +264,8 @@ async fn immediate_mode_applies_each_request_at_once() {
     )
     .await;
     assert_eq!(kv_rows(&db).await, vec![(1, Some("b".into()))]);
-    sink.post_ok("/kv/public", batch(vec![delete("kv", json!([1]), 3)])).await;
+    sink.post_ok("/kv/public", batch(vec![delete("kv", json!([1]), 3)]))
+        .await;
     assert!(kv_rows(&db).await.is_empty());
     sink.post_ok("/kv/public", resolved(3)).await;
     committed(&db, 3).await;
@@ -269,8 +292,11 @@ async fn query_feeds_build_keys_from_the_target_primary_key() {
 async fn the_target_going_down_answers_503_then_recovers() {
     let db = kv_db("kv").await;
     let sink = Sink::start(&db, &[]).await;
-    sink.post_ok("/kv/public", batch(vec![upsert("kv", json!([1]), json!({"k": 1, "v": "a"}), 1)]))
-        .await;
+    sink.post_ok(
+        "/kv/public",
+        batch(vec![upsert("kv", json!([1]), json!({"k": 1, "v": "a"}), 1)]),
+    )
+    .await;
     db.cluster.stop().expect("stop postgresql");
     let body = batch(vec![upsert("kv", json!([2]), json!({"k": 2, "v": "b"}), 2)]);
     let (status, text) = sink.post("/kv/public", body.clone()).await;
@@ -303,11 +329,15 @@ async fn two_instances_share_one_target_and_one_applies() {
     committed(&db, 10).await;
     let rows = kv_rows(&db).await;
     assert_eq!(rows.len(), 10);
-    assert!(rows.iter().all(|(_, v)| v.as_deref() == Some("t10")), "{rows:?}");
-    let holders: i64 = sqlx::query_scalar("SELECT count(*) FROM _cdc_sink.leases WHERE expires > now()")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    assert!(
+        rows.iter().all(|(_, v)| v.as_deref() == Some("t10")),
+        "{rows:?}"
+    );
+    let holders: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM _cdc_sink.leases WHERE expires > now()")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(holders, 1, "one lease for the schema");
     a.stop().await;
     b.stop().await;
