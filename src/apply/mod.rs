@@ -114,6 +114,10 @@ fn is_schema_change(e: &sqlx::Error) -> bool {
     )
 }
 
+/// Minimum age of a cached schema before a payload that does not fit it triggers a reload;
+/// bounds the introspection load while a real drift keeps failing.
+const DRIFT_REFRESH: Duration = Duration::from_secs(1);
+
 struct Cached {
     info: Arc<SchemaInfo>,
     loaded: Instant,
@@ -284,6 +288,12 @@ impl Applier {
         }
     }
 
+    /// Whether the cached schema was loaded more than `age` ago (or not at all).
+    fn loaded_before(&self, schema: &Schema, age: Duration) -> bool {
+        let schemas = self.inner.schemas.lock().unwrap_or_else(PoisonError::into_inner);
+        schemas.get(schema).is_none_or(|c| c.loaded.elapsed() >= age)
+    }
+
     /// The plan of `table`, rebuilt when its columns or configuration changed.
     async fn plan(&self, conn: &mut PgConnection, table: &Table) -> Result<Arc<Plan>, ApplyError> {
         let info = self.current(Some(&mut *conn), &table.schema).await?;
@@ -356,8 +366,19 @@ impl Applier {
         table: &Table,
         muts: &[Mutation],
     ) -> Result<(ApplyStats, Vec<Hlc>), ApplyError> {
-        let plan = self.plan(conn, table).await?;
-        let batch = plan.prepare(muts)?;
+        let mut plan = self.plan(conn, table).await?;
+        let batch = match plan.prepare(muts) {
+            Ok(b) => b,
+            // The target may have gained the columns since we last looked: the source and the
+            // target are usually altered together.
+            Err(ApplyError::Drift { .. }) if self.loaded_before(&table.schema, DRIFT_REFRESH) => {
+                tracing::info!(table = %table, "payload does not match the cached schema; reloading");
+                self.load(Some(&mut *conn), &table.schema).await?;
+                plan = self.plan(conn, table).await?;
+                plan.prepare(muts)?
+            }
+            Err(e) => return Err(e),
+        };
         let error = match execute(conn, &plan, &batch).await {
             Ok(()) => return Ok((batch.stats, batch.times)),
             Err(e) if is_schema_change(&e) => e,
