@@ -83,22 +83,35 @@ pub(crate) struct Plan {
 }
 
 fn missing(what: &str, name: &Ident, schema: &TableSchema) -> ApplyError {
-    ApplyError::Config(format!("{what} column name {name} not found in table {}", schema.table))
+    ApplyError::Config(format!(
+        "{what} column name {name} not found in table {}",
+        schema.table
+    ))
 }
 
 impl Plan {
-    pub fn new(dialect: Dialect, schema: Arc<TableSchema>, config: Arc<TableConfig>) -> Result<Plan, ApplyError> {
+    pub fn new(
+        dialect: Dialect,
+        schema: Arc<TableSchema>,
+        config: Arc<TableConfig>,
+    ) -> Result<Plan, ApplyError> {
         for c in &config.cas {
             schema.column(c).ok_or_else(|| missing("cas", c, &schema))?;
         }
         for (c, _) in &config.deadlines {
-            schema.column(c).ok_or_else(|| missing("deadline", c, &schema))?;
+            schema
+                .column(c)
+                .ok_or_else(|| missing("deadline", c, &schema))?;
         }
         for c in config.exprs.keys() {
-            schema.column(c).ok_or_else(|| missing("expression", c, &schema))?;
+            schema
+                .column(c)
+                .ok_or_else(|| missing("expression", c, &schema))?;
         }
         if let Some(c) = &config.extras {
-            schema.column(c).ok_or_else(|| missing("extras", c, &schema))?;
+            schema
+                .column(c)
+                .ok_or_else(|| missing("extras", c, &schema))?;
         }
         if !config.cas.is_empty() || !config.deadlines.is_empty() {
             // Writing unconditionally would silently drop the configured conflict checks.
@@ -200,7 +213,11 @@ impl Plan {
     /// De-duplicates (last version per key wins), validates and converts a batch.
     pub fn prepare(&self, muts: &[Mutation]) -> Result<Batch, ApplyError> {
         let latest = last_version_per_key(muts);
-        let offset = |m: &Mutation| muts.iter().position(|x| std::ptr::eq(x, m)).unwrap_or_default();
+        let offset = |m: &Mutation| {
+            muts.iter()
+                .position(|x| std::ptr::eq(x, m))
+                .unwrap_or_default()
+        };
         let mut deletes = Builder::new(&self.delete_params, self.row_limit);
         let mut upserts = Builder::new(&self.upsert_params, self.row_limit);
         let mut times = Vec::with_capacity(latest.len());
@@ -228,10 +245,11 @@ impl Plan {
     }
 
     fn delete_row(&self, m: &Mutation, out: &mut Builder) -> Result<(), ApplyError> {
-        let key: Vec<&RawValue> = serde_json::from_str(&m.key).map_err(|e| ApplyError::Payload {
-            table: self.table(),
-            detail: format!("invalid key: {e}"),
-        })?;
+        let key: Vec<&RawValue> =
+            serde_json::from_str(&m.key).map_err(|e| ApplyError::Payload {
+                table: self.table(),
+                detail: format!("invalid key: {e}"),
+            })?;
         if key.len() != self.keys.len() {
             return Err(ApplyError::KeyLength {
                 table: self.table(),
@@ -280,7 +298,10 @@ impl Plan {
         }
         if self.extras.is_none() && !unmapped.is_empty() {
             let names: Vec<&str> = unmapped.keys().copied().collect();
-            return Err(RowError::Drift(format!("unexpected columns: {}", names.join(", "))));
+            return Err(RowError::Drift(format!(
+                "unexpected columns: {}",
+                names.join(", ")
+            )));
         }
         let absent: Vec<&str> = self
             .slots
@@ -290,7 +311,10 @@ impl Plan {
             .map(|(s, _)| s.name.raw())
             .collect();
         if !absent.is_empty() {
-            return Err(RowError::Drift(format!("missing PK columns: {}", absent.join(", "))));
+            return Err(RowError::Drift(format!(
+                "missing PK columns: {}",
+                absent.join(", ")
+            )));
         }
         out.row();
         for (i, slot) in self.slots.iter().enumerate() {
@@ -298,14 +322,16 @@ impl Plan {
                 if unmapped.is_empty() {
                     (false, None)
                 } else {
-                    let doc = serde_json::to_string(&unmapped).map_err(|e| RowError::Json(e.to_string()))?;
+                    let doc = serde_json::to_string(&unmapped)
+                        .map_err(|e| RowError::Json(e.to_string()))?;
                     (true, Some(doc))
                 }
             } else {
                 match present[i] {
-                    Some(v) if slot.value.is_some() => {
-                        (true, to_param(slot.kind, v).map_err(|e| RowError::Json(e.to_string()))?)
-                    }
+                    Some(v) if slot.value.is_some() => (
+                        true,
+                        to_param(slot.kind, v).map_err(|e| RowError::Json(e.to_string()))?,
+                    ),
                     Some(_) => (true, None),
                     None => (false, None),
                 }
@@ -334,7 +360,11 @@ impl RowError {
                 table,
                 detail: format!("payload object offset {offset}: {detail}"),
             },
-            RowError::Drift(detail) => ApplyError::Drift { table, offset, detail },
+            RowError::Drift(detail) => ApplyError::Drift {
+                table,
+                offset,
+                detail,
+            },
         }
     }
 }
@@ -465,7 +495,11 @@ mod tests {
             r#"INSERT INTO "public"."t" AS x ("pk0", "Pk1", "d", "v", "x") SELECT d.p1::INT8, d.p2::TEXT, CASE WHEN d.p4 THEN d.p3::INT8 ELSE 42 END, d.p5::TEXT, d.p6::JSONB FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BOOL[], $5::TEXT[], $6::TEXT[]) AS d(p1, p2, p3, p4, p5, p6) ON CONFLICT ("pk0", "Pk1") DO UPDATE SET "d" = excluded."d", "v" = excluded."v", "x" = excluded."x""#
         );
         let muts = [
-            up(1, r#"[1,"a"]"#, r#"{"PK0":1,"pk1":"a","D":7,"v":"x","G":99,"x":{"b":[1,2e1]}}"#),
+            up(
+                1,
+                r#"[1,"a"]"#,
+                r#"{"PK0":1,"pk1":"a","D":7,"v":"x","G":99,"x":{"b":[1,2e1]}}"#,
+            ),
             up(1, r#"[2,"b"]"#, r#"{"pk0":2,"pk1":"b","d":null}"#),
             up(1, r#"[3,"c"]"#, r#"{"pk0":3,"pk1":"c"}"#),
         ];
@@ -478,7 +512,13 @@ mod tests {
         assert_eq!(a[3], Array::Bool(vec![true, true, false]));
         assert_eq!(text(&a[4]), [Some("x"), None, None]);
         assert_eq!(text(&a[5]), [Some(r#"{"b":[1,2e1]}"#), None, None]);
-        assert_eq!(b.stats, ApplyStats { upserts: 3, deletes: 0 });
+        assert_eq!(
+            b.stats,
+            ApplyStats {
+                upserts: 3,
+                deletes: 0
+            }
+        );
     }
 
     #[test]
@@ -503,7 +543,9 @@ mod tests {
             "schema drift detected in db.public.t at payload object offset 0: missing PK columns: Pk1"
         );
         // An explicit null counts as present.
-        assert!(p.prepare(&[up(1, "[1]", r#"{"pk0":1,"pk1":null}"#)]).is_ok());
+        assert!(p
+            .prepare(&[up(1, "[1]", r#"{"pk0":1,"pk1":null}"#)])
+            .is_ok());
     }
 
     #[test]
@@ -527,7 +569,11 @@ mod tests {
         })
         .unwrap();
         let muts = [
-            up(1, "[1,\"a\"]", r#"{"pk0":1,"pk1":"a","heretofore":"unseen","are":"OK","x":5}"#),
+            up(
+                1,
+                "[1,\"a\"]",
+                r#"{"pk0":1,"pk1":"a","heretofore":"unseen","are":"OK","x":5}"#,
+            ),
             up(1, "[2,\"a\"]", r#"{"pk0":2,"pk1":"a"}"#),
         ];
         let b = p.prepare(&muts).unwrap();
@@ -545,7 +591,13 @@ mod tests {
         })
         .unwrap();
         assert!(!p.upsert_sql.contains(r#""v""#), "{}", p.upsert_sql);
-        let b = p.prepare(&[up(1, "[1,\"a\"]", r#"{"pk0":1,"pk1":"a","v":"x","NoSuch":1}"#)]).unwrap();
+        let b = p
+            .prepare(&[up(
+                1,
+                "[1,\"a\"]",
+                r#"{"pk0":1,"pk1":"a","v":"x","NoSuch":1}"#,
+            )])
+            .unwrap();
         assert_eq!(b.upserts[0].arrays.len(), 5);
     }
 
@@ -565,7 +617,13 @@ mod tests {
             up(1, "[4,\"a\"]", r#"{"pk0":4,"pk1":"a"}"#),
         ];
         let b = p.prepare(&muts).unwrap();
-        assert_eq!(b.stats, ApplyStats { upserts: 3, deletes: 1 });
+        assert_eq!(
+            b.stats,
+            ApplyStats {
+                upserts: 3,
+                deletes: 1
+            }
+        );
         assert_eq!(b.deletes.len(), 1);
         assert_eq!(b.upserts.iter().map(|c| c.rows).collect::<Vec<_>>(), [2, 1]);
         assert_eq!(text(&b.upserts[0].arrays[4]), [Some("new"), None]);
@@ -574,19 +632,28 @@ mod tests {
     #[test]
     fn expressions_without_placeholder_take_no_parameter() {
         let p = plan(TableConfig {
-            exprs: [(Ident::new("v"), "'fixed'".to_string()), (Ident::new("pk0"), "2 * $0".to_string())]
-                .into_iter()
-                .collect(),
+            exprs: [
+                (Ident::new("v"), "'fixed'".to_string()),
+                (Ident::new("pk0"), "2 * $0".to_string()),
+            ]
+            .into_iter()
+            .collect(),
             ..Default::default()
         })
         .unwrap();
-        assert!(p.upsert_sql.contains("(2 * (d.p1::INT8))::INT8"), "{}", p.upsert_sql);
+        assert!(
+            p.upsert_sql.contains("(2 * (d.p1::INT8))::INT8"),
+            "{}",
+            p.upsert_sql
+        );
         assert!(p.upsert_sql.contains("('fixed')::TEXT"), "{}", p.upsert_sql);
         assert_eq!(
             p.delete_sql,
             r#"DELETE FROM "public"."t" WHERE ("pk0", "Pk1") IN (SELECT (2 * (d.p1::INT8))::INT8, d.p2::TEXT FROM unnest($1::TEXT[], $2::TEXT[]) AS d(p1, p2))"#
         );
-        let b = p.prepare(&[up(1, "[1,\"a\"]", r#"{"pk0":1,"pk1":"a","v":"x"}"#)]).unwrap();
+        let b = p
+            .prepare(&[up(1, "[1,\"a\"]", r#"{"pk0":1,"pk1":"a","v":"x"}"#)])
+            .unwrap();
         assert_eq!(b.upserts[0].arrays.len(), 5);
     }
 
@@ -597,7 +664,10 @@ mod tests {
             ..Default::default()
         })
         .unwrap_err();
-        assert_eq!(err.to_string(), "extras column name nope not found in table db.public.t");
+        assert_eq!(
+            err.to_string(),
+            "extras column name nope not found in table db.public.t"
+        );
         let err = plan(TableConfig {
             cas: vec![Ident::new("v")],
             ..Default::default()

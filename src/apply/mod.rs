@@ -19,7 +19,8 @@ pub use schema::{dependency_levels, type_name, Column, SchemaInfo, TableSchema};
 use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics::{
-    APPLY_DELETES, APPLY_DURATION, APPLY_ERRORS, APPLY_MUTATION_AGE, APPLY_UPSERTS, LABEL_SCHEMA, LABEL_TABLE,
+    APPLY_DELETES, APPLY_DURATION, APPLY_ERRORS, APPLY_MUTATION_AGE, APPLY_UPSERTS, LABEL_SCHEMA,
+    LABEL_TABLE,
 };
 use crate::mutation::Mutation;
 use crate::target::{self, Database, Dialect};
@@ -118,11 +119,15 @@ fn is_schema_change(e: &sqlx::Error) -> bool {
 /// bounds the introspection load while a real drift keeps failing.
 const DRIFT_REFRESH: Duration = Duration::from_secs(1);
 
+/// How long one caller's claim on reloading a stale schema holds off the others.
+const RELOAD_CLAIM: Duration = Duration::from_secs(30);
+
 struct Cached {
     info: Arc<SchemaInfo>,
     loaded: Instant,
-    /// One caller reloads a stale schema; the others keep using the old one meanwhile.
-    reloading: bool,
+    /// One caller reloads a stale schema; the others keep using the old one meanwhile. A
+    /// time, not a flag, so a reload whose future was dropped does not block later ones.
+    reloading: Option<Instant>,
 }
 
 enum Lookup {
@@ -218,12 +223,21 @@ impl Applier {
     }
 
     fn lookup(&self, schema: &Schema) -> Lookup {
-        let mut schemas = self.inner.schemas.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut schemas = self
+            .inner
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match schemas.get_mut(schema) {
             None => Lookup::Missing,
-            Some(c) if c.loaded.elapsed() < self.inner.refresh || c.reloading => Lookup::Fresh(c.info.clone()),
+            Some(c)
+                if c.loaded.elapsed() < self.inner.refresh
+                    || c.reloading.is_some_and(|t| t.elapsed() < RELOAD_CLAIM) =>
+            {
+                Lookup::Fresh(c.info.clone())
+            }
             Some(c) => {
-                c.reloading = true;
+                c.reloading = Some(Instant::now());
                 Lookup::Reload(c.info.clone())
             }
         }
@@ -231,7 +245,11 @@ impl Applier {
 
     /// The cached schema, reloaded through `conn` (or the pool) when stale. Reload errors after
     /// the first load are only logged: the previous schema stays in use.
-    async fn current(&self, conn: Option<&mut PgConnection>, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
+    async fn current(
+        &self,
+        conn: Option<&mut PgConnection>,
+        schema: &Schema,
+    ) -> Result<Arc<SchemaInfo>, ApplyError> {
         self.check_database(schema)?;
         match self.lookup(schema) {
             Lookup::Fresh(info) => Ok(info),
@@ -246,7 +264,11 @@ impl Applier {
         }
     }
 
-    async fn load(&self, conn: Option<&mut PgConnection>, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
+    async fn load(
+        &self,
+        conn: Option<&mut PgConnection>,
+        schema: &Schema,
+    ) -> Result<Arc<SchemaInfo>, ApplyError> {
         let dialect = self.inner.target.dialect;
         let loaded = match conn {
             Some(c) => schema::load(c, dialect, schema).await,
@@ -258,7 +280,11 @@ impl Applier {
                 }),
             },
         };
-        let mut schemas = self.inner.schemas.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut schemas = self
+            .inner
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match loaded {
             Ok(info) => {
                 let info = match schemas.get(schema) {
@@ -272,7 +298,7 @@ impl Applier {
                     Cached {
                         info: info.clone(),
                         loaded: Instant::now(),
-                        reloading: false,
+                        reloading: None,
                     },
                 );
                 Ok(info)
@@ -280,7 +306,7 @@ impl Applier {
             Err(e) => {
                 // Try again after another interval rather than on every call.
                 if let Some(c) = schemas.get_mut(schema) {
-                    c.reloading = false;
+                    c.reloading = None;
                     c.loaded = Instant::now();
                 }
                 Err(e)
@@ -290,8 +316,14 @@ impl Applier {
 
     /// Whether the cached schema was loaded more than `age` ago (or not at all).
     fn loaded_before(&self, schema: &Schema, age: Duration) -> bool {
-        let schemas = self.inner.schemas.lock().unwrap_or_else(PoisonError::into_inner);
-        schemas.get(schema).is_none_or(|c| c.loaded.elapsed() >= age)
+        let schemas = self
+            .inner
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        schemas
+            .get(schema)
+            .is_none_or(|c| c.loaded.elapsed() >= age)
     }
 
     /// The plan of `table`, rebuilt when its columns or configuration changed.
@@ -300,15 +332,20 @@ impl Applier {
         let ts = match info.table(table) {
             Some(ts) => ts.clone(),
             // Perhaps created since the last load.
-            None => self
+            None if self.loaded_before(&table.schema, DRIFT_REFRESH) => self
                 .load(Some(conn), &table.schema)
                 .await?
                 .table(table)
                 .cloned()
                 .ok_or_else(|| ApplyError::UnknownTable(table.to_string()))?,
+            None => return Err(ApplyError::UnknownTable(table.to_string())),
         };
         let cfg = self.config(table);
-        let mut plans = self.inner.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut plans = self
+            .inner
+            .plans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(p) = plans.get(table) {
             if Arc::ptr_eq(&p.schema, &ts) && Arc::ptr_eq(&p.config, &cfg) {
                 return Ok(p.clone());
@@ -431,4 +468,42 @@ async fn execute(conn: &mut PgConnection, plan: &Plan, batch: &Batch) -> Result<
         q.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync + Clone>(_: &T) {}
+    fn assert_send<T: Send>(_: T) {}
+
+    /// The applier is shared across tasks and its futures run on the multi-threaded runtime.
+    #[allow(dead_code, unreachable_code, clippy::diverging_sub_expression)]
+    fn applier_and_its_futures_are_send(a: Applier, conn: &mut PgConnection, t: Table, s: Schema) {
+        assert_send_sync(&a);
+        assert_send(a.apply(conn, &t, &[]));
+        assert_send(a.schema(&s));
+        assert_send(a.refresh(&s));
+    }
+
+    #[test]
+    fn errors_classify_for_status_codes() {
+        let e = ApplyError::SchemaChanged { table: "t".into() };
+        assert!(e.is_retryable() && !e.is_unavailable());
+        let e = ApplyError::Write {
+            table: "t".into(),
+            error: sqlx::Error::PoolTimedOut,
+        };
+        assert!(e.is_unavailable() && !e.is_retryable());
+        assert_eq!(
+            e.to_string(),
+            "cannot write to t: pool timed out while waiting for an open connection"
+        );
+        let e = ApplyError::Drift {
+            table: "t".into(),
+            offset: 3,
+            detail: "missing PK columns: k".into(),
+        };
+        assert!(!e.is_retryable() && !e.is_unavailable() && e.sqlstate().is_none());
+    }
 }

@@ -140,12 +140,32 @@ pub(crate) async fn load(
         .map_err(introspect)?;
 
     let mut by_table: BTreeMap<Table, Vec<(Option<i64>, Column)>> = BTreeMap::new();
-    for (catalog, sch, table, name, pk, data_type, udt_catalog, udt_schema, udt_name, collation, default, generated) in rows {
+    for (
+        catalog,
+        sch,
+        table,
+        name,
+        pk,
+        data_type,
+        udt_catalog,
+        udt_schema,
+        udt_name,
+        collation,
+        default,
+        generated,
+    ) in rows
+    {
         let table = Table::new(Schema::new(catalog, sch), table);
         let column = Column {
             name: Ident::new(name),
             primary: pk.is_some(),
-            data_type: type_name(&data_type, &udt_catalog, &udt_schema, &udt_name, collation.as_deref()),
+            data_type: type_name(
+                &data_type,
+                &udt_catalog,
+                &udt_schema,
+                &udt_name,
+                collation.as_deref(),
+            ),
             default,
             ignored: generated.is_some_and(|g| !matches!(g.as_str(), "NEVER" | "NO")),
         };
@@ -170,7 +190,12 @@ pub(crate) async fn load(
         .map(|level| {
             level
                 .into_iter()
-                .map(|t| tables.get_key_value(&t).map(|(k, _)| k.clone()).unwrap_or(t))
+                .map(|t| {
+                    tables
+                        .get_key_value(&t)
+                        .map(|(k, _)| k.clone())
+                        .unwrap_or(t)
+                })
                 .collect()
         })
         .collect();
@@ -222,7 +247,8 @@ pub fn dependency_levels(
     tables: &BTreeSet<Table>,
     edges: impl IntoIterator<Item = (Table, Table)>,
 ) -> Result<Vec<Vec<Table>>, ApplyError> {
-    let mut parents: HashMap<&Table, BTreeSet<&Table>> = tables.iter().map(|t| (t, BTreeSet::new())).collect();
+    let mut parents: HashMap<&Table, BTreeSet<&Table>> =
+        tables.iter().map(|t| (t, BTreeSet::new())).collect();
     let edges: Vec<(Table, Table)> = edges.into_iter().collect();
     for (child, parent) in &edges {
         if child == parent {
@@ -319,7 +345,12 @@ mod tests {
     #[test]
     fn an_fk_cycle_is_an_error_naming_its_tables() {
         let tables = set(&["a", "b", "c", "root"]);
-        let edges = [(t("a"), t("b")), (t("b"), t("c")), (t("c"), t("a")), (t("a"), t("root"))];
+        let edges = [
+            (t("a"), t("b")),
+            (t("b"), t("c")),
+            (t("c"), t("a")),
+            (t("a"), t("root")),
+        ];
         let err = dependency_levels(&tables, edges).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -334,15 +365,48 @@ mod tests {
 
     #[test]
     fn type_names_follow_the_reference_spelling() {
-        assert_eq!(type_name("bigint", "db", "pg_catalog", "int8", None), "INT8");
-        assert_eq!(type_name("ARRAY", "db", "pg_catalog", "_text", None), "TEXT[]");
-        assert_eq!(type_name("character varying", "db", "pg_catalog", "varchar", None), "VARCHAR");
-        assert_eq!(type_name("text", "db", "pg_catalog", "text", Some("C")), r#"TEXT COLLATE "C""#);
-        assert_eq!(type_name("USER-DEFINED", "MyDb", "public", "MyEnum", None), r#""MyDb"."public"."MyEnum""#);
-        assert_eq!(type_name("ARRAY", "MyDb", "public", "_MyEnum", None), r#""MyDb"."public"."MyEnum"[]"#);
-        assert_eq!(type_name("USER-DEFINED", "db", "public", "_odd", None), r#""db"."public"."_odd""#);
-        assert_eq!(type_name("USER-DEFINED", "db", "public", "geography", None), "GEOGRAPHY");
-        assert_eq!(type_name("timestamp with time zone", "db", "pg_catalog", "timestamptz", None), "TIMESTAMPTZ");
+        assert_eq!(
+            type_name("bigint", "db", "pg_catalog", "int8", None),
+            "INT8"
+        );
+        assert_eq!(
+            type_name("ARRAY", "db", "pg_catalog", "_text", None),
+            "TEXT[]"
+        );
+        assert_eq!(
+            type_name("character varying", "db", "pg_catalog", "varchar", None),
+            "VARCHAR"
+        );
+        assert_eq!(
+            type_name("text", "db", "pg_catalog", "text", Some("C")),
+            r#"TEXT COLLATE "C""#
+        );
+        assert_eq!(
+            type_name("USER-DEFINED", "MyDb", "public", "MyEnum", None),
+            r#""MyDb"."public"."MyEnum""#
+        );
+        assert_eq!(
+            type_name("ARRAY", "MyDb", "public", "_MyEnum", None),
+            r#""MyDb"."public"."MyEnum"[]"#
+        );
+        assert_eq!(
+            type_name("USER-DEFINED", "db", "public", "_odd", None),
+            r#""db"."public"."_odd""#
+        );
+        assert_eq!(
+            type_name("USER-DEFINED", "db", "public", "geography", None),
+            "GEOGRAPHY"
+        );
+        assert_eq!(
+            type_name(
+                "timestamp with time zone",
+                "db",
+                "pg_catalog",
+                "timestamptz",
+                None
+            ),
+            "TIMESTAMPTZ"
+        );
     }
 
     fn col(name: &str, pk: Option<i64>) -> (Option<i64>, Column) {
@@ -360,7 +424,16 @@ mod tests {
 
     #[test]
     fn columns_put_the_key_first_in_key_order() {
-        let ts = table_schema(t("x"), vec![col("b", None), col("k2", Some(2)), col("A", None), col("k1", Some(1))]).unwrap();
+        let ts = table_schema(
+            t("x"),
+            vec![
+                col("b", None),
+                col("k2", Some(2)),
+                col("A", None),
+                col("k1", Some(1)),
+            ],
+        )
+        .unwrap();
         let order: Vec<_> = ts.columns.iter().map(|c| c.name.raw()).collect();
         assert_eq!(order, ["k1", "k2", "A", "b"]);
         assert_eq!(ts.primary_key().count(), 2);
@@ -379,7 +452,11 @@ mod tests {
 
     #[test]
     fn case_insensitive_column_collisions_are_an_error() {
-        let err = table_schema(t("x"), vec![col("k", Some(1)), col("Val", None), col("val", None)]).unwrap_err();
+        let err = table_schema(
+            t("x"),
+            vec![col("k", Some(1)), col("Val", None), col("val", None)],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("val"), "{err}");
     }
 }

@@ -74,9 +74,15 @@ fn cast(dialect: Dialect, src: &str, data_type: &str) -> String {
 
 /// The SELECT-list expression producing a column's value from the unnested row `d`.
 fn value_expr(dialect: Dialect, c: &ColumnSql) -> String {
-    let value = c.value.map(|p| cast(dialect, &format!("d.p{p}"), &c.data_type));
+    let value = c
+        .value
+        .map(|p| cast(dialect, &format!("d.p{p}"), &c.data_type));
     let v = match (&c.expr, value) {
-        (Some(e), Some(v)) => format!("({})::{}", e.replace("$0", &format!("({v})")), cast_type(&c.data_type)),
+        (Some(e), Some(v)) => format!(
+            "({})::{}",
+            e.replace("$0", &format!("({v})")),
+            cast_type(&c.data_type)
+        ),
         (Some(e), None) => format!("({e})::{}", cast_type(&c.data_type)),
         (None, Some(v)) => v,
         (None, None) => "NULL".to_string(),
@@ -119,12 +125,22 @@ fn select_unnest(dialect: Dialect, cols: &[ColumnSql], params: &[Param]) -> Stri
 }
 
 fn name_list<'a>(names: impl IntoIterator<Item = &'a Ident>) -> String {
-    names.into_iter().map(Ident::quoted).collect::<Vec<_>>().join(", ")
+    names
+        .into_iter()
+        .map(Ident::quoted)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Inserts or replaces rows. `pk` is the whole primary key (the conflict target); `cols` the
 /// written columns, PK columns first.
-pub fn upsert(dialect: Dialect, table: &Table, pk: &[Ident], cols: &[ColumnSql], params: &[Param]) -> String {
+pub fn upsert(
+    dialect: Dialect,
+    table: &Table,
+    pk: &[Ident],
+    cols: &[ColumnSql],
+    params: &[Param],
+) -> String {
     let target = table_name(dialect, table);
     let names = name_list(cols.iter().map(|c| &c.name));
     let select = select_unnest(dialect, cols, params);
@@ -267,7 +283,14 @@ mod tests {
         let mut ts = col("ts", "TIMESTAMPTZ", 5);
         ts.default = Some((6, "now()".into()));
         let cols = [col("pk0", "TEXT", 1), col("v", "TEXT", 2), d, ts];
-        let params = [Param::Text, Param::Text, Param::Text, Param::Bool, Param::Text, Param::Bool];
+        let params = [
+            Param::Text,
+            Param::Text,
+            Param::Text,
+            Param::Bool,
+            Param::Text,
+            Param::Bool,
+        ];
         assert_eq!(
             upsert(PG, &table(), &pk(&["pk0"]), &cols, &params),
             r#"INSERT INTO "sch"."t" AS x ("pk0", "v", "d", "ts") SELECT d.p1::TEXT, d.p2::TEXT, CASE WHEN d.p4 THEN d.p3::INT8 ELSE 42 END, CASE WHEN d.p6 THEN d.p5::TIMESTAMPTZ ELSE now() END FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BOOL[], $5::TEXT[], $6::BOOL[]) AS d(p1, p2, p3, p4, p5, p6) ON CONFLICT ("pk0") DO UPDATE SET "v" = excluded."v", "d" = excluded."d", "ts" = excluded."ts""#
@@ -332,7 +355,9 @@ mod tests {
         );
         assert_eq!(
             upsert(CRDB, &table(), &pk(&["k"]), &cols, &params),
-            format!(r#"UPSERT INTO "db"."sch"."t" ("k", "geog", "geom", "e", "ea", "s", "b", "ba", "ch", "j", "ia") {crdb_select}"#)
+            format!(
+                r#"UPSERT INTO "db"."sch"."t" ("k", "geog", "geom", "e", "ea", "s", "b", "ba", "ch", "j", "ia") {crdb_select}"#
+            )
         );
     }
 
@@ -381,9 +406,15 @@ mod tests {
         let s = Schema::new("Db", "public");
         let pg = columns_query(PG, &s);
         assert!(pg.contains(" FROM information_schema.tables AS t "), "{pg}");
-        assert!(pg.contains(" JOIN information_schema.key_column_usage AS k "), "{pg}");
+        assert!(
+            pg.contains(" JOIN information_schema.key_column_usage AS k "),
+            "{pg}"
+        );
         let crdb = columns_query(CRDB, &s);
-        assert_eq!(crdb, pg.replace("information_schema.", "\"Db\".information_schema."));
+        assert_eq!(
+            crdb,
+            pg.replace("information_schema.", "\"Db\".information_schema.")
+        );
         assert_eq!(
             columns_query(PG, &s),
             "SELECT t.table_catalog::TEXT, t.table_schema::TEXT, t.table_name::TEXT, c.column_name::TEXT, \

@@ -163,9 +163,17 @@ pub fn normalise_number(s: &str) -> Cow<'_, str> {
         plain.push_str(&digits[point as usize..]);
     }
     let int_len = plain.find('.').unwrap_or(plain.len());
-    let zeros = plain[..int_len].bytes().take_while(|&b| b == b'0').count().min(int_len - 1);
+    let zeros = plain[..int_len]
+        .bytes()
+        .take_while(|&b| b == b'0')
+        .count()
+        .min(int_len - 1);
     let plain = &plain[zeros..];
-    Cow::Owned(if negative { format!("-{plain}") } else { plain.to_string() })
+    Cow::Owned(if negative {
+        format!("-{plain}")
+    } else {
+        plain.to_string()
+    })
 }
 
 #[cfg(test)]
@@ -198,19 +206,34 @@ mod tests {
 
     #[test]
     fn numbers_without_exponent_and_absurd_exponents_pass_through() {
-        assert!(matches!(normalise_number("9007199254740995"), Cow::Borrowed("9007199254740995")));
+        assert!(matches!(
+            normalise_number("9007199254740995"),
+            Cow::Borrowed("9007199254740995")
+        ));
         assert_eq!(normalise_number("148591304110702593"), "148591304110702593");
         assert_eq!(normalise_number("1.2345"), "1.2345");
         assert_eq!(normalise_number("1e999999999"), "1e999999999");
-        assert_eq!(normalise_number("1e99999999999999999999999"), "1e99999999999999999999999");
+        assert_eq!(
+            normalise_number("1e99999999999999999999999"),
+            "1e99999999999999999999999"
+        );
     }
 
     #[test]
     fn scalars_convert_to_their_input_text() {
-        assert_eq!(conv(Kind::Scalar, "9007199254740995").as_deref(), Some("9007199254740995"));
+        assert_eq!(
+            conv(Kind::Scalar, "9007199254740995").as_deref(),
+            Some("9007199254740995")
+        );
         assert_eq!(conv(Kind::Scalar, "4e+2").as_deref(), Some("400"));
-        assert_eq!(conv(Kind::Scalar, r#""a1\\b/2?c\"3""#).as_deref(), Some(r#"a1\b/2?c"3"#));
-        assert_eq!(conv(Kind::Scalar, r#""\\x613162326333""#).as_deref(), Some(r"\x613162326333"));
+        assert_eq!(
+            conv(Kind::Scalar, r#""a1\\b/2?c\"3""#).as_deref(),
+            Some(r#"a1\b/2?c"3"#)
+        );
+        assert_eq!(
+            conv(Kind::Scalar, r#""\\x613162326333""#).as_deref(),
+            Some(r"\x613162326333")
+        );
         assert_eq!(conv(Kind::Scalar, "true").as_deref(), Some("true"));
         assert_eq!(conv(Kind::Scalar, "false").as_deref(), Some("false"));
         assert_eq!(conv(Kind::Scalar, "null"), None);
@@ -231,14 +254,23 @@ mod tests {
     #[test]
     fn arrays_become_literals_with_quoting_and_nulls() {
         let a = Kind::Array { json: false };
-        assert_eq!(conv(a, r#"["sky","road","car"]"#).as_deref(), Some(r#"{"sky","road","car"}"#));
+        assert_eq!(
+            conv(a, r#"["sky","road","car"]"#).as_deref(),
+            Some(r#"{"sky","road","car"}"#)
+        );
         assert_eq!(conv(a, "[1,null,3e2]").as_deref(), Some("{1,NULL,300}"));
-        assert_eq!(conv(a, "[true,false,null]").as_deref(), Some("{true,false,NULL}"));
+        assert_eq!(
+            conv(a, "[true,false,null]").as_deref(),
+            Some("{true,false,NULL}")
+        );
         assert_eq!(
             conv(a, r#"["a,b","q\"uote","back\\slash","NULL","{}",null,""]"#).as_deref(),
             Some(r#"{"a,b","q\"uote","back\\slash","NULL","{}",NULL,""}"#)
         );
-        assert_eq!(conv(a, r#"[["a",null],["c","d"]]"#).as_deref(), Some(r#"{{"a",NULL},{"c","d"}}"#));
+        assert_eq!(
+            conv(a, r#"[["a",null],["c","d"]]"#).as_deref(),
+            Some(r#"{{"a",NULL},{"c","d"}}"#)
+        );
         assert_eq!(conv(a, "[]").as_deref(), Some("{}"));
         assert_eq!(conv(a, r#""{x,y}""#).as_deref(), Some("{x,y}"));
         assert_eq!(conv(a, "null"), None);
@@ -247,14 +279,20 @@ mod tests {
     #[test]
     fn json_arrays_quote_each_document() {
         let a = Kind::Array { json: true };
-        assert_eq!(conv(a, r#"[{"k":"v"},[1],"s",null]"#).as_deref(), Some(r#"{"{\"k\":\"v\"}","[1]","\"s\"",NULL}"#));
+        assert_eq!(
+            conv(a, r#"[{"k":"v"},[1],"s",null]"#).as_deref(),
+            Some(r#"{"{\"k\":\"v\"}","[1]","\"s\"",NULL}"#)
+        );
     }
 
     #[test]
     fn geo_values_pass_as_geojson_text() {
         let g = r#"{"type":"Point","coordinates":[1,2]}"#;
         assert_eq!(conv(Kind::Geo, g).as_deref(), Some(g));
-        assert_eq!(conv(Kind::Geo, &serde_json::to_string(g).unwrap()).as_deref(), Some(g));
+        assert_eq!(
+            conv(Kind::Geo, &serde_json::to_string(g).unwrap()).as_deref(),
+            Some(g)
+        );
     }
 
     #[test]
@@ -265,8 +303,14 @@ mod tests {
         assert_eq!(Kind::of("GEOGRAPHY"), Kind::Geo);
         assert_eq!(Kind::of("TEXT[]"), Kind::Array { json: false });
         assert_eq!(Kind::of("JSONB[]"), Kind::Array { json: true });
-        assert_eq!(Kind::of(r#""db"."public"."MyEnum"[]"#), Kind::Array { json: false });
+        assert_eq!(
+            Kind::of(r#""db"."public"."MyEnum"[]"#),
+            Kind::Array { json: false }
+        );
         assert_eq!(Kind::of(r#"TEXT COLLATE "C""#), Kind::Scalar);
-        assert_eq!(Kind::of(r#"TEXT[] COLLATE "C""#), Kind::Array { json: false });
+        assert_eq!(
+            Kind::of(r#"TEXT[] COLLATE "C""#),
+            Kind::Array { json: false }
+        );
     }
 }

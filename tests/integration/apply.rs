@@ -48,7 +48,12 @@ fn del(key: &str) -> Mutation {
     }
 }
 
-async fn apply(a: &Applier, db: &Db, t: &Table, muts: &[Mutation]) -> Result<cdc_sink::apply::ApplyStats, ApplyError> {
+async fn apply(
+    a: &Applier,
+    db: &Db,
+    t: &Table,
+    muts: &[Mutation],
+) -> Result<cdc_sink::apply::ApplyStats, ApplyError> {
     let mut conn = db.pool.acquire().await.expect("acquire");
     a.apply(&mut conn, t, muts).await
 }
@@ -75,7 +80,13 @@ struct Case {
     key: Option<&'static str>,
 }
 
-const fn case(name: &'static str, ty: &'static str, json: &'static str, want: &'static str, pk: bool) -> Case {
+const fn case(
+    name: &'static str,
+    ty: &'static str,
+    json: &'static str,
+    want: &'static str,
+    pk: bool,
+) -> Case {
     Case {
         name,
         ty,
@@ -87,7 +98,13 @@ const fn case(name: &'static str, ty: &'static str, json: &'static str, want: &'
 }
 
 const CASES: &[Case] = &[
-    case("string_array", "TEXT[]", r#"["sky","road","car"]"#, "'{sky,road,car}'", false),
+    case(
+        "string_array",
+        "TEXT[]",
+        r#"["sky","road","car"]"#,
+        "'{sky,road,car}'",
+        false,
+    ),
     case(
         "string_array_escaping",
         "TEXT[]",
@@ -96,11 +113,35 @@ const CASES: &[Case] = &[
         false,
     ),
     case("int_array", "INT8[]", "[1,2,3]", "'{1,2,3}'", false),
-    case("int_array_nested", "INT8[]", "[[1,2],[3,null]]", "'{{1,2},{3,NULL}}'", false),
+    case(
+        "int_array_nested",
+        "INT8[]",
+        "[[1,2],[3,null]]",
+        "'{{1,2},{3,NULL}}'",
+        false,
+    ),
     case("bool", "BOOL", "true", "true", true),
-    case("bool_array", "BOOL[]", "[true,false,null]", "'{t,f,NULL}'", false),
-    case("bytes", "BYTEA", r#""\\x613162326333""#, r"'\x613162326333'", true),
-    case("collated", r#"TEXT COLLATE "C""#, r#""Zebra""#, "'Zebra'", true),
+    case(
+        "bool_array",
+        "BOOL[]",
+        "[true,false,null]",
+        "'{t,f,NULL}'",
+        false,
+    ),
+    case(
+        "bytes",
+        "BYTEA",
+        r#""\\x613162326333""#,
+        r"'\x613162326333'",
+        true,
+    ),
+    case(
+        "collated",
+        r#"TEXT COLLATE "C""#,
+        r#""Zebra""#,
+        "'Zebra'",
+        true,
+    ),
     case("date", "DATE", r#""2016-01-25""#, "'2016-01-25'", true),
     case("decimal", "NUMERIC", "1.2345", "1.2345", true),
     case("decimal_6_0", "NUMERIC(6,0)", "4e+2", "400", true),
@@ -112,7 +153,13 @@ const CASES: &[Case] = &[
     case("float", "FLOAT8", "1.5e-3", "0.0015", true),
     case("inet", "INET", r#""192.168.0.1""#, "'192.168.0.1'", true),
     case("int", "INT8", "9007199254740995", "9007199254740995", true),
-    case("serial8", "INT8", "148591304110702593", "148591304110702593", true),
+    case(
+        "serial8",
+        "INT8",
+        "148591304110702593",
+        "148591304110702593",
+        true,
+    ),
     case("interval", "INTERVAL", r#""02:30:30""#, "'02:30:30'", true),
     case(
         "jsonb",
@@ -121,10 +168,34 @@ const CASES: &[Case] = &[
         r#"'{"a":[1,2.5,{"b":null,"c":[true,"x",400]}],"d":{"e":{"f":"g\"h"}},"i":-0.000001}'"#,
         false,
     ),
-    case("jsonb_string", "JSONB", r#""just text""#, r#"'"just text"'"#, false),
-    case("string", "TEXT", r#""a1\\b/2?c\"3""#, r#"'a1\b/2?c"3'"#, true),
-    case("time", "TIME", r#""01:23:45.123456""#, "'01:23:45.123456'", true),
-    case("timestamp", "TIMESTAMP", r#""2016-01-25T10:10:10.123456""#, "'2016-01-25 10:10:10.123456'", true),
+    case(
+        "jsonb_string",
+        "JSONB",
+        r#""just text""#,
+        r#"'"just text"'"#,
+        false,
+    ),
+    case(
+        "string",
+        "TEXT",
+        r#""a1\\b/2?c\"3""#,
+        r#"'a1\b/2?c"3'"#,
+        true,
+    ),
+    case(
+        "time",
+        "TIME",
+        r#""01:23:45.123456""#,
+        "'01:23:45.123456'",
+        true,
+    ),
+    case(
+        "timestamp",
+        "TIMESTAMP",
+        r#""2016-01-25T10:10:10.123456""#,
+        "'2016-01-25 10:10:10.123456'",
+        true,
+    ),
     case(
         "timestamptz",
         "TIMESTAMPTZ",
@@ -140,22 +211,48 @@ const CASES: &[Case] = &[
         true,
     ),
     case("varchar", "VARCHAR(2048)", r#""hello""#, "'hello'", true),
-    case("varchar_array", "VARCHAR(2048)[]", r#"["a","b c"]"#, "'{a,\"b c\"}'", false),
-    case("varbit", "BIT VARYING", r#""10010101""#, "B'10010101'", true),
+    case(
+        "varchar_array",
+        "VARCHAR(2048)[]",
+        r#"["a","b c"]"#,
+        "'{a,\"b c\"}'",
+        false,
+    ),
+    case(
+        "varbit",
+        "BIT VARYING",
+        r#""10010101""#,
+        "B'10010101'",
+        true,
+    ),
     case("bit8", "BIT(8)", r#""10010101""#, "B'10010101'", true),
     case("enum", r#""MixedEnum""#, r#""Foo""#, "'Foo'", true),
-    case("enum_array", r#""MixedEnum"[]"#, r#"["Foo","bar",null]"#, "'{Foo,bar,NULL}'", false),
+    case(
+        "enum_array",
+        r#""MixedEnum"[]"#,
+        r#"["Foo","bar",null]"#,
+        "'{Foo,bar,NULL}'",
+        false,
+    ),
 ];
 
 #[tokio::test]
 async fn every_type_round_trips_and_deletes_by_key() {
     let db = Db::new("types").await;
-    db.exec(r#"CREATE TYPE "MixedEnum" AS ENUM ('Foo', 'bar')"#).await;
+    db.exec(r#"CREATE TYPE "MixedEnum" AS ENUM ('Foo', 'bar')"#)
+        .await;
     for c in CASES {
-        db.exec(&format!("CREATE TABLE rt_{} (id INT8 PRIMARY KEY, v {})", c.name, c.ty))
-            .await;
+        db.exec(&format!(
+            "CREATE TABLE rt_{} (id INT8 PRIMARY KEY, v {})",
+            c.name, c.ty
+        ))
+        .await;
         if c.pk {
-            db.exec(&format!("CREATE TABLE pk_{} (k {} PRIMARY KEY)", c.name, c.ty)).await;
+            db.exec(&format!(
+                "CREATE TABLE pk_{} (k {} PRIMARY KEY)",
+                c.name, c.ty
+            ))
+            .await;
         }
     }
     let a = applier(&db);
@@ -177,7 +274,11 @@ async fn every_type_round_trips_and_deletes_by_key() {
         );
         let n: i64 = scalar(&db, &check).await;
         if n != 2 {
-            let got: Option<String> = scalar(&db, &format!("SELECT v::TEXT FROM rt_{} WHERE id = 1", c.name)).await;
+            let got: Option<String> = scalar(
+                &db,
+                &format!("SELECT v::TEXT FROM rt_{} WHERE id = 1", c.name),
+            )
+            .await;
             failures.push(format!("{}: stored {got:?}, want {}", c.name, c.want));
         }
         if let Err(e) = apply(&a, &db, &t, &[del("[1]"), del("[2]")]).await {
@@ -190,14 +291,20 @@ async fn every_type_round_trips_and_deletes_by_key() {
             continue;
         }
         let t = table(&db, &format!("pk_{}", c.name));
-        let key = c.key.map(String::from).unwrap_or_else(|| format!("[{}]", c.json));
+        let key = c
+            .key
+            .map(String::from)
+            .unwrap_or_else(|| format!("[{}]", c.json));
         if let Err(e) = apply(&a, &db, &t, &[up(&key, &format!(r#"{{"k":{}}}"#, c.json))]).await {
             failures.push(format!("{}: key upsert: {e}", c.name));
             continue;
         }
         let n: i64 = scalar(
             &db,
-            &format!("SELECT count(*) FROM pk_{} WHERE k = ({})::{}", c.name, c.want, c.ty),
+            &format!(
+                "SELECT count(*) FROM pk_{} WHERE k = ({})::{}",
+                c.name, c.want, c.ty
+            ),
         )
         .await;
         if n != 1 {
@@ -215,7 +322,11 @@ async fn every_type_round_trips_and_deletes_by_key() {
             Ok(_) => {}
         }
     }
-    assert!(failures.is_empty(), "type matrix failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "type matrix failures:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[tokio::test]
@@ -255,10 +366,12 @@ async fn absent_properties_write_the_default_and_explicit_nulls_write_null() {
     let a = applier(&db);
     let t = table(&db, "t");
     let rows = || async {
-        sqlx::query_as::<_, (i64, Option<String>, Option<String>, Option<i64>)>("SELECT k, v, d, n FROM t ORDER BY k")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap()
+        sqlx::query_as::<_, (i64, Option<String>, Option<String>, Option<i64>)>(
+            "SELECT k, v, d, n FROM t ORDER BY k",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
     };
     // Insert: absent → default, null → NULL; rows of different shapes in one statement.
     apply(
@@ -315,20 +428,35 @@ async fn generated_columns_are_never_written() {
     )
     .await;
     let a = applier(&db);
-    let info = a.schema(&Schema::new(db.name.as_str(), "public")).await.unwrap();
-    let ts = info.table(&table(&db, "t")).unwrap();
-    assert!(ts.columns.iter().any(|c| c.name == Ident::new("twice") && c.ignored));
-
-    apply(&a, &db, &table(&db, "t"), &[up("[1]", r#"{"k":1,"v":3,"twice":100}"#)])
+    let info = a
+        .schema(&Schema::new(db.name.as_str(), "public"))
         .await
         .unwrap();
+    let ts = info.table(&table(&db, "t")).unwrap();
+    assert!(ts
+        .columns
+        .iter()
+        .any(|c| c.name == Ident::new("twice") && c.ignored));
+
+    apply(
+        &a,
+        &db,
+        &table(&db, "t"),
+        &[up("[1]", r#"{"k":1,"v":3,"twice":100}"#)],
+    )
+    .await
+    .unwrap();
     let twice: i64 = scalar(&db, "SELECT twice FROM t WHERE k = 1").await;
     assert_eq!(twice, 6);
 
     // A generated key column is not written but still identifies the row to delete.
     let g = table(&db, "g");
-    apply(&a, &db, &g, &[up("[1,2]", r#"{"a":1,"b":999,"v":"x"}"#)]).await.unwrap();
-    apply(&a, &db, &g, &[up("[1,2]", r#"{"a":1,"b":2,"v":"y"}"#)]).await.unwrap();
+    apply(&a, &db, &g, &[up("[1,2]", r#"{"a":1,"b":999,"v":"x"}"#)])
+        .await
+        .unwrap();
+    apply(&a, &db, &g, &[up("[1,2]", r#"{"a":1,"b":2,"v":"y"}"#)])
+        .await
+        .unwrap();
     let v: String = scalar(&db, "SELECT v FROM g WHERE a = 1 AND b = 2").await;
     assert_eq!(v, "y");
     apply(&a, &db, &g, &[del("[1,2]")]).await.unwrap();
@@ -345,7 +473,10 @@ async fn payloads_that_do_not_fit_the_table_are_schema_drift() {
         &a,
         &db,
         &t,
-        &[up("[1]", r#"{"k":1,"v":"ok"}"#), up("[2]", r#"{"k":2,"zz":1,"Aa":true}"#)],
+        &[
+            up("[1]", r#"{"k":1,"v":"ok"}"#),
+            up("[2]", r#"{"k":2,"zz":1,"Aa":true}"#),
+        ],
     )
     .await
     .unwrap_err();
@@ -357,22 +488,33 @@ async fn payloads_that_do_not_fit_the_table_are_schema_drift() {
     // Nothing is written when any row is refused.
     assert_eq!(db.count("t").await, 0);
 
-    let err = apply(&a, &db, &t, &[up("[1]", r#"{"v":"no key"}"#)]).await.unwrap_err();
+    let err = apply(&a, &db, &t, &[up("[1]", r#"{"v":"no key"}"#)])
+        .await
+        .unwrap_err();
     assert!(err.to_string().ends_with("missing PK columns: k"), "{err}");
 
     let err = apply(&a, &db, &t, &[del("[1,2]")]).await.unwrap_err();
     assert!(
-        err.to_string().contains("inconsistent number of key columns: received 2 expect 1: key [1,2]@"),
+        err.to_string()
+            .contains("inconsistent number of key columns: received 2 expect 1: key [1,2]@"),
         "{err}"
     );
 
     // A value the column cannot hold is the database's error, reported with the table.
-    let err = apply(&a, &db, &t, &[up("[1]", r#"{"k":"one"}"#)]).await.unwrap_err();
+    let err = apply(&a, &db, &t, &[up("[1]", r#"{"k":"one"}"#)])
+        .await
+        .unwrap_err();
     assert_eq!(err.sqlstate().as_deref(), Some("22P02"), "{err}");
-    assert!(err.to_string().starts_with(&format!("cannot write to {}.public.t: ", db.name)), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("cannot write to {}.public.t: ", db.name)),
+        "{err}"
+    );
 
     // Unknown tables are refused.
-    let err = apply(&a, &db, &table(&db, "nosuch"), &[up("[1]", r#"{"k":1}"#)]).await.unwrap_err();
+    let err = apply(&a, &db, &table(&db, "nosuch"), &[up("[1]", r#"{"k":1}"#)])
+        .await
+        .unwrap_err();
     assert!(matches!(err, ApplyError::UnknownTable(_)), "{err}");
 }
 
@@ -432,7 +574,10 @@ async fn extras_ignore_and_expressions_shape_the_written_row() {
     );
     // Deletes go through the key expressions too.
     apply(&a, &db, &t, &[del("[21]")]).await.unwrap();
-    let left: Vec<i64> = sqlx::query_scalar("SELECT k FROM t").fetch_all(&db.pool).await.unwrap();
+    let left: Vec<i64> = sqlx::query_scalar("SELECT k FROM t")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(left, [10]);
 
     // A configuration naming a missing column is refused.
@@ -443,10 +588,15 @@ async fn extras_ignore_and_expressions_shape_the_written_row() {
             ..Default::default()
         },
     );
-    let err = apply(&a, &db, &t, &[up("[1]", r#"{"k":1}"#)]).await.unwrap_err();
+    let err = apply(&a, &db, &t, &[up("[1]", r#"{"k":1}"#)])
+        .await
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
-        format!("extras column name nope not found in table {}.public.t", db.name)
+        format!(
+            "extras column name nope not found in table {}.public.t",
+            db.name
+        )
     );
 }
 
@@ -469,25 +619,44 @@ async fn fk_dependency_levels_come_from_the_target_schema() {
     )
     .await;
     let a = applier(&db);
-    let info = a.schema(&Schema::new(db.name.to_uppercase(), "PUBLIC")).await.unwrap();
+    let info = a
+        .schema(&Schema::new(db.name.to_uppercase(), "PUBLIC"))
+        .await
+        .unwrap();
     let levels: Vec<Vec<&str>> = info
         .levels
         .iter()
         .map(|l| l.iter().map(|t| t.name.raw()).collect())
         .collect();
-    assert_eq!(levels, [vec!["alone", "parent", "tree"], vec!["Child"], vec!["grandchild"]]);
+    assert_eq!(
+        levels,
+        [
+            vec!["alone", "parent", "tree"],
+            vec!["Child"],
+            vec!["grandchild"]
+        ]
+    );
     assert_eq!(info.tables.len(), 5);
     // The catalog spelling is kept for quoting.
     let child = info.table(&table(&db, "child")).unwrap();
     assert_eq!(child.table.name.raw(), "Child");
     assert_eq!(child.table.schema.schema.raw(), "public");
 
-    let err = a.schema(&Schema::new(db.name.as_str(), "cyc")).await.unwrap_err();
+    let err = a
+        .schema(&Schema::new(db.name.as_str(), "cyc"))
+        .await
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
-        format!("cyclical FK references involving tables {0}.cyc.a, {0}.cyc.b", db.name)
+        format!(
+            "cyclical FK references involving tables {0}.cyc.a, {0}.cyc.b",
+            db.name
+        )
     );
-    let err = a.schema(&Schema::new("elsewhere", "public")).await.unwrap_err();
+    let err = a
+        .schema(&Schema::new("elsewhere", "public"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ApplyError::WrongDatabase { .. }), "{err}");
 }
 
@@ -518,7 +687,12 @@ async fn a_5000_row_batch_goes_through_in_few_statements() {
     let t = table(&db, "kv");
     let rows = |gen: &str| -> Vec<Mutation> {
         (0..5000)
-            .map(|k| up(&format!("[{k}]"), &format!(r#"{{"k":{k},"v":"{gen}-{k:0>32}"}}"#)))
+            .map(|k| {
+                up(
+                    &format!("[{k}]"),
+                    &format!(r#"{{"k":{k},"v":"{gen}-{k:0>32}"}}"#),
+                )
+            })
             .collect()
     };
 
@@ -558,33 +732,53 @@ async fn a_changed_target_table_is_reloaded_and_the_batch_retried() {
     db.exec("CREATE TABLE t (k INT8 PRIMARY KEY, v TEXT)").await;
     let a = applier(&db);
     let t = table(&db, "t");
-    apply(&a, &db, &t, &[up("[1]", r#"{"k":1,"v":"a"}"#)]).await.unwrap();
+    apply(&a, &db, &t, &[up("[1]", r#"{"k":1,"v":"a"}"#)])
+        .await
+        .unwrap();
 
     // A column added on both sides is picked up when a payload carries it.
     db.exec("ALTER TABLE t ADD COLUMN w TEXT").await;
-    eventually("the new column to be used", Duration::from_secs(10), || async {
-        apply(&a, &db, &t, &[up("[2]", r#"{"k":2,"v":"b","w":"5"}"#)]).await.ok()
-    })
+    eventually(
+        "the new column to be used",
+        Duration::from_secs(10),
+        || async {
+            apply(&a, &db, &t, &[up("[2]", r#"{"k":2,"v":"b","w":"5"}"#)])
+                .await
+                .ok()
+        },
+    )
     .await;
 
     // A changed column type makes the cached statement fail. Inside a transaction the
     // transaction is lost, so the caller is told to retry it; the retry uses the new SQL.
-    db.exec("ALTER TABLE t ALTER COLUMN w TYPE INT8 USING w::INT8").await;
+    db.exec("ALTER TABLE t ALTER COLUMN w TYPE INT8 USING w::INT8")
+        .await;
     let mut tx = db.pool.begin().await.unwrap();
-    let err = a.apply(&mut tx, &t, &[up("[3]", r#"{"k":3,"w":7}"#)]).await.unwrap_err();
+    let err = a
+        .apply(&mut tx, &t, &[up("[3]", r#"{"k":3,"w":7}"#)])
+        .await
+        .unwrap_err();
     assert!(matches!(err, ApplyError::SchemaChanged { .. }), "{err}");
     assert!(err.is_retryable());
     tx.rollback().await.unwrap();
     let mut tx = db.pool.begin().await.unwrap();
-    a.apply(&mut tx, &t, &[up("[3]", r#"{"k":3,"w":7}"#)]).await.unwrap();
+    a.apply(&mut tx, &t, &[up("[3]", r#"{"k":3,"w":7}"#)])
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
     // Outside a transaction the applier retries by itself.
-    db.exec("ALTER TABLE t ALTER COLUMN w TYPE BOOL USING w <> 0").await;
-    apply(&a, &db, &t, &[up("[4]", r#"{"k":4,"w":true}"#)]).await.unwrap();
+    db.exec("ALTER TABLE t ALTER COLUMN w TYPE BOOL USING w <> 0")
+        .await;
+    apply(&a, &db, &t, &[up("[4]", r#"{"k":4,"w":true}"#)])
+        .await
+        .unwrap();
     let rows: Vec<(i64, Option<bool>)> = sqlx::query_as("SELECT k, w FROM t ORDER BY k")
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    assert_eq!(rows, [(1, None), (2, Some(true)), (3, Some(true)), (4, Some(true))]);
+    assert_eq!(
+        rows,
+        [(1, None), (2, Some(true)), (3, Some(true)), (4, Some(true))]
+    );
 }
