@@ -10,8 +10,8 @@
 mod config;
 mod mapping;
 mod schema;
-pub mod sql;
-pub mod value;
+mod sql;
+mod value;
 
 pub use config::{TableConfig, DEFAULT_ROW_LIMIT};
 pub use schema::{dependency_levels, type_name, Column, SchemaInfo, TableSchema};
@@ -389,7 +389,8 @@ impl Applier {
             }
             Err(e) => {
                 metrics::counter!(APPLY_ERRORS, &labels).increment(1);
-                tracing::debug!(table = %table, error = %e, "apply failed");
+                // The caller logs the error itself; its text may quote row values.
+                tracing::debug!(table = %table, code = e.sqlstate().as_deref().unwrap_or("none"), "apply failed");
             }
         }
         result.map(|(stats, _)| stats)
