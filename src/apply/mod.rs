@@ -10,8 +10,8 @@
 mod config;
 mod mapping;
 mod schema;
-pub mod sql;
-pub mod value;
+mod sql;
+mod value;
 
 pub use config::{TableConfig, DEFAULT_ROW_LIMIT};
 pub use schema::{dependency_levels, type_name, Column, SchemaInfo, TableSchema};
@@ -115,11 +115,19 @@ fn is_schema_change(e: &sqlx::Error) -> bool {
     )
 }
 
+/// Minimum age of a cached schema before a payload that does not fit it triggers a reload;
+/// bounds the introspection load while a real drift keeps failing.
+const DRIFT_REFRESH: Duration = Duration::from_secs(1);
+
+/// How long one caller's claim on reloading a stale schema holds off the others.
+const RELOAD_CLAIM: Duration = Duration::from_secs(30);
+
 struct Cached {
     info: Arc<SchemaInfo>,
     loaded: Instant,
-    /// One caller reloads a stale schema; the others keep using the old one meanwhile.
-    reloading: bool,
+    /// One caller reloads a stale schema; the others keep using the old one meanwhile. A
+    /// time, not a flag, so a reload whose future was dropped does not block later ones.
+    reloading: Option<Instant>,
 }
 
 enum Lookup {
@@ -222,11 +230,14 @@ impl Applier {
             .unwrap_or_else(PoisonError::into_inner);
         match schemas.get_mut(schema) {
             None => Lookup::Missing,
-            Some(c) if c.loaded.elapsed() < self.inner.refresh || c.reloading => {
+            Some(c)
+                if c.loaded.elapsed() < self.inner.refresh
+                    || c.reloading.is_some_and(|t| t.elapsed() < RELOAD_CLAIM) =>
+            {
                 Lookup::Fresh(c.info.clone())
             }
             Some(c) => {
-                c.reloading = true;
+                c.reloading = Some(Instant::now());
                 Lookup::Reload(c.info.clone())
             }
         }
@@ -287,7 +298,7 @@ impl Applier {
                     Cached {
                         info: info.clone(),
                         loaded: Instant::now(),
-                        reloading: false,
+                        reloading: None,
                     },
                 );
                 Ok(info)
@@ -295,12 +306,24 @@ impl Applier {
             Err(e) => {
                 // Try again after another interval rather than on every call.
                 if let Some(c) = schemas.get_mut(schema) {
-                    c.reloading = false;
+                    c.reloading = None;
                     c.loaded = Instant::now();
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Whether the cached schema was loaded more than `age` ago (or not at all).
+    fn loaded_before(&self, schema: &Schema, age: Duration) -> bool {
+        let schemas = self
+            .inner
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        schemas
+            .get(schema)
+            .is_none_or(|c| c.loaded.elapsed() >= age)
     }
 
     /// The plan of `table`, rebuilt when its columns or configuration changed.
@@ -309,12 +332,13 @@ impl Applier {
         let ts = match info.table(table) {
             Some(ts) => ts.clone(),
             // Perhaps created since the last load.
-            None => self
+            None if self.loaded_before(&table.schema, DRIFT_REFRESH) => self
                 .load(Some(conn), &table.schema)
                 .await?
                 .table(table)
                 .cloned()
                 .ok_or_else(|| ApplyError::UnknownTable(table.to_string()))?,
+            None => return Err(ApplyError::UnknownTable(table.to_string())),
         };
         let cfg = self.config(table);
         let mut plans = self
@@ -365,7 +389,8 @@ impl Applier {
             }
             Err(e) => {
                 metrics::counter!(APPLY_ERRORS, &labels).increment(1);
-                tracing::debug!(table = %table, error = %e, "apply failed");
+                // The caller logs the error itself; its text may quote row values.
+                tracing::debug!(table = %table, code = e.sqlstate().as_deref().unwrap_or("none"), "apply failed");
             }
         }
         result.map(|(stats, _)| stats)
@@ -379,8 +404,19 @@ impl Applier {
         table: &Table,
         muts: &[Mutation],
     ) -> Result<(ApplyStats, Vec<Hlc>), ApplyError> {
-        let plan = self.plan(conn, table).await?;
-        let batch = plan.prepare(muts)?;
+        let mut plan = self.plan(conn, table).await?;
+        let batch = match plan.prepare(muts) {
+            Ok(b) => b,
+            // The target may have gained the columns since we last looked: the source and the
+            // target are usually altered together.
+            Err(ApplyError::Drift { .. }) if self.loaded_before(&table.schema, DRIFT_REFRESH) => {
+                tracing::info!(table = %table, "payload does not match the cached schema; reloading");
+                self.load(Some(&mut *conn), &table.schema).await?;
+                plan = self.plan(conn, table).await?;
+                plan.prepare(muts)?
+            }
+            Err(e) => return Err(e),
+        };
         let error = match execute(conn, &plan, &batch).await {
             Ok(()) => return Ok((batch.stats, batch.times)),
             Err(e) if is_schema_change(&e) => e,
@@ -433,4 +469,42 @@ async fn execute(conn: &mut PgConnection, plan: &Plan, batch: &Batch) -> Result<
         q.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync + Clone>(_: &T) {}
+    fn assert_send<T: Send>(_: T) {}
+
+    /// The applier is shared across tasks and its futures run on the multi-threaded runtime.
+    #[allow(dead_code, unreachable_code, clippy::diverging_sub_expression)]
+    fn applier_and_its_futures_are_send(a: Applier, conn: &mut PgConnection, t: Table, s: Schema) {
+        assert_send_sync(&a);
+        assert_send(a.apply(conn, &t, &[]));
+        assert_send(a.schema(&s));
+        assert_send(a.refresh(&s));
+    }
+
+    #[test]
+    fn errors_classify_for_status_codes() {
+        let e = ApplyError::SchemaChanged { table: "t".into() };
+        assert!(e.is_retryable() && !e.is_unavailable());
+        let e = ApplyError::Write {
+            table: "t".into(),
+            error: sqlx::Error::PoolTimedOut,
+        };
+        assert!(e.is_unavailable() && !e.is_retryable());
+        assert_eq!(
+            e.to_string(),
+            "cannot write to t: pool timed out while waiting for an open connection"
+        );
+        let e = ApplyError::Drift {
+            table: "t".into(),
+            offset: 3,
+            detail: "missing PK columns: k".into(),
+        };
+        assert!(!e.is_retryable() && !e.is_unavailable() && e.sqlstate().is_none());
+    }
 }

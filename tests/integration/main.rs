@@ -2,6 +2,7 @@
 
 mod support;
 
+mod apply;
 mod crash;
 mod harness;
 mod pipeline;
