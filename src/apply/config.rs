@@ -24,6 +24,8 @@ pub struct TableConfig {
     pub ignore: BTreeSet<Ident>,
     /// Maximum rows per statement.
     pub row_limit: Option<usize>,
+    /// Resolves compare-and-set / deadline conflicts (requires `cas` or `deadlines`).
+    pub merge: Option<super::merge::MergeFn>,
 }
 
 impl TableConfig {

@@ -9,6 +9,7 @@
 
 mod config;
 mod mapping;
+pub mod merge;
 mod schema;
 mod sql;
 mod value;
