@@ -1,6 +1,7 @@
 //! The command tree. Each subcommand's flags are the `clap::Args` of the module that owns them;
 //! this is the only place that uses `anyhow`.
 
+mod bench;
 mod start;
 
 pub use start::{launch, Running, StartArgs};
@@ -45,6 +46,8 @@ pub enum Command {
     Start(Box<start::StartArgs>),
     /// Check that the target database can be reached (accepts a whole `start` command line).
     Preflight(start::PreflightArgs),
+    /// Measure throughput against a raw sqlx baseline on a throwaway PostgreSQL.
+    Bench(bench::BenchArgs),
     /// Print the version.
     Version,
 }
@@ -61,6 +64,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Start(args) => runtime().and_then(|rt| rt.block_on(start::start(*args))),
         Command::Preflight(args) => runtime().and_then(|rt| rt.block_on(start::preflight(args))),
+        Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

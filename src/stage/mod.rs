@@ -102,6 +102,7 @@ pub struct Stager {
     db: Database,
     schema: StagingSchema,
     known: Mutex<HashSet<String>>,
+    creating: tokio::sync::Mutex<()>,
 }
 
 impl Stager {
@@ -123,6 +124,7 @@ impl Stager {
             db,
             schema,
             known: Mutex::new(HashSet::new()),
+            creating: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -149,13 +151,24 @@ impl Stager {
         if self.known.lock().expect("poisoned").contains(&name) {
             return Ok(name);
         }
+        // Concurrent requests for a new table would race in CREATE ... IF NOT EXISTS, which
+        // PostgreSQL reports as a unique violation: create one at a time here, and treat a
+        // duplicate from another instance as success.
+        let _creating = self.creating.lock().await;
+        if self.known.lock().expect("poisoned").contains(&name) {
+            return Ok(name);
+        }
         for stmt in sql::create_table(self.db.dialect, &name, &table.staging_name()) {
-            target::retry(|| sqlx::raw_sql(&stmt).execute(&self.db.pool))
-                .await
-                .map_err(|source| StageError::Create {
-                    table: name.clone(),
-                    source,
-                })?;
+            match target::retry(|| sqlx::raw_sql(&stmt).execute(&self.db.pool)).await {
+                Ok(_) => {}
+                Err(e) if matches!(target::sqlstate(&e).as_str(), "23505" | "42P07") => {}
+                Err(source) => {
+                    return Err(StageError::Create {
+                        table: name.clone(),
+                        source,
+                    })
+                }
+            }
         }
         self.known.lock().expect("poisoned").insert(name.clone());
         Ok(name)

@@ -1,0 +1,169 @@
+//! `cdc-sink bench`: one throwaway PostgreSQL (fsync on), the same rows written by a raw sqlx
+//! baseline and by our immediate and consistent paths over HTTP/2 + TLS, and the ratios.
+
+use crate::bench::{self, Measure, Rows, Summary};
+use crate::cluster::{Cluster, ClusterOptions};
+use crate::server::client::{Client, ClientOptions};
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::Parser;
+use futures::StreamExt;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Rows written by every path.
+    #[arg(long, default_value_t = 100_000)]
+    pub rows: usize,
+    /// Bytes of each row's value.
+    #[arg(long = "value-bytes", default_value_t = 256)]
+    pub value_bytes: usize,
+    /// Approximate size of one webhook request.
+    #[arg(long = "batch-bytes", default_value = "1MiB", value_parser = crate::config::parse_bytes)]
+    pub batch_bytes: u64,
+    /// Requests in flight at once (CockroachDB's webhook sink sends several).
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Print one JSON line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(ClusterOptions {
+            fsync: true,
+            settings: Vec::new(),
+        })
+    })
+    .await??;
+    for db in ["baseline", "immediate", "consistent"] {
+        cluster.psql("postgres", &format!("CREATE DATABASE {db}"))?;
+        cluster.psql(db, bench::KV_DDL)?;
+    }
+    let rows = Rows::generate(args.rows, args.value_bytes);
+    let bodies = rows.webhook_bodies(args.batch_bytes as usize);
+    let mut measures = Vec::new();
+
+    let pool = sqlx::PgPool::connect(&cluster.url("baseline")).await?;
+    let took = bench::baseline(&pool, &rows).await?;
+    measures.push(Measure::new("baseline", rows.len(), took));
+    check_count(&pool, rows.len()).await?;
+
+    let took = through_sink(&cluster, "immediate", &["--immediate"], &bodies, None, args.concurrency).await?;
+    measures.push(Measure::new("immediate", rows.len(), took));
+
+    let resolved = Some(rows.last_time().to_string());
+    let took = through_sink(&cluster, "consistent", &[], &bodies, resolved, args.concurrency).await?;
+    measures.push(Measure::new("consistent", rows.len(), took));
+
+    let summary = Summary::new(rows.len(), args.value_bytes, args.batch_bytes as usize, bodies.len(), &measures);
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print!("{}", summary.table(&measures));
+    }
+    Ok(())
+}
+
+/// Starts a sink on `db`, posts every body, and (consistent mode) the resolved timestamp;
+/// the clock stops when the rows are in the target and, if resolved, the window committed.
+async fn through_sink(
+    cluster: &Cluster,
+    db: &str,
+    flags: &[&str],
+    bodies: &[Bytes],
+    resolved: Option<String>,
+    concurrency: usize,
+) -> anyhow::Result<Duration> {
+    let url = cluster.url(db);
+    let mut argv = vec![
+        "cdc-sink",
+        "start",
+        "--bindAddr",
+        "127.0.0.1:0",
+        "--tlsSelfSigned",
+        "--disableAuthentication",
+        "--targetConn",
+        &url,
+    ];
+    argv.extend_from_slice(flags);
+    let super::Command::Start(args) = super::Cli::try_parse_from(argv)?.command else {
+        bail!("start arguments expected");
+    };
+    let running = super::launch(*args).await?;
+    let client = Client::new(
+        &format!("https://{}", running.addr),
+        ClientOptions {
+            insecure_skip_verify: true,
+            ..Default::default()
+        },
+    )?;
+    let pool = sqlx::PgPool::connect(&url).await?;
+    let path = format!("/{db}/public");
+    let started = Instant::now();
+    let mut results = futures::stream::iter(bodies.iter().cloned())
+        .map(|body| {
+            let client = client.clone();
+            let path = path.clone();
+            async move { client.post(&path, body).await }
+        })
+        .buffer_unordered(concurrency.max(1));
+    while let Some(r) = results.next().await {
+        let (status, text) = r?;
+        if !status.is_success() {
+            bail!("{db}: sink answered {status}: {}", text.trim());
+        }
+    }
+    if let Some(ts) = resolved {
+        let (status, text) = client
+            .post(&path, Bytes::from(format!("{{\"resolved\":\"{ts}\"}}")))
+            .await?;
+        if !status.is_success() {
+            bail!("{db}: resolved answered {status}: {}", text.trim());
+        }
+        let want = ts.parse::<crate::hlc::Hlc>()?.to_decimal();
+        loop {
+            let done: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM _cdc_sink.checkpoints WHERE source_hlc >= $1::DECIMAL AND target_applied_at IS NOT NULL",
+            )
+            .bind(&want)
+            .fetch_one(&pool)
+            .await?;
+            if done > 0 {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(3600) {
+                bail!("{db}: window not committed after an hour");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let took = started.elapsed();
+    let expected = bodies_rows(bodies);
+    check_count(&pool, expected).await.with_context(|| format!("{db} path"))?;
+    running.stop().await?;
+    Ok(took)
+}
+
+fn bodies_rows(bodies: &[Bytes]) -> usize {
+    bodies
+        .iter()
+        .map(|b| {
+            let tail = &b[b.len().saturating_sub(32)..];
+            let text = String::from_utf8_lossy(tail);
+            text.rsplit("\"length\":")
+                .next()
+                .and_then(|s| s.trim_end_matches('}').parse::<usize>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+async fn check_count(pool: &sqlx::PgPool, want: usize) -> anyhow::Result<()> {
+    let got: i64 = sqlx::query_scalar("SELECT count(*) FROM public.kv").fetch_one(pool).await?;
+    if got as usize != want {
+        bail!("expected {want} rows in the target, found {got}");
+    }
+    Ok(())
+}
