@@ -45,11 +45,16 @@ impl Rows {
         };
         for i in 0..n {
             rows.keys.push(i as i64);
-            rows.values.push((0..value_bytes).map(|_| next() as u8).collect());
+            rows.values
+                .push((0..value_bytes).map(|_| next() as u8).collect());
             // One source timestamp per 100 rows, like a busy changefeed.
             let t = Hlc::new(base + (i / 100) as i64 * 1_000_000, (i % 100) as i32);
             rows.times.push(t);
-            rows.versions.push(format!("2023-11-14T22:13:{:02}.{:06}Z", (i / 1_000_000) % 60, i % 1_000_000));
+            rows.versions.push(format!(
+                "2023-11-14T22:13:{:02}.{:06}Z",
+                (i / 1_000_000) % 60,
+                i % 1_000_000
+            ));
         }
         rows
     }
@@ -75,7 +80,9 @@ impl Rows {
         let mut hex = String::new();
         let flush = |elements: &mut String, n: &mut usize, bodies: &mut Vec<Bytes>| {
             if *n > 0 {
-                bodies.push(Bytes::from(format!("{{\"payload\":[{elements}],\"length\":{n}}}")));
+                bodies.push(Bytes::from(format!(
+                    "{{\"payload\":[{elements}],\"length\":{n}}}"
+                )));
                 elements.clear();
                 *n = 0;
             }
@@ -159,8 +166,20 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn new(rows: usize, value_bytes: usize, batch_bytes: usize, requests: usize, measures: &[Measure]) -> Summary {
-        let get = |n: &str| measures.iter().find(|m| m.name == n).map(|m| m.rows_per_s).unwrap_or(0.0);
+    pub fn new(
+        rows: usize,
+        value_bytes: usize,
+        batch_bytes: usize,
+        requests: usize,
+        measures: &[Measure],
+    ) -> Summary {
+        let get = |n: &str| {
+            measures
+                .iter()
+                .find(|m| m.name == n)
+                .map(|m| m.rows_per_s)
+                .unwrap_or(0.0)
+        };
         let base = get("baseline");
         let ratio = |v: f64| if base > 0.0 { v / base } else { 0.0 };
         Summary {
@@ -185,11 +204,17 @@ impl Summary {
             self.requests,
             self.batch_bytes / 1024
         );
-        out.push_str(&format!("{:<12} {:>10} {:>14} {:>8}\n", "path", "seconds", "rows/s", "ratio"));
+        out.push_str(&format!(
+            "{:<12} {:>10} {:>14} {:>8}\n",
+            "path", "seconds", "rows/s", "ratio"
+        ));
         let base = self.baseline_rows_per_s;
         for m in measures {
             let ratio = if base > 0.0 { m.rows_per_s / base } else { 0.0 };
-            out.push_str(&format!("{:<12} {:>10.3} {:>14.0} {:>8.2}\n", m.name, m.seconds, m.rows_per_s, ratio));
+            out.push_str(&format!(
+                "{:<12} {:>10.3} {:>14.0} {:>8.2}\n",
+                m.name, m.seconds, m.rows_per_s, ratio
+            ));
         }
         out
     }
@@ -208,12 +233,16 @@ mod tests {
         let route = parse_path("/kv/public").unwrap();
         let mut seen = 0;
         for b in &bodies {
-            let Payload::Mutations(m) = decode(&route, b, &(), &DecodeLimits::default()).unwrap() else {
+            let Payload::Mutations(m) = decode(&route, b, &(), &DecodeLimits::default()).unwrap()
+            else {
                 panic!("mutations expected")
             };
             seen += m.len();
         }
         assert_eq!(seen, 250);
-        assert!(rows.times.windows(2).all(|w| w[0] < w[1]), "strictly increasing times");
+        assert!(
+            rows.times.windows(2).all(|w| w[0] < w[1]),
+            "strictly increasing times"
+        );
     }
 }

@@ -209,8 +209,10 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
         }
     }
 
-    /// Marks every checkpoint of `schema` up to `upto` applied, inside the caller's
-    /// transaction, and drops older applied rows (the newest applied one is what counts).
+    /// Commits `upto` for `schema` inside the caller's transaction: everything at or before
+    /// it is applied. `upto` may lie inside a resolved window (a window applied in several
+    /// transactions commits as it goes), so it is written as its own row; older rows, applied
+    /// or not, are covered by it and removed.
     pub async fn commit(
         &self,
         conn: &mut PgConnection,
@@ -219,22 +221,22 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
     ) -> Result<(), CheckpointError> {
         let started = Instant::now();
         let group = schema.canonical();
-        let upd = format!(
-            "UPDATE {t} SET target_applied_at = now() \
-WHERE group_name = $1 AND source_hlc <= $2::DECIMAL AND target_applied_at IS NULL",
+        let del = format!(
+            "DELETE FROM {t} WHERE group_name = $1 AND source_hlc < $2::DECIMAL",
             t = self.table
         );
-        sqlx::query(&upd)
+        sqlx::query(&del)
             .bind(&group)
             .bind(upto.to_decimal())
             .execute(&mut *conn)
             .await
             .map_err(CheckpointError::Sql)?;
-        let del = format!(
-            "DELETE FROM {t} WHERE group_name = $1 AND source_hlc < $2::DECIMAL AND target_applied_at IS NOT NULL",
+        let upsert = format!(
+            "INSERT INTO {t} (group_name, source_hlc, partition, target_applied_at) VALUES ($1, $2::DECIMAL, $1, now()) \
+ON CONFLICT (group_name, source_hlc, partition) DO UPDATE SET target_applied_at = excluded.target_applied_at",
             t = self.table
         );
-        sqlx::query(&del)
+        sqlx::query(&upsert)
             .bind(&group)
             .bind(upto.to_decimal())
             .execute(&mut *conn)

@@ -50,14 +50,36 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     measures.push(Measure::new("baseline", rows.len(), took));
     check_count(&pool, rows.len()).await?;
 
-    let took = through_sink(&cluster, "immediate", &["--immediate"], &bodies, None, args.concurrency).await?;
+    let took = through_sink(
+        &cluster,
+        "immediate",
+        &["--immediate"],
+        &bodies,
+        None,
+        args.concurrency,
+    )
+    .await?;
     measures.push(Measure::new("immediate", rows.len(), took));
 
     let resolved = Some(rows.last_time().to_string());
-    let took = through_sink(&cluster, "consistent", &[], &bodies, resolved, args.concurrency).await?;
+    let took = through_sink(
+        &cluster,
+        "consistent",
+        &[],
+        &bodies,
+        resolved,
+        args.concurrency,
+    )
+    .await?;
     measures.push(Measure::new("consistent", rows.len(), took));
 
-    let summary = Summary::new(rows.len(), args.value_bytes, args.batch_bytes as usize, bodies.len(), &measures);
+    let summary = Summary::new(
+        rows.len(),
+        args.value_bytes,
+        args.batch_bytes as usize,
+        bodies.len(),
+        &measures,
+    );
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -141,7 +163,9 @@ async fn through_sink(
     }
     let took = started.elapsed();
     let expected = bodies_rows(bodies);
-    check_count(&pool, expected).await.with_context(|| format!("{db} path"))?;
+    check_count(&pool, expected)
+        .await
+        .with_context(|| format!("{db} path"))?;
     running.stop().await?;
     Ok(took)
 }
@@ -161,7 +185,9 @@ fn bodies_rows(bodies: &[Bytes]) -> usize {
 }
 
 async fn check_count(pool: &sqlx::PgPool, want: usize) -> anyhow::Result<()> {
-    let got: i64 = sqlx::query_scalar("SELECT count(*) FROM public.kv").fetch_one(pool).await?;
+    let got: i64 = sqlx::query_scalar("SELECT count(*) FROM public.kv")
+        .fetch_one(pool)
+        .await?;
     if got as usize != want {
         bail!("expected {want} rows in the target, found {got}");
     }

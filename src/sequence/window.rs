@@ -147,8 +147,10 @@ impl Pipeline {
     }
 
     /// Applies `(committed, proposed]`. Reads pages of every table, cuts them at a time up to
-    /// which all tables are complete, and applies whole timestamps in flushes of about
-    /// `--flushSize` mutations; the last flush of the window retires it and commits.
+    /// which all tables are complete, and applies whole timestamps in transactions of about
+    /// `--flushSize` mutations. Each transaction also retires its staged rows and commits the
+    /// checkpoint at its last timestamp: everything at or before it has been received (the
+    /// resolved timestamp says so) and is now applied, so a crash resumes right after it.
     async fn apply_window(&self, lease: &Lease, bounds: Bounds) -> Result<(), SequenceError> {
         let info = self.parts.applier.schema(&self.schema).await?;
         let tables: Vec<Table> = info.levels.iter().flatten().cloned().collect();
@@ -160,30 +162,30 @@ impl Pipeline {
                 let mut conn = pool.acquire().await.map_err(SequenceError::Sql)?;
                 self.read_page(&mut conn, &tables, from, hi).await?
             };
-            let last_page = cut == hi;
             let mut groups: BTreeMap<Hlc, Vec<(usize, Mutation)>> = BTreeMap::new();
             for (t, mu) in rows {
                 groups.entry(mu.time).or_default().push((t, mu));
             }
-            // Whole timestamps, in order, about flush_size mutations per transaction.
             let mut flush: Vec<(usize, Mutation)> = Vec::new();
-            let n_groups = groups.len();
-            for (i, (_, group)) in groups.into_iter().enumerate() {
+            for (time, group) in groups {
                 flush.extend(group);
-                let last_group = i + 1 == n_groups;
-                if flush.len() >= self.parts.args.flush_size && !(last_page && last_group) {
-                    self.flush(lease, &tables, std::mem::take(&mut flush), None, &info)
-                        .await?;
+                if flush.len() >= self.parts.args.flush_size && time < cut {
+                    self.flush(
+                        lease,
+                        &tables,
+                        std::mem::take(&mut flush),
+                        time,
+                        false,
+                        &info,
+                    )
+                    .await?;
                 }
             }
-            if last_page {
-                self.flush(lease, &tables, flush, Some(hi), &info).await?;
-                self.parts.checkpoints.committed(&self.schema, hi);
+            self.flush(lease, &tables, flush, cut, cut == hi, &info)
+                .await?;
+            if cut == hi {
                 tracing::debug!(schema = %self.schema, resolved = %hi, "window committed");
                 return Ok(());
-            }
-            if !flush.is_empty() {
-                self.flush(lease, &tables, flush, None, &info).await?;
             }
             from = cut;
         }
@@ -231,14 +233,15 @@ impl Pipeline {
         Ok((cut, rows))
     }
 
-    /// One target transaction: fence on the lease, write in FK order, then either mark the
-    /// rows applied or (last flush of a window) retire the window and commit its checkpoint.
+    /// One target transaction: fence on the lease, write in FK order, retire the staged rows
+    /// up to `upto` and commit the checkpoint there.
     async fn flush(
         &self,
         lease: &Lease,
         tables: &[Table],
         rows: Vec<(usize, Mutation)>,
-        commit: Option<Hlc>,
+        upto: Hlc,
+        end_of_window: bool,
         info: &crate::apply::SchemaInfo,
     ) -> Result<(), SequenceError> {
         let pool = &self.parts.stager.database().pool;
@@ -257,26 +260,18 @@ impl Pipeline {
             return Err(SequenceError::LeaseLost(self.schema.to_string()));
         }
         write_ordered(&self.parts.applier, &mut tx, info, &batches).await?;
-        match commit {
-            Some(hi) => {
-                for table in tables {
-                    self.parts.stager.retire(&mut tx, table, hi).await?;
-                }
-                self.parts
-                    .checkpoints
-                    .commit(&mut tx, &self.schema, hi)
-                    .await?;
-            }
-            None => {
-                for (table, muts) in &batches {
-                    let refs: Vec<&Mutation> = muts.iter().collect();
-                    self.parts
-                        .stager
-                        .mark_applied(&mut tx, table, &refs)
-                        .await?;
-                }
-            }
+        // At the end of a window every table is swept, which also removes redelivered rows
+        // that were staged below the checkpoint.
+        for table in tables
+            .iter()
+            .filter(|t| end_of_window || batches.contains_key(*t))
+        {
+            self.parts.stager.retire(&mut tx, table, upto).await?;
         }
+        self.parts
+            .checkpoints
+            .commit(&mut tx, &self.schema, upto)
+            .await?;
         tx.commit().await.map_err(SequenceError::Sql)?;
         metrics::counter!(m::CORE_SWEEP_APPLY_COUNT, &schema_label(&self.schema))
             .increment(count as u64);

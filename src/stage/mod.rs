@@ -2,8 +2,8 @@
 //!
 //! On PostgreSQL the staging schema is a schema inside the target database; on CockroachDB it is
 //! the `_cdc_sink` database (schema `public`). Rows are keyed by `(nanos, logical, key)`, so a
-//! redelivered mutation is a no-op. Rows are marked `applied` when a window is applied in
-//! several transactions and deleted when its checkpoint commits.
+//! redelivered mutation is a no-op. Rows are deleted in the transaction that applies them and
+//! commits the checkpoint past them. (`applied` exists for the reference's table shape.)
 
 mod sql;
 
@@ -278,34 +278,6 @@ impl Stager {
         Ok(out)
     }
 
-    /// Marks rows applied (a window applied in several transactions keeps its rows until the
-    /// checkpoint commits, so a redelivery cannot be staged and applied a second time).
-    pub async fn mark_applied(
-        &self,
-        conn: &mut PgConnection,
-        table: &Table,
-        muts: &[&Mutation],
-    ) -> Result<(), StageError> {
-        if muts.is_empty() {
-            return Ok(());
-        }
-        let name = self.ensure(table).await?;
-        let nanos: Vec<i64> = muts.iter().map(|m| m.time.nanos()).collect();
-        let logical: Vec<i64> = muts.iter().map(|m| i64::from(m.time.logical())).collect();
-        let keys: Vec<&str> = muts.iter().map(|m| m.key.as_str()).collect();
-        sqlx::query(&sql::mark_applied(&name))
-            .bind(nanos)
-            .bind(logical)
-            .bind(keys)
-            .execute(&mut *conn)
-            .await
-            .map_err(|source| StageError::Retire {
-                table: name,
-                source,
-            })?;
-        Ok(())
-    }
-
     /// Deletes every staged row of `table` at or before `upto` (applied, or redelivered
     /// duplicates of applied rows).
     pub async fn retire(
@@ -328,20 +300,6 @@ impl Stager {
         metrics::histogram!("stage_retire_duration_seconds", &labels(table))
             .record(started.elapsed().as_secs_f64());
         Ok(done.rows_affected())
-    }
-
-    /// Counts unapplied rows at or before `upto` (should be none once a window committed).
-    pub async fn count_unapplied(&self, table: &Table, upto: Hlc) -> Result<i64, StageError> {
-        let name = self.ensure(table).await?;
-        sqlx::query_scalar(&sql::count_unapplied(&name))
-            .bind(upto.nanos())
-            .bind(i64::from(upto.logical()))
-            .fetch_one(&self.db.pool)
-            .await
-            .map_err(|source| StageError::Read {
-                table: name,
-                source,
-            })
     }
 }
 

@@ -150,19 +150,8 @@ ORDER BY nanos, logical, key LIMIT $5"
     )
 }
 
-pub fn mark_applied(table: &str) -> String {
-    format!(
-        "UPDATE {table} SET applied = true \
-WHERE (nanos, logical, key) IN (SELECT * FROM unnest($1::INT8[], $2::INT8[], $3::TEXT[]))"
-    )
-}
-
 pub fn retire(table: &str) -> String {
     format!("DELETE FROM {table} WHERE (nanos, logical) <= ($1, $2)")
-}
-
-pub fn count_unapplied(table: &str) -> String {
-    format!("SELECT count(*) FROM {table} WHERE (nanos, logical) <= ($1, $2) AND NOT applied")
 }
 
 #[cfg(test)]
@@ -226,10 +215,6 @@ SELECT (SELECT count(*) FROM s0), (SELECT count(*) FROM s1)"
         assert_eq!(
             retire("t"),
             "DELETE FROM t WHERE (nanos, logical) <= ($1, $2)"
-        );
-        assert_eq!(
-            mark_applied("t"),
-            "UPDATE t SET applied = true WHERE (nanos, logical, key) IN (SELECT * FROM unnest($1::INT8[], $2::INT8[], $3::TEXT[]))"
         );
     }
 }

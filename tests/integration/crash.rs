@@ -139,9 +139,11 @@ async fn a_kill_during_apply_resumes_after_restart() {
     })
     .await;
     p.kill9();
+    let want = hlc(20).to_decimal();
     let done_before_kill: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM _cdc_sink.checkpoints WHERE target_applied_at IS NOT NULL",
+        "SELECT count(*) FROM _cdc_sink.checkpoints WHERE source_hlc >= $1::DECIMAL AND target_applied_at IS NOT NULL",
     )
+    .bind(&want)
     .fetch_one(&db.pool)
     .await
     .unwrap();
@@ -150,7 +152,6 @@ async fn a_kill_during_apply_resumes_after_restart() {
         "the kill must land inside the window for this test to mean anything"
     );
     let _p = Process::start(&db, port, &["--flushSize", "200"]).await;
-    let want = hlc(20).to_decimal();
     eventually("window committed after restart", Duration::from_secs(30), || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM _cdc_sink.checkpoints WHERE source_hlc = $1::DECIMAL AND target_applied_at IS NOT NULL",

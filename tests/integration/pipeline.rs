@@ -342,3 +342,19 @@ async fn two_instances_share_one_target_and_one_applies() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn concurrent_first_batches_for_a_new_table_are_all_staged() {
+    let db = kv_db("kv").await;
+    let sink = Sink::start(&db, &[]).await;
+    let posts = (0..8i64).map(|i| {
+        let body = batch(vec![upsert("kv", json!([i]), json!({"k": i, "v": "c"}), 1)]);
+        let sink = &sink;
+        async move { sink.post("/kv/public", body).await }
+    });
+    for (status, text) in futures::future::join_all(posts).await {
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    assert_eq!(staged(&db).await, 8);
+    sink.stop().await;
+}
