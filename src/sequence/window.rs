@@ -156,12 +156,15 @@ impl Pipeline {
         let tables: Vec<Table> = info.levels.iter().flatten().cloned().collect();
         let hi = bounds.proposed;
         let mut from = bounds.committed;
-        let pool = self.parts.stager.database().pool.clone();
         loop {
+            let read_started = Instant::now();
             let (cut, rows) = {
-                let mut conn = pool.acquire().await.map_err(SequenceError::Sql)?;
-                self.read_page(&mut conn, &tables, from, hi).await?
+                let mut tx = self.parts.stager.reader().await?;
+                let page = self.read_page(&mut tx, &tables, from, hi).await?;
+                tx.commit().await.map_err(SequenceError::Sql)?;
+                page
             };
+            tracing::debug!(schema = %self.schema, rows = rows.len(), read_ms = read_started.elapsed().as_millis() as u64, "read staged page");
             let mut groups: BTreeMap<Hlc, Vec<(usize, Mutation)>> = BTreeMap::new();
             for (t, mu) in rows {
                 groups.entry(mu.time).or_default().push((t, mu));
@@ -250,6 +253,7 @@ impl Pipeline {
             batches.entry(tables[t].clone()).or_default().push(mu);
         }
         let count: usize = batches.values().map(Vec::len).sum();
+        let started = Instant::now();
         let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
         if !self
             .parts
@@ -260,6 +264,7 @@ impl Pipeline {
             return Err(SequenceError::LeaseLost(self.schema.to_string()));
         }
         write_ordered(&self.parts.applier, &mut tx, info, &batches).await?;
+        let written = started.elapsed();
         // At the end of a window every table is swept, which also removes redelivered rows
         // that were staged below the checkpoint.
         for table in tables
@@ -272,7 +277,17 @@ impl Pipeline {
             .checkpoints
             .commit(&mut tx, &self.schema, upto)
             .await?;
+        let retired = started.elapsed();
         tx.commit().await.map_err(SequenceError::Sql)?;
+        tracing::debug!(
+            schema = %self.schema,
+            rows = count,
+            write_ms = written.as_millis() as u64,
+            retire_ms = (retired - written).as_millis() as u64,
+            commit_ms = (started.elapsed() - retired).as_millis() as u64,
+            "flushed"
+        );
+        self.parts.checkpoints.committed(&self.schema, upto);
         metrics::counter!(m::CORE_SWEEP_APPLY_COUNT, &schema_label(&self.schema))
             .increment(count as u64);
         Ok(())

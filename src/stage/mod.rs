@@ -224,6 +224,22 @@ impl Stager {
         Ok(stats)
     }
 
+    /// A read-only transaction for [`Stager::read`]. On PostgreSQL it steers the planner to the
+    /// primary-key order: staging tables are rarely analyzed while they fill, and the planner
+    /// then sorts the whole window on disk for every page (measured: 500 ms instead of 5 ms
+    /// for a 10,000-row page of a 100,000-row window).
+    pub async fn reader(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StageError> {
+        let read = |source| StageError::Read {
+            table: self.schema.to_string(),
+            source,
+        };
+        let mut tx = self.db.pool.begin().await.map_err(read)?;
+        if let Some(settings) = sql::read_settings(self.db.dialect) {
+            sqlx::query(settings).execute(&mut *tx).await.map_err(read)?;
+        }
+        Ok(tx)
+    }
+
     /// Reads unapplied rows of one table with time in `(after, upto]`, in (time, key) order,
     /// at most `limit`; `resume_key` continues inside the timestamp `after` itself.
     pub async fn read(

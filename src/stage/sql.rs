@@ -150,6 +150,16 @@ ORDER BY nanos, logical, key LIMIT $5"
     )
 }
 
+/// Session settings of a staging read transaction (see `Stager::reader`).
+pub fn read_settings(dialect: Dialect) -> Option<&'static str> {
+    match dialect {
+        Dialect::Postgres => Some(
+            "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true)",
+        ),
+        Dialect::Cockroach => None,
+    }
+}
+
 pub fn retire(table: &str) -> String {
     format!("DELETE FROM {table} WHERE (nanos, logical) <= ($1, $2)")
 }
