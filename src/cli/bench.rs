@@ -24,6 +24,10 @@ pub struct BenchArgs {
     /// Requests in flight at once (CockroachDB's webhook sink sends several).
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// Consistent mode: a resolved timestamp after every this many requests (all acknowledged),
+    /// as a changefeed with `resolved` emits them while it streams.
+    #[arg(long = "resolved-every", default_value_t = 8)]
+    pub resolved_every: usize,
     /// Print one JSON line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -50,27 +54,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     measures.push(Measure::new("baseline", rows.len(), took));
     check_count(&pool, rows.len()).await?;
 
-    let took = through_sink(
-        &cluster,
-        "immediate",
-        &["--immediate"],
-        &bodies,
-        None,
-        args.concurrency,
-    )
-    .await?;
+    let immediate = Plan {
+        db: "immediate",
+        flags: &["--immediate"],
+        resolved_every: None,
+        concurrency: args.concurrency,
+    };
+    let took = through_sink(&cluster, &immediate, &bodies, &rows).await?;
     measures.push(Measure::new("immediate", rows.len(), took));
 
-    let resolved = Some(rows.last_time().to_string());
-    let took = through_sink(
-        &cluster,
-        "consistent",
-        &[],
-        &bodies,
-        resolved,
-        args.concurrency,
-    )
-    .await?;
+    let consistent = Plan {
+        db: "consistent",
+        flags: &[],
+        resolved_every: Some(args.resolved_every.max(1)),
+        concurrency: args.concurrency,
+    };
+    let took = through_sink(&cluster, &consistent, &bodies, &rows).await?;
     measures.push(Measure::new("consistent", rows.len(), took));
 
     let summary = Summary::new(
@@ -88,16 +87,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts a sink on `db`, posts every body, and (consistent mode) the resolved timestamp;
-/// the clock stops when the rows are in the target and, if resolved, the window committed.
+/// How one path is driven.
+struct Plan {
+    db: &'static str,
+    flags: &'static [&'static str],
+    /// Post a resolved timestamp after every this many requests (consistent mode).
+    resolved_every: Option<usize>,
+    concurrency: usize,
+}
+
+/// Starts a sink on the plan's database and posts every body (and, in consistent mode, the
+/// resolved timestamps); the clock stops when the rows are in the target and the last window
+/// is committed.
 async fn through_sink(
     cluster: &Cluster,
-    db: &str,
-    flags: &[&str],
+    plan: &Plan,
     bodies: &[Bytes],
-    resolved: Option<String>,
-    concurrency: usize,
+    rows: &Rows,
 ) -> anyhow::Result<Duration> {
+    let db = plan.db;
     let url = cluster.url(db);
     let mut argv = vec![
         "cdc-sink",
@@ -109,7 +117,7 @@ async fn through_sink(
         "--targetConn",
         &url,
     ];
-    argv.extend_from_slice(flags);
+    argv.extend_from_slice(plan.flags);
     let super::Command::Start(args) = super::Cli::try_parse_from(argv)?.command else {
         bail!("start arguments expected");
     };
@@ -124,27 +132,36 @@ async fn through_sink(
     let pool = sqlx::PgPool::connect(&url).await?;
     let path = format!("/{db}/public");
     let started = Instant::now();
-    let mut results = futures::stream::iter(bodies.iter().cloned())
-        .map(|body| {
-            let client = client.clone();
-            let path = path.clone();
-            async move { client.post(&path, body).await }
-        })
-        .buffer_unordered(concurrency.max(1));
-    while let Some(r) = results.next().await {
-        let (status, text) = r?;
-        if !status.is_success() {
-            bail!("{db}: sink answered {status}: {}", text.trim());
+    let group = plan.resolved_every.unwrap_or(bodies.len()).max(1);
+    let mut sent_rows = 0usize;
+    for chunk in bodies.chunks(group) {
+        let mut results = futures::stream::iter(chunk.iter().cloned())
+            .map(|body| {
+                let client = client.clone();
+                let path = path.clone();
+                async move { client.post(&path, body).await }
+            })
+            .buffer_unordered(plan.concurrency.max(1));
+        while let Some(r) = results.next().await {
+            let (status, text) = r?;
+            if !status.is_success() {
+                bail!("{db}: sink answered {status}: {}", text.trim());
+            }
+        }
+        sent_rows += bodies_rows(chunk);
+        if plan.resolved_every.is_some() {
+            // Every row so far is acknowledged: the changefeed may now resolve up to the last.
+            let ts = rows.times[sent_rows - 1].to_string();
+            let (status, text) = client
+                .post(&path, Bytes::from(format!("{{\"resolved\":\"{ts}\"}}")))
+                .await?;
+            if !status.is_success() {
+                bail!("{db}: resolved answered {status}: {}", text.trim());
+            }
         }
     }
-    if let Some(ts) = resolved {
-        let (status, text) = client
-            .post(&path, Bytes::from(format!("{{\"resolved\":\"{ts}\"}}")))
-            .await?;
-        if !status.is_success() {
-            bail!("{db}: resolved answered {status}: {}", text.trim());
-        }
-        let want = ts.parse::<crate::hlc::Hlc>()?.to_decimal();
+    if plan.resolved_every.is_some() {
+        let want = rows.last_time().to_decimal();
         loop {
             let done: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM _cdc_sink.checkpoints WHERE source_hlc >= $1::DECIMAL AND target_applied_at IS NOT NULL",
@@ -162,8 +179,7 @@ async fn through_sink(
         }
     }
     let took = started.elapsed();
-    let expected = bodies_rows(bodies);
-    check_count(&pool, expected)
+    check_count(&pool, sent_rows)
         .await
         .with_context(|| format!("{db} path"))?;
     running.stop().await?;

@@ -235,7 +235,10 @@ impl Stager {
         };
         let mut tx = self.db.pool.begin().await.map_err(read)?;
         if let Some(settings) = sql::read_settings(self.db.dialect) {
-            sqlx::query(settings).execute(&mut *tx).await.map_err(read)?;
+            sqlx::query(settings)
+                .execute(&mut *tx)
+                .await
+                .map_err(read)?;
         }
         Ok(tx)
     }
