@@ -9,6 +9,7 @@ use crate::ident::{Ident, Schema, Table};
 use crate::target::Dialect;
 use std::borrow::Cow;
 use std::fmt::Write;
+use std::time::Duration;
 
 /// The element type of an array parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,6 +175,260 @@ pub fn delete(dialect: Dialect, table: &Table, pk: &[ColumnSql], params: &[Param
         table_name(dialect, table),
         name_list(pk.iter().map(|c| &c.name)),
         select_unnest(dialect, pk, params)
+    )
+}
+
+/// `unnest(…) WITH ORDINALITY AS d(p1, …, i)`: the rows plus their 1-based position.
+fn unnest_numbered(params: &[Param]) -> String {
+    let mut s = String::from("unnest(");
+    for (i, p) in params.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        let ty = match p {
+            Param::Text => "TEXT[]",
+            Param::Bool => "BOOL[]",
+        };
+        let _ = write!(s, "${}::{ty}", i + 1);
+    }
+    s.push_str(") WITH ORDINALITY AS d(");
+    for i in 1..=params.len() {
+        let _ = write!(s, "p{i}, ");
+    }
+    s.push_str("i)");
+    s
+}
+
+/// `(a."x", a."y")`: a row of qualified columns.
+fn row_of<'a>(alias: &str, names: impl IntoIterator<Item = &'a Ident>) -> String {
+    let cols: Vec<String> = names
+        .into_iter()
+        .map(|n| format!("{alias}.{}", n.quoted()))
+        .collect();
+    format!("({})", cols.join(", "))
+}
+
+/// `(a.c1, a.c3)`: a row of the numbered values of a CTE.
+fn row_of_numbered(alias: &str, prefix: &str, positions: &[usize]) -> String {
+    let cols: Vec<String> = positions
+        .iter()
+        .map(|p| format!("{alias}.{prefix}{p}"))
+        .collect();
+    format!("({})", cols.join(", "))
+}
+
+/// A deadline rendered as an interval both dialects parse (`'600 seconds'`, `'0.25 seconds'`).
+fn interval(d: Duration) -> String {
+    let nanos = d.subsec_nanos();
+    if nanos == 0 {
+        return format!("'{} seconds'::INTERVAL", d.as_secs());
+    }
+    let frac = format!("{nanos:09}");
+    format!(
+        "'{}.{} seconds'::INTERVAL",
+        d.as_secs(),
+        frac.trim_end_matches('0')
+    )
+}
+
+/// What a conditional upsert checks before writing a row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conditions {
+    /// Compare-and-set columns, in tuple order.
+    pub cas: Vec<Ident>,
+    /// Columns that must be newer than now minus the duration, sorted by name.
+    pub deadlines: Vec<(Ident, Duration)>,
+}
+
+/// The compare-and-set / deadline upsert (§6.2). Rows whose deadline passed are not written;
+/// an existing row is replaced only when the incoming CAS tuple is strictly greater (SQL row
+/// comparison, so NULLs and equal tuples lose). On PostgreSQL `ON CONFLICT DO UPDATE` compares
+/// against the latest committed version and locks the row even when the comparison fails, so
+/// the outcome holds under concurrent writers and the losers stay locked for the merge.
+///
+/// Returns the 1-based positions (`i`) of the rows that were not written and have a target
+/// row: the conflicts. Expired rows without a target row vanish silently.
+pub fn conditional_upsert(
+    dialect: Dialect,
+    table: &Table,
+    pk: &[Ident],
+    cols: &[ColumnSql],
+    params: &[Param],
+    cond: &Conditions,
+) -> String {
+    let target = table_name(dialect, table);
+    let position = |name: &Ident| cols.iter().position(|c| &c.name == name).map(|p| p + 1);
+    let mut src = String::from("SELECT d.i");
+    for (i, c) in cols.iter().enumerate() {
+        let _ = write!(src, ", {} AS c{}", value_expr(dialect, c), i + 1);
+    }
+    let _ = write!(src, " FROM {}", unnest_numbered(params));
+
+    let live: Vec<String> = cond
+        .deadlines
+        .iter()
+        .filter_map(|(name, d)| {
+            position(name).map(|p| format!("src.c{p} > now() - {}", interval(*d)))
+        })
+        .collect();
+    let live = (!live.is_empty()).then(|| format!("({})", live.join(" AND ")));
+
+    let written_pk: Vec<&Ident> = cols
+        .iter()
+        .map(|c| &c.name)
+        .filter(|n| pk.contains(n))
+        .collect();
+    let pk_positions: Vec<usize> = written_pk.iter().filter_map(|n| position(n)).collect();
+    let names = name_list(cols.iter().map(|c| &c.name));
+    let values: Vec<String> = (1..=cols.len()).map(|p| format!("src.c{p}")).collect();
+    let mut update: Vec<String> = cols
+        .iter()
+        .filter(|c| !pk.contains(&c.name))
+        .map(|c| format!("{0} = excluded.{0}", c.name.quoted()))
+        .collect();
+    if update.is_empty() {
+        // A key-only table: a no-op update still reports (and locks) the existing row.
+        if let Some(first) = written_pk.first() {
+            update.push(format!("{0} = excluded.{0}", first.quoted()));
+        }
+    }
+    let mut won = format!(
+        "INSERT INTO {target} AS x ({names}) SELECT {} FROM src",
+        values.join(", ")
+    );
+    if let Some(live) = &live {
+        let _ = write!(won, " WHERE {live}");
+    }
+    let _ = write!(
+        won,
+        " ON CONFLICT ({}) DO UPDATE SET {}",
+        name_list(pk),
+        update.join(", ")
+    );
+    if !cond.cas.is_empty() {
+        let _ = write!(
+            won,
+            " WHERE {} > {}",
+            row_of("excluded", &cond.cas),
+            row_of("x", &cond.cas)
+        );
+    }
+    let _ = write!(won, " RETURNING {}", {
+        let r: Vec<String> = written_pk
+            .iter()
+            .map(|n| format!("x.{}", n.quoted()))
+            .collect();
+        r.join(", ")
+    });
+
+    let src_key = row_of_numbered("src", "c", &pk_positions);
+    let mut out = format!(
+        "WITH src AS ({src}), won AS ({won}) SELECT src.i FROM src WHERE NOT EXISTS \
+         (SELECT 1 FROM won WHERE {} = {src_key})",
+        row_of("won", written_pk.iter().copied())
+    );
+    if let Some(live) = &live {
+        let _ = write!(
+            out,
+            " AND ({live} IS TRUE OR EXISTS (SELECT 1 FROM {target} AS x WHERE {} = {src_key}))",
+            row_of("x", written_pk.iter().copied())
+        );
+    }
+    out
+}
+
+/// Reads the current rows for keys `key` (1-based positions `i` of the keys sent), locking
+/// them for the rest of the transaction. Each row comes back as one array of `to_jsonb` texts,
+/// in the order of `read`; `ARRAY[…]` has no argument limit, unlike `jsonb_build_array`.
+pub fn read_locked(
+    dialect: Dialect,
+    table: &Table,
+    key: &[ColumnSql],
+    params: &[Param],
+    read: &[Ident],
+) -> String {
+    let mut k = String::from("SELECT d.i");
+    for (i, c) in key.iter().enumerate() {
+        let _ = write!(k, ", {} AS c{}", value_expr(dialect, c), i + 1);
+    }
+    let _ = write!(k, " FROM {}", unnest_numbered(params));
+    let values: Vec<String> = read
+        .iter()
+        .map(|n| format!("to_jsonb(x.{})::TEXT", n.quoted()))
+        .collect();
+    let positions: Vec<usize> = (1..=key.len()).collect();
+    format!(
+        "SELECT k.i, ARRAY[{}] FROM ({k}) AS k JOIN {} AS x ON {} = {} FOR UPDATE OF x",
+        values.join(", "),
+        table_name(dialect, table),
+        row_of("x", key.iter().map(|c| &c.name)),
+        row_of_numbered("k", "c", &positions)
+    )
+}
+
+/// Deletes rows by key only when the target row's CAS tuple is not newer than the one of the
+/// delete's `before` image (DESIGN §3.7). `cas` are the CAS columns with their parameters
+/// (the `before` values). Returns the 1-based positions of the deletes refused because a target
+/// row is newer (or its comparison is NULL): the conflicts.
+pub fn guarded_delete(
+    dialect: Dialect,
+    table: &Table,
+    key: &[ColumnSql],
+    cas: &[ColumnSql],
+    params: &[Param],
+) -> String {
+    let target = table_name(dialect, table);
+    let mut k = String::from("SELECT d.i");
+    for (i, c) in key.iter().enumerate() {
+        let _ = write!(k, ", {} AS c{}", value_expr(dialect, c), i + 1);
+    }
+    for (i, c) in cas.iter().enumerate() {
+        let _ = write!(k, ", {} AS v{}", value_expr(dialect, c), i + 1);
+    }
+    let _ = write!(k, " FROM {}", unnest_numbered(params));
+    let key_row = row_of_numbered("k", "c", &(1..=key.len()).collect::<Vec<_>>());
+    let x_key = row_of("x", key.iter().map(|c| &c.name));
+    format!(
+        "WITH k AS ({k}), gone AS (DELETE FROM {target} AS x USING k WHERE {x_key} = {key_row} \
+         AND {} <= {} RETURNING k.i) SELECT k.i FROM k WHERE NOT EXISTS \
+         (SELECT 1 FROM gone WHERE gone.i = k.i) AND EXISTS (SELECT 1 FROM {target} AS x WHERE {x_key} = {key_row})",
+        row_of("x", cas.iter().map(|c| &c.name)),
+        row_of_numbered("k", "v", &(1..=cas.len()).collect::<Vec<_>>()),
+    )
+}
+
+/// The columns a dead-letter table must have, in the order errors list them.
+pub const DLQ_COLUMNS: [&str; 5] = [
+    "dlq_name",
+    "source_nanos",
+    "source_logical",
+    "data_after",
+    "data_before",
+];
+
+/// Writes dead-letter rows from five text arrays (name, nanos, logical, after, before).
+pub fn dlq_insert(dialect: Dialect, table: &Table) -> String {
+    format!(
+        "INSERT INTO {} (\"dlq_name\", \"source_nanos\", \"source_logical\", \"data_after\", \"data_before\") \
+         SELECT d.p1, d.p2::INT8, d.p3::INT8, d.p4::JSONB, d.p5::JSONB \
+         FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) AS d(p1, p2, p3, p4, p5)",
+        table_name(dialect, table)
+    )
+}
+
+/// The dead-letter table. `uuid` is false on PostgreSQL before 13, which has no built-in
+/// `gen_random_uuid()`.
+pub fn dlq_create(dialect: Dialect, table: &Table, uuid: bool) -> String {
+    let event = if uuid {
+        "event UUID NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY"
+    } else {
+        "event BIGSERIAL PRIMARY KEY"
+    };
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} ({event}, dlq_name TEXT NOT NULL, \
+         source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, \
+         data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())",
+        table_name(dialect, table)
     )
 }
 
