@@ -30,24 +30,43 @@ pub(crate) fn bind<'q>(mut q: Query<'q>, chunk: &'q Chunk) -> Query<'q> {
     q
 }
 
-/// Runs `sql` once per chunk and maps the returned 1-based positions to input offsets.
-async fn losers(
+/// Rows a conditional statement did not write.
+#[derive(Default)]
+struct Unwritten {
+    /// Input offsets of the conflicts, in batch order.
+    conflicts: Vec<usize>,
+    /// Rows that neither were written nor conflict (nothing to delete, expired and new).
+    skipped: u64,
+}
+
+/// Runs `sql` once per chunk; maps the returned 1-based positions to input offsets.
+async fn unwritten(
     conn: &mut PgConnection,
     sql: &str,
     chunks: &[Chunk],
     offsets: &[usize],
-) -> Result<Vec<usize>, sqlx::Error> {
-    let mut out = Vec::new();
+) -> Result<Unwritten, sqlx::Error> {
+    let mut out = Unwritten::default();
     let mut start = 0;
     for chunk in chunks {
         let rows: Vec<PgRow> = bind(sqlx::query(sql), chunk).fetch_all(&mut *conn).await?;
+        let mut positions = Vec::with_capacity(rows.len());
         for r in rows {
             let i: i64 = r.try_get(0)?;
-            let at = usize::try_from(i - 1).ok().map(|i| start + i);
-            if let Some(&o) = at.and_then(|at| offsets.get(at)) {
-                out.push(o);
+            let conflict: bool = r.try_get(1)?;
+            if !conflict {
+                out.skipped += 1;
+                continue;
             }
+            positions.extend(usize::try_from(i - 1).ok().map(|i| start + i));
         }
+        // Batch order, so mergers see conflicts in a stable order.
+        positions.sort_unstable();
+        out.conflicts.extend(
+            positions
+                .into_iter()
+                .filter_map(|at| offsets.get(at).copied()),
+        );
         start += chunk.rows;
     }
     Ok(out)
@@ -100,16 +119,17 @@ impl Applier {
         }
         let mut lost = Vec::new();
         if let Some(guard) = &cond.guard_sql {
-            lost = losers(conn, guard, &batch.guarded, &batch.guarded_rows)
+            let u = unwritten(conn, guard, &batch.guarded, &batch.guarded_rows)
                 .await
                 .map_err(Failure::Sql)?;
-            stats.deletes -= lost.len() as u64;
+            stats.deletes -= u.conflicts.len() as u64 + u.skipped;
+            lost = u.conflicts;
         }
-        let upsert_losers = losers(conn, &cond.upsert_sql, &batch.upserts, &batch.upsert_rows)
+        let u = unwritten(conn, &cond.upsert_sql, &batch.upserts, &batch.upsert_rows)
             .await
             .map_err(Failure::Sql)?;
-        stats.upserts -= upsert_losers.len() as u64;
-        lost.extend(upsert_losers);
+        stats.upserts -= u.conflicts.len() as u64 + u.skipped;
+        lost.extend(u.conflicts);
         stats.conflicts = lost.len() as u64;
         if lost.is_empty() {
             return Ok(stats);

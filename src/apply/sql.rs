@@ -246,8 +246,8 @@ pub struct Conditions {
 /// against the latest committed version and locks the row even when the comparison fails, so
 /// the outcome holds under concurrent writers and the losers stay locked for the merge.
 ///
-/// Returns the 1-based positions (`i`) of the rows that were not written and have a target
-/// row: the conflicts. Expired rows without a target row vanish silently.
+/// Returns the 1-based position (`i`) of each row that was not written, and whether it is a
+/// conflict (it has a target row); expired rows without a target row vanish silently.
 pub fn conditional_upsert(
     dialect: Dialect,
     table: &Table,
@@ -322,19 +322,19 @@ pub fn conditional_upsert(
     });
 
     let src_key = row_of_numbered("src", "c", &pk_positions);
-    let mut out = format!(
-        "WITH src AS ({src}), won AS ({won}) SELECT src.i FROM src WHERE NOT EXISTS \
+    let conflict = match &live {
+        Some(live) => format!(
+            "({live} IS TRUE OR EXISTS (SELECT 1 FROM {target} AS x WHERE {} = {src_key}))",
+            row_of("x", written_pk.iter().copied())
+        ),
+        // A live row that was not written lost against an existing row.
+        None => "TRUE".to_string(),
+    };
+    format!(
+        "WITH src AS ({src}), won AS ({won}) SELECT src.i, {conflict} FROM src WHERE NOT EXISTS \
          (SELECT 1 FROM won WHERE {} = {src_key})",
         row_of("won", written_pk.iter().copied())
-    );
-    if let Some(live) = &live {
-        let _ = write!(
-            out,
-            " AND ({live} IS TRUE OR EXISTS (SELECT 1 FROM {target} AS x WHERE {} = {src_key}))",
-            row_of("x", written_pk.iter().copied())
-        );
-    }
-    out
+    )
 }
 
 /// Reads the current rows for keys `key` (1-based positions `i` of the keys sent), locking
@@ -368,8 +368,8 @@ pub fn read_locked(
 
 /// Deletes rows by key only when the target row's CAS tuple is not newer than the one of the
 /// delete's `before` image (DESIGN §3.7). `cas` are the CAS columns with their parameters
-/// (the `before` values). Returns the 1-based positions of the deletes refused because a target
-/// row is newer (or its comparison is NULL): the conflicts.
+/// (the `before` values). Returns the 1-based position of each delete that removed nothing, and
+/// whether it is a conflict: a target row newer than `before` (or a NULL comparison) refused it.
 pub fn guarded_delete(
     dialect: Dialect,
     table: &Table,
@@ -390,8 +390,8 @@ pub fn guarded_delete(
     let x_key = row_of("x", key.iter().map(|c| &c.name));
     format!(
         "WITH k AS ({k}), gone AS (DELETE FROM {target} AS x USING k WHERE {x_key} = {key_row} \
-         AND {} <= {} RETURNING k.i) SELECT k.i FROM k WHERE NOT EXISTS \
-         (SELECT 1 FROM gone WHERE gone.i = k.i) AND EXISTS (SELECT 1 FROM {target} AS x WHERE {x_key} = {key_row})",
+         AND {} <= {} RETURNING k.i) SELECT k.i, EXISTS (SELECT 1 FROM {target} AS x WHERE {x_key} = {key_row}) \
+         FROM k WHERE NOT EXISTS (SELECT 1 FROM gone WHERE gone.i = k.i)",
         row_of("x", cas.iter().map(|c| &c.name)),
         row_of_numbered("k", "v", &(1..=cas.len()).collect::<Vec<_>>()),
     )
@@ -699,6 +699,158 @@ mod tests {
         assert_eq!(
             foreign_keys_query(CRDB, &s),
             foreign_keys_query(PG, &s).replace("pg_catalog.", "\"Db\".pg_catalog.")
+        );
+    }
+
+    fn cas_cols() -> (Vec<ColumnSql>, Vec<Param>) {
+        let mut ts = col("ts", "TIMESTAMPTZ", 4);
+        ts.default = Some((5, "now()".into()));
+        let cols = vec![
+            col("k", "INT8", 1),
+            col("v", "TEXT", 2),
+            col("ver", "INT8", 3),
+            ts,
+            col("at", "TIMESTAMPTZ", 6),
+        ];
+        let mut params = vec![Param::Text; 6];
+        params[4] = Param::Bool;
+        (cols, params)
+    }
+
+    #[test]
+    fn cas_upsert_writes_greater_tuples_and_returns_the_losers() {
+        let (cols, params) = cas_cols();
+        let cond = Conditions {
+            cas: vec![Ident::new("ver")],
+            deadlines: vec![],
+        };
+        assert_eq!(
+            conditional_upsert(PG, &table(), &pk(&["k"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" WHERE (excluded."ver") > (x."ver") RETURNING x."k") SELECT src.i, TRUE FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+        assert_eq!(
+            conditional_upsert(CRDB, &table(), &pk(&["k"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "db"."sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" WHERE (excluded."ver") > (x."ver") RETURNING x."k") SELECT src.i, TRUE FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+    }
+
+    #[test]
+    fn deadlines_filter_rows_and_report_expired_ones_with_a_target_row() {
+        let (cols, params) = cas_cols();
+        let cond = Conditions {
+            cas: vec![Ident::new("ver"), Ident::new("v")],
+            deadlines: vec![
+                (Ident::new("at"), Duration::from_millis(1500)),
+                (Ident::new("ts"), Duration::from_secs(600)),
+            ],
+        };
+        assert_eq!(
+            conditional_upsert(PG, &table(), &pk(&["k"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src WHERE (src.c5 > now() - '1.5 seconds'::INTERVAL AND src.c4 > now() - '600 seconds'::INTERVAL) ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" WHERE (excluded."ver", excluded."v") > (x."ver", x."v") RETURNING x."k") SELECT src.i, ((src.c5 > now() - '1.5 seconds'::INTERVAL AND src.c4 > now() - '600 seconds'::INTERVAL) IS TRUE OR EXISTS (SELECT 1 FROM "sch"."t" AS x WHERE (x."k") = (src.c1))) FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+        assert_eq!(
+            conditional_upsert(CRDB, &table(), &pk(&["k"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "db"."sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src WHERE (src.c5 > now() - '1.5 seconds'::INTERVAL AND src.c4 > now() - '600 seconds'::INTERVAL) ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" WHERE (excluded."ver", excluded."v") > (x."ver", x."v") RETURNING x."k") SELECT src.i, ((src.c5 > now() - '1.5 seconds'::INTERVAL AND src.c4 > now() - '600 seconds'::INTERVAL) IS TRUE OR EXISTS (SELECT 1 FROM "db"."sch"."t" AS x WHERE (x."k") = (src.c1))) FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+        let only = Conditions {
+            cas: vec![],
+            deadlines: vec![(Ident::new("ts"), Duration::from_secs(3600))],
+        };
+        assert_eq!(
+            conditional_upsert(PG, &table(), &pk(&["k"]), &cols, &params, &only),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src WHERE (src.c4 > now() - '3600 seconds'::INTERVAL) ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" RETURNING x."k") SELECT src.i, ((src.c4 > now() - '3600 seconds'::INTERVAL) IS TRUE OR EXISTS (SELECT 1 FROM "sch"."t" AS x WHERE (x."k") = (src.c1))) FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+        assert_eq!(
+            conditional_upsert(CRDB, &table(), &pk(&["k"]), &cols, &params, &only),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "db"."sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src WHERE (src.c4 > now() - '3600 seconds'::INTERVAL) ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" RETURNING x."k") SELECT src.i, ((src.c4 > now() - '3600 seconds'::INTERVAL) IS TRUE OR EXISTS (SELECT 1 FROM "db"."sch"."t" AS x WHERE (x."k") = (src.c1))) FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+    }
+
+    #[test]
+    fn cas_upsert_of_a_key_only_table_still_reports_existing_rows() {
+        let cols = [col("a", "TEXT", 1), col("b", "INT8", 2)];
+        let params = [Param::Text, Param::Text];
+        let cond = Conditions {
+            cas: vec![Ident::new("b")],
+            deadlines: vec![],
+        };
+        assert_eq!(
+            conditional_upsert(PG, &table(), &pk(&["a", "b"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::TEXT AS c1, d.p2::INT8 AS c2 FROM unnest($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS d(p1, p2, i)), won AS (INSERT INTO "sch"."t" AS x ("a", "b") SELECT src.c1, src.c2 FROM src ON CONFLICT ("a", "b") DO UPDATE SET "a" = excluded."a" WHERE (excluded."b") > (x."b") RETURNING x."a", x."b") SELECT src.i, TRUE FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."a", won."b") = (src.c1, src.c2))"#
+        );
+        assert_eq!(
+            conditional_upsert(CRDB, &table(), &pk(&["a", "b"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::TEXT AS c1, d.p2::INT8 AS c2 FROM unnest($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS d(p1, p2, i)), won AS (INSERT INTO "db"."sch"."t" AS x ("a", "b") SELECT src.c1, src.c2 FROM src ON CONFLICT ("a", "b") DO UPDATE SET "a" = excluded."a" WHERE (excluded."b") > (x."b") RETURNING x."a", x."b") SELECT src.i, TRUE FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."a", won."b") = (src.c1, src.c2))"#
+        );
+    }
+
+    #[test]
+    fn losers_are_read_back_as_json_and_locked() {
+        let key = [col("k", "INT8", 1)];
+        let read = pk(&["k", "v", "ver"]);
+        assert_eq!(
+            read_locked(PG, &table(), &key, &[Param::Text], &read),
+            r#"SELECT k.i, ARRAY[to_jsonb(x."k")::TEXT, to_jsonb(x."v")::TEXT, to_jsonb(x."ver")::TEXT] FROM (SELECT d.i, d.p1::INT8 AS c1 FROM unnest($1::TEXT[]) WITH ORDINALITY AS d(p1, i)) AS k JOIN "sch"."t" AS x ON (x."k") = (k.c1) FOR UPDATE OF x"#
+        );
+        assert_eq!(
+            read_locked(CRDB, &table(), &key, &[Param::Text], &read),
+            r#"SELECT k.i, ARRAY[to_jsonb(x."k")::TEXT, to_jsonb(x."v")::TEXT, to_jsonb(x."ver")::TEXT] FROM (SELECT d.i, d.p1::INT8 AS c1 FROM unnest($1::TEXT[]) WITH ORDINALITY AS d(p1, i)) AS k JOIN "db"."sch"."t" AS x ON (x."k") = (k.c1) FOR UPDATE OF x"#
+        );
+    }
+
+    #[test]
+    fn guarded_deletes_compare_the_before_image() {
+        let key = [col("k", "INT8", 1), col("g", "INT8", 2)];
+        let cas = [col("ver", "INT8", 3), col("ts", "TIMESTAMPTZ", 4)];
+        let params = [Param::Text; 4];
+        assert_eq!(
+            guarded_delete(PG, &table(), &key, &cas, &params),
+            r#"WITH k AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::INT8 AS c2, d.p3::INT8 AS v1, d.p4::TIMESTAMPTZ AS v2 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, i)), gone AS (DELETE FROM "sch"."t" AS x USING k WHERE (x."k", x."g") = (k.c1, k.c2) AND (x."ver", x."ts") <= (k.v1, k.v2) RETURNING k.i) SELECT k.i, EXISTS (SELECT 1 FROM "sch"."t" AS x WHERE (x."k", x."g") = (k.c1, k.c2)) FROM k WHERE NOT EXISTS (SELECT 1 FROM gone WHERE gone.i = k.i)"#
+        );
+        assert_eq!(
+            guarded_delete(CRDB, &table(), &key, &cas, &params),
+            r#"WITH k AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::INT8 AS c2, d.p3::INT8 AS v1, d.p4::TIMESTAMPTZ AS v2 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, i)), gone AS (DELETE FROM "db"."sch"."t" AS x USING k WHERE (x."k", x."g") = (k.c1, k.c2) AND (x."ver", x."ts") <= (k.v1, k.v2) RETURNING k.i) SELECT k.i, EXISTS (SELECT 1 FROM "db"."sch"."t" AS x WHERE (x."k", x."g") = (k.c1, k.c2)) FROM k WHERE NOT EXISTS (SELECT 1 FROM gone WHERE gone.i = k.i)"#
+        );
+    }
+
+    #[test]
+    fn dead_letter_table_statements() {
+        let dlq = Table::new(Schema::new("db", "sch"), "cdc_sink_dlq");
+        assert_eq!(
+            dlq_insert(PG, &dlq),
+            r#"INSERT INTO "sch"."cdc_sink_dlq" ("dlq_name", "source_nanos", "source_logical", "data_after", "data_before") SELECT d.p1, d.p2::INT8, d.p3::INT8, d.p4::JSONB, d.p5::JSONB FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) AS d(p1, p2, p3, p4, p5)"#
+        );
+        assert_eq!(
+            dlq_insert(CRDB, &dlq),
+            r#"INSERT INTO "db"."sch"."cdc_sink_dlq" ("dlq_name", "source_nanos", "source_logical", "data_after", "data_before") SELECT d.p1, d.p2::INT8, d.p3::INT8, d.p4::JSONB, d.p5::JSONB FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) AS d(p1, p2, p3, p4, p5)"#
+        );
+        assert_eq!(
+            dlq_create(PG, &dlq, true),
+            r#"CREATE TABLE IF NOT EXISTS "sch"."cdc_sink_dlq" (event UUID NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())"#
+        );
+        assert_eq!(
+            dlq_create(PG, &dlq, false),
+            r#"CREATE TABLE IF NOT EXISTS "sch"."cdc_sink_dlq" (event BIGSERIAL PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())"#
+        );
+        assert_eq!(
+            dlq_create(CRDB, &dlq, true),
+            r#"CREATE TABLE IF NOT EXISTS "db"."sch"."cdc_sink_dlq" (event UUID NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())"#
+        );
+    }
+
+    #[test]
+    fn intervals_render_in_seconds() {
+        assert_eq!(
+            interval(Duration::from_secs(600)),
+            "'600 seconds'::INTERVAL"
+        );
+        assert_eq!(
+            interval(Duration::from_millis(250)),
+            "'0.25 seconds'::INTERVAL"
+        );
+        assert_eq!(
+            interval(Duration::from_nanos(1_000_000_001)),
+            "'1.000000001 seconds'::INTERVAL"
         );
     }
 }
