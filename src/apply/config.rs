@@ -113,8 +113,10 @@ mod tests {
     #[test]
     fn dlq_table_names_are_bare() {
         assert!(ApplyArgs::default().validate().is_ok());
-        let mut a = ApplyArgs::default();
-        a.dlq_table_name = "public.dlq".into();
+        let mut a = ApplyArgs {
+            dlq_table_name: "public.dlq".into(),
+            ..ApplyArgs::default()
+        };
         assert_eq!(
             a.validate().unwrap_err().to_string(),
             r#"dlqTableName "public.dlq" must be a bare table name: the table lives in each target schema"#

@@ -97,10 +97,12 @@ where
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
+type Answer = Box<dyn Fn(&Conflict) -> Result<Resolution, MergeError> + Send + Sync>;
+
 /// A merger that records what it sees and answers with `answer`.
 struct Scripted {
     seen: Arc<Mutex<Vec<Conflict>>>,
-    answer: Box<dyn Fn(&Conflict) -> Result<Resolution, MergeError> + Send + Sync>,
+    answer: Answer,
 }
 
 impl Merger for Scripted {
@@ -608,7 +610,7 @@ async fn standard_merge_without_before_is_two_way() {
     .await
     .expect("apply");
     assert_eq!((s.conflicts, s.resolved), (2, 1));
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 1);
     assert_eq!(prop(&seen[0].target, "k"), Some(&json!(2)));
     assert_eq!(seen[0].unmerged, ["v"]);
@@ -903,7 +905,7 @@ async fn cas_guarded_deletes_apply_only_when_the_target_is_not_newer() {
         got,
         [(2, "newer"), (4, "null")].map(|(k, v)| (k, v.to_string()))
     );
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 2);
     assert!(seen[0].proposed.is_none());
     assert_eq!(seen[0].unmerged, ["v", "ver"], "what changed since before");
