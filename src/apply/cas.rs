@@ -122,13 +122,17 @@ impl Applier {
             let u = unwritten(conn, guard, &batch.guarded, &batch.guarded_rows)
                 .await
                 .map_err(Failure::Sql)?;
-            stats.deletes -= u.conflicts.len() as u64 + u.skipped;
+            stats.deletes = stats
+                .deletes
+                .saturating_sub(u.conflicts.len() as u64 + u.skipped);
             lost = u.conflicts;
         }
         let u = unwritten(conn, &cond.upsert_sql, &batch.upserts, &batch.upsert_rows)
             .await
             .map_err(Failure::Sql)?;
-        stats.upserts -= u.conflicts.len() as u64 + u.skipped;
+        stats.upserts = stats
+            .upserts
+            .saturating_sub(u.conflicts.len() as u64 + u.skipped);
         lost.extend(u.conflicts);
         stats.conflicts = lost.len() as u64;
         if lost.is_empty() {

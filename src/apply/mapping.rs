@@ -1035,4 +1035,104 @@ mod tests {
         assert!(p.prepare(&[del(1, "{}")]).is_err());
         assert!(p.prepare(&[del(1, "not json")]).is_err());
     }
+
+    #[test]
+    fn conditional_plans_route_deletes_with_before_through_the_guard_in_key_order() {
+        let p = plan(TableConfig {
+            cas: vec![Ident::new("D")],
+            ..Default::default()
+        })
+        .unwrap();
+        let cond = p.conditional.as_ref().expect("conditional");
+        assert!(cond.guard_sql.is_some());
+        let mut guarded = del(5, r#"[2,"b"]"#);
+        guarded.before = Some(r#"{"pk0":2,"PK1":"b","d":4}"#.into());
+        let mut no_cas = del(5, r#"[1,"a"]"#);
+        no_cas.before = Some(r#"{"pk0":1,"pk1":"a"}"#.into());
+        let muts = [
+            up(1, r#"[9,"z"]"#, r#"{"pk0":9,"pk1":"z"}"#),
+            guarded,
+            del(5, r#"[3,"c"]"#),
+            no_cas,
+            up(1, r#"[8,"y"]"#, r#"{"pk0":8,"pk1":"y"}"#),
+        ];
+        let b = p.prepare(&muts).unwrap();
+        assert_eq!(b.deletes.iter().map(|c| c.rows).sum::<usize>(), 1);
+        // Key order: [1,"a"] before [2,"b"]; an absent CAS property compares as NULL.
+        assert_eq!(b.guarded_rows, [3, 1]);
+        let g = &b.guarded[0].arrays;
+        assert_eq!(text(&g[0]), [Some("1"), Some("2")]);
+        assert_eq!(text(&g[2]), [None, Some("4")]);
+        assert_eq!(b.upsert_rows, [4, 0]);
+        assert_eq!(b.stats.deletes, 3);
+    }
+
+    #[test]
+    fn conflict_images_use_column_spellings_and_target_values_as_a_changefeed_sends_them() {
+        let p = plan(TableConfig {
+            extras: Some(Ident::new("x")),
+            deadlines: vec![(Ident::new("d"), std::time::Duration::from_secs(1))],
+            ..Default::default()
+        })
+        .unwrap();
+        let img = p
+            .image(r#"{"PK0":1,"pk1":"a","G":5,"V":"x","other":true}"#)
+            .unwrap();
+        assert_eq!(
+            serde_json::to_string(&img).unwrap(),
+            r#"{"Pk1":"a","other":true,"pk0":1,"v":"x"}"#
+        );
+        assert_eq!(p.primary_key(), ["pk0", "Pk1"]);
+        let target = p
+            .target_image(vec![
+                Some("1".into()),
+                Some(r#""a""#.into()),
+                None,
+                Some(r#""x""#.into()),
+                Some(r#"{"other":false}"#.into()),
+            ])
+            .unwrap();
+        assert_eq!(
+            serde_json::to_string(&target).unwrap(),
+            r#"{"Pk1":"a","d":null,"other":false,"pk0":1,"v":"x"}"#
+        );
+        let key = p
+            .read_key(&up(1, "[1]", r#"{"PK0":7,"pk1":"q","v":"x"}"#))
+            .unwrap();
+        assert_eq!(key, [Some("7".to_string()), Some("q".to_string())]);
+        let key = p.read_key(&del(1, r#"[7,"q"]"#)).unwrap();
+        assert_eq!(key, [Some("7".to_string()), Some("q".to_string())]);
+    }
+
+    #[test]
+    fn zoned_timestamps_read_back_in_utc() {
+        let schema = Arc::new(TableSchema {
+            table: Table::new(Schema::new("db", "public"), "t"),
+            columns: vec![
+                column("k", true, "INT8", None, false),
+                column("ts", false, "TIMESTAMPTZ", None, false),
+                column("local", false, "TIMESTAMP", None, false),
+            ],
+        });
+        let cfg = TableConfig {
+            cas: vec![Ident::new("ts")],
+            ..Default::default()
+        };
+        let p = Plan::new(Dialect::Postgres, schema, Arc::new(cfg)).unwrap();
+        let target = p
+            .target_image(vec![
+                Some("1".into()),
+                Some(r#""2024-01-01T05:30:00.5+05:30""#.into()),
+                Some(r#""2024-01-01T05:30:00.5""#.into()),
+            ])
+            .unwrap();
+        assert_eq!(
+            target.get("ts"),
+            Some(&serde_json::json!("2024-01-01T00:00:00.5Z"))
+        );
+        assert_eq!(
+            target.get("local"),
+            Some(&serde_json::json!("2024-01-01T05:30:00.5"))
+        );
+    }
 }
