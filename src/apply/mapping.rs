@@ -1,16 +1,19 @@
 //! Payload properties → column parameter arrays (§5.2, §5.3): one plan per table shape and
 //! configuration, turning a batch of mutations into statement-sized chunks.
 
+use super::canonical::normalise_timestamp;
 use super::config::TableConfig;
+use super::merge::Row;
 use super::schema::TableSchema;
-use super::sql::{self, ColumnSql, Param};
-use super::value::{to_param, Kind};
+use super::sql::{self, ColumnSql, Conditions, Param};
+use super::value::{base_type, to_param, Kind};
 use super::{ApplyError, ApplyStats};
 use crate::hlc::Hlc;
 use crate::ident::Ident;
 use crate::mutation::{last_version_per_key, Mutation};
 use crate::target::Dialect;
 use serde_json::value::RawValue;
+use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -34,6 +37,8 @@ struct Slot {
     flag: Option<usize>,
     /// PK columns must be present in every upsert.
     required: bool,
+    /// `TIMESTAMPTZ`: read back in the session's zone, reported in UTC.
+    zoned: bool,
 }
 
 /// One PK column of a delete.
@@ -60,10 +65,32 @@ pub(crate) enum Array {
 #[derive(Debug)]
 pub(crate) struct Batch {
     pub deletes: Vec<Chunk>,
+    /// Deletes checked against the CAS columns of their `before` image.
+    pub guarded: Vec<Chunk>,
     pub upserts: Vec<Chunk>,
     pub stats: ApplyStats,
     /// Times of the surviving mutations, for the age metric.
     pub times: Vec<Hlc>,
+    /// Offset in the input of each row of `guarded` and of `upserts`, in chunk order.
+    pub guarded_rows: Vec<usize>,
+    pub upsert_rows: Vec<usize>,
+}
+
+/// The statements and mappings of a table with compare-and-set columns or deadlines.
+#[derive(Debug)]
+pub(crate) struct Conditional {
+    /// Writes the winners; returns the 1-based positions of the losers.
+    pub upsert_sql: String,
+    /// Reads the current rows of losers by their written key columns, locking them.
+    pub read_sql: String,
+    read_params: Vec<Param>,
+    /// Per read parameter: the upsert slot and the delete key position it comes from.
+    read_keys: Vec<(usize, usize)>,
+    /// CAS-guarded deletes (only with CAS columns).
+    pub guard_sql: Option<String>,
+    guard_params: Vec<Param>,
+    /// Per CAS column taking a parameter: its lower-cased name and kind.
+    guard_cas: Vec<(String, Kind)>,
 }
 
 /// The SQL and column mapping of one table under one configuration.
@@ -73,6 +100,7 @@ pub(crate) struct Plan {
     pub config: Arc<TableConfig>,
     pub upsert_sql: String,
     pub delete_sql: String,
+    pub conditional: Option<Conditional>,
     upsert_params: Vec<Param>,
     delete_params: Vec<Param>,
     props: HashMap<String, Prop>,
@@ -113,12 +141,12 @@ impl Plan {
                 .column(c)
                 .ok_or_else(|| missing("extras", c, &schema))?;
         }
-        if !config.cas.is_empty() || !config.deadlines.is_empty() {
-            // Writing unconditionally would silently drop the configured conflict checks.
-            return Err(ApplyError::Unsupported {
-                what: "compare-and-set and deadlines",
-                table: schema.table.to_string(),
-            });
+        let conditional = !config.cas.is_empty() || !config.deadlines.is_empty();
+        if config.merge.is_some() && !conditional {
+            return Err(ApplyError::Config(format!(
+                "a merge function is defined for {}, but no CAS or Deadline columns are defined to trigger it",
+                schema.table
+            )));
         }
 
         let mut props = HashMap::new();
@@ -155,6 +183,7 @@ impl Plan {
                 value,
                 flag,
                 required: c.primary,
+                zoned: base_type(&c.data_type) == "TIMESTAMPTZ",
             });
             cols.push(ColumnSql {
                 name: c.name.clone(),
@@ -191,9 +220,25 @@ impl Plan {
         }
 
         let pk: Vec<Ident> = schema.primary_key().map(|c| c.name.clone()).collect();
+        let conditional = if conditional {
+            Some(Conditional::new(
+                dialect,
+                &schema,
+                &config,
+                &pk,
+                &cols,
+                &upsert_params,
+                &slots,
+                &key_cols,
+                &delete_params,
+            )?)
+        } else {
+            None
+        };
         Ok(Plan {
             upsert_sql: sql::upsert(dialect, &schema.table, &pk, &cols, &upsert_params),
             delete_sql: sql::delete(dialect, &schema.table, &key_cols, &delete_params),
+            conditional,
             row_limit: config.row_limit(),
             schema,
             config,
@@ -212,39 +257,87 @@ impl Plan {
 
     /// De-duplicates (last version per key wins), validates and converts a batch.
     pub fn prepare(&self, muts: &[Mutation]) -> Result<Batch, ApplyError> {
-        let latest = last_version_per_key(muts);
+        let mut latest = last_version_per_key(muts);
+        if self.conditional.is_some() {
+            // Conditional statements lock the rows they lose on; a stable order keeps two
+            // writers of overlapping batches from deadlocking.
+            latest.sort_by(|a, b| a.key.cmp(&b.key));
+        }
         let offset = |m: &Mutation| {
             muts.iter()
                 .position(|x| std::ptr::eq(x, m))
                 .unwrap_or_default()
         };
+        let guard = self.conditional.as_ref().filter(|c| c.guard_sql.is_some());
+        let no_params: &[Param] = &[];
+        let guard_params = guard.map_or(no_params, |g| g.guard_params.as_slice());
         let mut deletes = Builder::new(&self.delete_params, self.row_limit);
+        let mut guarded = Builder::new(guard_params, self.row_limit);
         let mut upserts = Builder::new(&self.upsert_params, self.row_limit);
         let mut times = Vec::with_capacity(latest.len());
+        let mut guarded_rows = Vec::new();
+        let mut upsert_rows = Vec::new();
         let mut present: Vec<Option<&RawValue>> = Vec::with_capacity(self.slots.len());
         for m in latest {
             times.push(m.time);
-            match &m.after {
-                None => self.delete_row(m, &mut deletes)?,
-                Some(after) => self
-                    .upsert_row(after, &mut present, &mut upserts)
-                    .map_err(|e| e.at(self.table(), offset(m)))?,
+            match (&m.after, guard, &m.before) {
+                (None, Some(g), Some(before)) => {
+                    self.delete_row(m, &mut guarded)?;
+                    g.guard_values(before, &mut guarded)
+                        .map_err(|e| e.at(self.table(), offset(m)))?;
+                    guarded_rows.push(offset(m));
+                }
+                (None, _, _) => self.delete_row(m, &mut deletes)?,
+                (Some(after), _, _) => {
+                    self.upsert_row(after, &mut present, &mut upserts)
+                        .map_err(|e| e.at(self.table(), offset(m)))?;
+                    upsert_rows.push(offset(m));
+                }
             }
         }
         let (deletes, d) = deletes.finish();
+        let (guarded, g) = guarded.finish();
         let (upserts, u) = upserts.finish();
         Ok(Batch {
             deletes,
+            guarded,
             upserts,
             stats: ApplyStats {
                 upserts: u as u64,
-                deletes: d as u64,
+                deletes: (d + g) as u64,
+                ..ApplyStats::default()
             },
             times,
+            guarded_rows,
+            upsert_rows,
         })
     }
 
-    fn delete_row(&self, m: &Mutation, out: &mut Builder) -> Result<(), ApplyError> {
+    /// Converts rows chosen by a merge function for an unconditional upsert.
+    pub fn prepare_rows(&self, rows: &[Row]) -> Result<Vec<Chunk>, ApplyError> {
+        let mut upserts = Builder::new(&self.upsert_params, self.row_limit);
+        let mut present = Vec::with_capacity(self.slots.len());
+        let texts: Vec<String> = rows
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap_or_default())
+            .collect();
+        for (i, text) in texts.iter().enumerate() {
+            self.upsert_row(text, &mut present, &mut upserts)
+                .map_err(|e| match e.at(self.table(), i) {
+                    ApplyError::Drift { table, detail, .. } => {
+                        ApplyError::MergedRow { table, detail }
+                    }
+                    ApplyError::Payload { table, detail } => {
+                        ApplyError::MergedRow { table, detail }
+                    }
+                    other => other,
+                })?;
+        }
+        Ok(upserts.finish().0)
+    }
+
+    /// Parses a delete's key, checking its length.
+    fn key<'a>(&self, m: &'a Mutation) -> Result<Vec<&'a RawValue>, ApplyError> {
         let key: Vec<&RawValue> =
             serde_json::from_str(&m.key).map_err(|e| ApplyError::Payload {
                 table: self.table(),
@@ -259,6 +352,11 @@ impl Plan {
                 time: m.time,
             });
         }
+        Ok(key)
+    }
+
+    fn delete_row(&self, m: &Mutation, out: &mut Builder) -> Result<(), ApplyError> {
+        let key = self.key(m)?;
         out.row();
         for (slot, v) in self.keys.iter().zip(key) {
             if let Some(p) = slot.value {
@@ -270,6 +368,112 @@ impl Plan {
             }
         }
         Ok(())
+    }
+
+    /// The property of a payload object that fills `slot`, matched as the upsert matches it.
+    fn slot_of(&self, name: &str) -> Option<Prop> {
+        match self.props.get(name) {
+            Some(p) => Some(*p),
+            None => self.props.get(&name.to_lowercase()).copied(),
+        }
+    }
+
+    /// The read parameters locating the target row of a mutation (an upsert's key columns
+    /// from its payload, a delete's from its key).
+    pub fn read_key(&self, m: &Mutation) -> Result<Vec<Option<String>>, ApplyError> {
+        let Some(cond) = &self.conditional else {
+            return Ok(Vec::new());
+        };
+        let invalid = |e: serde_json::Error| ApplyError::Payload {
+            table: self.table(),
+            detail: format!("invalid key: {e}"),
+        };
+        match &m.after {
+            Some(after) => {
+                let obj: HashMap<String, &RawValue> =
+                    serde_json::from_str(after).map_err(invalid)?;
+                let mut by_slot: HashMap<usize, &RawValue> = HashMap::new();
+                for (k, v) in &obj {
+                    if let Some(Prop::Slot(i)) = self.slot_of(k) {
+                        by_slot.insert(i, v);
+                    }
+                }
+                cond.read_keys
+                    .iter()
+                    .map(|(slot, _)| match by_slot.get(slot) {
+                        Some(v) => to_param(self.slots[*slot].kind, v).map_err(invalid),
+                        None => Ok(None),
+                    })
+                    .collect()
+            }
+            None => {
+                let key = self.key(m)?;
+                cond.read_keys
+                    .iter()
+                    .map(|(_, k)| to_param(self.keys[*k].kind, key[*k]).map_err(invalid))
+                    .collect()
+            }
+        }
+    }
+
+    /// A payload or `before` image as a merge function sees it: property names spelled as the
+    /// columns they fill, generated and ignored properties left out.
+    pub fn image(&self, json: &str) -> Result<Row, ApplyError> {
+        let obj: Row = serde_json::from_str(json).map_err(|e| ApplyError::Payload {
+            table: self.table(),
+            detail: format!("invalid row image: {e}"),
+        })?;
+        let mut out = Row::new();
+        for (k, v) in obj {
+            match self.slot_of(&k) {
+                Some(Prop::Slot(i)) => {
+                    out.insert(self.slots[i].name.raw().to_string(), v);
+                }
+                Some(Prop::Drop) => {}
+                None => {
+                    out.insert(k, v);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The written primary-key columns, as images spell them.
+    pub fn primary_key(&self) -> Vec<String> {
+        self.slots
+            .iter()
+            .filter(|s| s.required)
+            .map(|s| s.name.raw().to_string())
+            .collect()
+    }
+
+    /// A target row read by [`Conditional::read_sql`] as a merge function sees it: JSON as the
+    /// changefeed would send it, the extras column spread into its properties.
+    pub fn target_image(&self, texts: Vec<Option<String>>) -> Result<Row, ApplyError> {
+        let mut out = Row::new();
+        for (i, (slot, text)) in self.slots.iter().zip(texts).enumerate() {
+            let v: Value = match text {
+                None => Value::Null,
+                Some(t) => serde_json::from_str(&t).map_err(|e| ApplyError::Payload {
+                    table: self.table(),
+                    detail: format!("unreadable target value: {e}"),
+                })?,
+            };
+            if Some(i) == self.extras {
+                if let Value::Object(extra) = v {
+                    out.extend(extra);
+                }
+                continue;
+            }
+            let v = match v {
+                Value::String(s) if slot.zoned => {
+                    Value::String(normalise_timestamp(&s).unwrap_or(s))
+                }
+                v => v,
+            };
+            out.insert(slot.name.raw().to_string(), v);
+        }
+        Ok(out)
     }
 
     fn upsert_row<'a>(
@@ -342,6 +546,126 @@ impl Plan {
             if let Some(p) = slot.flag {
                 out.flag(p, is_present);
             }
+        }
+        Ok(())
+    }
+}
+
+impl Conditional {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        dialect: Dialect,
+        schema: &TableSchema,
+        config: &TableConfig,
+        pk: &[Ident],
+        cols: &[ColumnSql],
+        upsert_params: &[Param],
+        slots: &[Slot],
+        key_cols: &[ColumnSql],
+        delete_params: &[Param],
+    ) -> Result<Conditional, ApplyError> {
+        let mut deadlines = config.deadlines.clone();
+        deadlines.sort_by(|a, b| a.0.cmp(&b.0));
+        for (c, _) in &deadlines {
+            if !slots.iter().any(|s| &s.name == c) {
+                return Err(ApplyError::Config(format!(
+                    "deadline column {c} of table {} is not written (generated or ignored)",
+                    schema.table
+                )));
+            }
+        }
+        let cond = Conditions {
+            cas: config.cas.clone(),
+            deadlines,
+        };
+        let upsert_sql =
+            sql::conditional_upsert(dialect, &schema.table, pk, cols, upsert_params, &cond);
+
+        // The target row of a loser is found by its written key columns.
+        let mut read_cols = Vec::new();
+        let mut read_params = Vec::new();
+        let mut read_keys = Vec::new();
+        for (i, slot) in slots.iter().enumerate().filter(|(_, s)| s.required) {
+            let mut c = cols[i].clone();
+            c.default = None;
+            if slot.value.is_some() {
+                read_params.push(Param::Text);
+                c.value = Some(read_params.len());
+                let k = schema
+                    .primary_key()
+                    .position(|p| p.name == slot.name)
+                    .unwrap_or_default();
+                read_keys.push((i, k));
+            }
+            read_cols.push(c);
+        }
+        let names: Vec<Ident> = slots.iter().map(|s| s.name.clone()).collect();
+        let read_sql = sql::read_locked(dialect, &schema.table, &read_cols, &read_params, &names);
+
+        let (mut guard_sql, mut guard_params, mut guard_cas) = (None, Vec::new(), Vec::new());
+        if !config.cas.is_empty() {
+            guard_params = delete_params.to_vec();
+            let mut cas_cols = Vec::new();
+            for name in &config.cas {
+                let column = schema.column(name).ok_or_else(|| {
+                    ApplyError::Config(format!(
+                        "cas column name {name} not found in table {}",
+                        schema.table
+                    ))
+                })?;
+                let expr = config.exprs.get(name).cloned();
+                let value = expr.as_ref().is_none_or(|e| e.contains("$0")).then(|| {
+                    guard_params.push(Param::Text);
+                    guard_cas.push((column.name.canonical(), Kind::of(&column.data_type)));
+                    guard_params.len()
+                });
+                cas_cols.push(ColumnSql {
+                    name: column.name.clone(),
+                    data_type: column.data_type.clone(),
+                    expr,
+                    value,
+                    default: None,
+                });
+            }
+            guard_sql = Some(sql::guarded_delete(
+                dialect,
+                &schema.table,
+                key_cols,
+                &cas_cols,
+                &guard_params,
+            ));
+        }
+        Ok(Conditional {
+            upsert_sql,
+            read_sql,
+            read_params,
+            read_keys,
+            guard_sql,
+            guard_params,
+            guard_cas,
+        })
+    }
+
+    pub fn read_params(&self) -> &[Param] {
+        &self.read_params
+    }
+
+    /// Appends the CAS values of a delete's `before` image to the current guarded row; an
+    /// absent property compares as NULL (so the delete is refused).
+    fn guard_values(&self, before: &str, out: &mut Builder) -> Result<(), RowError> {
+        let obj: HashMap<String, &RawValue> =
+            serde_json::from_str(before).map_err(|e| RowError::Json(e.to_string()))?;
+        let first = out.params.len() - self.guard_cas.len();
+        for (i, (name, kind)) in self.guard_cas.iter().enumerate() {
+            let v = obj
+                .iter()
+                .find(|(k, _)| k.as_str() == name || k.to_lowercase() == *name)
+                .map(|(_, v)| *v);
+            let text = match v {
+                Some(v) => to_param(*kind, v).map_err(|e| RowError::Json(e.to_string()))?,
+                None => None,
+            };
+            out.text(first + i, text);
         }
         Ok(())
     }
@@ -516,7 +840,7 @@ mod tests {
             b.stats,
             ApplyStats {
                 upserts: 3,
-                deletes: 0
+                ..ApplyStats::default()
             }
         );
     }
@@ -621,7 +945,8 @@ mod tests {
             b.stats,
             ApplyStats {
                 upserts: 3,
-                deletes: 1
+                deletes: 1,
+                ..ApplyStats::default()
             }
         );
         assert_eq!(b.deletes.len(), 1);
@@ -669,11 +994,36 @@ mod tests {
             "extras column name nope not found in table db.public.t"
         );
         let err = plan(TableConfig {
-            cas: vec![Ident::new("v")],
+            cas: vec![Ident::new("nope")],
             ..Default::default()
         })
         .unwrap_err();
-        assert!(err.to_string().contains("not implemented"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "cas column name nope not found in table db.public.t"
+        );
+        let err = plan(TableConfig {
+            deadlines: vec![(Ident::new("g"), std::time::Duration::from_secs(1))],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "deadline column g of table db.public.t is not written (generated or ignored)"
+        );
+    }
+
+    #[test]
+    fn a_merge_function_needs_cas_or_deadlines() {
+        let err = plan(TableConfig {
+            merge: Some(crate::apply::merge::standard(None)),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a merge function is defined for db.public.t, but no CAS or Deadline columns are defined to trigger it"
+        );
     }
 
     #[test]
@@ -684,5 +1034,105 @@ mod tests {
         }
         assert!(p.prepare(&[del(1, "{}")]).is_err());
         assert!(p.prepare(&[del(1, "not json")]).is_err());
+    }
+
+    #[test]
+    fn conditional_plans_route_deletes_with_before_through_the_guard_in_key_order() {
+        let p = plan(TableConfig {
+            cas: vec![Ident::new("D")],
+            ..Default::default()
+        })
+        .unwrap();
+        let cond = p.conditional.as_ref().expect("conditional");
+        assert!(cond.guard_sql.is_some());
+        let mut guarded = del(5, r#"[2,"b"]"#);
+        guarded.before = Some(r#"{"pk0":2,"PK1":"b","d":4}"#.into());
+        let mut no_cas = del(5, r#"[1,"a"]"#);
+        no_cas.before = Some(r#"{"pk0":1,"pk1":"a"}"#.into());
+        let muts = [
+            up(1, r#"[9,"z"]"#, r#"{"pk0":9,"pk1":"z"}"#),
+            guarded,
+            del(5, r#"[3,"c"]"#),
+            no_cas,
+            up(1, r#"[8,"y"]"#, r#"{"pk0":8,"pk1":"y"}"#),
+        ];
+        let b = p.prepare(&muts).unwrap();
+        assert_eq!(b.deletes.iter().map(|c| c.rows).sum::<usize>(), 1);
+        // Key order: [1,"a"] before [2,"b"]; an absent CAS property compares as NULL.
+        assert_eq!(b.guarded_rows, [3, 1]);
+        let g = &b.guarded[0].arrays;
+        assert_eq!(text(&g[0]), [Some("1"), Some("2")]);
+        assert_eq!(text(&g[2]), [None, Some("4")]);
+        assert_eq!(b.upsert_rows, [4, 0]);
+        assert_eq!(b.stats.deletes, 3);
+    }
+
+    #[test]
+    fn conflict_images_use_column_spellings_and_target_values_as_a_changefeed_sends_them() {
+        let p = plan(TableConfig {
+            extras: Some(Ident::new("x")),
+            deadlines: vec![(Ident::new("d"), std::time::Duration::from_secs(1))],
+            ..Default::default()
+        })
+        .unwrap();
+        let img = p
+            .image(r#"{"PK0":1,"pk1":"a","G":5,"V":"x","other":true}"#)
+            .unwrap();
+        assert_eq!(
+            serde_json::to_string(&img).unwrap(),
+            r#"{"Pk1":"a","other":true,"pk0":1,"v":"x"}"#
+        );
+        assert_eq!(p.primary_key(), ["pk0", "Pk1"]);
+        let target = p
+            .target_image(vec![
+                Some("1".into()),
+                Some(r#""a""#.into()),
+                None,
+                Some(r#""x""#.into()),
+                Some(r#"{"other":false}"#.into()),
+            ])
+            .unwrap();
+        assert_eq!(
+            serde_json::to_string(&target).unwrap(),
+            r#"{"Pk1":"a","d":null,"other":false,"pk0":1,"v":"x"}"#
+        );
+        let key = p
+            .read_key(&up(1, "[1]", r#"{"PK0":7,"pk1":"q","v":"x"}"#))
+            .unwrap();
+        assert_eq!(key, [Some("7".to_string()), Some("q".to_string())]);
+        let key = p.read_key(&del(1, r#"[7,"q"]"#)).unwrap();
+        assert_eq!(key, [Some("7".to_string()), Some("q".to_string())]);
+    }
+
+    #[test]
+    fn zoned_timestamps_read_back_in_utc() {
+        let schema = Arc::new(TableSchema {
+            table: Table::new(Schema::new("db", "public"), "t"),
+            columns: vec![
+                column("k", true, "INT8", None, false),
+                column("ts", false, "TIMESTAMPTZ", None, false),
+                column("local", false, "TIMESTAMP", None, false),
+            ],
+        });
+        let cfg = TableConfig {
+            cas: vec![Ident::new("ts")],
+            ..Default::default()
+        };
+        let p = Plan::new(Dialect::Postgres, schema, Arc::new(cfg)).unwrap();
+        let target = p
+            .target_image(vec![
+                Some("1".into()),
+                Some(r#""2024-01-01T05:30:00.5+05:30""#.into()),
+                Some(r#""2024-01-01T05:30:00.5""#.into()),
+            ])
+            .unwrap();
+        assert_eq!(
+            target.get("ts"),
+            Some(&serde_json::json!("2024-01-01T00:00:00.5Z"))
+        );
+        assert_eq!(
+            target.get("local"),
+            Some(&serde_json::json!("2024-01-01T05:30:00.5"))
+        );
     }
 }

@@ -10,7 +10,11 @@ use std::sync::Arc;
 /// A row image: column (property) name to JSON value, numbers kept as exact decimal text.
 pub type Row = Map<String, Value>;
 
-/// One compare-and-set (or deadline) loser, as a merge function sees it.
+/// One compare-and-set (or deadline) loser, as a merge function sees it. Property names in the
+/// images are spelled as the target's columns (payload properties match them
+/// case-insensitively); properties matching no column keep their name; generated and ignored
+/// columns are left out. Values are JSON as the changefeed sends them: numbers as exact decimal
+/// text, TIMESTAMPTZ in UTC, BYTEA as `\x` hex.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conflict {
     /// The incoming `before` image (changefeed `diff`), when present and not `null`.
@@ -29,6 +33,8 @@ pub struct Conflict {
 pub struct ConflictMeta {
     pub table: Table,
     pub time: Hlc,
+    /// The primary-key properties, as the row images spell them; never merged.
+    pub primary_key: Vec<String>,
 }
 
 /// What to do with a conflict.
@@ -79,4 +85,18 @@ impl fmt::Debug for MergeFn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("MergeFn(..)")
     }
+}
+
+/// The standard three-way merge (§6.4). Conflicts it cannot reconcile go to `fallback` in one
+/// call, with [`Conflict::unmerged`] set; without a fallback they fail the batch. A refused
+/// delete (no `proposed`) always goes to the fallback, listing the properties the target changed
+/// since `before`.
+pub fn standard(fallback: Option<MergeFn>) -> MergeFn {
+    MergeFn(Arc::new(super::standard::Standard { fallback }))
+}
+
+/// Whether two property values are the same datum under the standard merge's canonical
+/// equality (`None` is an absent property; `1` equals `"1"`, timestamps compare as instants).
+pub fn canonical_eq(a: Option<&Value>, b: Option<&Value>) -> bool {
+    super::canonical::equal(a, b)
 }

@@ -4,38 +4,51 @@
 //! Per table, an [`Applier`] keeps a plan: the upsert and delete statements (one array
 //! parameter per column, `unnest`ed into rows, so any number of rows shares one prepared
 //! statement) and the mapping from payload properties to those arrays. Plans are rebuilt when
-//! the table's columns or its [`TableConfig`] change. Compare-and-set, deadlines, merge and the
-//! DLQ (§6) are not implemented yet.
+//! the table's columns or its [`TableConfig`] change. Tables with compare-and-set columns or
+//! deadlines take the conditional path (`cas`): losers are dropped, or resolved by the table's
+//! merge function ([`merge`]) into unconditional writes and dead-letter rows (`dlq`).
 
+mod canonical;
+mod cas;
 mod config;
+mod dlq;
 mod mapping;
 pub mod merge;
 mod schema;
 mod sql;
+mod standard;
 mod value;
 
-pub use config::{TableConfig, DEFAULT_ROW_LIMIT};
+pub use config::{ApplyArgs, TableConfig, DEFAULT_DLQ_TABLE, DEFAULT_ROW_LIMIT};
 pub use schema::{dependency_levels, type_name, Column, SchemaInfo, TableSchema};
 
 use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics::{
-    APPLY_DELETES, APPLY_DURATION, APPLY_ERRORS, APPLY_MUTATION_AGE, APPLY_UPSERTS, LABEL_SCHEMA,
-    LABEL_TABLE,
+    APPLY_CONFLICTS, APPLY_DELETES, APPLY_DURATION, APPLY_ERRORS, APPLY_MUTATION_AGE,
+    APPLY_RESOLVES, APPLY_UPSERTS, LABEL_SCHEMA, LABEL_TABLE,
 };
 use crate::mutation::Mutation;
 use crate::target::{self, Database, Dialect};
-use mapping::{Array, Batch, Plan};
+use mapping::{Batch, Plan};
 use sqlx::PgConnection;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-/// What one [`Applier::apply`] call wrote (rows sent after de-duplication).
+/// What one [`Applier::apply`] call did, after de-duplication by key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
+    /// Rows upserted (compare-and-set winners only, on the conditional path).
     pub upserts: u64,
+    /// Rows deleted (by key; CAS-guarded deletes only when accepted).
     pub deletes: u64,
+    /// Compare-and-set or deadline losers (refused deletes included).
+    pub conflicts: u64,
+    /// Losers written as the merge function answered (`apply`).
+    pub resolved: u64,
+    /// Losers sent to the dead-letter queue.
+    pub dead_lettered: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +65,22 @@ pub enum ApplyError {
     UnknownTable(String),
     #[error("{0}")]
     Config(String),
-    #[error("{what} not implemented yet (configured for {table})")]
-    Unsupported { what: &'static str, table: String },
+    #[error("merge failed for {table}: {error}")]
+    Merge {
+        table: String,
+        error: merge::MergeError,
+    },
+    #[error("a merge function for {table} returned a row that does not fit the table: {detail}")]
+    MergedRow { table: String, detail: String },
+    #[error(
+        "the dead-letter queue table {table} must be created in the target database \
+         (or start with --dlqAutoCreate): {ddl}"
+    )]
+    DlqMissing { table: String, ddl: String },
+    #[error("dlq table {table} was found, but it is missing the following columns: {missing}")]
+    DlqColumns { table: String, missing: String },
+    #[error("cannot create the dead-letter queue table {table}: {error}")]
+    DlqCreate { table: String, error: sqlx::Error },
     #[error("schema drift detected in {table} at payload object offset {offset}: {detail}")]
     Drift {
         table: String,
@@ -82,7 +109,9 @@ pub enum ApplyError {
 impl ApplyError {
     fn database_error(&self) -> Option<&sqlx::Error> {
         match self {
-            ApplyError::Introspect { error, .. } | ApplyError::Write { error, .. } => Some(error),
+            ApplyError::Introspect { error, .. }
+            | ApplyError::Write { error, .. }
+            | ApplyError::DlqCreate { error, .. } => Some(error),
             _ => None,
         }
     }
@@ -138,9 +167,18 @@ enum Lookup {
     Missing,
 }
 
+/// Why executing a batch failed: a statement (perhaps our schema is out of date) or anything
+/// else.
+pub(crate) enum Failure {
+    Sql(sqlx::Error),
+    Apply(ApplyError),
+}
+
 struct Inner {
     target: Database,
     refresh: Duration,
+    options: ApplyArgs,
+    dlqs: Mutex<HashMap<Schema, Arc<dlq::DlqTable>>>,
     schemas: Mutex<HashMap<Schema, Cached>>,
     configs: RwLock<HashMap<Table, Arc<TableConfig>>>,
     plans: Mutex<HashMap<Table, Arc<Plan>>>,
@@ -163,12 +201,20 @@ impl std::fmt::Debug for Applier {
 }
 
 impl Applier {
-    /// `refresh` is how long a loaded schema is trusted (`--schemaRefresh`).
+    /// `refresh` is how long a loaded schema is trusted (`--schemaRefresh`). Default
+    /// [`ApplyArgs`].
     pub fn new(target: Database, refresh: Duration) -> Self {
+        Self::with_options(target, refresh, ApplyArgs::default())
+    }
+
+    /// Like [`Applier::new`], with the apply flags (dead-letter table name and creation).
+    pub fn with_options(target: Database, refresh: Duration, options: ApplyArgs) -> Self {
         Applier {
             inner: Arc::new(Inner {
                 target,
                 refresh,
+                options,
+                dlqs: Mutex::new(HashMap::new()),
                 schemas: Mutex::new(HashMap::new()),
                 configs: RwLock::new(HashMap::new()),
                 plans: Mutex::new(HashMap::new()),
@@ -360,6 +406,11 @@ impl Applier {
     /// Writes one table's mutations through `conn` (inside the caller's transaction when it has
     /// one): last version per key wins, deletes first, then upserts, at most `row_limit` rows
     /// per statement. The whole batch is validated before anything is written.
+    ///
+    /// With compare-and-set columns or deadlines, losers are dropped or go through the table's
+    /// merge function, and the call runs in a savepoint (a transaction when `conn` has none),
+    /// so it writes all or nothing. The locks it takes on losers last until the caller's
+    /// commit.
     pub async fn apply(
         &self,
         conn: &mut PgConnection,
@@ -379,6 +430,12 @@ impl Applier {
             Ok((stats, times)) => {
                 metrics::counter!(APPLY_UPSERTS, &labels).increment(stats.upserts);
                 metrics::counter!(APPLY_DELETES, &labels).increment(stats.deletes);
+                if stats.conflicts > 0 {
+                    metrics::counter!(APPLY_CONFLICTS, &labels).increment(stats.conflicts);
+                }
+                if stats.resolved > 0 {
+                    metrics::counter!(APPLY_RESOLVES, &labels).increment(stats.resolved);
+                }
                 metrics::histogram!(APPLY_DURATION, &labels).record(start.elapsed().as_secs_f64());
                 let now = Hlc::from_system_time(SystemTime::now()).seconds();
                 let age = metrics::histogram!(APPLY_MUTATION_AGE, &labels);
@@ -386,6 +443,8 @@ impl Applier {
                     age.record((now - t.seconds()).max(0.0));
                 }
                 tracing::debug!(table = %table, upserts = stats.upserts, deletes = stats.deletes,
+                    conflicts = stats.conflicts, resolved = stats.resolved,
+                    dead_lettered = stats.dead_lettered,
                     elapsed_ms = start.elapsed().as_millis() as u64, "applied batch");
             }
             Err(e) => {
@@ -418,15 +477,16 @@ impl Applier {
             }
             Err(e) => return Err(e),
         };
-        let error = match execute(conn, &plan, &batch).await {
-            Ok(()) => return Ok((batch.stats, batch.times)),
-            Err(e) if is_schema_change(&e) => e,
-            Err(error) => {
+        let error = match self.execute(conn, table, &plan, &batch, muts).await {
+            Ok(stats) => return Ok((stats, batch.times)),
+            Err(Failure::Sql(e)) if is_schema_change(&e) => e,
+            Err(Failure::Sql(error)) => {
                 return Err(ApplyError::Write {
                     table: table.to_string(),
                     error,
                 })
             }
+            Err(Failure::Apply(e)) => return Err(e),
         };
         tracing::info!(table = %table, code = %target::sqlstate(&error), "target schema changed; reloading");
         // The pool, not `conn`: a failed statement has aborted the caller's transaction.
@@ -439,37 +499,46 @@ impl Applier {
             });
         }
         let batch = replanned.prepare(muts)?;
-        match execute(conn, &replanned, &batch).await {
-            Ok(()) => Ok((batch.stats, batch.times)),
-            Err(e) if target::sqlstate(&e) == "25P02" => Err(ApplyError::SchemaChanged {
-                table: table.to_string(),
-            }),
-            Err(error) => Err(ApplyError::Write {
+        match self.execute(conn, table, &replanned, &batch, muts).await {
+            Ok(stats) => Ok((stats, batch.times)),
+            Err(Failure::Sql(e)) if target::sqlstate(&e) == "25P02" => {
+                Err(ApplyError::SchemaChanged {
+                    table: table.to_string(),
+                })
+            }
+            Err(Failure::Sql(error)) => Err(ApplyError::Write {
                 table: table.to_string(),
                 error,
             }),
+            Err(Failure::Apply(e)) => Err(e),
         }
     }
-}
 
-/// Sends the batch's statements: deletes, then upserts.
-async fn execute(conn: &mut PgConnection, plan: &Plan, batch: &Batch) -> Result<(), sqlx::Error> {
-    let statements = batch
-        .deletes
-        .iter()
-        .map(|c| (plan.delete_sql.as_str(), c))
-        .chain(batch.upserts.iter().map(|c| (plan.upsert_sql.as_str(), c)));
-    for (sql, chunk) in statements {
-        let mut q = sqlx::query(sql);
-        for a in &chunk.arrays {
-            q = match a {
-                Array::Text(v) => q.bind(v.as_slice()),
-                Array::Bool(v) => q.bind(v.as_slice()),
-            };
+    /// Sends the batch's statements: deletes, then upserts (conditionally when configured).
+    async fn execute(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        plan: &Plan,
+        batch: &Batch,
+        muts: &[Mutation],
+    ) -> Result<ApplyStats, Failure> {
+        if plan.conditional.is_some() {
+            return self.apply_conditional(conn, table, plan, batch, muts).await;
         }
-        q.execute(&mut *conn).await?;
+        let statements = batch
+            .deletes
+            .iter()
+            .map(|c| (plan.delete_sql.as_str(), c))
+            .chain(batch.upserts.iter().map(|c| (plan.upsert_sql.as_str(), c)));
+        for (sql, chunk) in statements {
+            cas::bind(sqlx::query(sql), chunk)
+                .execute(&mut *conn)
+                .await
+                .map_err(Failure::Sql)?;
+        }
+        Ok(batch.stats)
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use crate::ident::{Ident, Schema, Table};
 use crate::target::Dialect;
 use std::borrow::Cow;
 use std::fmt::Write;
+use std::time::Duration;
 
 /// The element type of an array parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,6 +175,260 @@ pub fn delete(dialect: Dialect, table: &Table, pk: &[ColumnSql], params: &[Param
         table_name(dialect, table),
         name_list(pk.iter().map(|c| &c.name)),
         select_unnest(dialect, pk, params)
+    )
+}
+
+/// `unnest(…) WITH ORDINALITY AS d(p1, …, i)`: the rows plus their 1-based position.
+fn unnest_numbered(params: &[Param]) -> String {
+    let mut s = String::from("unnest(");
+    for (i, p) in params.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        let ty = match p {
+            Param::Text => "TEXT[]",
+            Param::Bool => "BOOL[]",
+        };
+        let _ = write!(s, "${}::{ty}", i + 1);
+    }
+    s.push_str(") WITH ORDINALITY AS d(");
+    for i in 1..=params.len() {
+        let _ = write!(s, "p{i}, ");
+    }
+    s.push_str("i)");
+    s
+}
+
+/// `(a."x", a."y")`: a row of qualified columns.
+fn row_of<'a>(alias: &str, names: impl IntoIterator<Item = &'a Ident>) -> String {
+    let cols: Vec<String> = names
+        .into_iter()
+        .map(|n| format!("{alias}.{}", n.quoted()))
+        .collect();
+    format!("({})", cols.join(", "))
+}
+
+/// `(a.c1, a.c3)`: a row of the numbered values of a CTE.
+fn row_of_numbered(alias: &str, prefix: &str, positions: &[usize]) -> String {
+    let cols: Vec<String> = positions
+        .iter()
+        .map(|p| format!("{alias}.{prefix}{p}"))
+        .collect();
+    format!("({})", cols.join(", "))
+}
+
+/// A deadline rendered as an interval both dialects parse (`'600 seconds'`, `'0.25 seconds'`).
+fn interval(d: Duration) -> String {
+    let nanos = d.subsec_nanos();
+    if nanos == 0 {
+        return format!("'{} seconds'::INTERVAL", d.as_secs());
+    }
+    let frac = format!("{nanos:09}");
+    format!(
+        "'{}.{} seconds'::INTERVAL",
+        d.as_secs(),
+        frac.trim_end_matches('0')
+    )
+}
+
+/// What a conditional upsert checks before writing a row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conditions {
+    /// Compare-and-set columns, in tuple order.
+    pub cas: Vec<Ident>,
+    /// Columns that must be newer than now minus the duration, sorted by name.
+    pub deadlines: Vec<(Ident, Duration)>,
+}
+
+/// The compare-and-set / deadline upsert (§6.2). Rows whose deadline passed are not written;
+/// an existing row is replaced only when the incoming CAS tuple is strictly greater (SQL row
+/// comparison, so NULLs and equal tuples lose). On PostgreSQL `ON CONFLICT DO UPDATE` compares
+/// against the latest committed version and locks the row even when the comparison fails, so
+/// the outcome holds under concurrent writers and the losers stay locked for the merge.
+///
+/// Returns the 1-based position (`i`) of each row that was not written, and whether it is a
+/// conflict (it has a target row); expired rows without a target row vanish silently.
+pub fn conditional_upsert(
+    dialect: Dialect,
+    table: &Table,
+    pk: &[Ident],
+    cols: &[ColumnSql],
+    params: &[Param],
+    cond: &Conditions,
+) -> String {
+    let target = table_name(dialect, table);
+    let position = |name: &Ident| cols.iter().position(|c| &c.name == name).map(|p| p + 1);
+    let mut src = String::from("SELECT d.i");
+    for (i, c) in cols.iter().enumerate() {
+        let _ = write!(src, ", {} AS c{}", value_expr(dialect, c), i + 1);
+    }
+    let _ = write!(src, " FROM {}", unnest_numbered(params));
+
+    let live: Vec<String> = cond
+        .deadlines
+        .iter()
+        .filter_map(|(name, d)| {
+            position(name).map(|p| format!("src.c{p} > now() - {}", interval(*d)))
+        })
+        .collect();
+    let live = (!live.is_empty()).then(|| format!("({})", live.join(" AND ")));
+
+    let written_pk: Vec<&Ident> = cols
+        .iter()
+        .map(|c| &c.name)
+        .filter(|n| pk.contains(n))
+        .collect();
+    let pk_positions: Vec<usize> = written_pk.iter().filter_map(|n| position(n)).collect();
+    let names = name_list(cols.iter().map(|c| &c.name));
+    let values: Vec<String> = (1..=cols.len()).map(|p| format!("src.c{p}")).collect();
+    let mut update: Vec<String> = cols
+        .iter()
+        .filter(|c| !pk.contains(&c.name))
+        .map(|c| format!("{0} = excluded.{0}", c.name.quoted()))
+        .collect();
+    if update.is_empty() {
+        // A key-only table: a no-op update still reports (and locks) the existing row.
+        if let Some(first) = written_pk.first() {
+            update.push(format!("{0} = excluded.{0}", first.quoted()));
+        }
+    }
+    let mut won = format!(
+        "INSERT INTO {target} AS x ({names}) SELECT {} FROM src",
+        values.join(", ")
+    );
+    if let Some(live) = &live {
+        let _ = write!(won, " WHERE {live}");
+    }
+    let _ = write!(
+        won,
+        " ON CONFLICT ({}) DO UPDATE SET {}",
+        name_list(pk),
+        update.join(", ")
+    );
+    if !cond.cas.is_empty() {
+        let _ = write!(
+            won,
+            " WHERE {} > {}",
+            row_of("excluded", &cond.cas),
+            row_of("x", &cond.cas)
+        );
+    }
+    let _ = write!(won, " RETURNING {}", {
+        let r: Vec<String> = written_pk
+            .iter()
+            .map(|n| format!("x.{}", n.quoted()))
+            .collect();
+        r.join(", ")
+    });
+
+    let src_key = row_of_numbered("src", "c", &pk_positions);
+    let conflict = match &live {
+        Some(live) => format!(
+            "({live} IS TRUE OR EXISTS (SELECT 1 FROM {target} AS x WHERE {} = {src_key}))",
+            row_of("x", written_pk.iter().copied())
+        ),
+        // A live row that was not written lost against an existing row.
+        None => "TRUE".to_string(),
+    };
+    format!(
+        "WITH src AS ({src}), won AS ({won}) SELECT src.i, {conflict} FROM src WHERE NOT EXISTS \
+         (SELECT 1 FROM won WHERE {} = {src_key})",
+        row_of("won", written_pk.iter().copied())
+    )
+}
+
+/// Reads the current rows for keys `key` (1-based positions `i` of the keys sent), locking
+/// them for the rest of the transaction. Each row comes back as one array of `to_jsonb` texts,
+/// in the order of `read`; `ARRAY[…]` has no argument limit, unlike `jsonb_build_array`.
+pub fn read_locked(
+    dialect: Dialect,
+    table: &Table,
+    key: &[ColumnSql],
+    params: &[Param],
+    read: &[Ident],
+) -> String {
+    let mut k = String::from("SELECT d.i");
+    for (i, c) in key.iter().enumerate() {
+        let _ = write!(k, ", {} AS c{}", value_expr(dialect, c), i + 1);
+    }
+    let _ = write!(k, " FROM {}", unnest_numbered(params));
+    let values: Vec<String> = read
+        .iter()
+        .map(|n| format!("to_jsonb(x.{})::TEXT", n.quoted()))
+        .collect();
+    let positions: Vec<usize> = (1..=key.len()).collect();
+    format!(
+        "SELECT k.i, ARRAY[{}] FROM ({k}) AS k JOIN {} AS x ON {} = {} FOR UPDATE OF x",
+        values.join(", "),
+        table_name(dialect, table),
+        row_of("x", key.iter().map(|c| &c.name)),
+        row_of_numbered("k", "c", &positions)
+    )
+}
+
+/// Deletes rows by key only when the target row's CAS tuple is not newer than the one of the
+/// delete's `before` image (DESIGN §3.7). `cas` are the CAS columns with their parameters
+/// (the `before` values). Returns the 1-based position of each delete that removed nothing, and
+/// whether it is a conflict: a target row newer than `before` (or a NULL comparison) refused it.
+pub fn guarded_delete(
+    dialect: Dialect,
+    table: &Table,
+    key: &[ColumnSql],
+    cas: &[ColumnSql],
+    params: &[Param],
+) -> String {
+    let target = table_name(dialect, table);
+    let mut k = String::from("SELECT d.i");
+    for (i, c) in key.iter().enumerate() {
+        let _ = write!(k, ", {} AS c{}", value_expr(dialect, c), i + 1);
+    }
+    for (i, c) in cas.iter().enumerate() {
+        let _ = write!(k, ", {} AS v{}", value_expr(dialect, c), i + 1);
+    }
+    let _ = write!(k, " FROM {}", unnest_numbered(params));
+    let key_row = row_of_numbered("k", "c", &(1..=key.len()).collect::<Vec<_>>());
+    let x_key = row_of("x", key.iter().map(|c| &c.name));
+    format!(
+        "WITH k AS ({k}), gone AS (DELETE FROM {target} AS x USING k WHERE {x_key} = {key_row} \
+         AND {} <= {} RETURNING k.i) SELECT k.i, EXISTS (SELECT 1 FROM {target} AS x WHERE {x_key} = {key_row}) \
+         FROM k WHERE NOT EXISTS (SELECT 1 FROM gone WHERE gone.i = k.i)",
+        row_of("x", cas.iter().map(|c| &c.name)),
+        row_of_numbered("k", "v", &(1..=cas.len()).collect::<Vec<_>>()),
+    )
+}
+
+/// The columns a dead-letter table must have, in the order errors list them.
+pub const DLQ_COLUMNS: [&str; 5] = [
+    "dlq_name",
+    "source_nanos",
+    "source_logical",
+    "data_after",
+    "data_before",
+];
+
+/// Writes dead-letter rows from five text arrays (name, nanos, logical, after, before).
+pub fn dlq_insert(dialect: Dialect, table: &Table) -> String {
+    format!(
+        "INSERT INTO {} (\"dlq_name\", \"source_nanos\", \"source_logical\", \"data_after\", \"data_before\") \
+         SELECT d.p1, d.p2::INT8, d.p3::INT8, d.p4::JSONB, d.p5::JSONB \
+         FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) AS d(p1, p2, p3, p4, p5)",
+        table_name(dialect, table)
+    )
+}
+
+/// The dead-letter table. `uuid` is false on PostgreSQL before 13, which has no built-in
+/// `gen_random_uuid()`.
+pub fn dlq_create(dialect: Dialect, table: &Table, uuid: bool) -> String {
+    let event = if uuid {
+        "event UUID NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY"
+    } else {
+        "event BIGSERIAL PRIMARY KEY"
+    };
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} ({event}, dlq_name TEXT NOT NULL, \
+         source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, \
+         data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())",
+        table_name(dialect, table)
     )
 }
 
@@ -444,6 +699,158 @@ mod tests {
         assert_eq!(
             foreign_keys_query(CRDB, &s),
             foreign_keys_query(PG, &s).replace("pg_catalog.", "\"Db\".pg_catalog.")
+        );
+    }
+
+    fn cas_cols() -> (Vec<ColumnSql>, Vec<Param>) {
+        let mut ts = col("ts", "TIMESTAMPTZ", 4);
+        ts.default = Some((5, "now()".into()));
+        let cols = vec![
+            col("k", "INT8", 1),
+            col("v", "TEXT", 2),
+            col("ver", "INT8", 3),
+            ts,
+            col("at", "TIMESTAMPTZ", 6),
+        ];
+        let mut params = vec![Param::Text; 6];
+        params[4] = Param::Bool;
+        (cols, params)
+    }
+
+    #[test]
+    fn cas_upsert_writes_greater_tuples_and_returns_the_losers() {
+        let (cols, params) = cas_cols();
+        let cond = Conditions {
+            cas: vec![Ident::new("ver")],
+            deadlines: vec![],
+        };
+        assert_eq!(
+            conditional_upsert(PG, &table(), &pk(&["k"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" WHERE (excluded."ver") > (x."ver") RETURNING x."k") SELECT src.i, TRUE FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+        assert_eq!(
+            conditional_upsert(CRDB, &table(), &pk(&["k"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "db"."sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" WHERE (excluded."ver") > (x."ver") RETURNING x."k") SELECT src.i, TRUE FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+    }
+
+    #[test]
+    fn deadlines_filter_rows_and_report_expired_ones_with_a_target_row() {
+        let (cols, params) = cas_cols();
+        let cond = Conditions {
+            cas: vec![Ident::new("ver"), Ident::new("v")],
+            deadlines: vec![
+                (Ident::new("at"), Duration::from_millis(1500)),
+                (Ident::new("ts"), Duration::from_secs(600)),
+            ],
+        };
+        assert_eq!(
+            conditional_upsert(PG, &table(), &pk(&["k"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src WHERE (src.c5 > now() - '1.5 seconds'::INTERVAL AND src.c4 > now() - '600 seconds'::INTERVAL) ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" WHERE (excluded."ver", excluded."v") > (x."ver", x."v") RETURNING x."k") SELECT src.i, ((src.c5 > now() - '1.5 seconds'::INTERVAL AND src.c4 > now() - '600 seconds'::INTERVAL) IS TRUE OR EXISTS (SELECT 1 FROM "sch"."t" AS x WHERE (x."k") = (src.c1))) FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+        assert_eq!(
+            conditional_upsert(CRDB, &table(), &pk(&["k"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "db"."sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src WHERE (src.c5 > now() - '1.5 seconds'::INTERVAL AND src.c4 > now() - '600 seconds'::INTERVAL) ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" WHERE (excluded."ver", excluded."v") > (x."ver", x."v") RETURNING x."k") SELECT src.i, ((src.c5 > now() - '1.5 seconds'::INTERVAL AND src.c4 > now() - '600 seconds'::INTERVAL) IS TRUE OR EXISTS (SELECT 1 FROM "db"."sch"."t" AS x WHERE (x."k") = (src.c1))) FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+        let only = Conditions {
+            cas: vec![],
+            deadlines: vec![(Ident::new("ts"), Duration::from_secs(3600))],
+        };
+        assert_eq!(
+            conditional_upsert(PG, &table(), &pk(&["k"]), &cols, &params, &only),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src WHERE (src.c4 > now() - '3600 seconds'::INTERVAL) ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" RETURNING x."k") SELECT src.i, ((src.c4 > now() - '3600 seconds'::INTERVAL) IS TRUE OR EXISTS (SELECT 1 FROM "sch"."t" AS x WHERE (x."k") = (src.c1))) FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+        assert_eq!(
+            conditional_upsert(CRDB, &table(), &pk(&["k"]), &cols, &params, &only),
+            r#"WITH src AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::TEXT AS c2, d.p3::INT8 AS c3, CASE WHEN d.p5 THEN d.p4::TIMESTAMPTZ ELSE now() END AS c4, d.p6::TIMESTAMPTZ AS c5 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BOOL[], $6::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, p5, p6, i)), won AS (INSERT INTO "db"."sch"."t" AS x ("k", "v", "ver", "ts", "at") SELECT src.c1, src.c2, src.c3, src.c4, src.c5 FROM src WHERE (src.c4 > now() - '3600 seconds'::INTERVAL) ON CONFLICT ("k") DO UPDATE SET "v" = excluded."v", "ver" = excluded."ver", "ts" = excluded."ts", "at" = excluded."at" RETURNING x."k") SELECT src.i, ((src.c4 > now() - '3600 seconds'::INTERVAL) IS TRUE OR EXISTS (SELECT 1 FROM "db"."sch"."t" AS x WHERE (x."k") = (src.c1))) FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."k") = (src.c1))"#
+        );
+    }
+
+    #[test]
+    fn cas_upsert_of_a_key_only_table_still_reports_existing_rows() {
+        let cols = [col("a", "TEXT", 1), col("b", "INT8", 2)];
+        let params = [Param::Text, Param::Text];
+        let cond = Conditions {
+            cas: vec![Ident::new("b")],
+            deadlines: vec![],
+        };
+        assert_eq!(
+            conditional_upsert(PG, &table(), &pk(&["a", "b"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::TEXT AS c1, d.p2::INT8 AS c2 FROM unnest($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS d(p1, p2, i)), won AS (INSERT INTO "sch"."t" AS x ("a", "b") SELECT src.c1, src.c2 FROM src ON CONFLICT ("a", "b") DO UPDATE SET "a" = excluded."a" WHERE (excluded."b") > (x."b") RETURNING x."a", x."b") SELECT src.i, TRUE FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."a", won."b") = (src.c1, src.c2))"#
+        );
+        assert_eq!(
+            conditional_upsert(CRDB, &table(), &pk(&["a", "b"]), &cols, &params, &cond),
+            r#"WITH src AS (SELECT d.i, d.p1::TEXT AS c1, d.p2::INT8 AS c2 FROM unnest($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS d(p1, p2, i)), won AS (INSERT INTO "db"."sch"."t" AS x ("a", "b") SELECT src.c1, src.c2 FROM src ON CONFLICT ("a", "b") DO UPDATE SET "a" = excluded."a" WHERE (excluded."b") > (x."b") RETURNING x."a", x."b") SELECT src.i, TRUE FROM src WHERE NOT EXISTS (SELECT 1 FROM won WHERE (won."a", won."b") = (src.c1, src.c2))"#
+        );
+    }
+
+    #[test]
+    fn losers_are_read_back_as_json_and_locked() {
+        let key = [col("k", "INT8", 1)];
+        let read = pk(&["k", "v", "ver"]);
+        assert_eq!(
+            read_locked(PG, &table(), &key, &[Param::Text], &read),
+            r#"SELECT k.i, ARRAY[to_jsonb(x."k")::TEXT, to_jsonb(x."v")::TEXT, to_jsonb(x."ver")::TEXT] FROM (SELECT d.i, d.p1::INT8 AS c1 FROM unnest($1::TEXT[]) WITH ORDINALITY AS d(p1, i)) AS k JOIN "sch"."t" AS x ON (x."k") = (k.c1) FOR UPDATE OF x"#
+        );
+        assert_eq!(
+            read_locked(CRDB, &table(), &key, &[Param::Text], &read),
+            r#"SELECT k.i, ARRAY[to_jsonb(x."k")::TEXT, to_jsonb(x."v")::TEXT, to_jsonb(x."ver")::TEXT] FROM (SELECT d.i, d.p1::INT8 AS c1 FROM unnest($1::TEXT[]) WITH ORDINALITY AS d(p1, i)) AS k JOIN "db"."sch"."t" AS x ON (x."k") = (k.c1) FOR UPDATE OF x"#
+        );
+    }
+
+    #[test]
+    fn guarded_deletes_compare_the_before_image() {
+        let key = [col("k", "INT8", 1), col("g", "INT8", 2)];
+        let cas = [col("ver", "INT8", 3), col("ts", "TIMESTAMPTZ", 4)];
+        let params = [Param::Text; 4];
+        assert_eq!(
+            guarded_delete(PG, &table(), &key, &cas, &params),
+            r#"WITH k AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::INT8 AS c2, d.p3::INT8 AS v1, d.p4::TIMESTAMPTZ AS v2 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, i)), gone AS (DELETE FROM "sch"."t" AS x USING k WHERE (x."k", x."g") = (k.c1, k.c2) AND (x."ver", x."ts") <= (k.v1, k.v2) RETURNING k.i) SELECT k.i, EXISTS (SELECT 1 FROM "sch"."t" AS x WHERE (x."k", x."g") = (k.c1, k.c2)) FROM k WHERE NOT EXISTS (SELECT 1 FROM gone WHERE gone.i = k.i)"#
+        );
+        assert_eq!(
+            guarded_delete(CRDB, &table(), &key, &cas, &params),
+            r#"WITH k AS (SELECT d.i, d.p1::INT8 AS c1, d.p2::INT8 AS c2, d.p3::INT8 AS v1, d.p4::TIMESTAMPTZ AS v2 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[]) WITH ORDINALITY AS d(p1, p2, p3, p4, i)), gone AS (DELETE FROM "db"."sch"."t" AS x USING k WHERE (x."k", x."g") = (k.c1, k.c2) AND (x."ver", x."ts") <= (k.v1, k.v2) RETURNING k.i) SELECT k.i, EXISTS (SELECT 1 FROM "db"."sch"."t" AS x WHERE (x."k", x."g") = (k.c1, k.c2)) FROM k WHERE NOT EXISTS (SELECT 1 FROM gone WHERE gone.i = k.i)"#
+        );
+    }
+
+    #[test]
+    fn dead_letter_table_statements() {
+        let dlq = Table::new(Schema::new("db", "sch"), "cdc_sink_dlq");
+        assert_eq!(
+            dlq_insert(PG, &dlq),
+            r#"INSERT INTO "sch"."cdc_sink_dlq" ("dlq_name", "source_nanos", "source_logical", "data_after", "data_before") SELECT d.p1, d.p2::INT8, d.p3::INT8, d.p4::JSONB, d.p5::JSONB FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) AS d(p1, p2, p3, p4, p5)"#
+        );
+        assert_eq!(
+            dlq_insert(CRDB, &dlq),
+            r#"INSERT INTO "db"."sch"."cdc_sink_dlq" ("dlq_name", "source_nanos", "source_logical", "data_after", "data_before") SELECT d.p1, d.p2::INT8, d.p3::INT8, d.p4::JSONB, d.p5::JSONB FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) AS d(p1, p2, p3, p4, p5)"#
+        );
+        assert_eq!(
+            dlq_create(PG, &dlq, true),
+            r#"CREATE TABLE IF NOT EXISTS "sch"."cdc_sink_dlq" (event UUID NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())"#
+        );
+        assert_eq!(
+            dlq_create(PG, &dlq, false),
+            r#"CREATE TABLE IF NOT EXISTS "sch"."cdc_sink_dlq" (event BIGSERIAL PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())"#
+        );
+        assert_eq!(
+            dlq_create(CRDB, &dlq, true),
+            r#"CREATE TABLE IF NOT EXISTS "db"."sch"."cdc_sink_dlq" (event UUID NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())"#
+        );
+    }
+
+    #[test]
+    fn intervals_render_in_seconds() {
+        assert_eq!(
+            interval(Duration::from_secs(600)),
+            "'600 seconds'::INTERVAL"
+        );
+        assert_eq!(
+            interval(Duration::from_millis(250)),
+            "'0.25 seconds'::INTERVAL"
+        );
+        assert_eq!(
+            interval(Duration::from_nanos(1_000_000_001)),
+            "'1.000000001 seconds'::INTERVAL"
         );
     }
 }

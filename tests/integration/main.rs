@@ -3,6 +3,7 @@
 mod support;
 
 mod apply;
+mod conflicts;
 mod crash;
 mod harness;
 mod pipeline;
