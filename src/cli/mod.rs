@@ -115,3 +115,46 @@ fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
     };
     result.map_err(|e| anyhow::anyhow!("logging: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn start_accepts_the_reference_flags_and_env() {
+        let cli = Cli::try_parse_from([
+            "cdc-sink",
+            "start",
+            "--bindAddr",
+            ":30004",
+            "--metricsAddr",
+            ":30005",
+            "--tlsSelfSigned",
+            "--disableAuthentication",
+            "--targetConn",
+            "postgresql://root@local:26257/?sslmode=disable",
+            "--flushSize",
+            "500",
+            "--dlqTableName",
+            "my_dlq",
+        ])
+        .expect("parses");
+        let Command::Start(args) = cli.command else {
+            panic!("start expected")
+        };
+        assert_eq!(args.server.bind_addr, ":30004");
+        assert_eq!(args.sequence.flush_size, 500);
+        assert_eq!(args.apply.dlq_table_name, "my_dlq");
+        assert_eq!(args.stage.staging_schema, "_cdc_sink");
+        assert_eq!(
+            args.sequence.retire_offset,
+            std::time::Duration::from_secs(86400)
+        );
+    }
+}

@@ -25,16 +25,11 @@ pub struct StartArgs {
     pub source: SourceArgs,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub apply: crate::apply::ApplyArgs,
     /// TypeScript or JavaScript userscript (not supported yet: refused at start).
     #[arg(long = "userscript", env = "CDC_SINK_USERSCRIPT")]
     pub userscript: Option<std::path::PathBuf>,
-    /// Dead-letter table name inside each target schema.
-    #[arg(
-        long = "dlqTableName",
-        env = "CDC_SINK_DLQ_TABLE_NAME",
-        default_value = "cdc_sink_dlq"
-    )]
-    pub dlq_table_name: String,
 }
 
 impl StartArgs {
@@ -43,6 +38,7 @@ impl StartArgs {
         self.target.validate()?;
         self.sequence.validate()?;
         self.auth.validate()?;
+        self.apply.validate()?;
         if let Some(p) = &self.userscript {
             // Running without the script would silently skip its loop filtering and merges.
             bail!(
@@ -87,7 +83,11 @@ pub async fn launch(args: StartArgs) -> anyhow::Result<Running> {
     let stager = Arc::new(Stager::open(staging.clone(), &args.stage.staging_schema).await?);
     let checkpoints = Checkpoints::open(staging.clone(), stager.schema()).await?;
     let leases = Arc::new(Leases::open(staging.clone(), stager.schema()).await?);
-    let applier = Applier::new(target.clone(), args.target.schema_refresh);
+    let applier = Applier::with_options(
+        target.clone(),
+        args.target.schema_refresh,
+        args.apply.clone(),
+    );
     let sequencer = Sequencer::new(
         args.sequence.clone(),
         stager.clone(),
