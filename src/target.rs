@@ -297,3 +297,21 @@ impl TargetArgs {
         Ok((target, staging))
     }
 }
+
+/// Publishes the pool gauges (`pool_*{pool}`) every few seconds while the pool is open.
+pub fn spawn_pool_metrics(db: &Database, pool_name: &'static str) {
+    let pool = db.pool.clone();
+    tokio::spawn(async move {
+        let labels = [(crate::metrics::LABEL_POOL, pool_name)];
+        while !pool.is_closed() {
+            let size = pool.size();
+            let idle = pool.num_idle() as u32;
+            metrics::gauge!(crate::metrics::POOL_ACQUIRED, &labels)
+                .set(f64::from(size.saturating_sub(idle)));
+            metrics::gauge!(crate::metrics::POOL_IDLE, &labels).set(f64::from(idle));
+            metrics::gauge!(crate::metrics::POOL_MAX, &labels)
+                .set(f64::from(pool.options().get_max_connections()));
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+}

@@ -80,6 +80,7 @@ pub async fn launch(args: StartArgs) -> anyhow::Result<Running> {
     crate::metrics::install();
     let auth = Authenticator::new(&args.auth)?;
     let (target, staging) = args.target.open().await.context("opening databases")?;
+    crate::target::spawn_pool_metrics(&target, "target");
     let stager = Arc::new(Stager::open(staging.clone(), &args.stage.staging_schema).await?);
     let checkpoints = Checkpoints::open(staging.clone(), stager.schema()).await?;
     let leases = Arc::new(Leases::open(staging.clone(), stager.schema()).await?);

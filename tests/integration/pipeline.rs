@@ -358,3 +358,39 @@ async fn concurrent_first_batches_for_a_new_table_are_all_staged() {
     assert_eq!(staged(&db).await, 8);
     sink.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_describe_the_pipeline_and_health_pings_the_database() {
+    let db = kv_db("kv").await;
+    let sink = Sink::start(&db, &[]).await;
+    sink.post_ok(
+        "/kv/public",
+        batch(vec![upsert("kv", json!([1]), json!({"k": 1, "v": "m"}), 1)]),
+    )
+    .await;
+    sink.post_ok("/kv/public", resolved(1)).await;
+    committed(&db, 1).await;
+    let (status, text) = sink.client.get("/_/varz").await.expect("varz");
+    assert_eq!(status, StatusCode::OK);
+    for name in [
+        "http_status_codes_total",
+        "stage_mutations_total{schema=\"kv.public\",table=\"kv\"}",
+        "apply_upserts_total",
+        "core_sweep_active_bool{schema=\"kv.public\"}",
+        "target_applied_timestamp_seconds{kind=\"cdc\",target=\"kv.public\"}",
+        "target_lag_seconds",
+        "source_lag_seconds",
+        "mutations_received_count",
+        "pool_max_connection_count{pool=\"target\"}",
+        "checkpoint_commit_duration_seconds",
+    ] {
+        assert!(text.contains(name), "missing {name} in /_/varz");
+    }
+    let (status, body) = sink.client.get("/_/healthz").await.expect("healthz");
+    assert_eq!((status, body.trim()), (StatusCode::OK, "OK"));
+    db.cluster.stop().expect("stop postgresql");
+    let (status, _) = sink.client.get("/_/healthz").await.expect("healthz");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    db.cluster.restart().expect("restart");
+    sink.stop().await;
+}
