@@ -1,7 +1,10 @@
 //! The command tree. Each subcommand's flags are the `clap::Args` of the module that owns them;
 //! this is the only place that uses `anyhow`.
 
+mod feed;
 mod start;
+mod verify;
+mod workload;
 
 pub use start::{launch, Running, StartArgs};
 
@@ -47,6 +50,13 @@ pub enum Command {
     Preflight(start::PreflightArgs),
     /// Print the version.
     Version,
+    /// Emulate a CockroachDB changefeed from a PostgreSQL source into a sink.
+    Feed(Box<crate::feed::FeedArgs>),
+    /// Write workloads (`kv`).
+    #[command(subcommand)]
+    Workload(workload::WorkloadCommand),
+    /// Compare a table on two databases.
+    Verify(Box<crate::verify::VerifyArgs>),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -61,6 +71,9 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Start(args) => runtime().and_then(|rt| rt.block_on(start::start(*args))),
         Command::Preflight(args) => runtime().and_then(|rt| rt.block_on(start::preflight(args))),
+        Command::Feed(args) => runtime().and_then(|rt| rt.block_on(feed::feed(*args))),
+        Command::Workload(cmd) => runtime().and_then(|rt| rt.block_on(workload::workload(cmd))),
+        Command::Verify(args) => runtime().and_then(|rt| rt.block_on(verify::verify(*args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
