@@ -13,7 +13,6 @@ use super::{chain, FeedArgs, FeedError};
 use crate::hlc::Hlc;
 use crate::ident::Ident;
 use crate::metrics as m;
-use futures::TryStreamExt;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection, Row};
 use std::collections::{HashMap, VecDeque};
@@ -186,13 +185,15 @@ impl Reader {
             .await
             .map_err(FeedError::source("connect"))?;
         // The plugin formats values with this session's settings.
-        sqlx::raw_sql(
-            "SET DateStyle = 'ISO, MDY'; SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres'; \
-             SET extra_float_digits = 3; SET bytea_output = 'hex'",
-        )
-        .execute(&mut conn)
-        .await
-        .map_err(FeedError::source("session settings"))?;
+        for set in [
+            "SET DateStyle = 'ISO, MDY'",
+            "SET TimeZone = 'UTC'",
+            "SET IntervalStyle = 'postgres'",
+            "SET extra_float_digits = 3",
+            "SET bytea_output = 'hex'",
+        ] {
+            execute(&mut conn, set, "session settings").await?;
+        }
         let created = self.setup(&mut conn).await?;
         if created && self.initial_scan && !self.started {
             self.scan(&mut conn, items, cancel).await?;
@@ -292,10 +293,7 @@ impl Reader {
             let identity: String = row.get(1);
             if identity != "f" {
                 // Full old rows give updates their unchanged TOAST values and --diff its before.
-                sqlx::raw_sql(&format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL"))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(FeedError::source("set replica identity"))?;
+                execute(&mut *conn, &format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL"), "set replica identity").await?;
                 info!(table = %qualified, "replica identity set to full");
             }
         }
@@ -334,10 +332,7 @@ impl Reader {
                     self.slot
                 )));
             }
-            sqlx::raw_sql(&format!("CREATE PUBLICATION {pubname} FOR TABLE {list}"))
-                .execute(&mut *conn)
-                .await
-                .map_err(FeedError::source("create the publication"))?;
+            execute(&mut *conn, &format!("CREATE PUBLICATION {pubname} FOR TABLE {list}"), "create the publication").await?;
             info!(publication = %self.publication, "publication created");
         } else {
             let published: Vec<(String, String)> = sqlx::query_as(
@@ -352,10 +347,7 @@ impl Reader {
                 .iter()
                 .any(|t| !published.iter().any(|(s, n)| *s == t.schema && *n == t.name));
             if missing || published.len() != self.tables.len() {
-                sqlx::raw_sql(&format!("ALTER PUBLICATION {pubname} SET TABLE {list}"))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(FeedError::source("update the publication"))?;
+                execute(&mut *conn, &format!("ALTER PUBLICATION {pubname} SET TABLE {list}"), "update the publication").await?;
                 warn!(publication = %self.publication, "publication tables changed; earlier changes of added tables are not sent");
             }
         }
@@ -451,39 +443,33 @@ impl Reader {
                 .map(|c| format!("{}::text", Ident::new(c.name.clone()).quoted()))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let sql = format!("SELECT {select} FROM {qualified}");
-            let mut rows = sqlx::query(&sql).fetch(&mut *tx);
-            let mut batch = Vec::with_capacity(ITEM_MESSAGES);
+            // A cursor, read a chunk at a time, so the sender's pace bounds memory.
+            execute(&mut *tx, &format!(
+                "DECLARE cdc_sink_scan NO SCROLL CURSOR FOR SELECT {select} FROM {qualified}"
+            ), "scan a table").await?;
             let mut total = 0u64;
-            while let Some(row) = rows
-                .try_next()
-                .await
-                .map_err(FeedError::source("scan a table"))?
-            {
-                let datums: Vec<Datum> = (0..relation.columns.len())
-                    .map(|i| {
-                        row.get::<Option<String>, _>(i)
-                            .map_or(Datum::Null, |s| Datum::Text(s.into_bytes()))
-                    })
-                    .collect();
-                let after = shape.object(&datums, None, &mut Vec::new())?;
-                let key = shape.key(&datums)?;
-                let before = self.diff.then_some("null");
-                batch.push(encode::message(Some(&after), before, &key, &shape.topic, at));
-                total += 1;
-                if batch.len() == ITEM_MESSAGES {
-                    let item = Item::Rows {
-                        messages: std::mem::take(&mut batch),
-                        end_lsn: None,
-                        updated_nanos: at.nanos(),
-                    };
-                    if !send(items, cancel, item).await {
-                        return Ok(());
-                    }
+            loop {
+                let rows = sqlx::query(&format!("FETCH {ITEM_MESSAGES} FROM cdc_sink_scan"))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(FeedError::source("scan a table"))?;
+                if rows.is_empty() {
+                    break;
                 }
-            }
-            drop(rows);
-            if !batch.is_empty() {
+                let mut batch = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    let datums: Vec<Datum> = (0..relation.columns.len())
+                        .map(|i| {
+                            row.get::<Option<String>, _>(i)
+                                .map_or(Datum::Null, |s| Datum::Text(s.into_bytes()))
+                        })
+                        .collect();
+                    let after = shape.object(&datums, None, &mut Vec::new())?;
+                    let key = shape.key(&datums)?;
+                    let before = self.diff.then_some("null");
+                    batch.push(encode::message(Some(&after), before, &key, &shape.topic, at));
+                }
+                total += batch.len() as u64;
                 let item = Item::Rows {
                     messages: batch,
                     end_lsn: None,
@@ -493,6 +479,7 @@ impl Reader {
                     return Ok(());
                 }
             }
+            execute(&mut *tx, "CLOSE cdc_sink_scan", "scan a table").await?;
             info!(table = %qualified, rows = total, "initial scan sent");
         }
         tx.commit()
@@ -914,6 +901,16 @@ async fn flush_lsn(conn: &mut PgConnection) -> Result<Lsn, FeedError> {
     Ok(Lsn(l as u64))
 }
 
+/// Runs one statement without preparing it (DDL, cursors, settings).
+async fn execute(conn: &mut PgConnection, sql: &str, what: &str) -> Result<(), FeedError> {
+    sqlx::query(sql)
+        .persistent(false)
+        .execute(conn)
+        .await
+        .map_err(FeedError::source(what))?;
+    Ok(())
+}
+
 /// Hands over an item; false when cancelled or the sender is gone.
 async fn send(items: &mpsc::Sender<Item>, cancel: &CancellationToken, item: Item) -> bool {
     tokio::select! {
@@ -921,3 +918,4 @@ async fn send(items: &mpsc::Sender<Item>, cancel: &CancellationToken, item: Item
         r = items.send(item) => r.is_ok(),
     }
 }
+

@@ -4,6 +4,9 @@ mod support;
 
 mod apply;
 mod crash;
+mod feed;
 mod harness;
 mod pipeline;
 mod server;
+mod verify;
+mod workload;
