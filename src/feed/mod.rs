@@ -222,9 +222,17 @@ impl FeedError {
         move |source| FeedError::Source { what, source }
     }
 
-    /// Worth retrying once the feed has started: the source may come back.
+    /// Worth retrying once the feed has started: the source may come back, or another
+    /// process may release the slot (55006); a statement the source refuses will not improve.
     fn is_transient(&self) -> bool {
-        matches!(self, FeedError::Source { .. } | FeedError::Setup(_))
+        match self {
+            FeedError::Source { source, .. } => {
+                crate::target::is_unavailable(source)
+                    || crate::target::sqlstate(source) == "55006"
+            }
+            FeedError::Setup(_) => true,
+            _ => false,
+        }
     }
 }
 

@@ -815,7 +815,7 @@ impl Reader {
             Probe::Idle { .. } => {}
             Probe::Waiting { t, snapshot, since } => {
                 let running: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM unnest(pg_snapshot_xip($1::pg_snapshot)) AS x \
+                    "SELECT count(*) FROM pg_snapshot_xip($1::pg_snapshot) AS x \
                      WHERE pg_xact_status(x) = 'in progress'",
                 )
                 .bind(snapshot)
