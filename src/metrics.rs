@@ -275,22 +275,6 @@ fn describe() {
     describe_counter!(POISON_BACKOFF, "apply attempts deferred by poison backoff");
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buckets_are_sorted_and_span_the_reference_ranges() {
-        let l = latency_buckets();
-        assert_eq!(l.first(), Some(&0.001));
-        assert_eq!(l.last(), Some(&60.0));
-        assert!(l.windows(2).all(|w| w[0] < w[1]));
-        let b = byte_buckets();
-        assert_eq!(b.first(), Some(&1024.0));
-        assert!(b.windows(2).all(|w| w[0] < w[1]));
-    }
-}
-
 // The changefeed emulator (`cdc-sink feed`), the kv workload and the verifier; described by
 // their modules when they start.
 pub const LABEL_FEED: &str = "feed";
@@ -306,3 +290,19 @@ pub const WORKLOAD_OPS: &str = "workload_ops_total";
 pub const WORKLOAD_ERRORS: &str = "workload_errors_total";
 pub const VERIFY_DIVERGENT_ROWS: &str = "verify_divergent_rows";
 pub const VERIFY_CLEAN_CHECKS: &str = "verify_consecutive_clean_checks";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_sorted_and_span_the_reference_ranges() {
+        let l = latency_buckets();
+        assert_eq!(l.first(), Some(&0.001));
+        assert_eq!(l.last(), Some(&60.0));
+        assert!(l.windows(2).all(|w| w[0] < w[1]));
+        let b = byte_buckets();
+        assert_eq!(b.first(), Some(&1024.0));
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
+    }
+}

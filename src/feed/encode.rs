@@ -37,8 +37,8 @@ impl Kind {
             1114 => Some(Kind::Timestamp),
             1184 => Some(Kind::TimestampTz),
             // text-like scalars
-            17 | 18 | 19 | 25 | 142 | 650 | 790 | 829 | 774 | 869 | 1042 | 1043 | 1082
-            | 1083 | 1186 | 1266 | 1560 | 1562 | 2950 | 3614 | 3615 => Some(Kind::Text),
+            17 | 18 | 19 | 25 | 142 | 650 | 790 | 829 | 774 | 869 | 1042 | 1043 | 1082 | 1083
+            | 1186 | 1266 | 1560 | 1562 | 2950 | 3614 | 3615 => Some(Kind::Text),
             1005 | 1007 | 1016 | 1028 => array(Kind::Integer),
             1021 | 1022 | 1231 => array(Kind::Number),
             1000 => array(Kind::Bool),
@@ -294,7 +294,7 @@ pub struct Shape {
     pub key: Vec<usize>,
 }
 
-fn datum_text<'a>(datums: &'a [Datum], i: usize) -> Option<Option<&'a [u8]>> {
+fn datum_text(datums: &[Datum], i: usize) -> Option<Option<&[u8]>> {
     match datums.get(i)? {
         Datum::Null => Some(None),
         Datum::Unchanged => None,
@@ -315,8 +315,8 @@ impl Shape {
         out.push('{');
         let mut first = true;
         for (name, kind, pos) in &self.columns {
-            let Some(value) = datum_text(datums, *pos)
-                .or_else(|| fallback.and_then(|f| datum_text(f, *pos)))
+            let Some(value) =
+                datum_text(datums, *pos).or_else(|| fallback.and_then(|f| datum_text(f, *pos)))
             else {
                 missing.push(name.clone());
                 continue;
@@ -366,8 +366,15 @@ impl Shape {
 
 /// One changefeed message in CockroachDB's wrapped envelope. `before` is `Some` with `diff`
 /// (the text `null` when there is no old row).
-pub fn message(after: Option<&str>, before: Option<&str>, key: &str, topic: &str, updated: Hlc) -> String {
-    let mut out = String::with_capacity(64 + after.map_or(0, str::len) + before.map_or(0, str::len));
+pub fn message(
+    after: Option<&str>,
+    before: Option<&str>,
+    key: &str,
+    topic: &str,
+    updated: Hlc,
+) -> String {
+    let mut out =
+        String::with_capacity(64 + after.map_or(0, str::len) + before.map_or(0, str::len));
     out.push_str("{\"after\": ");
     out.push_str(after.unwrap_or("null"));
     if let Some(b) = before {
@@ -430,9 +437,15 @@ mod tests {
         assert_eq!(json(&Kind::Bool, "t"), "true");
         assert_eq!(json(&Kind::Bool, "f"), "false");
         assert!(push_value(&mut String::new(), &Kind::Bool, "x").is_err());
-        assert_eq!(json(&Kind::Text, "a\"b\\c\nd\u{1}é"), "\"a\\\"b\\\\c\\nd\\u0001é\"");
+        assert_eq!(
+            json(&Kind::Text, "a\"b\\c\nd\u{1}é"),
+            "\"a\\\"b\\\\c\\nd\\u0001é\""
+        );
         assert_eq!(json(&Kind::Text, "\\x0aff"), "\"\\\\x0aff\"");
-        assert_eq!(json(&Kind::Json, "{\"a\": [1, 2.50]}"), "{\"a\": [1, 2.50]}");
+        assert_eq!(
+            json(&Kind::Json, "{\"a\": [1, 2.50]}"),
+            "{\"a\": [1, 2.50]}"
+        );
     }
 
     #[test]
@@ -509,18 +522,25 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&body).expect("valid json");
         assert_eq!(v["length"], 2);
         assert_eq!(v["payload"][0]["after"]["k"], 1);
-        assert_eq!(resolved(at), r#"{"resolved":"1700000000000000000.0000000003"}"#);
+        assert_eq!(
+            resolved(at),
+            r#"{"resolved":"1700000000000000000.0000000003"}"#
+        );
         let unchanged = vec![Datum::Text(b"1".to_vec()), Datum::Unchanged];
         let mut missing = vec![];
         assert_eq!(
-            shape.object(&unchanged, None, &mut missing).expect("partial"),
+            shape
+                .object(&unchanged, None, &mut missing)
+                .expect("partial"),
             r#"{"k": 1}"#
         );
         assert_eq!(missing, vec!["v".to_string()]);
         let old = vec![Datum::Text(b"1".to_vec()), Datum::Text(b"big".to_vec())];
         missing.clear();
         assert_eq!(
-            shape.object(&unchanged, Some(&old), &mut missing).expect("filled"),
+            shape
+                .object(&unchanged, Some(&old), &mut missing)
+                .expect("filled"),
             r#"{"k": 1, "v": "big"}"#
         );
         assert!(missing.is_empty());

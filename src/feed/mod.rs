@@ -227,8 +227,7 @@ impl FeedError {
     fn is_transient(&self) -> bool {
         match self {
             FeedError::Source { source, .. } => {
-                crate::target::is_unavailable(source)
-                    || crate::target::sqlstate(source) == "55006"
+                crate::target::is_unavailable(source) || crate::target::sqlstate(source) == "55006"
             }
             FeedError::Setup(_) => true,
             _ => false,
@@ -241,8 +240,12 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        // Many errors (sqlx's among them) already print their cause.
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -371,6 +374,13 @@ fn describe_metrics() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The demo spawns feeds on the multi-threaded runtime.
+    #[allow(dead_code)]
+    fn run_is_send(feed: Feed) {
+        fn is_send<T: Send>(_: T) {}
+        is_send(feed.run(CancellationToken::new()));
+    }
 
     #[test]
     fn flags_are_checked() {

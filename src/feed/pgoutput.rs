@@ -44,16 +44,36 @@ pub struct Relation {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// Start of a transaction; `commit_micros` is the commit time in Unix microseconds.
-    Begin { final_lsn: Lsn, commit_micros: i64 },
-    Commit { end_lsn: Lsn, commit_micros: i64 },
+    Begin {
+        final_lsn: Lsn,
+        commit_micros: i64,
+    },
+    Commit {
+        end_lsn: Lsn,
+        commit_micros: i64,
+    },
     Relation(Relation),
     /// A non-builtin type used by a relation (name only; we look types up in the catalog).
-    Type { oid: u32 },
-    Insert { rel: u32, new: Vec<Datum> },
+    Type {
+        oid: u32,
+    },
+    Insert {
+        rel: u32,
+        new: Vec<Datum>,
+    },
     /// `old` is the old key ('K') or, with `REPLICA IDENTITY FULL`, the whole old row ('O').
-    Update { rel: u32, old: Option<Vec<Datum>>, new: Vec<Datum> },
-    Delete { rel: u32, old: Vec<Datum> },
-    Truncate { rels: Vec<u32> },
+    Update {
+        rel: u32,
+        old: Option<Vec<Datum>>,
+        new: Vec<Datum>,
+    },
+    Delete {
+        rel: u32,
+        old: Vec<Datum>,
+    },
+    Truncate {
+        rels: Vec<u32>,
+    },
     /// Origin, logical messages and anything newer than protocol 1 that we do not use.
     Other(u8),
 }
@@ -98,7 +118,10 @@ impl<'a> Reader<'a> {
 
     fn string(&mut self, what: &str) -> Result<String, FeedError> {
         let rest = &self.buf[self.pos.min(self.buf.len())..];
-        let nul = rest.iter().position(|&b| b == 0).ok_or_else(|| short(what))?;
+        let nul = rest
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| short(what))?;
         let s = String::from_utf8_lossy(&rest[..nul]).into_owned();
         self.pos += nul + 1;
         Ok(s)

@@ -45,7 +45,12 @@ struct Pending {
 }
 
 impl Sender {
-    pub(super) fn new(args: &FeedArgs, client: Client, path: String, stats: Arc<FeedStats>) -> Self {
+    pub(super) fn new(
+        args: &FeedArgs,
+        client: Client,
+        path: String,
+        stats: Arc<FeedStats>,
+    ) -> Self {
         Sender {
             client,
             path,
@@ -238,7 +243,12 @@ impl Sender {
                 Ok(Ok((status, text))) => format!(
                     "status {}: {}",
                     status.as_u16(),
-                    text.lines().next().unwrap_or("").chars().take(200).collect::<String>()
+                    text.lines()
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
                 ),
                 Ok(Err(e)) => super::chain(&e),
                 Err(_) => format!("no answer within {:?}", self.timeout),

@@ -53,11 +53,20 @@ struct FedTable {
 }
 
 enum Probe {
-    Idle { due: Instant },
+    Idle {
+        due: Instant,
+    },
     /// Clock read (µs) and snapshot taken; waiting for the snapshot's transactions to end.
-    Waiting { t: i64, snapshot: String, since: Instant },
+    Waiting {
+        t: i64,
+        snapshot: String,
+        since: Instant,
+    },
     /// Waiting for the slot to be read up to `lsn` (and for the WAL to be flushed there).
-    Reading { t: i64, lsn: Lsn },
+    Reading {
+        t: i64,
+        lsn: Lsn,
+    },
 }
 
 /// The transaction being decoded.
@@ -293,7 +302,12 @@ impl Reader {
             let identity: String = row.get(1);
             if identity != "f" {
                 // Full old rows give updates their unchanged TOAST values and --diff its before.
-                execute(&mut *conn, &format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL"), "set replica identity").await?;
+                execute(
+                    &mut *conn,
+                    &format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL"),
+                    "set replica identity",
+                )
+                .await?;
                 info!(table = %qualified, "replica identity set to full");
             }
         }
@@ -332,7 +346,12 @@ impl Reader {
                     self.slot
                 )));
             }
-            execute(&mut *conn, &format!("CREATE PUBLICATION {pubname} FOR TABLE {list}"), "create the publication").await?;
+            execute(
+                &mut *conn,
+                &format!("CREATE PUBLICATION {pubname} FOR TABLE {list}"),
+                "create the publication",
+            )
+            .await?;
             info!(publication = %self.publication, "publication created");
         } else {
             let published: Vec<(String, String)> = sqlx::query_as(
@@ -342,12 +361,18 @@ impl Reader {
             .fetch_all(&mut *conn)
             .await
             .map_err(FeedError::source("list published tables"))?;
-            let missing = self
-                .tables
-                .iter()
-                .any(|t| !published.iter().any(|(s, n)| *s == t.schema && *n == t.name));
+            let missing = self.tables.iter().any(|t| {
+                !published
+                    .iter()
+                    .any(|(s, n)| *s == t.schema && *n == t.name)
+            });
             if missing || published.len() != self.tables.len() {
-                execute(&mut *conn, &format!("ALTER PUBLICATION {pubname} SET TABLE {list}"), "update the publication").await?;
+                execute(
+                    &mut *conn,
+                    &format!("ALTER PUBLICATION {pubname} SET TABLE {list}"),
+                    "update the publication",
+                )
+                .await?;
                 warn!(publication = %self.publication, "publication tables changed; earlier changes of added tables are not sent");
             }
         }
@@ -435,7 +460,7 @@ impl Reader {
                     })
                     .collect(),
             };
-            self.resolve_kinds(&mut *tx, &[&relation]).await?;
+            self.resolve_kinds(&mut tx, &[&relation]).await?;
             let shape = self.shape(&relation)?;
             let select = relation
                 .columns
@@ -444,9 +469,14 @@ impl Reader {
                 .collect::<Vec<_>>()
                 .join(", ");
             // A cursor, read a chunk at a time, so the sender's pace bounds memory.
-            execute(&mut *tx, &format!(
-                "DECLARE cdc_sink_scan NO SCROLL CURSOR FOR SELECT {select} FROM {qualified}"
-            ), "scan a table").await?;
+            execute(
+                &mut tx,
+                &format!(
+                    "DECLARE cdc_sink_scan NO SCROLL CURSOR FOR SELECT {select} FROM {qualified}"
+                ),
+                "scan a table",
+            )
+            .await?;
             let mut total = 0u64;
             loop {
                 let rows = sqlx::query(&format!("FETCH {ITEM_MESSAGES} FROM cdc_sink_scan"))
@@ -467,7 +497,13 @@ impl Reader {
                     let after = shape.object(&datums, None, &mut Vec::new())?;
                     let key = shape.key(&datums)?;
                     let before = self.diff.then_some("null");
-                    batch.push(encode::message(Some(&after), before, &key, &shape.topic, at));
+                    batch.push(encode::message(
+                        Some(&after),
+                        before,
+                        &key,
+                        &shape.topic,
+                        at,
+                    ));
                 }
                 total += batch.len() as u64;
                 let item = Item::Rows {
@@ -479,7 +515,7 @@ impl Reader {
                     return Ok(());
                 }
             }
-            execute(&mut *tx, "CLOSE cdc_sink_scan", "scan a table").await?;
+            execute(&mut tx, "CLOSE cdc_sink_scan", "scan a table").await?;
             info!(table = %qualified, rows = total, "initial scan sent");
         }
         tx.commit()
@@ -885,8 +921,8 @@ fn kind_from_facts(oid: u32, facts: &HashMap<u32, TypeFacts>, depth: u8) -> Kind
     if f.typtype == b'd' {
         return kind_from_facts(f.base, facts, depth + 1);
     }
-    let element = (f.category == b'A' && f.elem != 0)
-        .then(|| kind_from_facts(f.elem, facts, depth + 1));
+    let element =
+        (f.category == b'A' && f.elem != 0).then(|| kind_from_facts(f.elem, facts, depth + 1));
     Kind::from_category(f.category, element, f.delim)
 }
 
@@ -918,4 +954,3 @@ async fn send(items: &mpsc::Sender<Item>, cancel: &CancellationToken, item: Item
         r = items.send(item) => r.is_ok(),
     }
 }
-

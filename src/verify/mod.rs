@@ -88,13 +88,18 @@ pub struct TableRef {
 
 impl TableRef {
     pub fn parse(s: &str) -> Result<TableRef, VerifyError> {
-        let parts = parse_dotted(s.trim()).map_err(|e| VerifyError::Config(format!("table: {e}")))?;
+        let parts =
+            parse_dotted(s.trim()).map_err(|e| VerifyError::Config(format!("table: {e}")))?;
         let raw: Vec<String> = parts.iter().map(|p| p.raw().to_string()).collect();
         let (database, schema, name) = match raw.as_slice() {
             [t] => (None, "public".to_string(), t.clone()),
             [s, t] => (None, s.clone(), t.clone()),
             [d, s, t] => (Some(d.clone()), s.clone(), t.clone()),
-            _ => return Err(VerifyError::Config(format!("table {s:?} has too many parts"))),
+            _ => {
+                return Err(VerifyError::Config(format!(
+                    "table {s:?} has too many parts"
+                )))
+            }
         };
         Ok(TableRef {
             database,
@@ -214,7 +219,11 @@ struct Layout {
     integer_key: bool,
 }
 
-async fn layout(pool: &PgPool, table: &TableRef, side: &'static str) -> Result<Layout, VerifyError> {
+async fn layout(
+    pool: &PgPool,
+    table: &TableRef,
+    side: &'static str,
+) -> Result<Layout, VerifyError> {
     let sql_err = |what| move |source| VerifyError::Sql { what, side, source };
     let rel: Option<i64> = sqlx::query_scalar("SELECT to_regclass($1)::oid::int8")
         .bind(table.quoted())
@@ -276,7 +285,11 @@ pub async fn connect(
         .map_err(|e| VerifyError::Config(format!("{side} url: {e}")))?
         .application_name("cdc-sink verify")
         // Row text (timestamps, floats) must print the same on both sides.
-        .options([("TimeZone", "UTC"), ("DateStyle", "ISO, MDY"), ("extra_float_digits", "1")]);
+        .options([
+            ("TimeZone", "UTC"),
+            ("DateStyle", "ISO"),
+            ("extra_float_digits", "1"),
+        ]);
     if let Some(d) = database {
         opts = opts.database(d);
     }
@@ -346,7 +359,11 @@ pub async fn compare(
     };
     let (ss, st) = tokio::try_join!(stats(source, "source"), stats(target, "target"))?;
     let buckets = (ss.0.max(st.0) / ROWS_PER_BUCKET + 1).clamp(1, MAX_BUCKETS);
-    let bucket_expr = match (integer_key, ss.1.into_iter().chain(st.1).min(), ss.2.into_iter().chain(st.2).max()) {
+    let bucket_expr = match (
+        integer_key,
+        ss.1.into_iter().chain(st.1).min(),
+        ss.2.into_iter().chain(st.2).max(),
+    ) {
         (true, Some(lo), Some(hi)) => {
             let width = (i128::from(hi) - i128::from(lo) + 1).max(1);
             format!(
@@ -507,7 +524,11 @@ pub async fn watch(
     loop {
         let report = compare(source, target, table, opts).await?;
         outcome.checks += 1;
-        outcome.clean = if report.in_sync() { outcome.clean + 1 } else { 0 };
+        outcome.clean = if report.in_sync() {
+            outcome.clean + 1
+        } else {
+            0
+        };
         metrics::gauge!(m::VERIFY_CLEAN_CHECKS, m::LABEL_TABLE => report.table.clone())
             .set(f64::from(outcome.clean));
         on_report(&report, outcome.clean);
@@ -529,6 +550,25 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The demo spawns these on the multi-threaded runtime.
+    #[allow(dead_code)]
+    fn futures_are_send(p: &'static PgPool, t: &'static TableRef, o: &'static CompareOptions) {
+        fn is_send<T: Send>(_: T) {}
+        is_send(compare(p, p, t, o));
+        is_send(connect("", None, "source"));
+        is_send(watch(
+            p,
+            p,
+            t,
+            o,
+            Duration::ZERO,
+            1,
+            Duration::ZERO,
+            CancellationToken::new(),
+            |_, _| {},
+        ));
+    }
 
     #[test]
     fn table_names_parse_and_reports_print() {

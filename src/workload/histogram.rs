@@ -28,7 +28,9 @@ fn bucket(micros: u64) -> usize {
     if micros <= 1 {
         return 0;
     }
-    ((micros as f64).ln() / GROWTH.ln()).ceil().min((BUCKETS - 1) as f64) as usize
+    ((micros as f64).ln() / GROWTH.ln())
+        .ceil()
+        .min((BUCKETS - 1) as f64) as usize
 }
 
 /// The upper bound of bucket `b`, in microseconds.

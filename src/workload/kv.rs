@@ -285,11 +285,16 @@ pub async fn run_with_progress(
         p95_ms: ms(total.quantile(0.95)),
         p99_ms: ms(total.quantile(0.99)),
         max_ms: ms(total.max()),
-        next_seq: args.sequential.then(|| {
-            args.write_seq + (ops + shared.errors.load(Ordering::Relaxed)) as i64
-        }),
+        next_seq: args
+            .sequential
+            .then(|| args.write_seq + (ops + shared.errors.load(Ordering::Relaxed)) as i64),
     };
-    tracing::info!(ops = summary.ops, errors = summary.errors, ops_per_sec = summary.ops_per_sec, "kv workload done");
+    tracing::info!(
+        ops = summary.ops,
+        errors = summary.errors,
+        ops_per_sec = summary.ops_per_sec,
+        "kv workload done"
+    );
     pool.close().await;
     Ok(summary)
 }
@@ -348,7 +353,8 @@ async fn worker(
                     .lock()
                     .expect("histogram lock")
                     .record(began.elapsed());
-                metrics::counter!(m::WORKLOAD_OPS, m::LABEL_TABLE => table.to_string()).increment(1);
+                metrics::counter!(m::WORKLOAD_OPS, m::LABEL_TABLE => table.to_string())
+                    .increment(1);
             }
             Err(e) => {
                 let n = shared.errors.fetch_add(1, Ordering::Relaxed);
@@ -398,7 +404,9 @@ async fn open(args: &KvArgs) -> Result<PgPool, WorkloadError> {
                         source,
                     })?;
             if !exists {
-                sqlx::raw_sql(&format!("CREATE DATABASE {}", Ident::new(d.clone()).quoted()))
+                let create = format!("CREATE DATABASE {}", Ident::new(d.clone()).quoted());
+                sqlx::query(&create)
+                    .persistent(false)
                     .execute(&mut conn)
                     .await
                     .map_err(|source| WorkloadError::Sql {
@@ -425,6 +433,13 @@ async fn open(args: &KvArgs) -> Result<PgPool, WorkloadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The demo spawns runs on the multi-threaded runtime.
+    #[allow(dead_code)]
+    fn runs_are_send(args: &'static KvArgs) {
+        fn is_send<T: Send>(_: T) {}
+        is_send(run(args, CancellationToken::new()));
+    }
 
     #[test]
     fn write_seq_and_table_names_parse() {

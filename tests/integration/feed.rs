@@ -277,7 +277,10 @@ async fn messages_carry_cockroachdb_envelope_and_encodings() {
     // Separate transactions: increasing times, near the source's clock.
     assert!(t2 > t1, "{t1} < {t2}");
     let now = Hlc::from_system_time(std::time::SystemTime::now());
-    assert!((now.nanos() - t1.nanos()).abs() < 60_000_000_000, "{t1} vs {now}");
+    assert!(
+        (now.nanos() - t1.nanos()).abs() < 60_000_000_000,
+        "{t1} vs {now}"
+    );
     // Each row's value is exactly what the webhook decoder expects.
     let v: serde_json::Value = serde_json::from_str(&messages[0]).expect("json");
     assert_eq!(v["after"]["big"].to_string(), "9007199254740995");
@@ -439,9 +442,11 @@ async fn a_restarted_feed_resends_what_was_not_acknowledged() {
     let messages = rows(&d);
     assert_eq!(messages.len(), 2);
     assert!(messages[0].contains(r#""key": [1]"#) && messages[1].contains(r#""key": [2]"#));
-    eventually("acknowledged: the slot moves past the rows", WAIT, || async {
-        confirmed_past(&db, &after_rows).await.then_some(())
-    })
+    eventually(
+        "acknowledged: the slot moves past the rows",
+        WAIT,
+        || async { confirmed_past(&db, &after_rows).await.then_some(()) },
+    )
     .await;
     second.stop().await;
 
@@ -479,13 +484,17 @@ async fn initial_scan_sends_existing_rows_before_changes() {
     feed.stop().await;
 }
 
-/// A real sink (consistent mode) over TLS in front of database `target` of `db`'s cluster.
+/// A real sink (consistent mode) over TLS in front of the database at `url`.
 async fn real_sink(url: &str) -> Running {
+    real_sink_at(url, "127.0.0.1:0").await
+}
+
+async fn real_sink_at(url: &str, bind: &str) -> Running {
     let cli = Cli::try_parse_from([
         "cdc-sink",
         "start",
         "--bindAddr",
-        "127.0.0.1:0",
+        bind,
         "--tlsSelfSigned",
         "--disableAuthentication",
         "--targetConn",
@@ -508,7 +517,9 @@ async fn chaos_into_a_real_sink_leaves_the_target_identical_to_the_source() {
         .psql("postgres", "CREATE DATABASE kv")
         .expect("target database");
     let target_url = db.cluster.url("kv");
-    let target = sqlx::PgPool::connect(&target_url).await.expect("target pool");
+    let target = sqlx::PgPool::connect(&target_url)
+        .await
+        .expect("target pool");
     sqlx::raw_sql("CREATE TABLE public.kv (k INT8 PRIMARY KEY, v BYTEA NOT NULL)")
         .execute(&target)
         .await
@@ -570,6 +581,109 @@ async fn chaos_into_a_real_sink_leaves_the_target_identical_to_the_source() {
         feed.stats.chaos_resends.load(Ordering::Relaxed) > 0,
         "chaos re-sent batches"
     );
+    feed.stop().await;
+    sink.stop().await.expect("sink stops");
+}
+
+#[tokio::test]
+async fn the_feed_keeps_going_across_source_and_sink_restarts() {
+    logs();
+    let db = Db::new("src").await;
+    db.exec("CREATE TABLE public.kv (k INT8 PRIMARY KEY, v TEXT)")
+        .await;
+    db.cluster
+        .psql("postgres", "CREATE DATABASE kv")
+        .expect("target database");
+    let target_url = db.cluster.url("kv");
+    db.cluster
+        .psql("kv", "CREATE TABLE public.kv (k INT8 PRIMARY KEY, v TEXT)")
+        .expect("target table");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let sink = real_sink_at(&target_url, &bind).await;
+    let mut args = FeedArgs::new(
+        &db.url(),
+        &["public.kv"],
+        &format!("https://{bind}/kv/public"),
+    );
+    args.insecure_skip_verify = true;
+    args.diff = true;
+    args.resolved = Duration::from_millis(200);
+    args.flush_frequency = Duration::from_millis(50);
+    args.poll_interval = Duration::from_millis(20);
+    args.retry_backoff = Duration::from_millis(50);
+    args.retry_max_backoff = Duration::from_millis(500);
+    let feed = RunningFeed::start(args);
+    slot_ready(&db).await;
+    let target_rows = |n: i64| {
+        let url = target_url.clone();
+        async move {
+            let pool = sqlx::PgPool::connect(&url).await.ok()?;
+            let c: i64 = sqlx::query_scalar("SELECT count(*) FROM public.kv")
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+            pool.close().await;
+            (c == n).then_some(())
+        }
+    };
+    let insert = |from: i64, to: i64| {
+        format!("INSERT INTO public.kv SELECT g, 'v' || g FROM generate_series({from}, {to}) g")
+    };
+    db.exec(&insert(1, 100)).await;
+    eventually("first rows applied", WAIT, || target_rows(100)).await;
+
+    // The source (and, sharing the cluster, the target) goes down hard and comes back.
+    db.pool.close().await;
+    db.cluster.crash().expect("crash");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    db.cluster.restart().expect("restart");
+    let pool = sqlx::PgPool::connect(&db.url()).await.expect("reconnect");
+    sqlx::raw_sql(&insert(101, 200))
+        .execute(&pool)
+        .await
+        .expect("insert");
+    eventually(
+        "rows after the source restart",
+        Duration::from_secs(60),
+        || target_rows(200),
+    )
+    .await;
+
+    // The sink goes away; the feed retries until a new one listens on the same address.
+    sink.stop().await.expect("sink stops");
+    let retries = feed.stats.retries.load(Ordering::Relaxed);
+    sqlx::raw_sql(&insert(201, 300))
+        .execute(&pool)
+        .await
+        .expect("insert");
+    eventually("the feed retrying", WAIT, || async {
+        (feed.stats.retries.load(Ordering::Relaxed) > retries).then_some(())
+    })
+    .await;
+    let sink = real_sink_at(&target_url, &bind).await;
+    eventually(
+        "rows after the sink restart",
+        Duration::from_secs(60),
+        || target_rows(300),
+    )
+    .await;
+    let target = verify::connect(&target_url, None, "target")
+        .await
+        .expect("target");
+    let r = verify::compare(
+        &pool,
+        &target,
+        &TableRef::parse("public.kv").expect("name"),
+        &CompareOptions::default(),
+    )
+    .await
+    .expect("compare");
+    assert!(r.in_sync(), "{r}");
     feed.stop().await;
     sink.stop().await.expect("sink stops");
 }

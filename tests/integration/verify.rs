@@ -66,7 +66,10 @@ async fn identical_tables_are_in_sync_and_each_difference_is_named() {
         ]
     );
     let text = r.to_string();
-    assert!(text.contains("1 missing") && text.contains("Extra (9999)"), "{text}");
+    assert!(
+        text.contains("1 missing") && text.contains("Extra (9999)"),
+        "{text}"
+    );
 
     // A column present on one side only is reported and left out; ignoring a column works.
     sqlx::raw_sql("ALTER TABLE public.t ADD COLUMN only_here INT")

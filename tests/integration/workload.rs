@@ -21,10 +21,7 @@ async fn sequential_writes_keep_the_rate_and_start_at_the_write_seq() {
         .await
         .expect("workload runs");
     // 3s at 100/s: 300 operations, within 20%.
-    assert!(
-        (240..=360).contains(&summary.ops),
-        "{summary}"
-    );
+    assert!((240..=360).contains(&summary.ops), "{summary}");
     assert!((80.0..=120.0).contains(&summary.ops_per_sec), "{summary}");
     assert_eq!(summary.errors, 0);
     assert!(lines >= 2, "a progress report per second");
@@ -41,7 +38,9 @@ async fn sequential_writes_keep_the_rate_and_start_at_the_write_seq() {
 
     // Continuing from the same seq overwrites the same keys instead of adding rows.
     args.duration = Duration::from_secs(1);
-    let again = kv::run(&args, CancellationToken::new()).await.expect("again");
+    let again = kv::run(&args, CancellationToken::new())
+        .await
+        .expect("again");
     assert!(again.ops > 0);
     assert_eq!(db.count("public.kv").await, summary.ops as i64);
 }
@@ -61,7 +60,10 @@ async fn random_keys_and_a_missing_database_are_handled() {
     assert_eq!(summary.next_seq, None);
     let out = db
         .cluster
-        .psql("other", "SELECT count(DISTINCT k), count(*), min(k) >= 0 FROM public.kv")
+        .psql(
+            "other",
+            "SELECT count(DISTINCT k), count(*), min(k) >= 0 FROM public.kv",
+        )
         .expect("psql");
     let fields: Vec<&str> = out.trim().split('|').collect();
     assert_eq!(fields[0], fields[1], "random keys do not repeat: {out}");
