@@ -92,7 +92,8 @@ pub(super) struct Reader {
     resolved: Duration,
     poll: Duration,
     /// Shapes by relation OID, from relation messages (kept across peeks and reconnects).
-    shapes: HashMap<u32, Shape>,
+    /// `None` for tables the publication has but we do not feed.
+    shapes: HashMap<u32, Option<Shape>>,
     kinds: HashMap<u32, Kind>,
     /// End LSN of the newest transaction handed to the sender.
     read: Lsn,
@@ -461,7 +462,9 @@ impl Reader {
                     .collect(),
             };
             self.resolve_kinds(&mut tx, &[&relation]).await?;
-            let shape = self.shape(&relation)?;
+            let shape = self
+                .shape(&relation)?
+                .ok_or_else(|| FeedError::Setup(format!("table {qualified} is not fed")))?;
             let select = relation
                 .columns
                 .iter()
@@ -641,8 +644,9 @@ impl Reader {
         Ok((new_txns, exhausted))
     }
 
-    fn shape_of(&self, rel: u32) -> Result<&Shape, FeedError> {
-        self.shapes.get(&rel).ok_or_else(|| {
+    /// The shape of a described relation; `None` when it is not fed.
+    fn shape_of(&self, rel: u32) -> Result<Option<&Shape>, FeedError> {
+        self.shapes.get(&rel).map(Option::as_ref).ok_or_else(|| {
             FeedError::Decode(format!("change of relation {rel} before its description"))
         })
     }
@@ -662,7 +666,9 @@ impl Reader {
     }
 
     fn insert(&self, t: &mut Txn, rel: u32, new: &[Datum]) -> Result<(), FeedError> {
-        let shape = self.shape_of(rel)?;
+        let Some(shape) = self.shape_of(rel)? else {
+            return Ok(());
+        };
         t.changes.push(Change {
             topic: shape.topic.clone(),
             after: Some(self.object(shape, new, None)?),
@@ -679,7 +685,9 @@ impl Reader {
         old: Option<&[Datum]>,
         new: &[Datum],
     ) -> Result<(), FeedError> {
-        let shape = self.shape_of(rel)?;
+        let Some(shape) = self.shape_of(rel)? else {
+            return Ok(());
+        };
         let key = shape.key(new)?;
         let before = match old {
             Some(o) => Some(self.object(shape, o, None)?),
@@ -718,7 +726,9 @@ impl Reader {
     }
 
     fn delete(&self, t: &mut Txn, rel: u32, old: &[Datum]) -> Result<(), FeedError> {
-        let shape = self.shape_of(rel)?;
+        let Some(shape) = self.shape_of(rel)? else {
+            return Ok(());
+        };
         let before = if self.diff {
             Some(self.object(shape, old, None)?)
         } else {
@@ -733,18 +743,16 @@ impl Reader {
         Ok(())
     }
 
-    /// The shape of a relation message's table.
-    fn shape(&self, r: &Relation) -> Result<Shape, FeedError> {
-        let table = self
+    /// The shape of a relation message's table; `None` for a table we do not feed.
+    fn shape(&self, r: &Relation) -> Result<Option<Shape>, FeedError> {
+        let Some(table) = self
             .tables
             .iter()
             .find(|t| t.schema == r.namespace && t.name == r.name)
-            .ok_or_else(|| {
-                FeedError::Decode(format!(
-                    "change of table {}.{}, which is not fed",
-                    r.namespace, r.name
-                ))
-            })?;
+        else {
+            debug!(schema = %r.namespace, table = %r.name, "ignoring changes of a table that is not fed");
+            return Ok(None);
+        };
         let mut columns: Vec<(String, Kind, usize)> = r
             .columns
             .iter()
@@ -769,11 +777,11 @@ impl Reader {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Shape {
+        Ok(Some(Shape {
             topic: r.name.clone(),
             columns,
             key,
-        })
+        }))
     }
 
     /// Looks up the non-builtin column types of `relations` (domains, enums, their arrays).
