@@ -25,6 +25,9 @@
 //! | [`metrics`] | the catalogue of metric names |
 //! | [`bench`] | the `cdc-sink bench` measurement |
 //! | [`cluster`] | throwaway PostgreSQL clusters (demo, bench, tests) |
+//! | [`feed`] | a changefeed emulator reading a PostgreSQL source (local demo, tests) |
+//! | [`workload`] | the kv write workload |
+//! | [`verify`] | compares a table on two databases |
 
 pub mod apply;
 pub mod auth;
@@ -33,6 +36,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod feed;
 pub mod hlc;
 pub mod ident;
 pub mod metrics;
@@ -42,3 +46,5 @@ pub mod server;
 pub mod source;
 pub mod stage;
 pub mod target;
+pub mod verify;
+pub mod workload;

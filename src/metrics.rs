@@ -275,6 +275,22 @@ fn describe() {
     describe_counter!(POISON_BACKOFF, "apply attempts deferred by poison backoff");
 }
 
+// The changefeed emulator (`cdc-sink feed`), the kv workload and the verifier; described by
+// their modules when they start.
+pub const LABEL_FEED: &str = "feed";
+pub const FEED_BATCHES: &str = "feed_batches_sent_total";
+pub const FEED_MESSAGES: &str = "feed_messages_sent_total";
+pub const FEED_BYTES: &str = "feed_sent_bytes_total";
+pub const FEED_RETRIES: &str = "feed_retries_total";
+pub const FEED_CHAOS_RESENDS: &str = "feed_chaos_resends_total";
+pub const FEED_RESOLVED: &str = "feed_resolved_sent_total";
+pub const FEED_SOURCE_ERRORS: &str = "feed_source_errors_total";
+pub const FEED_LAG: &str = "feed_lag_seconds";
+pub const WORKLOAD_OPS: &str = "workload_ops_total";
+pub const WORKLOAD_ERRORS: &str = "workload_errors_total";
+pub const VERIFY_DIVERGENT_ROWS: &str = "verify_divergent_rows";
+pub const VERIFY_CLEAN_CHECKS: &str = "verify_consecutive_clean_checks";
+
 #[cfg(test)]
 mod tests {
     use super::*;

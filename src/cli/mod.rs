@@ -2,7 +2,10 @@
 //! this is the only place that uses `anyhow`.
 
 mod bench;
+mod feed;
 mod start;
+mod verify;
+mod workload;
 
 pub use start::{launch, Running, StartArgs};
 
@@ -50,6 +53,13 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Print the version.
     Version,
+    /// Emulate a CockroachDB changefeed from a PostgreSQL source into a sink.
+    Feed(Box<crate::feed::FeedArgs>),
+    /// Write workloads (`kv`).
+    #[command(subcommand)]
+    Workload(workload::WorkloadCommand),
+    /// Compare a table on two databases.
+    Verify(Box<crate::verify::VerifyArgs>),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -65,6 +75,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Start(args) => runtime().and_then(|rt| rt.block_on(start::start(*args))),
         Command::Preflight(args) => runtime().and_then(|rt| rt.block_on(start::preflight(args))),
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
+        Command::Feed(args) => runtime().and_then(|rt| rt.block_on(feed::feed(*args))),
+        Command::Workload(cmd) => runtime().and_then(|rt| rt.block_on(workload::workload(cmd))),
+        Command::Verify(args) => runtime().and_then(|rt| rt.block_on(verify::verify(*args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
