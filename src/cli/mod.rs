@@ -2,6 +2,7 @@
 //! this is the only place that uses `anyhow`.
 
 mod start;
+mod userscript;
 
 pub use start::{launch, Running, StartArgs};
 
@@ -47,6 +48,8 @@ pub enum Command {
     Preflight(start::PreflightArgs),
     /// Print the version.
     Version,
+    /// Userscript tools: print the API (`--api`), check a script, dry-run it on a payload.
+    Userscript(userscript::UserscriptArgs),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -61,6 +64,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Start(args) => runtime().and_then(|rt| rt.block_on(start::start(*args))),
         Command::Preflight(args) => runtime().and_then(|rt| rt.block_on(start::preflight(args))),
+        Command::Userscript(args) => userscript::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

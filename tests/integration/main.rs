@@ -6,4 +6,5 @@ mod apply;
 mod crash;
 mod harness;
 mod pipeline;
+mod script;
 mod server;
