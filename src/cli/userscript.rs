@@ -65,6 +65,7 @@ pub fn run(args: UserscriptArgs) -> anyhow::Result<()> {
     match args.command {
         None => {
             let mut cmd = super::Cli::command();
+            cmd.build();
             if let Some(sub) = cmd.find_subcommand_mut("userscript") {
                 sub.print_help()?;
             }

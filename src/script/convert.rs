@@ -139,6 +139,52 @@ pub fn raw_to_js(
     Ok((obj, m))
 }
 
+/// The properties given to a flat document (primitive values only), to recognise it when a
+/// script hands it back untouched: then its original JSON text is reused, which saves most of
+/// the cost of the way back.
+pub struct Created(Vec<(JsString, JsValue)>);
+
+/// Like [`raw_to_js`], also returning what was created when the document is flat.
+pub fn raw_to_js_tracked(
+    raw: &str,
+    ctx: &mut Context,
+    keys: &mut KeyCache,
+) -> JsResult<(JsObject, Map<String, Value>, Option<Created>)> {
+    let m: Map<String, Value> = serde_json::from_str(raw)
+        .map_err(|e| JsNativeError::typ().with_message(format!("invalid JSON document: {e}")))?;
+    let obj = JsObject::with_object_proto(ctx.intrinsics());
+    let mut created = Some(Vec::with_capacity(m.len()));
+    for (k, x) in &m {
+        let v = to_js(x, ctx, keys)?;
+        let key = keys.get(k);
+        if x.is_array() || x.is_object() {
+            created = None;
+        } else if let Some(c) = created.as_mut() {
+            c.push((key.clone(), v.clone()));
+        }
+        obj.create_data_property_or_throw(key, v, ctx)?;
+    }
+    Ok((obj, m, created.map(Created)))
+}
+
+/// Whether `obj` still has exactly the properties it was created with, in the same order.
+pub fn unmodified(obj: &JsObject, created: &Created, ctx: &mut Context) -> JsResult<bool> {
+    let keys = obj.own_property_keys(ctx)?;
+    if keys.len() != created.0.len() {
+        return Ok(false);
+    }
+    for (key, (k, v)) in keys.into_iter().zip(&created.0) {
+        match &key {
+            PropertyKey::String(s) if s == k => {}
+            _ => return Ok(false),
+        }
+        if !obj.get(key, ctx)?.strict_equals(v) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 fn number_text(n: f64) -> Option<Number> {
     if !n.is_finite() {
         return None;

@@ -397,6 +397,13 @@ fn parse_frame(frame: &str) -> Option<(String, u32, u32)> {
     Some((file.to_string(), line.parse().ok()?, col.parse().ok()?))
 }
 
+/// The document handed to `dispatch`, to recognise it coming back unchanged.
+struct Input<'a> {
+    doc: &'a JsObject,
+    created: &'a convert::Created,
+    table: &'a Table,
+}
+
 /// One Context with the script loaded.
 pub struct Engine {
     ctx: Context,
@@ -614,16 +621,22 @@ impl Engine {
                         out.push((table, m));
                         continue;
                     };
-                    let (doc, hints) = convert::raw_to_js(after, &mut self.ctx, &mut self.keys)
-                        .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                    let (doc, hints, created) =
+                        convert::raw_to_js_tracked(after, &mut self.ctx, &mut self.keys)
+                            .map_err(|e| self.error(ctxname(&table, &m), e))?;
                     let r = f
                         .call(
                             &JsValue::undefined(),
-                            &[doc.into(), meta.into()],
+                            &[doc.clone().into(), meta.into()],
                             &mut self.ctx,
                         )
                         .map_err(|e| self.error(ctxname(&table, &m), e))?;
-                    self.route(&r, Some(&hints), schema, keymap, &m, &mut out)
+                    let input = created.as_ref().map(|c| Input {
+                        doc: &doc,
+                        created: c,
+                        table: &table,
+                    });
+                    self.route(&r, Some(&hints), input, schema, keymap, &m, &mut out)
                         .map_err(|e| self.error(ctxname(&table, &m), e))?;
                 }
                 (None, None) => out.push((table, m)),
@@ -658,7 +671,7 @@ impl Engine {
                         .map_err(|e| {
                             self.error(format!("deletesTo of {table} at {}", m.time), e)
                         })?;
-                    self.route(&r, Some(&doc), schema, keymap, &m, &mut out)
+                    self.route(&r, Some(&doc), None, schema, keymap, &m, &mut out)
                         .map_err(|e| {
                             self.error(format!("deletesTo of {table} at {}", m.time), e)
                         })?;
@@ -669,10 +682,12 @@ impl Engine {
     }
 
     /// Turns a `{table: [doc…]}` result into mutations. For a delete, the documents are keys.
+    #[allow(clippy::too_many_arguments)]
     fn route(
         &mut self,
         r: &JsValue,
         hints: Option<&Map<String, Value>>,
+        input: Option<Input<'_>>,
         schema: &Schema,
         keymap: &Keymap,
         m: &Mutation,
@@ -717,6 +732,31 @@ impl Engine {
                 _ => vec![docs],
             };
             for d in list {
+                if let (Some(i), Some(o), Some(h), Some(after)) =
+                    (&input, d.as_object(), hints, &m.after)
+                {
+                    if o == *i.doc && convert::unmodified(&o, i.created, &mut self.ctx)? {
+                        let k = if table == *i.table {
+                            m.key.clone()
+                        } else {
+                            convert::key_of(h, keys).map_err(|c| {
+                                convert::type_error(format!(
+                                    "omitted value for PK column {c} of {table}"
+                                ))
+                            })?
+                        };
+                        out.push((
+                            table.clone(),
+                            Mutation {
+                                time: m.time,
+                                key: k,
+                                after: Some(after.clone()),
+                                before: m.before.clone(),
+                            },
+                        ));
+                        continue;
+                    }
+                }
                 let doc = convert::doc_from_js(&d, hints, Some(keys), &mut self.ctx)?;
                 let k = convert::key_of(&doc, keys).map_err(|c| {
                     convert::type_error(format!("omitted value for PK column {c} of {table}"))

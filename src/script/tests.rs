@@ -122,7 +122,7 @@ async fn the_seed_scripts_load_unchanged_and_drop_local_rows() {
     assert_eq!(
         rendered(&out),
         [
-            r#"kv [1] {"_source":"east","k":1,"v":"a"}"#,
+            r#"kv [1] {"k":1,"v":"a","_source":"east"}"#,
             "kv [3] delete"
         ]
     );
@@ -302,6 +302,45 @@ api.configureSource("kv.public", {
 }
 
 #[tokio::test]
+async fn documents_changed_in_place_are_converted_again() {
+    let main = r#"import * as api from "cdc-sink@v1";
+api.configureSource("kv.public", {
+  dispatch: (doc) => {
+    if (doc.v === "set") doc.v = "changed";
+    if (doc.v === "add") doc.extra = "1";
+    if (doc.v === "remove") delete doc.v;
+    return { kv: [doc], audit: [doc] };
+  },
+});
+"#;
+    let (_d, s) = load(&[("main.js", main)]);
+    let muts = ["keep", "set", "add", "remove"]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            (
+                table("kv"),
+                up(i as i64, &format!(r#"{{"v":"{v}","id":{i},"k":{i}}}"#)),
+            )
+        })
+        .collect();
+    let out = s.dispatch(&kv(), &info(), muts).await.unwrap();
+    assert_eq!(
+        rendered(&out),
+        [
+            r#"kv [0] {"v":"keep","id":0,"k":0}"#,
+            r#"audit [0] {"v":"keep","id":0,"k":0}"#,
+            r#"kv [1] {"id":1,"k":1,"v":"changed"}"#,
+            r#"audit [1] {"id":1,"k":1,"v":"changed"}"#,
+            r#"kv [2] {"extra":"1","id":2,"k":2,"v":"add"}"#,
+            r#"audit [2] {"extra":"1","id":2,"k":2,"v":"add"}"#,
+            r#"kv [3] {"id":3,"k":3}"#,
+            r#"audit [3] {"id":3,"k":3}"#,
+        ]
+    );
+}
+
+#[tokio::test]
 async fn dispatch_errors_name_the_missing_key_or_unknown_table() {
     let main = r#"import * as api from "cdc-sink@v1";
 api.configureSource("kv.public", { dispatch: (doc) => doc.v === "nokey" ? { audit: [{ k: 1 }] } : { nowhere: [doc] } });
@@ -341,7 +380,7 @@ async fn exact_integers_survive_and_numbers_arrive_as_strings() {
 api.configureSource("kv.public", {
   dispatch: (doc) => {
     if (typeof doc.k !== "string" || doc.k !== "9007199254740995") throw new Error("k is " + typeof doc.k);
-    return { kv: [{ ...doc, v: typeof doc.j.n }] };
+    return { kv: [{ ...doc, v: typeof doc.j.n + api.randomUUID().length }] };
   },
 });
 "#;
@@ -360,7 +399,7 @@ api.configureSource("kv.public", {
     assert_eq!(out[0].1.key, "[9007199254740995]");
     assert_eq!(
         out[0].1.after.as_deref(),
-        Some(r#"{"j":{"n":12345678901234567890.5},"k":9007199254740995,"v":"string"}"#)
+        Some(r#"{"j":{"n":12345678901234567890.5},"k":9007199254740995,"v":"string36"}"#)
     );
 }
 
