@@ -79,9 +79,12 @@ pub fn is_numeric_type(data_type: &str) -> bool {
     )
 }
 
-/// Interned property names: documents of one table repeat the same keys.
+/// Interned property names (documents of one table repeat the same keys) and schema names.
 #[derive(Default)]
-pub struct KeyCache(HashMap<String, JsString>);
+pub struct KeyCache(
+    HashMap<String, JsString>,
+    HashMap<crate::ident::Schema, JsString>,
+);
 
 impl KeyCache {
     pub fn get(&mut self, k: &str) -> JsString {
@@ -91,6 +94,18 @@ impl KeyCache {
         let s = JsString::from(k);
         if self.0.len() < 4096 {
             self.0.insert(k.to_string(), s.clone());
+        }
+        s
+    }
+
+    /// `db.schema` as text.
+    pub fn schema(&mut self, schema: &crate::ident::Schema) -> JsString {
+        if let Some(s) = self.1.get(schema) {
+            return s.clone();
+        }
+        let s = JsString::from(schema.to_string().as_str());
+        if self.1.len() < 256 {
+            self.1.insert(schema.clone(), s.clone());
         }
         s
     }
@@ -353,12 +368,10 @@ pub fn meta(
     keys: &mut KeyCache,
 ) -> JsResult<JsObject> {
     let obj = JsObject::with_object_proto(ctx.intrinsics());
-    obj.create_data_property_or_throw(keys.get("table"), JsString::from(table.name.raw()), ctx)?;
-    obj.create_data_property_or_throw(
-        keys.get("schema"),
-        JsString::from(table.schema.to_string().as_str()),
-        ctx,
-    )?;
+    let name = keys.get(table.name.raw());
+    obj.create_data_property_or_throw(keys.get("table"), name, ctx)?;
+    let schema = keys.schema(&table.schema);
+    obj.create_data_property_or_throw(keys.get("schema"), schema, ctx)?;
     obj.create_data_property_or_throw(keys.get("nanos"), time.nanos() as f64, ctx)?;
     obj.create_data_property_or_throw(keys.get("logical"), time.logical(), ctx)?;
     obj.create_data_property_or_throw(
