@@ -21,6 +21,7 @@
 //! | [`checkpoint`] | resolved timestamps and leases |
 //! | [`sequence`] | consistent and immediate modes: when and in what order to apply |
 //! | [`apply`] | target schema introspection and the SQL that writes rows |
+//! | [`script`] | the userscript: TS→JS, boa engine threads, the `cdc-sink@v1` module |
 //! | [`hlc`], [`ident`], [`mutation`] | shared vocabulary |
 //! | [`metrics`] | the catalogue of metric names |
 //! | [`bench`] | the `cdc-sink bench` measurement |
@@ -36,11 +37,13 @@ pub mod checkpoint;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod demo;
 pub mod feed;
 pub mod hlc;
 pub mod ident;
 pub mod metrics;
 pub mod mutation;
+pub mod script;
 pub mod sequence;
 pub mod server;
 pub mod source;

@@ -6,7 +6,6 @@ use crate::cluster::{Cluster, ClusterOptions};
 use crate::server::client::{Client, ClientOptions};
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use clap::Parser;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 
@@ -118,10 +117,10 @@ async fn through_sink(
         &url,
     ];
     argv.extend_from_slice(plan.flags);
-    let super::Command::Start(args) = super::Cli::try_parse_from(argv)?.command else {
-        bail!("start arguments expected");
-    };
-    let running = super::launch(*args).await?;
+    let running = super::launch(super::prepare(
+        argv.iter().map(|s| s.to_string()).collect(),
+    )?)
+    .await?;
     let client = Client::new(
         &format!("https://{}", running.addr),
         ClientOptions {

@@ -59,7 +59,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     };
     let scripts = write_scripts()?;
-    say(format!("starting two postgresql clusters (east, west); scripts in {}", scripts.display()));
+    say(format!(
+        "starting two postgresql clusters (east, west); scripts in {}",
+        scripts.display()
+    ));
     let (east, west) = tokio::try_join!(
         tokio::task::spawn_blocking(Cluster::start),
         tokio::task::spawn_blocking(Cluster::start)
@@ -72,9 +75,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut regions = Vec::new();
     for (cluster, name) in clusters.into_iter().zip(REGIONS) {
         let script = scripts.join(demo::script_for(name));
-        let sink = launch_sink(&cluster, &script, args.keep).await.with_context(|| format!("{name} sink"))?;
-        say(format!("{name}: postgresql on port {}, sink on https://{}", cluster.port(), sink.addr));
-        regions.push(Region { name, cluster, sink });
+        let sink = launch_sink(&cluster, &script, args.keep)
+            .await
+            .with_context(|| format!("{name} sink"))?;
+        say(format!(
+            "{name}: postgresql on port {}, sink on https://{}",
+            cluster.port(),
+            sink.addr
+        ));
+        regions.push(Region {
+            name,
+            cluster,
+            sink,
+        });
     }
 
     // Each region's changes go to the other region's sink.
@@ -108,7 +121,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "feeds running; workloads write {:.0} rows/s on each side for {:?} ({})",
         args.rate,
         args.duration,
-        if args.west_start == 0 { "same keys: conflicts" } else { "disjoint keys" }
+        if args.west_start == 0 {
+            "same keys: conflicts"
+        } else {
+            "disjoint keys"
+        }
     ));
 
     let pools = [
@@ -137,7 +154,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let progress = |side: &'static str| {
         move |p: &kv::Progress| {
             if !quiet && side == "east" {
-                eprintln!("  {:>4.0}s  writing {:>5.0} rows/s per side", p.elapsed.as_secs_f64(), p.ops_per_sec);
+                eprintln!(
+                    "  {:>4.0}s  writing {:>5.0} rows/s per side",
+                    p.elapsed.as_secs_f64(),
+                    p.ops_per_sec
+                );
             }
         }
     };
@@ -226,7 +247,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&scripts);
     if !summary.converged {
-        bail!("east and west did not converge within {:?}", args.converge_timeout);
+        bail!(
+            "east and west did not converge within {:?}",
+            args.converge_timeout
+        );
     }
     Ok(())
 }
@@ -240,7 +264,11 @@ fn write_scripts() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-async fn launch_sink(cluster: &Cluster, script: &std::path::Path, metrics: bool) -> anyhow::Result<super::Running> {
+async fn launch_sink(
+    cluster: &Cluster,
+    script: &std::path::Path,
+    metrics: bool,
+) -> anyhow::Result<super::Running> {
     let url = cluster.url("kv");
     let script = script.display().to_string();
     let mut argv = vec![
@@ -258,8 +286,10 @@ async fn launch_sink(cluster: &Cluster, script: &std::path::Path, metrics: bool)
     if metrics {
         argv.extend_from_slice(&["--metricsAddr", "127.0.0.1:0"]);
     }
-    let args = super::start_args(argv.iter().map(|s| s.to_string()).collect())?;
-    super::launch(args).await
+    super::launch(super::prepare(
+        argv.iter().map(|s| s.to_string()).collect(),
+    )?)
+    .await
 }
 
 /// The feed creates its replication slot when it starts; writes before that would be missed.
@@ -284,11 +314,15 @@ fn spawn_lag_sampler(
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let sql = "SELECT extract(epoch FROM clock_timestamp())::FLOAT8 - max(source_hlc)::FLOAT8 / 1e9 \
+        let sql =
+            "SELECT extract(epoch FROM clock_timestamp())::FLOAT8 - max(source_hlc)::FLOAT8 / 1e9 \
 FROM _cdc_sink.checkpoints WHERE group_name = 'kv.public' AND target_applied_at IS NOT NULL";
         while !cancel.is_cancelled() {
             for pool in &pools {
-                if let Ok(Some(lag)) = sqlx::query_scalar::<_, Option<f64>>(sql).fetch_one(pool).await {
+                if let Ok(Some(lag)) = sqlx::query_scalar::<_, Option<f64>>(sql)
+                    .fetch_one(pool)
+                    .await
+                {
                     lags.lock().expect("poisoned").push(lag.max(0.0));
                 }
             }

@@ -2,18 +2,21 @@
 //! this is the only place that uses `anyhow`.
 
 mod bench;
+mod demo;
 mod feed;
 mod start;
+mod userscript;
 mod verify;
 mod workload;
 
-pub use start::{launch, Running, StartArgs};
+pub use start::{launch, prepare, Prepared, Running, StartArgs};
 
 use clap::{ArgAction, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
 #[command(
+    args_override_self = true,
     name = "cdc-sink",
     version,
     about = "CockroachDB changefeed sink for active-active replication"
@@ -51,6 +54,9 @@ pub enum Command {
     Preflight(start::PreflightArgs),
     /// Measure throughput against a raw sqlx baseline on a throwaway PostgreSQL.
     Bench(bench::BenchArgs),
+    /// Run the whole active-active loop on this machine: two PostgreSQL clusters, two sinks,
+    /// two changefeeds, conflicting workloads, then verify and summarise.
+    Demo(demo::DemoArgs),
     /// Print the version.
     Version,
     /// Emulate a CockroachDB changefeed from a PostgreSQL source into a sink.
@@ -60,6 +66,8 @@ pub enum Command {
     Workload(workload::WorkloadCommand),
     /// Compare a table on two databases.
     Verify(Box<crate::verify::VerifyArgs>),
+    /// Userscript tools: print the API (`--api`), check a script, dry-run it on a payload.
+    Userscript(userscript::UserscriptArgs),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -72,12 +80,17 @@ pub fn run(cli: Cli) -> ExitCode {
             println!("cdc-sink {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Command::Start(args) => runtime().and_then(|rt| rt.block_on(start::start(*args))),
+        // Parsed again with the userscript's setOptions applied over the command line.
+        Command::Start(_) => {
+            runtime().and_then(|rt| rt.block_on(start::start(std::env::args().collect())))
+        }
         Command::Preflight(args) => runtime().and_then(|rt| rt.block_on(start::preflight(args))),
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
+        Command::Demo(args) => runtime().and_then(|rt| rt.block_on(demo::run(args))),
         Command::Feed(args) => runtime().and_then(|rt| rt.block_on(feed::feed(*args))),
         Command::Workload(cmd) => runtime().and_then(|rt| rt.block_on(workload::workload(cmd))),
         Command::Verify(args) => runtime().and_then(|rt| rt.block_on(verify::verify(*args))),
+        Command::Userscript(args) => userscript::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,12 +3,14 @@
 use crate::apply::Applier;
 use crate::auth::{AuthArgs, Authenticator};
 use crate::checkpoint::{Checkpoints, Leases};
-use crate::sequence::{SequenceArgs, Sequencer};
+use crate::script::Userscript;
+use crate::sequence::{Hooks, SequenceArgs, Sequencer};
 use crate::server::ServerArgs;
 use crate::source::{Ingest, SourceArgs};
 use crate::stage::{StageArgs, Stager};
 use crate::target::TargetArgs;
 use anyhow::{bail, Context};
+use clap::{CommandFactory, Parser};
 use std::sync::Arc;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -27,7 +29,7 @@ pub struct StartArgs {
     pub auth: AuthArgs,
     #[command(flatten)]
     pub apply: crate::apply::ApplyArgs,
-    /// TypeScript or JavaScript userscript (not supported yet: refused at start).
+    /// TypeScript or JavaScript userscript: dispatch, per-table options, merges.
     #[arg(long = "userscript", env = "CDC_SINK_USERSCRIPT")]
     pub userscript: Option<std::path::PathBuf>,
 }
@@ -39,13 +41,6 @@ impl StartArgs {
         self.sequence.validate()?;
         self.auth.validate()?;
         self.apply.validate()?;
-        if let Some(p) = &self.userscript {
-            // Running without the script would silently skip its loop filtering and merges.
-            bail!(
-                "userscripts are not supported by this version yet; refusing to start without {}",
-                p.display()
-            );
-        }
         Ok(())
     }
 }
@@ -74,9 +69,76 @@ impl Running {
     }
 }
 
+/// A `start` command line made ready to run: flags parsed, the userscript loaded (its top
+/// level runs once, here) and its `setOptions` applied over the command line.
+pub struct Prepared {
+    pub args: StartArgs,
+    pub script: Option<Userscript>,
+}
+
+/// Parses a whole command line (`cdc-sink … start …`) into a [`Prepared`] start.
+pub fn prepare(argv: Vec<String>) -> anyhow::Result<Prepared> {
+    let parse = |argv: &[String]| -> anyhow::Result<StartArgs> {
+        match super::Cli::try_parse_from(argv)?.command {
+            super::Command::Start(args) => Ok(*args),
+            _ => bail!("not a start command line"),
+        }
+    };
+    let args = parse(&argv)?;
+    let Some(path) = args.userscript.clone() else {
+        return Ok(Prepared { args, script: None });
+    };
+    let command = super::Cli::command();
+    let start = command
+        .find_subcommand("start")
+        .expect("start is a subcommand");
+    let flags: Vec<(String, bool)> = start
+        .get_arguments()
+        .filter_map(|a| {
+            a.get_long()
+                .map(|l| (l.to_string(), a.get_action().takes_values()))
+        })
+        .collect();
+    let names: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).collect();
+    let script =
+        Userscript::load(&path, &names).with_context(|| format!("loading {}", path.display()))?;
+    if script.options().is_empty() {
+        return Ok(Prepared {
+            args,
+            script: Some(script),
+        });
+    }
+    // setOptions wins over the command line, as if its flags came last.
+    let mut argv = argv;
+    for (name, value) in script.options() {
+        let takes_value = flags
+            .iter()
+            .find(|(n, _)| n == name)
+            .is_some_and(|(_, v)| *v);
+        if takes_value {
+            argv.push(format!("--{name}={value}"));
+        } else if value == "true" {
+            argv.push(format!("--{name}"));
+        } else if value != "false" {
+            bail!("userscript setOptions: flag {name} is a switch; use \"true\" or \"false\", not {value:?}");
+        }
+    }
+    let args = parse(&argv).context("applying the userscript's setOptions")?;
+    tracing::info!(
+        options = script.options().len(),
+        "userscript options applied"
+    );
+    Ok(Prepared {
+        args,
+        script: Some(script),
+    })
+}
+
 /// Opens the databases, prepares staging, binds the listeners and starts serving.
-pub async fn launch(args: StartArgs) -> anyhow::Result<Running> {
+pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
+    let Prepared { args, script } = prepared;
     args.validate()?;
+    let hooks = script.map(Hooks::new);
     crate::metrics::install();
     let auth = Authenticator::new(&args.auth)?;
     let (target, staging) = args.target.open().await.context("opening databases")?;
@@ -95,6 +157,7 @@ pub async fn launch(args: StartArgs) -> anyhow::Result<Running> {
         checkpoints.clone(),
         leases,
         applier.clone(),
+        hooks.clone(),
     );
     sequencer.recover().await?;
     let handler = Ingest::handler(
@@ -106,6 +169,7 @@ pub async fn launch(args: StartArgs) -> anyhow::Result<Running> {
         stager,
         checkpoints,
         sequencer.clone(),
+        hooks,
     );
     let bound = crate::server::bind(&args.server).await?;
     let (addr, metrics_addr, tls) = (bound.local_addr(), bound.metrics_addr(), bound.tls());
@@ -132,8 +196,8 @@ pub async fn launch(args: StartArgs) -> anyhow::Result<Running> {
     })
 }
 
-pub async fn start(args: StartArgs) -> anyhow::Result<()> {
-    launch(args).await?.wait().await
+pub async fn start(argv: Vec<String>) -> anyhow::Result<()> {
+    launch(prepare(argv)?).await?.wait().await
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -11,8 +11,14 @@ pub const REGIONS: [&str; 2] = ["east", "west"];
 /// from any directory.
 pub const SCRIPTS: [(&str, &str); 3] = [
     ("repl.ts", include_str!("../../userscripts/repl.ts")),
-    ("east_west.ts", include_str!("../../userscripts/east_west.ts")),
-    ("west_east.ts", include_str!("../../userscripts/west_east.ts")),
+    (
+        "east_west.ts",
+        include_str!("../../userscripts/east_west.ts"),
+    ),
+    (
+        "west_east.ts",
+        include_str!("../../userscripts/west_east.ts"),
+    ),
 ];
 
 /// The script of the sink that writes into `region` (it receives the other region's feed).
@@ -97,7 +103,11 @@ converged {:.1}s after the workloads stopped\n",
             self.east_rows,
             self.west_rows,
             self.divergent_rows,
-            if self.converged { " (in sync)" } else { " (NOT in sync)" },
+            if self.converged {
+                " (in sync)"
+            } else {
+                " (NOT in sync)"
+            },
             self.dlq_rows_east,
             self.dlq_rows_west,
             self.east_writes,
@@ -126,7 +136,9 @@ mod tests {
     #[test]
     fn each_sink_runs_the_script_of_its_region() {
         assert_eq!(script_for("west"), "east_west.ts");
-        assert!(SCRIPTS.iter().any(|(n, s)| *n == "east_west.ts" && s.contains("replicateTo(\"west\"")));
+        assert!(SCRIPTS
+            .iter()
+            .any(|(n, s)| *n == "east_west.ts" && s.contains("replicateTo(\"west\"")));
         assert!(schema_sql("east").contains("NEW._source := 'east'"));
     }
 }

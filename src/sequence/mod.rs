@@ -15,9 +15,10 @@ use crate::hlc::Hlc;
 use crate::ident::{Schema, Table};
 use crate::metrics as m;
 use crate::mutation::{last_version_per_key, Mutation, TableBatches};
+use crate::script::{ScriptError, Userscript};
 use crate::stage::{StageError, Stager};
 use sqlx::PgConnection;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -123,6 +124,8 @@ pub enum SequenceError {
     Sql(#[source] sqlx::Error),
     #[error("lease on {0} was lost")]
     LeaseLost(String),
+    #[error(transparent)]
+    Script(#[from] ScriptError),
 }
 
 impl SequenceError {
@@ -132,6 +135,7 @@ impl SequenceError {
             SequenceError::Stage(e) => e.is_unavailable(),
             SequenceError::Checkpoint(e) => e.is_unavailable(),
             SequenceError::Sql(e) => crate::target::is_unavailable(e),
+            SequenceError::Script(e) => e.is_retryable(),
             _ => false,
         }
     }
@@ -150,6 +154,7 @@ pub(crate) struct Parts {
     pub checkpoints: Arc<Checkpoints>,
     pub leases: Arc<Leases>,
     pub applier: Applier,
+    pub hooks: Option<Hooks>,
 }
 
 /// Owns one pipeline task per target schema.
@@ -167,6 +172,7 @@ impl Sequencer {
         checkpoints: Arc<Checkpoints>,
         leases: Arc<Leases>,
         applier: Applier,
+        hooks: Option<Hooks>,
     ) -> Arc<Sequencer> {
         let (stop, _) = watch::channel(false);
         Arc::new(Sequencer {
@@ -176,6 +182,7 @@ impl Sequencer {
                 checkpoints,
                 leases,
                 applier,
+                hooks,
             }),
             pipelines: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
@@ -230,9 +237,19 @@ impl Sequencer {
         batches: &TableBatches,
     ) -> Result<(), SequenceError> {
         let info = self.parts.applier.schema(schema).await?;
+        if let Some(h) = &self.parts.hooks {
+            h.configure(&self.parts.applier, &info);
+        }
         let pool = &self.parts.stager.database().pool;
         let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
-        write_ordered(&self.parts.applier, &mut tx, &info, batches).await?;
+        write_ordered(
+            &self.parts.applier,
+            self.parts.hooks.as_ref(),
+            &mut tx,
+            &info,
+            batches,
+        )
+        .await?;
         tx.commit().await.map_err(SequenceError::Sql)?;
         Ok(())
     }
@@ -249,19 +266,69 @@ impl Sequencer {
     }
 }
 
+/// The userscript as the pipeline uses it: its per-table options go to the applier the first
+/// time a table is seen; its `map`, `deleteKey` and `apply` run at apply time.
+#[derive(Clone)]
+pub struct Hooks {
+    script: Userscript,
+    configured: Arc<Mutex<HashSet<Table>>>,
+}
+
+impl Hooks {
+    pub fn new(script: Userscript) -> Hooks {
+        Hooks {
+            script,
+            configured: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    pub fn script(&self) -> &Userscript {
+        &self.script
+    }
+
+    /// Hands the script's `configureTable` options of every table of `info` to the applier,
+    /// once per table (a schema reload may bring new tables).
+    pub fn configure(&self, applier: &Applier, info: &SchemaInfo) {
+        let mut done = self.configured.lock().expect("poisoned");
+        for table in info.tables.keys() {
+            if done.insert(table.clone()) {
+                if let Some(cfg) = self.script.table_config(table) {
+                    applier.set_config(table, cfg);
+                }
+            }
+        }
+    }
+}
+
 /// Writes several tables' mutations in foreign-key order: deletes children first, upserts
-/// parents first. Each table's batch is reduced to the last version of each key beforehand,
-/// which is the net effect of applying it in order.
+/// parents first. Each table's batch goes through the userscript's `map`/`deleteKey` and is
+/// then reduced to the last version of each key, the net effect of applying it in order. A
+/// table whose userscript has `apply` gets its whole batch there, in the upsert pass.
 pub(crate) async fn write_ordered(
     applier: &Applier,
+    hooks: Option<&Hooks>,
     conn: &mut PgConnection,
     info: &SchemaInfo,
     batches: &TableBatches,
 ) -> Result<(), SequenceError> {
     let mut deletes: HashMap<&Table, Vec<Mutation>> = HashMap::new();
     let mut upserts: HashMap<&Table, Vec<Mutation>> = HashMap::new();
+    let mut scripted: HashMap<&Table, Vec<Mutation>> = HashMap::new();
     for (table, muts) in batches {
-        for mu in last_version_per_key(muts) {
+        let mapped;
+        let muts = match hooks {
+            Some(h) if h.script.has_map(table) => {
+                mapped = h.script.map(table, info, muts.clone()).await?;
+                &mapped
+            }
+            _ => muts,
+        };
+        let last = last_version_per_key(muts);
+        if hooks.is_some_and(|h| h.script.has_apply(table)) {
+            scripted.insert(table, last.into_iter().cloned().collect());
+            continue;
+        }
+        for mu in last {
             let side = if mu.is_delete() {
                 &mut deletes
             } else {
@@ -280,6 +347,9 @@ pub(crate) async fn write_ordered(
     for table in ordered.iter().chain(unordered.iter()) {
         if let Some(muts) = upserts.get(*table) {
             applier.apply(conn, table, muts).await?;
+        }
+        if let (Some(muts), Some(h)) = (scripted.get(*table), hooks) {
+            h.script.apply(table, muts, conn, applier).await?;
         }
     }
     Ok(())

@@ -153,6 +153,9 @@ impl Pipeline {
     /// resolved timestamp says so) and is now applied, so a crash resumes right after it.
     async fn apply_window(&self, lease: &Lease, bounds: Bounds) -> Result<(), SequenceError> {
         let info = self.parts.applier.schema(&self.schema).await?;
+        if let Some(h) = &self.parts.hooks {
+            h.configure(&self.parts.applier, &info);
+        }
         let tables: Vec<Table> = info.levels.iter().flatten().cloned().collect();
         let hi = bounds.proposed;
         let mut from = bounds.committed;
@@ -263,7 +266,14 @@ impl Pipeline {
         {
             return Err(SequenceError::LeaseLost(self.schema.to_string()));
         }
-        write_ordered(&self.parts.applier, &mut tx, info, &batches).await?;
+        write_ordered(
+            &self.parts.applier,
+            self.parts.hooks.as_ref(),
+            &mut tx,
+            info,
+            &batches,
+        )
+        .await?;
         let written = started.elapsed();
         // At the end of a window every table is swept, which also removes redelivered rows
         // that were staged below the checkpoint.

@@ -11,7 +11,8 @@ use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics as m;
 use crate::mutation::{group_by_table, Mutation};
-use crate::sequence::{SequenceError, Sequencer};
+use crate::script::ScriptError;
+use crate::sequence::{Hooks, SequenceError, Sequencer};
 use crate::server::{Handler, Request, Response};
 use crate::stage::{StageError, Stager};
 use crate::target::{Database, Dialect};
@@ -59,6 +60,8 @@ pub enum IngestError {
     Apply(#[from] ApplyError),
     #[error(transparent)]
     Sequence(#[from] SequenceError),
+    #[error(transparent)]
+    Script(#[from] ScriptError),
 }
 
 impl IngestError {
@@ -84,6 +87,7 @@ impl IngestError {
             IngestError::Checkpoint(e) => e.is_unavailable(),
             IngestError::Apply(e) => e.is_unavailable(),
             IngestError::Sequence(e) => e.is_unavailable(),
+            IngestError::Script(e) => e.is_retryable(),
             _ => false,
         }
     }
@@ -98,6 +102,7 @@ pub struct Ingest {
     stager: Arc<Stager>,
     checkpoints: Arc<Checkpoints>,
     sequencer: Arc<Sequencer>,
+    hooks: Option<Hooks>,
     limits: DecodeLimits,
 }
 
@@ -113,6 +118,7 @@ impl Ingest {
         stager: Arc<Stager>,
         checkpoints: Arc<Checkpoints>,
         sequencer: Arc<Sequencer>,
+        hooks: Option<Hooks>,
     ) -> IngestHandler {
         IngestHandler(Arc::new(Ingest {
             target,
@@ -122,6 +128,7 @@ impl Ingest {
             stager,
             checkpoints,
             sequencer,
+            hooks,
             limits: DecodeLimits {
                 ndjson_line_bytes: args.ndjson_buffer_size,
             },
@@ -146,6 +153,9 @@ impl Ingest {
             return Err(IngestError::Unauthorized);
         }
         let info = self.applier.schema(&schema).await?;
+        if let Some(h) = &self.hooks {
+            h.configure(&self.applier, &info);
+        }
         let payload = webhook::decode(&route, &req.body, &Keys(&info), &self.limits)?;
         match payload {
             Payload::Empty => Ok(()),
@@ -176,6 +186,19 @@ impl Ingest {
         ];
         let received = muts.len() as u64;
         metrics::counter!(m::MUTATIONS_RECEIVED, &labels).increment(received);
+        // The userscript routes (and drops) rows before they are staged.
+        let muts = match &self.hooks {
+            Some(h) if h.script().has_dispatch(schema) => {
+                match h.script().dispatch(schema, &info, muts).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        metrics::counter!(m::MUTATIONS_ERROR, &labels).increment(received);
+                        return Err(e.into());
+                    }
+                }
+            }
+            _ => muts,
+        };
         // Tables created after the schema was loaded: look again once before refusing.
         if muts.iter().any(|(t, _)| !info.tables.contains_key(t)) {
             info = self.applier.refresh(schema).await?;

@@ -3,13 +3,12 @@
 
 use crate::support::http::args as server_args;
 use crate::support::{eventually, Db};
-use cdc_sink::cli::{launch, Cli, Command, Running};
+use cdc_sink::cli::{launch, prepare, Running};
 use cdc_sink::feed::{Feed, FeedArgs, FeedError, FeedStats};
 use cdc_sink::hlc::Hlc;
 use cdc_sink::server::{self, Handler, Request, Response};
 use cdc_sink::verify::{self, CompareOptions, TableRef};
 use cdc_sink::workload::kv::{self as kv_workload, KvArgs};
-use clap::Parser;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use http::StatusCode;
@@ -490,7 +489,7 @@ async fn real_sink(url: &str) -> Running {
 }
 
 async fn real_sink_at(url: &str, bind: &str) -> Running {
-    let cli = Cli::try_parse_from([
+    let argv = [
         "cdc-sink",
         "start",
         "--bindAddr",
@@ -499,12 +498,9 @@ async fn real_sink_at(url: &str, bind: &str) -> Running {
         "--disableAuthentication",
         "--targetConn",
         url,
-    ])
-    .expect("valid flags");
-    let Command::Start(args) = cli.command else {
-        unreachable!("start command")
-    };
-    launch(*args).await.expect("sink starts")
+    ];
+    let prepared = prepare(argv.iter().map(|s| s.to_string()).collect()).expect("valid flags");
+    launch(prepared).await.expect("sink starts")
 }
 
 #[tokio::test]

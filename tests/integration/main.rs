@@ -8,6 +8,7 @@ mod crash;
 mod feed;
 mod harness;
 mod pipeline;
+mod script;
 mod server;
 mod verify;
 mod workload;

@@ -2,10 +2,9 @@
 
 use super::Db;
 use bytes::Bytes;
-use cdc_sink::cli::{launch, Cli, Command, Running};
+use cdc_sink::cli::{launch, prepare, Running};
 use cdc_sink::hlc::Hlc;
 use cdc_sink::server::client::{Client, ClientOptions};
-use clap::Parser;
 use http::StatusCode;
 use serde_json::{json, Value};
 
@@ -30,11 +29,8 @@ impl Sink {
             &url,
         ];
         argv.extend_from_slice(extra);
-        let cli = Cli::try_parse_from(argv).expect("valid flags");
-        let Command::Start(args) = cli.command else {
-            unreachable!("start command")
-        };
-        let running = launch(*args).await.expect("sink starts");
+        let prepared = prepare(argv.iter().map(|s| s.to_string()).collect()).expect("valid flags");
+        let running = launch(prepared).await.expect("sink starts");
         let client = Client::new(
             &format!("https://{}", running.addr),
             ClientOptions {

@@ -1,0 +1,877 @@
+//! The `cdc-sink@v1` module (alias `replicator@v1`) and `console`, as seen from JS. What the
+//! script registers lives in a per-thread [`State`]: each engine thread owns one Context.
+
+use super::config::{Captured, DeletesTo, MergeKind, SourceOptions, TableName, TableOptions};
+use super::convert::{self, KeyCache, TableKeys};
+use super::tx::{Cell, HostCall, HostReply, Param};
+use crate::hlc::Hlc;
+use crate::ident::{Ident, Table};
+use crate::mutation::Mutation;
+use boa_engine::builtins::promise::ResolvingFunctions;
+use boa_engine::module::{Module, SyntheticModuleInitializer};
+use boa_engine::object::builtins::{JsArray, JsPromise};
+use boa_engine::object::ObjectInitializer;
+use boa_engine::property::{Attribute, PropertyKey};
+use boa_engine::{
+    js_string, Context, JsNativeError, JsObject, JsResult, JsString, JsValue, NativeFunction,
+};
+use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// The names the host module exports.
+pub const EXPORTS: [&str; 6] = [
+    "configureSource",
+    "configureTable",
+    "getTX",
+    "randomUUID",
+    "setOptions",
+    "standardMerge",
+];
+
+/// JS functions a source registered.
+#[derive(Default, Clone)]
+pub struct SourceFns {
+    pub dispatch: Option<JsObject>,
+    pub deletes_to: Option<JsObject>,
+}
+
+/// JS functions a table registered.
+#[derive(Default, Clone)]
+pub struct TableFns {
+    pub map: Option<JsObject>,
+    pub delete_key: Option<JsObject>,
+    pub merge: Option<JsObject>,
+    pub fallback: Option<JsObject>,
+    pub apply: Option<JsObject>,
+}
+
+/// One column as `getTX().columns()` shows it.
+#[derive(Clone, Debug)]
+pub struct ColumnInfo {
+    pub name: String,
+    pub data_type: String,
+    pub primary: bool,
+    pub ignored: bool,
+    pub default: Option<String>,
+}
+
+/// The target transaction of the running `apply` callback.
+pub struct TxScope {
+    pub table: Table,
+    pub keys: TableKeys,
+    pub columns: Vec<ColumnInfo>,
+    pub host: tokio::sync::mpsc::UnboundedSender<HostCall>,
+    pub reply: flume::Sender<HostReply>,
+    pub next_id: u64,
+    pub pending: HashMap<u64, ResolvingFunctions>,
+    /// The ops handed to `apply`, to find the original mutation of an op passed back.
+    pub originals: Rc<HashMap<JsObject, usize>>,
+    pub muts: Rc<Vec<Mutation>>,
+}
+
+#[derive(Default)]
+pub struct State {
+    /// The script's file name, for logs.
+    pub script: String,
+    pub known_flags: Vec<String>,
+    /// Configuration calls are only allowed while the top level runs.
+    pub top_level: bool,
+    /// A replacement worker re-running the top level: its console output was seen already.
+    pub quiet: bool,
+    pub captured: Captured,
+    pub sources: HashMap<String, SourceFns>,
+    pub tables: Vec<(TableName, TableFns)>,
+    /// `standardMerge(...)` results and their fallbacks.
+    pub markers: Vec<(JsObject, Option<JsObject>)>,
+    pub tx: Option<TxScope>,
+}
+
+thread_local! {
+    pub static STATE: RefCell<State> = RefCell::new(State::default());
+}
+
+pub fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
+    STATE.with(|s| f(&mut s.borrow_mut()))
+}
+
+/// The functions registered for `t` (most specific name).
+pub fn table_fns(t: &Table) -> Option<TableFns> {
+    with_state(|s| {
+        s.tables
+            .iter()
+            .filter(|(n, _)| n.matches(t))
+            .max_by_key(|(n, _)| n.parts())
+            .map(|(_, f)| f.clone())
+    })
+}
+
+pub fn source_fns(name: &str) -> Option<SourceFns> {
+    with_state(|s| s.sources.get(&name.to_lowercase()).cloned())
+}
+
+fn err(msg: impl Into<String>) -> boa_engine::JsError {
+    JsNativeError::typ().with_message(msg.into()).into()
+}
+
+fn arg(args: &[JsValue], i: usize) -> JsValue {
+    args.get(i).cloned().unwrap_or_default()
+}
+
+fn string_arg(args: &[JsValue], i: usize, what: &str) -> JsResult<String> {
+    arg(args, i)
+        .as_string()
+        .map(|s| s.to_std_string_escaped())
+        .ok_or_else(|| err(format!("{what} must be a string")))
+}
+
+fn function(v: &JsValue, what: &str) -> JsResult<Option<JsObject>> {
+    if v.is_null_or_undefined() {
+        return Ok(None);
+    }
+    v.as_callable()
+        .map(Some)
+        .ok_or_else(|| err(format!("{what} must be a function")))
+}
+
+fn require_top_level(what: &str) -> JsResult<()> {
+    if with_state(|s| s.top_level) {
+        Ok(())
+    } else {
+        Err(err(format!(
+            "{what} can only be called while the script's top level runs"
+        )))
+    }
+}
+
+/// Own string-keyed properties with their values.
+fn entries(obj: &JsObject, ctx: &mut Context) -> JsResult<Vec<(String, JsValue)>> {
+    let mut out = Vec::new();
+    for key in obj.own_property_keys(ctx)? {
+        let name = match &key {
+            PropertyKey::String(s) => s.to_std_string_escaped(),
+            PropertyKey::Index(i) => i.get().to_string(),
+            PropertyKey::Symbol(_) => continue,
+        };
+        out.push((name, obj.get(key, ctx)?));
+    }
+    Ok(out)
+}
+
+fn configure_source(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    require_top_level("configureSource")?;
+    let name = string_arg(args, 0, "configureSource: the source name")?;
+    let props = arg(args, 1).as_object().ok_or_else(|| {
+        err(format!(
+            "configureSource({name}): the options must be an object"
+        ))
+    })?;
+    let mut opts = SourceOptions {
+        name: name.clone(),
+        dispatch: false,
+        deletes_to: None,
+        target: None,
+        recurse: false,
+    };
+    let mut fns = SourceFns::default();
+    for (k, v) in entries(&props, ctx)? {
+        let what = format!("configureSource({name}).{k}");
+        match k.as_str() {
+            "dispatch" => {
+                fns.dispatch = function(&v, &what)?;
+                opts.dispatch = fns.dispatch.is_some();
+            }
+            "deletesTo" => {
+                if let Some(s) = v.as_string() {
+                    opts.deletes_to = Some(DeletesTo::Table(s.to_std_string_escaped()));
+                } else if !v.is_null_or_undefined() {
+                    fns.deletes_to = function(&v, &format!("{what} (a table name or)"))?;
+                    opts.deletes_to = Some(DeletesTo::Function);
+                }
+            }
+            "target" => {
+                if !v.is_null_or_undefined() {
+                    let t = v
+                        .as_string()
+                        .ok_or_else(|| err(format!("{what} must be a table name")))?
+                        .to_std_string_escaped();
+                    TableName::parse(&t).map_err(|e| err(format!("{what}: {e}")))?;
+                    opts.target = Some(t);
+                }
+            }
+            "recurse" => opts.recurse = v.to_boolean(),
+            _ => return Err(err(format!("configureSource({name}): unknown option {k}"))),
+        }
+    }
+    if opts.dispatch && opts.target.is_some() {
+        return Err(err(format!(
+            "configureSource({name}): use either dispatch or target, not both"
+        )));
+    }
+    if !opts.dispatch && opts.target.is_none() {
+        return Err(err(format!(
+            "configureSource({name}): needs a dispatch function or a target table"
+        )));
+    }
+    with_state(|s| {
+        let key = name.to_lowercase();
+        s.sources.insert(key.clone(), fns);
+        s.captured.sources.insert(key, opts);
+    });
+    Ok(JsValue::undefined())
+}
+
+fn idents(v: &JsValue, what: &str, ctx: &mut Context) -> JsResult<Vec<Ident>> {
+    let obj = v
+        .as_object()
+        .filter(|o| o.is_array())
+        .ok_or_else(|| err(format!("{what} must be an array of column names")))?;
+    let len = obj.get(js_string!("length"), ctx)?.to_length(ctx)?;
+    let mut out = Vec::new();
+    for i in 0..len {
+        let c = obj.get(i, ctx)?;
+        let c = c
+            .as_string()
+            .ok_or_else(|| err(format!("{what} must be an array of column names")))?;
+        out.push(Ident::new(c.to_std_string_escaped()));
+    }
+    Ok(out)
+}
+
+fn configure_table(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    require_top_level("configureTable")?;
+    let raw = string_arg(args, 0, "configureTable: the table name")?;
+    let name = TableName::parse(&raw).map_err(|e| err(format!("configureTable: {e}")))?;
+    let props = arg(args, 1).as_object().ok_or_else(|| {
+        err(format!(
+            "configureTable({raw}): the options must be an object"
+        ))
+    })?;
+    let mut opts = TableOptions::default();
+    let mut fns = TableFns::default();
+    for (k, v) in entries(&props, ctx)? {
+        let what = format!("configureTable({raw}).{k}");
+        if v.is_null_or_undefined() {
+            continue;
+        }
+        match k.as_str() {
+            "cas" => opts.cas = idents(&v, &what, ctx)?,
+            "deadlines" => {
+                let o = v
+                    .as_object()
+                    .ok_or_else(|| err(format!("{what} must map columns to durations")))?;
+                for (c, d) in entries(&o, ctx)? {
+                    let d = d
+                        .as_string()
+                        .ok_or_else(|| {
+                            err(format!("{what}.{c} must be a duration such as \"10m\""))
+                        })?
+                        .to_std_string_escaped();
+                    let d = crate::config::parse_duration(&d)
+                        .map_err(|e| err(format!("{what}.{c}: {e}")))?;
+                    opts.deadlines.push((Ident::new(c), d));
+                }
+            }
+            "exprs" => {
+                let o = v
+                    .as_object()
+                    .ok_or_else(|| err(format!("{what} must map columns to SQL expressions")))?;
+                for (c, e) in entries(&o, ctx)? {
+                    let e = e
+                        .as_string()
+                        .ok_or_else(|| err(format!("{what}.{c} must be a string")))?;
+                    opts.exprs.insert(Ident::new(c), e.to_std_string_escaped());
+                }
+            }
+            "extras" => {
+                let c = v
+                    .as_string()
+                    .ok_or_else(|| err(format!("{what} must be a column name")))?;
+                opts.extras = Some(Ident::new(c.to_std_string_escaped()));
+            }
+            "ignore" => {
+                let o = v
+                    .as_object()
+                    .ok_or_else(|| err(format!("{what} must map columns to true")))?;
+                for (c, b) in entries(&o, ctx)? {
+                    if b.to_boolean() {
+                        opts.ignore.insert(Ident::new(c));
+                    }
+                }
+            }
+            "rowLimit" => {
+                let n = v
+                    .as_number()
+                    .filter(|n| *n >= 1.0 && n.fract() == 0.0)
+                    .ok_or_else(|| err(format!("{what} must be a positive integer")))?;
+                opts.row_limit = Some(n as usize);
+            }
+            "merge" => {
+                let obj = v.as_object().ok_or_else(|| {
+                    err(format!("{what} must be a function or standardMerge(...)"))
+                })?;
+                let marker = with_state(|s| {
+                    s.markers
+                        .iter()
+                        .find(|(m, _)| *m == obj)
+                        .map(|(_, f)| f.clone())
+                });
+                match marker {
+                    Some(fallback) => {
+                        opts.merge = MergeKind::Standard {
+                            fallback: fallback.is_some(),
+                        };
+                        fns.fallback = fallback;
+                    }
+                    None => {
+                        fns.merge = function(&v, &what)?;
+                        opts.merge = MergeKind::Function;
+                    }
+                }
+            }
+            "map" => {
+                fns.map = function(&v, &what)?;
+                opts.map = true;
+            }
+            "deleteKey" => {
+                fns.delete_key = function(&v, &what)?;
+                opts.delete_key = true;
+            }
+            "apply" => {
+                fns.apply = function(&v, &what)?;
+                opts.apply = true;
+            }
+            _ => return Err(err(format!("configureTable({raw}): unknown option {k}"))),
+        }
+    }
+    with_state(|s| {
+        s.captured.tables.retain(|(n, _)| *n != name);
+        s.captured.tables.push((name.clone(), opts));
+        s.tables.retain(|(n, _)| *n != name);
+        s.tables.push((name, fns));
+    });
+    Ok(JsValue::undefined())
+}
+
+fn standard_merge(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let fallback = function(&arg(args, 0), "standardMerge: the fallback")?;
+    let marker = JsObject::with_object_proto(ctx.intrinsics());
+    marker.create_data_property_or_throw(js_string!("standardMerge"), true, ctx)?;
+    with_state(|s| s.markers.push((marker.clone(), fallback)));
+    Ok(marker.into())
+}
+
+fn random_uuid(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue> {
+    Ok(JsString::from(uuid::Uuid::new_v4().to_string().as_str()).into())
+}
+
+fn set_options(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let obj = arg(args, 0)
+        .as_object()
+        .ok_or_else(|| err("setOptions: expects an object of flag names to values"))?;
+    for (k, v) in entries(&obj, ctx)? {
+        let known = with_state(|s| s.known_flags.iter().find(|f| **f == k).cloned());
+        let Some(flag) = known else {
+            return Err(err(format!("setOptions: unknown flag {k:?}")));
+        };
+        let value = v.to_string(ctx)?.to_std_string_escaped();
+        with_state(|s| {
+            s.captured.options.retain(|(f, _)| *f != flag);
+            s.captured.options.push((flag, value));
+        });
+    }
+    Ok(JsValue::undefined())
+}
+
+fn get_tx(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    if with_state(|s| s.tx.is_none()) {
+        return Err(err(
+            "getTX() is only available inside a table's apply callback and the promises it starts",
+        ));
+    }
+    let obj = ObjectInitializer::new(ctx)
+        .function(
+            NativeFunction::from_fn_ptr(tx_apply),
+            js_string!("apply"),
+            1,
+        )
+        .function(NativeFunction::from_fn_ptr(tx_exec), js_string!("exec"), 1)
+        .function(
+            NativeFunction::from_fn_ptr(tx_query),
+            js_string!("query"),
+            1,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(tx_columns),
+            js_string!("columns"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(tx_schema),
+            js_string!("schema"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(tx_table),
+            js_string!("table"),
+            0,
+        )
+        .build();
+    Ok(obj.into())
+}
+
+fn no_tx() -> boa_engine::JsError {
+    err("this transaction is over: getTX() results are only valid inside the apply callback")
+}
+
+/// Sends a call to the async side and answers with a promise settled when it replies.
+fn host_call(
+    ctx: &mut Context,
+    make: impl FnOnce(u64, flume::Sender<HostReply>) -> HostCall,
+) -> JsResult<JsValue> {
+    let (promise, resolvers) = JsPromise::new_pending(ctx);
+    with_state(|s| {
+        let tx = s.tx.as_mut().ok_or_else(no_tx)?;
+        let id = tx.next_id;
+        tx.next_id += 1;
+        tx.host
+            .send(make(id, tx.reply.clone()))
+            .map_err(|_| err("the target transaction is gone"))?;
+        tx.pending.insert(id, resolvers);
+        Ok::<_, boa_engine::JsError>(())
+    })?;
+    Ok(promise.into())
+}
+
+fn tx_apply(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let (table, keys, originals, muts) = with_state(|s| {
+        s.tx.as_ref()
+            .map(|t| {
+                (
+                    t.table.clone(),
+                    t.keys.clone(),
+                    t.originals.clone(),
+                    t.muts.clone(),
+                )
+            })
+            .ok_or_else(no_tx)
+    })?;
+    let converted = ops_to_mutations(&arg(args, 0), &table, &keys, &originals, &muts, ctx)?;
+    host_call(ctx, |id, reply| HostCall::Apply {
+        id,
+        reply,
+        muts: converted,
+    })
+}
+
+fn params(args: &[JsValue], ctx: &mut Context) -> JsResult<Vec<Param>> {
+    let mut out = Vec::new();
+    for v in args.iter().skip(1) {
+        out.push(if v.is_null_or_undefined() {
+            None
+        } else if let Some(s) = v.as_string() {
+            Some(s.to_std_string_escaped())
+        } else if v.is_object() {
+            let j = convert::from_js(v, None, ctx, 0)?;
+            match j {
+                Value::String(s) => Some(s),
+                other => Some(other.to_string()),
+            }
+        } else {
+            Some(v.to_string(ctx)?.to_std_string_escaped())
+        });
+    }
+    Ok(out)
+}
+
+fn tx_exec(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let sql = string_arg(args, 0, "exec: the SQL")?;
+    let params = params(args, ctx)?;
+    host_call(ctx, |id, reply| HostCall::Exec {
+        id,
+        reply,
+        sql,
+        params,
+    })
+}
+
+fn tx_query(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let sql = string_arg(args, 0, "query: the SQL")?;
+    let params = params(args, ctx)?;
+    host_call(ctx, |id, reply| HostCall::Query {
+        id,
+        reply,
+        sql,
+        params,
+    })
+}
+
+fn tx_columns(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let cols = with_state(|s| s.tx.as_ref().map(|t| t.columns.clone()).ok_or_else(no_tx))?;
+    let mut items = Vec::with_capacity(cols.len());
+    for c in cols {
+        let o = JsObject::with_object_proto(ctx.intrinsics());
+        o.create_data_property_or_throw(js_string!("name"), JsString::from(c.name.as_str()), ctx)?;
+        o.create_data_property_or_throw(
+            js_string!("type"),
+            JsString::from(c.data_type.as_str()),
+            ctx,
+        )?;
+        o.create_data_property_or_throw(js_string!("primary"), c.primary, ctx)?;
+        o.create_data_property_or_throw(js_string!("ignored"), c.ignored, ctx)?;
+        let d: JsValue = c
+            .default
+            .as_deref()
+            .map_or(JsValue::null(), |d| JsString::from(d).into());
+        o.create_data_property_or_throw(js_string!("defaultExpr"), d, ctx)?;
+        items.push(o.into());
+    }
+    Ok(JsArray::from_iter(items, ctx).into())
+}
+
+fn tx_schema(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue> {
+    let s = with_state(|s| {
+        s.tx.as_ref()
+            .map(|t| t.table.schema.quoted())
+            .ok_or_else(no_tx)
+    })?;
+    Ok(JsString::from(s.as_str()).into())
+}
+
+fn tx_table(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue> {
+    let s = with_state(|s| s.tx.as_ref().map(|t| t.table.quoted()).ok_or_else(no_tx))?;
+    Ok(JsString::from(s.as_str()).into())
+}
+
+/// JS values of a query result row.
+pub fn cell_to_js(c: &Cell, ctx: &mut Context) -> JsResult<JsValue> {
+    Ok(match c {
+        Cell::Null => JsValue::null(),
+        Cell::Bool(b) => JsValue::from(*b),
+        Cell::Text(s) => JsString::from(s.as_str()).into(),
+        Cell::Json(v) => {
+            let mut keys = KeyCache::default();
+            convert::to_js(v, ctx, &mut keys)?
+        }
+    })
+}
+
+/// Settles the promise of host call `id`.
+pub fn settle(reply: HostReply, ctx: &mut Context) -> JsResult<()> {
+    let Some(resolvers) = with_state(|s| s.tx.as_mut().and_then(|t| t.pending.remove(&reply.id)))
+    else {
+        return Ok(());
+    };
+    match reply.result {
+        Ok(super::tx::Answer::Done(n)) => {
+            resolvers
+                .resolve
+                .call(&JsValue::undefined(), &[JsValue::from(n as f64)], ctx)?;
+        }
+        Ok(super::tx::Answer::Rows(rows)) => {
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let mut cells = Vec::with_capacity(r.len());
+                for c in r {
+                    cells.push(cell_to_js(c, ctx)?);
+                }
+                out.push(JsArray::from_iter(cells, ctx).into());
+            }
+            let arr: JsValue = JsArray::from_iter(out, ctx).into();
+            resolvers.resolve.call(&JsValue::undefined(), &[arr], ctx)?;
+        }
+        Err(msg) => {
+            let e = JsNativeError::error().with_message(msg).into_opaque(ctx);
+            resolvers
+                .reject
+                .call(&JsValue::undefined(), &[e.into()], ctx)?;
+        }
+    }
+    Ok(())
+}
+
+/// `ApplyOp[]` back to mutations of `table`. Ops that came from the batch keep their time.
+pub fn ops_to_mutations(
+    ops: &JsValue,
+    table: &Table,
+    keys: &TableKeys,
+    originals: &HashMap<JsObject, usize>,
+    muts: &[Mutation],
+    ctx: &mut Context,
+) -> JsResult<Vec<Mutation>> {
+    let arr = ops
+        .as_object()
+        .filter(|o| o.is_array())
+        .ok_or_else(|| err("apply: expects an array of operations"))?;
+    let len = arr.get(js_string!("length"), ctx)?.to_length(ctx)?;
+    let mut out = Vec::with_capacity(len as usize);
+    for i in 0..len {
+        let op = arr
+            .get(i, ctx)?
+            .as_object()
+            .ok_or_else(|| err(format!("apply: operation {i} is not an object")))?;
+        let base = originals.get(&op).map(|&j| &muts[j]);
+        let action = op.get(js_string!("action"), ctx)?;
+        let action = action
+            .as_string()
+            .map(|s| s.to_std_string_escaped())
+            .unwrap_or_default();
+        let time = match base {
+            Some(b) => b.time,
+            None => op_time(&op, ctx)?,
+        };
+        let parse = |raw: Option<&String>| -> Option<serde_json::Map<String, Value>> {
+            raw.and_then(|r| serde_json::from_str(r).ok())
+        };
+        let before_v = op.get(js_string!("before"), ctx)?;
+        let before = if before_v.is_null_or_undefined() {
+            None
+        } else {
+            let hints = parse(base.and_then(|b| b.before.as_ref()));
+            let doc = convert::doc_from_js(&before_v, hints.as_ref(), Some(keys), ctx)?;
+            Some(Value::Object(doc).to_string())
+        };
+        match action.as_str() {
+            "upsert" => {
+                let data = op.get(js_string!("data"), ctx)?;
+                let hints = parse(base.and_then(|b| b.after.as_ref()));
+                let doc = convert::doc_from_js(&data, hints.as_ref(), Some(keys), ctx)
+                    .map_err(|_| err(format!("apply: upsert {i} needs a data document")))?;
+                let key = convert::key_of(&doc, keys).map_err(|c| {
+                    err(format!(
+                        "apply: upsert {i} for {table} omitted value for PK column {c}"
+                    ))
+                })?;
+                out.push(Mutation {
+                    time,
+                    key,
+                    after: Some(Value::Object(doc).to_string()),
+                    before,
+                });
+            }
+            "delete" => {
+                let pk = op.get(js_string!("pk"), ctx)?;
+                let key = if pk.is_null_or_undefined() {
+                    base.map(|b| b.key.clone())
+                        .ok_or_else(|| err(format!("apply: delete {i} needs a pk array")))?
+                } else {
+                    let hint: Option<Value> = base.and_then(|b| serde_json::from_str(&b.key).ok());
+                    key_from_js(&pk, hint.as_ref(), keys, ctx)?
+                };
+                out.push(Mutation {
+                    time,
+                    key,
+                    after: None,
+                    before,
+                });
+            }
+            other => {
+                return Err(err(format!(
+                    "apply: operation {i} has action {other:?}; expected \"upsert\" or \"delete\""
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The HLC of an op built by the script, from `meta.updated` or `meta.nanos`/`logical`.
+fn op_time(op: &JsObject, ctx: &mut Context) -> JsResult<Hlc> {
+    let meta = op.get(js_string!("meta"), ctx)?;
+    if let Some(m) = meta.as_object() {
+        let updated = m.get(js_string!("updated"), ctx)?;
+        if let Some(s) = updated.as_string() {
+            if let Ok(t) = s.to_std_string_escaped().parse::<Hlc>() {
+                return Ok(t);
+            }
+        }
+        let nanos = m.get(js_string!("nanos"), ctx)?.to_number(ctx)?;
+        let logical = m.get(js_string!("logical"), ctx)?.to_number(ctx)?;
+        if nanos.is_finite() && logical.is_finite() {
+            return Ok(Hlc::new(nanos as i64, logical as i32));
+        }
+    }
+    Err(err(
+        "apply: an operation needs meta.updated or meta.nanos and meta.logical",
+    ))
+}
+
+/// A key array from JS, as JSON array text; `hint` is the original key.
+pub fn key_from_js(
+    v: &JsValue,
+    hint: Option<&Value>,
+    keys: &TableKeys,
+    ctx: &mut Context,
+) -> JsResult<String> {
+    let j = convert::from_js(v, hint, ctx, 0)?;
+    let Value::Array(mut items) = j else {
+        return Err(err("a key must be an array of values"));
+    };
+    if items.len() != keys.pk.len() {
+        return Err(err(format!(
+            "a key must have {} values (the primary key), got {}",
+            keys.pk.len(),
+            items.len()
+        )));
+    }
+    for (v, c) in items.iter_mut().zip(&keys.pk) {
+        if let Value::String(s) = v {
+            if keys.numeric.contains(&c.to_lowercase()) {
+                if let Ok(n) = s.parse::<serde_json::Number>() {
+                    *v = Value::Number(n);
+                }
+            }
+        }
+    }
+    Ok(Value::Array(items).to_string())
+}
+
+fn console_line(args: &[JsValue], ctx: &mut Context) -> String {
+    let mut s = String::new();
+    for (i, a) in args.iter().enumerate() {
+        if i > 0 {
+            s.push(' ');
+        }
+        match a.as_string() {
+            Some(x) => s.push_str(&x.to_std_string_escaped()),
+            None => match a.to_string(ctx) {
+                Ok(x) if !a.is_object() => s.push_str(&x.to_std_string_escaped()),
+                _ => s.push_str(&a.display().to_string()),
+            },
+        }
+    }
+    s
+}
+
+macro_rules! console_fn {
+    ($name:ident, $level:ident) => {
+        fn $name(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+            if tracing::enabled!(target: "cdc_sink::userscript", tracing::Level::$level) {
+                let (quiet, script) = with_state(|s| (s.quiet && s.top_level, s.script.clone()));
+                if !quiet {
+                    let line = console_line(args, ctx);
+                    tracing::event!(target: "cdc_sink::userscript", tracing::Level::$level, script = %script, "{line}");
+                }
+            }
+            Ok(JsValue::undefined())
+        }
+    };
+}
+
+console_fn!(console_trace, TRACE);
+console_fn!(console_debug, DEBUG);
+console_fn!(console_info, INFO);
+console_fn!(console_warn, WARN);
+console_fn!(console_error, ERROR);
+
+/// Installs `console` and the Date prelude in a fresh Context.
+pub fn install_globals(ctx: &mut Context) -> JsResult<()> {
+    let console = ObjectInitializer::new(ctx)
+        .function(
+            NativeFunction::from_fn_ptr(console_info),
+            js_string!("log"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(console_info),
+            js_string!("info"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(console_warn),
+            js_string!("warn"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(console_error),
+            js_string!("error"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(console_debug),
+            js_string!("debug"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(console_trace),
+            js_string!("trace"),
+            0,
+        )
+        .build();
+    ctx.register_global_property(js_string!("console"), console, Attribute::all())?;
+    ctx.eval(boa_engine::Source::from_bytes(DATE_PRELUDE))?;
+    Ok(())
+}
+
+/// CockroachDB writes timestamps with up to nine fractional digits, which the engine's date
+/// parser refuses: keep milliseconds, the precision of a JS Date.
+const DATE_PRELUDE: &str = r#"(() => {
+  const D = globalThis.Date;
+  const trim = (s) => typeof s === "string"
+    ? s.replace(/^(\s*[+-]?\d{4,6}-\d\d-\d\d[T ]\d\d:\d\d:\d\d\.\d{3})\d+/, "$1")
+    : s;
+  const parse = D.parse;
+  const HostDate = function Date(...args) {
+    if (!new.target) return D();
+    if (args.length === 1) return new D(trim(args[0]));
+    return new D(...args);
+  };
+  Object.setPrototypeOf(HostDate, D);
+  HostDate.prototype = D.prototype;
+  Object.defineProperty(D.prototype, "constructor", { value: HostDate, writable: true, configurable: true });
+  HostDate.parse = (s) => parse(trim(s));
+  HostDate.UTC = D.UTC;
+  HostDate.now = D.now;
+  globalThis.Date = HostDate;
+})();"#;
+
+/// The host module: one instance per Context, shared by both module names.
+pub fn host_module(ctx: &mut Context) -> Module {
+    let fns = ObjectInitializer::new(ctx)
+        .function(
+            NativeFunction::from_fn_ptr(configure_source),
+            js_string!("configureSource"),
+            2,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(configure_table),
+            js_string!("configureTable"),
+            2,
+        )
+        .function(NativeFunction::from_fn_ptr(get_tx), js_string!("getTX"), 0)
+        .function(
+            NativeFunction::from_fn_ptr(random_uuid),
+            js_string!("randomUUID"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(set_options),
+            js_string!("setOptions"),
+            1,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(standard_merge),
+            js_string!("standardMerge"),
+            1,
+        )
+        .build();
+    let names: Vec<JsString> = EXPORTS.iter().map(|n| JsString::from(*n)).collect();
+    Module::synthetic(
+        &names,
+        SyntheticModuleInitializer::from_copy_closure_with_captures(
+            |m, fns, ctx| {
+                for n in EXPORTS {
+                    let name = JsString::from(n);
+                    let f = fns.get(name.clone(), ctx)?;
+                    m.set_export(&name, f)?;
+                }
+                Ok(())
+            },
+            fns,
+        ),
+        None,
+        None,
+        ctx,
+    )
+}

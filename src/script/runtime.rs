@@ -1,0 +1,1218 @@
+//! The engine threads. Each owns a boa Context with the script loaded; work arrives on a
+//! bounded queue, one message per batch, and answers on a oneshot. A worker that misses its
+//! deadline, panics or outgrows the memory budget is replaced by a fresh one.
+
+use super::config::{Captured, DeletesTo};
+use super::convert::{self, KeyCache, Keymap, TableKeys};
+use super::host::{self, with_state, ColumnInfo, State, TxScope};
+use super::transpile::{self, Compiled};
+use super::tx::{HostCall, HostReply};
+use super::ScriptError;
+use crate::apply::merge::{Conflict, Resolution, Row};
+use crate::hlc::Hlc;
+use crate::ident::{Schema, Table};
+use crate::mutation::Mutation;
+use boa_engine::builtins::promise::PromiseState;
+use boa_engine::job::{GenericJob, Job as EngineJob, JobExecutor, NativeAsyncJob, PromiseJob};
+use boa_engine::module::{Module, ModuleLoader, Referrer};
+use boa_engine::object::builtins::JsArray;
+use boa_engine::{
+    js_string, Context, JsError, JsNativeError, JsObject, JsResult, JsString, JsValue, Source,
+};
+use serde_json::{Map, Value};
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+/// Iterations of one loop before the engine throws: a runaway loop fails its batch quickly.
+const LOOP_LIMIT: u64 = 10_000_000;
+const RECURSION_LIMIT: usize = 1_000;
+const STACK_BYTES: usize = 16 << 20;
+
+pub const SCRIPT_ENTRY_WAIT: &str = "script_entry_wait_seconds";
+pub const SCRIPT_EXEC_TIME: &str = "script_exec_time_seconds";
+
+/// The script's files, transpiled once per process and shared by all workers.
+pub struct Sources {
+    /// Canonical directory of the main script; imports may not leave it.
+    pub dir: PathBuf,
+    pub main: PathBuf,
+    /// The main file's name, for logs.
+    pub name: String,
+    cache: Mutex<HashMap<PathBuf, Arc<Compiled>>>,
+}
+
+impl Sources {
+    pub fn new(path: &Path) -> Result<Sources, ScriptError> {
+        let main = path.canonicalize().map_err(|e| ScriptError::Read {
+            file: path.display().to_string(),
+            error: e.to_string(),
+        })?;
+        let dir = main.parent().map(Path::to_path_buf).unwrap_or_default();
+        let name = main
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Sources {
+            dir,
+            main,
+            name,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn compiled(&self, path: &Path) -> Result<Arc<Compiled>, ScriptError> {
+        if let Some(c) = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(path)
+        {
+            return Ok(c.clone());
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| ScriptError::Read {
+            file: path.display().to_string(),
+            error: e.to_string(),
+        })?;
+        let c = Arc::new(transpile::compile(path, &text)?);
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(path.to_path_buf(), c.clone());
+        Ok(c)
+    }
+
+    fn lookup(&self, path: &str) -> Option<Arc<Compiled>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(Path::new(path))
+            .cloned()
+    }
+
+    /// The script position of a position in generated JavaScript.
+    fn position(&self, file: &str, line: u32, column: u32) -> (u32, u32) {
+        match self.lookup(file) {
+            Some(c) => c.source_position(line, column),
+            None => (line, column),
+        }
+    }
+}
+
+/// Lexical normalisation: the file may not exist yet when we ask.
+fn normalise(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Resolves imports: the host module under both names, files next to the importer.
+struct Loader {
+    sources: Arc<Sources>,
+    host: RefCell<Option<Module>>,
+    modules: RefCell<HashMap<PathBuf, Module>>,
+    /// The precise error of a failed load, for the report (the engine only keeps a message).
+    error: RefCell<Option<ScriptError>>,
+}
+
+impl Loader {
+    fn find(&self, referrer: Option<&Path>, spec: &str) -> Result<PathBuf, String> {
+        let base = referrer
+            .and_then(Path::parent)
+            .map_or_else(|| self.sources.dir.clone(), Path::to_path_buf);
+        let rel = if spec.starts_with("./") || spec.starts_with("../") || spec.starts_with('/') {
+            PathBuf::from(spec)
+        } else {
+            // A bare name means a sibling file.
+            Path::new(".").join(spec)
+        };
+        let path = normalise(&base.join(rel));
+        if !path.starts_with(&self.sources.dir) {
+            return Err(format!("{spec:?} is outside the script's directory"));
+        }
+        if path.is_file() {
+            return Ok(path);
+        }
+        let mut candidates = Vec::new();
+        for ext in ["ts", "js", "mts", "mjs"] {
+            let mut s = path.clone().into_os_string();
+            s.push(".");
+            s.push(ext);
+            candidates.push(PathBuf::from(s));
+        }
+        // `import "./x.js"` written for a TypeScript file x.ts.
+        if path.extension().is_some_and(|e| e == "js") {
+            candidates.push(path.with_extension("ts"));
+        }
+        candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+            format!(
+                "cannot find module {spec:?} (looked for {} and .ts/.js/.mts/.mjs)",
+                path.display()
+            )
+        })
+    }
+
+    fn module(&self, path: &Path, ctx: &mut Context) -> Result<Module, ScriptError> {
+        if let Some(m) = self.modules.borrow().get(path) {
+            return Ok(m.clone());
+        }
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let module = match ext {
+            "ts" | "js" | "mts" | "mjs" | "cts" | "cjs" => {
+                let c = self.sources.compiled(path)?;
+                let src = Source::from_bytes(c.js.as_bytes()).with_path(path);
+                Module::parse(src, None, ctx)
+                    .map_err(|e| syntax_from_engine(&self.sources, path, &e))?
+            }
+            _ => {
+                let text = std::fs::read_to_string(path).map_err(|e| ScriptError::Read {
+                    file: path.display().to_string(),
+                    error: e.to_string(),
+                })?;
+                if ext == "json" {
+                    Module::parse_json(JsString::from(text.as_str()), ctx).map_err(|e| {
+                        ScriptError::Syntax {
+                            file: path.display().to_string(),
+                            line: 0,
+                            column: 0,
+                            message: format!("invalid JSON: {e}"),
+                        }
+                    })?
+                } else {
+                    Module::from_value_as_default(JsString::from(text.as_str()).into(), ctx)
+                }
+            }
+        };
+        self.modules
+            .borrow_mut()
+            .insert(path.to_path_buf(), module.clone());
+        Ok(module)
+    }
+
+    fn resolve(&self, referrer: Option<&Path>, spec: &str, ctx: &mut Context) -> JsResult<Module> {
+        if spec == "cdc-sink@v1" || spec == "replicator@v1" {
+            let mut host = self.host.borrow_mut();
+            return Ok(host.get_or_insert_with(|| host::host_module(ctx)).clone());
+        }
+        let from = referrer.map_or_else(|| self.sources.name.clone(), |p| p.display().to_string());
+        let result = self
+            .find(referrer, spec)
+            .map_err(|message| ScriptError::Import {
+                file: from.clone(),
+                message,
+            })
+            .and_then(|p| self.module(&p, ctx));
+        result.map_err(|e| {
+            let msg = e.to_string();
+            self.error.borrow_mut().get_or_insert(e);
+            JsNativeError::typ().with_message(msg).into()
+        })
+    }
+}
+
+impl ModuleLoader for Loader {
+    fn load_imported_module(
+        self: Rc<Self>,
+        referrer: Referrer,
+        request: boa_engine::module::ModuleRequest,
+        context: &RefCell<&mut Context>,
+    ) -> impl Future<Output = JsResult<Module>> {
+        let spec = request.specifier().to_std_string_escaped();
+        let r = self.resolve(referrer.path(), &spec, &mut context.borrow_mut());
+        async { r }
+    }
+}
+
+/// The engine reports parse errors on generated JavaScript; name the script's line instead.
+fn syntax_from_engine(sources: &Sources, path: &Path, e: &JsError) -> ScriptError {
+    let message = e.to_string();
+    let (mut line, mut column) = (0, 0);
+    // "... at line 3, col 7"
+    if let Some(i) = message.rfind("line ") {
+        let rest = &message[i + 5..];
+        let nums: Vec<u32> = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .take(2)
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        if let [l, c] = nums.as_slice() {
+            (line, column) = sources.position(&path.display().to_string(), *l, *c);
+        }
+    }
+    ScriptError::Syntax {
+        file: path.display().to_string(),
+        line,
+        column,
+        message,
+    }
+}
+
+/// Wakes a thread parked on a future.
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Drives a future on this thread, parking (not spinning) while it is pending.
+fn park_on<F: Future>(fut: F) -> F::Output {
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+}
+
+/// The job queue of one Context. Promise reactions run to exhaustion; the engine's own async
+/// jobs (module loading) are driven by parking the thread, never by spinning. Host calls of
+/// `getTX()` are not engine jobs: the worker parks on their reply channel.
+#[derive(Default)]
+struct Jobs {
+    promise: RefCell<VecDeque<PromiseJob>>,
+    asyncs: RefCell<VecDeque<NativeAsyncJob>>,
+    generic: RefCell<VecDeque<GenericJob>>,
+}
+
+impl JobExecutor for Jobs {
+    fn enqueue_job(self: Rc<Self>, job: EngineJob, _: &mut Context) {
+        match job {
+            EngineJob::PromiseJob(p) => self.promise.borrow_mut().push_back(p),
+            EngineJob::AsyncJob(a) => self.asyncs.borrow_mut().push_back(a),
+            EngineJob::GenericJob(g) => self.generic.borrow_mut().push_back(g),
+            // No timers exist in our globals, and FinalizationRegistry callbacks are optional.
+            _ => {}
+        }
+    }
+
+    fn run_jobs(self: Rc<Self>, ctx: &mut Context) -> JsResult<()> {
+        loop {
+            let mut progressed = false;
+            loop {
+                let job = self.promise.borrow_mut().pop_front();
+                let Some(job) = job else { break };
+                progressed = true;
+                if let Err(e) = job.call(ctx) {
+                    self.promise.borrow_mut().clear();
+                    return Err(e);
+                }
+            }
+            loop {
+                let job = self.generic.borrow_mut().pop_front();
+                let Some(job) = job else { break };
+                progressed = true;
+                job.call(ctx)?;
+            }
+            let asyncs: Vec<NativeAsyncJob> = self.asyncs.borrow_mut().drain(..).collect();
+            if !asyncs.is_empty() {
+                progressed = true;
+                let cell = RefCell::new(&mut *ctx);
+                for job in asyncs {
+                    park_on(job.call(&cell))?;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        ctx.clear_kept_objects();
+        Ok(())
+    }
+}
+
+/// Converts an engine error into ours, naming the script position of the innermost frame that
+/// belongs to the script.
+fn js_error(sources: &Sources, context: String, e: JsError, ctx: &mut Context) -> ScriptError {
+    let fallback = e.to_string();
+    let Ok(v) = e.into_opaque(ctx) else {
+        // Runtime limits cannot become JS values.
+        return ScriptError::Js {
+            context,
+            file: None,
+            line: 0,
+            column: 0,
+            message: fallback,
+        };
+    };
+    let message = match v.as_object() {
+        Some(_) => v
+            .to_string(ctx)
+            .map(|s| s.to_std_string_escaped())
+            .unwrap_or(fallback),
+        None => v.display().to_string(),
+    };
+    let mut file = None;
+    let (mut line, mut column) = (0, 0);
+    if let Some(obj) = v.as_object() {
+        if let Ok(stack) = obj.get(js_string!("stack"), ctx) {
+            if let Some(stack) = stack.as_string() {
+                for frame in stack.to_std_string_escaped().lines() {
+                    if let Some((f, l, c)) = parse_frame(frame) {
+                        if sources.lookup(&f).is_some() {
+                            (line, column) = sources.position(&f, l, c);
+                            file = Some(f);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    ScriptError::Js {
+        context,
+        // Without a position, at least name the script.
+        file: file.or_else(|| Some(sources.main.display().to_string())),
+        line,
+        column,
+        message,
+    }
+}
+
+/// `    at fn (/dir/a.ts:3:7)` → (`/dir/a.ts`, 3, 7).
+fn parse_frame(frame: &str) -> Option<(String, u32, u32)> {
+    let inner = frame.trim().strip_suffix(')')?;
+    let inner = &inner[inner.rfind('(')? + 1..];
+    let (rest, col) = inner.rsplit_once(':')?;
+    let (file, line) = rest.rsplit_once(':')?;
+    Some((file.to_string(), line.parse().ok()?, col.parse().ok()?))
+}
+
+/// The document handed to `dispatch`, to recognise it coming back unchanged.
+struct Input<'a> {
+    doc: &'a JsObject,
+    created: &'a convert::Created,
+    table: &'a Table,
+}
+
+/// One Context with the script loaded.
+pub struct Engine {
+    ctx: Context,
+    jobs: Rc<Jobs>,
+    sources: Arc<Sources>,
+    captured: Captured,
+    keys: KeyCache,
+}
+
+type Reply<T> = tokio::sync::oneshot::Sender<Result<T, ScriptError>>;
+
+/// Work for an engine thread.
+pub enum Work {
+    Dispatch {
+        source: String,
+        schema: Schema,
+        batch: Vec<(Table, Mutation)>,
+        keymap: Arc<Keymap>,
+        reply: Reply<Vec<(Table, Mutation)>>,
+    },
+    Map {
+        table: Table,
+        muts: Vec<Mutation>,
+        keys: TableKeys,
+        reply: Reply<Vec<Mutation>>,
+    },
+    Merge {
+        table: Table,
+        fallback: bool,
+        conflicts: Vec<Conflict>,
+        reply: Reply<Vec<Resolution>>,
+    },
+    Apply {
+        table: Table,
+        muts: Vec<Mutation>,
+        keys: TableKeys,
+        columns: Vec<ColumnInfo>,
+        host: tokio::sync::mpsc::UnboundedSender<HostCall>,
+        reply: Reply<()>,
+    },
+}
+
+impl Engine {
+    /// A fresh Context that has run the script's top level.
+    pub fn start(
+        sources: Arc<Sources>,
+        known_flags: Vec<String>,
+        quiet: bool,
+    ) -> Result<Engine, ScriptError> {
+        let jobs = Rc::new(Jobs::default());
+        let loader = Rc::new(Loader {
+            sources: sources.clone(),
+            host: RefCell::new(None),
+            modules: RefCell::new(HashMap::new()),
+            error: RefCell::new(None),
+        });
+        let mut ctx = Context::builder()
+            .job_executor(jobs.clone())
+            .module_loader(loader.clone())
+            .build()
+            .map_err(|e| ScriptError::Engine(e.to_string()))?;
+        ctx.runtime_limits_mut()
+            .set_loop_iteration_limit(LOOP_LIMIT);
+        ctx.runtime_limits_mut()
+            .set_recursion_limit(RECURSION_LIMIT);
+        host::install_globals(&mut ctx).map_err(|e| ScriptError::Engine(e.to_string()))?;
+        with_state(|s| {
+            *s = State {
+                script: sources.name.clone(),
+                known_flags,
+                top_level: true,
+                quiet,
+                ..State::default()
+            }
+        });
+        let main = loader.module(&sources.main, &mut ctx)?;
+        let promise = main.load_link_evaluate(&mut ctx);
+        let ran = jobs.clone().run_jobs(&mut ctx);
+        let outcome = match (ran, promise.state()) {
+            (_, PromiseState::Fulfilled(_)) => Ok(()),
+            (_, PromiseState::Rejected(v)) => Err(JsError::from_opaque(v)),
+            (Err(e), PromiseState::Pending) => Err(e),
+            (Ok(()), PromiseState::Pending) => Err(JsNativeError::error()
+                .with_message(
+                    "the top level never finished (awaiting a promise that never settles)",
+                )
+                .into()),
+        };
+        with_state(|s| s.top_level = false);
+        if let Err(e) = outcome {
+            if let Some(precise) = loader.error.borrow_mut().take() {
+                return Err(precise);
+            }
+            let err = js_error(&sources, "loading the script".into(), e, &mut ctx);
+            // Link errors (a missing export) carry no position: name the main file at least.
+            return Err(match err {
+                ScriptError::Js {
+                    context,
+                    file: None,
+                    message,
+                    ..
+                } => ScriptError::Js {
+                    context,
+                    file: Some(sources.main.display().to_string()),
+                    line: 0,
+                    column: 0,
+                    message,
+                },
+                other => other,
+            });
+        }
+        let captured = with_state(|s| s.captured.clone());
+        Ok(Engine {
+            ctx,
+            jobs,
+            sources,
+            captured,
+            keys: KeyCache::default(),
+        })
+    }
+
+    pub fn captured(&self) -> &Captured {
+        &self.captured
+    }
+
+    fn error(&mut self, context: impl Into<String>, e: JsError) -> ScriptError {
+        js_error(&self.sources, context.into(), e, &mut self.ctx)
+    }
+
+    pub fn run(&mut self, work: Work, deadline: Instant) {
+        match work {
+            Work::Dispatch {
+                source,
+                schema,
+                batch,
+                keymap,
+                reply,
+            } => {
+                let _ = reply.send(self.dispatch(&source, &schema, batch, &keymap));
+            }
+            Work::Map {
+                table,
+                muts,
+                keys,
+                reply,
+            } => {
+                let _ = reply.send(self.map(&table, muts, &keys));
+            }
+            Work::Merge {
+                table,
+                fallback,
+                conflicts,
+                reply,
+            } => {
+                let _ = reply.send(self.merge(&table, fallback, conflicts));
+            }
+            Work::Apply {
+                table,
+                muts,
+                keys,
+                columns,
+                host,
+                reply,
+            } => {
+                let r = self.apply(&table, muts, keys, columns, host, deadline);
+                with_state(|s| s.tx = None);
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn meta(
+        &mut self,
+        table: &Table,
+        time: Hlc,
+        source: Option<&str>,
+    ) -> Result<JsObject, ScriptError> {
+        convert::meta(table, time, source, &mut self.ctx, &mut self.keys)
+            .map_err(|e| ScriptError::Engine(e.to_string()))
+    }
+
+    pub fn dispatch(
+        &mut self,
+        source: &str,
+        schema: &Schema,
+        batch: Vec<(Table, Mutation)>,
+        keymap: &Keymap,
+    ) -> Result<Vec<(Table, Mutation)>, ScriptError> {
+        let opts = self
+            .captured
+            .source(source)
+            .cloned()
+            .ok_or_else(|| ScriptError::NotConfigured(format!("source {source}")))?;
+        if let Some(target) = &opts.target {
+            let t =
+                Table::parse_in(schema, target).map_err(|e| ScriptError::Config(e.to_string()))?;
+            return Ok(batch.into_iter().map(|(_, m)| (t.clone(), m)).collect());
+        }
+        let fns = host::source_fns(source).unwrap_or_default();
+        let ctxname = |t: &Table, m: &Mutation| format!("dispatch of {t} at {}", m.time);
+        let mut out = Vec::with_capacity(batch.len());
+        let mut last_meta: Option<(Table, Hlc, JsObject)> = None;
+        for (table, m) in batch {
+            let meta = match &last_meta {
+                Some((t, h, o)) if *t == table && *h == m.time => o.clone(),
+                _ => {
+                    let o = self.meta(&table, m.time, Some(&opts.name))?;
+                    last_meta = Some((table.clone(), m.time, o.clone()));
+                    o
+                }
+            };
+            match (&m.after, &opts.deletes_to) {
+                (Some(after), _) => {
+                    let Some(f) = &fns.dispatch else {
+                        out.push((table, m));
+                        continue;
+                    };
+                    let (doc, hints, created) =
+                        convert::raw_to_js_tracked(after, &mut self.ctx, &mut self.keys)
+                            .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                    let r = f
+                        .call(
+                            &JsValue::undefined(),
+                            &[doc.clone().into(), meta.into()],
+                            &mut self.ctx,
+                        )
+                        .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                    let input = created.as_ref().map(|c| Input {
+                        doc: &doc,
+                        created: c,
+                        table: &table,
+                    });
+                    self.route(&r, Some(&hints), input, schema, keymap, &m, &mut out)
+                        .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                }
+                (None, None) => out.push((table, m)),
+                (None, Some(DeletesTo::Table(name))) if name.is_empty() => out.push((table, m)),
+                (None, Some(DeletesTo::Table(name))) => {
+                    let t = Table::parse_in(schema, name)
+                        .map_err(|e| ScriptError::Config(format!("deletesTo: {e}")))?;
+                    out.push((t, m));
+                }
+                (None, Some(DeletesTo::Function)) => {
+                    let Some(f) = &fns.deletes_to else {
+                        out.push((table, m));
+                        continue;
+                    };
+                    let keys = keymap
+                        .get(&table)
+                        .ok_or_else(|| ScriptError::UnknownTable(table.to_string()))?;
+                    let vals: Vec<Value> = serde_json::from_str(&m.key)
+                        .map_err(|e| ScriptError::Engine(format!("invalid key: {e}")))?;
+                    let mut doc = Map::new();
+                    for (c, v) in keys.pk.iter().zip(vals) {
+                        doc.insert(c.clone(), v);
+                    }
+                    let d = convert::object_to_js(&doc, &mut self.ctx, &mut self.keys)
+                        .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                    let r = f
+                        .call(
+                            &JsValue::undefined(),
+                            &[d.into(), meta.into()],
+                            &mut self.ctx,
+                        )
+                        .map_err(|e| {
+                            self.error(format!("deletesTo of {table} at {}", m.time), e)
+                        })?;
+                    self.route(&r, Some(&doc), None, schema, keymap, &m, &mut out)
+                        .map_err(|e| {
+                            self.error(format!("deletesTo of {table} at {}", m.time), e)
+                        })?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Turns a `{table: [doc…]}` result into mutations. For a delete, the documents are keys.
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &mut self,
+        r: &JsValue,
+        hints: Option<&Map<String, Value>>,
+        input: Option<Input<'_>>,
+        schema: &Schema,
+        keymap: &Keymap,
+        m: &Mutation,
+        out: &mut Vec<(Table, Mutation)>,
+    ) -> JsResult<()> {
+        if r.is_null_or_undefined() {
+            return Ok(());
+        }
+        let Some(obj) = r.as_object().filter(|o| !o.is_array()) else {
+            return Err(convert::type_error(
+                "expected an object of table names to documents, or null",
+            ));
+        };
+        for key in obj.own_property_keys(&mut self.ctx)? {
+            let name = match &key {
+                boa_engine::property::PropertyKey::String(s) => s.to_std_string_escaped(),
+                boa_engine::property::PropertyKey::Index(i) => i.get().to_string(),
+                boa_engine::property::PropertyKey::Symbol(_) => continue,
+            };
+            let table =
+                Table::parse_in(schema, &name).map_err(|e| convert::type_error(e.to_string()))?;
+            let keys = keymap.get(&table).ok_or_else(|| {
+                convert::type_error(format!(
+                    "returned table {table}, which is not in the target schema"
+                ))
+            })?;
+            let docs = obj.get(key, &mut self.ctx)?;
+            if docs.is_null_or_undefined() {
+                continue;
+            }
+            let list: Vec<JsValue> = match docs.as_object() {
+                Some(a) if a.is_array() => {
+                    let len = a
+                        .get(js_string!("length"), &mut self.ctx)?
+                        .to_length(&mut self.ctx)?;
+                    let mut v = Vec::with_capacity(len as usize);
+                    for i in 0..len {
+                        v.push(a.get(i, &mut self.ctx)?);
+                    }
+                    v
+                }
+                _ => vec![docs],
+            };
+            for d in list {
+                if let (Some(i), Some(o), Some(h), Some(after)) =
+                    (&input, d.as_object(), hints, &m.after)
+                {
+                    if o == *i.doc && convert::unmodified(&o, i.created, &mut self.ctx)? {
+                        let k = if table == *i.table {
+                            m.key.clone()
+                        } else {
+                            convert::key_of(h, keys).map_err(|c| {
+                                convert::type_error(format!(
+                                    "omitted value for PK column {c} of {table}"
+                                ))
+                            })?
+                        };
+                        out.push((
+                            table.clone(),
+                            Mutation {
+                                time: m.time,
+                                key: k,
+                                after: Some(after.clone()),
+                                before: m.before.clone(),
+                            },
+                        ));
+                        continue;
+                    }
+                }
+                let doc = convert::doc_from_js(&d, hints, Some(keys), &mut self.ctx)?;
+                let k = convert::key_of(&doc, keys).map_err(|c| {
+                    convert::type_error(format!("omitted value for PK column {c} of {table}"))
+                })?;
+                let after = if m.after.is_some() {
+                    Some(Value::Object(doc).to_string())
+                } else {
+                    None
+                };
+                out.push((
+                    table.clone(),
+                    Mutation {
+                        time: m.time,
+                        key: k,
+                        after,
+                        before: m.before.clone(),
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn map(
+        &mut self,
+        table: &Table,
+        muts: Vec<Mutation>,
+        keys: &TableKeys,
+    ) -> Result<Vec<Mutation>, ScriptError> {
+        let fns = host::table_fns(table).unwrap_or_default();
+        if fns.map.is_none() && fns.delete_key.is_none() {
+            return Ok(muts);
+        }
+        let mut out = Vec::with_capacity(muts.len());
+        for m in muts {
+            let what = |kind: &str| format!("{kind} of {table} at {}", m.time);
+            match (&m.after, &fns.map, &fns.delete_key) {
+                (Some(after), Some(f), _) => {
+                    let meta = self.meta(table, m.time, None)?;
+                    let (doc, hints) = convert::raw_to_js(after, &mut self.ctx, &mut self.keys)
+                        .map_err(|e| self.error(what("map"), e))?;
+                    let r = f
+                        .call(
+                            &JsValue::undefined(),
+                            &[doc.into(), meta.into()],
+                            &mut self.ctx,
+                        )
+                        .map_err(|e| self.error(what("map"), e))?;
+                    if r.is_null_or_undefined() || r.as_boolean() == Some(false) {
+                        continue;
+                    }
+                    let doc = convert::doc_from_js(&r, Some(&hints), Some(keys), &mut self.ctx)
+                        .map_err(|e| self.error(what("map"), e))?;
+                    let key = convert::key_of(&doc, keys).map_err(|c| ScriptError::Js {
+                        context: what("map"),
+                        file: None,
+                        line: 0,
+                        column: 0,
+                        message: format!("omitted value for PK column {c}"),
+                    })?;
+                    out.push(Mutation {
+                        key,
+                        after: Some(Value::Object(doc).to_string()),
+                        ..m
+                    });
+                }
+                (None, _, Some(f)) => {
+                    let meta = self.meta(table, m.time, None)?;
+                    let orig: Value = serde_json::from_str(&m.key)
+                        .map_err(|e| ScriptError::Engine(format!("invalid key: {e}")))?;
+                    let arr = convert::to_js(&orig, &mut self.ctx, &mut self.keys)
+                        .map_err(|e| self.error(what("deleteKey"), e))?;
+                    let r = f
+                        .call(&JsValue::undefined(), &[arr, meta.into()], &mut self.ctx)
+                        .map_err(|e| self.error(what("deleteKey"), e))?;
+                    if r.is_null_or_undefined() {
+                        continue;
+                    }
+                    if let Some(a) = r.as_object().filter(|o| o.is_array()) {
+                        let len = a
+                            .get(js_string!("length"), &mut self.ctx)
+                            .and_then(|l| l.to_length(&mut self.ctx))
+                            .map_err(|e| self.error(what("deleteKey"), e))?;
+                        if len == 0 {
+                            continue;
+                        }
+                    }
+                    let key = host::key_from_js(&r, Some(&orig), keys, &mut self.ctx)
+                        .map_err(|e| self.error(what("deleteKey"), e))?;
+                    out.push(Mutation { key, ..m });
+                }
+                _ => out.push(m),
+            }
+        }
+        Ok(out)
+    }
+
+    fn row_to_js(&mut self, r: &Option<Row>) -> JsResult<JsValue> {
+        match r {
+            None => Ok(JsValue::undefined()),
+            Some(r) => Ok(convert::object_to_js(r, &mut self.ctx, &mut self.keys)?.into()),
+        }
+    }
+
+    pub fn merge(
+        &mut self,
+        table: &Table,
+        fallback: bool,
+        conflicts: Vec<Conflict>,
+    ) -> Result<Vec<Resolution>, ScriptError> {
+        let fns = host::table_fns(table).unwrap_or_default();
+        let (f, kind) = if fallback {
+            (fns.fallback, "merge fallback")
+        } else {
+            (fns.merge, "merge")
+        };
+        let f = f.ok_or_else(|| ScriptError::NotConfigured(format!("{kind} for {table}")))?;
+        let mut out = Vec::with_capacity(conflicts.len());
+        for c in conflicts {
+            let what = format!("{kind} of {table} at {}", c.meta.time);
+            let r = self
+                .merge_one(&f, table, &c)
+                .map_err(|e| self.error(what.clone(), e))?;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    fn merge_one(&mut self, f: &JsObject, table: &Table, c: &Conflict) -> JsResult<Resolution> {
+        let op = JsObject::with_object_proto(self.ctx.intrinsics());
+        let before = self.row_to_js(&c.before)?;
+        let proposed = self.row_to_js(&c.proposed)?;
+        let target = self.row_to_js(&c.target)?;
+        let meta = convert::meta(table, c.meta.time, None, &mut self.ctx, &mut self.keys)?;
+        if !before.is_undefined() {
+            op.create_data_property_or_throw(js_string!("before"), before, &mut self.ctx)?;
+        }
+        op.create_data_property_or_throw(
+            js_string!("proposed"),
+            if proposed.is_undefined() {
+                JsValue::null()
+            } else {
+                proposed
+            },
+            &mut self.ctx,
+        )?;
+        op.create_data_property_or_throw(
+            js_string!("target"),
+            if target.is_undefined() {
+                JsValue::null()
+            } else {
+                target
+            },
+            &mut self.ctx,
+        )?;
+        op.create_data_property_or_throw(js_string!("meta"), meta, &mut self.ctx)?;
+        if !c.unmerged.is_empty() {
+            let names: Vec<JsValue> = c
+                .unmerged
+                .iter()
+                .map(|n| JsString::from(n.as_str()).into())
+                .collect();
+            let arr = JsArray::from_iter(names, &mut self.ctx);
+            op.create_data_property_or_throw(js_string!("unmerged"), arr, &mut self.ctx)?;
+        }
+        let r = f.call(&JsValue::undefined(), &[op.into()], &mut self.ctx)?;
+        let Some(obj) = r.as_object() else {
+            return Err(convert::type_error(
+                "a merge function must return {apply}, {dlq} or {drop}",
+            ));
+        };
+        let apply = obj.get(js_string!("apply"), &mut self.ctx)?;
+        if !apply.is_null_or_undefined() {
+            // Properties keep their type from whichever input image had them.
+            let mut hints = c.before.clone().unwrap_or_default();
+            for r in [&c.target, &c.proposed].into_iter().flatten() {
+                hints.extend(r.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            let row = convert::doc_from_js(&apply, Some(&hints), None, &mut self.ctx)?;
+            return Ok(Resolution::Apply(row));
+        }
+        let dlq = obj.get(js_string!("dlq"), &mut self.ctx)?;
+        if !dlq.is_null_or_undefined() {
+            return Ok(Resolution::Dlq(
+                dlq.to_string(&mut self.ctx)?.to_std_string_escaped(),
+            ));
+        }
+        if obj.get(js_string!("drop"), &mut self.ctx)?.to_boolean() {
+            return Ok(Resolution::Drop);
+        }
+        Err(convert::type_error(
+            "a merge function must return {apply}, {dlq} or {drop}",
+        ))
+    }
+
+    fn apply(
+        &mut self,
+        table: &Table,
+        muts: Vec<Mutation>,
+        keys: TableKeys,
+        columns: Vec<ColumnInfo>,
+        host_tx: tokio::sync::mpsc::UnboundedSender<HostCall>,
+        deadline: Instant,
+    ) -> Result<(), ScriptError> {
+        let fns = host::table_fns(table).unwrap_or_default();
+        let f = fns
+            .apply
+            .ok_or_else(|| ScriptError::NotConfigured(format!("apply for {table}")))?;
+        let what = format!("apply of {table}");
+        let (ops, originals) = self
+            .ops(table, &muts)
+            .map_err(|e| self.error(what.clone(), e))?;
+        let (reply_tx, reply_rx) = flume::unbounded::<HostReply>();
+        with_state(|s| {
+            s.tx = Some(TxScope {
+                table: table.clone(),
+                keys,
+                columns,
+                host: host_tx,
+                reply: reply_tx,
+                next_id: 0,
+                pending: HashMap::new(),
+                originals: Rc::new(originals),
+                muts: Rc::new(muts),
+            })
+        });
+        let r = f
+            .call(&JsValue::undefined(), &[ops], &mut self.ctx)
+            .map_err(|e| self.error(what.clone(), e))?;
+        let Some(promise) = r.as_promise() else {
+            // A plain function finished synchronously; run what it queued.
+            self.jobs
+                .clone()
+                .run_jobs(&mut self.ctx)
+                .map_err(|e| self.error(what.clone(), e))?;
+            return Ok(());
+        };
+        loop {
+            self.jobs
+                .clone()
+                .run_jobs(&mut self.ctx)
+                .map_err(|e| self.error(what.clone(), e))?;
+            match promise.state() {
+                PromiseState::Fulfilled(_) => return Ok(()),
+                PromiseState::Rejected(v) => return Err(self.error(what, JsError::from_opaque(v))),
+                PromiseState::Pending => {}
+            }
+            if with_state(|s| s.tx.as_ref().is_none_or(|t| t.pending.is_empty())) {
+                return Err(ScriptError::Js {
+                    context: what,
+                    file: None,
+                    line: 0,
+                    column: 0,
+                    message: "the promise returned by apply never settles".into(),
+                });
+            }
+            // Park until the database answers one of the script's calls.
+            let reply = match reply_rx.recv_deadline(deadline) {
+                Ok(r) => r,
+                Err(_) => return Err(ScriptError::Timeout { what }),
+            };
+            host::settle(reply, &mut self.ctx).map_err(|e| self.error(what.clone(), e))?;
+        }
+    }
+
+    /// The `ApplyOp[]` of a batch, and each op object's index in it.
+    fn ops(
+        &mut self,
+        table: &Table,
+        muts: &[Mutation],
+    ) -> JsResult<(JsValue, HashMap<JsObject, usize>)> {
+        let mut items = Vec::with_capacity(muts.len());
+        let mut originals = HashMap::with_capacity(muts.len());
+        for (i, m) in muts.iter().enumerate() {
+            let op = JsObject::with_object_proto(self.ctx.intrinsics());
+            let action = if m.after.is_some() {
+                "upsert"
+            } else {
+                "delete"
+            };
+            op.create_data_property_or_throw(
+                js_string!("action"),
+                JsString::from(action),
+                &mut self.ctx,
+            )?;
+            if let Some(a) = &m.after {
+                let (d, _) = convert::raw_to_js(a, &mut self.ctx, &mut self.keys)?;
+                op.create_data_property_or_throw(js_string!("data"), d, &mut self.ctx)?;
+            }
+            if let Some(b) = &m.before {
+                if let Ok((d, _)) = convert::raw_to_js(b, &mut self.ctx, &mut self.keys) {
+                    op.create_data_property_or_throw(js_string!("before"), d, &mut self.ctx)?;
+                }
+            }
+            let meta = convert::meta(table, m.time, None, &mut self.ctx, &mut self.keys)?;
+            op.create_data_property_or_throw(js_string!("meta"), meta, &mut self.ctx)?;
+            let key: Value = serde_json::from_str(&m.key)
+                .map_err(|e| convert::type_error(format!("invalid key: {e}")))?;
+            let pk = convert::to_js(&key, &mut self.ctx, &mut self.keys)?;
+            op.create_data_property_or_throw(js_string!("pk"), pk, &mut self.ctx)?;
+            originals.insert(op.clone(), i);
+            items.push(op.into());
+        }
+        Ok((JsArray::from_iter(items, &mut self.ctx).into(), originals))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Registered functions belong to this Context's heap: release them before it goes.
+        with_state(|s| *s = State::default());
+    }
+}
+
+/// A queued piece of work.
+pub struct Job {
+    pub work: Work,
+    pub enqueued: Instant,
+    pub deadline: Instant,
+    /// 1 + the id of the worker that took the job; 0 while queued.
+    pub taken: Arc<AtomicUsize>,
+}
+
+/// What the workers share.
+pub struct Shared {
+    pub sources: Arc<Sources>,
+    pub known_flags: Vec<String>,
+    pub jobs: flume::Receiver<Job>,
+    pub memory_budget: u64,
+    workers: Mutex<HashMap<usize, Arc<AtomicBool>>>,
+    next_id: AtomicUsize,
+    pub replaced: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(
+        sources: Arc<Sources>,
+        known_flags: Vec<String>,
+        jobs: flume::Receiver<Job>,
+        memory_budget: u64,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            sources,
+            known_flags,
+            jobs,
+            memory_budget,
+            workers: Mutex::new(HashMap::new()),
+            next_id: AtomicUsize::new(0),
+            replaced: AtomicU64::new(0),
+        })
+    }
+
+    /// Starts a worker; the receiver answers once its top level ran.
+    pub fn spawn(
+        self: &Arc<Self>,
+        quiet: bool,
+    ) -> std::sync::mpsc::Receiver<Result<Captured, ScriptError>> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let lost = Arc::new(AtomicBool::new(false));
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, lost.clone());
+        let shared = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("userscript-{id}"))
+            .stack_size(STACK_BYTES)
+            .spawn(move || worker(shared, id, lost, quiet, ready_tx));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a userscript thread");
+        }
+        ready_rx
+    }
+
+    /// Gives up on worker `id` (stuck, crashed or too big) and starts another in its place.
+    pub fn replace(self: &Arc<Self>, id: usize, why: &str) {
+        let removed = self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+        if let Some(lost) = removed {
+            lost.store(true, Ordering::SeqCst);
+            self.replaced.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(worker = id, reason = why, "replacing a userscript worker");
+            let ready = self.spawn(true);
+            let name = self.sources.name.clone();
+            // The same script loaded before; report a failure without waiting here.
+            std::thread::spawn(move || {
+                if let Ok(Err(e)) = ready.recv() {
+                    tracing::error!(script = %name, error = %e, "replacement userscript worker failed to start");
+                }
+            });
+        }
+    }
+}
+
+/// Resident set size of the process: the engine offers no per-heap figure.
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn worker(
+    shared: Arc<Shared>,
+    id: usize,
+    lost: Arc<AtomicBool>,
+    quiet: bool,
+    ready: std::sync::mpsc::Sender<Result<Captured, ScriptError>>,
+) {
+    let mut engine = match Engine::start(shared.sources.clone(), shared.known_flags.clone(), quiet)
+    {
+        Ok(e) => {
+            let _ = ready.send(Ok(e.captured().clone()));
+            e
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            shared
+                .workers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+            return;
+        }
+    };
+    drop(ready);
+    while !lost.load(Ordering::SeqCst) {
+        let Ok(job) = shared.jobs.recv() else { break };
+        let start = Instant::now();
+        if start >= job.deadline {
+            // The caller gave up while the job was queued.
+            continue;
+        }
+        job.taken.store(id + 1, Ordering::SeqCst);
+        metrics::histogram!(SCRIPT_ENTRY_WAIT).record((start - job.enqueued).as_secs_f64());
+        let deadline = job.deadline;
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.run(job.work, deadline)
+        }));
+        metrics::histogram!(SCRIPT_EXEC_TIME).record(start.elapsed().as_secs_f64());
+        if ran.is_err() {
+            shared.replace(id, "panicked");
+            break;
+        }
+        if shared.memory_budget > 0 && resident_bytes() > shared.memory_budget {
+            shared.replace(id, "memory budget exceeded");
+            break;
+        }
+    }
+    drop(engine);
+}

@@ -1,0 +1,149 @@
+//! The userscript's `apply` callback against a real PostgreSQL: `getTX()` queries, statements
+//! and the normal pipeline, inside the caller's transaction.
+
+use crate::support::Db;
+use cdc_sink::apply::Applier;
+use cdc_sink::hlc::Hlc;
+use cdc_sink::ident::{Schema, Table};
+use cdc_sink::mutation::Mutation;
+use cdc_sink::script::{ScriptError, Userscript};
+use cdc_sink::target::{Database, Dialect};
+use std::time::Duration;
+
+fn applier(db: &Db) -> Applier {
+    Applier::new(
+        Database {
+            pool: db.pool.clone(),
+            dialect: Dialect::Postgres,
+            database: db.name.clone(),
+        },
+        Duration::from_secs(3600),
+    )
+}
+
+fn up(t: i64, k: i64, after: &str) -> Mutation {
+    Mutation {
+        time: Hlc::new(t, 0),
+        key: format!("[{k}]"),
+        after: Some(after.to_string()),
+        before: None,
+    }
+}
+
+fn script(text: &str) -> (tempfile::TempDir, Userscript) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("apply.ts");
+    std::fs::write(&path, text).expect("write");
+    let s = Userscript::load(&path, &[]).unwrap_or_else(|e| panic!("load: {e}"));
+    (dir, s)
+}
+
+const APPLY_SCRIPT: &str = r#"import * as api from "cdc-sink@v1";
+import { ApplyOp } from "cdc-sink@v1";
+
+api.configureTable("kv", {
+  apply: async (ops: ApplyOp[]) => {
+    const tx = api.getTX();
+    const cols = tx.columns().map((c) => c.name + (c.primary ? "*" : "")).join(",");
+    const keep = ops.filter((op) => op.action === "delete" || op.data?._source !== "west");
+    for (const op of ops) {
+      await tx.exec("INSERT INTO audit (k, what, cols) VALUES ($1, $2, $3)", op.pk[0], op.action, cols);
+    }
+    const before = await tx.query("SELECT count(*), bool_and(true), $1::JSONB FROM kv WHERE k > $2", { a: 1 }, "0");
+    await tx.apply(keep);
+    const after = await tx.query("SELECT count(*) FROM kv");
+    await tx.exec("INSERT INTO audit (k, what, cols) VALUES (0, $1, $2)",
+      "rows " + before[0][0] + "->" + after[0][0] + " " + before[0][1] + " " + before[0][2].a, tx.table());
+  },
+});
+"#;
+
+#[tokio::test]
+async fn async_apply_uses_the_target_transaction() {
+    let db = Db::new("script_apply").await;
+    db.exec(
+        "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT, _source TEXT);
+         CREATE TABLE audit (id SERIAL PRIMARY KEY, k INT8, what TEXT, cols TEXT);
+         INSERT INTO kv VALUES (100, 'old', 'east');",
+    )
+    .await;
+    let (_d, s) = script(APPLY_SCRIPT);
+    let table = Table::new(Schema::new(db.name.as_str(), "public"), "kv");
+    assert!(s.has_apply(&table));
+    let a = applier(&db);
+    let muts = vec![
+        up(10, 1, r#"{"k":1,"v":"a","_source":"east"}"#),
+        up(11, 2, r#"{"k":2,"v":"b","_source":"west"}"#),
+        Mutation {
+            time: Hlc::new(12, 0),
+            key: "[100]".into(),
+            after: None,
+            before: None,
+        },
+    ];
+    let mut tx = db.pool.begin().await.unwrap();
+    s.apply(&table, &muts, &mut tx, &a)
+        .await
+        .unwrap_or_else(|e| panic!("apply: {e}"));
+    // Nothing is visible outside the transaction until it commits.
+    assert_eq!(db.count("audit").await, 0);
+    tx.commit().await.unwrap();
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT k, v FROM kv ORDER BY k")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![(1, "a".to_string())]);
+    let audit: Vec<(i64, String, String)> =
+        sqlx::query_as("SELECT k, what, cols FROM audit ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        audit,
+        vec![
+            (1, "upsert".into(), "k*,_source,v".into()),
+            (2, "upsert".into(), "k*,_source,v".into()),
+            (100, "delete".into(), "k*,_source,v".into()),
+            (
+                0,
+                "rows 1->1 true 1".into(),
+                format!("\"{}\".\"public\".\"kv\"", db.name)
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_failing_statement_rejects_the_promise_and_fails_the_batch() {
+    let db = Db::new("script_apply_error").await;
+    db.exec("CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT)")
+        .await;
+    let (_d, s) = script(
+        r#"import * as api from "cdc-sink@v1";
+api.configureTable("kv", {
+  apply: async (ops: any[]) => {
+    let caught = "";
+    try {
+      await api.getTX().exec("INSERT INTO nowhere VALUES (1)");
+    } catch (e) {
+      caught = String(e);
+    }
+    if (!caught.includes("nowhere")) throw new Error("expected a rejection, got " + caught);
+    await api.getTX().query("SELECT 1");
+  },
+});
+"#,
+    );
+    let table = Table::new(Schema::new(db.name.as_str(), "public"), "kv");
+    let a = applier(&db);
+    let mut tx = db.pool.begin().await.unwrap();
+    let e = s
+        .apply(&table, &[up(1, 1, r#"{"k":1,"v":"a"}"#)], &mut tx, &a)
+        .await
+        .unwrap_err();
+    // The first error aborted the transaction; the second statement fails and is not caught.
+    assert!(matches!(e, ScriptError::Js { .. }), "{e}");
+    assert!(e.to_string().contains("apply.ts"), "{e}");
+    drop(tx);
+    assert_eq!(db.count("kv").await, 0);
+}
