@@ -367,15 +367,25 @@ pub fn meta(
     ctx: &mut Context,
     keys: &mut KeyCache,
 ) -> JsResult<JsObject> {
+    let names = (keys.get(table.name.raw()), keys.schema(&table.schema));
+    meta_with(names, time, source, ctx, keys)
+}
+
+/// [`meta`] with the table's name and schema already made.
+pub fn meta_with(
+    (name, schema): (JsString, JsString),
+    time: Hlc,
+    source: Option<&str>,
+    ctx: &mut Context,
+    keys: &mut KeyCache,
+) -> JsResult<JsObject> {
     let obj = JsObject::with_object_proto(ctx.intrinsics());
-    let name = keys.get(table.name.raw());
-    obj.create_data_property_or_throw(keys.get("table"), name, ctx)?;
-    let schema = keys.schema(&table.schema);
-    obj.create_data_property_or_throw(keys.get("schema"), schema, ctx)?;
-    obj.create_data_property_or_throw(keys.get("nanos"), time.nanos() as f64, ctx)?;
-    obj.create_data_property_or_throw(keys.get("logical"), time.logical(), ctx)?;
+    obj.create_data_property_or_throw(js_string!("table"), name, ctx)?;
+    obj.create_data_property_or_throw(js_string!("schema"), schema, ctx)?;
+    obj.create_data_property_or_throw(js_string!("nanos"), time.nanos() as f64, ctx)?;
+    obj.create_data_property_or_throw(js_string!("logical"), time.logical(), ctx)?;
     obj.create_data_property_or_throw(
-        keys.get("updated"),
+        js_string!("updated"),
         JsString::from(time.to_string().as_str()),
         ctx,
     )?;
