@@ -206,7 +206,14 @@ pub fn unmodified(obj: &JsObject, created: &Created, ctx: &mut Context) -> JsRes
             PropertyKey::String(s) if s == k => {}
             _ => return Ok(false),
         }
-        if !obj.get(key, ctx)?.strict_equals(v) {
+        // Our own ordinary object: read its property table directly, no internal methods.
+        let same = obj
+            .borrow()
+            .properties()
+            .get(&key)
+            .and_then(|d| d.value().map(|x| x.strict_equals(v)))
+            .unwrap_or(false);
+        if !same {
             return Ok(false);
         }
     }
@@ -397,7 +404,11 @@ pub fn meta_with(
     put(&obj, js_string!("schema"), schema);
     put(&obj, js_string!("nanos"), time.nanos() as f64);
     put(&obj, js_string!("logical"), time.logical());
-    put(&obj, js_string!("updated"), JsString::from(time.to_string().as_str()));
+    put(
+        &obj,
+        js_string!("updated"),
+        JsString::from(time.to_string().as_str()),
+    );
     if let Some(s) = source {
         put(&obj, keys.get(s), true);
     }
