@@ -7,7 +7,7 @@ use crate::apply::SchemaInfo;
 use crate::hlc::Hlc;
 use crate::ident::Table;
 use boa_engine::object::builtins::JsArray;
-use boa_engine::property::PropertyKey;
+use boa_engine::property::{PropertyDescriptor, PropertyKey};
 use boa_engine::{
     js_string, Context, JsError, JsNativeError, JsObject, JsResult, JsString, JsValue,
 };
@@ -111,6 +111,19 @@ impl KeyCache {
     }
 }
 
+/// Adds a data property to an object we just made (so the key is new and the object
+/// extensible): skips the generic define-property checks, a large share of building a document.
+fn put(obj: &JsObject, key: JsString, value: impl Into<JsValue>) {
+    obj.insert_property(
+        key,
+        PropertyDescriptor::builder()
+            .value(value)
+            .writable(true)
+            .enumerable(true)
+            .configurable(true),
+    );
+}
+
 /// JSON to JS; numbers become their decimal text.
 pub fn to_js(v: &Value, ctx: &mut Context, keys: &mut KeyCache) -> JsResult<JsValue> {
     Ok(match v {
@@ -137,7 +150,7 @@ pub fn object_to_js(
     let obj = JsObject::with_object_proto(ctx.intrinsics());
     for (k, x) in m {
         let v = to_js(x, ctx, keys)?;
-        obj.create_data_property_or_throw(keys.get(k), v, ctx)?;
+        put(&obj, keys.get(k), v);
     }
     Ok(obj)
 }
@@ -177,7 +190,7 @@ pub fn raw_to_js_tracked(
         } else if let Some(c) = created.as_mut() {
             c.push((key.clone(), v.clone()));
         }
-        obj.create_data_property_or_throw(key, v, ctx)?;
+        put(&obj, key, v);
     }
     Ok((obj, m, created.map(Created)))
 }
@@ -193,7 +206,14 @@ pub fn unmodified(obj: &JsObject, created: &Created, ctx: &mut Context) -> JsRes
             PropertyKey::String(s) if s == k => {}
             _ => return Ok(false),
         }
-        if !obj.get(key, ctx)?.strict_equals(v) {
+        // Our own ordinary object: read its property table directly, no internal methods.
+        let same = obj
+            .borrow()
+            .properties()
+            .get(&key)
+            .and_then(|d| d.value().map(|x| x.strict_equals(v)))
+            .unwrap_or(false);
+        if !same {
             return Ok(false);
         }
     }
@@ -367,20 +387,30 @@ pub fn meta(
     ctx: &mut Context,
     keys: &mut KeyCache,
 ) -> JsResult<JsObject> {
+    let names = (keys.get(table.name.raw()), keys.schema(&table.schema));
+    meta_with(names, time, source, ctx, keys)
+}
+
+/// [`meta`] with the table's name and schema already made.
+pub fn meta_with(
+    (name, schema): (JsString, JsString),
+    time: Hlc,
+    source: Option<&str>,
+    ctx: &mut Context,
+    keys: &mut KeyCache,
+) -> JsResult<JsObject> {
     let obj = JsObject::with_object_proto(ctx.intrinsics());
-    let name = keys.get(table.name.raw());
-    obj.create_data_property_or_throw(keys.get("table"), name, ctx)?;
-    let schema = keys.schema(&table.schema);
-    obj.create_data_property_or_throw(keys.get("schema"), schema, ctx)?;
-    obj.create_data_property_or_throw(keys.get("nanos"), time.nanos() as f64, ctx)?;
-    obj.create_data_property_or_throw(keys.get("logical"), time.logical(), ctx)?;
-    obj.create_data_property_or_throw(
-        keys.get("updated"),
+    put(&obj, js_string!("table"), name);
+    put(&obj, js_string!("schema"), schema);
+    put(&obj, js_string!("nanos"), time.nanos() as f64);
+    put(&obj, js_string!("logical"), time.logical());
+    put(
+        &obj,
+        js_string!("updated"),
         JsString::from(time.to_string().as_str()),
-        ctx,
-    )?;
+    );
     if let Some(s) = source {
-        obj.create_data_property_or_throw(keys.get(s), true, ctx)?;
+        put(&obj, keys.get(s), true);
     }
     Ok(obj)
 }

@@ -397,6 +397,9 @@ fn parse_frame(frame: &str) -> Option<(String, u32, u32)> {
     Some((file.to_string(), line.parse().ok()?, col.parse().ok()?))
 }
 
+/// Table names a dispatch returned, resolved.
+type Routes<'k> = Vec<(String, Table, &'k TableKeys)>;
+
 /// The document handed to `dispatch`, to recognise it coming back unchanged.
 struct Input<'a> {
     doc: &'a JsObject,
@@ -411,6 +414,8 @@ pub struct Engine {
     sources: Arc<Sources>,
     captured: Captured,
     keys: KeyCache,
+    /// The last table's name and schema as JS strings.
+    names: Option<(Table, JsString, JsString)>,
 }
 
 type Reply<T> = tokio::sync::oneshot::Sender<Result<T, ScriptError>>;
@@ -522,6 +527,7 @@ impl Engine {
             sources,
             captured,
             keys: KeyCache::default(),
+            names: None,
         })
     }
 
@@ -581,7 +587,18 @@ impl Engine {
         time: Hlc,
         source: Option<&str>,
     ) -> Result<JsObject, ScriptError> {
-        convert::meta(table, time, source, &mut self.ctx, &mut self.keys)
+        let names = match &self.names {
+            Some((t, n, s)) if t == table => (n.clone(), s.clone()),
+            _ => {
+                let n = (
+                    self.keys.get(table.name.raw()),
+                    self.keys.schema(&table.schema),
+                );
+                self.names = Some((table.clone(), n.0.clone(), n.1.clone()));
+                n
+            }
+        };
+        convert::meta_with(names, time, source, &mut self.ctx, &mut self.keys)
             .map_err(|e| ScriptError::Engine(e.to_string()))
     }
 
@@ -606,6 +623,7 @@ impl Engine {
         let ctxname = |t: &Table, m: &Mutation| format!("dispatch of {t} at {}", m.time);
         let mut out = Vec::with_capacity(batch.len());
         let mut last_meta: Option<(Table, Hlc, JsObject)> = None;
+        let mut routes = Routes::new();
         for (table, m) in batch {
             let meta = match &last_meta {
                 Some((t, h, o)) if *t == table && *h == m.time => o.clone(),
@@ -636,8 +654,17 @@ impl Engine {
                         created: c,
                         table: &table,
                     });
-                    self.route(&r, Some(&hints), input, schema, keymap, &m, &mut out)
-                        .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                    self.route(
+                        &r,
+                        Some(&hints),
+                        input,
+                        schema,
+                        keymap,
+                        &mut routes,
+                        &m,
+                        &mut out,
+                    )
+                    .map_err(|e| self.error(ctxname(&table, &m), e))?;
                 }
                 (None, None) => out.push((table, m)),
                 (None, Some(DeletesTo::Table(name))) if name.is_empty() => out.push((table, m)),
@@ -671,10 +698,17 @@ impl Engine {
                         .map_err(|e| {
                             self.error(format!("deletesTo of {table} at {}", m.time), e)
                         })?;
-                    self.route(&r, Some(&doc), None, schema, keymap, &m, &mut out)
-                        .map_err(|e| {
-                            self.error(format!("deletesTo of {table} at {}", m.time), e)
-                        })?;
+                    self.route(
+                        &r,
+                        Some(&doc),
+                        None,
+                        schema,
+                        keymap,
+                        &mut routes,
+                        &m,
+                        &mut out,
+                    )
+                    .map_err(|e| self.error(format!("deletesTo of {table} at {}", m.time), e))?;
                 }
             }
         }
@@ -683,13 +717,14 @@ impl Engine {
 
     /// Turns a `{table: [doc…]}` result into mutations. For a delete, the documents are keys.
     #[allow(clippy::too_many_arguments)]
-    fn route(
+    fn route<'k>(
         &mut self,
         r: &JsValue,
         hints: Option<&Map<String, Value>>,
         input: Option<Input<'_>>,
         schema: &Schema,
-        keymap: &Keymap,
+        keymap: &'k Keymap,
+        routes: &mut Routes<'k>,
         m: &Mutation,
         out: &mut Vec<(Table, Mutation)>,
     ) -> JsResult<()> {
@@ -707,13 +742,23 @@ impl Engine {
                 boa_engine::property::PropertyKey::Index(i) => i.get().to_string(),
                 boa_engine::property::PropertyKey::Symbol(_) => continue,
             };
-            let table =
-                Table::parse_in(schema, &name).map_err(|e| convert::type_error(e.to_string()))?;
-            let keys = keymap.get(&table).ok_or_else(|| {
-                convert::type_error(format!(
-                    "returned table {table}, which is not in the target schema"
-                ))
-            })?;
+            // Names repeat from row to row: resolve each once per batch.
+            let (table, keys) = match routes.iter().find(|(n, _, _)| *n == name) {
+                Some((_, t, k)) => (t.clone(), *k),
+                None => {
+                    let table = Table::parse_in(schema, &name)
+                        .map_err(|e| convert::type_error(e.to_string()))?;
+                    let keys = keymap.get(&table).ok_or_else(|| {
+                        convert::type_error(format!(
+                            "returned table {table}, which is not in the target schema"
+                        ))
+                    })?;
+                    if routes.len() < 64 {
+                        routes.push((name.clone(), table.clone(), keys));
+                    }
+                    (table, keys)
+                }
+            };
             let docs = obj.get(key, &mut self.ctx)?;
             if docs.is_null_or_undefined() {
                 continue;

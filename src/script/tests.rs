@@ -771,3 +771,22 @@ async fn dispatch_runs_at_speed() {
     let docs = bench_dispatch(5_000).await.unwrap();
     assert!(docs > 1_000.0, "{docs} docs/s");
 }
+
+fn assert_send_sync<T: Send + Sync + Clone>(_: &T) {}
+fn assert_send<T: Send>(_: T) {}
+
+/// The handle is shared across tasks and its futures run on the multi-threaded runtime.
+#[allow(dead_code, unreachable_code, clippy::diverging_sub_expression)]
+fn the_handle_and_its_futures_are_send(
+    s: Userscript,
+    conn: &mut PgConnection,
+    a: &Applier,
+    t: Table,
+    i: SchemaInfo,
+) {
+    assert_send_sync(&s);
+    assert_send(s.dispatch(&kv(), &i, vec![]));
+    assert_send(s.map(&t, &i, vec![]));
+    assert_send(s.merge(false, vec![]));
+    assert_send(s.apply(&t, &[], conn, a));
+}

@@ -106,48 +106,54 @@ fn cells(row: &sqlx::postgres::PgRow) -> Vec<Cell> {
         .collect()
 }
 
-/// Runs one call on `conn` and answers it.
-pub async fn serve(call: HostCall, conn: &mut PgConnection, applier: &Applier, table: &Table) {
-    let (id, reply, result) = match call {
-        HostCall::Apply { id, reply, muts } => {
-            let r = applier
-                .apply(conn, table, &muts)
-                .await
-                .map(|s| Answer::Done(s.upserts + s.deletes))
-                .map_err(|e| e.to_string());
-            (id, reply, r)
-        }
-        HostCall::Exec {
-            id,
-            reply,
-            sql,
-            params,
-        } => {
-            // Executor on a plain &str runs the simple-query protocol (several statements,
-            // literal parameters) like raw_sql, without raw_sql's unprovable Send bounds.
-            let text = statement_sql(&sql, &params);
-            let r = sqlx::Executor::execute(&mut *conn, text.as_str())
-                .await
-                .map(|d| Answer::Done(d.rows_affected()))
-                .map_err(|e| e.to_string());
-            (id, reply, r)
-        }
-        HostCall::Query {
-            id,
-            reply,
-            sql,
-            params,
-        } => {
-            let text = statement_sql(&sql, &params);
-            let r = sqlx::Executor::fetch_all(&mut *conn, text.as_str())
-                .await
-                .map(|rows| Answer::Rows(rows.iter().map(cells).collect()))
-                .map_err(|e| e.to_string());
-            (id, reply, r)
-        }
-    };
-    // The engine side may have given up (deadline); nothing to do then.
-    let _ = reply.send(HostReply { id, result });
+/// Runs one call on `conn` and answers it. Boxed: the caller's future must stay `Send`, which
+/// the compiler cannot prove through sqlx's executor bounds otherwise.
+pub fn serve<'a>(
+    call: HostCall,
+    conn: &'a mut PgConnection,
+    applier: &'a Applier,
+    table: &'a Table,
+) -> futures::future::BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let (id, reply, result) = match call {
+            HostCall::Apply { id, reply, muts } => {
+                let r = applier
+                    .apply(conn, table, &muts)
+                    .await
+                    .map(|s| Answer::Done(s.upserts + s.deletes))
+                    .map_err(|e| e.to_string());
+                (id, reply, r)
+            }
+            HostCall::Exec {
+                id,
+                reply,
+                sql,
+                params,
+            } => {
+                let text = statement_sql(&sql, &params);
+                let r = sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(&text))
+                    .await
+                    .map(|d| Answer::Done(d.rows_affected()))
+                    .map_err(|e| e.to_string());
+                (id, reply, r)
+            }
+            HostCall::Query {
+                id,
+                reply,
+                sql,
+                params,
+            } => {
+                let text = statement_sql(&sql, &params);
+                let r = sqlx::Executor::fetch_all(&mut *conn, sqlx::raw_sql(&text))
+                    .await
+                    .map(|rows| Answer::Rows(rows.iter().map(cells).collect()))
+                    .map_err(|e| e.to_string());
+                (id, reply, r)
+            }
+        };
+        // The engine side may have given up (deadline); nothing to do then.
+        let _ = reply.send(HostReply { id, result });
+    })
 }
 
 #[cfg(test)]
