@@ -32,8 +32,12 @@ pub fn script_for(region: &str) -> &'static str {
 
 /// The kv table of one region. PostgreSQL has no `ON UPDATE`: a trigger stamps `_source` and
 /// `_timestamp` on local writes, and leaves them as replicated on writes from the sink, which
-/// it recognises by the sink's `application_name`.
+/// it recognises by the sink's `application_name`. East stamps even microseconds and west odd
+/// ones: two writes of one key in the same microsecond would otherwise tie on `_timestamp`,
+/// each side would refuse the other's row (compare-and-set needs strictly newer), and the
+/// regions would stay apart (seen with lock-step workloads on this machine).
 pub fn schema_sql(region: &str) -> String {
+    let parity = if region == "east" { 0 } else { 1 };
     format!(
         "CREATE TABLE public.kv (
     k INT8 PRIMARY KEY,
@@ -46,6 +50,9 @@ BEGIN
     IF current_setting('application_name', true) IS DISTINCT FROM 'cdc-sink' THEN
         NEW._source := '{region}';
         NEW._timestamp := clock_timestamp() + INTERVAL '1 second';
+        IF extract(microseconds FROM NEW._timestamp)::INT8 % 2 <> {parity} THEN
+            NEW._timestamp := NEW._timestamp + INTERVAL '1 microsecond';
+        END IF;
     END IF;
     RETURN NEW;
 END $$;
