@@ -5,6 +5,7 @@ mod support;
 mod apply;
 mod conflicts;
 mod crash;
+mod demo;
 mod feed;
 mod harness;
 mod pipeline;
