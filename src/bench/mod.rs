@@ -163,6 +163,12 @@ pub struct Summary {
     pub consistent_rows_per_s: f64,
     pub immediate_ratio: f64,
     pub consistent_ratio: f64,
+    pub userscript_rows_per_s: f64,
+    pub userscript_ratio: f64,
+    /// Share of the consistent path's throughput the userscript costs (0.05 = 5 %).
+    pub userscript_cost: f64,
+    /// `dispatch` documents per second on one JavaScript thread, in isolation.
+    pub dispatch_docs_per_s: f64,
 }
 
 impl Summary {
@@ -172,6 +178,7 @@ impl Summary {
         batch_bytes: usize,
         requests: usize,
         measures: &[Measure],
+        dispatch_docs_per_s: f64,
     ) -> Summary {
         let get = |n: &str| {
             measures
@@ -192,6 +199,14 @@ impl Summary {
             consistent_rows_per_s: get("consistent"),
             immediate_ratio: ratio(get("immediate")),
             consistent_ratio: ratio(get("consistent")),
+            userscript_rows_per_s: get("userscript"),
+            userscript_ratio: ratio(get("userscript")),
+            userscript_cost: if get("consistent") > 0.0 {
+                1.0 - get("userscript") / get("consistent")
+            } else {
+                0.0
+            },
+            dispatch_docs_per_s,
         }
     }
 
@@ -216,6 +231,11 @@ impl Summary {
                 m.name, m.seconds, m.rows_per_s, ratio
             ));
         }
+        out.push_str(&format!(
+            "userscript cost: {:.1} % of the consistent path; dispatch alone: {:.0} docs/s per JS thread\n",
+            self.userscript_cost * 100.0,
+            self.dispatch_docs_per_s
+        ));
         out
     }
 }

@@ -32,6 +32,19 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// The userscript of the `userscript` path: the active-active logic on the bench's table.
+const BENCH_SCRIPT: &str = r#"import * as api from "cdc-sink@v1";
+api.configureSource("userscript.public", {
+  dispatch: (doc, meta) => {
+    const ret = {};
+    if (doc._source !== "bench") { ret[meta.table] = [doc]; }
+    return ret;
+  },
+  deletesTo: "",
+});
+api.configureTable("kv", { cas: ["ts"], merge: api.standardMerge(() => ({ dlq: "kv" })) });
+"#;
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cluster = tokio::task::spawn_blocking(|| {
         Cluster::start_with(ClusterOptions {
@@ -40,7 +53,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         })
     })
     .await??;
-    for db in ["baseline", "immediate", "consistent"] {
+    for db in ["baseline", "immediate", "consistent", "userscript"] {
         cluster.psql("postgres", &format!("CREATE DATABASE {db}"))?;
         cluster.psql(db, bench::KV_DDL)?;
     }
@@ -55,7 +68,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let immediate = Plan {
         db: "immediate",
-        flags: &["--immediate"],
+        flags: vec!["--immediate".into()],
         resolved_every: None,
         concurrency: args.concurrency,
     };
@@ -64,12 +77,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let consistent = Plan {
         db: "consistent",
-        flags: &[],
+        flags: Vec::new(),
         resolved_every: Some(args.resolved_every.max(1)),
         concurrency: args.concurrency,
     };
     let took = through_sink(&cluster, &consistent, &bodies, &rows).await?;
     measures.push(Measure::new("consistent", rows.len(), took));
+
+    // The consistent path again with the active-active userscript's logic on: dispatch with a
+    // `_source` filter before staging, compare-and-set on the version, standard merge.
+    let dir = std::env::temp_dir().join(format!("cdc-sink-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("bench.ts");
+    std::fs::write(&script, BENCH_SCRIPT)?;
+    let scripted = Plan {
+        db: "userscript",
+        flags: vec![format!("--userscript={}", script.display())],
+        resolved_every: Some(args.resolved_every.max(1)),
+        concurrency: args.concurrency,
+    };
+    let took = through_sink(&cluster, &scripted, &bodies, &rows).await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    measures.push(Measure::new("userscript", rows.len(), took));
+    let dispatch_docs_per_s = crate::script::bench_dispatch(args.rows.min(200_000)).await?;
 
     let summary = Summary::new(
         rows.len(),
@@ -77,6 +107,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.batch_bytes as usize,
         bodies.len(),
         &measures,
+        dispatch_docs_per_s,
     );
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
@@ -89,7 +120,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 /// How one path is driven.
 struct Plan {
     db: &'static str,
-    flags: &'static [&'static str],
+    flags: Vec<String>,
     /// Post a resolved timestamp after every this many requests (consistent mode).
     resolved_every: Option<usize>,
     concurrency: usize,
@@ -116,7 +147,7 @@ async fn through_sink(
         "--targetConn",
         &url,
     ];
-    argv.extend_from_slice(plan.flags);
+    argv.extend(plan.flags.iter().map(String::as_str));
     let running = super::launch(super::prepare(
         argv.iter().map(|s| s.to_string()).collect(),
     )?)
