@@ -178,7 +178,7 @@ impl Applier {
             )
             .increment(*n);
         }
-        tracing::warn!(table = %table, dlq = %dlq.table, mutations = items.len(),
+        tracing::info!(table = %table, dlq = %dlq.table, mutations = items.len(),
             queues = per_name.len(), "conflicting mutations written to the dead-letter queue");
         Ok(())
     }

@@ -71,7 +71,9 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    if let Err(e) = init_logging(&cli.log) {
+    // Commands that run servers in-process for their own report keep those servers quiet.
+    let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
+    if let Err(e) = init_logging(&cli.log, quiet) {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;
     }
@@ -108,9 +110,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn init_logging(args: &LogArgs) -> anyhow::Result<()> {
+fn init_logging(args: &LogArgs, quiet: bool) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let level = match args.verbose {
+        0 if quiet => "warn",
         0 => "info",
         1 => "debug",
         _ => "trace",
