@@ -34,6 +34,7 @@ pub mod apply;
 pub mod auth;
 pub mod bench;
 pub mod checkpoint;
+pub mod civil;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -7,6 +7,7 @@
 //! ignore hex case; objects ignore key order; arrays compare element-wise.
 
 use super::value::normalise_number;
+use crate::civil::{days_from_civil, days_in_month};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -58,7 +59,7 @@ fn canonical_text(s: &str) -> String {
 }
 
 /// JSON number syntax: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`.
-fn is_json_number(s: &str) -> bool {
+pub(crate) fn is_json_number(s: &str) -> bool {
     let b = s.as_bytes();
     let mut i = 0;
     if b.first() == Some(&b'-') {
@@ -189,30 +190,6 @@ fn parse_offset(s: &str) -> Option<i64> {
         return None;
     }
     Some(sign * (h * 3600 + m * 60 + sec))
-}
-
-fn is_leap(y: i64) -> bool {
-    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
-}
-
-fn days_in_month(y: i64, m: i64) -> i64 {
-    match m {
-        2 if is_leap(y) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 fn civil_from_days(z: i64) -> (i64, i64, i64) {

@@ -8,7 +8,7 @@
 //! deadlines take the conditional path (`cas`): losers are dropped, or resolved by the table's
 //! merge function ([`merge`]) into unconditional writes and dead-letter rows (`dlq`).
 
-mod canonical;
+pub(crate) mod canonical;
 mod cas;
 mod config;
 mod dlq;

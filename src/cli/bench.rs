@@ -137,21 +137,9 @@ async fn through_sink(
 ) -> anyhow::Result<Duration> {
     let db = plan.db;
     let url = cluster.url(db);
-    let mut argv = vec![
-        "cdc-sink",
-        "start",
-        "--bindAddr",
-        "127.0.0.1:0",
-        "--tlsSelfSigned",
-        "--disableAuthentication",
-        "--targetConn",
-        &url,
-    ];
-    argv.extend(plan.flags.iter().map(String::as_str));
-    let running = super::launch(super::prepare(
-        argv.iter().map(|s| s.to_string()).collect(),
-    )?)
-    .await?;
+    let flags: Vec<&str> = plan.flags.iter().map(String::as_str).collect();
+    let argv = super::loopback_argv(&url, &flags);
+    let running = super::launch(super::prepare(argv)?).await?;
     let client = Client::new(
         &format!("https://{}", running.addr),
         ClientOptions {

@@ -271,25 +271,12 @@ async fn launch_sink(
 ) -> anyhow::Result<super::Running> {
     let url = cluster.url("kv");
     let script = script.display().to_string();
-    let mut argv = vec![
-        "cdc-sink",
-        "start",
-        "--bindAddr",
-        "127.0.0.1:0",
-        "--tlsSelfSigned",
-        "--disableAuthentication",
-        "--targetConn",
-        &url,
-        "--userscript",
-        &script,
-    ];
+    let mut extra = vec!["--userscript", &script];
     if metrics {
-        argv.extend_from_slice(&["--metricsAddr", "127.0.0.1:0"]);
+        extra.extend_from_slice(&["--metricsAddr", "127.0.0.1:0"]);
     }
-    super::launch(super::prepare(
-        argv.iter().map(|s| s.to_string()).collect(),
-    )?)
-    .await
+    let argv = super::loopback_argv(&url, &extra);
+    super::launch(super::prepare(argv)?).await
 }
 
 /// The feed creates its replication slot when it starts; writes before that would be missed.

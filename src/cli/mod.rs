@@ -9,7 +9,7 @@ mod userscript;
 mod verify;
 mod workload;
 
-pub use start::{launch, prepare, Prepared, Running, StartArgs};
+pub use start::{launch, loopback_argv, prepare, Prepared, Running, StartArgs};
 
 use clap::{ArgAction, Parser, Subcommand};
 use std::process::ExitCode;

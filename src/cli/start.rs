@@ -76,6 +76,27 @@ pub struct Prepared {
     pub script: Option<Userscript>,
 }
 
+/// The command line of a sink on a random loopback port with a self-signed certificate and
+/// no authentication, in front of `target_url`: what the demo, the benchmark and the tests run
+/// in-process.
+pub fn loopback_argv(target_url: &str, extra: &[&str]) -> Vec<String> {
+    let mut argv: Vec<String> = [
+        "cdc-sink",
+        "start",
+        "--bindAddr",
+        "127.0.0.1:0",
+        "--tlsSelfSigned",
+        "--disableAuthentication",
+        "--targetConn",
+        target_url,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    argv
+}
+
 /// Parses a whole command line (`cdc-sink … start …`) into a [`Prepared`] start.
 pub fn prepare(argv: Vec<String>) -> anyhow::Result<Prepared> {
     let parse = |argv: &[String]| -> anyhow::Result<StartArgs> {

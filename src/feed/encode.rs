@@ -4,6 +4,7 @@
 
 use super::pgoutput::Datum;
 use super::FeedError;
+use crate::apply::canonical::is_json_number;
 use crate::hlc::Hlc;
 
 /// How a column's text value becomes JSON.
@@ -80,40 +81,6 @@ pub fn push_json_string(out: &mut String, s: &str) {
         }
     }
     out.push('"');
-}
-
-fn is_json_number(s: &str) -> bool {
-    let b = s.as_bytes();
-    let mut i = 0;
-    if b.first() == Some(&b'-') {
-        i += 1;
-    }
-    let digits = |i: &mut usize| {
-        let start = *i;
-        while *i < b.len() && b[*i].is_ascii_digit() {
-            *i += 1;
-        }
-        *i > start
-    };
-    if !digits(&mut i) {
-        return false;
-    }
-    if i < b.len() && b[i] == b'.' {
-        i += 1;
-        if !digits(&mut i) {
-            return false;
-        }
-    }
-    if i < b.len() && (b[i] == b'e' || b[i] == b'E') {
-        i += 1;
-        if i < b.len() && (b[i] == b'+' || b[i] == b'-') {
-            i += 1;
-        }
-        if !digits(&mut i) {
-            return false;
-        }
-    }
-    i == b.len()
 }
 
 /// `2016-01-25 10:10:10.5+00` → `2016-01-25T10:10:10.5Z`; `+05:30` offsets are kept. Values

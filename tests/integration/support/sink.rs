@@ -2,7 +2,7 @@
 
 use super::Db;
 use bytes::Bytes;
-use cdc_sink::cli::{launch, prepare, Running};
+use cdc_sink::cli::{launch, loopback_argv, prepare, Running};
 use cdc_sink::hlc::Hlc;
 use cdc_sink::server::client::{Client, ClientOptions};
 use http::StatusCode;
@@ -18,18 +18,8 @@ impl Sink {
     /// Starts a sink on a random port with a self-signed certificate; `extra` adds flags.
     pub async fn start(db: &Db, extra: &[&str]) -> Sink {
         let url = db.url();
-        let mut argv = vec![
-            "cdc-sink",
-            "start",
-            "--bindAddr",
-            "127.0.0.1:0",
-            "--tlsSelfSigned",
-            "--disableAuthentication",
-            "--targetConn",
-            &url,
-        ];
-        argv.extend_from_slice(extra);
-        let prepared = prepare(argv.iter().map(|s| s.to_string()).collect()).expect("valid flags");
+        let argv = loopback_argv(&url, extra);
+        let prepared = prepare(argv).expect("valid flags");
         let running = launch(prepared).await.expect("sink starts");
         let client = Client::new(
             &format!("https://{}", running.addr),
