@@ -83,6 +83,7 @@ impl Pipeline {
     async fn hold(&self, lease: &Lease, stop: &mut watch::Receiver<bool>) -> Held {
         let mut renewed = Instant::now();
         let mut attempt = 0u32;
+        let mut swept = false;
         loop {
             if *stop.borrow() {
                 return Held::Stopped;
@@ -92,7 +93,9 @@ impl Pipeline {
                 .set(now_seconds());
             let result = match self.parts.checkpoints.bounds(&self.schema).await {
                 Ok(b) if b.proposed > b.committed => {
-                    self.apply_window(lease, b).await.map(|_| true)
+                    let done = self.apply_window(lease, b, !swept).await;
+                    swept |= done.is_ok();
+                    done.map(|_| true)
                 }
                 Ok(_) => Ok(false),
                 Err(e) => Err(SequenceError::from(e)),
@@ -151,7 +154,16 @@ impl Pipeline {
     /// `--flushSize` mutations. Each transaction also retires its staged rows and commits the
     /// checkpoint at its last timestamp: everything at or before it has been received (the
     /// resolved timestamp says so) and is now applied, so a crash resumes right after it.
-    async fn apply_window(&self, lease: &Lease, bounds: Bounds) -> Result<(), SequenceError> {
+    ///
+    /// Retiring deletes each flush's own range; the last flush sweeps the whole window in every
+    /// table (redelivered duplicates), and the first window after winning the lease sweeps from
+    /// the beginning (`full_sweep`), which also clears rows redelivered below a checkpoint.
+    async fn apply_window(
+        &self,
+        lease: &Lease,
+        bounds: Bounds,
+        full_sweep: bool,
+    ) -> Result<(), SequenceError> {
         let info = self.parts.applier.schema(&self.schema).await?;
         if let Some(h) = &self.parts.hooks {
             h.configure(&self.parts.applier, &info);
@@ -159,6 +171,12 @@ impl Pipeline {
         let tables: Vec<Table> = info.levels.iter().flatten().cloned().collect();
         let hi = bounds.proposed;
         let mut from = bounds.committed;
+        let mut flushed = bounds.committed;
+        let sweep_from = if full_sweep {
+            Hlc::ZERO
+        } else {
+            bounds.committed
+        };
         loop {
             let read_started = Instant::now();
             let (cut, rows) = {
@@ -176,19 +194,16 @@ impl Pipeline {
             for (time, group) in groups {
                 flush.extend(group);
                 if flush.len() >= self.parts.args.flush_size && time < cut {
-                    self.flush(
-                        lease,
-                        &tables,
-                        std::mem::take(&mut flush),
-                        time,
-                        false,
-                        &info,
-                    )
-                    .await?;
+                    let rows = std::mem::take(&mut flush);
+                    self.flush(lease, &tables, rows, (flushed, time), None, &info)
+                        .await?;
+                    flushed = time;
                 }
             }
-            self.flush(lease, &tables, flush, cut, cut == hi, &info)
+            let sweep = (cut == hi).then_some(sweep_from);
+            self.flush(lease, &tables, flush, (flushed, cut), sweep, &info)
                 .await?;
+            flushed = cut;
             if cut == hi {
                 tracing::debug!(schema = %self.schema, resolved = %hi, "window committed");
                 return Ok(());
@@ -240,14 +255,15 @@ impl Pipeline {
     }
 
     /// One target transaction: fence on the lease, write in FK order, retire the staged rows
-    /// up to `upto` and commit the checkpoint there.
+    /// of `(after, upto]` (or, with `sweep`, of `(sweep, upto]` in every table) and commit the
+    /// checkpoint at `upto`.
     async fn flush(
         &self,
         lease: &Lease,
         tables: &[Table],
         rows: Vec<(usize, Mutation)>,
-        upto: Hlc,
-        end_of_window: bool,
+        (after, upto): (Hlc, Hlc),
+        sweep: Option<Hlc>,
         info: &crate::apply::SchemaInfo,
     ) -> Result<(), SequenceError> {
         let pool = &self.parts.stager.database().pool;
@@ -275,13 +291,12 @@ impl Pipeline {
         )
         .await?;
         let written = started.elapsed();
-        // At the end of a window every table is swept, which also removes redelivered rows
-        // that were staged below the checkpoint.
         for table in tables
             .iter()
-            .filter(|t| end_of_window || batches.contains_key(*t))
+            .filter(|t| sweep.is_some() || batches.contains_key(*t))
         {
-            self.parts.stager.retire(&mut tx, table, upto).await?;
+            let from = sweep.unwrap_or(after);
+            self.parts.stager.retire(&mut tx, table, from, upto).await?;
         }
         self.parts
             .checkpoints

@@ -297,17 +297,20 @@ impl Stager {
         Ok(out)
     }
 
-    /// Deletes every staged row of `table` at or before `upto` (applied, or redelivered
+    /// Deletes the staged rows of `table` in `(after, upto]` (applied, or redelivered
     /// duplicates of applied rows).
     pub async fn retire(
         &self,
         conn: &mut PgConnection,
         table: &Table,
+        after: Hlc,
         upto: Hlc,
     ) -> Result<u64, StageError> {
         let name = self.ensure(table).await?;
         let started = Instant::now();
         let done = sqlx::query(&sql::retire(&name))
+            .bind(after.nanos())
+            .bind(i64::from(after.logical()))
             .bind(upto.nanos())
             .bind(i64::from(upto.logical()))
             .execute(&mut *conn)

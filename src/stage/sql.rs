@@ -160,8 +160,12 @@ pub fn read_settings(dialect: Dialect) -> Option<&'static str> {
     }
 }
 
+/// Deletes staged rows in `(after, upto]`. The lower bound matters: without it every delete
+/// walks the index entries of all rows deleted before it that vacuum has not removed yet.
 pub fn retire(table: &str) -> String {
-    format!("DELETE FROM {table} WHERE (nanos, logical) <= ($1, $2)")
+    format!(
+        "DELETE FROM {table} WHERE (nanos, logical) > ($1, $2) AND (nanos, logical) <= ($3, $4)"
+    )
 }
 
 #[cfg(test)]
