@@ -45,6 +45,9 @@ pub const STAGE_DURATION: &str = "stage_duration_seconds";
 pub const STAGE_READ_ROWS: &str = "stage_read_rows";
 pub const STAGE_READ_DURATION: &str = "stage_read_duration_seconds";
 pub const STAGE_STALE: &str = "stage_stale_mutations_count";
+pub const STAGE_RETIRE_DURATION: &str = "stage_retire_duration_seconds";
+pub const SCRIPT_ENTRY_WAIT: &str = "script_entry_wait_seconds";
+pub const SCRIPT_EXEC_TIME: &str = "script_exec_time_seconds";
 pub const STAGE_BELOW_CHECKPOINT: &str = "stage_below_checkpoint_mutations_total";
 
 pub const APPLY_UPSERTS: &str = "apply_upserts_total";
@@ -230,6 +233,21 @@ fn describe() {
     describe_counter!(
         STAGE_BELOW_CHECKPOINT,
         "redelivered mutations at or below the committed checkpoint, dropped at ingest"
+    );
+    describe_histogram!(
+        STAGE_RETIRE_DURATION,
+        Unit::Seconds,
+        "time to delete applied staged rows"
+    );
+    describe_histogram!(
+        SCRIPT_ENTRY_WAIT,
+        Unit::Seconds,
+        "time a userscript job waits for an engine thread"
+    );
+    describe_histogram!(
+        SCRIPT_EXEC_TIME,
+        Unit::Seconds,
+        "time a userscript job runs"
     );
     describe_counter!(APPLY_UPSERTS, "rows upserted into the target");
     describe_counter!(APPLY_DELETES, "rows deleted from the target");

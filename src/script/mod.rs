@@ -18,7 +18,6 @@ mod transpile;
 mod tx;
 
 pub use config::{Captured, DeletesTo, MergeKind, SourceOptions, TableName, TableOptions};
-pub use runtime::{SCRIPT_ENTRY_WAIT, SCRIPT_EXEC_TIME};
 
 use crate::apply::merge::{Conflict, MergeFn, Resolution};
 use crate::apply::{Applier, Column, SchemaInfo, TableConfig, TableSchema};

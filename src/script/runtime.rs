@@ -11,6 +11,7 @@ use super::ScriptError;
 use crate::apply::merge::{Conflict, Resolution, Row};
 use crate::hlc::Hlc;
 use crate::ident::{Schema, Table};
+use crate::metrics::{SCRIPT_ENTRY_WAIT, SCRIPT_EXEC_TIME};
 use crate::mutation::Mutation;
 use boa_engine::builtins::promise::PromiseState;
 use boa_engine::job::{GenericJob, Job as EngineJob, JobExecutor, NativeAsyncJob, PromiseJob};
@@ -34,9 +35,6 @@ use std::time::{Duration, Instant};
 const LOOP_LIMIT: u64 = 10_000_000;
 const RECURSION_LIMIT: usize = 1_000;
 const STACK_BYTES: usize = 16 << 20;
-
-pub const SCRIPT_ENTRY_WAIT: &str = "script_entry_wait_seconds";
-pub const SCRIPT_EXEC_TIME: &str = "script_exec_time_seconds";
 
 /// The script's files, transpiled once per process and shared by all workers.
 pub struct Sources {

@@ -319,7 +319,7 @@ impl Stager {
                 table: name.clone(),
                 source,
             })?;
-        metrics::histogram!("stage_retire_duration_seconds", &labels(table))
+        metrics::histogram!(m::STAGE_RETIRE_DURATION, &labels(table))
             .record(started.elapsed().as_secs_f64());
         Ok(done.rows_affected())
     }
