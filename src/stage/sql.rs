@@ -228,7 +228,7 @@ SELECT (SELECT count(*) FROM s0), (SELECT count(*) FROM s1)"
         assert!(read("t", true).contains("(nanos, logical, key) > ($1, $2, $6)"));
         assert_eq!(
             retire("t"),
-            "DELETE FROM t WHERE (nanos, logical) <= ($1, $2)"
+            "DELETE FROM t WHERE (nanos, logical) > ($1, $2) AND (nanos, logical) <= ($3, $4)"
         );
     }
 }
