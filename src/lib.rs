@@ -29,6 +29,8 @@
 //! | [`feed`] | a changefeed emulator reading a PostgreSQL source (local demo, tests) |
 //! | [`workload`] | the kv write workload |
 //! | [`verify`] | compares a table on two databases |
+//! | [`demo`] | the local active-active demo's schema, scripts and summary |
+//! | [`config`], [`civil`] | flag value parsers; calendar arithmetic for time spellings |
 
 pub mod apply;
 pub mod auth;
