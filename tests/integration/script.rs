@@ -147,3 +147,40 @@ api.configureTable("kv", {
     drop(tx);
     assert_eq!(db.count("kv").await, 0);
 }
+
+#[test]
+fn set_options_override_the_command_line_and_unknown_flags_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ok = dir.path().join("ok.ts");
+    std::fs::write(
+        &ok,
+        "import * as api from \"cdc-sink@v1\";\napi.setOptions({flushSize: \"7\", immediate: \"true\"});\n",
+    )
+    .unwrap();
+    let argv = cdc_sink::cli::loopback_argv(
+        "postgres://postgres@127.0.0.1:1/kv",
+        &["--flushSize", "500", "--userscript", ok.to_str().unwrap()],
+    );
+    let prepared = cdc_sink::cli::prepare(argv).expect("script options apply");
+    assert_eq!(
+        prepared.args.sequence.flush_size, 7,
+        "setOptions wins over the command line"
+    );
+    assert!(prepared.args.sequence.immediate);
+    assert!(prepared.script.is_some());
+
+    let bad = dir.path().join("bad.ts");
+    std::fs::write(
+        &bad,
+        "import * as api from \"cdc-sink@v1\";\napi.setOptions({noSuchFlag: \"1\"});\n",
+    )
+    .unwrap();
+    let argv = cdc_sink::cli::loopback_argv(
+        "postgres://postgres@127.0.0.1:1/kv",
+        &["--userscript", bad.to_str().unwrap()],
+    );
+    let err = cdc_sink::cli::prepare(argv)
+        .err()
+        .expect("unknown flag refused");
+    assert!(format!("{err:#}").contains("noSuchFlag"), "{err:#}");
+}
