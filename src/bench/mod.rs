@@ -72,17 +72,17 @@ impl Rows {
         self.times.last().copied().unwrap_or(Hlc::ZERO)
     }
 
-    /// Webhook bodies of about `batch_bytes` each, in CockroachDB's format, table `kv`.
-    pub fn webhook_bodies(&self, batch_bytes: usize) -> Vec<Bytes> {
+    /// Webhook bodies of about `batch_bytes` each, in CockroachDB's format, table `kv`, with
+    /// the number of rows each carries.
+    pub fn webhook_bodies(&self, batch_bytes: usize) -> Vec<(Bytes, usize)> {
         let mut bodies = Vec::new();
         let mut elements = String::new();
         let mut n = 0usize;
         let mut hex = String::new();
-        let flush = |elements: &mut String, n: &mut usize, bodies: &mut Vec<Bytes>| {
+        let flush = |elements: &mut String, n: &mut usize, bodies: &mut Vec<(Bytes, usize)>| {
             if *n > 0 {
-                bodies.push(Bytes::from(format!(
-                    "{{\"payload\":[{elements}],\"length\":{n}}}"
-                )));
+                let body = format!("{{\"payload\":[{elements}],\"length\":{n}}}");
+                bodies.push((Bytes::from(body), *n));
                 elements.clear();
                 *n = 0;
             }
@@ -252,7 +252,7 @@ mod tests {
         assert!(bodies.len() > 1, "split by size");
         let route = parse_path("/kv/public").unwrap();
         let mut seen = 0;
-        for b in &bodies {
+        for (b, _) in &bodies {
             let Payload::Mutations(m) = decode(&route, b, &(), &DecodeLimits::default()).unwrap()
             else {
                 panic!("mutations expected")

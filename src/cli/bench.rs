@@ -132,7 +132,7 @@ struct Plan {
 async fn through_sink(
     cluster: &Cluster,
     plan: &Plan,
-    bodies: &[Bytes],
+    bodies: &[(Bytes, usize)],
     rows: &Rows,
 ) -> anyhow::Result<Duration> {
     let db = plan.db;
@@ -153,7 +153,7 @@ async fn through_sink(
     let group = plan.resolved_every.unwrap_or(bodies.len()).max(1);
     let mut sent_rows = 0usize;
     for chunk in bodies.chunks(group) {
-        let mut results = futures::stream::iter(chunk.iter().cloned())
+        let mut results = futures::stream::iter(chunk.iter().map(|(b, _)| b.clone()))
             .map(|body| {
                 let client = client.clone();
                 let path = path.clone();
@@ -166,7 +166,7 @@ async fn through_sink(
                 bail!("{db}: sink answered {status}: {}", text.trim());
             }
         }
-        sent_rows += bodies_rows(chunk);
+        sent_rows += chunk.iter().map(|(_, n)| n).sum::<usize>();
         if plan.resolved_every.is_some() {
             // Every row so far is acknowledged: the changefeed may now resolve up to the last.
             let ts = rows.times[sent_rows - 1].to_string();
@@ -202,20 +202,6 @@ async fn through_sink(
         .with_context(|| format!("{db} path"))?;
     running.stop().await?;
     Ok(took)
-}
-
-fn bodies_rows(bodies: &[Bytes]) -> usize {
-    bodies
-        .iter()
-        .map(|b| {
-            let tail = &b[b.len().saturating_sub(32)..];
-            let text = String::from_utf8_lossy(tail);
-            text.rsplit("\"length\":")
-                .next()
-                .and_then(|s| s.trim_end_matches('}').parse::<usize>().ok())
-                .unwrap_or(0)
-        })
-        .sum()
 }
 
 async fn check_count(pool: &sqlx::PgPool, want: usize) -> anyhow::Result<()> {

@@ -6,11 +6,12 @@ use crate::checkpoint::{Checkpoints, Leases};
 use crate::script::Userscript;
 use crate::sequence::{Hooks, SequenceArgs, Sequencer};
 use crate::server::ServerArgs;
+use crate::source::webhook::DecodeLimits;
 use crate::source::{Ingest, SourceArgs};
 use crate::stage::{StageArgs, Stager};
 use crate::target::TargetArgs;
 use anyhow::{bail, Context};
-use clap::{CommandFactory, Parser};
+use clap::{Args as _, Parser};
 use std::sync::Arc;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -97,6 +98,18 @@ pub fn loopback_argv(target_url: &str, extra: &[&str]) -> Vec<String> {
     argv
 }
 
+/// The long names of the `start` flags (what `setOptions` may set), each with whether it
+/// takes a value (`false` for switches).
+pub fn start_flags() -> Vec<(String, bool)> {
+    StartArgs::augment_args(clap::Command::new("start"))
+        .get_arguments()
+        .filter_map(|a| {
+            a.get_long()
+                .map(|l| (l.to_string(), a.get_action().takes_values()))
+        })
+        .collect()
+}
+
 /// Parses a whole command line (`cdc-sink … start …`) into a [`Prepared`] start.
 pub fn prepare(argv: Vec<String>) -> anyhow::Result<Prepared> {
     let parse = |argv: &[String]| -> anyhow::Result<StartArgs> {
@@ -109,17 +122,7 @@ pub fn prepare(argv: Vec<String>) -> anyhow::Result<Prepared> {
     let Some(path) = args.userscript.clone() else {
         return Ok(Prepared { args, script: None });
     };
-    let command = super::Cli::command();
-    let start = command
-        .find_subcommand("start")
-        .expect("start is a subcommand");
-    let flags: Vec<(String, bool)> = start
-        .get_arguments()
-        .filter_map(|a| {
-            a.get_long()
-                .map(|l| (l.to_string(), a.get_action().takes_values()))
-        })
-        .collect();
+    let flags = start_flags();
     let names: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).collect();
     let script =
         Userscript::load(&path, &names).with_context(|| format!("loading {}", path.display()))?;
@@ -181,17 +184,20 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
         hooks.clone(),
     );
     sequencer.recover().await?;
-    let handler = Ingest::handler(
-        &args.source,
+    let handler = Ingest {
         target,
         staging,
         auth,
         applier,
         stager,
         checkpoints,
-        sequencer.clone(),
+        sequencer: sequencer.clone(),
         hooks,
-    );
+        limits: DecodeLimits {
+            ndjson_line_bytes: args.source.ndjson_buffer_size,
+        },
+    }
+    .into_handler();
     let bound = crate::server::bind(&args.server).await?;
     let (addr, metrics_addr, tls) = (bound.local_addr(), bound.metrics_addr(), bound.tls());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -45,23 +45,13 @@ pub enum UserscriptCommand {
     },
 }
 
-/// The `start` flag names that `setOptions` may set.
-pub fn start_flags() -> Vec<String> {
-    let cmd = super::start::StartArgs::augment_args(clap::Command::new("start"));
-    cmd.get_arguments()
-        .filter_map(|a| a.get_long().map(str::to_string))
-        .collect()
-}
-
-use clap::Args as _;
-
 pub fn run(args: UserscriptArgs) -> anyhow::Result<()> {
     if args.api {
         print!("{}", script::API_DTS);
         return Ok(());
     }
-    let flags = start_flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let flags = super::start::start_flags();
+    let flags: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).collect();
     match args.command {
         None => {
             let mut cmd = super::Cli::command();

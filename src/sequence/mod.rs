@@ -77,23 +77,6 @@ pub struct SequenceArgs {
     pub quiescent_period: Duration,
 }
 
-impl Default for SequenceArgs {
-    fn default() -> Self {
-        SequenceArgs {
-            immediate: false,
-            best_effort_only: false,
-            best_effort_window: Duration::from_secs(3600),
-            flush_period: Duration::from_secs(1),
-            flush_size: 1000,
-            parallelism: 16,
-            scan_size: 10_000,
-            retire_offset: Duration::from_secs(86400),
-            timestamp_limit: 1000,
-            quiescent_period: Duration::from_secs(10),
-        }
-    }
-}
-
 impl SequenceArgs {
     pub fn validate(&self) -> Result<(), SequenceError> {
         if self.best_effort_only {

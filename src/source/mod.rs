@@ -34,14 +34,6 @@ pub struct SourceArgs {
     pub ndjson_buffer_size: usize,
 }
 
-impl Default for SourceArgs {
-    fn default() -> Self {
-        SourceArgs {
-            ndjson_buffer_size: 65_536,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error(transparent)]
@@ -93,46 +85,23 @@ impl IngestError {
     }
 }
 
-/// The changefeed handler behind the server.
+/// The changefeed handler behind the server: everything a request may touch.
 pub struct Ingest {
-    target: Database,
-    staging: Database,
-    auth: Authenticator,
-    applier: Applier,
-    stager: Arc<Stager>,
-    checkpoints: Arc<Checkpoints>,
-    sequencer: Arc<Sequencer>,
-    hooks: Option<Hooks>,
-    limits: DecodeLimits,
+    pub target: Database,
+    pub staging: Database,
+    pub auth: Authenticator,
+    pub applier: Applier,
+    pub stager: Arc<Stager>,
+    pub checkpoints: Arc<Checkpoints>,
+    pub sequencer: Arc<Sequencer>,
+    pub hooks: Option<Hooks>,
+    pub limits: DecodeLimits,
 }
 
 impl Ingest {
-    /// Builds the handler the server calls for every changefeed request.
-    #[allow(clippy::too_many_arguments)]
-    pub fn handler(
-        args: &SourceArgs,
-        target: Database,
-        staging: Database,
-        auth: Authenticator,
-        applier: Applier,
-        stager: Arc<Stager>,
-        checkpoints: Arc<Checkpoints>,
-        sequencer: Arc<Sequencer>,
-        hooks: Option<Hooks>,
-    ) -> IngestHandler {
-        IngestHandler(Arc::new(Ingest {
-            target,
-            staging,
-            auth,
-            applier,
-            stager,
-            checkpoints,
-            sequencer,
-            hooks,
-            limits: DecodeLimits {
-                ndjson_line_bytes: args.ndjson_buffer_size,
-            },
-        }))
+    /// The handler the server calls for every changefeed request.
+    pub fn into_handler(self) -> IngestHandler {
+        IngestHandler(Arc::new(self))
     }
 
     async fn handle(&self, req: Request) -> Result<(), IngestError> {

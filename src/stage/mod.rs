@@ -32,14 +32,6 @@ pub struct StageArgs {
     pub staging_schema: String,
 }
 
-impl Default for StageArgs {
-    fn default() -> Self {
-        StageArgs {
-            staging_schema: "_cdc_sink".into(),
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     #[error("staging schema {0:?} is not valid: {1}")]
