@@ -329,7 +329,7 @@ async fn a_feed_far_behind_runs_best_effort_and_switches_to_consistent_once_caug
     assert_eq!(kv_keys(&db).await, vec![1, 2], "applied on arrival");
 
     // Caught up (a checkpoint ahead of the clock leaves no doubt): consistent again.
-    let ahead = at(30);
+    let ahead = at(300);
     sink.post_ok("/auto/public", resolved_at(ahead)).await;
     committed(&db.pool, "auto.public", ahead).await;
     mode_is(&sink, "auto.public", "consistent").await;
