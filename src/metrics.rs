@@ -12,6 +12,7 @@ pub const LABEL_POOL: &str = "pool";
 pub const LABEL_KIND: &str = "kind";
 pub const LABEL_TARGET: &str = "target";
 pub const LABEL_DLQ: &str = "dlq";
+pub const LABEL_MODE: &str = "mode";
 
 pub const INFO: &str = "cdc_sink_info";
 pub const START_SECONDS: &str = "cdc_sink_start_seconds";
@@ -63,6 +64,12 @@ pub const CORE_SWEEP_APPLY_COUNT: &str = "core_sweep_apply_count";
 pub const CORE_SWEEP_DURATION: &str = "core_sweep_duration_seconds";
 pub const CORE_SWEEP_SUCCESS_TIMESTAMP: &str = "core_sweep_success_timestamp_seconds";
 pub const CORE_SWEEP_ATTEMPT_TIMESTAMP: &str = "core_sweep_attempt_timestamp_seconds";
+
+pub const BEST_EFFORT_APPLIED: &str = "best_effort_accept_applied_count";
+pub const BEST_EFFORT_DEFERRED: &str = "best_effort_accept_deferred_count";
+pub const BEST_EFFORT_ERRORS: &str = "best_effort_accept_error_count";
+pub const BEST_EFFORT_DURATION: &str = "best_effort_accept_duration_seconds";
+pub const SEQUENCE_MODE: &str = "sequence_mode";
 
 pub const RETRY_ACTIONS: &str = "retry_actions_total";
 pub const RETRY_RETRIED: &str = "retry_retried_total";
@@ -282,6 +289,27 @@ fn describe() {
         CORE_SWEEP_ATTEMPT_TIMESTAMP,
         Unit::Seconds,
         "wall time of the last sweep attempt"
+    );
+    describe_counter!(
+        BEST_EFFORT_APPLIED,
+        "best-effort mutations written to the target on arrival"
+    );
+    describe_counter!(
+        BEST_EFFORT_DEFERRED,
+        "best-effort mutations staged instead: behind staged versions of their key, or refused"
+    );
+    describe_counter!(
+        BEST_EFFORT_ERRORS,
+        "best-effort mutations the target refused on arrival (staged; foreign-key violations included)"
+    );
+    describe_histogram!(
+        BEST_EFFORT_DURATION,
+        Unit::Seconds,
+        "time to accept a best-effort request"
+    );
+    describe_gauge!(
+        SEQUENCE_MODE,
+        "1 for the sequencing mode a schema runs in (label mode: consistent, best_effort, immediate), 0 for the others"
     );
     describe_counter!(RETRY_ACTIONS, "database actions run under the retry helper");
     describe_counter!(RETRY_RETRIED, "database actions retried, by SQLSTATE");

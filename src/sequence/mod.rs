@@ -5,8 +5,16 @@
 //! it in transactions that never split a source timestamp. The last transaction of a window
 //! also deletes the window's staged rows and commits the checkpoint (DESIGN §3.2), so the
 //! target never holds applied-but-unmarked data. *Immediate* mode applies each request at once.
+//! *Best-effort* mode ([`best_effort`]) applies requests at once where each key's order allows
+//! and stages the rest for the consistent pipeline; [`mode`] picks the mode per schema.
 
+mod best_effort;
+pub mod mode;
+pub mod poison;
 mod window;
+
+pub use mode::{Admission, Mode};
+pub use poison::{find_poison, Poison};
 
 use crate::apply::{Applier, SchemaInfo};
 use crate::checkpoint::{CheckpointError, Checkpoints, Leases};
@@ -29,10 +37,12 @@ pub struct SequenceArgs {
     /// Apply each request to the target at once, without staging or transactional consistency.
     #[arg(long = "immediate", env = "CDC_SINK_IMMEDIATE")]
     pub immediate: bool,
-    /// Always use best-effort mode (not supported yet: refused at start).
+    /// Always use best-effort mode: apply each request at once where per-key order allows,
+    /// stage the rest until a resolved timestamp.
     #[arg(long = "bestEffortOnly", env = "CDC_SINK_BEST_EFFORT_ONLY")]
     pub best_effort_only: bool,
-    /// Lag beyond which best-effort mode would be used (accepted; best-effort is not built yet).
+    /// Per schema, switch to best-effort mode while the checkpoint lags by at least this much,
+    /// back to consistent once it lags by at most a quarter of it; 0 = always consistent.
     #[arg(long = "bestEffortWindow", env = "CDC_SINK_BEST_EFFORT_WINDOW", default_value = "1h0m0s", value_parser = parse_duration)]
     pub best_effort_window: Duration,
     /// Maximum time to buffer staged data before applying (windows are applied as soon as
@@ -65,7 +75,8 @@ pub struct SequenceArgs {
     /// in the same transaction; accepted for compatibility).
     #[arg(long = "retireOffset", env = "CDC_SINK_RETIRE_OFFSET", default_value = "24h0m0s", value_parser = parse_duration)]
     pub retire_offset: Duration,
-    /// Accepted for compatibility; unused (as in the reference).
+    /// Accepted for compatibility; unused (in the reference, the number of poisoned keys a
+    /// best-effort sweep tolerates; here deferred rows are swept by the consistent pipeline).
     #[arg(
         long = "timestampLimit",
         env = "CDC_SINK_TIMESTAMP_LIMIT",
@@ -79,11 +90,6 @@ pub struct SequenceArgs {
 
 impl SequenceArgs {
     pub fn validate(&self) -> Result<(), SequenceError> {
-        if self.best_effort_only {
-            return Err(SequenceError::Config(
-                "--bestEffortOnly is not supported yet; use the default consistent mode or --immediate".into(),
-            ));
-        }
         if self.flush_size == 0 || self.scan_size == 0 {
             return Err(SequenceError::Config(
                 "--flushSize and --scanSize must be positive".into(),
@@ -146,6 +152,7 @@ pub struct Sequencer {
     pipelines: Mutex<HashMap<Schema, Arc<Notify>>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop: watch::Sender<bool>,
+    modes: mode::Modes,
 }
 
 impl Sequencer {
@@ -158,6 +165,16 @@ impl Sequencer {
         hooks: Option<Hooks>,
     ) -> Arc<Sequencer> {
         let (stop, _) = watch::channel(false);
+        let policy = mode::Policy::of(&args);
+        if policy == mode::Policy::Fixed(Mode::BestEffort) {
+            stager.enable_key_index();
+        }
+        let sources = mode::Sources {
+            checkpoints: checkpoints.clone(),
+            stager: stager.clone(),
+            applier: applier.clone(),
+        };
+        let modes = mode::Modes::new(policy, sources, stop.subscribe());
         Arc::new(Sequencer {
             parts: Arc::new(Parts {
                 args,
@@ -170,6 +187,7 @@ impl Sequencer {
             pipelines: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
             stop,
+            modes,
         })
     }
 
@@ -177,11 +195,31 @@ impl Sequencer {
         self.parts.args.immediate
     }
 
+    /// Lets a request of `schema` run in the schema's current mode, which holds until the
+    /// admission is dropped.
+    pub async fn admit(&self, schema: &Schema) -> Result<Admission, SequenceError> {
+        self.modes.admit(schema).await
+    }
+
+    /// Best-effort mode: applies what per-key order allows, stages the rest.
+    pub async fn accept_best_effort(
+        &self,
+        schema: &Schema,
+        info: &SchemaInfo,
+        batches: &TableBatches,
+    ) -> Result<(), SequenceError> {
+        if let Some(h) = &self.parts.hooks {
+            h.configure(&self.parts.applier, info);
+        }
+        best_effort::accept(&self.parts, schema, info, batches).await
+    }
+
     /// Starts the pipeline of `schema` if it is not running, and wakes it.
     pub fn wake(&self, schema: &Schema) {
         if self.parts.args.immediate {
             return;
         }
+        self.modes.kick(schema);
         let mut pipes = self.pipelines.lock().expect("poisoned");
         if let Some(n) = pipes.get(schema) {
             n.notify_one();
@@ -211,6 +249,7 @@ impl Sequencer {
         for t in tasks {
             let _ = t.await;
         }
+        self.modes.shutdown().await;
     }
 
     /// Immediate mode: applies one request in a single target transaction.

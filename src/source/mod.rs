@@ -1,5 +1,6 @@
-//! Changefeed requests: routing and decoding ([`webhook`]), then the hand-off to staging (or,
-//! in immediate mode, straight to the target). A request is acknowledged only once what it
+//! Changefeed requests: routing and decoding ([`webhook`]), then the hand-off to the schema's
+//! mode: staging (consistent), the target (immediate), or the target where per-key order
+//! allows and staging otherwise (best-effort). A request is acknowledged only once what it
 //! carried is durable.
 
 pub mod webhook;
@@ -10,9 +11,9 @@ use crate::checkpoint::{CheckpointError, Checkpoints};
 use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics as m;
-use crate::mutation::{group_by_table, Mutation};
+use crate::mutation::{group_by_table, Mutation, TableBatches};
 use crate::script::ScriptError;
-use crate::sequence::{Hooks, SequenceError, Sequencer};
+use crate::sequence::{Hooks, Mode, SequenceError, Sequencer};
 use crate::server::{Handler, Request, Response};
 use crate::stage::{StageError, Stager};
 use crate::target::{Database, Dialect};
@@ -190,23 +191,38 @@ impl Ingest {
         }
         let result = if batches.is_empty() {
             Ok(())
-        } else if self.sequencer.immediate() {
-            self.sequencer
-                .apply_now(schema, &batches)
-                .await
-                .map_err(IngestError::from)
         } else {
-            self.stager
-                .stage(&batches)
-                .await
-                .map(drop)
-                .map_err(IngestError::from)
+            self.write(schema, &info, &batches).await
         };
         match &result {
             Ok(()) => metrics::counter!(m::MUTATIONS_SUCCESS, &labels).increment(received),
             Err(_) => metrics::counter!(m::MUTATIONS_ERROR, &labels).increment(received),
         }
         result
+    }
+}
+
+impl Ingest {
+    /// Hands a request's mutations to its schema's current mode; the mode cannot change
+    /// while the request is being written.
+    async fn write(
+        &self,
+        schema: &Schema,
+        info: &SchemaInfo,
+        batches: &TableBatches,
+    ) -> Result<(), IngestError> {
+        let admission = self.sequencer.admit(schema).await?;
+        match admission.mode() {
+            Mode::Immediate => self.sequencer.apply_now(schema, batches).await?,
+            Mode::BestEffort => {
+                self.sequencer
+                    .accept_best_effort(schema, info, batches)
+                    .await?
+            }
+            Mode::Consistent => drop(self.stager.stage(batches).await?),
+        }
+        drop(admission);
+        Ok(())
     }
 }
 

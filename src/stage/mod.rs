@@ -14,6 +14,7 @@ use crate::mutation::{Mutation, TableBatches};
 use crate::target::{self, Database, Dialect};
 use sqlx::{PgConnection, Row};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -69,6 +70,11 @@ impl StageError {
         }
     }
 
+    /// The SQLSTATE of a database error.
+    pub fn sqlstate(&self) -> Option<String> {
+        self.sql().map(target::sqlstate)
+    }
+
     /// The database is down or overloaded: worth a 503 and a retry.
     pub fn is_unavailable(&self) -> bool {
         self.sql().is_some_and(target::is_unavailable)
@@ -95,6 +101,11 @@ pub struct Stager {
     schema: StagingSchema,
     known: Mutex<HashSet<String>>,
     creating: tokio::sync::Mutex<()>,
+    /// Index staging tables by `key` on PostgreSQL when creating them (see
+    /// [`Stager::enable_key_index`]).
+    key_index: AtomicBool,
+    /// Staging tables known to have a valid `key` index.
+    indexed: Mutex<HashSet<String>>,
 }
 
 impl Stager {
@@ -117,6 +128,8 @@ impl Stager {
             schema,
             known: Mutex::new(HashSet::new()),
             creating: tokio::sync::Mutex::new(()),
+            key_index: AtomicBool::new(false),
+            indexed: Mutex::new(HashSet::new()),
         })
     }
 
@@ -130,6 +143,69 @@ impl Stager {
 
     pub fn dialect(&self) -> Dialect {
         self.db.dialect
+    }
+
+    /// Makes staging tables (new ones, and existing ones the first time this process uses
+    /// them) carry an index on `key`, which [`Stager::stage_if_exists`] needs so that it never
+    /// scans a table. For `--bestEffortOnly`: call before the first staging write.
+    /// CockroachDB staging tables always have it.
+    pub fn enable_key_index(&self) {
+        self.key_index.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the staging tables of `tables` all have a valid `key` index, which
+    /// [`Stager::stage_if_exists`] needs not to scan them (it works without, slowly). With
+    /// `build`, missing indexes, and broken ones an interrupted build left behind, are built
+    /// first, without blocking writers (`CREATE INDEX CONCURRENTLY`): on a large table that
+    /// takes a while. An index another connection is building is left alone: not ready yet.
+    pub async fn key_index(&self, tables: &[Table], build: bool) -> Result<bool, StageError> {
+        if self.db.dialect == Dialect::Cockroach {
+            return Ok(true);
+        }
+        let mut ready = true;
+        for table in tables {
+            let name = self.ensure(table).await?;
+            if self.indexed.lock().expect("poisoned").contains(&name) {
+                continue;
+            }
+            let bare = table.staging_name();
+            let qualified = self.schema.object(&sql::key_index_name(&bare));
+            let stmts = sql::key_index_sql(&name, &bare, &qualified);
+            let failed = |source| StageError::Create {
+                table: qualified.clone(),
+                source,
+            };
+            let status = || async {
+                sqlx::query_as::<_, (bool, bool)>(stmts.status)
+                    .bind(&qualified)
+                    .fetch_optional(&self.db.pool)
+                    .await
+            };
+            let mut state = status().await.map_err(failed)?;
+            if build && !matches!(state, Some((true, _)) | Some((false, true))) {
+                if state.is_some() {
+                    tracing::warn!(index = %qualified, "dropping an invalid staging index left by an interrupted build");
+                    sqlx::raw_sql(&stmts.drop)
+                        .execute(&self.db.pool)
+                        .await
+                        .map_err(failed)?;
+                }
+                tracing::info!(table = %name, "building the staging index best-effort mode needs");
+                let started = Instant::now();
+                sqlx::raw_sql(&stmts.create)
+                    .execute(&self.db.pool)
+                    .await
+                    .map_err(failed)?;
+                tracing::info!(table = %name, elapsed_ms = started.elapsed().as_millis() as u64, "staging index built");
+                state = status().await.map_err(failed)?;
+            }
+            if matches!(state, Some((true, _))) {
+                self.indexed.lock().expect("poisoned").insert(name);
+            } else {
+                ready = false;
+            }
+        }
+        Ok(ready)
     }
 
     /// The quoted name of `table`'s staging table.
@@ -150,7 +226,8 @@ impl Stager {
         if self.known.lock().expect("poisoned").contains(&name) {
             return Ok(name);
         }
-        for stmt in sql::create_table(self.db.dialect, &name, &table.staging_name()) {
+        let key_index = self.key_index.load(Ordering::Relaxed);
+        for stmt in sql::create_table(self.db.dialect, &name, &table.staging_name(), key_index) {
             match target::retry(|| sqlx::raw_sql(&stmt).execute(&self.db.pool)).await {
                 Ok(_) => {}
                 Err(e) if matches!(target::sqlstate(&e).as_str(), "23505" | "42P07") => {}
@@ -169,29 +246,103 @@ impl Stager {
     /// Stages every mutation of one request in a single statement (one round trip, atomic), so
     /// the caller may acknowledge as soon as this returns.
     pub async fn stage(&self, batches: &TableBatches) -> Result<StageStats, StageError> {
+        let names = self.ensure_all(batches).await?;
+        let started = Instant::now();
+        let cols = columns(batches);
+        let stmt = sql::insert(&names);
+        let result =
+            target::retry(|| bind_columns(sqlx::query(&stmt), &cols).fetch_one(&self.db.pool))
+                .await;
+        self.record_insert(batches, &cols, result, started)
+    }
+
+    /// Like [`Stager::stage`], inside the caller's transaction.
+    pub async fn stage_on(
+        &self,
+        conn: &mut PgConnection,
+        batches: &TableBatches,
+    ) -> Result<StageStats, StageError> {
+        if batches.is_empty() {
+            return Ok(StageStats::default());
+        }
+        let names = self.ensure_all(batches).await?;
+        let started = Instant::now();
+        let cols = columns(batches);
+        let stmt = sql::insert(&names);
+        let result = bind_columns(sqlx::query(&stmt), &cols)
+            .fetch_one(&mut *conn)
+            .await;
+        self.record_insert(batches, &cols, result, started)
+    }
+
+    /// Best-effort ingest, inside the caller's transaction: stages the mutations of `batches`
+    /// whose key already has unapplied staged rows, and returns those keys per table.
+    /// Everything else is left to the caller.
+    pub async fn stage_if_exists(
+        &self,
+        conn: &mut PgConnection,
+        batches: &TableBatches,
+    ) -> Result<HashMap<Table, HashSet<String>>, StageError> {
+        let mut hits: HashMap<Table, HashSet<String>> = HashMap::new();
+        if batches.is_empty() {
+            return Ok(hits);
+        }
+        let names = self.ensure_all(batches).await?;
+        let started = Instant::now();
+        let cols = columns(batches);
+        let stmt = sql::stage_if_exists(self.db.dialect, &names);
+        let rows = match bind_columns(sqlx::query(&stmt), &cols)
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                for table in batches.keys() {
+                    metrics::counter!(m::STAGE_ERRORS, &labels(table)).increment(1);
+                }
+                return Err(StageError::Write(e));
+            }
+        };
+        let tables: Vec<&Table> = batches.keys().collect();
+        let mut inserted: HashMap<usize, u64> = HashMap::new();
+        let mut offered: HashMap<usize, u64> = HashMap::new();
+        for r in rows {
+            let i: i64 = r.try_get(0).map_err(StageError::Write)?;
+            let key: String = r.try_get(1).map_err(StageError::Write)?;
+            let n: i64 = r.try_get(2).map_err(StageError::Write)?;
+            let Some(table) = usize::try_from(i).ok().and_then(|i| tables.get(i)) else {
+                continue;
+            };
+            inserted.insert(i as usize, n.max(0) as u64);
+            *offered.entry(i as usize).or_default() += 1;
+            hits.entry((*table).clone()).or_default().insert(key);
+        }
+        for (i, n) in inserted {
+            let l = labels(tables[i]);
+            metrics::counter!(m::STAGE_MUTATIONS, &l).increment(n);
+            metrics::counter!(m::STAGE_DUPLICATES, &l)
+                .increment(offered.get(&i).copied().unwrap_or(0).saturating_sub(n));
+            metrics::histogram!(m::STAGE_DURATION, &l).record(started.elapsed().as_secs_f64());
+        }
+        Ok(hits)
+    }
+
+    async fn ensure_all(&self, batches: &TableBatches) -> Result<Vec<String>, StageError> {
         let mut names = Vec::with_capacity(batches.len());
         for table in batches.keys() {
             names.push(self.ensure(table).await?);
         }
-        let started = Instant::now();
-        let cols: Vec<Columns> = batches
-            .values()
-            .map(|muts| Columns::from(muts.as_slice()))
-            .collect();
-        let stmt = sql::insert(&names);
-        let result = target::retry(|| {
-            let mut q = sqlx::query(&stmt);
-            for c in &cols {
-                q = q
-                    .bind(&c.nanos)
-                    .bind(&c.logical)
-                    .bind(&c.keys)
-                    .bind(&c.muts)
-                    .bind(&c.befores);
-            }
-            q.fetch_one(&self.db.pool)
-        })
-        .await;
+        Ok(names)
+    }
+
+    /// Metrics and counts of an [`sql::insert`] statement's result.
+    fn record_insert(
+        &self,
+        batches: &TableBatches,
+        cols: &[Columns],
+        result: Result<sqlx::postgres::PgRow, sqlx::Error>,
+        started: Instant,
+    ) -> Result<StageStats, StageError> {
         let row = match result {
             Ok(row) => row,
             Err(e) => {
@@ -202,7 +353,7 @@ impl Stager {
             }
         };
         let mut stats = StageStats::default();
-        for (i, (table, c)) in batches.keys().zip(&cols).enumerate() {
+        for (i, (table, c)) in batches.keys().zip(cols).enumerate() {
             let inserted: i64 = row.try_get(i).map_err(StageError::Write)?;
             let inserted = inserted.max(0) as u64;
             let dups = c.offered.saturating_sub(inserted);
@@ -333,6 +484,29 @@ fn json_text(bytes: Vec<u8>) -> Option<String> {
         String::from_utf8(bytes)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
     )
+}
+
+fn columns(batches: &TableBatches) -> Vec<Columns> {
+    batches
+        .values()
+        .map(|muts| Columns::from(muts.as_slice()))
+        .collect()
+}
+
+/// Binds each table's five column arrays, in table order.
+fn bind_columns<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    cols: &'q [Columns],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    for c in cols {
+        q = q
+            .bind(&c.nanos)
+            .bind(&c.logical)
+            .bind(&c.keys)
+            .bind(&c.muts)
+            .bind(&c.befores);
+    }
+    q
 }
 
 /// One table's batch as the column arrays the insert binds.

@@ -33,6 +33,8 @@ impl Process {
                 "--disableAuthentication",
             ])
             .args(["--targetConn", &db.url()])
+            // 2023 timestamps would select best-effort mode; a later flag in `extra` wins.
+            .arg("--bestEffortWindow=0")
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -16,9 +16,18 @@ pub struct Sink {
 
 impl Sink {
     /// Starts a sink on a random port with a self-signed certificate; `extra` adds flags.
+    /// Consistent mode is pinned (`--bestEffortWindow=0`): the payload builders' 2023 times
+    /// would otherwise look years behind and select best-effort mode. A test that wants the
+    /// automatic selection passes its own `--bestEffortWindow`, which wins as the later flag.
     pub async fn start(db: &Db, extra: &[&str]) -> Sink {
-        let url = db.url();
-        let argv = loopback_argv(&url, extra);
+        Sink::start_url(&db.url(), extra).await
+    }
+
+    /// Like [`Sink::start`], in front of the database at `url`.
+    pub async fn start_url(url: &str, extra: &[&str]) -> Sink {
+        let mut flags = vec!["--bestEffortWindow=0"];
+        flags.extend_from_slice(extra);
+        let argv = loopback_argv(url, &flags);
         let prepared = prepare(argv).expect("valid flags");
         let running = launch(prepared).await.expect("sink starts");
         let client = Client::new(
@@ -46,6 +55,18 @@ impl Sink {
     pub async fn post_ok(&self, path: &str, body: impl Into<String>) {
         let (status, text) = self.post(path, body).await;
         assert_eq!(status, StatusCode::OK, "{text}");
+    }
+
+    /// The Prometheus text of `/_/varz`. The recorder is shared by every sink of the test
+    /// process: read series of a schema no other test uses.
+    pub async fn metrics(&self) -> String {
+        let (status, text) = self
+            .client
+            .get("/_/varz")
+            .await
+            .expect("metrics reach the sink");
+        assert_eq!(status, StatusCode::OK, "{text}");
+        text
     }
 
     pub async fn stop(mut self) {
