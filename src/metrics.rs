@@ -63,6 +63,10 @@ pub const CORE_SWEEP_APPLY_COUNT: &str = "core_sweep_apply_count";
 pub const CORE_SWEEP_DURATION: &str = "core_sweep_duration_seconds";
 pub const CORE_SWEEP_SUCCESS_TIMESTAMP: &str = "core_sweep_success_timestamp_seconds";
 pub const CORE_SWEEP_ATTEMPT_TIMESTAMP: &str = "core_sweep_attempt_timestamp_seconds";
+pub const CORE_SWEEP_SKEW: &str = "core_sweep_skew_count";
+pub const CORE_FLUSHES_IN_FLIGHT: &str = "core_sweep_flushes_in_flight";
+pub const CORE_FLUSH_OVERLAPS: &str = "core_sweep_overlapping_flushes_total";
+pub const CORE_FLUSH_DEFERRED: &str = "core_sweep_deferred_flushes_total";
 
 pub const RETRY_ACTIONS: &str = "retry_actions_total";
 pub const RETRY_RETRIED: &str = "retry_retried_total";
@@ -282,6 +286,24 @@ fn describe() {
         CORE_SWEEP_ATTEMPT_TIMESTAMP,
         Unit::Seconds,
         "wall time of the last sweep attempt"
+    );
+    describe_counter!(
+        CORE_SWEEP_SKEW,
+        "flushes written to the target whose staging step then failed (separate staging): \
+their rows will be applied again"
+    );
+    describe_gauge!(
+        CORE_FLUSHES_IN_FLIGHT,
+        "apply transactions of one schema open at once"
+    );
+    describe_counter!(
+        CORE_FLUSH_OVERLAPS,
+        "apply transactions that began while another of the same schema was open"
+    );
+    describe_counter!(
+        CORE_FLUSH_DEFERRED,
+        "apply transactions retried after every earlier one finished (foreign-key violation \
+or serialization failure while running alongside them)"
     );
     describe_counter!(RETRY_ACTIONS, "database actions run under the retry helper");
     describe_counter!(RETRY_RETRIED, "database actions retried, by SQLSTATE");

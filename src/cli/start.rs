@@ -167,6 +167,10 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
     let auth = Authenticator::new(&args.auth)?;
     let (target, staging) = args.target.open().await.context("opening databases")?;
     crate::target::spawn_pool_metrics(&target, "target");
+    let separate_staging = args.target.separate_staging();
+    if separate_staging {
+        crate::target::spawn_pool_metrics(&staging, "staging");
+    }
     let stager = Arc::new(Stager::open(staging.clone(), &args.stage.staging_schema).await?);
     let checkpoints = Checkpoints::open(staging.clone(), stager.schema()).await?;
     let leases = Arc::new(Leases::open(staging.clone(), stager.schema()).await?);
@@ -177,6 +181,8 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
     );
     let sequencer = Sequencer::new(
         args.sequence.clone(),
+        target.clone(),
+        separate_staging,
         stager.clone(),
         checkpoints.clone(),
         leases,

@@ -6,6 +6,7 @@
 //! also deletes the window's staged rows and commits the checkpoint (DESIGN §3.2), so the
 //! target never holds applied-but-unmarked data. *Immediate* mode applies each request at once.
 
+mod schedule;
 mod window;
 
 use crate::apply::{Applier, SchemaInfo};
@@ -17,6 +18,7 @@ use crate::metrics as m;
 use crate::mutation::{last_version_per_key, Mutation, TableBatches};
 use crate::script::{ScriptError, Userscript};
 use crate::stage::{StageError, Stager};
+use crate::target::Database;
 use sqlx::PgConnection;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -46,8 +48,9 @@ pub struct SequenceArgs {
         default_value_t = 1000
     )]
     pub flush_size: usize,
-    /// Concurrent target transactions per schema (transactions of one window are applied in
-    /// order; the value is accepted for compatibility).
+    /// Concurrent target transactions per schema: transactions of one window whose rows share
+    /// no (table, key) run at once, each on its own connection (at most half the target pool);
+    /// 1 applies serially; 0 means the default.
     #[arg(
         long = "parallelism",
         env = "CDC_SINK_PARALLELISM",
@@ -78,6 +81,15 @@ pub struct SequenceArgs {
 }
 
 impl SequenceArgs {
+    /// `--parallelism`, with 0 meaning the default.
+    pub fn parallelism(&self) -> usize {
+        if self.parallelism == 0 {
+            16
+        } else {
+            self.parallelism
+        }
+    }
+
     pub fn validate(&self) -> Result<(), SequenceError> {
         if self.best_effort_only {
             return Err(SequenceError::Config(
@@ -109,6 +121,8 @@ pub enum SequenceError {
     LeaseLost(String),
     #[error(transparent)]
     Script(#[from] ScriptError),
+    #[error("apply task failed: {0}")]
+    Task(String),
 }
 
 impl SequenceError {
@@ -124,8 +138,8 @@ impl SequenceError {
     }
 }
 
-/// Lease timing. Renewal happens in every apply transaction and at least every third of the
-/// lifetime while idle.
+/// Lease timing. Renewal happens at least every third of the lifetime, between apply
+/// transactions (see `window`).
 pub(crate) const LEASE_LIFETIME: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -133,6 +147,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Shared parts every schema's pipeline uses.
 pub(crate) struct Parts {
     pub args: SequenceArgs,
+    /// Where mutations are applied; staging, checkpoints and leases live in `stager`'s database.
+    pub target: Database,
+    /// Staging is another database than the target: no transaction spans both.
+    pub separate_staging: bool,
     pub stager: Arc<Stager>,
     pub checkpoints: Arc<Checkpoints>,
     pub leases: Arc<Leases>,
@@ -149,8 +167,11 @@ pub struct Sequencer {
 }
 
 impl Sequencer {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         args: SequenceArgs,
+        target: Database,
+        separate_staging: bool,
         stager: Arc<Stager>,
         checkpoints: Arc<Checkpoints>,
         leases: Arc<Leases>,
@@ -161,6 +182,8 @@ impl Sequencer {
         Arc::new(Sequencer {
             parts: Arc::new(Parts {
                 args,
+                target,
+                separate_staging,
                 stager,
                 checkpoints,
                 leases,
@@ -223,8 +246,13 @@ impl Sequencer {
         if let Some(h) = &self.parts.hooks {
             h.configure(&self.parts.applier, &info);
         }
-        let pool = &self.parts.stager.database().pool;
-        let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
+        let mut tx = self
+            .parts
+            .target
+            .pool
+            .begin()
+            .await
+            .map_err(SequenceError::Sql)?;
         write_ordered(
             &self.parts.applier,
             self.parts.hooks.as_ref(),
