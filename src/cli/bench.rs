@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// as a changefeed with `resolved` emits them while it streams.
     #[arg(long = "resolved-every", default_value_t = 8)]
     pub resolved_every: usize,
+    /// `--parallelism` of the consistent and userscript paths (the sink's default if unset).
+    #[arg(long)]
+    pub parallelism: Option<usize>,
     /// Print one JSON line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -75,9 +78,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let took = through_sink(&cluster, &immediate, &bodies, &rows).await?;
     measures.push(Measure::new("immediate", rows.len(), took));
 
+    let parallelism: Vec<String> = args
+        .parallelism
+        .map(|n| vec!["--parallelism".to_string(), n.to_string()])
+        .unwrap_or_default();
     let consistent = Plan {
         db: "consistent",
-        flags: Vec::new(),
+        flags: parallelism.clone(),
         resolved_every: Some(args.resolved_every.max(1)),
         concurrency: args.concurrency,
     };
@@ -92,7 +99,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::write(&script, BENCH_SCRIPT)?;
     let scripted = Plan {
         db: "userscript",
-        flags: vec![format!("--userscript={}", script.display())],
+        flags: [
+            vec![format!("--userscript={}", script.display())],
+            parallelism,
+        ]
+        .concat(),
         resolved_every: Some(args.resolved_every.max(1)),
         concurrency: args.concurrency,
     };

@@ -5,7 +5,9 @@
 //! each, dispatched in time order. Up to `--parallelism` flushes run at once, each in its own
 //! target transaction, provided no earlier flush still in flight shares a (table, key) with
 //! it: per-key order holds while disjoint work overlaps. Transactions of disjoint keys may
-//! therefore commit out of time order, as in the reference.
+//! therefore commit out of time order, as in the reference. A window whose end is reached
+//! after a newer resolved timestamp arrived grows to it, so the appliers do not drain between
+//! windows.
 //!
 //! **Staging in the target database** (the default). A flush transaction fences on the lease,
 //! writes, and deletes its own staged time range: at every instant what is applied is gone from
@@ -222,10 +224,9 @@ impl Pipeline {
             .await;
         reader.abort();
         *renewed = ctx.renewed();
-        if result.is_ok() {
-            tracing::debug!(schema = %self.schema, resolved = %bounds.proposed, "window committed");
-        }
-        result
+        let end = result?;
+        tracing::debug!(schema = %self.schema, resolved = %end, "window committed");
+        Ok(())
     }
 }
 
@@ -284,31 +285,72 @@ impl Drop for OpenTx<'_> {
     }
 }
 
-/// A page of staged rows: complete for `(after, cut]`.
+/// How long a window may keep growing to newer resolved timestamps.
+const EXTEND_FOR: Duration = Duration::from_secs(5);
+
+/// A page of staged rows: complete for `(after, cut]`, in a window that ends at `hi`.
 struct Page {
     after: Hlc,
     cut: Hlc,
     rows: Vec<(usize, Mutation)>,
+    hi: Hlc,
+    /// The window's last page.
+    last: bool,
 }
 
 /// Reads the window page by page ahead of the appliers; the channel's capacity bounds how far.
+///
+/// At the end of the window, a newer resolved timestamp (one usually arrives while a window
+/// applies) extends it, so the appliers go on without draining between windows. Not once the
+/// cached target schema has changed: a table created since the window started could have rows
+/// in the extension, and this window would not read them.
 async fn read_pages(
     ctx: Arc<Ctx>,
     mut from: Hlc,
-    hi: Hlc,
+    mut hi: Hlc,
     out: mpsc::Sender<Result<Page, SequenceError>>,
 ) {
+    let started = Instant::now();
     loop {
-        let page = read_page(&ctx, from, hi).await;
+        let mut page = read_page(&ctx, from, hi).await;
+        let mut next = None;
+        if let Ok(p) = &mut page {
+            if p.cut >= hi {
+                next = extension(&ctx, hi, started).await;
+                p.last = next.is_none();
+            }
+        }
         let cut = page.as_ref().map(|p| p.cut).ok();
         if out.send(page).await.is_err() {
             return;
         }
         match cut {
             Some(c) if c < hi => from = c,
+            Some(c) if next.is_some() => (from, hi) = (c, next.unwrap_or(hi)),
             _ => return,
         }
     }
+}
+
+/// A newer resolved timestamp to extend the window to, if it may be.
+async fn extension(ctx: &Ctx, hi: Hlc, started: Instant) -> Option<Hlc> {
+    if started.elapsed() >= EXTEND_FOR {
+        return None;
+    }
+    // Bounds first, schema second: a table is known to the schema cache before a resolved
+    // timestamp covering its rows can be recorded.
+    let proposed = ctx
+        .parts
+        .checkpoints
+        .bounds(&ctx.schema)
+        .await
+        .ok()?
+        .proposed;
+    if proposed <= hi {
+        return None;
+    }
+    let info = ctx.parts.applier.schema(&ctx.schema).await.ok()?;
+    Arc::ptr_eq(&info, &ctx.info).then_some(proposed)
 }
 
 /// Reads unapplied rows in `(from, hi]` from every table, returning the time up to which the
@@ -353,6 +395,8 @@ async fn read_page(ctx: &Ctx, from: Hlc, hi: Hlc) -> Result<Page, SequenceError>
         after: from,
         cut,
         rows,
+        hi,
+        last: false,
     })
 }
 
@@ -582,7 +626,10 @@ enum Event {
 /// completion, and commits the checkpoint in order.
 struct Window {
     ctx: Arc<Ctx>,
+    /// The end of the window as far as known (it grows when the reader extends it).
     hi: Hlc,
+    /// The page ending at the window's final `hi` has arrived.
+    read_all: bool,
     sweep_from: Hlc,
     parallelism: usize,
     flush_size: usize,
@@ -605,6 +652,7 @@ impl Window {
         let parallelism = args.parallelism().min((pool / 2).max(1));
         Window {
             hi: bounds.proposed,
+            read_all: false,
             sweep_from,
             parallelism,
             flush_size: args.flush_size,
@@ -620,10 +668,11 @@ impl Window {
         }
     }
 
+    /// Applies the window; returns where it ended.
     async fn run(
         mut self,
         mut pages: mpsc::Receiver<Result<Page, SequenceError>>,
-    ) -> Result<(), SequenceError> {
+    ) -> Result<Hlc, SequenceError> {
         enum Next {
             Page(Option<Result<Page, SequenceError>>),
             Event(Event),
@@ -649,7 +698,9 @@ impl Window {
                 }
                 Next::Page(None) => break,
             };
-            let last = page.cut >= self.hi;
+            let last = page.last;
+            self.hi = self.hi.max(page.hi);
+            self.read_all = last;
             for slice in slices(page.rows, page.after, page.cut, self.flush_size) {
                 let job = FlushJob::new(self.next_idx, slice, &self.ctx.tables);
                 self.next_idx += 1;
@@ -754,8 +805,13 @@ impl Window {
         if upto <= self.progress.committed() {
             return;
         }
-        let sweep = (upto >= self.hi).then_some(self.sweep_from);
+        let sweep = self.at_end(upto).then_some(self.sweep_from);
         self.commit = Some(tokio::spawn(commit_step(self.ctx.clone(), upto, sweep)));
+    }
+
+    /// `upto` is the end of the whole window: the step committing it sweeps the window.
+    fn at_end(&self, upto: Hlc) -> bool {
+        self.read_all && upto >= self.hi
     }
 
     fn spawn(&mut self, job: Arc<FlushJob>, role: Role) {
@@ -808,7 +864,7 @@ impl Window {
         self.locks.take(idx, &job.keys);
         let role = if head {
             Role::Head {
-                sweep: (job.upto >= self.hi).then_some(self.sweep_from),
+                sweep: self.at_end(job.upto).then_some(self.sweep_from),
             }
         } else {
             Role::Concurrent
@@ -843,11 +899,11 @@ impl Window {
 
     /// Waits for the window to be committed; after a failure, waits for the flushes in flight
     /// and commits the checkpoint over what they completed before returning the error.
-    async fn finish(mut self) -> Result<(), SequenceError> {
+    async fn finish(mut self) -> Result<Hlc, SequenceError> {
         while self.error.is_none() {
             if !self.busy() {
-                if self.progress.committed() >= self.hi {
-                    return Ok(());
+                if self.at_end(self.progress.committed()) {
+                    return Ok(self.hi);
                 }
                 self.maybe_commit();
                 if !self.busy() {
@@ -866,7 +922,7 @@ impl Window {
         }
         let upto = self.progress.prefix();
         if upto > self.progress.committed() {
-            let sweep = (upto >= self.hi).then_some(self.sweep_from);
+            let sweep = self.at_end(upto).then_some(self.sweep_from);
             if let Err(e) = commit_step(self.ctx.clone(), upto, sweep).await {
                 tracing::warn!(schema = %self.ctx.schema, error = %e, "could not commit the checkpoint of the applied flushes");
             }

@@ -714,3 +714,56 @@ async fn count_in(pool: &sqlx::PgPool, table: &str) -> i64 {
         .await
         .unwrap_or_else(|e| panic!("count {table}: {e}"))
 }
+
+#[tokio::test]
+async fn a_table_created_while_a_window_applies_is_not_skipped() {
+    let db = kv_db("grow").await;
+    // Slow flushes and small pages: the window's reader reaches its end long after the new
+    // table and a newer resolved timestamp have arrived.
+    db.exec(
+        "CREATE FUNCTION public.linger() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$;
+         CREATE TRIGGER linger AFTER INSERT ON public.kv
+           FOR EACH STATEMENT EXECUTE FUNCTION public.linger();",
+    )
+    .await;
+    let sink = Sink::start(
+        &db,
+        &["--flushSize", "5", "--scanSize", "5", "--parallelism", "1"],
+    )
+    .await;
+    let elements = (1..=40i64)
+        .map(|k| upsert("kv", json!([k]), json!({"k": k, "v": "a"}), k))
+        .collect();
+    sink.post_ok("/grow/public", batch(elements)).await;
+    sink.post_ok("/grow/public", resolved(40)).await;
+    eventually("the window starts", WAIT, || async {
+        (db.count("public.kv").await > 0).then_some(())
+    })
+    .await;
+    db.exec("CREATE TABLE public.later (k INT8 PRIMARY KEY, v TEXT)")
+        .await;
+    sink.post_ok(
+        "/grow/public",
+        batch(vec![upsert(
+            "later",
+            json!([1]),
+            json!({"k": 1, "v": "new"}),
+            41,
+        )]),
+    )
+    .await;
+    sink.post_ok("/grow/public", resolved(41)).await;
+    assert!(
+        db.count("public.kv").await < 40,
+        "the first window must still be applying for this test to mean anything"
+    );
+    committed_in(&db.pool, "grow.public", 41).await;
+    assert_eq!(db.count("public.kv").await, 40);
+    assert_eq!(
+        db.count("public.later").await,
+        1,
+        "the new table's row was applied"
+    );
+    sink.stop().await;
+}
