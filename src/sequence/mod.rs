@@ -2,9 +2,11 @@
 //!
 //! *Consistent* mode (the default): every instance stages; per schema, the instance holding
 //! the schema's lease reads the staged window `(committed, resolved]` in HLC order and applies
-//! it in transactions that never split a source timestamp. The last transaction of a window
-//! also deletes the window's staged rows and commits the checkpoint (DESIGN §3.2), so the
-//! target never holds applied-but-unmarked data. *Immediate* mode applies each request at once.
+//! it in transactions that never split a source timestamp, several at once when their keys are
+//! disjoint (`--parallelism`). Each transaction deletes the staged rows it applied (DESIGN
+//! §3.2), so the target never holds applied-but-staged data, and the checkpoint is committed in
+//! order behind them; with a separate staging database this becomes the reference's two-step
+//! scheme (see `window`). *Immediate* mode applies each request at once.
 
 mod schedule;
 mod window;
@@ -64,8 +66,8 @@ pub struct SequenceArgs {
         default_value_t = 10_000
     )]
     pub scan_size: usize,
-    /// How long applied staging rows are kept (rows are deleted when their window commits,
-    /// in the same transaction; accepted for compatibility).
+    /// How long applied staging rows are kept (accepted for compatibility: rows are deleted by
+    /// the transaction that applies them).
     #[arg(long = "retireOffset", env = "CDC_SINK_RETIRE_OFFSET", default_value = "24h0m0s", value_parser = parse_duration)]
     pub retire_offset: Duration,
     /// Accepted for compatibility; unused (as in the reference).
