@@ -232,7 +232,7 @@ pub struct TargetArgs {
     #[arg(long = "applyTimeout", env = "CDC_SINK_APPLY_TIMEOUT", default_value = "30s", value_parser = crate::config::parse_duration)]
     pub apply_timeout: Duration,
     /// Staging database URL (PostgreSQL or CockroachDB); empty means the target database, where
-    /// applying, retiring staged rows and committing the checkpoint share one transaction.
+    /// each apply transaction also deletes the staged rows it applied.
     #[arg(long = "stagingConn", env = "CDC_SINK_STAGING_CONN")]
     pub staging_conn: Option<String>,
     /// Maximum staging connections.
