@@ -64,6 +64,10 @@ pub const CORE_SWEEP_APPLY_COUNT: &str = "core_sweep_apply_count";
 pub const CORE_SWEEP_DURATION: &str = "core_sweep_duration_seconds";
 pub const CORE_SWEEP_SUCCESS_TIMESTAMP: &str = "core_sweep_success_timestamp_seconds";
 pub const CORE_SWEEP_ATTEMPT_TIMESTAMP: &str = "core_sweep_attempt_timestamp_seconds";
+pub const CORE_SWEEP_SKEW: &str = "core_sweep_skew_count";
+pub const CORE_FLUSHES_IN_FLIGHT: &str = "core_sweep_flushes_in_flight";
+pub const CORE_FLUSH_OVERLAPS: &str = "core_sweep_overlapping_flushes_total";
+pub const CORE_FLUSH_DEFERRED: &str = "core_sweep_deferred_flushes_total";
 
 pub const BEST_EFFORT_APPLIED: &str = "best_effort_accept_applied_count";
 pub const BEST_EFFORT_DEFERRED: &str = "best_effort_accept_deferred_count";
@@ -289,6 +293,24 @@ fn describe() {
         CORE_SWEEP_ATTEMPT_TIMESTAMP,
         Unit::Seconds,
         "wall time of the last sweep attempt"
+    );
+    describe_counter!(
+        CORE_SWEEP_SKEW,
+        "flushes written to the target whose staging step then failed (separate staging): \
+their rows will be applied again"
+    );
+    describe_gauge!(
+        CORE_FLUSHES_IN_FLIGHT,
+        "apply transactions of one schema open at once"
+    );
+    describe_counter!(
+        CORE_FLUSH_OVERLAPS,
+        "apply transactions that began while another of the same schema was open"
+    );
+    describe_counter!(
+        CORE_FLUSH_DEFERRED,
+        "apply transactions retried after every earlier one finished (foreign-key violation \
+or serialization failure while running alongside them)"
     );
     describe_counter!(
         BEST_EFFORT_APPLIED,

@@ -38,8 +38,6 @@ pub enum TargetError {
     Scheme(String),
     #[error("targetConn must be set")]
     Missing,
-    #[error("a separate --stagingConn is not supported yet: staging lives in the target database")]
-    SeparateStaging,
 }
 
 /// Pool settings for one database (target or staging).
@@ -233,7 +231,8 @@ pub struct TargetArgs {
     /// The target's idle_in_transaction_session_timeout.
     #[arg(long = "applyTimeout", env = "CDC_SINK_APPLY_TIMEOUT", default_value = "30s", value_parser = crate::config::parse_duration)]
     pub apply_timeout: Duration,
-    /// Staging database URL; empty means the target database (one transaction per window).
+    /// Staging database URL (PostgreSQL or CockroachDB); empty means the target database, where
+    /// each apply transaction also deletes the staged rows it applied.
     #[arg(long = "stagingConn", env = "CDC_SINK_STAGING_CONN")]
     pub staging_conn: Option<String>,
     /// Maximum staging connections.
@@ -280,20 +279,24 @@ impl TargetArgs {
         }
     }
 
-    /// Opens the target and the staging database (the same pool when `--stagingConn` is unset).
+    /// `--stagingConn` names another database than `--targetConn`.
+    pub fn separate_staging(&self) -> bool {
+        self.staging_conn
+            .as_deref()
+            .is_some_and(|s| !s.is_empty() && Some(s) != self.target_conn.as_deref())
+    }
+
+    /// Opens the target and the staging database (the same pool when `--stagingConn` is unset
+    /// or equal to `--targetConn`).
     pub async fn open(&self) -> Result<(Database, Database), TargetError> {
         let url = self.target_conn.as_deref().ok_or(TargetError::Missing)?;
         let target = open(url, "target", &self.target_settings()).await?;
-        // Applying a window, retiring its staged rows and committing its checkpoint happen in
-        // one target transaction, which needs staging inside the target database.
-        if self
-            .staging_conn
-            .as_deref()
-            .is_some_and(|s| !s.is_empty() && s != url)
-        {
-            return Err(TargetError::SeparateStaging);
-        }
-        let staging = target.clone();
+        let staging = match self.staging_conn.as_deref() {
+            Some(s) if self.separate_staging() => {
+                open(s, "staging", &self.staging_settings()).await?
+            }
+            _ => target.clone(),
+        };
         Ok((target, staging))
     }
 }

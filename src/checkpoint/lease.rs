@@ -75,19 +75,15 @@ WHERE l.expires < now() RETURNING nonce::TEXT",
     }
 
     /// Extends a held lease; `false` when it was lost (expired and taken, or released).
-    /// Inside an apply transaction this also locks the lease row, fencing other holders
-    /// until the transaction ends.
+    /// Inside a transaction it also locks the lease row exclusively until the end, which
+    /// would stall every concurrent transaction [`Leases::fence`]d on it: renew on its own.
     pub async fn renew(
         &self,
         conn: &mut PgConnection,
         lease: &Lease,
         lifetime: Duration,
     ) -> Result<bool, CheckpointError> {
-        let stmt = format!(
-            "UPDATE {t} SET expires = now() + $3::INTERVAL WHERE name = $1 AND nonce = $2::UUID",
-            t = self.table
-        );
-        let done = sqlx::query(&stmt)
+        let done = sqlx::query(&renew_sql(&self.table))
             .bind(&lease.name)
             .bind(lease.nonce.to_string())
             .bind(interval(lifetime))
@@ -95,6 +91,24 @@ WHERE l.expires < now() RETURNING nonce::TEXT",
             .await
             .map_err(CheckpointError::Sql)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Fences a transaction that runs alongside others of the same holder: `false` unless the
+    /// lease is still ours and unexpired. The shared row lock lets our concurrent transactions
+    /// proceed together while a takeover (an `UPDATE` of the row) waits for all of them to
+    /// end; renewing, also an `UPDATE`, waits the same way, so it is done between them.
+    pub async fn fence(
+        &self,
+        conn: &mut PgConnection,
+        lease: &Lease,
+    ) -> Result<bool, CheckpointError> {
+        let held = sqlx::query(&fence_sql(&self.table))
+            .bind(&lease.name)
+            .bind(lease.nonce.to_string())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(CheckpointError::Sql)?;
+        Ok(held.is_some())
     }
 
     /// Renews outside any transaction.
@@ -124,4 +138,39 @@ WHERE l.expires < now() RETURNING nonce::TEXT",
 
 fn interval(d: Duration) -> String {
     format!("{} milliseconds", d.as_millis())
+}
+
+fn renew_sql(table: &str) -> String {
+    format!(
+        "UPDATE {table} SET expires = now() + $3::INTERVAL WHERE name = $1 AND nonce = $2::UUID"
+    )
+}
+
+/// CockroachDB accepts the same statement; under its default serializable isolation the read
+/// of the row already orders our transaction against a takeover's write, lock or no lock.
+fn fence_sql(table: &str) -> String {
+    format!(
+        "SELECT 1 FROM {table} WHERE name = $1 AND nonce = $2::UUID AND expires > now() FOR SHARE"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_lease_fencing_sql() {
+        assert_eq!(
+            fence_sql("\"_cdc_sink\".\"leases\""),
+            "SELECT 1 FROM \"_cdc_sink\".\"leases\" WHERE name = $1 AND nonce = $2::UUID AND expires > now() FOR SHARE"
+        );
+        assert_eq!(
+            fence_sql("\"_cdc_sink\".\"public\".\"leases\""),
+            "SELECT 1 FROM \"_cdc_sink\".\"public\".\"leases\" WHERE name = $1 AND nonce = $2::UUID AND expires > now() FOR SHARE"
+        );
+        assert_eq!(
+            renew_sql("\"_cdc_sink\".\"public\".\"leases\""),
+            "UPDATE \"_cdc_sink\".\"public\".\"leases\" SET expires = now() + $3::INTERVAL WHERE name = $1 AND nonce = $2::UUID"
+        );
+    }
 }

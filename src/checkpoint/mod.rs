@@ -1,9 +1,9 @@
 //! Resolved timestamps (checkpoints) and leases, both kept in the staging schema.
 //!
 //! A resolved timestamp is recorded as a *proposed* checkpoint of its schema; once the window
-//! up to it has been applied, it is *committed* (`target_applied_at` set) in the same target
-//! transaction as the last rows of the window. A lease per schema elects the one instance that
-//! applies it.
+//! up to it has been applied, it is *committed* (`target_applied_at` set), possibly in steps
+//! inside the window, each at the end of a run of applied transactions. A lease per schema
+//! elects the one instance that applies it.
 
 mod lease;
 

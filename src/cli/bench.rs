@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// as a changefeed with `resolved` emits them while it streams.
     #[arg(long = "resolved-every", default_value_t = 8)]
     pub resolved_every: usize,
+    /// `--parallelism` of the consistent and userscript paths (the sink's default if unset).
+    #[arg(long)]
+    pub parallelism: Option<usize>,
     /// Print one JSON line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -77,9 +80,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // The rows carry fixed 2023 timestamps, which would look far behind and select
     // best-effort mode: pin consistent mode (the same cost as the default while it is caught up).
+    let parallelism: Vec<String> = args
+        .parallelism
+        .map(|n| vec!["--parallelism".to_string(), n.to_string()])
+        .unwrap_or_default();
     let consistent = Plan {
         db: "consistent",
-        flags: vec!["--bestEffortWindow=0".into()],
+        flags: [
+            vec!["--bestEffortWindow=0".to_string()],
+            parallelism.clone(),
+        ]
+        .concat(),
         resolved_every: Some(args.resolved_every.max(1)),
         concurrency: args.concurrency,
     };
@@ -94,10 +105,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::write(&script, BENCH_SCRIPT)?;
     let scripted = Plan {
         db: "userscript",
-        flags: vec![
-            "--bestEffortWindow=0".into(),
-            format!("--userscript={}", script.display()),
-        ],
+        flags: [
+            vec![
+                "--bestEffortWindow=0".to_string(),
+                format!("--userscript={}", script.display()),
+            ],
+            parallelism,
+        ]
+        .concat(),
         resolved_every: Some(args.resolved_every.max(1)),
         concurrency: args.concurrency,
     };

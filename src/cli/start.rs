@@ -4,7 +4,7 @@ use crate::apply::Applier;
 use crate::auth::{AuthArgs, Authenticator};
 use crate::checkpoint::{Checkpoints, Leases};
 use crate::script::Userscript;
-use crate::sequence::{Hooks, SequenceArgs, Sequencer};
+use crate::sequence::{Hooks, Parts, SequenceArgs, Sequencer};
 use crate::server::ServerArgs;
 use crate::source::webhook::DecodeLimits;
 use crate::source::{Ingest, SourceArgs};
@@ -42,6 +42,12 @@ impl StartArgs {
         self.sequence.validate()?;
         self.auth.validate()?;
         self.apply.validate()?;
+        if self.sequence.best_effort_only && self.target.separate_staging() {
+            anyhow::bail!(
+                "--bestEffortOnly needs staging in the target database (it stages and applies \
+in one transaction): drop --stagingConn or --bestEffortOnly"
+            );
+        }
         Ok(())
     }
 }
@@ -167,6 +173,10 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
     let auth = Authenticator::new(&args.auth)?;
     let (target, staging) = args.target.open().await.context("opening databases")?;
     crate::target::spawn_pool_metrics(&target, "target");
+    let separate_staging = args.target.separate_staging();
+    if separate_staging {
+        crate::target::spawn_pool_metrics(&staging, "staging");
+    }
     let stager = Arc::new(Stager::open(staging.clone(), &args.stage.staging_schema).await?);
     let checkpoints = Checkpoints::open(staging.clone(), stager.schema()).await?;
     let leases = Arc::new(Leases::open(staging.clone(), stager.schema()).await?);
@@ -175,14 +185,16 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
         args.target.schema_refresh,
         args.apply.clone(),
     );
-    let sequencer = Sequencer::new(
-        args.sequence.clone(),
-        stager.clone(),
-        checkpoints.clone(),
+    let sequencer = Sequencer::new(Parts {
+        args: args.sequence.clone(),
+        target: target.clone(),
+        separate_staging,
+        stager: stager.clone(),
+        checkpoints: checkpoints.clone(),
         leases,
-        applier.clone(),
-        hooks.clone(),
-    );
+        applier: applier.clone(),
+        hooks: hooks.clone(),
+    });
     sequencer.recover().await?;
     let handler = Ingest {
         target,

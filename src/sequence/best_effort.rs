@@ -97,8 +97,8 @@ async fn accept_once(
 ) -> Result<Outcome, SequenceError> {
     let stager = &parts.stager;
     let hooks = parts.hooks.as_ref();
-    let mut tx = stager
-        .database()
+    let mut tx = parts
+        .target
         .pool
         .begin()
         .await

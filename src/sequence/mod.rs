@@ -2,15 +2,18 @@
 //!
 //! *Consistent* mode (the default): every instance stages; per schema, the instance holding
 //! the schema's lease reads the staged window `(committed, resolved]` in HLC order and applies
-//! it in transactions that never split a source timestamp. The last transaction of a window
-//! also deletes the window's staged rows and commits the checkpoint (DESIGN §3.2), so the
-//! target never holds applied-but-unmarked data. *Immediate* mode applies each request at once.
+//! it in transactions that never split a source timestamp, several at once when their keys are
+//! disjoint (`--parallelism`). Each transaction deletes the staged rows it applied (DESIGN
+//! §3.2), so the target never holds applied-but-staged data, and the checkpoint is committed in
+//! order behind them; with a separate staging database this becomes the reference's two-step
+//! scheme (see `window`). *Immediate* mode applies each request at once.
 //! *Best-effort* mode ([`best_effort`]) applies requests at once where each key's order allows
 //! and stages the rest for the consistent pipeline; [`mode`] picks the mode per schema.
 
 mod best_effort;
 pub mod mode;
 pub mod poison;
+mod schedule;
 mod window;
 
 pub use mode::{Admission, Mode};
@@ -25,6 +28,7 @@ use crate::metrics as m;
 use crate::mutation::{last_version_per_key, Mutation, TableBatches};
 use crate::script::{ScriptError, Userscript};
 use crate::stage::{StageError, Stager};
+use crate::target::Database;
 use sqlx::PgConnection;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -56,8 +60,9 @@ pub struct SequenceArgs {
         default_value_t = 1000
     )]
     pub flush_size: usize,
-    /// Concurrent target transactions per schema (transactions of one window are applied in
-    /// order; the value is accepted for compatibility).
+    /// Concurrent target transactions per schema: transactions of one window whose rows share
+    /// no (table, key) run at once, each on its own connection (at most half the target pool);
+    /// 1 applies serially; 0 means the default.
     #[arg(
         long = "parallelism",
         env = "CDC_SINK_PARALLELISM",
@@ -71,8 +76,8 @@ pub struct SequenceArgs {
         default_value_t = 10_000
     )]
     pub scan_size: usize,
-    /// How long applied staging rows are kept (rows are deleted when their window commits,
-    /// in the same transaction; accepted for compatibility).
+    /// How long applied staging rows are kept (accepted for compatibility: rows are deleted by
+    /// the transaction that applies them).
     #[arg(long = "retireOffset", env = "CDC_SINK_RETIRE_OFFSET", default_value = "24h0m0s", value_parser = parse_duration)]
     pub retire_offset: Duration,
     /// Accepted for compatibility; unused (in the reference, the number of poisoned keys a
@@ -89,6 +94,15 @@ pub struct SequenceArgs {
 }
 
 impl SequenceArgs {
+    /// `--parallelism`, with 0 meaning the default.
+    pub fn parallelism(&self) -> usize {
+        if self.parallelism == 0 {
+            16
+        } else {
+            self.parallelism
+        }
+    }
+
     pub fn validate(&self) -> Result<(), SequenceError> {
         if self.flush_size == 0 || self.scan_size == 0 {
             return Err(SequenceError::Config(
@@ -115,6 +129,8 @@ pub enum SequenceError {
     LeaseLost(String),
     #[error(transparent)]
     Script(#[from] ScriptError),
+    #[error("apply task failed: {0}")]
+    Task(String),
 }
 
 impl SequenceError {
@@ -130,15 +146,19 @@ impl SequenceError {
     }
 }
 
-/// Lease timing. Renewal happens in every apply transaction and at least every third of the
-/// lifetime while idle.
+/// Lease timing. Renewal happens at least every third of the lifetime, between apply
+/// transactions (see `window`).
 pub(crate) const LEASE_LIFETIME: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Shared parts every schema's pipeline uses.
-pub(crate) struct Parts {
+pub struct Parts {
     pub args: SequenceArgs,
+    /// Where mutations are applied; staging, checkpoints and leases live in `stager`'s database.
+    pub target: Database,
+    /// Staging is another database than the target: no transaction spans both.
+    pub separate_staging: bool,
     pub stager: Arc<Stager>,
     pub checkpoints: Arc<Checkpoints>,
     pub leases: Arc<Leases>,
@@ -156,34 +176,26 @@ pub struct Sequencer {
 }
 
 impl Sequencer {
-    pub fn new(
-        args: SequenceArgs,
-        stager: Arc<Stager>,
-        checkpoints: Arc<Checkpoints>,
-        leases: Arc<Leases>,
-        applier: Applier,
-        hooks: Option<Hooks>,
-    ) -> Arc<Sequencer> {
+    pub fn new(parts: Parts) -> Arc<Sequencer> {
         let (stop, _) = watch::channel(false);
-        let policy = mode::Policy::of(&args);
+        let mut policy = mode::Policy::of(&parts.args);
+        if parts.separate_staging && matches!(policy, mode::Policy::Auto(_)) {
+            // Best-effort stages and applies in one transaction, which needs staging inside
+            // the target database.
+            tracing::info!("separate staging database: automatic best-effort mode is off");
+            policy = mode::Policy::Fixed(Mode::Consistent);
+        }
         if policy == mode::Policy::Fixed(Mode::BestEffort) {
-            stager.enable_key_index();
+            parts.stager.enable_key_index();
         }
         let sources = mode::Sources {
-            checkpoints: checkpoints.clone(),
-            stager: stager.clone(),
-            applier: applier.clone(),
+            checkpoints: parts.checkpoints.clone(),
+            stager: parts.stager.clone(),
+            applier: parts.applier.clone(),
         };
         let modes = mode::Modes::new(policy, sources, stop.subscribe());
         Arc::new(Sequencer {
-            parts: Arc::new(Parts {
-                args,
-                stager,
-                checkpoints,
-                leases,
-                applier,
-                hooks,
-            }),
+            parts: Arc::new(parts),
             pipelines: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
             stop,
@@ -262,8 +274,13 @@ impl Sequencer {
         if let Some(h) = &self.parts.hooks {
             h.configure(&self.parts.applier, &info);
         }
-        let pool = &self.parts.stager.database().pool;
-        let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
+        let mut tx = self
+            .parts
+            .target
+            .pool
+            .begin()
+            .await
+            .map_err(SequenceError::Sql)?;
         write_ordered(
             &self.parts.applier,
             self.parts.hooks.as_ref(),

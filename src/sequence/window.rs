@@ -1,17 +1,52 @@
 //! One schema's consistent-mode pipeline: win the lease, then apply resolved windows.
+//!
+//! A window `(committed, proposed]` is read in pages (the next page is read while the previous
+//! one applies) and cut into flushes of whole source timestamps, about `--flushSize` rows
+//! each, dispatched in time order. Up to `--parallelism` flushes run at once, each in its own
+//! target transaction, provided no earlier flush still in flight shares a (table, key) with
+//! it: per-key order holds while disjoint work overlaps. Transactions of disjoint keys may
+//! therefore commit out of time order, as in the reference. A window whose end is reached
+//! after a newer resolved timestamp arrived grows to it, so the appliers do not drain between
+//! windows.
+//!
+//! **Staging in the target database** (the default). A flush transaction fences on the lease,
+//! writes, and deletes its own staged time range: at every instant what is applied is gone from
+//! staging and what is not is still there. Only an in-order step commits the checkpoint, at the
+//! end of the contiguous prefix of completed flushes. After a crash (kill -9 anywhere) the next
+//! holder reads from the checkpoint and finds exactly the rows not yet applied, so nothing is
+//! applied twice, and per-key order survives: a flush with a later version of a key never
+//! starts before the flush with the earlier one has committed. A flush that starts with nothing
+//! ahead of it (always, with `--parallelism 1`) commits the checkpoint in its own transaction.
+//!
+//! One gap is left, narrower than a crash: a changefeed redelivery of a row whose range a flush
+//! has retired but the checkpoint does not cover yet is staged again; it is swept at the end of
+//! the window, but if the process dies before that commit, the next holder applies it again.
+//!
+//! **Separate staging** (`--stagingConn`). No transaction spans both databases: a flush commits
+//! on the target, then retires its rows (and commits the checkpoint when it carries it) on
+//! staging. A crash in between leaves applied rows staged and they are applied again later:
+//! with compare-and-set that is an equal-tuple conflict, which `standardMerge` resolves as a
+//! no-op but a custom merge function sees (and a plain CAS table dead-letters). A staging step
+//! that fails without a crash counts in `core_sweep_skew_count`.
 
+use super::poison::{find_poison, is_transient};
+use super::schedule::{lock_key, slices, KeyLocks, Progress, Slice};
 use super::{
     backoff, now_seconds, schema_label, write_ordered, Parts, SequenceError, LEASE_LIFETIME, POLL,
 };
+use crate::apply::SchemaInfo;
 use crate::checkpoint::{Bounds, Lease};
 use crate::hlc::Hlc;
 use crate::ident::{Schema, Table};
 use crate::metrics as m;
 use crate::mutation::{Mutation, TableBatches};
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use sqlx::PgConnection;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::{JoinHandle, JoinSet};
 
 pub(super) struct Pipeline {
     parts: Arc<Parts>,
@@ -79,7 +114,8 @@ impl Pipeline {
         }
     }
 
-    /// Applies windows while the lease is held.
+    /// Applies windows while the lease is held, renewing it at least every third of its
+    /// lifetime (inside windows too, see [`Window::dispatch`]).
     async fn hold(&self, lease: &Lease, stop: &mut watch::Receiver<bool>) -> Held {
         let mut renewed = Instant::now();
         let mut attempt = 0u32;
@@ -93,7 +129,7 @@ impl Pipeline {
                 .set(now_seconds());
             let result = match self.parts.checkpoints.bounds(&self.schema).await {
                 Ok(b) if b.proposed > b.committed => {
-                    let done = self.apply_window(lease, b, !swept).await;
+                    let done = self.apply_window(lease, b, !swept, &mut renewed).await;
                     swept |= done.is_ok();
                     done.map(|_| true)
                 }
@@ -101,20 +137,17 @@ impl Pipeline {
                 Err(e) => Err(SequenceError::from(e)),
             };
             let wait = match result {
-                Ok(worked) => {
+                Ok(true) => {
                     attempt = 0;
-                    if worked {
-                        renewed = Instant::now();
-                        metrics::histogram!(m::CORE_SWEEP_DURATION, &schema_label(&self.schema))
-                            .record(started.elapsed().as_secs_f64());
-                        metrics::gauge!(
-                            m::CORE_SWEEP_SUCCESS_TIMESTAMP,
-                            &schema_label(&self.schema)
-                        )
+                    metrics::histogram!(m::CORE_SWEEP_DURATION, &schema_label(&self.schema))
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::gauge!(m::CORE_SWEEP_SUCCESS_TIMESTAMP, &schema_label(&self.schema))
                         .set(now_seconds());
-                        continue;
-                    }
-                    POLL.min(self.parts.args.flush_period.max(Duration::from_millis(50)))
+                    None
+                }
+                Ok(false) => {
+                    attempt = 0;
+                    Some(POLL.min(self.parts.args.flush_period.max(Duration::from_millis(50))))
                 }
                 Err(SequenceError::LeaseLost(_)) => return Held::Lost,
                 Err(e) => {
@@ -126,7 +159,7 @@ impl Pipeline {
                     } else {
                         tracing::error!(schema = %self.schema, error = %e, retry_in = ?wait, "could not apply window; will retry");
                     }
-                    wait
+                    Some(wait)
                 }
             };
             if renewed.elapsed() >= LEASE_LIFETIME / 3 {
@@ -141,6 +174,7 @@ impl Pipeline {
                     }
                 }
             }
+            let Some(wait) = wait else { continue };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.notify.notified() => {}
@@ -149,172 +183,786 @@ impl Pipeline {
         }
     }
 
-    /// Applies `(committed, proposed]`. Reads pages of every table, cuts them at a time up to
-    /// which all tables are complete, and applies whole timestamps in transactions of about
-    /// `--flushSize` mutations. Each transaction also retires its staged rows and commits the
-    /// checkpoint at its last timestamp: everything at or before it has been received (the
-    /// resolved timestamp says so) and is now applied, so a crash resumes right after it.
-    ///
-    /// Retiring deletes each flush's own range; the last flush sweeps the whole window in every
-    /// table (redelivered duplicates), and the first window after winning the lease sweeps from
-    /// the beginning (`full_sweep`), which also clears rows redelivered below a checkpoint.
+    /// Applies `(committed, proposed]` (see the module doc). Retiring deletes each flush's own
+    /// range; the step that commits the window's end sweeps the whole window in every table
+    /// (redelivered duplicates), and the first window after winning the lease sweeps from the
+    /// beginning (`full_sweep`), which also clears rows redelivered below a checkpoint.
     async fn apply_window(
         &self,
         lease: &Lease,
         bounds: Bounds,
         full_sweep: bool,
+        renewed: &mut Instant,
     ) -> Result<(), SequenceError> {
         let info = self.parts.applier.schema(&self.schema).await?;
         if let Some(h) = &self.parts.hooks {
             h.configure(&self.parts.applier, &info);
         }
         let tables: Vec<Table> = info.levels.iter().flatten().cloned().collect();
-        let hi = bounds.proposed;
-        let mut from = bounds.committed;
-        let mut flushed = bounds.committed;
+        let ctx = Arc::new(Ctx {
+            parts: self.parts.clone(),
+            schema: self.schema.clone(),
+            lease: lease.clone(),
+            tables,
+            info,
+            open: AtomicUsize::new(0),
+            renewed: Mutex::new(*renewed),
+        });
+        let (pages_tx, pages) = mpsc::channel(1);
+        let reader = tokio::spawn(read_pages(
+            ctx.clone(),
+            bounds.committed,
+            bounds.proposed,
+            pages_tx,
+        ));
         let sweep_from = if full_sweep {
             Hlc::ZERO
         } else {
             bounds.committed
         };
-        loop {
-            let read_started = Instant::now();
-            let (cut, rows) = {
-                let mut tx = self.parts.stager.reader().await?;
-                let page = self.read_page(&mut tx, &tables, from, hi).await?;
-                tx.commit().await.map_err(SequenceError::Sql)?;
-                page
-            };
-            tracing::debug!(schema = %self.schema, rows = rows.len(), read_ms = read_started.elapsed().as_millis() as u64, "read staged page");
-            let mut groups: BTreeMap<Hlc, Vec<(usize, Mutation)>> = BTreeMap::new();
-            for (t, mu) in rows {
-                groups.entry(mu.time).or_default().push((t, mu));
+        let result = Window::new(ctx.clone(), bounds, sweep_from)
+            .run(pages)
+            .await;
+        reader.abort();
+        *renewed = ctx.renewed();
+        let end = result?;
+        tracing::debug!(schema = %self.schema, resolved = %end, "window committed");
+        Ok(())
+    }
+}
+
+/// What every task of one window shares.
+struct Ctx {
+    parts: Arc<Parts>,
+    schema: Schema,
+    lease: Lease,
+    /// The schema's tables in foreign-key order; rows refer to them by index.
+    tables: Vec<Table>,
+    info: Arc<SchemaInfo>,
+    /// Flush transactions open right now.
+    open: AtomicUsize,
+    /// When the lease was last renewed (between flushes, or by every flush with separate
+    /// staging).
+    renewed: Mutex<Instant>,
+}
+
+impl Ctx {
+    fn renewed(&self) -> Instant {
+        *self.renewed.lock().expect("poisoned")
+    }
+
+    fn mark_renewed(&self, at: Instant) {
+        let mut r = self.renewed.lock().expect("poisoned");
+        *r = (*r).max(at);
+    }
+
+    fn renewal_due(&self) -> bool {
+        self.renewed().elapsed() >= LEASE_LIFETIME / 3
+    }
+
+    fn lost(&self) -> SequenceError {
+        SequenceError::LeaseLost(self.schema.to_string())
+    }
+
+    /// Counts an open flush transaction until the guard drops; one that begins while another
+    /// is open is an overlap, the observable proof that flushes run concurrently.
+    fn open_tx(&self) -> OpenTx<'_> {
+        let before = self.open.fetch_add(1, Ordering::SeqCst);
+        let labels = schema_label(&self.schema);
+        if before > 0 {
+            metrics::counter!(m::CORE_FLUSH_OVERLAPS, &labels).increment(1);
+        }
+        metrics::gauge!(m::CORE_FLUSHES_IN_FLIGHT, &labels).set((before + 1) as f64);
+        OpenTx(self)
+    }
+}
+
+struct OpenTx<'a>(&'a Ctx);
+
+impl Drop for OpenTx<'_> {
+    fn drop(&mut self) {
+        let now = self.0.open.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        metrics::gauge!(m::CORE_FLUSHES_IN_FLIGHT, &schema_label(&self.0.schema)).set(now as f64);
+    }
+}
+
+/// How long a window may keep growing to newer resolved timestamps.
+const EXTEND_FOR: Duration = Duration::from_secs(5);
+
+/// A page of staged rows: complete for `(after, cut]`, in a window that ends at `hi`.
+struct Page {
+    after: Hlc,
+    cut: Hlc,
+    rows: Vec<(usize, Mutation)>,
+    hi: Hlc,
+    /// The window's last page.
+    last: bool,
+}
+
+/// Reads the window page by page ahead of the appliers; the channel's capacity bounds how far.
+///
+/// At the end of the window, a newer resolved timestamp (one usually arrives while a window
+/// applies) extends it, so the appliers go on without draining between windows. Not once the
+/// cached target schema has changed: a table created since the window started could have rows
+/// in the extension, and this window would not read them.
+async fn read_pages(
+    ctx: Arc<Ctx>,
+    mut from: Hlc,
+    mut hi: Hlc,
+    out: mpsc::Sender<Result<Page, SequenceError>>,
+) {
+    let started = Instant::now();
+    loop {
+        let mut page = read_page(&ctx, from, hi).await;
+        let mut next = None;
+        if let Ok(p) = &mut page {
+            if p.cut >= hi {
+                next = extension(&ctx, hi, started).await;
+                p.last = next.is_none();
             }
-            let mut flush: Vec<(usize, Mutation)> = Vec::new();
-            for (time, group) in groups {
-                flush.extend(group);
-                if flush.len() >= self.parts.args.flush_size && time < cut {
-                    let rows = std::mem::take(&mut flush);
-                    self.flush(lease, &tables, rows, (flushed, time), None, &info)
+        }
+        let cut = page.as_ref().map(|p| p.cut).ok();
+        if out.send(page).await.is_err() {
+            return;
+        }
+        match cut {
+            Some(c) if c < hi => from = c,
+            Some(c) if next.is_some() => (from, hi) = (c, next.unwrap_or(hi)),
+            _ => return,
+        }
+    }
+}
+
+/// A newer resolved timestamp to extend the window to, if it may be.
+async fn extension(ctx: &Ctx, hi: Hlc, started: Instant) -> Option<Hlc> {
+    if started.elapsed() >= EXTEND_FOR {
+        return None;
+    }
+    // Bounds first, schema second: a table is known to the schema cache before a resolved
+    // timestamp covering its rows can be recorded.
+    let proposed = ctx
+        .parts
+        .checkpoints
+        .bounds(&ctx.schema)
+        .await
+        .ok()?
+        .proposed;
+    if proposed <= hi {
+        return None;
+    }
+    let info = ctx.parts.applier.schema(&ctx.schema).await.ok()?;
+    Arc::ptr_eq(&info, &ctx.info).then_some(proposed)
+}
+
+/// Reads unapplied rows in `(from, hi]` from every table, returning the time up to which the
+/// result is complete and the rows at or before it.
+async fn read_page(ctx: &Ctx, from: Hlc, hi: Hlc) -> Result<Page, SequenceError> {
+    let started = Instant::now();
+    let scan = ctx.parts.args.scan_size;
+    let stager = &ctx.parts.stager;
+    let mut tx = stager.reader().await?;
+    let conn: &mut PgConnection = &mut tx;
+    let mut cut = hi;
+    let mut rows: Vec<(usize, Mutation)> = Vec::new();
+    for (i, table) in ctx.tables.iter().enumerate() {
+        let mut page = stager.read(conn, table, from, None, cut, scan).await?;
+        if page.len() == scan {
+            let first = page[0].time;
+            let last = page[page.len() - 1].time;
+            if first == last {
+                // One source timestamp larger than a page: read all of it, never split it.
+                loop {
+                    let key = page[page.len() - 1].key.clone();
+                    let more = stager
+                        .read(conn, table, last, Some(&key), last, scan)
                         .await?;
-                    flushed = time;
-                }
-            }
-            let sweep = (cut == hi).then_some(sweep_from);
-            self.flush(lease, &tables, flush, (flushed, cut), sweep, &info)
-                .await?;
-            flushed = cut;
-            if cut == hi {
-                tracing::debug!(schema = %self.schema, resolved = %hi, "window committed");
-                return Ok(());
-            }
-            from = cut;
-        }
-    }
-
-    /// Reads unapplied rows in `(from, hi]` from every table, returning the time up to which
-    /// the result is complete and the rows at or before it.
-    async fn read_page(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        tables: &[Table],
-        from: Hlc,
-        hi: Hlc,
-    ) -> Result<(Hlc, Vec<(usize, Mutation)>), SequenceError> {
-        let scan = self.parts.args.scan_size;
-        let stager = &self.parts.stager;
-        let mut cut = hi;
-        let mut rows: Vec<(usize, Mutation)> = Vec::new();
-        for (i, table) in tables.iter().enumerate() {
-            let mut page = stager.read(conn, table, from, None, cut, scan).await?;
-            if page.len() == scan {
-                let first = page[0].time;
-                let last = page[page.len() - 1].time;
-                if first == last {
-                    // One source timestamp larger than a page: read all of it, never split it.
-                    loop {
-                        let key = page[page.len() - 1].key.clone();
-                        let more = stager
-                            .read(conn, table, last, Some(&key), last, scan)
-                            .await?;
-                        let done = more.len() < scan;
-                        page.extend(more.into_iter().filter(|m| m.time == last));
-                        if done {
-                            break;
-                        }
+                    let done = more.len() < scan;
+                    page.extend(more.into_iter().filter(|m| m.time == last));
+                    if done {
+                        break;
                     }
-                    cut = cut.min(last);
-                } else {
-                    cut = cut.min(last.before());
                 }
+                cut = cut.min(last);
+            } else {
+                cut = cut.min(last.before());
             }
-            rows.extend(page.into_iter().map(|m| (i, m)));
         }
-        rows.retain(|(_, m)| m.time <= cut);
-        Ok((cut, rows))
+        rows.extend(page.into_iter().map(|m| (i, m)));
     }
+    tx.commit().await.map_err(SequenceError::Sql)?;
+    rows.retain(|(_, m)| m.time <= cut);
+    tracing::debug!(schema = %ctx.schema, rows = rows.len(), read_ms = started.elapsed().as_millis() as u64, "read staged page");
+    Ok(Page {
+        after: from,
+        cut,
+        rows,
+        hi,
+        last: false,
+    })
+}
 
-    /// One target transaction: fence on the lease, write in FK order, retire the staged rows
-    /// of `(after, upto]` (or, with `sweep`, of `(sweep, upto]` in every table) and commit the
-    /// checkpoint at `upto`.
-    async fn flush(
-        &self,
-        lease: &Lease,
-        tables: &[Table],
-        rows: Vec<(usize, Mutation)>,
-        (after, upto): (Hlc, Hlc),
-        sweep: Option<Hlc>,
-        info: &crate::apply::SchemaInfo,
-    ) -> Result<(), SequenceError> {
-        let pool = &self.parts.stager.database().pool;
+/// One target transaction's worth of a window.
+struct FlushJob {
+    idx: u64,
+    after: Hlc,
+    upto: Hlc,
+    batches: TableBatches,
+    /// Lock keys of its rows, sorted and unique.
+    keys: Vec<u64>,
+    rows: usize,
+}
+
+impl FlushJob {
+    fn new(idx: u64, slice: Slice, tables: &[Table]) -> FlushJob {
+        let mut keys: Vec<u64> = slice
+            .rows
+            .iter()
+            .map(|(t, mu)| lock_key(*t, &mu.key))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let rows = slice.rows.len();
         let mut batches = TableBatches::new();
-        for (t, mu) in rows {
+        for (t, mu) in slice.rows {
             batches.entry(tables[t].clone()).or_default().push(mu);
         }
-        let count: usize = batches.values().map(Vec::len).sum();
-        let started = Instant::now();
-        let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
-        if !self
-            .parts
-            .leases
-            .renew(&mut tx, lease, LEASE_LIFETIME)
-            .await?
-        {
-            return Err(SequenceError::LeaseLost(self.schema.to_string()));
+        FlushJob {
+            idx,
+            after: slice.after,
+            upto: slice.upto,
+            batches,
+            keys,
+            rows,
         }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Role {
+    /// Runs alongside others: fences with a shared lock and leaves the checkpoint alone.
+    Concurrent,
+    /// Nothing runs ahead of it: also commits the checkpoint at its end; the window's last
+    /// flush also sweeps the window from `sweep`.
+    Head { sweep: Option<Hlc> },
+}
+
+/// Applies one flush (see the module doc for the two shapes).
+async fn run_flush(ctx: Arc<Ctx>, job: Arc<FlushJob>, role: Role) -> Result<(), SequenceError> {
+    let parts = &ctx.parts;
+    let started = Instant::now();
+    let head = matches!(role, Role::Head { .. });
+    let written;
+    if parts.separate_staging {
+        // Lease fencing cannot span two databases: renewing on staging right before the target
+        // transaction is as close as it gets. A target transaction outliving the lease after
+        // this renewal could race a new holder; the lifetime is far above a flush's duration.
+        if !parts.leases.renew_now(&ctx.lease, LEASE_LIFETIME).await? {
+            return Err(ctx.lost());
+        }
+        ctx.mark_renewed(started);
+        let mut tx = parts
+            .target
+            .pool
+            .begin()
+            .await
+            .map_err(SequenceError::Sql)?;
+        let open = ctx.open_tx();
         write_ordered(
-            &self.parts.applier,
-            self.parts.hooks.as_ref(),
+            &parts.applier,
+            parts.hooks.as_ref(),
             &mut tx,
-            info,
-            &batches,
+            &ctx.info,
+            &job.batches,
         )
         .await?;
-        let written = started.elapsed();
-        for table in tables
-            .iter()
-            .filter(|t| sweep.is_some() || batches.contains_key(*t))
-        {
-            let from = sweep.unwrap_or(after);
-            self.parts.stager.retire(&mut tx, table, from, upto).await?;
-        }
-        self.parts
-            .checkpoints
-            .commit(&mut tx, &self.schema, upto)
-            .await?;
-        let retired = started.elapsed();
         tx.commit().await.map_err(SequenceError::Sql)?;
-        tracing::debug!(
-            schema = %self.schema,
-            rows = count,
-            write_ms = written.as_millis() as u64,
-            retire_ms = (retired - written).as_millis() as u64,
-            commit_ms = (started.elapsed() - retired).as_millis() as u64,
-            "flushed"
+        drop(open);
+        written = started.elapsed();
+        if let Err(e) = staging_step(&ctx, &job, role).await {
+            metrics::counter!(m::CORE_SWEEP_SKEW, &schema_label(&ctx.schema)).increment(1);
+            tracing::warn!(schema = %ctx.schema, error = %e, "flush applied to the target but not retired from staging; its rows will be applied again");
+            return Err(e);
+        }
+    } else {
+        let mut tx = parts
+            .target
+            .pool
+            .begin()
+            .await
+            .map_err(SequenceError::Sql)?;
+        if !parts.leases.fence(&mut tx, &ctx.lease).await? {
+            return Err(ctx.lost());
+        }
+        let open = ctx.open_tx();
+        write_ordered(
+            &parts.applier,
+            parts.hooks.as_ref(),
+            &mut tx,
+            &ctx.info,
+            &job.batches,
+        )
+        .await?;
+        written = started.elapsed();
+        retire_and_commit(&ctx, &mut tx, &job, role).await?;
+        tx.commit().await.map_err(SequenceError::Sql)?;
+        drop(open);
+    }
+    if head {
+        parts.checkpoints.committed(&ctx.schema, job.upto);
+    }
+    metrics::counter!(m::CORE_SWEEP_APPLY_COUNT, &schema_label(&ctx.schema))
+        .increment(job.rows as u64);
+    tracing::debug!(
+        schema = %ctx.schema,
+        rows = job.rows,
+        head,
+        write_ms = written.as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "flushed"
+    );
+    Ok(())
+}
+
+/// With separate staging, after the target commit: retire the flush's rows (and commit the
+/// checkpoint when it carries it) in one staging transaction.
+async fn staging_step(ctx: &Ctx, job: &FlushJob, role: Role) -> Result<(), SequenceError> {
+    let pool = &ctx.parts.stager.database().pool;
+    let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
+    if !ctx.parts.leases.fence(&mut tx, &ctx.lease).await? {
+        return Err(ctx.lost());
+    }
+    retire_and_commit(ctx, &mut tx, job, role).await?;
+    tx.commit().await.map_err(SequenceError::Sql)?;
+    Ok(())
+}
+
+/// Deletes the staged rows a flush applied (its own range in the tables it touched, or the
+/// whole window in every table when it sweeps) and, as head, commits the checkpoint.
+async fn retire_and_commit(
+    ctx: &Ctx,
+    conn: &mut PgConnection,
+    job: &FlushJob,
+    role: Role,
+) -> Result<(), SequenceError> {
+    match role {
+        Role::Head { sweep: Some(from) } => retire(ctx, conn, None, from, job.upto).await?,
+        _ => retire(ctx, conn, Some(&job.batches), job.after, job.upto).await?,
+    }
+    if let Role::Head { .. } = role {
+        ctx.parts
+            .checkpoints
+            .commit(conn, &ctx.schema, job.upto)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes staged rows in `(from, upto]` of the tables in `touched` (every table if `None`).
+async fn retire(
+    ctx: &Ctx,
+    conn: &mut PgConnection,
+    touched: Option<&TableBatches>,
+    from: Hlc,
+    upto: Hlc,
+) -> Result<(), SequenceError> {
+    for table in ctx
+        .tables
+        .iter()
+        .filter(|t| touched.is_none_or(|b| b.contains_key(*t)))
+    {
+        ctx.parts.stager.retire(conn, table, from, upto).await?;
+    }
+    Ok(())
+}
+
+/// The in-order step: commits the checkpoint at `upto`, the end of the completed prefix, on
+/// staging (sweeping the window from `sweep` when `upto` ends it).
+async fn commit_step(ctx: Arc<Ctx>, upto: Hlc, sweep: Option<Hlc>) -> Result<Hlc, SequenceError> {
+    let pool = &ctx.parts.stager.database().pool;
+    let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
+    if !ctx.parts.leases.fence(&mut tx, &ctx.lease).await? {
+        return Err(ctx.lost());
+    }
+    if let Some(from) = sweep {
+        retire(&ctx, &mut tx, None, from, upto).await?;
+    }
+    ctx.parts
+        .checkpoints
+        .commit(&mut tx, &ctx.schema, upto)
+        .await?;
+    tx.commit().await.map_err(SequenceError::Sql)?;
+    ctx.parts.checkpoints.committed(&ctx.schema, upto);
+    Ok(upto)
+}
+
+/// A failure worth one more try once every earlier flush has finished: a foreign-key
+/// violation (the parent is in an earlier flush still running) or a serialization failure.
+fn deferrable(e: &SequenceError) -> bool {
+    match e {
+        SequenceError::Apply(a) => a.is_retryable() || a.sqlstate().is_some_and(|c| c == "23503"),
+        SequenceError::Sql(s) => {
+            let code = crate::target::sqlstate(s);
+            code == "23503" || crate::target::is_retryable_sqlstate(&code)
+        }
+        _ => false,
+    }
+}
+
+/// A dispatched flush.
+struct Dispatched {
+    job: Arc<FlushJob>,
+    head: bool,
+    /// An earlier flush was unfinished when it started.
+    behind: bool,
+    retried: bool,
+}
+
+enum Event {
+    Flush(u64, Result<(), SequenceError>),
+    Commit(Result<Hlc, SequenceError>),
+    Panicked(String),
+}
+
+/// The coordinator of one window: dispatches flushes in time order, tracks their keys and
+/// completion, and commits the checkpoint in order.
+struct Window {
+    ctx: Arc<Ctx>,
+    /// The end of the window as far as known (it grows when the reader extends it).
+    hi: Hlc,
+    /// The page ending at the window's final `hi` has arrived.
+    read_all: bool,
+    sweep_from: Hlc,
+    parallelism: usize,
+    flush_size: usize,
+    next_idx: u64,
+    running: JoinSet<(u64, Result<(), SequenceError>)>,
+    jobs: HashMap<u64, Dispatched>,
+    /// Flushes waiting for every earlier one to finish before their second try.
+    deferred: BTreeSet<u64>,
+    locks: KeyLocks,
+    progress: Progress,
+    commit: Option<JoinHandle<Result<Hlc, SequenceError>>>,
+    error: Option<SequenceError>,
+    /// The flush whose failure ended the window, searched for its poison mutation.
+    failed: Option<Arc<FlushJob>>,
+}
+
+impl Window {
+    fn new(ctx: Arc<Ctx>, bounds: Bounds, sweep_from: Hlc) -> Window {
+        let args = &ctx.parts.args;
+        // Leave half the target pool to ingest, reads and checkpoint commits.
+        let pool = ctx.parts.target.pool.options().get_max_connections() as usize;
+        let parallelism = args.parallelism().min((pool / 2).max(1));
+        Window {
+            hi: bounds.proposed,
+            read_all: false,
+            sweep_from,
+            parallelism,
+            flush_size: args.flush_size,
+            next_idx: 0,
+            running: JoinSet::new(),
+            jobs: HashMap::new(),
+            deferred: BTreeSet::new(),
+            locks: KeyLocks::default(),
+            progress: Progress::new(bounds.committed),
+            commit: None,
+            error: None,
+            failed: None,
+            ctx,
+        }
+    }
+
+    /// Applies the window; returns where it ended.
+    async fn run(
+        mut self,
+        mut pages: mpsc::Receiver<Result<Page, SequenceError>>,
+    ) -> Result<Hlc, SequenceError> {
+        enum Next {
+            Page(Option<Result<Page, SequenceError>>),
+            Event(Event),
+        }
+        while self.error.is_none() {
+            let next = if self.busy() {
+                tokio::select! {
+                    p = pages.recv() => Next::Page(p),
+                    ev = self.wait() => Next::Event(ev),
+                }
+            } else {
+                Next::Page(pages.recv().await)
+            };
+            let page = match next {
+                Next::Event(ev) => {
+                    self.handle(ev);
+                    continue;
+                }
+                Next::Page(Some(Ok(page))) => page,
+                Next::Page(Some(Err(e))) => {
+                    self.fail(e);
+                    break;
+                }
+                Next::Page(None) => break,
+            };
+            let last = page.last;
+            self.hi = self.hi.max(page.hi);
+            self.read_all = last;
+            for slice in slices(page.rows, page.after, page.cut, self.flush_size) {
+                let job = FlushJob::new(self.next_idx, slice, &self.ctx.tables);
+                self.next_idx += 1;
+                self.dispatch(job).await;
+                if self.error.is_some() {
+                    break;
+                }
+            }
+            if last {
+                break;
+            }
+        }
+        self.finish().await
+    }
+
+    fn busy(&self) -> bool {
+        !self.running.is_empty() || self.commit.is_some()
+    }
+
+    /// Waits for the next flush or checkpoint commit to end; only call while [`Window::busy`].
+    async fn wait(&mut self) -> Event {
+        let running = &mut self.running;
+        let commit = &mut self.commit;
+        let ev = tokio::select! {
+            Some(joined) = running.join_next(), if !running.is_empty() => match joined {
+                Ok((idx, result)) => Event::Flush(idx, result),
+                Err(e) => Event::Panicked(e.to_string()),
+            },
+            joined = async { commit.as_mut().expect("checked").await }, if commit.is_some() => {
+                Event::Commit(joined.unwrap_or_else(|e| Err(SequenceError::Task(e.to_string()))))
+            }
+        };
+        if matches!(ev, Event::Commit(_)) {
+            self.commit = None;
+        }
+        ev
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Flush(idx, Ok(())) => {
+                let d = self.jobs.remove(&idx).expect("dispatched flush");
+                self.locks.release(&d.job.keys);
+                self.progress.done(idx);
+                if d.head {
+                    self.progress.set_committed(d.job.upto);
+                }
+            }
+            Event::Flush(idx, Err(e)) => {
+                let d = self.jobs.get_mut(&idx).expect("dispatched flush");
+                if self.error.is_none() && d.behind && !d.retried && deferrable(&e) {
+                    // Its keys stay locked, so no later flush of the same keys overtakes it.
+                    d.retried = true;
+                    self.deferred.insert(idx);
+                    metrics::counter!(m::CORE_FLUSH_DEFERRED, &schema_label(&self.ctx.schema))
+                        .increment(1);
+                    tracing::debug!(schema = %self.ctx.schema, error = %e, "flush deferred until earlier flushes finish");
+                } else {
+                    let d = self.jobs.remove(&idx).expect("dispatched flush");
+                    self.locks.release(&d.job.keys);
+                    if self.error.is_none() {
+                        self.failed = Some(d.job);
+                    }
+                    self.fail(e);
+                }
+            }
+            Event::Commit(Ok(at)) => self.progress.set_committed(at),
+            Event::Commit(Err(e)) => self.fail(e),
+            Event::Panicked(e) => self.fail(SequenceError::Task(e)),
+        }
+        self.retry_deferred();
+        self.maybe_commit();
+    }
+
+    fn fail(&mut self, e: SequenceError) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        } else {
+            tracing::warn!(schema = %self.ctx.schema, error = %e, "another flush failed");
+        }
+    }
+
+    /// Retries the first deferred flush once nothing before it is unfinished.
+    fn retry_deferred(&mut self) {
+        if self.error.is_some() {
+            return;
+        }
+        let Some(&idx) = self.deferred.first() else {
+            return;
+        };
+        if self.progress.pending_before(idx) {
+            return;
+        }
+        self.deferred.remove(&idx);
+        let job = self.jobs[&idx].job.clone();
+        self.spawn(job, Role::Concurrent);
+    }
+
+    /// Starts the in-order checkpoint commit when the completed prefix has moved past it.
+    fn maybe_commit(&mut self) {
+        if self.error.is_some() || self.commit.is_some() {
+            return;
+        }
+        let upto = self.progress.prefix();
+        if upto <= self.progress.committed() {
+            return;
+        }
+        let sweep = self.at_end(upto).then_some(self.sweep_from);
+        self.commit = Some(tokio::spawn(commit_step(self.ctx.clone(), upto, sweep)));
+    }
+
+    /// `upto` is the end of the whole window: the step committing it sweeps the window.
+    fn at_end(&self, upto: Hlc) -> bool {
+        self.read_all && upto >= self.hi
+    }
+
+    fn spawn(&mut self, job: Arc<FlushJob>, role: Role) {
+        let ctx = self.ctx.clone();
+        let idx = job.idx;
+        self.running
+            .spawn(async move { (idx, run_flush(ctx, job, role).await) });
+    }
+
+    /// Starts `job` as soon as it may: fewer than `parallelism` flushes in flight and none of
+    /// them holding its keys. When the lease is due for renewal, in-flight flushes are let
+    /// finish first (their shared locks would make the renewing `UPDATE` wait anyway, and new
+    /// flushes would queue behind it), then it is renewed on its own, never inside a flush
+    /// transaction, where its exclusive lock would keep every other flush waiting.
+    async fn dispatch(&mut self, job: FlushJob) {
+        let idx = job.idx;
+        if job.rows == 0 {
+            // Nothing to write: the checkpoint may simply move over it.
+            self.progress.push(idx, job.upto);
+            self.progress.done(idx);
+            self.maybe_commit();
+            return;
+        }
+        loop {
+            if self.error.is_some() {
+                return;
+            }
+            if self.running.is_empty() {
+                if self.commit.is_none() && self.ctx.renewal_due() {
+                    self.renew().await;
+                    continue;
+                }
+                // Let a checkpoint commit in progress end, so this flush can carry the next.
+                if self.commit.is_none() {
+                    break;
+                }
+            } else if !self.ctx.renewal_due()
+                && self.running.len() + self.deferred.len() < self.parallelism
+                && self.locks.free(&job.keys)
+            {
+                break;
+            }
+            let ev = self.wait().await;
+            self.handle(ev);
+        }
+        let head = self.running.is_empty() && self.progress.committed() == job.after;
+        debug_assert!(!self.running.is_empty() || self.locks.is_empty());
+        let behind = self.progress.any_pending();
+        self.progress.push(idx, job.upto);
+        self.locks.take(idx, &job.keys);
+        let role = if head {
+            Role::Head {
+                sweep: self.at_end(job.upto).then_some(self.sweep_from),
+            }
+        } else {
+            Role::Concurrent
+        };
+        let job = Arc::new(job);
+        self.jobs.insert(
+            idx,
+            Dispatched {
+                job: job.clone(),
+                head,
+                behind,
+                retried: false,
+            },
         );
-        self.parts.checkpoints.committed(&self.schema, upto);
-        metrics::counter!(m::CORE_SWEEP_APPLY_COUNT, &schema_label(&self.schema))
-            .increment(count as u64);
-        Ok(())
+        self.spawn(job, role);
+    }
+
+    /// Renews the lease while nothing of the window runs.
+    async fn renew(&mut self) {
+        let started = Instant::now();
+        let parts = &self.ctx.parts;
+        match parts
+            .leases
+            .renew_now(&self.ctx.lease, LEASE_LIFETIME)
+            .await
+        {
+            Ok(true) => self.ctx.mark_renewed(started),
+            Ok(false) => self.fail(self.ctx.lost()),
+            Err(e) => self.fail(e.into()),
+        }
+    }
+
+    /// Waits for the window to be committed; after a failure, waits for the flushes in flight
+    /// and commits the checkpoint over what they completed before returning the error.
+    async fn finish(mut self) -> Result<Hlc, SequenceError> {
+        while self.error.is_none() {
+            if !self.busy() {
+                if self.at_end(self.progress.committed()) {
+                    return Ok(self.hi);
+                }
+                self.maybe_commit();
+                if !self.busy() {
+                    self.fail(SequenceError::Task(
+                        "the staging reader stopped before the end of the window".into(),
+                    ));
+                    break;
+                }
+            }
+            let ev = self.wait().await;
+            self.handle(ev);
+        }
+        while self.busy() {
+            let ev = self.wait().await;
+            self.handle(ev);
+        }
+        let upto = self.progress.prefix();
+        if upto > self.progress.committed() {
+            let sweep = self.at_end(upto).then_some(self.sweep_from);
+            if let Err(e) = commit_step(self.ctx.clone(), upto, sweep).await {
+                tracing::warn!(schema = %self.ctx.schema, error = %e, "could not commit the checkpoint of the applied flushes");
+            }
+        }
+        let error = self.error.take().expect("failed window has an error");
+        if let Some(job) = self.failed.take().filter(|_| !is_transient(&error)) {
+            self.name_poison(&job).await;
+        }
+        Err(error)
+    }
+
+    /// Logs the mutation of a failed flush that the target refuses (DESIGN §3.8), so an
+    /// operator can find what blocks the schema. The key is an identifier, not row values.
+    async fn name_poison(&self, job: &FlushJob) {
+        let parts = &self.ctx.parts;
+        let found = find_poison(
+            &parts.applier,
+            parts.hooks.as_ref(),
+            &parts.target.pool,
+            &self.ctx.info,
+            &job.batches,
+        )
+        .await;
+        match found {
+            Ok(Some(p)) => {
+                tracing::error!(schema = %self.ctx.schema, table = %p.table, key = %p.key, time = %p.time, error = %p.error, "poison mutation blocks the schema; will retry with backoff")
+            }
+            Ok(None) => {
+                tracing::warn!(schema = %self.ctx.schema, "a flush failed but each of its mutations applies alone")
+            }
+            Err(e) => {
+                tracing::warn!(schema = %self.ctx.schema, error = %e, "could not search the failed flush for its poison mutation")
+            }
+        }
     }
 }

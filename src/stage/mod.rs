@@ -2,8 +2,9 @@
 //!
 //! On PostgreSQL the staging schema is a schema inside the target database; on CockroachDB it is
 //! the `_cdc_sink` database (schema `public`). Rows are keyed by `(nanos, logical, key)`, so a
-//! redelivered mutation is a no-op. Rows are deleted in the transaction that applies them and
-//! commits the checkpoint past them. (`applied` exists for the reference's table shape.)
+//! redelivered mutation is a no-op. Rows are deleted in the transaction that applies them (with
+//! a separate staging database, right after it). (`applied` exists for the reference's table
+//! shape.)
 
 mod sql;
 
