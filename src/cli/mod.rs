@@ -124,9 +124,13 @@ fn init_logging(args: &LogArgs, quiet: bool) -> anyhow::Result<()> {
             "warn,cdc_sink={level},cdc_sink::userscript={level}"
         ))
     });
+    // Colours only on a terminal: files and pipes get plain text that tools can grep.
+    let ansi =
+        args.log_destination.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(true);
+        .with_target(true)
+        .with_ansi(ansi);
     let writer: tracing_subscriber::fmt::writer::BoxMakeWriter = match &args.log_destination {
         Some(path) => {
             let file = std::fs::OpenOptions::new()

@@ -24,6 +24,11 @@ fn free_port() -> u16 {
 
 impl Process {
     async fn start(db: &Db, port: u16, extra: &[&str]) -> Process {
+        Process::start_logging(db, port, extra, Stdio::null()).await
+    }
+
+    /// Starts the sink with its log (stderr) going to `log`.
+    async fn start_logging(db: &Db, port: u16, extra: &[&str], log: Stdio) -> Process {
         let child = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
             .args([
                 "start",
@@ -37,7 +42,7 @@ impl Process {
             .arg("--bestEffortWindow=0")
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn cdc-sink");
         let client = Client::new(
@@ -328,4 +333,52 @@ async fn a_kill_with_separate_staging_resumes_after_restart() {
         .await
         .unwrap();
     assert_eq!(in_target, None, "nothing staged in the target");
+}
+
+#[tokio::test]
+async fn a_poison_mutation_is_named_in_the_log_and_retried_with_backoff() {
+    let db = Db::new("kv").await;
+    db.exec("CREATE TABLE public.kv (k INT8 PRIMARY KEY, v TEXT NOT NULL)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("sink.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let port = free_port();
+    let p = Process::start_logging(&db, port, &[], Stdio::from(log)).await;
+    // Key 3 of five breaks the NOT NULL constraint: the window cannot commit.
+    let rows = (1..=5)
+        .map(|k| {
+            let v = if k == 3 { json!(null) } else { json!("ok") };
+            upsert("kv", json!([k]), json!({"k": k, "v": v}), 7)
+        })
+        .collect();
+    assert_eq!(p.post("/kv/public", batch(rows)).await, StatusCode::OK);
+    assert_eq!(p.post("/kv/public", resolved(7)).await, StatusCode::OK);
+    let line = eventually("poison log line", Duration::from_secs(30), || async {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .lines()
+            .find(|l| l.contains("poison mutation"))
+            .map(str::to_string)
+    })
+    .await;
+    assert!(line.contains("table=") && line.contains("kv"), "{line}");
+    assert!(line.contains("key=[3]"), "{line}");
+    assert!(line.contains(&format!("time={}", hlc(7))), "{line}");
+    assert_eq!(db.count("public.kv").await, 0, "the window stays unapplied");
+    eventually("retried with backoff", Duration::from_secs(30), || async {
+        let (_, text) = p.client.get("/_/varz").await.ok()?;
+        text.lines()
+            .any(|l| {
+                l.starts_with("sequence_poison_backoff_total")
+                    && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(2.0)
+            })
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        db.count("_cdc_sink.kv_public_kv").await,
+        5,
+        "nothing staged is lost"
+    );
 }
