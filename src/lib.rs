@@ -14,12 +14,12 @@
 //! |---|---|
 //! | [`cli`] | the command tree; `start` wires everything |
 //! | [`server`] | listener, TLS, HTTP/1.1 + HTTP/2, diagnostic routes, graceful shutdown |
-//! | [`source`] | changefeed requests: URL routes, payload decoding, hand-off to staging |
+//! | [`source`] | changefeed requests: URL routes, payload decoding, hand-off to the schema's mode |
 //! | [`auth`] | request authentication |
 //! | [`target`] | database connections, dialect detection, retries |
 //! | [`stage`] | the `_cdc_sink` staging tables |
 //! | [`checkpoint`] | resolved timestamps and leases |
-//! | [`sequence`] | consistent and immediate modes: when and in what order to apply |
+//! | [`sequence`] | consistent, best-effort and immediate modes, the choice between them, concurrent apply transactions, poison search |
 //! | [`apply`] | target schema introspection and the SQL that writes rows |
 //! | [`script`] | the userscript: TS→JS, boa engine threads, the `cdc-sink@v1` module |
 //! | [`hlc`], [`ident`], [`mutation`] | shared vocabulary |
