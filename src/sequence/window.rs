@@ -25,9 +25,9 @@
 //! **Separate staging** (`--stagingConn`). No transaction spans both databases: a flush commits
 //! on the target, then retires its rows (and commits the checkpoint when it carries it) on
 //! staging. A crash in between leaves applied rows staged and they are applied again later:
-//! with compare-and-set that is an equal-tuple conflict, which `standardMerge` resolves as a
-//! no-op but a custom merge function sees (and a plain CAS table dead-letters). A staging step
-//! that fails without a crash counts in `core_sweep_skew_count`.
+//! with compare-and-set that is an equal-tuple conflict, which a table without a merge function
+//! drops (counted) and `standardMerge` resolves as a no-op, but a custom merge function sees. A
+//! staging step that fails without a crash counts in `core_sweep_skew_count`.
 
 use super::poison::{find_poison, is_transient};
 use super::schedule::{lock_key, slices, KeyLocks, Progress, Slice};
