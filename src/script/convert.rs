@@ -6,12 +6,18 @@
 use crate::apply::SchemaInfo;
 use crate::hlc::Hlc;
 use crate::ident::Table;
+use boa_engine::builtins::object::OrdinaryObject;
 use boa_engine::object::builtins::JsArray;
+use boa_engine::object::shape::Shape;
 use boa_engine::property::{PropertyDescriptor, PropertyKey};
 use boa_engine::{
     js_string, Context, JsError, JsNativeError, JsObject, JsResult, JsString, JsValue,
 };
+use serde::de::{MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value};
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 /// Deeper documents are refused: a cycle in a returned object would otherwise never end.
@@ -81,34 +87,65 @@ pub fn is_numeric_type(data_type: &str) -> bool {
 
 /// Interned property names (documents of one table repeat the same keys) and schema names.
 #[derive(Default)]
-pub struct KeyCache(
-    HashMap<String, JsString>,
-    HashMap<crate::ident::Schema, JsString>,
-);
+pub struct KeyCache {
+    names: HashMap<String, JsString>,
+    schemas: HashMap<crate::ident::Schema, JsString>,
+    /// The keys of the last document by position: the next one most likely has the same.
+    recent: Vec<(Box<str>, JsString)>,
+}
 
 impl KeyCache {
     pub fn get(&mut self, k: &str) -> JsString {
-        if let Some(s) = self.0.get(k) {
+        if let Some(s) = self.names.get(k) {
             return s.clone();
         }
         let s = JsString::from(k);
-        if self.0.len() < 4096 {
-            self.0.insert(k.to_string(), s.clone());
+        if self.names.len() < 4096 {
+            self.names.insert(k.to_string(), s.clone());
+        }
+        s
+    }
+
+    /// The name of a document's `i`-th property.
+    fn at(&mut self, i: usize, k: &str) -> JsString {
+        if let Some((r, s)) = self.recent.get(i) {
+            if **r == *k {
+                return s.clone();
+            }
+        }
+        let s = self.get(k);
+        if i < self.recent.len() {
+            self.recent[i] = (k.into(), s.clone());
+        } else if i == self.recent.len() && i < 256 {
+            self.recent.push((k.into(), s.clone()));
         }
         s
     }
 
     /// `db.schema` as text.
     pub fn schema(&mut self, schema: &crate::ident::Schema) -> JsString {
-        if let Some(s) = self.1.get(schema) {
+        if let Some(s) = self.schemas.get(schema) {
             return s.clone();
         }
         let s = JsString::from(schema.to_string().as_str());
-        if self.1.len() < 256 {
-            self.1.insert(schema.clone(), s.clone());
+        if self.schemas.len() < 256 {
+            self.schemas.insert(schema.clone(), s.clone());
         }
         s
     }
+}
+
+/// A new plain object. `with_object_proto` would give each object its own property table;
+/// objects made here share their shape with every object that gets the same keys in the same
+/// order (as object literals do), so building a document allocates no hash table and property
+/// reads in the script hit the engine's inline caches.
+pub fn new_object(ctx: &Context) -> JsObject {
+    JsObject::new(
+        ctx.root_shape(),
+        ctx.intrinsics().constructors().object().prototype(),
+        OrdinaryObject,
+    )
+    .upcast()
 }
 
 /// Adds a data property to an object we just made (so the key is new and the object
@@ -147,7 +184,7 @@ pub fn object_to_js(
     ctx: &mut Context,
     keys: &mut KeyCache,
 ) -> JsResult<JsObject> {
-    let obj = JsObject::with_object_proto(ctx.intrinsics());
+    let obj = new_object(ctx);
     for (k, x) in m {
         let v = to_js(x, ctx, keys)?;
         put(&obj, keys.get(k), v);
@@ -155,69 +192,205 @@ pub fn object_to_js(
     Ok(obj)
 }
 
-/// A raw JSON object text to a JS object.
+/// A raw JSON object text to a JS object, and the document as hints for the way back.
 pub fn raw_to_js(
     raw: &str,
     ctx: &mut Context,
     keys: &mut KeyCache,
 ) -> JsResult<(JsObject, Map<String, Value>)> {
-    let m: Map<String, Value> = serde_json::from_str(raw)
-        .map_err(|e| JsNativeError::typ().with_message(format!("invalid JSON document: {e}")))?;
-    let obj = object_to_js(&m, ctx, keys)?;
-    Ok((obj, m))
+    let obj = doc_to_js(raw, ctx, keys, &mut Created::default())?;
+    Ok((obj, hints(raw)?))
 }
 
-/// The properties given to a flat document (primitive values only), to recognise it when a
-/// script hands it back untouched: then its original JSON text is reused, which saves most of
-/// the cost of the way back.
-pub struct Created(Vec<(JsString, JsValue)>);
+/// A flat document (primitive values only) as it was made, to recognise it when a script hands
+/// it back untouched: then its original JSON text is reused, which saves most of the cost of
+/// the way back. One is reused from document to document.
+#[derive(Default)]
+pub struct Created {
+    /// The object's shape once made: shared shapes are immutable, so an object that still has
+    /// this one has the same keys, in the same order, with the same attributes. Holding it keeps
+    /// its address from being reused.
+    shape: Option<Shape>,
+    keys: Vec<JsString>,
+    values: Vec<JsValue>,
+}
 
-/// Like [`raw_to_js`], also returning what was created when the document is flat.
-pub fn raw_to_js_tracked(
+impl Created {
+    fn clear(&mut self) {
+        self.shape = None;
+        self.keys.clear();
+        self.values.clear();
+    }
+}
+
+/// A property name as written, borrowed from the text unless it has escapes.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Builds a document's JS object while serde reads its members: no intermediate tree.
+struct DocSeed<'c> {
+    ctx: &'c mut Context,
+    keys: &'c mut KeyCache,
+    obj: &'c JsObject,
+    created: &'c mut Created,
+    /// An engine error met while building (serde errors carry text only).
+    error: Option<JsError>,
+}
+
+impl<'de> Visitor<'de> for &mut DocSeed<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<bool, A::Error> {
+        let mut flat = true;
+        let mut i = 0;
+        while let Some(Name(k)) = m.next_key::<Name<'de>>()? {
+            let raw: &'de RawValue = m.next_value()?;
+            let v = match raw_value_to_js(raw, self.ctx, self.keys) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.error = Some(e);
+                    return Err(serde::de::Error::custom("invalid value"));
+                }
+            };
+            let key = self.keys.at(i, &k);
+            i += 1;
+            flat &= !v.is_object();
+            if flat {
+                self.created.keys.push(key.clone());
+                self.created.values.push(v.clone());
+            }
+            put(self.obj, key, v);
+        }
+        Ok(flat)
+    }
+}
+
+/// One JSON value as JS, from its text; numbers become their decimal text as written.
+fn raw_value_to_js(raw: &RawValue, ctx: &mut Context, keys: &mut KeyCache) -> JsResult<JsValue> {
+    let t = raw.get();
+    Ok(match t.as_bytes().first() {
+        Some(b'"') => match t[1..t.len() - 1].contains('\\') {
+            // No escapes: the text between the quotes is the string.
+            false => JsString::from(&t[1..t.len() - 1]).into(),
+            true => {
+                let s: Name<'_> = serde_json::from_str(t).map_err(invalid)?;
+                JsString::from(&*s.0).into()
+            }
+        },
+        Some(b'-' | b'0'..=b'9') => JsString::from(t).into(),
+        Some(b't') => true.into(),
+        Some(b'f') => false.into(),
+        Some(b'n') => JsValue::null(),
+        _ => {
+            let v: Value = serde_json::from_str(t).map_err(invalid)?;
+            to_js(&v, ctx, keys)?
+        }
+    })
+}
+
+fn invalid(e: serde_json::Error) -> JsError {
+    JsNativeError::typ()
+        .with_message(format!("invalid JSON document: {e}"))
+        .into()
+}
+
+/// A raw JSON object text to a JS object, properties in document order, straight from the
+/// text. `created` tells afterwards whether (and as what) a flat document was made.
+pub fn doc_to_js(
     raw: &str,
     ctx: &mut Context,
     keys: &mut KeyCache,
-) -> JsResult<(JsObject, Map<String, Value>, Option<Created>)> {
-    let m: Map<String, Value> = serde_json::from_str(raw)
-        .map_err(|e| JsNativeError::typ().with_message(format!("invalid JSON document: {e}")))?;
-    let obj = JsObject::with_object_proto(ctx.intrinsics());
-    let mut created = Some(Vec::with_capacity(m.len()));
-    for (k, x) in &m {
-        let v = to_js(x, ctx, keys)?;
-        let key = keys.get(k);
-        if x.is_array() || x.is_object() {
-            created = None;
-        } else if let Some(c) = created.as_mut() {
-            c.push((key.clone(), v.clone()));
-        }
-        put(&obj, key, v);
+    created: &mut Created,
+) -> JsResult<JsObject> {
+    use serde::Deserializer as _;
+    created.clear();
+    let obj = new_object(ctx);
+    let mut seed = DocSeed {
+        ctx,
+        keys,
+        obj: &obj,
+        created,
+        error: None,
+    };
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let read = de.deserialize_map(&mut seed).and_then(|flat| de.end().map(|_| flat));
+    let flat = match read {
+        Ok(flat) => flat,
+        Err(e) => return Err(seed.error.take().unwrap_or_else(|| invalid(e))),
+    };
+    // Index-like keys ("0") live outside the shape: leave such documents to the full check.
+    if flat && obj.borrow().properties().index_property_keys().next().is_none() {
+        created.shape = Some(obj.borrow().shape().clone());
     }
-    Ok((obj, m, created.map(Created)))
+    Ok(obj)
+}
+
+/// The input document as hints for converting a result back (see [`from_js`]).
+pub fn hints(raw: &str) -> JsResult<Map<String, Value>> {
+    serde_json::from_str(raw).map_err(invalid)
 }
 
 /// Whether `obj` still has exactly the properties it was created with, in the same order.
-pub fn unmodified(obj: &JsObject, created: &Created, ctx: &mut Context) -> JsResult<bool> {
-    let keys = obj.own_property_keys(ctx)?;
-    if keys.len() != created.0.len() {
-        return Ok(false);
+pub fn unmodified(obj: &JsObject, created: &Created) -> bool {
+    let Some(made) = &created.shape else {
+        return false;
+    };
+    let o = obj.borrow();
+    if o.properties().index_property_keys().next().is_some() {
+        return false;
     }
-    for (key, (k, v)) in keys.into_iter().zip(&created.0) {
-        match &key {
-            PropertyKey::String(s) if s == k => {}
-            _ => return Ok(false),
+    let shape = o.shape();
+    if shape.is_shared() {
+        if shape.to_addr_usize() != made.to_addr_usize() {
+            return false;
         }
-        // Our own ordinary object: read its property table directly, no internal methods.
-        let same = obj
-            .borrow()
-            .properties()
-            .get(&key)
+    } else {
+        // A unique shape changes in place: compare the keys themselves.
+        let keys = shape.keys();
+        if keys.len() != created.keys.len()
+            || keys
+                .iter()
+                .zip(&created.keys)
+                .any(|(a, b)| !matches!(a, PropertyKey::String(s) if s == b))
+        {
+            return false;
+        }
+    }
+    // Our own ordinary object: read its property table directly, no internal methods.
+    let props = o.properties();
+    for (k, v) in created.keys.iter().zip(&created.values) {
+        let same = props
+            .get(&PropertyKey::String(k.clone()))
             .and_then(|d| d.value().map(|x| x.strict_equals(v)))
             .unwrap_or(false);
         if !same {
-            return Ok(false);
+            return false;
         }
     }
-    Ok(true)
+    true
 }
 
 fn number_text(n: f64) -> Option<Number> {
@@ -399,20 +572,44 @@ pub fn meta_with(
     ctx: &mut Context,
     keys: &mut KeyCache,
 ) -> JsResult<JsObject> {
-    let obj = JsObject::with_object_proto(ctx.intrinsics());
+    let obj = new_object(ctx);
     put(&obj, js_string!("table"), name);
     put(&obj, js_string!("schema"), schema);
     put(&obj, js_string!("nanos"), time.nanos() as f64);
     put(&obj, js_string!("logical"), time.logical());
-    put(
-        &obj,
-        js_string!("updated"),
-        JsString::from(time.to_string().as_str()),
-    );
+    put(&obj, js_string!("updated"), hlc_text(time));
     if let Some(s) = source {
         put(&obj, keys.get(s), true);
     }
     Ok(obj)
+}
+
+/// `nanos.logical` as [`Hlc`]'s `Display` writes it, without the formatting machinery (one
+/// per row).
+fn hlc_text(time: Hlc) -> JsString {
+    let (Ok(mut n), Ok(mut l)) = (u64::try_from(time.nanos()), u32::try_from(time.logical()))
+    else {
+        return JsString::from(time.to_string().as_str());
+    };
+    let mut buf = [0u8; 32];
+    let mut i = buf.len();
+    // At least ten digits of logical time, zero-padded.
+    while i > buf.len() - 10 || l > 0 {
+        i -= 1;
+        buf[i] = b'0' + (l % 10) as u8;
+        l /= 10;
+    }
+    i -= 1;
+    buf[i] = b'.';
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    JsString::from(std::str::from_utf8(&buf[i..]).unwrap_or_default())
 }
 
 /// An error for a bad value returned by the script, as a JS TypeError.
@@ -440,6 +637,53 @@ mod tests {
             serde_json::to_string(&back).unwrap(),
             r#"{"d":1.50,"j":{"n":[1,2.0]},"k":9007199254740995,"s":"x"}"#
         );
+    }
+
+    #[test]
+    fn hlc_text_matches_display() {
+        for t in [
+            Hlc::new(0, 0),
+            Hlc::new(1_700_000_000_123_456_789, 7),
+            Hlc::new(5, i32::MAX),
+            Hlc::new(i64::MAX, 0),
+            Hlc::new(-3, 1),
+        ] {
+            assert_eq!(hlc_text(t).to_std_string_escaped(), t.to_string());
+        }
+    }
+
+    #[test]
+    fn documents_keep_their_order_and_exact_text() {
+        let mut ctx = Context::default();
+        let mut keys = KeyCache::default();
+        let raw = r#"{"z":-1.50e3,"a":"x\"y","0":null,"n":[1,{"b":true}],"e":"\u00e9"}"#;
+        let mut created = Created::default();
+        let obj = doc_to_js(raw, &mut ctx, &mut keys, &mut created).unwrap();
+        assert!(!unmodified(&obj, &created), "nested and index-like keys are not tracked");
+        let back = ctx
+            .eval(boa_engine::Source::from_bytes("(d) => JSON.stringify(d)"))
+            .unwrap();
+        let text = back
+            .as_callable()
+            .unwrap()
+            .call(&JsValue::undefined(), &[obj.into()], &mut ctx)
+            .unwrap();
+        // Index-like keys come first in JS, then the others in document order.
+        assert_eq!(
+            text.as_string().unwrap().to_std_string_escaped(),
+            r#"{"0":null,"z":"-1.50e3","a":"x\"y","n":["1",{"b":true}],"e":"é"}"#
+        );
+        // The positional key cache must not confuse documents with other keys.
+        let obj = doc_to_js(r#"{"a":1,"z":2}"#, &mut ctx, &mut keys, &mut created).unwrap();
+        assert!(unmodified(&obj, &created));
+        let z = obj.get(js_string!("z"), &mut ctx).unwrap();
+        assert_eq!(z.as_string().unwrap().to_std_string_escaped(), "2");
+        obj.set(js_string!("z"), js_string!("3"), false, &mut ctx)
+            .unwrap();
+        assert!(!unmodified(&obj, &created), "a changed value");
+        for bad in ["[1]", r#"{"a":1"#, r#"{"a":1} x"#, r#"{"a":tru}"#] {
+            assert!(doc_to_js(bad, &mut ctx, &mut keys, &mut created).is_err(), "{bad}");
+        }
     }
 
     #[test]

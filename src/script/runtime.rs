@@ -17,6 +17,7 @@ use boa_engine::builtins::promise::PromiseState;
 use boa_engine::job::{GenericJob, Job as EngineJob, JobExecutor, NativeAsyncJob, PromiseJob};
 use boa_engine::module::{Module, ModuleLoader, Referrer};
 use boa_engine::object::builtins::JsArray;
+use boa_engine::property::PropertyKey;
 use boa_engine::{
     js_string, Context, JsError, JsNativeError, JsObject, JsResult, JsString, JsValue, Source,
 };
@@ -396,13 +397,75 @@ fn parse_frame(frame: &str) -> Option<(String, u32, u32)> {
 }
 
 /// Table names a dispatch returned, resolved.
-type Routes<'k> = Vec<(String, Table, &'k TableKeys)>;
+type Routes<'k> = Vec<(JsString, Table, &'k TableKeys)>;
 
 /// The document handed to `dispatch`, to recognise it coming back unchanged.
 struct Input<'a> {
     doc: &'a JsObject,
     created: &'a convert::Created,
-    table: &'a Table,
+}
+
+/// One mutation a dispatch produced; `None` parts are the input row's own (its table, key,
+/// document text), moved rather than copied when only one output uses them.
+struct Routed {
+    table: Option<Table>,
+    key: Option<String>,
+    after: Option<Option<String>>,
+}
+
+/// Turns the outputs of one input row into mutations, moving the row's parts into their last
+/// user and cloning them for the others.
+fn finish(table: Table, m: Mutation, routed: &mut Vec<Routed>, out: &mut Vec<(Table, Mutation)>) {
+    let last_table = routed.iter().rposition(|r| r.table.is_none());
+    let last_key = routed.iter().rposition(|r| r.key.is_none());
+    let last_after = routed.iter().rposition(|r| r.after.is_none());
+    let last = routed.len().wrapping_sub(1);
+    let Mutation {
+        time,
+        key,
+        after,
+        before,
+    } = m;
+    let (mut table, mut key, mut after, mut before) = (Some(table), Some(key), Some(after), Some(before));
+    fn take<T: Clone>(slot: &mut Option<T>, last: bool) -> T {
+        if last {
+            slot.take()
+        } else {
+            slot.clone()
+        }
+        .expect("each part is taken once, by its last user")
+    }
+    for (i, r) in routed.drain(..).enumerate() {
+        let t = r.table.unwrap_or_else(|| take(&mut table, last_table == Some(i)));
+        out.push((
+            t,
+            Mutation {
+                time,
+                key: r.key.unwrap_or_else(|| take(&mut key, last_key == Some(i))),
+                after: r.after.unwrap_or_else(|| take(&mut after, last_after == Some(i))),
+                before: take(&mut before, i == last),
+            },
+        ));
+    }
+}
+
+/// The input document's JSON, parsed on first use (only results that differ from the input
+/// need it).
+enum Hints<'a> {
+    Raw(&'a str),
+    Parsed(Map<String, Value>),
+}
+
+impl Hints<'_> {
+    fn get(&mut self) -> JsResult<&Map<String, Value>> {
+        if let Hints::Raw(raw) = *self {
+            *self = Hints::Parsed(convert::hints(raw)?);
+        }
+        match self {
+            Hints::Parsed(m) => Ok(m),
+            Hints::Raw(_) => unreachable!("parsed above"),
+        }
+    }
 }
 
 /// One Context with the script loaded.
@@ -412,6 +475,8 @@ pub struct Engine {
     sources: Arc<Sources>,
     captured: Captured,
     keys: KeyCache,
+    /// Reused from document to document.
+    created: convert::Created,
     /// The last table's name and schema as JS strings.
     names: Option<(Table, JsString, JsString)>,
 }
@@ -525,6 +590,7 @@ impl Engine {
             sources,
             captured,
             keys: KeyCache::default(),
+            created: convert::Created::default(),
             names: None,
         })
     }
@@ -622,6 +688,7 @@ impl Engine {
         let mut out = Vec::with_capacity(batch.len());
         let mut last_meta: Option<(Table, Hlc, JsObject)> = None;
         let mut routes = Routes::new();
+        let mut routed = Vec::new();
         for (table, m) in batch {
             let meta = match &last_meta {
                 Some((t, h, o)) if *t == table && *h == m.time => o.clone(),
@@ -637,9 +704,9 @@ impl Engine {
                         out.push((table, m));
                         continue;
                     };
-                    let (doc, hints, created) =
-                        convert::raw_to_js_tracked(after, &mut self.ctx, &mut self.keys)
-                            .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                    let mut created = std::mem::take(&mut self.created);
+                    let doc = convert::doc_to_js(after, &mut self.ctx, &mut self.keys, &mut created)
+                        .map_err(|e| self.error(ctxname(&table, &m), e))?;
                     let r = f
                         .call(
                             &JsValue::undefined(),
@@ -647,22 +714,25 @@ impl Engine {
                             &mut self.ctx,
                         )
                         .map_err(|e| self.error(ctxname(&table, &m), e))?;
-                    let input = created.as_ref().map(|c| Input {
+                    let input = Some(Input {
                         doc: &doc,
-                        created: c,
-                        table: &table,
+                        created: &created,
                     });
+                    let mut hints = Hints::Raw(after);
                     self.route(
                         &r,
-                        Some(&hints),
+                        &mut hints,
                         input,
+                        &table,
                         schema,
                         keymap,
                         &mut routes,
                         &m,
-                        &mut out,
+                        &mut routed,
                     )
                     .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                    self.created = created;
+                    finish(table, m, &mut routed, &mut out);
                 }
                 (None, None) => out.push((table, m)),
                 (None, Some(DeletesTo::Table(name))) if name.is_empty() => out.push((table, m)),
@@ -685,28 +755,30 @@ impl Engine {
                     for (c, v) in keys.pk.iter().zip(vals) {
                         doc.insert(c.clone(), v);
                     }
+                    let what = || format!("deletesTo of {table} at {}", m.time);
                     let d = convert::object_to_js(&doc, &mut self.ctx, &mut self.keys)
-                        .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                        .map_err(|e| self.error(what(), e))?;
                     let r = f
                         .call(
                             &JsValue::undefined(),
                             &[d.into(), meta.into()],
                             &mut self.ctx,
                         )
-                        .map_err(|e| {
-                            self.error(format!("deletesTo of {table} at {}", m.time), e)
-                        })?;
+                        .map_err(|e| self.error(what(), e))?;
+                    let mut hints = Hints::Parsed(doc);
                     self.route(
                         &r,
-                        Some(&doc),
+                        &mut hints,
                         None,
+                        &table,
                         schema,
                         keymap,
                         &mut routes,
                         &m,
-                        &mut out,
+                        &mut routed,
                     )
-                    .map_err(|e| self.error(format!("deletesTo of {table} at {}", m.time), e))?;
+                    .map_err(|e| self.error(what(), e))?;
+                    finish(table, m, &mut routed, &mut out);
                 }
             }
         }
@@ -718,13 +790,14 @@ impl Engine {
     fn route<'k>(
         &mut self,
         r: &JsValue,
-        hints: Option<&Map<String, Value>>,
+        hints: &mut Hints<'_>,
         input: Option<Input<'_>>,
+        from: &Table,
         schema: &Schema,
         keymap: &'k Keymap,
         routes: &mut Routes<'k>,
         m: &Mutation,
-        out: &mut Vec<(Table, Mutation)>,
+        routed: &mut Vec<Routed>,
     ) -> JsResult<()> {
         if r.is_null_or_undefined() {
             return Ok(());
@@ -735,15 +808,19 @@ impl Engine {
             ));
         };
         for key in obj.own_property_keys(&mut self.ctx)? {
-            let name = match &key {
-                boa_engine::property::PropertyKey::String(s) => s.to_std_string_escaped(),
-                boa_engine::property::PropertyKey::Index(i) => i.get().to_string(),
-                boa_engine::property::PropertyKey::Symbol(_) => continue,
-            };
             // Names repeat from row to row: resolve each once per batch.
-            let (table, keys) = match routes.iter().find(|(n, _, _)| *n == name) {
+            let known = match &key {
+                PropertyKey::String(s) => routes.iter().find(|(n, _, _)| n == s),
+                _ => None,
+            };
+            let (table, keys) = match known {
                 Some((_, t, k)) => (t.clone(), *k),
                 None => {
+                    let name = match &key {
+                        PropertyKey::String(s) => s.to_std_string_escaped(),
+                        PropertyKey::Index(i) => i.get().to_string(),
+                        PropertyKey::Symbol(_) => continue,
+                    };
                     let table = Table::parse_in(schema, &name)
                         .map_err(|e| convert::type_error(e.to_string()))?;
                     let keys = keymap.get(&table).ok_or_else(|| {
@@ -751,8 +828,8 @@ impl Engine {
                             "returned table {table}, which is not in the target schema"
                         ))
                     })?;
-                    if routes.len() < 64 {
-                        routes.push((name.clone(), table.clone(), keys));
+                    if let (PropertyKey::String(s), true) = (&key, routes.len() < 64) {
+                        routes.push((s.clone(), table.clone(), keys));
                     }
                     (table, keys)
                 }
@@ -761,63 +838,50 @@ impl Engine {
             if docs.is_null_or_undefined() {
                 continue;
             }
-            let list: Vec<JsValue> = match docs.as_object() {
+            let same_table = table == *from;
+            let mut emit = |this: &mut Self, d: JsValue| -> JsResult<()> {
+                if let (Some(i), Some(o), true) = (&input, d.as_object(), m.after.is_some()) {
+                    if o == *i.doc && convert::unmodified(&o, i.created) {
+                        let key = if same_table {
+                            None
+                        } else {
+                            Some(convert::key_of(hints.get()?, keys).map_err(|c| {
+                                convert::type_error(format!(
+                                    "omitted value for PK column {c} of {table}"
+                                ))
+                            })?)
+                        };
+                        routed.push(Routed {
+                            table: (!same_table).then(|| table.clone()),
+                            key,
+                            after: None,
+                        });
+                        return Ok(());
+                    }
+                }
+                let doc = convert::doc_from_js(&d, Some(hints.get()?), Some(keys), &mut this.ctx)?;
+                let k = convert::key_of(&doc, keys).map_err(|c| {
+                    convert::type_error(format!("omitted value for PK column {c} of {table}"))
+                })?;
+                let after = m.after.as_ref().map(|_| Value::Object(doc).to_string());
+                routed.push(Routed {
+                    table: (!same_table).then(|| table.clone()),
+                    key: Some(k),
+                    after: Some(after),
+                });
+                Ok(())
+            };
+            match docs.as_object() {
                 Some(a) if a.is_array() => {
                     let len = a
                         .get(js_string!("length"), &mut self.ctx)?
                         .to_length(&mut self.ctx)?;
-                    let mut v = Vec::with_capacity(len as usize);
                     for i in 0..len {
-                        v.push(a.get(i, &mut self.ctx)?);
-                    }
-                    v
-                }
-                _ => vec![docs],
-            };
-            for d in list {
-                if let (Some(i), Some(o), Some(h), Some(after)) =
-                    (&input, d.as_object(), hints, &m.after)
-                {
-                    if o == *i.doc && convert::unmodified(&o, i.created, &mut self.ctx)? {
-                        let k = if table == *i.table {
-                            m.key.clone()
-                        } else {
-                            convert::key_of(h, keys).map_err(|c| {
-                                convert::type_error(format!(
-                                    "omitted value for PK column {c} of {table}"
-                                ))
-                            })?
-                        };
-                        out.push((
-                            table.clone(),
-                            Mutation {
-                                time: m.time,
-                                key: k,
-                                after: Some(after.clone()),
-                                before: m.before.clone(),
-                            },
-                        ));
-                        continue;
+                        let d = a.get(i, &mut self.ctx)?;
+                        emit(self, d)?;
                     }
                 }
-                let doc = convert::doc_from_js(&d, hints, Some(keys), &mut self.ctx)?;
-                let k = convert::key_of(&doc, keys).map_err(|c| {
-                    convert::type_error(format!("omitted value for PK column {c} of {table}"))
-                })?;
-                let after = if m.after.is_some() {
-                    Some(Value::Object(doc).to_string())
-                } else {
-                    None
-                };
-                out.push((
-                    table.clone(),
-                    Mutation {
-                        time: m.time,
-                        key: k,
-                        after,
-                        before: m.before.clone(),
-                    },
-                ));
+                _ => emit(self, docs)?,
             }
         }
         Ok(())
