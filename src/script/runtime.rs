@@ -22,6 +22,7 @@ use boa_engine::{
     js_string, Context, JsError, JsNativeError, JsObject, JsResult, JsString, JsValue, Source,
 };
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -426,23 +427,24 @@ fn finish(table: Table, m: Mutation, routed: &mut Vec<Routed>, out: &mut Vec<(Ta
         after,
         before,
     } = m;
-    let (mut table, mut key, mut after, mut before) = (Some(table), Some(key), Some(after), Some(before));
+    let (mut table, mut key, mut after, mut before) =
+        (Some(table), Some(key), Some(after), Some(before));
     fn take<T: Clone>(slot: &mut Option<T>, last: bool) -> T {
-        if last {
-            slot.take()
-        } else {
-            slot.clone()
-        }
-        .expect("each part is taken once, by its last user")
+        if last { slot.take() } else { slot.clone() }
+            .expect("each part is taken once, by its last user")
     }
     for (i, r) in routed.drain(..).enumerate() {
-        let t = r.table.unwrap_or_else(|| take(&mut table, last_table == Some(i)));
+        let t = r
+            .table
+            .unwrap_or_else(|| take(&mut table, last_table == Some(i)));
         out.push((
             t,
             Mutation {
                 time,
                 key: r.key.unwrap_or_else(|| take(&mut key, last_key == Some(i))),
-                after: r.after.unwrap_or_else(|| take(&mut after, last_after == Some(i))),
+                after: r
+                    .after
+                    .unwrap_or_else(|| take(&mut after, last_after == Some(i))),
                 before: take(&mut before, i == last),
             },
         ));
@@ -477,8 +479,9 @@ pub struct Engine {
     keys: KeyCache,
     /// Reused from document to document.
     created: convert::Created,
-    /// The last table's name and schema as JS strings.
-    names: Option<(Table, JsString, JsString)>,
+    getters: convert::RowGetters,
+    /// Shared `meta` objects per table and source.
+    metas: Vec<(Table, Option<Box<str>>, JsObject)>,
 }
 
 type Reply<T> = tokio::sync::oneshot::Sender<Result<T, ScriptError>>;
@@ -584,6 +587,7 @@ impl Engine {
             });
         }
         let captured = with_state(|s| s.captured.clone());
+        let getters = convert::RowGetters::new(&mut ctx);
         Ok(Engine {
             ctx,
             jobs,
@@ -591,7 +595,8 @@ impl Engine {
             captured,
             keys: KeyCache::default(),
             created: convert::Created::default(),
-            names: None,
+            getters,
+            metas: Vec::new(),
         })
     }
 
@@ -645,25 +650,34 @@ impl Engine {
         }
     }
 
-    fn meta(
+    /// The shared `meta` of `table`'s rows (see [`convert::shared_meta`]), describing the row
+    /// at `time` until the next call.
+    fn row_meta(
         &mut self,
         table: &Table,
         time: Hlc,
         source: Option<&str>,
     ) -> Result<JsObject, ScriptError> {
-        let names = match &self.names {
-            Some((t, n, s)) if t == table => (n.clone(), s.clone()),
-            _ => {
-                let n = (
-                    self.keys.get(table.name.raw()),
-                    self.keys.schema(&table.schema),
-                );
-                self.names = Some((table.clone(), n.0.clone(), n.1.clone()));
-                n
-            }
-        };
-        convert::meta_with(names, time, source, &mut self.ctx, &mut self.keys)
-            .map_err(|e| ScriptError::Engine(e.to_string()))
+        convert::set_row_time(time);
+        let hit = self
+            .metas
+            .iter()
+            .position(|(t, s, _)| t == table && s.as_deref() == source);
+        if let Some(i) = hit {
+            return Ok(self.metas[i].2.clone());
+        }
+        let names = (
+            self.keys.get(table.name.raw()),
+            self.keys.schema(&table.schema),
+        );
+        let o = convert::shared_meta(names, source, &self.getters, &mut self.ctx, &mut self.keys)
+            .map_err(|e| ScriptError::Engine(e.to_string()))?;
+        if self.metas.len() >= 256 {
+            self.metas.clear();
+        }
+        self.metas
+            .push((table.clone(), source.map(Into::into), o.clone()));
+        Ok(o)
     }
 
     pub fn dispatch(
@@ -686,18 +700,10 @@ impl Engine {
         let fns = host::source_fns(source).unwrap_or_default();
         let ctxname = |t: &Table, m: &Mutation| format!("dispatch of {t} at {}", m.time);
         let mut out = Vec::with_capacity(batch.len());
-        let mut last_meta: Option<(Table, Hlc, JsObject)> = None;
         let mut routes = Routes::new();
         let mut routed = Vec::new();
         for (table, m) in batch {
-            let meta = match &last_meta {
-                Some((t, h, o)) if *t == table && *h == m.time => o.clone(),
-                _ => {
-                    let o = self.meta(&table, m.time, Some(&opts.name))?;
-                    last_meta = Some((table.clone(), m.time, o.clone()));
-                    o
-                }
-            };
+            let meta = self.row_meta(&table, m.time, Some(&opts.name))?;
             match (&m.after, &opts.deletes_to) {
                 (Some(after), _) => {
                     let Some(f) = &fns.dispatch else {
@@ -705,8 +711,9 @@ impl Engine {
                         continue;
                     };
                     let mut created = std::mem::take(&mut self.created);
-                    let doc = convert::doc_to_js(after, &mut self.ctx, &mut self.keys, &mut created)
-                        .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                    let doc =
+                        convert::doc_to_js(after, &mut self.ctx, &mut self.keys, &mut created)
+                            .map_err(|e| self.error(ctxname(&table, &m), e))?;
                     let r = f
                         .call(
                             &JsValue::undefined(),
@@ -814,7 +821,7 @@ impl Engine {
                 _ => None,
             };
             let (table, keys) = match known {
-                Some((_, t, k)) => (t.clone(), *k),
+                Some((_, t, k)) => (Cow::Borrowed(t), *k),
                 None => {
                     let name = match &key {
                         PropertyKey::String(s) => s.to_std_string_escaped(),
@@ -831,14 +838,14 @@ impl Engine {
                     if let (PropertyKey::String(s), true) = (&key, routes.len() < 64) {
                         routes.push((s.clone(), table.clone(), keys));
                     }
-                    (table, keys)
+                    (Cow::Owned(table), keys)
                 }
             };
             let docs = obj.get(key, &mut self.ctx)?;
             if docs.is_null_or_undefined() {
                 continue;
             }
-            let same_table = table == *from;
+            let same_table = *table == *from;
             let mut emit = |this: &mut Self, d: JsValue| -> JsResult<()> {
                 if let (Some(i), Some(o), true) = (&input, d.as_object(), m.after.is_some()) {
                     if o == *i.doc && convert::unmodified(&o, i.created) {
@@ -852,7 +859,7 @@ impl Engine {
                             })?)
                         };
                         routed.push(Routed {
-                            table: (!same_table).then(|| table.clone()),
+                            table: (!same_table).then(|| table.clone().into_owned()),
                             key,
                             after: None,
                         });
@@ -865,7 +872,7 @@ impl Engine {
                 })?;
                 let after = m.after.as_ref().map(|_| Value::Object(doc).to_string());
                 routed.push(Routed {
-                    table: (!same_table).then(|| table.clone()),
+                    table: (!same_table).then(|| table.clone().into_owned()),
                     key: Some(k),
                     after: Some(after),
                 });
@@ -902,7 +909,7 @@ impl Engine {
             let what = |kind: &str| format!("{kind} of {table} at {}", m.time);
             match (&m.after, &fns.map, &fns.delete_key) {
                 (Some(after), Some(f), _) => {
-                    let meta = self.meta(table, m.time, None)?;
+                    let meta = self.row_meta(table, m.time, None)?;
                     let (doc, hints) = convert::raw_to_js(after, &mut self.ctx, &mut self.keys)
                         .map_err(|e| self.error(what("map"), e))?;
                     let r = f
@@ -931,7 +938,7 @@ impl Engine {
                     });
                 }
                 (None, _, Some(f)) => {
-                    let meta = self.meta(table, m.time, None)?;
+                    let meta = self.row_meta(table, m.time, None)?;
                     let orig: Value = serde_json::from_str(&m.key)
                         .map_err(|e| ScriptError::Engine(format!("invalid key: {e}")))?;
                     let arr = convert::to_js(&orig, &mut self.ctx, &mut self.keys)
@@ -1196,6 +1203,8 @@ pub struct Shared {
     workers: Mutex<HashMap<usize, Arc<AtomicBool>>>,
     next_id: AtomicUsize,
     pub replaced: AtomicU64,
+    /// CPU time the engine threads spent running work.
+    pub busy_cpu_nanos: AtomicU64,
 }
 
 impl Shared {
@@ -1213,6 +1222,7 @@ impl Shared {
             workers: Mutex::new(HashMap::new()),
             next_id: AtomicUsize::new(0),
             replaced: AtomicU64::new(0),
+            busy_cpu_nanos: AtomicU64::new(0),
         })
     }
 
@@ -1262,6 +1272,16 @@ impl Shared {
     }
 }
 
+/// CPU time of the calling thread: what one engine thread spends, whatever else runs.
+fn thread_cpu_nanos() -> u64 {
+    // SAFETY: clock_gettime only writes into the struct we pass.
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 /// Resident set size of the process: the engine offers no per-heap figure.
 fn resident_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -1308,10 +1328,14 @@ fn worker(
         job.taken.store(id + 1, Ordering::SeqCst);
         metrics::histogram!(SCRIPT_ENTRY_WAIT).record((start - job.enqueued).as_secs_f64());
         let deadline = job.deadline;
+        let cpu = thread_cpu_nanos();
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             engine.run(job.work, deadline)
         }));
         metrics::histogram!(SCRIPT_EXEC_TIME).record(start.elapsed().as_secs_f64());
+        shared
+            .busy_cpu_nanos
+            .fetch_add(thread_cpu_nanos().saturating_sub(cpu), Ordering::Relaxed);
         if ran.is_err() {
             shared.replace(id, "panicked");
             break;
