@@ -238,16 +238,6 @@ pub fn object_to_js(
     Ok(obj)
 }
 
-/// A raw JSON object text to a JS object, and the document as hints for the way back.
-pub fn raw_to_js(
-    raw: &str,
-    ctx: &mut Context,
-    keys: &mut KeyCache,
-) -> JsResult<(JsObject, Map<String, Value>)> {
-    let obj = doc_to_js(raw, ctx, keys, &mut Created::default())?;
-    Ok((obj, hints(raw)?))
-}
-
 /// A flat document (primitive values only) as it was made, to recognise it when a script hands
 /// it back untouched: then its original JSON text is reused, which saves most of the cost of
 /// the way back. One is reused from document to document.
@@ -742,7 +732,8 @@ mod tests {
         let mut ctx = Context::default();
         let mut keys = KeyCache::default();
         let raw = r#"{"k":9007199254740995,"d":1.50,"j":{"n":[1,2.0]},"s":"x"}"#;
-        let (obj, hints) = raw_to_js(raw, &mut ctx, &mut keys).unwrap();
+        let obj = doc_to_js(raw, &mut ctx, &mut keys, &mut Created::default()).unwrap();
+        let hints = self::hints(raw).unwrap();
         let k = obj.get(js_string!("k"), &mut ctx).unwrap();
         assert_eq!(
             k.as_string().unwrap().to_std_string_escaped(),

@@ -910,18 +910,30 @@ impl Engine {
             match (&m.after, &fns.map, &fns.delete_key) {
                 (Some(after), Some(f), _) => {
                     let meta = self.row_meta(table, m.time, None)?;
-                    let (doc, hints) = convert::raw_to_js(after, &mut self.ctx, &mut self.keys)
-                        .map_err(|e| self.error(what("map"), e))?;
+                    let mut created = std::mem::take(&mut self.created);
+                    let doc =
+                        convert::doc_to_js(after, &mut self.ctx, &mut self.keys, &mut created)
+                            .map_err(|e| self.error(what("map"), e))?;
                     let r = f
                         .call(
                             &JsValue::undefined(),
-                            &[doc.into(), meta.into()],
+                            &[doc.clone().into(), meta.into()],
                             &mut self.ctx,
                         )
                         .map_err(|e| self.error(what("map"), e))?;
+                    let same = r
+                        .as_object()
+                        .is_some_and(|o| o == doc && convert::unmodified(&o, &created));
+                    self.created = created;
                     if r.is_null_or_undefined() || r.as_boolean() == Some(false) {
                         continue;
                     }
+                    // Handed back untouched: the row stays as it was.
+                    if same {
+                        out.push(m);
+                        continue;
+                    }
+                    let hints = convert::hints(after).map_err(|e| self.error(what("map"), e))?;
                     let doc = convert::doc_from_js(&r, Some(&hints), Some(keys), &mut self.ctx)
                         .map_err(|e| self.error(what("map"), e))?;
                     let key = convert::key_of(&doc, keys).map_err(|c| ScriptError::Js {
@@ -1157,11 +1169,13 @@ impl Engine {
                 &mut self.ctx,
             )?;
             if let Some(a) = &m.after {
-                let (d, _) = convert::raw_to_js(a, &mut self.ctx, &mut self.keys)?;
+                let d = convert::doc_to_js(a, &mut self.ctx, &mut self.keys, &mut self.created)?;
                 op.create_data_property_or_throw(js_string!("data"), d, &mut self.ctx)?;
             }
             if let Some(b) = &m.before {
-                if let Ok((d, _)) = convert::raw_to_js(b, &mut self.ctx, &mut self.keys) {
+                if let Ok(d) =
+                    convert::doc_to_js(b, &mut self.ctx, &mut self.keys, &mut self.created)
+                {
                     op.create_data_property_or_throw(js_string!("before"), d, &mut self.ctx)?;
                 }
             }

@@ -485,7 +485,7 @@ api.configureSource("kv.public", {
 async fn map_rewrites_upserts_and_delete_key_rewrites_deletes() {
     let main = r#"import * as api from "cdc-sink@v1";
 api.configureTable("kv", {
-  map: (doc, meta) => doc.v === "drop" ? null : { ...doc, v: doc.v.toUpperCase() + "@" + meta.table },
+  map: (doc, meta) => doc.v === "drop" ? null : doc.v === "keep" ? doc : { ...doc, v: doc.v.toUpperCase() + "@" + meta.table },
   deleteKey: (key) => key[0] === "2" ? null : key[0] === "3" ? [] : [String(Number(key[0]) * 10)],
 });
 "#;
@@ -494,6 +494,7 @@ api.configureTable("kv", {
     let muts = vec![
         up(1, r#"{"k":1,"v":"a"}"#),
         up(5, r#"{"k":5,"v":"drop"}"#),
+        up(6, r#"{"v":"keep", "k":6}"#),
         del(1),
         del(2),
         del(3),
@@ -503,7 +504,15 @@ api.configureTable("kv", {
         .iter()
         .map(|m| format!("{} {}", m.key, m.after.as_deref().unwrap_or("delete")))
         .collect();
-    assert_eq!(got, [r#"[1] {"k":1,"v":"A@kv"}"#, "[10] delete"]);
+    // A document handed back untouched keeps its text byte for byte.
+    assert_eq!(
+        got,
+        [
+            r#"[1] {"k":1,"v":"A@kv"}"#,
+            r#"[6] {"v":"keep", "k":6}"#,
+            "[10] delete"
+        ]
+    );
     // Tables without hooks pass through without the engine.
     let same = s.map(&table("audit"), &info(), vec![del(7)]).await.unwrap();
     assert_eq!(same, vec![del(7)]);
