@@ -284,6 +284,25 @@ impl<'de> Deserialize<'de> for Name<'de> {
     }
 }
 
+/// A JSON string straight into a JS string (escapes decoded in serde's scratch buffer).
+struct Text(JsString);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(JsString::from(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// Builds a document's JS object while serde reads its members: no intermediate tree.
 struct DocSeed<'c> {
     ctx: &'c mut Context,
@@ -337,8 +356,8 @@ fn raw_value_to_js(
             // No escapes: the text between the quotes is the string.
             false => keys.value_at(i, &t[1..t.len() - 1]).into(),
             true => {
-                let s: Name<'_> = serde_json::from_str(t).map_err(invalid)?;
-                JsString::from(&*s.0).into()
+                let Text(s) = serde_json::from_str(t).map_err(invalid)?;
+                s.into()
             }
         },
         Some(b'-' | b'0'..=b'9') => keys.value_at(i, t).into(),
@@ -432,6 +451,46 @@ pub fn unmodified(obj: &JsObject, created: &Created) -> bool {
             .and_then(|d| d.value().map(|x| x.strict_equals(v)))
             .unwrap_or(false)
     })
+}
+
+/// The own property keys of `obj`; for a plain object (what scripts return) read from its
+/// shape, without the engine's generic path.
+pub fn own_keys(obj: &JsObject, ctx: &mut Context) -> JsResult<Vec<PropertyKey>> {
+    if obj.is_ordinary() {
+        let o = obj.borrow();
+        if o.properties().index_property_keys().next().is_none() {
+            return Ok(o.shape().keys());
+        }
+    }
+    obj.own_property_keys(ctx)
+}
+
+/// `obj[key]`; an own data property of a plain object or array is read directly.
+pub fn get(obj: &JsObject, key: &PropertyKey, ctx: &mut Context) -> JsResult<JsValue> {
+    if obj.is_ordinary() || obj.is_array() {
+        let own = obj
+            .borrow()
+            .properties()
+            .get(key)
+            .and_then(|d| d.value().cloned());
+        if let Some(v) = own {
+            return Ok(v);
+        }
+    }
+    obj.get(key.clone(), ctx)
+}
+
+/// The elements of an array (or the value itself when it is not one).
+pub fn elements(v: JsValue, ctx: &mut Context) -> JsResult<Vec<JsValue>> {
+    let Some(a) = v.as_object().filter(|a| a.is_array()) else {
+        return Ok(vec![v]);
+    };
+    let len = get(&a, &PropertyKey::from(js_string!("length")), ctx)?.to_length(ctx)?;
+    let mut out = Vec::with_capacity(len.min(1 << 16) as usize);
+    for i in 0..len {
+        out.push(get(&a, &PropertyKey::from(i), ctx)?);
+    }
+    Ok(out)
 }
 
 fn number_text(n: f64) -> Option<Number> {

@@ -814,7 +814,7 @@ impl Engine {
                 "expected an object of table names to documents, or null",
             ));
         };
-        for key in obj.own_property_keys(&mut self.ctx)? {
+        for key in convert::own_keys(&obj, &mut self.ctx)? {
             // Names repeat from row to row: resolve each once per batch.
             let known = match &key {
                 PropertyKey::String(s) => routes.iter().find(|(n, _, _)| n == s),
@@ -841,7 +841,7 @@ impl Engine {
                     (Cow::Owned(table), keys)
                 }
             };
-            let docs = obj.get(key, &mut self.ctx)?;
+            let docs = convert::get(&obj, &key, &mut self.ctx)?;
             if docs.is_null_or_undefined() {
                 continue;
             }
@@ -878,17 +878,8 @@ impl Engine {
                 });
                 Ok(())
             };
-            match docs.as_object() {
-                Some(a) if a.is_array() => {
-                    let len = a
-                        .get(js_string!("length"), &mut self.ctx)?
-                        .to_length(&mut self.ctx)?;
-                    for i in 0..len {
-                        let d = a.get(i, &mut self.ctx)?;
-                        emit(self, d)?;
-                    }
-                }
-                _ => emit(self, docs)?,
+            for d in convert::elements(docs, &mut self.ctx)? {
+                emit(self, d)?;
             }
         }
         Ok(())
