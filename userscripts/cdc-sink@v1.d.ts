@@ -18,7 +18,12 @@ declare module "cdc-sink@v1" {
   /** A Go-style duration such as "10m", "1h30m" or "500ms". */
   type Duration = string;
 
-  /** Where and when a row comes from. */
+  /**
+   * Where and when a row comes from. In dispatch, deletesTo, map and deleteKey callbacks it is
+   * frozen and shared by the rows of a table: `nanos`, `logical` and `updated` describe the
+   * row being handled while its callback runs. Keep a copy (`{ ...meta }`) to remember a row's
+   * time past its callback.
+   */
   interface Meta {
     /** The table the row belongs to (name only). */
     table: string;

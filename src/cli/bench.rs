@@ -119,7 +119,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let took = through_sink(&cluster, &scripted, &bodies, &rows).await?;
     let _ = std::fs::remove_dir_all(&dir);
     measures.push(Measure::new("userscript", rows.len(), took));
-    let dispatch_docs_per_s = crate::script::bench_dispatch(args.rows.min(200_000)).await?;
+    let dispatch = crate::script::bench_dispatch(args.rows.min(200_000)).await?;
 
     let summary = Summary::new(
         rows.len(),
@@ -127,7 +127,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.batch_bytes as usize,
         bodies.len(),
         &measures,
-        dispatch_docs_per_s,
+        dispatch,
     );
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);

@@ -17,10 +17,12 @@ use boa_engine::builtins::promise::PromiseState;
 use boa_engine::job::{GenericJob, Job as EngineJob, JobExecutor, NativeAsyncJob, PromiseJob};
 use boa_engine::module::{Module, ModuleLoader, Referrer};
 use boa_engine::object::builtins::JsArray;
+use boa_engine::property::PropertyKey;
 use boa_engine::{
     js_string, Context, JsError, JsNativeError, JsObject, JsResult, JsString, JsValue, Source,
 };
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -396,13 +398,76 @@ fn parse_frame(frame: &str) -> Option<(String, u32, u32)> {
 }
 
 /// Table names a dispatch returned, resolved.
-type Routes<'k> = Vec<(String, Table, &'k TableKeys)>;
+type Routes<'k> = Vec<(JsString, Table, &'k TableKeys)>;
 
 /// The document handed to `dispatch`, to recognise it coming back unchanged.
 struct Input<'a> {
     doc: &'a JsObject,
     created: &'a convert::Created,
-    table: &'a Table,
+}
+
+/// One mutation a dispatch produced; `None` parts are the input row's own (its table, key,
+/// document text), moved rather than copied when only one output uses them.
+struct Routed {
+    table: Option<Table>,
+    key: Option<String>,
+    after: Option<Option<String>>,
+}
+
+/// Turns the outputs of one input row into mutations, moving the row's parts into their last
+/// user and cloning them for the others.
+fn finish(table: Table, m: Mutation, routed: &mut Vec<Routed>, out: &mut Vec<(Table, Mutation)>) {
+    let last_table = routed.iter().rposition(|r| r.table.is_none());
+    let last_key = routed.iter().rposition(|r| r.key.is_none());
+    let last_after = routed.iter().rposition(|r| r.after.is_none());
+    let last = routed.len().wrapping_sub(1);
+    let Mutation {
+        time,
+        key,
+        after,
+        before,
+    } = m;
+    let (mut table, mut key, mut after, mut before) =
+        (Some(table), Some(key), Some(after), Some(before));
+    fn take<T: Clone>(slot: &mut Option<T>, last: bool) -> T {
+        if last { slot.take() } else { slot.clone() }
+            .expect("each part is taken once, by its last user")
+    }
+    for (i, r) in routed.drain(..).enumerate() {
+        let t = r
+            .table
+            .unwrap_or_else(|| take(&mut table, last_table == Some(i)));
+        out.push((
+            t,
+            Mutation {
+                time,
+                key: r.key.unwrap_or_else(|| take(&mut key, last_key == Some(i))),
+                after: r
+                    .after
+                    .unwrap_or_else(|| take(&mut after, last_after == Some(i))),
+                before: take(&mut before, i == last),
+            },
+        ));
+    }
+}
+
+/// The input document's JSON, parsed on first use (only results that differ from the input
+/// need it).
+enum Hints<'a> {
+    Raw(&'a str),
+    Parsed(Map<String, Value>),
+}
+
+impl Hints<'_> {
+    fn get(&mut self) -> JsResult<&Map<String, Value>> {
+        if let Hints::Raw(raw) = *self {
+            *self = Hints::Parsed(convert::hints(raw)?);
+        }
+        match self {
+            Hints::Parsed(m) => Ok(m),
+            Hints::Raw(_) => unreachable!("parsed above"),
+        }
+    }
 }
 
 /// One Context with the script loaded.
@@ -412,8 +477,11 @@ pub struct Engine {
     sources: Arc<Sources>,
     captured: Captured,
     keys: KeyCache,
-    /// The last table's name and schema as JS strings.
-    names: Option<(Table, JsString, JsString)>,
+    /// Reused from document to document.
+    created: convert::Created,
+    getters: convert::RowGetters,
+    /// Shared `meta` objects per table and source.
+    metas: Vec<(Table, Option<Box<str>>, JsObject)>,
 }
 
 type Reply<T> = tokio::sync::oneshot::Sender<Result<T, ScriptError>>;
@@ -519,13 +587,16 @@ impl Engine {
             });
         }
         let captured = with_state(|s| s.captured.clone());
+        let getters = convert::RowGetters::new(&mut ctx);
         Ok(Engine {
             ctx,
             jobs,
             sources,
             captured,
             keys: KeyCache::default(),
-            names: None,
+            created: convert::Created::default(),
+            getters,
+            metas: Vec::new(),
         })
     }
 
@@ -579,25 +650,34 @@ impl Engine {
         }
     }
 
-    fn meta(
+    /// The shared `meta` of `table`'s rows (see [`convert::shared_meta`]), describing the row
+    /// at `time` until the next call.
+    fn row_meta(
         &mut self,
         table: &Table,
         time: Hlc,
         source: Option<&str>,
     ) -> Result<JsObject, ScriptError> {
-        let names = match &self.names {
-            Some((t, n, s)) if t == table => (n.clone(), s.clone()),
-            _ => {
-                let n = (
-                    self.keys.get(table.name.raw()),
-                    self.keys.schema(&table.schema),
-                );
-                self.names = Some((table.clone(), n.0.clone(), n.1.clone()));
-                n
-            }
-        };
-        convert::meta_with(names, time, source, &mut self.ctx, &mut self.keys)
-            .map_err(|e| ScriptError::Engine(e.to_string()))
+        convert::set_row_time(time);
+        let hit = self
+            .metas
+            .iter()
+            .position(|(t, s, _)| t == table && s.as_deref() == source);
+        if let Some(i) = hit {
+            return Ok(self.metas[i].2.clone());
+        }
+        let names = (
+            self.keys.get(table.name.raw()),
+            self.keys.schema(&table.schema),
+        );
+        let o = convert::shared_meta(names, source, &self.getters, &mut self.ctx, &mut self.keys)
+            .map_err(|e| ScriptError::Engine(e.to_string()))?;
+        if self.metas.len() >= 256 {
+            self.metas.clear();
+        }
+        self.metas
+            .push((table.clone(), source.map(Into::into), o.clone()));
+        Ok(o)
     }
 
     pub fn dispatch(
@@ -620,25 +700,19 @@ impl Engine {
         let fns = host::source_fns(source).unwrap_or_default();
         let ctxname = |t: &Table, m: &Mutation| format!("dispatch of {t} at {}", m.time);
         let mut out = Vec::with_capacity(batch.len());
-        let mut last_meta: Option<(Table, Hlc, JsObject)> = None;
         let mut routes = Routes::new();
+        let mut routed = Vec::new();
         for (table, m) in batch {
-            let meta = match &last_meta {
-                Some((t, h, o)) if *t == table && *h == m.time => o.clone(),
-                _ => {
-                    let o = self.meta(&table, m.time, Some(&opts.name))?;
-                    last_meta = Some((table.clone(), m.time, o.clone()));
-                    o
-                }
-            };
+            let meta = self.row_meta(&table, m.time, Some(&opts.name))?;
             match (&m.after, &opts.deletes_to) {
                 (Some(after), _) => {
                     let Some(f) = &fns.dispatch else {
                         out.push((table, m));
                         continue;
                     };
-                    let (doc, hints, created) =
-                        convert::raw_to_js_tracked(after, &mut self.ctx, &mut self.keys)
+                    let mut created = std::mem::take(&mut self.created);
+                    let doc =
+                        convert::doc_to_js(after, &mut self.ctx, &mut self.keys, &mut created)
                             .map_err(|e| self.error(ctxname(&table, &m), e))?;
                     let r = f
                         .call(
@@ -647,22 +721,25 @@ impl Engine {
                             &mut self.ctx,
                         )
                         .map_err(|e| self.error(ctxname(&table, &m), e))?;
-                    let input = created.as_ref().map(|c| Input {
+                    let input = Some(Input {
                         doc: &doc,
-                        created: c,
-                        table: &table,
+                        created: &created,
                     });
+                    let mut hints = Hints::Raw(after);
                     self.route(
                         &r,
-                        Some(&hints),
+                        &mut hints,
                         input,
+                        &table,
                         schema,
                         keymap,
                         &mut routes,
                         &m,
-                        &mut out,
+                        &mut routed,
                     )
                     .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                    self.created = created;
+                    finish(table, m, &mut routed, &mut out);
                 }
                 (None, None) => out.push((table, m)),
                 (None, Some(DeletesTo::Table(name))) if name.is_empty() => out.push((table, m)),
@@ -685,28 +762,30 @@ impl Engine {
                     for (c, v) in keys.pk.iter().zip(vals) {
                         doc.insert(c.clone(), v);
                     }
+                    let what = || format!("deletesTo of {table} at {}", m.time);
                     let d = convert::object_to_js(&doc, &mut self.ctx, &mut self.keys)
-                        .map_err(|e| self.error(ctxname(&table, &m), e))?;
+                        .map_err(|e| self.error(what(), e))?;
                     let r = f
                         .call(
                             &JsValue::undefined(),
                             &[d.into(), meta.into()],
                             &mut self.ctx,
                         )
-                        .map_err(|e| {
-                            self.error(format!("deletesTo of {table} at {}", m.time), e)
-                        })?;
+                        .map_err(|e| self.error(what(), e))?;
+                    let mut hints = Hints::Parsed(doc);
                     self.route(
                         &r,
-                        Some(&doc),
+                        &mut hints,
                         None,
+                        &table,
                         schema,
                         keymap,
                         &mut routes,
                         &m,
-                        &mut out,
+                        &mut routed,
                     )
-                    .map_err(|e| self.error(format!("deletesTo of {table} at {}", m.time), e))?;
+                    .map_err(|e| self.error(what(), e))?;
+                    finish(table, m, &mut routed, &mut out);
                 }
             }
         }
@@ -718,13 +797,14 @@ impl Engine {
     fn route<'k>(
         &mut self,
         r: &JsValue,
-        hints: Option<&Map<String, Value>>,
+        hints: &mut Hints<'_>,
         input: Option<Input<'_>>,
+        from: &Table,
         schema: &Schema,
         keymap: &'k Keymap,
         routes: &mut Routes<'k>,
         m: &Mutation,
-        out: &mut Vec<(Table, Mutation)>,
+        routed: &mut Vec<Routed>,
     ) -> JsResult<()> {
         if r.is_null_or_undefined() {
             return Ok(());
@@ -734,16 +814,20 @@ impl Engine {
                 "expected an object of table names to documents, or null",
             ));
         };
-        for key in obj.own_property_keys(&mut self.ctx)? {
-            let name = match &key {
-                boa_engine::property::PropertyKey::String(s) => s.to_std_string_escaped(),
-                boa_engine::property::PropertyKey::Index(i) => i.get().to_string(),
-                boa_engine::property::PropertyKey::Symbol(_) => continue,
-            };
+        for key in convert::own_keys(&obj, &mut self.ctx)? {
             // Names repeat from row to row: resolve each once per batch.
-            let (table, keys) = match routes.iter().find(|(n, _, _)| *n == name) {
-                Some((_, t, k)) => (t.clone(), *k),
+            let known = match &key {
+                PropertyKey::String(s) => routes.iter().find(|(n, _, _)| n == s),
+                _ => None,
+            };
+            let (table, keys) = match known {
+                Some((_, t, k)) => (Cow::Borrowed(t), *k),
                 None => {
+                    let name = match &key {
+                        PropertyKey::String(s) => s.to_std_string_escaped(),
+                        PropertyKey::Index(i) => i.get().to_string(),
+                        PropertyKey::Symbol(_) => continue,
+                    };
                     let table = Table::parse_in(schema, &name)
                         .map_err(|e| convert::type_error(e.to_string()))?;
                     let keys = keymap.get(&table).ok_or_else(|| {
@@ -751,73 +835,51 @@ impl Engine {
                             "returned table {table}, which is not in the target schema"
                         ))
                     })?;
-                    if routes.len() < 64 {
-                        routes.push((name.clone(), table.clone(), keys));
+                    if let (PropertyKey::String(s), true) = (&key, routes.len() < 64) {
+                        routes.push((s.clone(), table.clone(), keys));
                     }
-                    (table, keys)
+                    (Cow::Owned(table), keys)
                 }
             };
-            let docs = obj.get(key, &mut self.ctx)?;
+            let docs = convert::get(&obj, &key, &mut self.ctx)?;
             if docs.is_null_or_undefined() {
                 continue;
             }
-            let list: Vec<JsValue> = match docs.as_object() {
-                Some(a) if a.is_array() => {
-                    let len = a
-                        .get(js_string!("length"), &mut self.ctx)?
-                        .to_length(&mut self.ctx)?;
-                    let mut v = Vec::with_capacity(len as usize);
-                    for i in 0..len {
-                        v.push(a.get(i, &mut self.ctx)?);
-                    }
-                    v
-                }
-                _ => vec![docs],
-            };
-            for d in list {
-                if let (Some(i), Some(o), Some(h), Some(after)) =
-                    (&input, d.as_object(), hints, &m.after)
-                {
-                    if o == *i.doc && convert::unmodified(&o, i.created, &mut self.ctx)? {
-                        let k = if table == *i.table {
-                            m.key.clone()
+            let same_table = *table == *from;
+            let mut emit = |this: &mut Self, d: JsValue| -> JsResult<()> {
+                if let (Some(i), Some(o), true) = (&input, d.as_object(), m.after.is_some()) {
+                    if o == *i.doc && convert::unmodified(&o, i.created) {
+                        let key = if same_table {
+                            None
                         } else {
-                            convert::key_of(h, keys).map_err(|c| {
+                            Some(convert::key_of(hints.get()?, keys).map_err(|c| {
                                 convert::type_error(format!(
                                     "omitted value for PK column {c} of {table}"
                                 ))
-                            })?
+                            })?)
                         };
-                        out.push((
-                            table.clone(),
-                            Mutation {
-                                time: m.time,
-                                key: k,
-                                after: Some(after.clone()),
-                                before: m.before.clone(),
-                            },
-                        ));
-                        continue;
+                        routed.push(Routed {
+                            table: (!same_table).then(|| table.clone().into_owned()),
+                            key,
+                            after: None,
+                        });
+                        return Ok(());
                     }
                 }
-                let doc = convert::doc_from_js(&d, hints, Some(keys), &mut self.ctx)?;
+                let doc = convert::doc_from_js(&d, Some(hints.get()?), Some(keys), &mut this.ctx)?;
                 let k = convert::key_of(&doc, keys).map_err(|c| {
                     convert::type_error(format!("omitted value for PK column {c} of {table}"))
                 })?;
-                let after = if m.after.is_some() {
-                    Some(Value::Object(doc).to_string())
-                } else {
-                    None
-                };
-                out.push((
-                    table.clone(),
-                    Mutation {
-                        time: m.time,
-                        key: k,
-                        after,
-                        before: m.before.clone(),
-                    },
-                ));
+                let after = m.after.as_ref().map(|_| Value::Object(doc).to_string());
+                routed.push(Routed {
+                    table: (!same_table).then(|| table.clone().into_owned()),
+                    key: Some(k),
+                    after: Some(after),
+                });
+                Ok(())
+            };
+            for d in convert::elements(docs, &mut self.ctx)? {
+                emit(self, d)?;
             }
         }
         Ok(())
@@ -838,19 +900,31 @@ impl Engine {
             let what = |kind: &str| format!("{kind} of {table} at {}", m.time);
             match (&m.after, &fns.map, &fns.delete_key) {
                 (Some(after), Some(f), _) => {
-                    let meta = self.meta(table, m.time, None)?;
-                    let (doc, hints) = convert::raw_to_js(after, &mut self.ctx, &mut self.keys)
-                        .map_err(|e| self.error(what("map"), e))?;
+                    let meta = self.row_meta(table, m.time, None)?;
+                    let mut created = std::mem::take(&mut self.created);
+                    let doc =
+                        convert::doc_to_js(after, &mut self.ctx, &mut self.keys, &mut created)
+                            .map_err(|e| self.error(what("map"), e))?;
                     let r = f
                         .call(
                             &JsValue::undefined(),
-                            &[doc.into(), meta.into()],
+                            &[doc.clone().into(), meta.into()],
                             &mut self.ctx,
                         )
                         .map_err(|e| self.error(what("map"), e))?;
+                    let same = r
+                        .as_object()
+                        .is_some_and(|o| o == doc && convert::unmodified(&o, &created));
+                    self.created = created;
                     if r.is_null_or_undefined() || r.as_boolean() == Some(false) {
                         continue;
                     }
+                    // Handed back untouched: the row stays as it was.
+                    if same {
+                        out.push(m);
+                        continue;
+                    }
+                    let hints = convert::hints(after).map_err(|e| self.error(what("map"), e))?;
                     let doc = convert::doc_from_js(&r, Some(&hints), Some(keys), &mut self.ctx)
                         .map_err(|e| self.error(what("map"), e))?;
                     let key = convert::key_of(&doc, keys).map_err(|c| ScriptError::Js {
@@ -867,7 +941,7 @@ impl Engine {
                     });
                 }
                 (None, _, Some(f)) => {
-                    let meta = self.meta(table, m.time, None)?;
+                    let meta = self.row_meta(table, m.time, None)?;
                     let orig: Value = serde_json::from_str(&m.key)
                         .map_err(|e| ScriptError::Engine(format!("invalid key: {e}")))?;
                     let arr = convert::to_js(&orig, &mut self.ctx, &mut self.keys)
@@ -1086,11 +1160,13 @@ impl Engine {
                 &mut self.ctx,
             )?;
             if let Some(a) = &m.after {
-                let (d, _) = convert::raw_to_js(a, &mut self.ctx, &mut self.keys)?;
+                let d = convert::doc_to_js(a, &mut self.ctx, &mut self.keys, &mut self.created)?;
                 op.create_data_property_or_throw(js_string!("data"), d, &mut self.ctx)?;
             }
             if let Some(b) = &m.before {
-                if let Ok((d, _)) = convert::raw_to_js(b, &mut self.ctx, &mut self.keys) {
+                if let Ok(d) =
+                    convert::doc_to_js(b, &mut self.ctx, &mut self.keys, &mut self.created)
+                {
                     op.create_data_property_or_throw(js_string!("before"), d, &mut self.ctx)?;
                 }
             }
@@ -1132,6 +1208,8 @@ pub struct Shared {
     workers: Mutex<HashMap<usize, Arc<AtomicBool>>>,
     next_id: AtomicUsize,
     pub replaced: AtomicU64,
+    /// CPU time the engine threads spent running work.
+    pub busy_cpu_nanos: AtomicU64,
 }
 
 impl Shared {
@@ -1149,6 +1227,7 @@ impl Shared {
             workers: Mutex::new(HashMap::new()),
             next_id: AtomicUsize::new(0),
             replaced: AtomicU64::new(0),
+            busy_cpu_nanos: AtomicU64::new(0),
         })
     }
 
@@ -1198,6 +1277,16 @@ impl Shared {
     }
 }
 
+/// CPU time of the calling thread: what one engine thread spends, whatever else runs.
+fn thread_cpu_nanos() -> u64 {
+    // SAFETY: clock_gettime only writes into the struct we pass.
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 /// Resident set size of the process: the engine offers no per-heap figure.
 fn resident_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -1244,10 +1333,14 @@ fn worker(
         job.taken.store(id + 1, Ordering::SeqCst);
         metrics::histogram!(SCRIPT_ENTRY_WAIT).record((start - job.enqueued).as_secs_f64());
         let deadline = job.deadline;
+        let cpu = thread_cpu_nanos();
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             engine.run(job.work, deadline)
         }));
         metrics::histogram!(SCRIPT_EXEC_TIME).record(start.elapsed().as_secs_f64());
+        shared
+            .busy_cpu_nanos
+            .fetch_add(thread_cpu_nanos().saturating_sub(cpu), Ordering::Relaxed);
         if ran.is_err() {
             shared.replace(id, "panicked");
             break;
