@@ -148,6 +148,17 @@ declare module "cdc-sink@v1" {
   /** Only inside a table's apply callback and the promises it starts. */
   function getTX(): TargetTX;
 
+  /**
+   * The key under which cdc-sink identifies, orders and stages `doc` as a row of `table`: the
+   * JSON array text of the document's primary-key values in the table's primary-key order,
+   * exactly as the staging `key` column holds it (e.g. `[1]`, `["east",9007199254740995]`;
+   * values of numeric key columns as numbers, without rounding). Built the way the keys of
+   * documents returned by dispatch are. Only inside dispatch, deletesTo, map, deleteKey, merge
+   * and apply callbacks (a merge function knows only its own table); throws for a table not in
+   * the target schema or a document missing a primary-key column.
+   */
+  function replicationKey(table: Table, doc: Document): string;
+
   /** A random (version 4) UUID. */
   function randomUUID(): string;
 

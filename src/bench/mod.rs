@@ -172,6 +172,8 @@ pub struct Summary {
     pub dispatch_docs_per_s: f64,
     /// The same, counting the caller's side of each batch too (wall or process CPU time).
     pub dispatch_with_caller_docs_per_s: f64,
+    /// Alternated runs of the consistent and userscript paths; the best of each is reported.
+    pub repeat: usize,
 }
 
 impl Summary {
@@ -211,6 +213,7 @@ impl Summary {
             },
             dispatch_docs_per_s: dispatch.per_thread,
             dispatch_with_caller_docs_per_s: dispatch.with_caller,
+            repeat: 1,
         }
     }
 
@@ -233,6 +236,12 @@ impl Summary {
             out.push_str(&format!(
                 "{:<12} {:>10.3} {:>14.0} {:>8.2}\n",
                 m.name, m.seconds, m.rows_per_s, ratio
+            ));
+        }
+        if self.repeat > 1 {
+            out.push_str(&format!(
+                "consistent and userscript: best of {} alternated runs each\n",
+                self.repeat
             ));
         }
         out.push_str(&format!(

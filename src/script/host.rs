@@ -2,10 +2,10 @@
 //! script registers lives in a per-thread [`State`]: each engine thread owns one Context.
 
 use super::config::{Captured, DeletesTo, MergeKind, SourceOptions, TableName, TableOptions};
-use super::convert::{self, KeyCache, TableKeys};
+use super::convert::{self, KeyCache, Keymap, TableKeys};
 use super::tx::{Cell, HostCall, HostReply, Param};
 use crate::hlc::Hlc;
-use crate::ident::{Ident, Table};
+use crate::ident::{Ident, Schema, Table};
 use crate::mutation::Mutation;
 use boa_engine::builtins::promise::ResolvingFunctions;
 use boa_engine::module::{Module, SyntheticModuleInitializer};
@@ -19,13 +19,15 @@ use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 /// The names the host module exports.
-pub const EXPORTS: [&str; 6] = [
+pub const EXPORTS: [&str; 7] = [
     "configureSource",
     "configureTable",
     "getTX",
     "randomUUID",
+    "replicationKey",
     "setOptions",
     "standardMerge",
 ];
@@ -71,6 +73,14 @@ pub struct TxScope {
     pub muts: Rc<Vec<Mutation>>,
 }
 
+/// The tables `replicationKey` can name while a batch's callbacks run.
+#[derive(Clone)]
+pub struct KeyScope {
+    /// Where bare table names resolve.
+    pub schema: Schema,
+    pub keymap: Arc<Keymap>,
+}
+
 #[derive(Default)]
 pub struct State {
     /// The script's file name, for logs.
@@ -86,6 +96,7 @@ pub struct State {
     /// `standardMerge(...)` results and their fallbacks.
     pub markers: Vec<(JsObject, Option<JsObject>)>,
     pub tx: Option<TxScope>,
+    pub keys: Option<KeyScope>,
 }
 
 thread_local! {
@@ -360,6 +371,36 @@ fn standard_merge(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<
     marker.create_data_property_or_throw(js_string!("standardMerge"), true, ctx)?;
     with_state(|s| s.markers.push((marker.clone(), fallback)));
     Ok(marker.into())
+}
+
+/// `replicationKey(table, doc)`: the key the sink stages `doc` under in `table`, built as
+/// dispatch builds the keys of the documents it returns.
+fn replication_key(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let scope = with_state(|s| s.keys.clone()).ok_or_else(|| {
+        err("replicationKey() is only available inside dispatch, deletesTo, map, deleteKey, merge and apply callbacks")
+    })?;
+    let name = string_arg(args, 0, "replicationKey: the table")?;
+    let table =
+        Table::parse_in(&scope.schema, &name).map_err(|e| err(format!("replicationKey: {e}")))?;
+    let keys = scope.keymap.get(&table).ok_or_else(|| {
+        err(format!(
+            "replicationKey: table {table} is not in the target schema"
+        ))
+    })?;
+    let doc = arg(args, 1);
+    if !doc
+        .as_object()
+        .is_some_and(|o| !o.is_array() && !o.is_callable())
+    {
+        return Err(err("replicationKey: the document must be a plain object"));
+    }
+    let doc = convert::doc_from_js(&doc, None, Some(keys), ctx)?;
+    let key = convert::key_of(&doc, keys).map_err(|c| {
+        err(format!(
+            "replicationKey: the document has no value for primary-key column {c} of {table}"
+        ))
+    })?;
+    Ok(JsString::from(key.as_str()).into())
 }
 
 fn random_uuid(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue> {
@@ -844,6 +885,11 @@ pub fn host_module(ctx: &mut Context) -> Module {
             NativeFunction::from_fn_ptr(random_uuid),
             js_string!("randomUUID"),
             0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(replication_key),
+            js_string!("replicationKey"),
+            2,
         )
         .function(
             NativeFunction::from_fn_ptr(set_options),

@@ -395,6 +395,7 @@ impl Userscript {
             .table(table)
             .ok_or_else(|| ScriptError::UnknownTable(table.to_string()))?;
         let keys = table_keys(ts);
+        let keymap = Arc::new(convert::keymap(info));
         let mut out = Vec::with_capacity(muts.len());
         let mut muts = muts.into_iter().peekable();
         while muts.peek().is_some() {
@@ -404,6 +405,7 @@ impl Userscript {
                     table: table.clone(),
                     muts: batch,
                     keys: keys.clone(),
+                    keymap: keymap.clone(),
                     reply,
                 })
                 .await?;
@@ -471,6 +473,7 @@ impl Userscript {
                 table: table.clone(),
                 muts: muts.to_vec(),
                 keys,
+                keymap: Arc::new(convert::keymap(&info)),
                 columns,
                 host: host_tx,
                 reply: tx,

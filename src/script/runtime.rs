@@ -4,7 +4,7 @@
 
 use super::config::{Captured, DeletesTo};
 use super::convert::{self, KeyCache, Keymap, TableKeys};
-use super::host::{self, with_state, ColumnInfo, State, TxScope};
+use super::host::{self, with_state, ColumnInfo, KeyScope, State, TxScope};
 use super::transpile::{self, Compiled};
 use super::tx::{HostCall, HostReply};
 use super::ScriptError;
@@ -451,6 +451,28 @@ fn finish(table: Table, m: Mutation, routed: &mut Vec<Routed>, out: &mut Vec<(Ta
     }
 }
 
+/// A merge knows its table's primary key from the conflicts; a key column is numeric when an
+/// image holds a number there (the changefeed writes numeric columns as numbers).
+fn merge_keymap(table: &Table, conflicts: &[Conflict]) -> Keymap {
+    let pk = conflicts
+        .first()
+        .map(|c| c.meta.primary_key.clone())
+        .unwrap_or_default();
+    let numeric = pk
+        .iter()
+        .filter(|c| {
+            conflicts.iter().any(|x| {
+                [&x.before, &x.proposed, &x.target]
+                    .into_iter()
+                    .flatten()
+                    .any(|row| matches!(convert::column(row, c), Some(Value::Number(_))))
+            })
+        })
+        .map(|c| c.to_lowercase())
+        .collect();
+    Keymap::from([(table.clone(), TableKeys { pk, numeric })])
+}
+
 /// The input document's JSON, parsed on first use (only results that differ from the input
 /// need it).
 enum Hints<'a> {
@@ -499,6 +521,8 @@ pub enum Work {
         table: Table,
         muts: Vec<Mutation>,
         keys: TableKeys,
+        /// Every table of the schema, for `replicationKey`.
+        keymap: Arc<Keymap>,
         reply: Reply<Vec<Mutation>>,
     },
     Merge {
@@ -511,6 +535,8 @@ pub enum Work {
         table: Table,
         muts: Vec<Mutation>,
         keys: TableKeys,
+        /// Every table of the schema, for `replicationKey`.
+        keymap: Arc<Keymap>,
         columns: Vec<ColumnInfo>,
         host: tokio::sync::mpsc::UnboundedSender<HostCall>,
         reply: Reply<()>,
@@ -609,6 +635,15 @@ impl Engine {
     }
 
     pub fn run(&mut self, work: Work, deadline: Instant) {
+        // What `replicationKey` knows while the work's callbacks run.
+        let scope = |schema: &Schema, keymap: Arc<Keymap>| {
+            with_state(|s| {
+                s.keys = Some(KeyScope {
+                    schema: schema.clone(),
+                    keymap,
+                })
+            })
+        };
         match work {
             Work::Dispatch {
                 source,
@@ -617,15 +652,22 @@ impl Engine {
                 keymap,
                 reply,
             } => {
-                let _ = reply.send(self.dispatch(&source, &schema, batch, &keymap));
+                scope(&schema, keymap.clone());
+                let r = self.dispatch(&source, &schema, batch, &keymap);
+                with_state(|s| s.keys = None);
+                let _ = reply.send(r);
             }
             Work::Map {
                 table,
                 muts,
                 keys,
+                keymap,
                 reply,
             } => {
-                let _ = reply.send(self.map(&table, muts, &keys));
+                scope(&table.schema, keymap);
+                let r = self.map(&table, muts, &keys);
+                with_state(|s| s.keys = None);
+                let _ = reply.send(r);
             }
             Work::Merge {
                 table,
@@ -633,18 +675,26 @@ impl Engine {
                 conflicts,
                 reply,
             } => {
-                let _ = reply.send(self.merge(&table, fallback, conflicts));
+                scope(&table.schema, Arc::new(merge_keymap(&table, &conflicts)));
+                let r = self.merge(&table, fallback, conflicts);
+                with_state(|s| s.keys = None);
+                let _ = reply.send(r);
             }
             Work::Apply {
                 table,
                 muts,
                 keys,
+                keymap,
                 columns,
                 host,
                 reply,
             } => {
+                scope(&table.schema, keymap);
                 let r = self.apply(&table, muts, keys, columns, host, deadline);
-                with_state(|s| s.tx = None);
+                with_state(|s| {
+                    s.tx = None;
+                    s.keys = None;
+                });
                 let _ = reply.send(r);
             }
         }

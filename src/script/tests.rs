@@ -351,6 +351,111 @@ api.configureSource("kv.public", {
 }
 
 #[tokio::test]
+async fn replication_keys_are_the_staged_keys_in_dispatch_and_map() {
+    let main = r#"import * as api from "cdc-sink@v1";
+api.configureSource("kv.public", {
+  dispatch: (doc) => ({
+    audit: [{ id: doc.k, what: api.replicationKey("kv", doc) + " " + api.replicationKey("kv.public.byname", { region: "east", name: "n" + doc.k, k: doc.k }) }],
+  }),
+  deletesTo: (key) => ({ audit: [{ id: api.replicationKey("kv", key) === "[4]" ? "44" : "0" }] }),
+});
+api.configureTable("audit", {
+  map: (doc) => ({ ...doc, what: doc.what + " " + api.replicationKey("audit", doc) }),
+  deleteKey: (key) => [String(api.replicationKey("kv", { k: key[0] }).length)],
+});
+"#;
+    let (_d, s) = load(&[("main.js", main)]);
+    let big = Mutation {
+        key: "[9007199254740995]".into(),
+        ..up(0, r#"{"k":9007199254740995,"v":"x"}"#)
+    };
+    let out = s
+        .dispatch(
+            &kv(),
+            &info(),
+            vec![(table("kv"), big), (table("kv"), del(4))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rendered(&out),
+        [
+            r#"audit [9007199254740995] {"id":9007199254740995,"what":"[9007199254740995] [\"n9007199254740995\",\"east\"]"}"#,
+            "audit [44] delete",
+        ]
+    );
+    // The key a dispatch returns is the key replicationKey names.
+    assert_eq!(out[0].1.key, "[9007199254740995]");
+    let mapped = s
+        .map(
+            &table("audit"),
+            &info(),
+            vec![
+                Mutation {
+                    key: "[7]".into(),
+                    ..up(7, r#"{"id":7,"what":"w"}"#)
+                },
+                del(12345),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        mapped[0].after.as_deref(),
+        Some(r#"{"id":7,"what":"w [7]"}"#)
+    );
+    assert_eq!(mapped[1].key, "[7]", "[12345] is 7 characters");
+}
+
+#[tokio::test]
+async fn replication_key_errors_name_the_table_or_column() {
+    let main = r#"import * as api from "cdc-sink@v1";
+api.configureSource("kv.public", {
+  dispatch: (doc) => {
+    if (doc.v === "unknown") api.replicationKey("nowhere", doc);
+    if (doc.v === "nokey") api.replicationKey("byname", { name: "a" });
+    if (doc.v === "notadoc") api.replicationKey("kv", [1]);
+    return { kv: [doc] };
+  },
+});
+"#;
+    let (_d, s) = load(&[("main.js", main)]);
+    for (v, want) in [
+        (
+            "unknown",
+            "replicationKey: table kv.public.nowhere is not in the target schema",
+        ),
+        (
+            "nokey",
+            "replicationKey: the document has no value for primary-key column region of kv.public.byname",
+        ),
+        ("notadoc", "replicationKey: the document must be a plain object"),
+    ] {
+        let e = s
+            .dispatch(
+                &kv(),
+                &info(),
+                vec![(table("kv"), up(1, &format!(r#"{{"k":1,"v":"{v}"}}"#)))],
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{v}: {e}");
+        assert!(e.contains("main.js:"), "names the script line: {e}");
+    }
+    // Outside a callback there is no batch, so no schema to know keys from.
+    let e = load_err(&[(
+        "main.js",
+        "import * as api from \"cdc-sink@v1\";\napi.replicationKey(\"kv\", { k: 1 });\n",
+    )])
+    .to_string();
+    assert!(
+        e.contains("replicationKey() is only available inside dispatch"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn documents_changed_in_place_are_converted_again() {
     let main = r#"import * as api from "cdc-sink@v1";
 api.configureSource("kv.public", {
@@ -524,7 +629,7 @@ async fn merge_functions_are_called_through_the_merger_trait() {
 api.configureTable("kv", {
   cas: ["_timestamp"],
   merge: (op) => {
-    if (op.proposed.v === "dlq") return { dlq: "kv-" + op.meta.table };
+    if (op.proposed.v === "dlq") return { dlq: "kv-" + op.meta.table + api.replicationKey("kv", op.target) };
     if (op.proposed.v === "drop") return { drop: true };
     return { apply: { ...op.target, v: op.target.v + "+" + op.proposed.v } };
   },
@@ -558,7 +663,7 @@ api.configureTable("audit", {
     assert_eq!(
         r,
         vec![
-            Resolution::Dlq("kv-kv".into()),
+            Resolution::Dlq("kv-kv[1]".into()),
             Resolution::Drop,
             Resolution::Apply(row(r#"{"k":1,"v":"t+p","n":5}"#)),
         ]

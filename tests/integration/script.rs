@@ -114,6 +114,68 @@ async fn async_apply_uses_the_target_transaction() {
 }
 
 #[tokio::test]
+async fn apply_callbacks_know_the_replication_keys_of_the_target_tables() {
+    let db = Db::new("script_replication_key").await;
+    db.exec(
+        "CREATE TABLE kv (region TEXT, k INT8, v TEXT, PRIMARY KEY (region, k));
+         CREATE TABLE audit (id INT8 PRIMARY KEY, what TEXT);",
+    )
+    .await;
+    let (_d, s) = script(
+        r#"import * as api from "cdc-sink@v1";
+api.configureTable("kv", {
+  apply: async (ops: any[]) => {
+    let i = 0;
+    for (const op of ops) {
+      const key = op.data ? api.replicationKey("kv", op.data) : api.replicationKey("kv", { k: op.pk[1], region: op.pk[0] });
+      await api.getTX().exec("INSERT INTO audit VALUES ($1, $2)", ++i, key + " " + api.replicationKey("audit", { id: i, what: "x" }));
+    }
+    await api.getTX().apply(ops);
+  },
+});
+"#,
+    );
+    let table = Table::new(Schema::new(db.name.as_str(), "public"), "kv");
+    let a = applier(&db);
+    let muts = vec![
+        Mutation {
+            time: Hlc::new(10, 0),
+            key: r#"["east",9007199254740995]"#.into(),
+            after: Some(r#"{"v":"a","k":9007199254740995,"region":"east"}"#.into()),
+            before: None,
+        },
+        Mutation {
+            time: Hlc::new(11, 0),
+            key: r#"["west",-3]"#.into(),
+            after: None,
+            before: None,
+        },
+    ];
+    let mut tx = db.pool.begin().await.unwrap();
+    s.apply(&table, &muts, &mut tx, &a)
+        .await
+        .unwrap_or_else(|e| panic!("apply: {e}"));
+    tx.commit().await.unwrap();
+    let audit: Vec<(i64, String)> = sqlx::query_as("SELECT id, what FROM audit ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    // The keys are the staged keys of the rows, 64-bit values exact.
+    assert_eq!(
+        audit,
+        vec![
+            (1, format!("{} [1]", muts[0].key)),
+            (2, format!("{} [2]", muts[1].key)),
+        ]
+    );
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT region, k FROM kv")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![("east".to_string(), 9007199254740995)]);
+}
+
+#[tokio::test]
 async fn a_failing_statement_rejects_the_promise_and_fails_the_batch() {
     let db = Db::new("script_apply_error").await;
     db.exec("CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT)")
