@@ -467,14 +467,7 @@ async fn run_flush(ctx: Arc<Ctx>, job: Arc<FlushJob>, role: Role) -> Result<(), 
             .await
             .map_err(SequenceError::Sql)?;
         let open = ctx.open_tx();
-        write_ordered(
-            &parts.applier,
-            parts.hooks.as_ref(),
-            &mut tx,
-            &ctx.info,
-            &job.batches,
-        )
-        .await?;
+        write(&ctx, &mut tx, &job).await?;
         tx.commit().await.map_err(SequenceError::Sql)?;
         drop(open);
         written = started.elapsed();
@@ -494,14 +487,7 @@ async fn run_flush(ctx: Arc<Ctx>, job: Arc<FlushJob>, role: Role) -> Result<(), 
             return Err(ctx.lost());
         }
         let open = ctx.open_tx();
-        write_ordered(
-            &parts.applier,
-            parts.hooks.as_ref(),
-            &mut tx,
-            &ctx.info,
-            &job.batches,
-        )
-        .await?;
+        write(&ctx, &mut tx, &job).await?;
         written = started.elapsed();
         retire_and_commit(&ctx, &mut tx, &job, role).await?;
         tx.commit().await.map_err(SequenceError::Sql)?;
@@ -521,6 +507,19 @@ async fn run_flush(ctx: Arc<Ctx>, job: Arc<FlushJob>, role: Role) -> Result<(), 
         "flushed"
     );
     Ok(())
+}
+
+/// Writes a flush's rows in foreign-key order through the userscript's hooks.
+async fn write(ctx: &Ctx, conn: &mut PgConnection, job: &FlushJob) -> Result<(), SequenceError> {
+    let parts = &ctx.parts;
+    write_ordered(
+        &parts.applier,
+        parts.hooks.as_ref(),
+        conn,
+        &ctx.info,
+        &job.batches,
+    )
+    .await
 }
 
 /// With separate staging, after the target commit: retire the flush's rows (and commit the
