@@ -200,9 +200,7 @@ impl Ingest {
         }
         result
     }
-}
 
-impl Ingest {
     /// Hands a request's mutations to its schema's current mode; the mode cannot change
     /// while the request is being written.
     async fn write(
