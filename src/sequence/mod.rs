@@ -35,6 +35,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
+/// `--parallelism` when unset or 0, as in the reference.
+const DEFAULT_PARALLELISM: usize = 16;
+
 /// Flags of the sequencing step.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SequenceArgs {
@@ -66,7 +69,7 @@ pub struct SequenceArgs {
     #[arg(
         long = "parallelism",
         env = "CDC_SINK_PARALLELISM",
-        default_value_t = 16
+        default_value_t = DEFAULT_PARALLELISM
     )]
     pub parallelism: usize,
     /// Rows per staging read query.
@@ -97,7 +100,7 @@ impl SequenceArgs {
     /// `--parallelism`, with 0 meaning the default.
     pub fn parallelism(&self) -> usize {
         if self.parallelism == 0 {
-            16
+            DEFAULT_PARALLELISM
         } else {
             self.parallelism
         }

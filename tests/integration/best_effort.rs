@@ -1,6 +1,6 @@
 //! Best-effort mode, the automatic choice of mode, and finding poison mutations.
 
-use crate::support::sink::{batch, hlc, resolved, upsert, Sink};
+use crate::support::sink::{batch, committed, hlc, resolved, upsert, Sink};
 use crate::support::{eventually, Db};
 use cdc_sink::apply::Applier;
 use cdc_sink::hlc::Hlc;
@@ -48,22 +48,6 @@ async fn staged(pool: &sqlx::PgPool, db: &str, table: &str) -> Vec<(String, i64)
     .fetch_all(pool)
     .await
     .unwrap_or_else(|e| panic!("read staged {table}: {e}"))
-}
-
-async fn committed(pool: &sqlx::PgPool, group: &str, at: Hlc) {
-    let want = at.to_decimal();
-    eventually("checkpoint commit", WAIT, || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM _cdc_sink.checkpoints WHERE group_name = $1 AND source_hlc >= $2::DECIMAL AND target_applied_at IS NOT NULL",
-        )
-        .bind(group)
-        .bind(&want)
-        .fetch_one(pool)
-        .await
-        .ok()?;
-        (n > 0).then_some(())
-    })
-    .await
 }
 
 /// The same deliveries in best-effort and in consistent mode end in the same target, and in

@@ -1,6 +1,6 @@
 //! kill -9 of the real binary at awkward moments loses nothing and duplicates nothing.
 
-use crate::support::sink::{batch, hlc, resolved, upsert};
+use crate::support::sink::{batch, hlc, is_committed, resolved, upsert};
 use crate::support::{eventually, Db};
 use bytes::Bytes;
 use cdc_sink::server::client::{Client, ClientOptions};
@@ -209,14 +209,7 @@ async fn wrong_versions(db: &Db) -> i64 {
 }
 
 async fn committed_at(pool: &sqlx::PgPool, at: i64) -> bool {
-    let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM _cdc_sink.checkpoints WHERE source_hlc >= $1::DECIMAL AND target_applied_at IS NOT NULL",
-    )
-    .bind(hlc(at).to_decimal())
-    .fetch_one(pool)
-    .await
-    .unwrap_or(0);
-    n > 0
+    is_committed(pool, "kv.public", hlc(at)).await
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! End-to-end: changefeed batches over HTTP/2 + TLS into staging, resolved, applied.
 
-use crate::support::sink::{batch, delete, hlc, resolved, upsert, Sink};
+use crate::support::sink::{self, batch, delete, hlc, resolved, upsert, Sink};
 use crate::support::{eventually, Db};
 use http::StatusCode;
 use serde_json::json;
@@ -28,18 +28,7 @@ async fn staged(db: &Db) -> i64 {
 
 /// Waits until the committed checkpoint of kv.public reaches `at`.
 async fn committed(db: &Db, at: i64) {
-    let want = hlc(at).to_decimal();
-    eventually("checkpoint commit", WAIT, || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM _cdc_sink.checkpoints WHERE group_name = 'kv.public' AND source_hlc >= $1::DECIMAL AND target_applied_at IS NOT NULL",
-        )
-        .bind(&want)
-        .fetch_one(&db.pool)
-        .await
-        .ok()?;
-        (n > 0).then_some(())
-    })
-    .await
+    sink::committed(&db.pool, "kv.public", hlc(at)).await
 }
 
 #[tokio::test]

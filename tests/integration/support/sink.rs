@@ -105,3 +105,26 @@ pub fn batch(elements: Vec<Value>) -> String {
 pub fn resolved(at: i64) -> String {
     json!({"resolved": ts(at)}).to_string()
 }
+
+/// The checkpoint of `group` (e.g. `kv.public`) is committed at `at` or later.
+pub async fn is_committed(pool: &sqlx::PgPool, group: &str, at: Hlc) -> bool {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM _cdc_sink.checkpoints WHERE group_name = $1 AND source_hlc >= $2::DECIMAL AND target_applied_at IS NOT NULL",
+    )
+    .bind(group)
+    .bind(at.to_decimal())
+    .fetch_one(pool)
+    .await
+    .unwrap_or(0);
+    n > 0
+}
+
+/// Waits until the checkpoint of `group` is committed at `at` or later.
+pub async fn committed(pool: &sqlx::PgPool, group: &str, at: Hlc) {
+    super::eventually(
+        "checkpoint commit",
+        std::time::Duration::from_secs(20),
+        || async { is_committed(pool, group, at).await.then_some(()) },
+    )
+    .await
+}
