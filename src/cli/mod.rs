@@ -164,6 +164,38 @@ mod tests {
     }
 
     #[test]
+    fn set_options_and_the_checkpoint_command_know_the_guard_flags() {
+        assert!(start::start_flags().contains(&("maxClockSkew".to_string(), true)));
+        let cli = Cli::try_parse_from([
+            "cdc-sink",
+            "start",
+            "--disableAuthentication",
+            "--maxClockSkew",
+            "10m",
+        ])
+        .expect("parses");
+        let Command::Start(args) = cli.command else {
+            panic!("start expected")
+        };
+        assert_eq!(
+            args.source.max_clock_skew,
+            std::time::Duration::from_secs(600)
+        );
+        let cli = Cli::try_parse_from([
+            "cdc-sink",
+            "checkpoint",
+            "reset",
+            "kv.public",
+            "--to",
+            "now-1h",
+            "--targetConn",
+            "postgresql://x/kv",
+        ])
+        .expect("parses");
+        assert!(matches!(cli.command, Command::Checkpoint(_)));
+    }
+
+    #[test]
     fn start_accepts_the_reference_flags_and_env() {
         let cli = Cli::try_parse_from([
             "cdc-sink",

@@ -266,3 +266,125 @@ async fn a_schema_without_tables_gets_404_and_leaves_nothing_behind() {
     assert_eq!(db.count("nosuch_7.t").await, 1);
     sink.stop().await;
 }
+
+#[tokio::test]
+async fn a_redelivery_below_the_checkpoint_is_dropped_by_an_instance_that_does_not_apply() {
+    let db = kv_db("guards_redeliver").await;
+    let path = "/guards_redeliver/public";
+    let holder = Sink::start(&db, &[]).await;
+    let other = Sink::start(&db, &[]).await;
+    holder
+        .post_ok(
+            path,
+            batch(vec![upsert("kv", json!([1]), json!({"k": 1, "v": "a"}), 1)]),
+        )
+        .await;
+    holder.post_ok(path, resolved(2)).await;
+    sink::committed(&db.pool, "guards_redeliver.public", hlc(2)).await;
+
+    // `other` never received a resolved timestamp: it runs no pipeline of this schema, and
+    // its view of the checkpoint comes from reading the table at ingest.
+    other
+        .post_ok(
+            path,
+            batch(vec![upsert("kv", json!([1]), json!({"k": 1, "v": "a"}), 1)]),
+        )
+        .await;
+    assert_eq!(
+        staged(&db, "_cdc_sink.guards_redeliver_public_kv").await,
+        0,
+        "the redelivery was dropped, not staged where no window reads it"
+    );
+    holder.stop().await;
+    other.stop().await;
+}
+
+#[tokio::test]
+async fn rows_dropped_below_the_checkpoint_are_logged_once_per_period() {
+    let db = kv_db("guards_warn").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("sink.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
+        .args(["start", "--bindAddr", &format!("127.0.0.1:{port}")])
+        .args(["--tlsSelfSigned", "--disableAuthentication"])
+        .args(["--targetConn", &db.url(), "--bestEffortWindow=0"])
+        .arg(format!("--logDestination={}", log.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn cdc-sink");
+    let child = KillOnDrop(child);
+    let client = cdc_sink::server::client::Client::new(
+        &format!("https://127.0.0.1:{port}"),
+        cdc_sink::server::client::ClientOptions {
+            insecure_skip_verify: true,
+            ..Default::default()
+        },
+    )
+    .expect("client");
+    let post = |body: String| {
+        let client = &client;
+        async move {
+            client
+                .post("/guards_warn/public", bytes::Bytes::from(body))
+                .await
+                .map(|(s, _)| s)
+                .unwrap_or(StatusCode::BAD_GATEWAY)
+        }
+    };
+    let row = || {
+        batch(vec![upsert(
+            "kv",
+            json!([1]),
+            json!({"k": 1, "v": "secret-value"}),
+            1,
+        )])
+    };
+    eventually("the sink answers", WAIT, || async {
+        (post(row()).await == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert_eq!(post(resolved(2)).await, StatusCode::OK);
+    sink::committed(&db.pool, "guards_warn.public", hlc(2)).await;
+
+    for _ in 0..3 {
+        assert_eq!(post(row()).await, StatusCode::OK);
+    }
+    let lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("dropped rows at or below the committed checkpoint"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let warned = eventually("the warning", WAIT, || async {
+        let l = lines();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    drop(child);
+    assert_eq!(warned.len(), 1, "one line per 10 s: {warned:?}");
+    assert!(
+        warned[0].contains("WARN")
+            && warned[0].contains("schema=guards_warn.public")
+            && warned[0].contains("rows=1"),
+        "{warned:?}"
+    );
+    let whole = std::fs::read_to_string(&log).expect("log");
+    assert!(!whole.contains("secret-value"), "no row values in the log");
+}
+
+/// The sink process, killed when the test ends (also when it fails).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
