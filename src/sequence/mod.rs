@@ -91,6 +91,10 @@ pub struct SequenceArgs {
         default_value_t = 1000
     )]
     pub timestamp_limit: usize,
+    /// Stop a schema's apply pipeline (releasing its lease) after this long without a resolved
+    /// timestamp while nothing is pending; the next one starts it again. 0 = never.
+    #[arg(long = "pipelineIdle", env = "CDC_SINK_PIPELINE_IDLE", default_value = "5m0s", value_parser = parse_duration)]
+    pub pipeline_idle: Duration,
     /// Accepted for compatibility; unused (as in the reference).
     #[arg(long = "quiescentPeriod", env = "CDC_SINK_QUIESCENT_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub quiescent_period: Duration,
@@ -154,11 +158,8 @@ impl SequenceError {
 pub(crate) const LEASE_LIFETIME: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// A pipeline not woken for this long, whose schema has no pending window, ends (releasing
-/// its lease); the next resolved timestamp starts it again.
-pub(crate) const IDLE_STOP: Duration = Duration::from_secs(300);
-/// How often a running pipeline asks whether it is idle.
-pub(crate) const IDLE_CHECK: Duration = Duration::from_secs(30);
+/// How often a running pipeline asks whether it is idle, at most.
+const IDLE_CHECK: Duration = Duration::from_secs(30);
 
 /// The name of the lease that elects the instance applying `schema`.
 pub fn lease_name(schema: &Schema) -> String {
@@ -191,11 +192,19 @@ struct Running {
 }
 
 impl Pipelines {
-    /// Ends the pipeline of `schema` if it was not woken for [`IDLE_STOP`] and the schema has
-    /// no pending window. Removal happens under the lock [`Sequencer::wake`] takes, so a wake
-    /// either lands before (and keeps the pipeline) or after (and starts a new one).
+    /// How often a pipeline of `parts` asks [`Pipelines::retire_if_idle`]; `None` when idle
+    /// pipelines never stop (`--pipelineIdle 0`).
+    pub(crate) fn check_every(parts: &Parts) -> Option<Duration> {
+        let idle = parts.args.pipeline_idle;
+        (!idle.is_zero()).then(|| (idle / 4).clamp(Duration::from_millis(100), IDLE_CHECK))
+    }
+
+    /// Ends the pipeline of `schema` if it was not woken for `--pipelineIdle` and the schema
+    /// has no pending window. Removal happens under the lock [`Sequencer::wake`] takes, so a
+    /// wake either lands before (and keeps the pipeline) or after (and starts a new one).
     pub(crate) async fn retire_if_idle(&self, parts: &Parts, schema: &Schema) -> bool {
-        if !self.unwoken(schema) {
+        let idle = parts.args.pipeline_idle;
+        if idle.is_zero() || !self.unwoken(schema, idle) {
             return false;
         }
         match parts.checkpoints.bounds(schema).await {
@@ -203,27 +212,22 @@ impl Pipelines {
             _ => return false,
         }
         let mut pipes = self.0.lock().expect("poisoned");
-        if !pipes.get(schema).is_some_and(Running::unwoken) {
+        let woken_since = pipes.get(schema).is_none_or(|r| r.woken.elapsed() < idle);
+        if woken_since {
             return false;
         }
         pipes.remove(schema);
         metrics::gauge!(m::CORE_PIPELINES).set(pipes.len() as f64);
-        tracing::info!(schema = %schema, idle = ?IDLE_STOP, "pipeline idle; stopping");
+        tracing::info!(schema = %schema, idle = ?idle, "pipeline idle; stopping");
         true
     }
 
-    fn unwoken(&self, schema: &Schema) -> bool {
+    fn unwoken(&self, schema: &Schema, idle: Duration) -> bool {
         self.0
             .lock()
             .expect("poisoned")
             .get(schema)
-            .is_some_and(Running::unwoken)
-    }
-}
-
-impl Running {
-    fn unwoken(&self) -> bool {
-        self.woken.elapsed() >= IDLE_STOP
+            .is_some_and(|r| r.woken.elapsed() >= idle)
     }
 }
 
@@ -468,6 +472,14 @@ pub(crate) async fn write_ordered(
         }
     }
     Ok(())
+}
+
+/// Sleeps `d`, or forever when `None`.
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn backoff(attempt: u32) -> Duration {

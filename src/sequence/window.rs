@@ -32,8 +32,8 @@
 use super::poison::{find_poison, is_transient};
 use super::schedule::{lock_key, slices, KeyLocks, Progress, Slice};
 use super::{
-    backoff, now_seconds, schema_label, write_ordered, Parts, SequenceError, IDLE_CHECK,
-    LEASE_LIFETIME, POLL,
+    backoff, now_seconds, schema_label, sleep_or_never, write_ordered, Parts, Pipelines,
+    SequenceError, LEASE_LIFETIME, POLL,
 };
 use crate::apply::SchemaInfo;
 use crate::checkpoint::{Bounds, Lease};
@@ -78,6 +78,7 @@ impl Pipeline {
         // `hold` sees this stop, raised by the sequencer's stop or by going idle; it checks it
         // between windows, so a window in flight finishes first.
         let (local_tx, mut local) = watch::channel(false);
+        let idle_check = Pipelines::check_every(&self.parts);
         let mut failures = 0u32;
         let mut checked = Instant::now();
         while !*stop.borrow() {
@@ -102,7 +103,7 @@ impl Pipeline {
                                     forwarded = true;
                                     let _ = local_tx.send(true);
                                 }
-                                _ = tokio::time::sleep(IDLE_CHECK) => {
+                                _ = sleep_or_never(idle_check) => {
                                     if self.parts.pipelines.retire_if_idle(&self.parts, &self.schema).await {
                                         let _ = local_tx.send(true);
                                     }
@@ -130,7 +131,7 @@ impl Pipeline {
                     tracing::warn!(schema = %self.schema, error = %e, "could not acquire apply lease");
                 }
             }
-            if checked.elapsed() >= IDLE_CHECK {
+            if idle_check.is_some_and(|every| checked.elapsed() >= every) {
                 checked = Instant::now();
                 if self
                     .parts

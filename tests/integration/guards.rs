@@ -388,3 +388,65 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+async fn lease_rows(db: &Db, like: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM _cdc_sink.leases WHERE name LIKE $1")
+        .bind(format!("%{like}%"))
+        .fetch_one(&db.pool)
+        .await
+        .expect("count leases")
+}
+
+#[tokio::test]
+async fn an_idle_pipeline_stops_and_the_next_resolved_timestamp_starts_it_again() {
+    let db = kv_db("guards_idle").await;
+    let sink = Sink::start(&db, &["--pipelineIdle=1s"]).await;
+    let path = "/guards_idle/public";
+    let group = "guards_idle.public";
+    sink.post_ok(
+        path,
+        batch(vec![upsert("kv", json!([1]), json!({"k": 1, "v": "a"}), 1)]),
+    )
+    .await;
+    sink.post_ok(path, resolved(1)).await;
+    sink::committed(&db.pool, group, hlc(1)).await;
+    eventually("the idle pipeline releases its lease", WAIT, || async {
+        (lease_rows(&db, "guards_idle").await == 0).then_some(())
+    })
+    .await;
+
+    sink.post_ok(
+        path,
+        batch(vec![upsert("kv", json!([2]), json!({"k": 2, "v": "b"}), 2)]),
+    )
+    .await;
+    sink.post_ok(path, resolved(2)).await;
+    sink::committed(&db.pool, group, hlc(2)).await;
+    assert_eq!(
+        kv_rows(&db).await,
+        vec![(1, Some("a".into())), (2, Some("b".into()))]
+    );
+    sink.stop().await;
+}
+
+#[tokio::test]
+async fn start_up_recovery_skips_pending_schemas_without_tables() {
+    let db = kv_db("guards_recover").await;
+    let first = Sink::start(&db, &[]).await;
+    first.stop().await;
+    // Pending windows as older versions left them: one of a real schema, one of a name
+    // without tables.
+    for group in ["guards_recover.public", "guards_recover.gone"] {
+        db.exec(&format!(
+            "INSERT INTO _cdc_sink.checkpoints (group_name, source_hlc, partition) \
+VALUES ('{group}', {}, '{group}')",
+            hlc(1).to_decimal()
+        ))
+        .await;
+    }
+    let sink = Sink::start(&db, &[]).await;
+    sink::committed(&db.pool, "guards_recover.public", hlc(1)).await;
+    assert_eq!(lease_rows(&db, "guards_recover.public").await, 1);
+    assert_eq!(lease_rows(&db, "gone").await, 0, "no pipeline for it");
+    sink.stop().await;
+}
