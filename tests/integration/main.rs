@@ -8,6 +8,7 @@ mod conflicts;
 mod crash;
 mod demo;
 mod feed;
+mod guards;
 mod harness;
 mod integrity;
 mod pipeline;
