@@ -235,6 +235,12 @@ async fn run_ddl_once(db: &Database, stmts: &[String]) -> Result<(), sqlx::Error
                 .bind(DDL_LOCK)
                 .execute(&mut *tx)
                 .await?;
+            // Holding the DDL lock, never wait long for a table lock: the holder of that lock
+            // may itself be waiting for this DDL lock (an apply transaction creating its
+            // dead-letter table), a cycle PostgreSQL cannot see. Give way and try again.
+            sqlx::query("SELECT set_config('lock_timeout', '1s', true)")
+                .execute(&mut *tx)
+                .await?;
             for stmt in stmts {
                 sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(stmt)).await?;
             }
@@ -249,8 +255,8 @@ async fn run_ddl_once(db: &Database, stmts: &[String]) -> Result<(), sqlx::Error
     }
 }
 
-/// Runs `op` again, after a short growing pause, while it fails with a lost DDL race or a
-/// retryable SQLSTATE (at most 20 times).
+/// Runs `op` again, after a short growing pause, while it fails with a lost DDL race, a lock
+/// timeout or a retryable SQLSTATE (at most 20 times).
 pub async fn ddl_retry<T, F, Fut>(mut op: F) -> Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
@@ -270,10 +276,11 @@ where
     }
 }
 
-/// Whether failed attempt number `attempt` is worth another; pauses a little first.
+/// Whether failed attempt number `attempt` is worth another (a lost race, a lock wait that
+/// timed out, a retryable error); pauses a little first.
 async fn retry_ddl(e: &sqlx::Error, attempt: u32) -> bool {
     let code = sqlstate(e);
-    if attempt >= 20 || !(is_ddl_race(&code) || is_retryable_sqlstate(&code)) {
+    if attempt >= 20 || !(is_ddl_race(&code) || code == "55P03" || is_retryable_sqlstate(&code)) {
         return false;
     }
     tracing::debug!(code = %code, attempt, "ddl raced with another session; running it again");

@@ -12,5 +12,6 @@ mod harness;
 mod pipeline;
 mod script;
 mod server;
+mod staging;
 mod verify;
 mod workload;
