@@ -290,30 +290,43 @@ async fn instances_started_together_on_a_fresh_database_all_come_up_and_serve() 
 }
 
 #[tokio::test]
-async fn processes_started_together_on_a_fresh_database_all_come_up() {
-    let db = Db::new("race_processes").await;
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    // `Process::start` spawns before its first await, so the three start together.
-    let procs = join_all(
-        ports
-            .iter()
-            .map(|p| Process::start(&db, *p, &["--bestEffortOnly"])),
-    )
-    .await;
-    fresh_schema(&db, "race_processes");
-    let answers = join_all(procs.iter().enumerate().map(|(i, p)| {
-        let k = i as i64 + 11;
-        p.post(
-            "/race_processes/fresh",
-            batch(vec![upsert(
-                "t",
-                json!([k]),
-                json!({"k": k, "ver": 1, "v": "new"}),
-                1,
-            )]),
-        )
-    }))
-    .await;
-    assert!(answers.iter().all(|s| *s == StatusCode::OK), "{answers:?}");
-    assert_eq!(db.count("fresh.t").await, 4 + 3);
+async fn processes_started_together_on_a_fresh_database_all_come_up_and_serve() {
+    let db = Db::new("procs_0").await;
+    for round in 0..3 {
+        let database = format!("procs_{round}");
+        if round > 0 {
+            db.cluster
+                .psql("postgres", &format!("CREATE DATABASE {database}"))
+                .expect("create database");
+        }
+        let url = db.cluster.url(&database);
+        let flags = ["--bestEffortOnly", "--targetConn", url.as_str()];
+        let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+        // `Process::start` spawns before its first await: the processes start together.
+        let procs = join_all(ports.iter().map(|p| Process::start(&db, *p, &flags))).await;
+        fresh_schema(&db, &database);
+        let path = format!("/{database}/fresh");
+        let answers = join_all(procs.iter().enumerate().map(|(i, p)| {
+            let k = i as i64 + 11;
+            p.post(
+                &path,
+                batch(vec![upsert(
+                    "t",
+                    json!([k]),
+                    json!({"k": k, "ver": 1, "v": "new"}),
+                    1,
+                )]),
+            )
+        }))
+        .await;
+        assert!(
+            answers.iter().all(|s| *s == StatusCode::OK),
+            "round {round}: {answers:?}"
+        );
+        let n = db
+            .cluster
+            .psql(&database, "SELECT count(*) FROM fresh.t")
+            .expect("count");
+        assert_eq!(n.trim(), "8", "round {round}");
+    }
 }
