@@ -9,6 +9,7 @@ mod crash;
 mod demo;
 mod feed;
 mod harness;
+mod integrity;
 mod pipeline;
 mod script;
 mod server;
