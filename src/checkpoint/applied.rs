@@ -60,8 +60,7 @@ impl AppliedRanges {
         staging: &StagingSchema,
     ) -> Result<AppliedRanges, CheckpointError> {
         let table = staging.object(TABLE);
-        sqlx::raw_sql(&ddl(db.dialect, &table))
-            .execute(&db.pool)
+        crate::target::run_ddl(db, &[ddl(db.dialect, &table)])
             .await
             .map_err(CheckpointError::Sql)?;
         Ok(AppliedRanges { table })

@@ -78,12 +78,9 @@ impl Checkpoints {
         staging: &StagingSchema,
     ) -> Result<Arc<Checkpoints>, CheckpointError> {
         let table = staging.object("checkpoints");
-        for stmt in ddl(db.dialect, &table) {
-            sqlx::raw_sql(&stmt)
-                .execute(&db.pool)
-                .await
-                .map_err(CheckpointError::Sql)?;
-        }
+        target::run_ddl(&db, &ddl(db.dialect, &table))
+            .await
+            .map_err(CheckpointError::Sql)?;
         Ok(Arc::new(Checkpoints {
             db,
             table,

@@ -53,6 +53,7 @@ use crate::hlc::Hlc;
 use crate::ident::{Schema, Table};
 use crate::metrics as m;
 use crate::mutation::{Mutation, TableBatches};
+use crate::stage::StageError;
 use sqlx::PgConnection;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -260,7 +261,7 @@ impl Pipeline {
         if let Some(h) = &self.parts.hooks {
             h.configure(&self.parts.applier, &info);
         }
-        let tables: Vec<Table> = info.levels.iter().flatten().cloned().collect();
+        let tables = self.stageable(&info).await?;
         let skip = {
             let mut conn = self
                 .parts
@@ -336,6 +337,23 @@ impl Pipeline {
         Ok(info)
     }
 
+    /// The schema's tables in foreign-key order, less those whose staging-table name another
+    /// table owns: ingest refuses their rows, so they have none staged, and reading them would
+    /// fail every window of the schema.
+    async fn stageable(&self, info: &SchemaInfo) -> Result<Vec<Table>, SequenceError> {
+        let mut tables = Vec::new();
+        for table in info.levels.iter().flatten() {
+            match self.parts.stager.ensure(table).await {
+                Ok(_) => tables.push(table.clone()),
+                Err(e @ StageError::NameTaken { .. }) => {
+                    tracing::debug!(schema = %self.schema, error = %e, "not reading a table that cannot be staged");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(tables)
+    }
+
     /// Deletes staged rows at or below the committed checkpoint: redeliveries that an
     /// instance staged before it saw the checkpoint move past them. They are never read.
     async fn sweep_below(&self, lease: &Lease, committed: Hlc) -> Result<(), SequenceError> {
@@ -352,7 +370,7 @@ impl Pipeline {
             return Err(SequenceError::LeaseLost(self.schema.to_string()));
         }
         let mut deleted = 0;
-        for table in info.levels.iter().flatten() {
+        for table in &self.stageable(&info).await? {
             deleted += parts
                 .stager
                 .retire(&mut tx, table, Hlc::ZERO, committed)

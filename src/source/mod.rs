@@ -89,6 +89,11 @@ impl IngestError {
             IngestError::UnknownTable(_) => StatusCode::BAD_REQUEST,
             IngestError::NoSuchSchema(_) => StatusCode::NOT_FOUND,
             IngestError::AheadOfClock { .. } => StatusCode::BAD_REQUEST,
+            IngestError::Stage(e) | IngestError::Sequence(SequenceError::Stage(e))
+                if e.is_bad_input() =>
+            {
+                StatusCode::BAD_REQUEST
+            }
             _ if self.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Checkpoint(e) if e.is_bad_input() => StatusCode::BAD_REQUEST,
             // The target refused the data itself (constraint, type): the request cannot succeed.

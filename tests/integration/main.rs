@@ -14,5 +14,6 @@ mod integrity;
 mod pipeline;
 mod script;
 mod server;
+mod staging;
 mod verify;
 mod workload;
