@@ -91,6 +91,13 @@ pub const CORE_PIPELINES: &str = "core_pipelines";
 pub const INGEST_AHEAD_OF_CLOCK: &str = "ingest_ahead_of_clock_total";
 pub const INGEST_NO_SUCH_SCHEMA: &str = "ingest_no_such_schema_total";
 
+pub const LABEL_RESULT: &str = "result";
+pub const LABEL_REASON: &str = "reason";
+pub const AUTH_REQUESTS: &str = "auth_requests_total";
+pub const AUTH_DISABLED: &str = "auth_disabled";
+pub const JWT_LAST_REFRESH_TIME: &str = "jwt_last_refresh_time";
+pub const JWT_REFRESH_ERRORS: &str = "jwt_refresh_errors_total";
+
 /// Latency buckets of the reference: 1ms..9ms, 10ms..90ms, 100ms..900ms, 1s..9s, 10s..60s.
 fn latency_buckets() -> Vec<f64> {
     let mut b = Vec::new();
@@ -362,6 +369,23 @@ or serialization failure while running alongside them)"
     describe_gauge!(POOL_MAX, "maximum connections");
     describe_counter!(DLQ_MUTATIONS, "mutations written to a dead-letter queue");
     describe_counter!(POISON_BACKOFF, "apply attempts deferred by poison backoff");
+    describe_counter!(
+        AUTH_REQUESTS,
+        "changefeed requests by authentication verdict (result: accepted, denied) and bounded reason"
+    );
+    describe_gauge!(
+        AUTH_DISABLED,
+        "1 while --disableAuthentication accepts every request"
+    );
+    describe_gauge!(
+        JWT_LAST_REFRESH_TIME,
+        Unit::Seconds,
+        "unix time of the last successful jwt key refresh"
+    );
+    describe_counter!(
+        JWT_REFRESH_ERRORS,
+        "jwt key refreshes that failed (the previous keys were kept)"
+    );
 }
 
 // The changefeed emulator (`cdc-sink feed`), the kv workload and the verifier; described by

@@ -1,65 +1,442 @@
-//! Request authentication. JWT verification is not built yet: until it is, the server refuses
-//! to start unless `--disableAuthentication` says that every request may be trusted.
+//! Request authentication, as the reference does it (§2.1–2.2): a JWT from the
+//! `Authorization: Bearer` header or the `access_token` parameter, signed (ES256/ES384,
+//! RS256/384/512) by an active key of the staging table `jwt_public_keys`, not revoked in
+//! `jwt_revoked_ids`, and listing the request's schema. Keys and revocations are cached:
+//! loaded at start, reloaded every `--jwtRefresh` and on SIGHUP. With
+//! `--disableAuthentication` every request is accepted (and a listener beyond loopback says so
+//! every hour).
+
+pub mod claims;
+pub mod keys;
+pub mod token;
 
 use crate::config::parse_duration;
-use std::time::Duration;
+use crate::ident::Schema;
+use crate::metrics as m;
+use crate::stage::StagingSchema;
+use crate::target::Database;
+use jsonwebtoken::{Algorithm, Validation};
+use keys::{KeySet, Tables};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::task::AbortHandle;
+
+/// How often an open listener beyond loopback is reported.
+const OPEN_WARNING_EVERY: Duration = Duration::from_secs(3600);
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct AuthArgs {
     /// Accept every request without a token (only behind a trusted network).
     #[arg(
         long = "disableAuthentication",
-        env = "CDC_SINK_DISABLE_AUTHENTICATION"
+        env = "CDC_SINK_DISABLE_AUTHENTICATION",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub disable_authentication: bool,
-    /// How often JWT keys and revocations are reloaded (0 disables).
+    /// How often JWT keys and revocations are reloaded (0 disables; SIGHUP reloads too).
     #[arg(long = "jwtRefresh", env = "CDC_SINK_JWT_REFRESH", default_value = "1m0s", value_parser = parse_duration)]
     pub jwt_refresh: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error(
-        "JWT authentication is not available in this version; start with --disableAuthentication \
-(and keep the listener on a trusted network) to accept changefeed requests"
-    )]
-    JwtUnavailable,
+    #[error("could not create the jwt tables: {0}")]
+    Ddl(#[source] sqlx::Error),
+    #[error("could not load jwt keys: {0}")]
+    Load(#[source] sqlx::Error),
+    #[error("jwt_public_keys row {id}: {reason}")]
+    BadKey { id: String, reason: String },
 }
 
 impl AuthArgs {
     pub fn validate(&self) -> Result<(), AuthError> {
-        if self.disable_authentication {
-            Ok(())
-        } else {
-            Err(AuthError::JwtUnavailable)
+        Ok(())
+    }
+}
+
+/// Why a request was refused; its reason is the 401 body, its label the metric's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    MissingToken,
+    Malformed,
+    Algorithm,
+    Signature,
+    Claims,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    MissingJti,
+    NoSchemas,
+    Revoked,
+    Schema,
+}
+
+impl Denied {
+    /// One line for the client; never contains the token.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Denied::MissingToken => "no bearer token or access_token",
+            Denied::Malformed => "token is malformed",
+            Denied::Algorithm => {
+                "signing algorithm not accepted (ES256, ES384, RS256, RS384, RS512)"
+            }
+            Denied::Signature => "no active key verifies the token",
+            Denied::Claims => "token claims are malformed",
+            Denied::Expired => "token is expired",
+            Denied::NotYetValid => "token is not valid yet",
+            Denied::IssuedInFuture => "token used before issued",
+            Denied::MissingJti => "id field is required",
+            Denied::NoSchemas => "no cdc-sink.schemas defined",
+            Denied::Revoked => "token is revoked",
+            Denied::Schema => "token does not grant this schema",
+        }
+    }
+
+    /// The bounded `reason` label of the auth metric.
+    pub fn label(self) -> &'static str {
+        match self {
+            Denied::MissingToken => "missing_token",
+            Denied::Malformed => "malformed",
+            Denied::Algorithm => "algorithm",
+            Denied::Signature => "signature",
+            Denied::Claims => "claims",
+            Denied::Expired => "expired",
+            Denied::NotYetValid => "not_yet_valid",
+            Denied::IssuedInFuture => "issued_in_future",
+            Denied::MissingJti => "missing_jti",
+            Denied::NoSchemas => "no_schemas",
+            Denied::Revoked => "revoked",
+            Denied::Schema => "schema",
         }
     }
 }
 
-/// Decides whether a request may write to a schema.
-#[derive(Clone, Debug)]
+/// Decides whether a request may write to a schema. Cheap to clone; the background tasks
+/// (key refresh, open-listener warning) stop when the last clone is dropped.
+#[derive(Clone)]
 pub struct Authenticator {
-    disabled: bool,
+    jwt: Option<Arc<Jwt>>,
+    _tasks: Arc<Tasks>,
+}
+
+struct Jwt {
+    staging: Database,
+    tables: Tables,
+    keys: RwLock<Arc<KeySet>>,
+}
+
+#[derive(Default)]
+struct Tasks(Mutex<Vec<AbortHandle>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in self.0.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Tasks {
+    fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(fut).abort_handle();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+    }
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// Whether `bind_addr` (`host:port`) listens on loopback only; every interface (`:port`) and
+/// names other than `localhost` count as reachable from elsewhere.
+pub fn is_loopback_bind(bind_addr: &str) -> bool {
+    let host = bind_addr
+        .trim()
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or("");
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Authenticator {
-    pub fn new(args: &AuthArgs) -> Result<Self, AuthError> {
-        args.validate()?;
-        if args.disable_authentication {
-            tracing::warn!("authentication disabled: every request is accepted");
+    /// An authenticator that accepts everything, with no background task (for embedding).
+    pub fn disabled() -> Authenticator {
+        Authenticator {
+            jwt: None,
+            _tasks: Default::default(),
         }
+    }
+
+    /// With authentication on: creates the key tables, loads the key set (failure stops the
+    /// start) and starts the refresh task. Off: warns when the listener is reachable from
+    /// other hosts, now and every hour.
+    pub async fn open(
+        args: &AuthArgs,
+        bind_addr: &str,
+        staging: &Database,
+        schema: &StagingSchema,
+    ) -> Result<Authenticator, AuthError> {
+        let tasks = Arc::new(Tasks::default());
+        metrics::gauge!(m::AUTH_DISABLED).set(f64::from(u8::from(args.disable_authentication)));
+        if args.disable_authentication {
+            if is_loopback_bind(bind_addr) {
+                tracing::info!("authentication disabled: every request is accepted");
+            } else {
+                let addr = bind_addr.to_string();
+                tasks.spawn(async move {
+                    let mut every = tokio::time::interval(OPEN_WARNING_EVERY);
+                    loop {
+                        every.tick().await;
+                        tracing::warn!(bind_addr = %addr, "authentication disabled on a listener reachable from other hosts: anyone who reaches it can write any schema");
+                    }
+                });
+            }
+            return Ok(Authenticator {
+                jwt: None,
+                _tasks: tasks,
+            });
+        }
+        let tables = Tables::new(schema);
+        crate::target::run_ddl(staging, &tables.ddl(staging.dialect))
+            .await
+            .map_err(AuthError::Ddl)?;
+        let set = tables.load(staging).await?;
+        note_refresh(&set);
+        let jwt = Arc::new(Jwt {
+            staging: staging.clone(),
+            tables,
+            keys: RwLock::new(Arc::new(set)),
+        });
+        tasks.spawn(refresh_loop(Arc::downgrade(&jwt), args.jwt_refresh));
         Ok(Authenticator {
-            disabled: args.disable_authentication,
+            jwt: Some(jwt),
+            _tasks: tasks,
         })
     }
 
-    /// Whether the request (its headers and query) may write to `schema`.
-    pub fn allows(
+    /// Whether the request may write to `schema`; records the verdict in the metrics.
+    pub fn check(
         &self,
-        _headers: &http::HeaderMap,
-        _query: Option<&str>,
-        _schema: &crate::ident::Schema,
-    ) -> bool {
-        self.disabled
+        headers: &http::HeaderMap,
+        access_token: Option<&str>,
+        schema: &Schema,
+    ) -> Result<(), Denied> {
+        let Some(jwt) = &self.jwt else {
+            metrics::counter!(m::AUTH_REQUESTS, m::LABEL_RESULT => "accepted", m::LABEL_REASON => "disabled")
+                .increment(1);
+            return Ok(());
+        };
+        let verdict = token::bearer(headers, access_token)
+            .ok_or(Denied::MissingToken)
+            .and_then(|t| jwt.verify(t, schema));
+        let (result, reason) = match verdict {
+            Ok(()) => ("accepted", "token"),
+            Err(d) => ("denied", d.label()),
+        };
+        metrics::counter!(m::AUTH_REQUESTS, m::LABEL_RESULT => result, m::LABEL_REASON => reason)
+            .increment(1);
+        verdict
+    }
+
+    /// Reloads keys and revocations now (what SIGHUP does); on failure the previous set stays.
+    pub async fn refresh(&self) -> Result<(), AuthError> {
+        match &self.jwt {
+            Some(jwt) => jwt.refresh().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The algorithms accepted at all; `none`, HMAC and ES512 (no P-521 in `ring`) are not.
+fn accepted_alg(name: &str) -> Option<Algorithm> {
+    match name {
+        "ES256" => Some(Algorithm::ES256),
+        "ES384" => Some(Algorithm::ES384),
+        "RS256" => Some(Algorithm::RS256),
+        "RS384" => Some(Algorithm::RS384),
+        "RS512" => Some(Algorithm::RS512),
+        _ => None,
+    }
+}
+
+/// The `alg` of a compact JWS with exactly three parts.
+fn header_alg(token: &str) -> Result<Algorithm, Denied> {
+    use base64::Engine as _;
+    let parts: Vec<&str> = token.split('.').collect();
+    let [header, _, _] = parts.as_slice() else {
+        return Err(Denied::Malformed);
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| Denied::Malformed)?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| Denied::Malformed)?;
+    let alg = header
+        .get("alg")
+        .and_then(|a| a.as_str())
+        .ok_or(Denied::Malformed)?;
+    accepted_alg(alg).ok_or(Denied::Algorithm)
+}
+
+impl Jwt {
+    fn verify(&self, token: &str, schema: &Schema) -> Result<(), Denied> {
+        let alg = header_alg(token)?;
+        let set = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+        // The signature is all the crate checks; the claims follow the reference below.
+        let mut validation = Validation::new(alg);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        let mut malformed = false;
+        let verified = set
+            .keys
+            .iter()
+            .filter(|k| k.algs.contains(&alg))
+            .find_map(|k| {
+                match jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &validation) {
+                    Ok(data) => Some(data.claims),
+                    Err(e) => {
+                        use jsonwebtoken::errors::ErrorKind;
+                        malformed |= matches!(
+                            e.kind(),
+                            ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_)
+                        );
+                        None
+                    }
+                }
+            });
+        let Some(claims) = verified else {
+            return Err(if malformed {
+                Denied::Malformed
+            } else {
+                Denied::Signature
+            });
+        };
+        let claims = claims::Claims::parse(&claims, now_secs())?;
+        if set.revoked.contains(&claims.jti) {
+            return Err(Denied::Revoked);
+        }
+        if claims.grants(schema) {
+            Ok(())
+        } else {
+            Err(Denied::Schema)
+        }
+    }
+
+    async fn refresh(&self) -> Result<(), AuthError> {
+        match self.tables.load(&self.staging).await {
+            Ok(set) => {
+                note_refresh(&set);
+                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!(m::JWT_REFRESH_ERRORS).increment(1);
+                tracing::warn!(error = %e, "jwt key refresh failed; keeping the previous keys");
+                Err(e)
+            }
+        }
+    }
+}
+
+fn note_refresh(set: &KeySet) {
+    metrics::gauge!(m::JWT_LAST_REFRESH_TIME).set(now_secs());
+    tracing::debug!(
+        keys = set.keys.len(),
+        revoked = set.revoked.len(),
+        "jwt keys loaded"
+    );
+}
+
+/// Reloads every `every` (0: never) and on SIGHUP, until the authenticator is gone.
+async fn refresh_loop(jwt: Weak<Jwt>, every: Duration) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; jwt keys reload on the timer only");
+            None
+        }
+    };
+    let mut tick = (!every.is_zero())
+        .then(|| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    loop {
+        tokio::select! {
+            _ = async { match &mut tick { Some(t) => { t.tick().await; } None => std::future::pending().await } } => {}
+            _ = async { match &mut hangup { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                tracing::info!("sighup: reloading jwt keys");
+            }
+        }
+        let Some(jwt) = jwt.upgrade() else { return };
+        // Failures are logged and counted inside.
+        let _ = jwt.refresh().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_binds_are_told_from_open_ones() {
+        for a in ["127.0.0.1:0", "[::1]:26258", "localhost:1", "127.0.0.2:5"] {
+            assert!(is_loopback_bind(a), "{a}");
+        }
+        for a in [
+            ":26258",
+            "0.0.0.0:1",
+            "[::]:1",
+            "10.0.0.1:1",
+            "sink.example:1",
+        ] {
+            assert!(!is_loopback_bind(a), "{a}");
+        }
+    }
+
+    #[test]
+    fn only_the_reference_algorithms_are_accepted() {
+        use base64::Engine as _;
+        let tok = |header: &str| {
+            format!(
+                "{}.e30.sig",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header)
+            )
+        };
+        for alg in ["ES256", "ES384", "RS256", "RS384", "RS512"] {
+            assert!(header_alg(&tok(&format!(r#"{{"alg":"{alg}"}}"#))).is_ok());
+        }
+        for alg in ["none", "HS256", "ES512", "PS256", "EdDSA", "es256"] {
+            assert_eq!(
+                header_alg(&tok(&format!(r#"{{"alg":"{alg}"}}"#))),
+                Err(Denied::Algorithm),
+                "{alg}"
+            );
+        }
+        assert_eq!(header_alg("a.b"), Err(Denied::Malformed));
+        assert_eq!(header_alg("a.b.c.d"), Err(Denied::Malformed));
+        assert_eq!(header_alg("!!.e30.x"), Err(Denied::Malformed));
+        assert_eq!(header_alg(&tok(r#"{"typ":"JWT"}"#)), Err(Denied::Malformed));
+    }
+
+    #[test]
+    fn reasons_never_repeat_input() {
+        // Static texts only: nothing a client sent can come back in a 401.
+        for d in [Denied::MissingToken, Denied::Malformed, Denied::Schema] {
+            assert!(!d.reason().is_empty() && !d.label().contains(' '));
+        }
     }
 }

@@ -5,6 +5,7 @@ mod bench;
 mod checkpoint;
 mod demo;
 mod feed;
+pub mod make_jwt;
 mod start;
 mod userscript;
 mod verify;
@@ -58,6 +59,9 @@ pub enum Command {
     /// Run the whole active-active loop on this machine: two PostgreSQL clusters, two sinks,
     /// two changefeeds, conflicting workloads, then verify and summarise.
     Demo(demo::DemoArgs),
+    /// Mint a JWT for the sink (`-k key.pem -a db.schema`), or generate a key pair with the SQL
+    /// that installs it (`--generate-key`).
+    MakeJwt(make_jwt::MakeJwtArgs),
     /// Print the version.
     Version,
     /// Emulate a CockroachDB changefeed from a PostgreSQL source into a sink.
@@ -96,6 +100,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Workload(cmd) => runtime().and_then(|rt| rt.block_on(workload::workload(cmd))),
         Command::Verify(args) => runtime().and_then(|rt| rt.block_on(verify::verify(*args))),
         Command::Userscript(args) => userscript::run(args),
+        Command::MakeJwt(args) => make_jwt::run(args),
         Command::Checkpoint(args) => runtime().and_then(|rt| rt.block_on(checkpoint::run(args))),
     };
     match result {

@@ -170,7 +170,6 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
     args.validate()?;
     let hooks = script.map(Hooks::new);
     crate::metrics::install();
-    let auth = Authenticator::new(&args.auth)?;
     let (target, staging) = args.target.open().await.context("opening databases")?;
     crate::target::spawn_pool_metrics(&target, "target");
     let separate_staging = args.target.separate_staging();
@@ -181,6 +180,13 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
     let checkpoints = Checkpoints::open(staging.clone(), stager.schema()).await?;
     let leases = Arc::new(Leases::open(staging.clone(), stager.schema()).await?);
     let ranges = Arc::new(AppliedRanges::open(&staging, stager.schema()).await?);
+    let auth = Authenticator::open(
+        &args.auth,
+        &args.server.bind_addr,
+        &staging,
+        stager.schema(),
+    )
+    .await?;
     let applier = Applier::with_options(
         target.clone(),
         args.target.schema_refresh,

@@ -201,14 +201,30 @@ pub enum ServerError {
 }
 
 /// One changefeed request, body fully read (within `--maxRequestBytes`).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Request {
     pub method: Method,
     /// The path as received, still percent-encoded.
     pub path: String,
+    /// The query without its `access_token` parameter, so it can never be logged.
     pub query: Option<String>,
+    /// The `access_token` query parameter, decoded.
+    pub access_token: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+/// Header values and the access token are left out: they carry credentials.
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("query", &self.query)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("body_bytes", &self.body.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The handler's answer; sent as one line of `text/plain`.
@@ -534,10 +550,12 @@ async fn changefeed(state: Arc<MainState>, req: hyper::Request<Incoming>) -> Htt
         Err(_) => return finish(start, timed_out(state.response_timeout)),
     };
     metrics::histogram!(m::HTTP_PAYLOAD_IN).record(body.len() as f64);
+    let (query, access_token) = crate::auth::token::take_access_token(parts.uri.query());
     let request = Request {
         method: parts.method,
         path: parts.uri.path().to_string(),
-        query: parts.uri.query().map(str::to_string),
+        query,
+        access_token,
         headers: parts.headers,
         body,
     };

@@ -46,8 +46,8 @@ pub use guard::{go_duration, DropLog, SchemaGate, TargetClock};
 pub enum IngestError {
     #[error(transparent)]
     Webhook(#[from] WebhookError),
-    #[error("missing or invalid access token")]
-    Unauthorized,
+    #[error("missing or invalid access token: {}", .0.reason())]
+    Unauthorized(crate::auth::Denied),
     #[error("database {got:?} is not the target database {want:?}")]
     WrongDatabase { got: String, want: String },
     #[error("table {0} not found in the target schema")]
@@ -84,7 +84,7 @@ impl IngestError {
     pub fn status(&self) -> StatusCode {
         match self {
             IngestError::Webhook(e) => e.status(),
-            IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
+            IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             IngestError::WrongDatabase { .. } => StatusCode::NOT_FOUND,
             IngestError::UnknownTable(_) => StatusCode::BAD_REQUEST,
             IngestError::NoSuchSchema(_) => StatusCode::NOT_FOUND,
@@ -155,12 +155,9 @@ impl Ingest {
                 want: self.target.database.clone(),
             });
         }
-        if !self
-            .auth
-            .allows(&req.headers, req.query.as_deref(), &schema)
-        {
-            return Err(IngestError::Unauthorized);
-        }
+        self.auth
+            .check(&req.headers, req.access_token.as_deref(), &schema)
+            .map_err(IngestError::Unauthorized)?;
         // Before anything keyed by the schema exists: checkpoint, lease, pipeline, metrics.
         let info = self.schema_with_tables(&schema).await?;
         if let Some(h) = &self.hooks {
