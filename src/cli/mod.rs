@@ -201,6 +201,52 @@ mod tests {
     }
 
     #[test]
+    fn start_authenticates_unless_told_not_to_and_a_later_flag_wins() {
+        let auth = |args: &[&str]| {
+            let argv = ["cdc-sink", "start", "--targetConn", "postgresql://x/kv"];
+            let cli = Cli::try_parse_from(argv.iter().chain(args)).expect("parses");
+            let Command::Start(start) = cli.command else {
+                panic!("start expected")
+            };
+            start.auth.disable_authentication
+        };
+        assert!(!auth(&[]), "JWT by default");
+        assert!(auth(&["--disableAuthentication"]));
+        assert!(auth(&["--disableAuthentication=true"]));
+        assert!(!auth(&[
+            "--disableAuthentication",
+            "--disableAuthentication=false"
+        ]));
+    }
+
+    #[test]
+    fn make_jwt_takes_the_reference_flags() {
+        let cli = Cli::try_parse_from([
+            "cdc-sink",
+            "make-jwt",
+            "-k",
+            "k.pem",
+            "-a",
+            "a.b,c.*",
+            "-a",
+            "d.e",
+            "-o",
+            "t.jwt",
+            "--expires",
+            "720h",
+        ])
+        .expect("parses");
+        let Command::MakeJwt(args) = cli.command else {
+            panic!("make-jwt expected")
+        };
+        assert_eq!(args.allow, ["a.b", "c.*", "d.e"]);
+        assert_eq!(
+            args.expires,
+            Some(std::time::Duration::from_secs(720 * 3600))
+        );
+    }
+
+    #[test]
     fn start_accepts_the_reference_flags_and_env() {
         let cli = Cli::try_parse_from([
             "cdc-sink",

@@ -3,6 +3,7 @@
 mod support;
 
 mod apply;
+mod auth;
 mod best_effort;
 mod conflicts;
 mod crash;

@@ -44,6 +44,11 @@ impl Sink {
         }
     }
 
+    /// The address the sink listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.running.as_ref().expect("running").addr
+    }
+
     pub async fn post(&self, path: &str, body: impl Into<String>) -> (StatusCode, String) {
         self.client
             .post(path, Bytes::from(body.into()))
