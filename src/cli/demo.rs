@@ -43,6 +43,9 @@ pub struct DemoArgs {
     /// Keep everything running after the summary, until Ctrl-C.
     #[arg(long)]
     pub keep: bool,
+    /// Run the sinks open: no keys, no tokens.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// One region: its cluster and its sink.
@@ -73,9 +76,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         cluster.psql("kv", &demo::schema_sql(region))?;
     }
     let mut regions = Vec::new();
+    // One key per sink, installed before it starts; the feeds into it carry its token.
+    let mut tokens = Vec::new();
+    if args.insecure {
+        say("sinks run open (--insecure)".to_string());
+    } else {
+        for cluster in &clusters {
+            tokens.push(install_key(cluster).await.context("installing a jwt key")?);
+        }
+        say("sinks require tokens: a key per sink, a token per feed".to_string());
+    }
     for (cluster, name) in clusters.into_iter().zip(REGIONS) {
         let script = scripts.join(demo::script_for(name));
-        let sink = launch_sink(&cluster, &script, args.keep)
+        let sink = launch_sink(&cluster, &script, args.keep, args.insecure)
             .await
             .with_context(|| format!("{name} sink"))?;
         say(format!(
@@ -104,6 +117,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         fa.diff = true;
         fa.chaos = args.chaos;
         fa.slot = "cdc_sink_demo".into();
+        fa.auth_header = tokens.get(to).cloned();
         let feed = Feed::new(fa)?;
         feed_stats.push(feed.stats());
         let token = cancel.child_token();
@@ -218,6 +232,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         lag_p99_seconds: demo::percentile(&lags, 99.0),
         converged: outcome.in_sync,
         seconds_to_converge: converge_secs,
+        token_requests: token_requests(),
     };
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
@@ -264,14 +279,62 @@ fn write_scripts() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// Creates the key tables of the cluster's staging schema, installs a new P-256 key and returns
+/// the `Authorization` value of a token for `kv.public` signed by it.
+async fn install_key(cluster: &Cluster) -> anyhow::Result<String> {
+    use crate::auth::keys::Tables;
+    use crate::target::Dialect;
+    let settings = crate::target::PoolSettings {
+        max_connections: 2,
+        max_lifetime: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(60),
+        idle_in_transaction: Duration::from_secs(30),
+    };
+    let db = crate::target::open(&cluster.url("kv"), "staging", &settings).await?;
+    let staging = crate::stage::StagingSchema::parse(STAGING, Dialect::Postgres, "kv")
+        .map_err(anyhow::Error::msg)?;
+    let mut ddl = vec![format!("CREATE SCHEMA IF NOT EXISTS {}", staging.quoted())];
+    ddl.extend(Tables::new(&staging).ddl(db.dialect));
+    crate::target::run_ddl(&db, &ddl).await?;
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    sqlx::raw_sql(&super::make_jwt::install_sql(
+        STAGING,
+        &pair.public_key_pem(),
+    )?)
+    .execute(&db.pool)
+    .await?;
+    db.pool.close().await;
+    let token = super::make_jwt::token(
+        pair.serialize_pem().as_bytes(),
+        &["kv.public".to_string()],
+        None,
+    )?;
+    Ok(format!("Bearer {token}"))
+}
+
+const STAGING: &str = "_cdc_sink";
+
+/// Requests accepted on a verified token so far, from this process's metrics.
+fn token_requests() -> u64 {
+    crate::metrics::render()
+        .lines()
+        .filter(|l| l.starts_with(crate::metrics::AUTH_REQUESTS) && l.contains("reason=\"token\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 async fn launch_sink(
     cluster: &Cluster,
     script: &std::path::Path,
     metrics: bool,
+    insecure: bool,
 ) -> anyhow::Result<super::Running> {
     let url = cluster.url("kv");
     let script = script.display().to_string();
     let mut extra = vec!["--userscript", &script];
+    if !insecure {
+        extra.push("--disableAuthentication=false");
+    }
     if metrics {
         extra.extend_from_slice(&["--metricsAddr", "127.0.0.1:0"]);
     }

@@ -96,6 +96,8 @@ pub struct Summary {
     pub lag_p99_seconds: f64,
     pub converged: bool,
     pub seconds_to_converge: f64,
+    /// Changefeed requests the sinks accepted on a verified token (0 with `--insecure`).
+    pub token_requests: u64,
 }
 
 impl Summary {

@@ -44,6 +44,8 @@ fn check(s: &serde_json::Value) {
     // at most one losing version in a dead-letter queue.
     let dlq = s["dlq_rows_east"].as_u64().unwrap() + s["dlq_rows_west"].as_u64().unwrap();
     assert!(dlq > 0 && dlq <= s["east_rows"].as_u64().unwrap(), "{s}");
+    // The feeds authenticated: the sinks accepted their tokens.
+    assert!(s["token_requests"].as_u64().unwrap() > 0, "{s}");
     for key in ["rows_per_second", "lag_p50_seconds", "lag_p99_seconds"] {
         assert!(s[key].as_f64().is_some(), "{key} in {s}");
     }
