@@ -71,15 +71,19 @@ impl Claims {
     /// Whether one listed schema matches `schema` part by part: equal part counts, `*` matches
     /// any part, names compare case-insensitively.
     pub fn grants(&self, schema: &Schema) -> bool {
-        let want = [&schema.db, &schema.schema];
-        self.schemas.iter().any(|listed| {
-            listed.len() == want.len()
-                && listed
-                    .iter()
-                    .zip(want)
-                    .all(|(part, w)| part == "*" || Ident::new(part.as_str()) == *w)
-        })
+        self.schemas.iter().any(|listed| matches(listed, schema))
     }
+}
+
+/// One listed schema against the request's: equal part counts, `*` matches any part, names
+/// compare case-insensitively.
+pub fn matches(listed: &[String], schema: &Schema) -> bool {
+    let want = [&schema.db, &schema.schema];
+    listed.len() == want.len()
+        && listed
+            .iter()
+            .zip(want)
+            .all(|(part, w)| part == "*" || Ident::new(part.as_str()) == *w)
 }
 
 /// The `schemas` of one namespace object: `[["db","schema"], …]` of non-empty strings.

@@ -37,6 +37,13 @@ pub struct AuthArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub disable_authentication: bool,
+    /// NAME=db.schema: a client certificate valid for NAME (a DNS or IP subject alternative name) may write db.schema without a token (`*` matches a part; repeat or comma-separate; needs --tlsClientCA)
+    #[arg(
+        long = "tlsClientSchemas",
+        env = "CDC_SINK_TLS_CLIENT_SCHEMAS",
+        value_delimiter = ','
+    )]
+    pub tls_client_schemas: Vec<String>,
     /// How often JWT keys and revocations are reloaded (0 disables; SIGHUP reloads too).
     #[arg(long = "jwtRefresh", env = "CDC_SINK_JWT_REFRESH", default_value = "1m0s", value_parser = parse_duration)]
     pub jwt_refresh: Duration,
@@ -50,12 +57,63 @@ pub enum AuthError {
     Load(#[source] sqlx::Error),
     #[error("jwt_public_keys row {id}: {reason}")]
     BadKey { id: String, reason: String },
+    #[error("invalid --tlsClientSchemas {entry:?}: {reason}")]
+    ClientSchemas { entry: String, reason: &'static str },
+}
+
+/// A client certificate name and a schema it may write.
+#[derive(Debug, Clone)]
+struct CertGrant {
+    name: rustls_pki_types::ServerName<'static>,
+    schema: Vec<String>,
 }
 
 impl AuthArgs {
     pub fn validate(&self) -> Result<(), AuthError> {
-        Ok(())
+        self.cert_grants().map(drop)
     }
+
+    fn cert_grants(&self) -> Result<Vec<CertGrant>, AuthError> {
+        self.tls_client_schemas
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .map(|entry| {
+                let bad = |reason| AuthError::ClientSchemas {
+                    entry: entry.clone(),
+                    reason,
+                };
+                let (name, schema) = entry
+                    .trim()
+                    .split_once('=')
+                    .ok_or_else(|| bad("expected NAME=db.schema"))?;
+                let name = rustls_pki_types::ServerName::try_from(name.to_string())
+                    .map_err(|_| bad("NAME is not a DNS name or IP address"))?;
+                let parts = crate::ident::parse_dotted(schema)
+                    .map_err(|_| bad("expected NAME=db.schema"))?;
+                if parts.len() != 2 {
+                    return Err(bad("expected NAME=db.schema"));
+                }
+                Ok(CertGrant {
+                    name,
+                    schema: parts.iter().map(|p| p.raw().to_string()).collect(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Whether a (handshake-verified) client certificate is valid for a name granted `schema`.
+fn cert_grants_schema(
+    grants: &[CertGrant],
+    cert: &rustls_pki_types::CertificateDer<'_>,
+    schema: &Schema,
+) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    grants.iter().any(|g| {
+        claims::matches(&g.schema, schema) && cert.verify_is_valid_for_subject_name(&g.name).is_ok()
+    })
 }
 
 /// Why a request was refused; its reason is the 401 body, its label the metric's.
@@ -120,6 +178,7 @@ impl Denied {
 #[derive(Clone)]
 pub struct Authenticator {
     jwt: Option<Arc<Jwt>>,
+    cert_grants: Arc<Vec<CertGrant>>,
     _tasks: Arc<Tasks>,
 }
 
@@ -172,14 +231,6 @@ pub fn is_loopback_bind(bind_addr: &str) -> bool {
 }
 
 impl Authenticator {
-    /// An authenticator that accepts everything, with no background task (for embedding).
-    pub fn disabled() -> Authenticator {
-        Authenticator {
-            jwt: None,
-            _tasks: Default::default(),
-        }
-    }
-
     /// With authentication on: creates the key tables, loads the key set (failure stops the
     /// start) and starts the refresh task. Off: warns when the listener is reachable from
     /// other hosts, now and every hour.
@@ -190,6 +241,7 @@ impl Authenticator {
         schema: &StagingSchema,
     ) -> Result<Authenticator, AuthError> {
         let tasks = Arc::new(Tasks::default());
+        let cert_grants = Arc::new(args.cert_grants()?);
         metrics::gauge!(m::AUTH_DISABLED).set(f64::from(u8::from(args.disable_authentication)));
         if args.disable_authentication {
             if is_loopback_bind(bind_addr) {
@@ -206,6 +258,7 @@ impl Authenticator {
             }
             return Ok(Authenticator {
                 jwt: None,
+                cert_grants,
                 _tasks: tasks,
             });
         }
@@ -223,22 +276,31 @@ impl Authenticator {
         tasks.spawn(refresh_loop(Arc::downgrade(&jwt), args.jwt_refresh));
         Ok(Authenticator {
             jwt: Some(jwt),
+            cert_grants,
             _tasks: tasks,
         })
     }
 
-    /// Whether the request may write to `schema`; records the verdict in the metrics.
+    /// Whether the request may write to `schema`: a client certificate mapped to it by
+    /// `--tlsClientSchemas`, else a token. Records the verdict in the metrics.
     pub fn check(
         &self,
         headers: &http::HeaderMap,
         access_token: Option<&str>,
+        client_cert: Option<&rustls_pki_types::CertificateDer<'_>>,
         schema: &Schema,
     ) -> Result<(), Denied> {
-        let Some(jwt) = &self.jwt else {
-            metrics::counter!(m::AUTH_REQUESTS, m::LABEL_RESULT => "accepted", m::LABEL_REASON => "disabled")
+        let accept = |reason: &'static str| {
+            metrics::counter!(m::AUTH_REQUESTS, m::LABEL_RESULT => "accepted", m::LABEL_REASON => reason)
                 .increment(1);
-            return Ok(());
+            Ok(())
         };
+        let Some(jwt) = &self.jwt else {
+            return accept("disabled");
+        };
+        if client_cert.is_some_and(|c| cert_grants_schema(&self.cert_grants, c, schema)) {
+            return accept("client_certificate");
+        }
         let verdict = token::bearer(headers, access_token)
             .ok_or(Denied::MissingToken)
             .and_then(|t| jwt.verify(t, schema));
@@ -430,6 +492,43 @@ mod tests {
         assert_eq!(header_alg("a.b.c.d"), Err(Denied::Malformed));
         assert_eq!(header_alg("!!.e30.x"), Err(Denied::Malformed));
         assert_eq!(header_alg(&tok(r#"{"typ":"JWT"}"#)), Err(Denied::Malformed));
+    }
+
+    #[test]
+    fn client_certificate_names_map_to_schemas() {
+        let args = |v: &[&str]| AuthArgs {
+            tls_client_schemas: v.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let grants = args(&["feed.example=kv.public", "10.0.0.1=kv.*"])
+            .cert_grants()
+            .expect("valid");
+        let cert = |san: &str| {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let params = rcgen::CertificateParams::new(vec![san.to_string()]).expect("params");
+            params.self_signed(&key).expect("cert").der().clone()
+        };
+        let kv = Schema::new("KV", "public");
+        assert!(cert_grants_schema(&grants, &cert("feed.example"), &kv));
+        assert!(!cert_grants_schema(
+            &grants,
+            &cert("feed.example"),
+            &Schema::new("kv", "x")
+        ));
+        assert!(cert_grants_schema(
+            &grants,
+            &cert("10.0.0.1"),
+            &Schema::new("kv", "x")
+        ));
+        assert!(!cert_grants_schema(&grants, &cert("other.example"), &kv));
+        for bad in [
+            "feed.example",
+            "feed.example=kv",
+            "=kv.public",
+            "a b=kv.public",
+        ] {
+            assert!(args(&[bad]).validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

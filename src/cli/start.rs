@@ -42,6 +42,9 @@ impl StartArgs {
         self.sequence.validate()?;
         self.auth.validate()?;
         self.apply.validate()?;
+        if !self.auth.tls_client_schemas.is_empty() && self.server.tls_client_ca.is_none() {
+            anyhow::bail!("--tlsClientSchemas needs --tlsClientCA (client certificates are not requested without it)");
+        }
         if self.sequence.best_effort_only && self.target.separate_staging() {
             anyhow::bail!(
                 "--bestEffortOnly needs staging in the target database (it stages and applies \

@@ -305,6 +305,7 @@ impl Feed {
                 ca_cert_pem,
                 http2: true,
                 headers,
+                ..Default::default()
             },
         )
         .map_err(FeedError::Client)?;

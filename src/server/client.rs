@@ -39,6 +39,8 @@ pub struct ClientOptions {
     pub http2: bool,
     /// Sent with every request, e.g. `("authorization", "Bearer …")`.
     pub headers: Vec<(String, String)>,
+    /// A client certificate chain and its key, both PEM (CockroachDB's `client_cert`/`client_key`).
+    pub client_cert_pem: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Default for ClientOptions {
@@ -48,6 +50,7 @@ impl Default for ClientOptions {
             ca_cert_pem: None,
             http2: true,
             headers: Vec::new(),
+            client_cert_pem: None,
         }
     }
 }
@@ -61,6 +64,7 @@ impl std::fmt::Debug for ClientOptions {
             .field("ca_cert_pem", &self.ca_cert_pem.as_ref().map(|p| p.len()))
             .field("http2", &self.http2)
             .field("headers", &names)
+            .field("client_cert", &self.client_cert_pem.is_some())
             .finish()
     }
 }
@@ -462,11 +466,10 @@ fn client_config(opts: &ClientOptions) -> Result<Arc<ClientConfig>, ClientError>
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?;
-    let mut config = if opts.insecure_skip_verify {
+    let wants_cert = if opts.insecure_skip_verify {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
-            .with_no_client_auth()
     } else {
         let pem = opts.ca_cert_pem.as_deref().ok_or(ClientError::NoTrust)?;
         let mut roots = RootCertStore::empty();
@@ -479,7 +482,20 @@ fn client_config(opts: &ClientOptions) -> Result<Arc<ClientConfig>, ClientError>
         if roots.is_empty() {
             return Err(ClientError::CaCert("no CERTIFICATE block found".into()));
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder.with_root_certificates(roots)
+    };
+    let mut config = match &opts.client_cert_pem {
+        None => wants_cert.with_no_client_auth(),
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ClientError::Tls(format!("client certificate: {e}")))?;
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key)
+                .map_err(|e| ClientError::Tls(format!("client key: {e}")))?;
+            wants_cert
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| ClientError::Tls(e.to_string()))?
+        }
     };
     config.alpn_protocols = if opts.http2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]

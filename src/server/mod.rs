@@ -25,6 +25,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use rustls_pki_types::CertificateDer;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -68,6 +69,9 @@ pub struct ServerArgs {
     /// PEM private key (PKCS#8, SEC1 or PKCS#1) of tlsCertificate
     #[arg(long = "tlsPrivateKey", env = "CDC_SINK_TLS_PRIVATE_KEY")]
     pub tls_private_key: Option<PathBuf>,
+    /// PEM CA certificate(s): require a client certificate signed by one of them (mTLS); reloaded on SIGHUP with the certificate files
+    #[arg(long = "tlsClientCA", env = "CDC_SINK_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Serve TLS with a generated self-signed localhost certificate
     #[arg(
         long = "tlsSelfSigned",
@@ -98,6 +102,7 @@ impl Default for ServerArgs {
             metrics_addr: String::new(),
             tls_certificate: None,
             tls_private_key: None,
+            tls_client_ca: None,
             tls_self_signed: false,
             http_response_timeout: Duration::from_secs(120),
             max_request_bytes: 256 << 20,
@@ -123,6 +128,12 @@ impl ServerArgs {
         }
         if self.tls_self_signed && cert.is_some() {
             return Err(ServerError::SelfSignedWithCertificate);
+        }
+        if non_empty(&self.tls_client_ca).is_some() && cert.is_none() && !self.tls_self_signed {
+            return Err(ServerError::InvalidFlag {
+                flag: "tlsClientCA",
+                reason: "client certificates need TLS: set tlsCertificate and tlsPrivateKey, or tlsSelfSigned".into(),
+            });
         }
         if self.http_response_timeout.is_zero() {
             return Err(ServerError::InvalidFlag {
@@ -210,6 +221,8 @@ pub struct Request {
     pub query: Option<String>,
     /// The `access_token` query parameter, decoded.
     pub access_token: Option<String>,
+    /// The client certificate of the connection (verified when `--tlsClientCA` is set).
+    pub client_cert: Option<Arc<CertificateDer<'static>>>,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -221,6 +234,7 @@ impl std::fmt::Debug for Request {
             .field("method", &self.method)
             .field("path", &self.path)
             .field("query", &self.query)
+            .field("client_cert", &self.client_cert.is_some())
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("body_bytes", &self.body.len())
             .finish_non_exhaustive()
@@ -269,9 +283,73 @@ pub struct Bound {
     main: TcpListener,
     main_addr: SocketAddr,
     metrics: Option<(TcpListener, SocketAddr)>,
-    tls: Option<TlsAcceptor>,
+    /// Swapped in place when SIGHUP reloads the certificate files.
+    tls: Option<SharedAcceptor>,
+    self_signed: Option<tls::SelfSigned>,
     cert_pem: Option<String>,
     args: ServerArgs,
+}
+
+type SharedAcceptor = Arc<std::sync::RwLock<TlsAcceptor>>;
+
+/// Rebuilds TLS from the files on every SIGHUP; a failure keeps what is served.
+async fn reload_tls_on_sighup(
+    acceptor: SharedAcceptor,
+    args: ServerArgs,
+    keep: Option<tls::SelfSigned>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP; tls files are not reloaded");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        match build_tls(&args, keep.as_ref()) {
+            Ok(Some((config, _))) => {
+                *acceptor.write().unwrap_or_else(|e| e.into_inner()) = TlsAcceptor::from(config);
+                info!("sighup: tls certificates reloaded");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, "sighup: tls reload failed; keeping the certificates served")
+            }
+        }
+    }
+}
+
+/// The TLS configuration of the flags (None: cleartext) and the served chain's PEM. A
+/// self-signed certificate is generated anew unless `keep` (the one served so far) is given.
+fn build_tls(
+    args: &ServerArgs,
+    keep: Option<&tls::SelfSigned>,
+) -> Result<Option<(Arc<rustls::ServerConfig>, String)>, ServerError> {
+    let client_roots = match non_empty(&args.tls_client_ca) {
+        Some(ca) => Some(tls::load_certs(ca)?.0),
+        None => None,
+    };
+    match (
+        non_empty(&args.tls_certificate),
+        non_empty(&args.tls_private_key),
+    ) {
+        (Some(cert), Some(key)) => {
+            let (certs, pem) = tls::load_certs(cert)?;
+            let key = tls::load_key(key)?;
+            Ok(Some((tls::server_config(certs, key, client_roots)?, pem)))
+        }
+        _ if args.tls_self_signed => {
+            let generated;
+            let s = match keep {
+                Some(s) => s,
+                None => {
+                    generated = tls::self_signed_pem()?;
+                    &generated
+                }
+            };
+            let config = tls::server_config(s.certs.clone(), s.key.clone_key(), client_roots)?;
+            Ok(Some((config, s.cert_pem.clone())))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Validates the flags, builds TLS and binds the main (and metrics) listeners.
@@ -279,20 +357,14 @@ pub async fn bind(args: &ServerArgs) -> Result<Bound, ServerError> {
     args.validate()?;
     // Register the recorder so the http_* metrics recorded below are kept.
     crate::metrics::install();
-    let (tls, cert_pem) = match (
-        non_empty(&args.tls_certificate),
-        non_empty(&args.tls_private_key),
-    ) {
-        (Some(cert), Some(key)) => {
-            let (certs, pem) = tls::load_certs(cert)?;
-            let key = tls::load_key(key)?;
-            (Some(tls::server_config(certs, key)?), Some(pem))
-        }
-        _ if args.tls_self_signed => {
-            let s = tls::self_signed_pem()?;
-            (Some(tls::server_config(s.certs, s.key)?), Some(s.cert_pem))
-        }
-        _ => (None, None),
+    let self_signed = if args.tls_self_signed && non_empty(&args.tls_certificate).is_none() {
+        Some(tls::self_signed_pem()?)
+    } else {
+        None
+    };
+    let (tls, cert_pem) = match build_tls(args, self_signed.as_ref())? {
+        Some((config, pem)) => (Some(config), Some(pem)),
+        None => (None, None),
     };
     let main = bind_listener("bindAddr", &args.bind_addr).await?;
     let main_addr = local_addr(&main, &args.bind_addr)?;
@@ -307,7 +379,8 @@ pub async fn bind(args: &ServerArgs) -> Result<Bound, ServerError> {
         main,
         main_addr,
         metrics,
-        tls: tls.map(TlsAcceptor::from),
+        tls: tls.map(|c| Arc::new(std::sync::RwLock::new(TlsAcceptor::from(c)))),
+        self_signed,
         cert_pem,
         args: args.clone(),
     })
@@ -350,9 +423,24 @@ impl Bound {
             main_addr,
             metrics,
             tls,
+            self_signed,
             args,
             ..
         } = self;
+        // Only files can change; a generated certificate is kept, but the CA file may change.
+        let reload = match &tls {
+            Some(acceptor)
+                if non_empty(&args.tls_certificate).is_some()
+                    || non_empty(&args.tls_client_ca).is_some() =>
+            {
+                Some(tokio::spawn(reload_tls_on_sighup(
+                    acceptor.clone(),
+                    args.clone(),
+                    self_signed,
+                )))
+            }
+            _ => None,
+        };
         let grace = args.grace_period;
         // The shutdown deadline, once known, reaches every accept loop.
         let (stop_tx, stop_rx) = watch::channel::<Option<Instant>>(None);
@@ -389,6 +477,9 @@ impl Bound {
             warn!("grace period elapsed, abandoning in-flight changefeed requests");
             let _ = abort_tx.send(true);
         }
+        if let Some(r) = reload {
+            r.abort();
+        }
         info!("server stopped");
         Ok(())
     }
@@ -416,7 +507,7 @@ type HttpResponse = hyper::Response<Full<Bytes>>;
 /// deadline and aborts what is left. Returns the deadline.
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<SharedAcceptor>,
     routes: Routes,
     mut stop: watch::Receiver<Option<Instant>>,
 ) -> Instant {
@@ -442,8 +533,11 @@ async fn accept_loop(
                     // Subscribe before spawning so a shutdown signalled during the TLS
                     // handshake still reaches this connection.
                     let watcher = graceful.watcher();
+                    let acceptor = tls
+                        .as_ref()
+                        .map(|a| a.read().unwrap_or_else(|e| e.into_inner()).clone());
                     conns.spawn(serve_connection(
-                        stream, peer, tls.clone(), routes.clone(), builder.clone(), watcher,
+                        stream, peer, acceptor, routes.clone(), builder.clone(), watcher,
                     ));
                 }
                 Err(e) => {
@@ -476,14 +570,24 @@ async fn serve_connection(
 ) {
     // Small responses must not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let service = service_fn(move |req| {
-        let routes = routes.clone();
-        async move { Ok::<_, Infallible>(route(routes, req).await) }
-    });
+    let service = |client_cert: Option<Arc<CertificateDer<'static>>>| {
+        service_fn(move |req| {
+            let routes = routes.clone();
+            let client_cert = client_cert.clone();
+            async move { Ok::<_, Infallible>(route(routes, req, client_cert).await) }
+        })
+    };
     let result = match tls {
         Some(acceptor) => match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
             Ok(Ok(stream)) => {
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                // Verified by the handshake when --tlsClientCA asks for one.
+                let client_cert = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| Arc::new(c.clone().into_owned()));
+                let conn = builder.serve_connection(TokioIo::new(stream), service(client_cert));
                 watcher.watch(conn.into_owned()).await
             }
             Ok(Err(e)) => {
@@ -496,7 +600,7 @@ async fn serve_connection(
             }
         },
         None => {
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = builder.serve_connection(TokioIo::new(stream), service(None));
             watcher.watch(conn.into_owned()).await
         }
     };
@@ -505,7 +609,11 @@ async fn serve_connection(
     }
 }
 
-async fn route(routes: Routes, req: hyper::Request<Incoming>) -> HttpResponse {
+async fn route(
+    routes: Routes,
+    req: hyper::Request<Incoming>,
+    client_cert: Option<Arc<CertificateDer<'static>>>,
+) -> HttpResponse {
     let path = req.uri().path();
     let metrics_path = path == "/_/varz" || path == "/metrics";
     let health_path = path == "/_/healthz";
@@ -517,7 +625,7 @@ async fn route(routes: Routes, req: hyper::Request<Incoming>) -> HttpResponse {
         Routes::Main(state) if health_path => health(&state).await,
         Routes::Main(state) if state.diagnostics && metrics_path => metrics_response(),
         Routes::Main(state) if state.diagnostics && reserved => not_found(),
-        Routes::Main(state) => changefeed(state, req).await,
+        Routes::Main(state) => changefeed(state, req, client_cert).await,
     }
 }
 
@@ -538,7 +646,11 @@ async fn health(state: &MainState) -> HttpResponse {
     text_response(&resp)
 }
 
-async fn changefeed(state: Arc<MainState>, req: hyper::Request<Incoming>) -> HttpResponse {
+async fn changefeed(
+    state: Arc<MainState>,
+    req: hyper::Request<Incoming>,
+    client_cert: Option<Arc<CertificateDer<'static>>>,
+) -> HttpResponse {
     let start = std::time::Instant::now();
     // The deadline covers reading the body too, so a trickling client cannot hold a request
     // open past it.
@@ -556,6 +668,7 @@ async fn changefeed(state: Arc<MainState>, req: hyper::Request<Incoming>) -> Htt
         path: parts.uri.path().to_string(),
         query,
         access_token,
+        client_cert,
         headers: parts.headers,
         body,
     };
@@ -809,6 +922,18 @@ mod tests {
             ..ServerArgs::default()
         })
         .contains("bindAddr"));
+        assert!(e(ServerArgs {
+            tls_client_ca: Some("ca.pem".into()),
+            ..ServerArgs::default()
+        })
+        .contains("tlsClientCA"));
+        ServerArgs {
+            tls_client_ca: Some("ca.pem".into()),
+            tls_self_signed: true,
+            ..ServerArgs::default()
+        }
+        .validate()
+        .expect("client certificates over the self-signed certificate");
         assert!(e(ServerArgs {
             max_request_bytes: 0,
             ..ServerArgs::default()

@@ -123,15 +123,35 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds the server configuration; no client certificates are requested (as the reference).
+/// Builds the server configuration. Without `client_roots` no client certificate is requested
+/// (as the reference); with them every client must present one that chains to a root.
 pub(crate) fn server_config(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    client_roots: Option<Vec<CertificateDer<'static>>>,
 ) -> Result<Arc<ServerConfig>, ServerError> {
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ServerError::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => {
+            let mut store = rustls::RootCertStore::empty();
+            for cert in roots {
+                store
+                    .add(cert)
+                    .map_err(|e| ServerError::Tls(format!("tlsClientCA: {e}")))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(store),
+                provider(),
+            )
+            .build()
+            .map_err(|e| ServerError::Tls(format!("tlsClientCA: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
@@ -147,7 +167,7 @@ mod tests {
         let s = self_signed_pem().expect("generate");
         assert!(s.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(s.key_pem.contains("PRIVATE KEY"));
-        let config = server_config(s.certs, s.key).expect("config");
+        let config = server_config(s.certs, s.key, None).expect("config");
         assert_eq!(
             config.alpn_protocols,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]

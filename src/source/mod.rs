@@ -156,7 +156,12 @@ impl Ingest {
             });
         }
         self.auth
-            .check(&req.headers, req.access_token.as_deref(), &schema)
+            .check(
+                &req.headers,
+                req.access_token.as_deref(),
+                req.client_cert.as_deref(),
+                &schema,
+            )
             .map_err(IngestError::Unauthorized)?;
         // Before anything keyed by the schema exists: checkpoint, lease, pipeline, metrics.
         let info = self.schema_with_tables(&schema).await?;

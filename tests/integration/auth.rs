@@ -607,3 +607,164 @@ async fn until_status_at(addr: SocketAddr, token: &str, path: &str, want: Status
     )
     .await
 }
+
+/// A test certificate authority.
+fn test_ca(name: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = rcgen::KeyPair::generate().expect("key");
+    rcgen::CertifiedIssuer::self_signed(params, key).expect("ca")
+}
+
+/// A client certificate for `san` signed by `ca`: (certificate PEM, key PEM).
+fn client_cert(
+    ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    san: &str,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut params = rcgen::CertificateParams::new(vec![san.to_string()]).expect("params");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, ca).expect("sign");
+    (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+}
+
+fn mtls_client(addr: SocketAddr, cert: Option<&(Vec<u8>, Vec<u8>)>, token: Option<&str>) -> Client {
+    Client::new(
+        &format!("https://{addr}"),
+        ClientOptions {
+            insecure_skip_verify: true,
+            client_cert_pem: cert.cloned(),
+            headers: token
+                .map(|t| vec![("authorization".to_string(), format!("Bearer {t}"))])
+                .unwrap_or_default(),
+            ..Default::default()
+        },
+    )
+    .expect("client")
+}
+
+async fn mtls_post(c: &Client, path: &str) -> Result<(StatusCode, String), String> {
+    c.post(path, Bytes::from(EMPTY))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn client_certificates_are_required_and_map_to_schemas() {
+    let db = db_with_kv("auth_c").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = test_ca("sink clients");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).expect("write ca");
+    let ca_flag = ca_path.to_string_lossy().to_string();
+    let sink = Sink::start(
+        &db,
+        &[
+            "--disableAuthentication=false",
+            "--jwtRefresh=100ms",
+            "--tlsClientCA",
+            &ca_flag,
+            "--tlsClientSchemas",
+            "east-feed.example=auth_c.public",
+        ],
+    )
+    .await;
+    let addr = sink.addr();
+    let (public_path, other_path) = ("/auth_c/public", "/auth_c/other");
+
+    // No certificate, or one from another authority: the handshake is refused.
+    let none = mtls_post(&mtls_client(addr, None, None), public_path).await;
+    assert!(none.is_err(), "{none:?}");
+    let stranger = client_cert(&test_ca("someone else"), "east-feed.example");
+    let untrusted = mtls_post(&mtls_client(addr, Some(&stranger), None), public_path).await;
+    assert!(untrusted.is_err(), "{untrusted:?}");
+
+    // A trusted certificate whose name is mapped writes its schema without a token, and only it.
+    let east = client_cert(&ca, "east-feed.example");
+    let c = mtls_client(addr, Some(&east), None);
+    assert_eq!(
+        mtls_post(&c, public_path).await.expect("request"),
+        (StatusCode::OK, "OK\n".to_string())
+    );
+    let (status, body) = mtls_post(&c, other_path).await.expect("request");
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+
+    // A trusted certificate of another name needs a token, as without mTLS.
+    let west = client_cert(&ca, "west-feed.example");
+    let (status, _) = mtls_post(&mtls_client(addr, Some(&west), None), public_path)
+        .await
+        .expect("request");
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (private, public) = p256();
+    install_key(&db, &public).await;
+    let token = make_jwt::token(private.as_bytes(), &["auth_c.*".into()], None).expect("mint");
+    let with_token = mtls_client(addr, Some(&west), Some(&token));
+    eventually("the token over mtls", Duration::from_secs(10), || async {
+        (mtls_post(&with_token, public_path).await.ok()?.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+    sink.stop().await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_client_ca_in_the_real_binary() {
+    let db = db_with_kv("auth_r").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old_ca, new_ca) = (test_ca("old"), test_ca("new"));
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, old_ca.pem()).expect("write ca");
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
+        .args([
+            "start",
+            "--bindAddr",
+            &format!("127.0.0.1:{port}"),
+            "--tlsSelfSigned",
+        ])
+        .args([
+            "--disableAuthentication",
+            "--targetConn",
+            &db.url(),
+            "--tlsClientCA",
+        ])
+        .arg(&ca_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let child = KillOnDrop(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let old_client = mtls_client(addr, Some(&client_cert(&old_ca, "feed.example")), None);
+    let new_client = mtls_client(addr, Some(&client_cert(&new_ca, "feed.example")), None);
+    eventually(
+        "the sink with the old ca",
+        Duration::from_secs(30),
+        || async {
+            (mtls_post(&old_client, "/auth_r/public").await.ok()?.0 == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    assert!(mtls_post(&new_client, "/auth_r/public").await.is_err());
+    std::fs::write(&ca_path, new_ca.pem()).expect("write ca");
+    let pid = i32::try_from(child.0.id()).expect("pid");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0, "SIGHUP");
+    eventually(
+        "the new ca after sighup",
+        Duration::from_secs(10),
+        || async {
+            (mtls_post(&new_client, "/auth_r/public").await.ok()?.0 == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    // New connections from the old authority are refused (a fresh client: no pooled connection).
+    let old_again = mtls_client(addr, Some(&client_cert(&old_ca, "feed.example")), None);
+    assert!(mtls_post(&old_again, "/auth_r/public").await.is_err());
+}
