@@ -7,6 +7,7 @@ mod best_effort;
 mod conflicts;
 mod crash;
 mod demo;
+mod fault;
 mod feed;
 mod harness;
 mod pipeline;

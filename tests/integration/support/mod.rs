@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod process;
 
 use cdc_sink::cluster::Cluster;
 use sqlx::PgPool;
