@@ -319,6 +319,15 @@ fn plan(seed: u64) -> Plan {
             g.steps.push(Step::Unpoison {
                 after: Duration::from_millis(ms),
             });
+            // While the poison blocks the window, the flushes after it commit: redeliveries
+            // of recent batches (what `feed --chaos` sends) then find their staged rows gone.
+            g.steps.push(Step::Pause(Duration::from_millis(800)));
+            for _ in 0..4 {
+                let recent = &g.posted[g.posted.len().saturating_sub(8)..];
+                let old = *recent.choose(&mut g.rng).expect("a batch was posted");
+                let to = g.to(old);
+                g.steps.push(Step::Redeliver { batch: old, to });
+            }
         }
         if epoch == target_epoch {
             let ms = g.rng.random_range(500..2000);
