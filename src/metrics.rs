@@ -50,6 +50,7 @@ pub const STAGE_RETIRE_DURATION: &str = "stage_retire_duration_seconds";
 pub const SCRIPT_ENTRY_WAIT: &str = "script_entry_wait_seconds";
 pub const SCRIPT_EXEC_TIME: &str = "script_exec_time_seconds";
 pub const STAGE_BELOW_CHECKPOINT: &str = "stage_below_checkpoint_mutations_total";
+pub const STAGE_SKIPPED_APPLIED: &str = "stage_skipped_applied_mutations_total";
 
 pub const APPLY_UPSERTS: &str = "apply_upserts_total";
 pub const APPLY_DELETES: &str = "apply_deletes_total";
@@ -244,6 +245,10 @@ fn describe() {
     describe_counter!(
         STAGE_BELOW_CHECKPOINT,
         "redelivered mutations at or below the committed checkpoint, dropped at ingest"
+    );
+    describe_counter!(
+        STAGE_SKIPPED_APPLIED,
+        "staged redeliveries skipped by a window because their range was applied already"
     );
     describe_histogram!(
         STAGE_RETIRE_DURATION,

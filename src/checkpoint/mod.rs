@@ -5,6 +5,7 @@
 //! inside the window, each at the end of a run of applied transactions. A lease per schema
 //! elects the one instance that applies it.
 
+mod applied;
 mod lease;
 
 use crate::hlc::Hlc;
@@ -17,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+pub use applied::{AppliedRanges, Ranges};
 pub use lease::{Lease, Leases};
 
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 
 use crate::apply::Applier;
 use crate::auth::{AuthArgs, Authenticator};
-use crate::checkpoint::{Checkpoints, Leases};
+use crate::checkpoint::{AppliedRanges, Checkpoints, Leases};
 use crate::script::Userscript;
 use crate::sequence::{Hooks, Parts, SequenceArgs, Sequencer};
 use crate::server::ServerArgs;
@@ -180,6 +180,7 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
     let stager = Arc::new(Stager::open(staging.clone(), &args.stage.staging_schema).await?);
     let checkpoints = Checkpoints::open(staging.clone(), stager.schema()).await?;
     let leases = Arc::new(Leases::open(staging.clone(), stager.schema()).await?);
+    let ranges = Arc::new(AppliedRanges::open(&staging, stager.schema()).await?);
     let applier = Applier::with_options(
         target.clone(),
         args.target.schema_refresh,
@@ -191,6 +192,7 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
         separate_staging,
         stager: stager.clone(),
         checkpoints: checkpoints.clone(),
+        ranges,
         leases,
         applier: applier.clone(),
         hooks: hooks.clone(),

@@ -20,7 +20,7 @@ pub use mode::{Admission, Mode};
 pub use poison::{find_poison, Poison};
 
 use crate::apply::{Applier, SchemaInfo};
-use crate::checkpoint::{CheckpointError, Checkpoints, Leases};
+use crate::checkpoint::{AppliedRanges, CheckpointError, Checkpoints, Leases};
 use crate::config::parse_duration;
 use crate::hlc::Hlc;
 use crate::ident::{Schema, Table};
@@ -134,6 +134,8 @@ pub enum SequenceError {
     Script(#[from] ScriptError),
     #[error("apply task failed: {0}")]
     Task(String),
+    #[error("rows of table {0} are staged but the table is not in the target schema; create it, or delete its staged rows")]
+    UnknownTable(String),
 }
 
 impl SequenceError {
@@ -152,6 +154,9 @@ impl SequenceError {
 /// Lease timing. Renewal happens at least every third of the lifetime, between apply
 /// transactions (see `window`).
 pub(crate) const LEASE_LIFETIME: Duration = Duration::from_secs(10);
+/// With separate staging, a target transaction is rolled back rather than committed once less
+/// than this is left of the lease it renewed before it began (see `window`).
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -164,6 +169,8 @@ pub struct Parts {
     pub separate_staging: bool,
     pub stager: Arc<Stager>,
     pub checkpoints: Arc<Checkpoints>,
+    /// Ranges applied beyond the committed checkpoint (see `window`).
+    pub ranges: Arc<AppliedRanges>,
     pub leases: Arc<Leases>,
     pub applier: Applier,
     pub hooks: Option<Hooks>,

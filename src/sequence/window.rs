@@ -18,31 +18,44 @@
 //! starts before the flush with the earlier one has committed. A flush that starts with nothing
 //! ahead of it (always, with `--parallelism 1`) commits the checkpoint in its own transaction.
 //!
-//! One gap is left, narrower than a crash: a changefeed redelivery of a row whose range a flush
-//! has retired but the checkpoint does not cover yet is staged again; it is swept at the end of
-//! the window, but if the process dies before that commit, the next holder applies it again.
+//! A flush that commits while an earlier one still runs leaves the checkpoint behind it, so it
+//! also records its time range as applied (`checkpoint::AppliedRanges`) in its transaction. A
+//! changefeed redelivery of a row in such a range finds nothing staged to conflict with and is
+//! staged again; every window skips staged rows inside recorded ranges, so however the window
+//! ends (a poison row, the target down, the lease lost, a crash), the redelivered old version is
+//! never written over the newer one. The checkpoint commit forgets the ranges it covers.
+//!
+//! The window reads every table of the schema that has a staging table, whichever instance
+//! created it (`Stager::registered`); a table with staged rows in the window that the target
+//! does not have stops the window rather than being skipped, so the checkpoint never passes
+//! rows it has not applied. Rows staged at or below the checkpoint (redeliveries an instance
+//! accepted before it saw the checkpoint move) are deleted by a periodic full sweep.
 //!
 //! **Separate staging** (`--stagingConn`). No transaction spans both databases: a flush commits
 //! on the target, then retires its rows (and commits the checkpoint when it carries it) on
 //! staging. A crash in between leaves applied rows staged and they are applied again later:
 //! with compare-and-set that is an equal-tuple conflict, which a table without a merge function
 //! drops (counted) and `standardMerge` resolves as a no-op, but a custom merge function sees. A
-//! staging step that fails without a crash counts in `core_sweep_skew_count`.
+//! staging step that fails without a crash counts in `core_sweep_skew_count`. The lease cannot
+//! fence a target transaction across databases, so a flush renews it right before its target
+//! transaction, bounds that transaction's statements by the lease's remaining time, and rolls
+//! back instead of committing once the lease may have expired.
 
 use super::poison::{find_poison, is_transient};
 use super::schedule::{lock_key, slices, KeyLocks, Progress, Slice};
 use super::{
-    backoff, now_seconds, schema_label, write_ordered, Parts, SequenceError, LEASE_LIFETIME, POLL,
+    backoff, now_seconds, schema_label, write_ordered, Parts, SequenceError, LEASE_LIFETIME,
+    LEASE_MARGIN, POLL,
 };
 use crate::apply::SchemaInfo;
-use crate::checkpoint::{Bounds, Lease};
+use crate::checkpoint::{Bounds, Lease, Ranges};
 use crate::hlc::Hlc;
 use crate::ident::{Schema, Table};
 use crate::metrics as m;
 use crate::mutation::{Mutation, TableBatches};
 use sqlx::PgConnection;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
@@ -119,7 +132,7 @@ impl Pipeline {
     async fn hold(&self, lease: &Lease, stop: &mut watch::Receiver<bool>) -> Held {
         let mut renewed = Instant::now();
         let mut attempt = 0u32;
-        let mut swept = false;
+        let mut swept: Option<Instant> = None;
         loop {
             if *stop.borrow() {
                 return Held::Stopped;
@@ -127,11 +140,21 @@ impl Pipeline {
             let started = Instant::now();
             metrics::gauge!(m::CORE_SWEEP_ATTEMPT_TIMESTAMP, &schema_label(&self.schema))
                 .set(now_seconds());
+            let sweep_due = swept.is_none_or(|at| at.elapsed() >= FULL_SWEEP_EVERY);
             let result = match self.parts.checkpoints.bounds(&self.schema).await {
                 Ok(b) if b.proposed > b.committed => {
-                    let done = self.apply_window(lease, b, !swept, &mut renewed).await;
-                    swept |= done.is_ok();
+                    let done = self.apply_window(lease, b, sweep_due, &mut renewed).await;
+                    if done.is_ok() && sweep_due {
+                        swept = Some(started);
+                    }
                     done.map(|_| true)
+                }
+                Ok(b) if sweep_due && !b.committed.is_zero() => {
+                    let done = self.sweep_below(lease, b.committed).await;
+                    if done.is_ok() {
+                        swept = Some(started);
+                    }
+                    done.map(|_| false)
                 }
                 Ok(_) => Ok(false),
                 Err(e) => Err(SequenceError::from(e)),
@@ -194,17 +217,36 @@ impl Pipeline {
         full_sweep: bool,
         renewed: &mut Instant,
     ) -> Result<(), SequenceError> {
-        let info = self.parts.applier.schema(&self.schema).await?;
+        let info = self.known_tables(bounds).await?;
         if let Some(h) = &self.parts.hooks {
             h.configure(&self.parts.applier, &info);
         }
         let tables: Vec<Table> = info.levels.iter().flatten().cloned().collect();
+        let skip = {
+            let mut conn = self
+                .parts
+                .stager
+                .database()
+                .pool
+                .acquire()
+                .await
+                .map_err(SequenceError::Sql)?;
+            self.parts
+                .ranges
+                .load(&mut conn, &self.schema, bounds.committed)
+                .await?
+        };
+        if !skip.is_empty() {
+            tracing::debug!(schema = %self.schema, ranges = ?skip, "skipping staged rows of ranges applied beyond the checkpoint");
+        }
         let ctx = Arc::new(Ctx {
             parts: self.parts.clone(),
             schema: self.schema.clone(),
             lease: lease.clone(),
             tables,
             info,
+            recorded: AtomicBool::new(!skip.is_empty()),
+            skip,
             open: AtomicUsize::new(0),
             renewed: Mutex::new(*renewed),
         });
@@ -229,7 +271,69 @@ impl Pipeline {
         tracing::debug!(schema = %self.schema, resolved = %end, "window committed");
         Ok(())
     }
+
+    /// The target schema, reloaded if a table that has a staging table (created by any
+    /// instance, perhaps for a table this one has not seen yet) is missing from the cached
+    /// one. A table the target still lacks is refused when it has staged rows in the window:
+    /// skipping them would commit the checkpoint over rows that were never applied.
+    async fn known_tables(&self, bounds: Bounds) -> Result<Arc<SchemaInfo>, SequenceError> {
+        let parts = &self.parts;
+        let registered = parts.stager.registered(&self.schema).await?;
+        let mut info = parts.applier.schema(&self.schema).await?;
+        if registered.iter().any(|t| !info.tables.contains_key(t)) {
+            info = parts.applier.refresh(&self.schema).await?;
+        }
+        for table in registered.iter().filter(|t| !info.tables.contains_key(*t)) {
+            let mut tx = parts.stager.reader().await?;
+            let waiting = parts
+                .stager
+                .read(&mut tx, table, bounds.committed, None, bounds.proposed, 1)
+                .await?;
+            tx.commit().await.map_err(SequenceError::Sql)?;
+            if !waiting.is_empty() {
+                return Err(SequenceError::UnknownTable(table.to_string()));
+            }
+        }
+        Ok(info)
+    }
+
+    /// Deletes staged rows at or below the committed checkpoint: redeliveries that an
+    /// instance staged before it saw the checkpoint move past them. They are never read.
+    async fn sweep_below(&self, lease: &Lease, committed: Hlc) -> Result<(), SequenceError> {
+        let parts = &self.parts;
+        let info = parts.applier.schema(&self.schema).await?;
+        let mut tx = parts
+            .stager
+            .database()
+            .pool
+            .begin()
+            .await
+            .map_err(SequenceError::Sql)?;
+        if !parts.leases.fence(&mut tx, lease).await? {
+            return Err(SequenceError::LeaseLost(self.schema.to_string()));
+        }
+        let mut deleted = 0;
+        for table in info.levels.iter().flatten() {
+            deleted += parts
+                .stager
+                .retire(&mut tx, table, Hlc::ZERO, committed)
+                .await?;
+        }
+        parts
+            .ranges
+            .forget(&mut tx, &self.schema, committed)
+            .await?;
+        tx.commit().await.map_err(SequenceError::Sql)?;
+        if deleted > 0 {
+            tracing::info!(schema = %self.schema, rows = deleted, "deleted redelivered rows staged below the checkpoint");
+        }
+        Ok(())
+    }
 }
+
+/// How often the staged rows at or below the checkpoint are swept (see
+/// [`Pipeline::sweep_below`]); the first window after winning the lease sweeps too.
+const FULL_SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// What every task of one window shares.
 struct Ctx {
@@ -239,6 +343,12 @@ struct Ctx {
     /// The schema's tables in foreign-key order; rows refer to them by index.
     tables: Vec<Table>,
     info: Arc<SchemaInfo>,
+    /// Ranges applied beyond the committed checkpoint by earlier attempts: their staged rows
+    /// are redeliveries.
+    skip: Ranges,
+    /// Applied ranges may be recorded beyond the checkpoint, so a checkpoint commit forgets
+    /// the ones it covers.
+    recorded: AtomicBool,
     /// Flush transactions open right now.
     open: AtomicUsize,
     /// When the lease was last renewed (between flushes, or by every flush with separate
@@ -351,7 +461,15 @@ async fn extension(ctx: &Ctx, hi: Hlc, started: Instant) -> Option<Hlc> {
         return None;
     }
     let info = ctx.parts.applier.schema(&ctx.schema).await.ok()?;
-    Arc::ptr_eq(&info, &ctx.info).then_some(proposed)
+    if !Arc::ptr_eq(&info, &ctx.info) {
+        return None;
+    }
+    // A table staged for the first time since the window started is read by the next one.
+    let registered = ctx.parts.stager.registered(&ctx.schema).await.ok()?;
+    registered
+        .iter()
+        .all(|t| ctx.info.tables.contains_key(t))
+        .then_some(proposed)
 }
 
 /// Reads unapplied rows in `(from, hi]` from every table, returning the time up to which the
@@ -391,6 +509,12 @@ async fn read_page(ctx: &Ctx, from: Hlc, hi: Hlc) -> Result<Page, SequenceError>
     }
     tx.commit().await.map_err(SequenceError::Sql)?;
     rows.retain(|(_, m)| m.time <= cut);
+    let read = rows.len();
+    rows.retain(|(_, m)| !ctx.skip.contains(m.time));
+    if rows.len() < read {
+        metrics::counter!(m::STAGE_SKIPPED_APPLIED, &schema_label(&ctx.schema))
+            .increment((read - rows.len()) as u64);
+    }
     tracing::debug!(schema = %ctx.schema, rows = rows.len(), read_ms = started.elapsed().as_millis() as u64, "read staged page");
     Ok(Page {
         after: from,
@@ -467,7 +591,17 @@ async fn run_flush(ctx: Arc<Ctx>, job: Arc<FlushJob>, role: Role) -> Result<(), 
             .await
             .map_err(SequenceError::Sql)?;
         let open = ctx.open_tx();
+        // No statement may outlive the lease, and the commit is only sent while a newer
+        // holder cannot have taken it over: what remains is the commit's own round trip,
+        // which `LEASE_MARGIN` bounds.
+        let remaining = |at: Instant| LEASE_LIFETIME.saturating_sub(LEASE_MARGIN + at.elapsed());
+        bound_statements(&mut tx, remaining(started)).await?;
         write(&ctx, &mut tx, &job).await?;
+        if remaining(started).is_zero() {
+            tx.rollback().await.map_err(SequenceError::Sql)?;
+            tracing::warn!(schema = %ctx.schema, "a flush outlived its lease on separate staging; rolled back");
+            return Err(ctx.lost());
+        }
         tx.commit().await.map_err(SequenceError::Sql)?;
         drop(open);
         written = started.elapsed();
@@ -547,12 +681,42 @@ async fn retire_and_commit(
         Role::Head { sweep: Some(from) } => retire(ctx, conn, None, from, job.upto).await?,
         _ => retire(ctx, conn, Some(&job.batches), job.after, job.upto).await?,
     }
-    if let Role::Head { .. } = role {
-        ctx.parts
-            .checkpoints
-            .commit(conn, &ctx.schema, job.upto)
-            .await?;
+    match role {
+        Role::Head { .. } => commit_checkpoint(ctx, conn, job.upto).await,
+        Role::Concurrent => {
+            ctx.recorded.store(true, Ordering::SeqCst);
+            ctx.parts
+                .ranges
+                .record(conn, &ctx.schema, job.after, job.upto)
+                .await?;
+            Ok(())
+        }
     }
+}
+
+/// Commits the checkpoint at `upto`, forgetting the applied ranges it covers.
+async fn commit_checkpoint(
+    ctx: &Ctx,
+    conn: &mut PgConnection,
+    upto: Hlc,
+) -> Result<(), SequenceError> {
+    let parts = &ctx.parts;
+    parts.checkpoints.commit(conn, &ctx.schema, upto).await?;
+    if ctx.recorded.load(Ordering::SeqCst) {
+        parts.ranges.forget(conn, &ctx.schema, upto).await?;
+    }
+    Ok(())
+}
+
+/// Bounds every statement of the transaction on `conn` by `d` (at least 1 ms: 0 would mean
+/// no bound).
+async fn bound_statements(conn: &mut PgConnection, d: Duration) -> Result<(), SequenceError> {
+    let stmt = format!("SET LOCAL statement_timeout = {}", d.as_millis().max(1));
+    sqlx::query(&stmt)
+        .persistent(false)
+        .execute(conn)
+        .await
+        .map_err(SequenceError::Sql)?;
     Ok(())
 }
 
@@ -585,10 +749,7 @@ async fn commit_step(ctx: Arc<Ctx>, upto: Hlc, sweep: Option<Hlc>) -> Result<Hlc
     if let Some(from) = sweep {
         retire(&ctx, &mut tx, None, from, upto).await?;
     }
-    ctx.parts
-        .checkpoints
-        .commit(&mut tx, &ctx.schema, upto)
-        .await?;
+    commit_checkpoint(&ctx, &mut tx, upto).await?;
     tx.commit().await.map_err(SequenceError::Sql)?;
     ctx.parts.checkpoints.committed(&ctx.schema, upto);
     Ok(upto)

@@ -9,7 +9,7 @@
 mod sql;
 
 use crate::hlc::Hlc;
-use crate::ident::Table;
+use crate::ident::{Schema, Table};
 use crate::metrics as m;
 use crate::mutation::{Mutation, TableBatches};
 use crate::target::{self, Database, Dialect};
@@ -123,6 +123,19 @@ impl Stager {
                     source,
                 })?;
         }
+        let registry = schema.object("staging_tables");
+        let text = if db.dialect == Dialect::Cockroach {
+            "STRING"
+        } else {
+            "TEXT"
+        };
+        sqlx::raw_sql(&format!("CREATE TABLE IF NOT EXISTS {registry} (staging_name {text} PRIMARY KEY, group_name {text} NOT NULL, table_name {text} NOT NULL)"))
+            .execute(&db.pool)
+            .await
+            .map_err(|source| StageError::Create {
+                table: registry.clone(),
+                source,
+            })?;
         tracing::info!(schema = %schema, "staging schema ready");
         Ok(Stager {
             db,
@@ -209,6 +222,25 @@ impl Stager {
         Ok(ready)
     }
 
+    /// Every table of `schema` that has a staging table (registered by any instance).
+    pub async fn registered(&self, schema: &Schema) -> Result<Vec<Table>, StageError> {
+        let registry = self.schema.object("staging_tables");
+        let names: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT table_name FROM {registry} WHERE group_name = $1"
+        ))
+        .bind(schema.canonical())
+        .fetch_all(&self.db.pool)
+        .await
+        .map_err(|source| StageError::Read {
+            table: registry.clone(),
+            source,
+        })?;
+        Ok(names
+            .into_iter()
+            .map(|n| Table::new(schema.clone(), n))
+            .collect())
+    }
+
     /// The quoted name of `table`'s staging table.
     pub fn staging_table(&self, table: &Table) -> String {
         self.schema.table(table)
@@ -227,6 +259,17 @@ impl Stager {
         if self.known.lock().expect("poisoned").contains(&name) {
             return Ok(name);
         }
+        let registry = self.schema.object("staging_tables");
+        sqlx::query(&format!("INSERT INTO {registry} (staging_name, group_name, table_name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"))
+            .bind(table.staging_name())
+            .bind(table.schema.canonical())
+            .bind(table.name.canonical())
+            .execute(&self.db.pool)
+            .await
+            .map_err(|source| StageError::Create {
+                table: name.clone(),
+                source,
+            })?;
         let key_index = self.key_index.load(Ordering::Relaxed);
         for stmt in sql::create_table(self.db.dialect, &name, &table.staging_name(), key_index) {
             match target::retry(|| sqlx::raw_sql(&stmt).execute(&self.db.pool)).await {

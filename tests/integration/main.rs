@@ -10,6 +10,7 @@ mod demo;
 mod fault;
 mod feed;
 mod harness;
+mod integrity;
 mod pipeline;
 mod script;
 mod server;
