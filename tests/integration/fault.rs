@@ -50,8 +50,16 @@ const LATE: &str = "late";
 const TABLES: [&str; 5] = [KV, LONG_A, LONG_B, CAS, LATE];
 /// A small key space, so that keys get many versions.
 const KEYS: i64 = 6;
-/// The value the poison constraint on `kv` refuses while it exists.
+/// The value the poison trigger on `kv` refuses while it exists.
 const POISON: &str = "poison";
+/// Writing the poison value sleeps a second, then fails: the failing flush stays open while
+/// later flushes commit (as a slow constraint or a lock wait would).
+const POISON_TRIGGER: &str = "CREATE OR REPLACE FUNCTION public.fault_poison() RETURNS trigger \
+LANGUAGE plpgsql AS $$ BEGIN IF NEW.v = 'poison' THEN PERFORM pg_sleep(1); \
+RAISE EXCEPTION 'poison row'; END IF; RETURN NEW; END $$; \
+DROP TRIGGER IF EXISTS fault_poison ON public.kv; \
+CREATE TRIGGER fault_poison BEFORE INSERT OR UPDATE ON public.kv FOR EACH ROW \
+EXECUTE FUNCTION public.fault_poison();";
 
 const CAS_SCRIPT: &str = "import * as api from \"cdc-sink@v1\";\n\
 api.configureTable(\"versioned\", { cas: [\"_timestamp\"], merge: () => ({ dlq: \"versioned\" }) });\n";
@@ -237,7 +245,7 @@ enum Step {
     },
     CreateLate,
     Poison,
-    /// Drop the poison constraint after this long (the schedule goes on meanwhile).
+    /// Drop the poison trigger after this long (the schedule goes on meanwhile).
     Unpoison {
         after: Duration,
     },
@@ -315,7 +323,7 @@ fn plan(seed: u64) -> Plan {
         }
         g.chaos();
         if epoch == poison_epoch {
-            let ms = g.rng.random_range(2000..5000);
+            let ms = g.rng.random_range(1000..3000);
             g.steps.push(Step::Unpoison {
                 after: Duration::from_millis(ms),
             });
@@ -387,10 +395,18 @@ impl Generator {
     }
 
     /// A few transactions, cut into shuffled single-table batches, each posted and followed
-    /// by a round of chaos. `poison` adds a transaction writing the poison value to `kv`,
+    /// by a round of chaos. `poison` starts with a transaction writing the poison value to `kv`,
     /// `late` one writing every key of the table created mid-run.
     fn epoch(&mut self, tables: &[&'static str], poison: bool, late: bool) {
         let mut rows: BTreeMap<&'static str, Vec<(i64, Value)>> = BTreeMap::new();
+        // First, so that the epoch's later versions are applied and retired by the flushes
+        // after the blocked one: the window the redeliveries below must not disturb.
+        if poison {
+            self.at += 1;
+            let k = self.rng.random_range(0..KEYS);
+            let element = self.model.write(KV, k, self.at, Some(POISON.into()));
+            rows.entry(KV).or_default().push((self.at, element));
+        }
         for _ in 0..self.rng.random_range(2..=4) {
             self.at += 1;
             let mut touched = Vec::new();
@@ -418,12 +434,6 @@ impl Generator {
                     .write(LATE, k, self.at, Some(format!("t{}", self.at)));
                 rows.entry(LATE).or_default().push((self.at, element));
             }
-        }
-        if poison {
-            self.at += 1;
-            let k = self.rng.random_range(0..KEYS);
-            let element = self.model.write(KV, k, self.at, Some(POISON.into()));
-            rows.entry(KV).or_default().push((self.at, element));
         }
         let mut ids = Vec::new();
         for (table, mut rows) in rows {
@@ -605,10 +615,6 @@ impl Fleet {
             .position(|p| p.as_ref().is_some_and(|p| p.pid() == pid))
     }
 
-    fn log_has(&self, i: usize, needle: &str) -> bool {
-        std::fs::read_to_string(&self.logs[i]).is_ok_and(|t| t.contains(needle))
-    }
-
     /// The last `n` ERROR lines of an instance's log.
     fn complaints(&self, i: usize, n: usize) -> Vec<String> {
         let text = std::fs::read_to_string(&self.logs[i]).unwrap_or_default();
@@ -619,6 +625,12 @@ impl Fleet {
             .collect();
         lines[lines.len().saturating_sub(n)..].to_vec()
     }
+}
+
+/// Some instance logged `needle`.
+fn logs_have(logs: &[PathBuf], needle: &str) -> bool {
+    logs.iter()
+        .any(|l| std::fs::read_to_string(l).is_ok_and(|t| t.contains(needle)))
 }
 
 /// Milliseconds since the run began, for the trace.
@@ -777,27 +789,24 @@ async fn execute(plan: &Plan, trace: &mut Vec<String>) -> Result<(), String> {
                 .await?;
             }
             Step::Poison => {
-                trace.push(format!("{} poison constraint on {KV}", clock.now()));
-                ddl(
-                    &db,
-                    &format!(
-                        "ALTER TABLE public.{KV} DROP CONSTRAINT IF EXISTS fault_poison;
-                         ALTER TABLE public.{KV} ADD CONSTRAINT fault_poison CHECK (v <> '{POISON}') NOT VALID"
-                    ),
-                )
-                .await?;
+                trace.push(format!("{} poison trigger on {KV}", clock.now()));
+                ddl(&db, POISON_TRIGGER).await?;
             }
             Step::Unpoison { after } => {
                 trace.push(format!(
-                    "{} poison constraint dropped in {after:?}",
+                    "{} poison trigger to go {after:?} after it blocks a window",
                     clock.now()
                 ));
                 let db = db.clone();
+                let logs = fleet.logs.clone();
                 unpoison = Some(tokio::spawn(async move {
+                    // The poison row's window may start late (a kill, the target restart).
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while Instant::now() < deadline && !logs_have(&logs, "poison row") {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     tokio::time::sleep(after).await;
-                    let sql =
-                        format!("ALTER TABLE public.{KV} DROP CONSTRAINT IF EXISTS fault_poison");
-                    ddl(&db, &sql).await
+                    ddl(&db, "DROP TRIGGER IF EXISTS fault_poison ON public.kv").await
                 }));
             }
             Step::Kill(i) => {
@@ -829,9 +838,9 @@ async fn execute(plan: &Plan, trace: &mut Vec<String>) -> Result<(), String> {
     }
     if let Some(t) = unpoison {
         t.await.map_err(|e| format!("unpoison task: {e}"))??;
-        let blocked = (0..n).any(|i| fleet.log_has(i, "poison mutation"));
+        let blocked = logs_have(&fleet.logs, "poison row");
         trace.push(format!(
-            "{} poison constraint dropped; it blocked a window: {blocked}",
+            "{} poison trigger dropped; it blocked a window: {blocked}",
             clock.now()
         ));
     }
