@@ -146,7 +146,8 @@ impl Table {
         format!("{}.{}", self.schema.schema.quoted(), self.name.quoted())
     }
 
-    /// Lower-cased `db_schema_table`, the name of this table's staging table.
+    /// Lower-cased `db_schema_table`, the full name of this table's staging table. Distinct
+    /// tables can share it (`a_b.c.t` and `a.b_c.t`): the staging registry refuses the second.
     pub fn staging_name(&self) -> String {
         format!(
             "{}_{}_{}",
@@ -154,6 +155,12 @@ impl Table {
             self.schema.schema.canonical(),
             self.name.canonical()
         )
+    }
+
+    /// [`Table::staging_name`] fitted into an identifier of at most `limit` bytes (see
+    /// [`fit_identifier`]); `None` keeps it whole.
+    pub fn staging_name_within(&self, limit: Option<usize>) -> String {
+        fit_identifier(&self.staging_name(), limit)
     }
 
     /// Resolves a possibly qualified name (`t`, `schema.t`, `db.schema.t`) against a default
@@ -179,6 +186,36 @@ impl fmt::Display for Table {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.schema, self.name)
     }
+}
+
+/// FNV-1a, 64 bits: a hash that stays the same across Rust releases and on every instance
+/// (std's `DefaultHasher` promises neither), for names derived from names.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// `name` itself when it has at most `limit` bytes (or no limit); otherwise its longest
+/// prefix cut on a UTF-8 character boundary, `_` and the 16 hex digits of the FNV-1a hash of
+/// the whole name, `limit` bytes at most. The database would otherwise cut the name itself,
+/// and two names sharing their first `limit` bytes would name one object.
+pub fn fit_identifier(name: &str, limit: Option<usize>) -> String {
+    let Some(limit) = limit else {
+        return name.to_string();
+    };
+    if name.len() <= limit {
+        return name.to_string();
+    }
+    let suffix = format!("_{:016x}", fnv1a64(name.as_bytes()));
+    let mut cut = limit.saturating_sub(suffix.len());
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}", &name[..cut])
 }
 
 /// Splits a dotted name whose parts may be double-quoted (`"a.b".c` is two parts; `""` inside
@@ -236,6 +273,63 @@ mod tests {
         let t = Table::new(Schema::new("Db", "Public"), "MyTable");
         assert_eq!(t.quoted(), "\"Db\".\"Public\".\"MyTable\"");
         assert_eq!(t.staging_name(), "db_public_mytable");
+    }
+
+    #[test]
+    fn fnv1a64_matches_the_published_test_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x85944171f73967e8);
+    }
+
+    #[test]
+    fn long_names_get_a_prefix_and_a_hash_of_the_whole_name() {
+        let fits = "a".repeat(63);
+        assert_eq!(fit_identifier(&fits, Some(63)), fits);
+        let long = "b".repeat(200);
+        assert_eq!(fit_identifier(&long, None), long, "no limit: kept whole");
+        let s = Schema::new("production_analytics", "reporting");
+        let a = Table::new(
+            s.clone(),
+            "customer_subscription_billing_events_archive_2023",
+        );
+        let b = Table::new(s, "customer_subscription_billing_events_archive_2024");
+        assert_eq!(
+            a.staging_name(),
+            "production_analytics_reporting_customer_subscription_billing_events_archive_2023"
+        );
+        assert_eq!(
+            a.staging_name_within(Some(63)),
+            "production_analytics_reporting_customer_subscr_1150880afa7d025c"
+        );
+        assert_ne!(
+            a.staging_name_within(Some(63)),
+            b.staging_name_within(Some(63))
+        );
+        assert_eq!(a.staging_name_within(None), a.staging_name(), "cockroachdb");
+        // A 64-byte name is the shortest to be hashed.
+        let n64 = format!("{}é", "x".repeat(62));
+        assert_eq!(n64.len(), 64);
+        assert_eq!(
+            fit_identifier(&n64, Some(63)),
+            format!("{}_b879a1cbb4a1ae29", "x".repeat(46))
+        );
+        let n63 = format!("{}é", "x".repeat(61));
+        assert_eq!(
+            fit_identifier(&n63, Some(63)),
+            n63,
+            "63 bytes fit as they are"
+        );
+        // The cut never splits a character: bytes 45..=47 are one 3-byte character here.
+        let wide = format!("{}€tail_{}", "y".repeat(45), "z".repeat(20));
+        assert_eq!(
+            fit_identifier(&wide, Some(63)),
+            format!("{}_56aae016d6e0343f", "y".repeat(45))
+        );
+        for n in [&n64, &wide, &a.staging_name()] {
+            let fitted = fit_identifier(n, Some(63));
+            assert!(fitted.len() <= 63, "{fitted}");
+        }
     }
 
     #[test]

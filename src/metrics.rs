@@ -87,6 +87,10 @@ pub const POOL_MAX: &str = "pool_max_connection_count";
 pub const DLQ_MUTATIONS: &str = "dlq_mutations_total";
 pub const POISON_BACKOFF: &str = "sequence_poison_backoff_total";
 
+pub const CORE_PIPELINES: &str = "core_pipelines";
+pub const INGEST_AHEAD_OF_CLOCK: &str = "ingest_ahead_of_clock_total";
+pub const INGEST_NO_SUCH_SCHEMA: &str = "ingest_no_such_schema_total";
+
 /// Latency buckets of the reference: 1ms..9ms, 10ms..90ms, 100ms..900ms, 1s..9s, 10s..60s.
 fn latency_buckets() -> Vec<f64> {
     let mut b = Vec::new();
@@ -303,6 +307,18 @@ fn describe() {
         CORE_SWEEP_SKEW,
         "flushes written to the target whose staging step then failed (separate staging): \
 their rows will be applied again"
+    );
+    describe_gauge!(
+        CORE_PIPELINES,
+        "schemas with a running apply pipeline in this instance (idle ones stop)"
+    );
+    describe_counter!(
+        INGEST_AHEAD_OF_CLOCK,
+        "requests refused for a timestamp beyond --maxClockSkew ahead of the target clock"
+    );
+    describe_counter!(
+        INGEST_NO_SUCH_SCHEMA,
+        "requests refused for a schema without tables in the target (no labels: the name is input)"
     );
     describe_gauge!(
         CORE_FLUSHES_IN_FLIGHT,

@@ -20,6 +20,15 @@ impl Dialect {
             Dialect::Cockroach => "cockroachdb",
         }
     }
+
+    /// The longest identifier, in bytes, the database keeps as written: PostgreSQL silently
+    /// cuts longer ones (NAMEDATALEN − 1), CockroachDB does not cut.
+    pub fn identifier_limit(self) -> Option<usize> {
+        match self {
+            Dialect::Postgres => Some(63),
+            Dialect::Cockroach => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,9 +195,113 @@ where
     }
 }
 
+/// SQLSTATEs of DDL that lost a race with a concurrent creator of the same object:
+/// `CREATE … IF NOT EXISTS` checks before it inserts into the catalog, so two sessions can both
+/// pass the check (unique violation on a catalog index, duplicate table, schema or object).
+/// Running the statement again finds the object and does nothing.
+pub fn is_ddl_race(code: &str) -> bool {
+    matches!(code, "23505" | "42P07" | "42P06" | "42710")
+}
+
+/// The PostgreSQL advisory lock every cdc-sink DDL transaction takes ("cdcsink" in ASCII), so
+/// instances started together create the staging objects one after the other.
+const DDL_LOCK: i64 = 0x0063_6463_7369_6e6b;
+
+/// Runs idempotent DDL (`… IF NOT EXISTS`) so that any number of sessions may run it at once:
+/// on PostgreSQL in one transaction under [`DDL_LOCK`]; on CockroachDB (no advisory locks)
+/// statement by statement. Either way a lost race (see [`is_ddl_race`]) or a retryable error
+/// runs it again. Not for `CREATE INDEX CONCURRENTLY`, which cannot run in a transaction:
+/// see [`ddl_retry`].
+pub async fn run_ddl(db: &Database, stmts: &[String]) -> Result<(), sqlx::Error> {
+    let mut attempt: u32 = 0;
+    loop {
+        match run_ddl_once(db, stmts).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                attempt += 1;
+                if !retry_ddl(&e, attempt).await {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+async fn run_ddl_once(db: &Database, stmts: &[String]) -> Result<(), sqlx::Error> {
+    match db.dialect {
+        Dialect::Postgres => {
+            let mut tx = db.pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(DDL_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            // Holding the DDL lock, never wait long for a table lock: the holder of that lock
+            // may itself be waiting for this DDL lock (an apply transaction creating its
+            // dead-letter table), a cycle PostgreSQL cannot see. Give way and try again.
+            sqlx::query("SELECT set_config('lock_timeout', '1s', true)")
+                .execute(&mut *tx)
+                .await?;
+            for stmt in stmts {
+                sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(stmt)).await?;
+            }
+            tx.commit().await
+        }
+        Dialect::Cockroach => {
+            for stmt in stmts {
+                sqlx::raw_sql(stmt).execute(&db.pool).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs `op` again, after a short growing pause, while it fails with a lost DDL race, a lock
+/// timeout or a retryable SQLSTATE (at most 20 times).
+pub async fn ddl_retry<T, F, Fut>(mut op: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut attempt: u32 = 0;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                attempt += 1;
+                if !retry_ddl(&e, attempt).await {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// Whether failed attempt number `attempt` is worth another (a lost race, a lock wait that
+/// timed out, a retryable error); pauses a little first.
+async fn retry_ddl(e: &sqlx::Error, attempt: u32) -> bool {
+    let code = sqlstate(e);
+    if attempt >= 20 || !(is_ddl_race(&code) || code == "55P03" || is_retryable_sqlstate(&code)) {
+        return false;
+    }
+    tracing::debug!(code = %code, attempt, "ddl raced with another session; running it again");
+    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lost_ddl_races_are_told_apart_from_other_errors() {
+        for code in ["23505", "42P07", "42P06", "42710"] {
+            assert!(is_ddl_race(code), "{code}");
+        }
+        assert!(!is_ddl_race("42601"));
+        assert!(!is_ddl_race("23503"));
+        assert_eq!(Dialect::Postgres.identifier_limit(), Some(63));
+        assert_eq!(Dialect::Cockroach.identifier_limit(), None);
+    }
 
     #[test]
     fn accepts_the_reference_url_schemes() {

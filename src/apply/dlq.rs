@@ -110,20 +110,16 @@ impl Applier {
 
     /// Creates the table on its own connection, committed at once, so a rolled-back batch
     /// does not undo it and CockroachDB does not mix the DDL into the apply transaction.
+    /// Concurrent creators (other instances) are handled by [`target::run_ddl`].
     async fn create_dlq(&self, table: &Table, ddl: &str) -> Result<(), ApplyError> {
-        let created = sqlx::raw_sql(ddl).execute(&self.inner.target.pool).await;
-        match created {
-            Ok(_) => {
-                tracing::info!(table = %table, "created the dead-letter queue table");
-                Ok(())
-            }
-            // A concurrent creator won the race: the table exists now.
-            Err(e) if matches!(target::sqlstate(&e).as_str(), "23505" | "42P07") => Ok(()),
-            Err(error) => Err(ApplyError::DlqCreate {
+        target::run_ddl(&self.inner.target, &[ddl.to_string()])
+            .await
+            .map_err(|error| ApplyError::DlqCreate {
                 table: table.to_string(),
                 error,
-            }),
-        }
+            })?;
+        tracing::info!(table = %table, "created the dead-letter queue table");
+        Ok(())
     }
 
     /// Inserts `items` (dlq name, mutation) into the dead-letter table of `table`'s schema

@@ -63,6 +63,11 @@ pub enum ApplyError {
     ColumnCollision { table: String, column: String },
     #[error("table {0} not found in the target schema")]
     UnknownTable(String),
+    #[error(
+        "tables {first} and {second} differ only in case; cdc-sink names tables \
+         case-insensitively and cannot tell them apart: rename one of them"
+    )]
+    TableCollision { first: String, second: String },
     #[error("{0}")]
     Config(String),
     #[error("merge failed for {table}: {error}")]
@@ -116,8 +121,14 @@ impl ApplyError {
         }
     }
 
-    /// The target database is unreachable or overloaded (HTTP 503, try later).
+    /// The target database is unreachable or overloaded, or creating the dead-letter table
+    /// kept losing races with other instances (HTTP 503, try later).
     pub fn is_unavailable(&self) -> bool {
+        if let ApplyError::DlqCreate { error, .. } = self {
+            if target::is_ddl_race(&target::sqlstate(error)) {
+                return true;
+            }
+        }
         self.database_error().is_some_and(target::is_unavailable)
     }
 

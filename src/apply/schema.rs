@@ -156,6 +156,15 @@ pub(crate) async fn load(
     ) in rows
     {
         let table = Table::new(Schema::new(catalog, sch), table);
+        // `"Foo"` and `foo` would share one entry here and one staging table.
+        if let Some((known, _)) = by_table.get_key_value(&table) {
+            if known.name.raw() != table.name.raw() {
+                return Err(ApplyError::TableCollision {
+                    first: known.to_string(),
+                    second: table.to_string(),
+                });
+            }
+        }
         let column = Column {
             name: Ident::new(name),
             primary: pk.is_some(),

@@ -17,6 +17,9 @@ use crate::stage::StagingSchema;
 use crate::target::{Database, Dialect};
 use sqlx::{PgConnection, Row};
 
+/// The name of the table in the staging schema.
+pub const TABLE: &str = "applied_ranges";
+
 /// The `applied_ranges` table of a staging schema.
 pub struct AppliedRanges {
     table: String,
@@ -56,9 +59,8 @@ impl AppliedRanges {
         db: &Database,
         staging: &StagingSchema,
     ) -> Result<AppliedRanges, CheckpointError> {
-        let table = staging.object("applied_ranges");
-        sqlx::raw_sql(&ddl(db.dialect, &table))
-            .execute(&db.pool)
+        let table = staging.object(TABLE);
+        crate::target::run_ddl(db, &[ddl(db.dialect, &table)])
             .await
             .map_err(CheckpointError::Sql)?;
         Ok(AppliedRanges { table })
@@ -145,6 +147,12 @@ fn load_sql(table: &str) -> String {
     format!(
         "SELECT after_hlc::TEXT, upto_hlc::TEXT FROM {table} WHERE group_name = $1 AND upto_hlc > $2::DECIMAL"
     )
+}
+
+/// Deletes the ranges of a schema that end after a time: a checkpoint reset to it replays
+/// them (`$1` group, `$2` time).
+pub(super) fn reset_sql(table: &str) -> String {
+    format!("DELETE FROM {table} WHERE group_name = $1 AND upto_hlc > $2::DECIMAL")
 }
 
 fn forget_sql(table: &str) -> String {

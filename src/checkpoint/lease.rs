@@ -33,8 +33,7 @@ impl Leases {
         let ddl = format!(
             "CREATE TABLE IF NOT EXISTS {table} (name {text} PRIMARY KEY, expires TIMESTAMPTZ NOT NULL, nonce UUID NOT NULL, hostname {text} NOT NULL)"
         );
-        sqlx::raw_sql(&ddl)
-            .execute(&db.pool)
+        crate::target::run_ddl(&db, &[ddl])
             .await
             .map_err(CheckpointError::Sql)?;
         let hostname = std::fs::read_to_string("/etc/hostname")

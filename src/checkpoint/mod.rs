@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-pub use applied::{AppliedRanges, Ranges};
+pub use applied::{AppliedRanges, Ranges, TABLE as APPLIED_RANGES_TABLE};
 pub use lease::{Lease, Leases};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +68,8 @@ pub struct Checkpoints {
     table: String,
     /// Last known bounds per schema; a lower bound of the truth, used to drop redeliveries.
     cache: Mutex<HashMap<Schema, Bounds>>,
+    /// When each schema's bounds were last read from the table (or claimed for a read).
+    read: Mutex<HashMap<Schema, Instant>>,
 }
 
 impl Checkpoints {
@@ -76,16 +78,14 @@ impl Checkpoints {
         staging: &StagingSchema,
     ) -> Result<Arc<Checkpoints>, CheckpointError> {
         let table = staging.object("checkpoints");
-        for stmt in ddl(db.dialect, &table) {
-            sqlx::raw_sql(&stmt)
-                .execute(&db.pool)
-                .await
-                .map_err(CheckpointError::Sql)?;
-        }
+        target::run_ddl(&db, &ddl(db.dialect, &table))
+            .await
+            .map_err(CheckpointError::Sql)?;
         Ok(Arc::new(Checkpoints {
             db,
             table,
             cache: Mutex::new(HashMap::new()),
+            read: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -134,9 +134,14 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
         Ok(())
     }
 
-    /// Reads the current bounds of `schema` from the table.
+    /// Reads the current bounds of `schema` from the table; the cache follows them, downwards
+    /// too (after `cdc-sink checkpoint reset`).
     pub async fn bounds(&self, schema: &Schema) -> Result<Bounds, CheckpointError> {
         let started = Instant::now();
+        self.read
+            .lock()
+            .expect("poisoned")
+            .insert(schema.clone(), started);
         let stmt = format!(
             "SELECT (SELECT max(source_hlc)::TEXT FROM {t} WHERE group_name = $1 AND target_applied_at IS NOT NULL), \
 (SELECT max(source_hlc)::TEXT FROM {t} WHERE group_name = $1)",
@@ -166,7 +171,7 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
         };
         metrics::histogram!(m::CHECKPOINT_REFRESH_DURATION, m::LABEL_SCHEMA => schema.to_string())
             .record(started.elapsed().as_secs_f64());
-        self.observe(schema, bounds);
+        self.follow(schema, bounds);
         Ok(bounds)
     }
 
@@ -180,6 +185,18 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
             .unwrap_or(Hlc::ZERO)
     }
 
+    /// The newest resolved timestamp of `schema` this process knows of (from its view).
+    pub fn cached_proposed(&self, schema: &Schema) -> Hlc {
+        self.cache
+            .lock()
+            .expect("poisoned")
+            .get(schema)
+            .map(|b| b.proposed)
+            .unwrap_or(Hlc::ZERO)
+    }
+
+    /// Records bounds this process made durable itself: they only raise the cache, since a
+    /// read of the table racing the commit may already have set it.
     fn observe(&self, schema: &Schema, bounds: Bounds) {
         {
             let mut cache = self.cache.lock().expect("poisoned");
@@ -187,6 +204,22 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
             b.committed = b.committed.max(bounds.committed);
             b.proposed = b.proposed.max(bounds.proposed);
         }
+        self.gauges(schema, bounds);
+    }
+
+    /// Records bounds read from the table. They replace the cache even when lower: a read
+    /// that raced a commit of this process is lower than the truth, which only stages a few
+    /// redeliveries the window never reads (no window comes from the cache), while a reset
+    /// checkpoint is followed at once.
+    fn follow(&self, schema: &Schema, bounds: Bounds) {
+        self.cache
+            .lock()
+            .expect("poisoned")
+            .insert(schema.clone(), bounds);
+        self.gauges(schema, bounds);
+    }
+
+    fn gauges(&self, schema: &Schema, bounds: Bounds) {
         let now = Hlc::from_system_time(std::time::SystemTime::now()).seconds();
         let s = schema.to_string();
         let kind = [
@@ -280,6 +313,163 @@ ON CONFLICT (group_name, source_hlc, partition) DO UPDATE SET target_applied_at 
             .map_err(CheckpointError::Sql)?;
         Ok(names.iter().filter_map(|n| Schema::parse(n).ok()).collect())
     }
+}
+
+/// One schema's checkpoint rows, as `cdc-sink checkpoint show` prints them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupBounds {
+    /// The schema as stored (`group_name`).
+    pub group: String,
+    pub bounds: Bounds,
+}
+
+/// What [`Checkpoints::reset`] found newer than the reset point (and removes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResetPlan {
+    /// Rows newer than the reset point.
+    pub rows: u64,
+    /// The newest committed row among them: when set, the reset point is committed instead.
+    pub committed: Option<Hlc>,
+    /// The instance that held the schema's lease (it loses it).
+    pub lease_holder: Option<String>,
+}
+
+impl Checkpoints {
+    /// The committed checkpoint of `schema`, read from the table first when this process's
+    /// view of it is older than `max_age` (one reader at a time; a failed read keeps the view).
+    pub async fn fresh_committed(&self, schema: &Schema, max_age: std::time::Duration) -> Hlc {
+        let due = {
+            let mut read = self.read.lock().expect("poisoned");
+            match read.get(schema) {
+                Some(t) if t.elapsed() < max_age => false,
+                _ => {
+                    read.insert(schema.clone(), Instant::now());
+                    true
+                }
+            }
+        };
+        if due {
+            if let Err(e) = self.bounds(schema).await {
+                tracing::debug!(schema = %schema, error = %e, "could not refresh the committed checkpoint");
+            }
+        }
+        self.cached_committed(schema)
+    }
+
+    /// Every schema's bounds, by name.
+    pub async fn groups(&self) -> Result<Vec<GroupBounds>, CheckpointError> {
+        let stmt = format!(
+            "SELECT group_name, max(source_hlc) FILTER (WHERE target_applied_at IS NOT NULL)::TEXT, \
+max(source_hlc)::TEXT FROM {t} GROUP BY group_name ORDER BY group_name",
+            t = self.table
+        );
+        let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(&stmt)
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(CheckpointError::Sql)?;
+        let hlc = |s: Option<String>| -> Result<Hlc, CheckpointError> {
+            Ok(s.as_deref()
+                .map(parse_decimal)
+                .transpose()?
+                .unwrap_or(Hlc::ZERO))
+        };
+        rows.into_iter()
+            .map(|(group, c, p)| {
+                let committed = hlc(c)?;
+                let proposed = hlc(p)?.max(committed);
+                Ok(GroupBounds {
+                    group,
+                    bounds: Bounds {
+                        committed,
+                        proposed,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// What a reset of `schema` to `to` would remove; `execute` also does it, in one
+    /// transaction that first deletes the schema's lease row in `leases_table` (`lease_name`).
+    /// Deleting the lease waits for every open flush transaction of the holder (they lock the
+    /// row to fence) and makes its next fence or renewal fail, so the holder abandons the
+    /// window it was applying and starts again from the table. When a committed row is
+    /// removed, `to` becomes the committed checkpoint (the target holds everything up to the
+    /// removed one, so everything up to `to` too); otherwise only proposed rows go.
+    pub async fn reset(
+        &self,
+        schema: &Schema,
+        to: Hlc,
+        tables: ResetTables<'_>,
+        execute: bool,
+    ) -> Result<ResetPlan, CheckpointError> {
+        let ResetTables {
+            leases: leases_table,
+            lease_name,
+            ranges: ranges_table,
+        } = tables;
+        let group = schema.canonical();
+        let mut tx = self.db.pool.begin().await.map_err(CheckpointError::Sql)?;
+        let lease_stmt = if execute {
+            format!("DELETE FROM {leases_table} WHERE name = $1 RETURNING hostname")
+        } else {
+            format!("SELECT hostname FROM {leases_table} WHERE name = $1 AND expires > now()")
+        };
+        let lease_holder: Option<String> = sqlx::query_scalar(&lease_stmt)
+            .bind(lease_name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(CheckpointError::Sql)?;
+        let stmt = format!(
+            "SELECT count(*), max(source_hlc) FILTER (WHERE target_applied_at IS NOT NULL)::TEXT \
+FROM {t} WHERE group_name = $1 AND source_hlc > $2::DECIMAL",
+            t = self.table
+        );
+        let (rows, committed): (i64, Option<String>) = sqlx::query_as(&stmt)
+            .bind(&group)
+            .bind(to.to_decimal())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(CheckpointError::Sql)?;
+        let plan = ResetPlan {
+            rows: rows as u64,
+            committed: committed.as_deref().map(parse_decimal).transpose()?,
+            lease_holder,
+        };
+        if !execute {
+            return Ok(plan);
+        }
+        let del = format!(
+            "DELETE FROM {t} WHERE group_name = $1 AND source_hlc > $2::DECIMAL",
+            t = self.table
+        );
+        sqlx::query(&del)
+            .bind(&group)
+            .bind(to.to_decimal())
+            .execute(&mut *tx)
+            .await
+            .map_err(CheckpointError::Sql)?;
+        // Ranges applied beyond `to` would make windows skip the rows a replay re-sends.
+        sqlx::query(&applied::reset_sql(ranges_table))
+            .bind(&group)
+            .bind(to.to_decimal())
+            .execute(&mut *tx)
+            .await
+            .map_err(CheckpointError::Sql)?;
+        if plan.committed.is_some() {
+            self.commit(&mut tx, schema, to).await?;
+        }
+        tx.commit().await.map_err(CheckpointError::Sql)?;
+        self.bounds(schema).await?;
+        Ok(plan)
+    }
+}
+
+/// The other staging tables a checkpoint reset changes (quoted names), and the schema's lease.
+#[derive(Clone, Copy, Debug)]
+pub struct ResetTables<'a> {
+    pub leases: &'a str,
+    pub lease_name: &'a str,
+    pub ranges: &'a str,
 }
 
 /// `DECIMAL` text `nanos.logical` back to an HLC. The logical part has 10 digits when written

@@ -2,6 +2,7 @@
 //! this is the only place that uses `anyhow`.
 
 mod bench;
+mod checkpoint;
 mod demo;
 mod feed;
 mod start;
@@ -68,6 +69,8 @@ pub enum Command {
     Verify(Box<crate::verify::VerifyArgs>),
     /// Userscript tools: print the API (`--api`), check a script, dry-run it on a payload.
     Userscript(userscript::UserscriptArgs),
+    /// Show the checkpoints, or reset one set wrong (`checkpoint reset db.schema --to …`).
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -93,6 +96,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Workload(cmd) => runtime().and_then(|rt| rt.block_on(workload::workload(cmd))),
         Command::Verify(args) => runtime().and_then(|rt| rt.block_on(verify::verify(*args))),
         Command::Userscript(args) => userscript::run(args),
+        Command::Checkpoint(args) => runtime().and_then(|rt| rt.block_on(checkpoint::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -157,6 +161,38 @@ mod tests {
     #[test]
     fn the_command_tree_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn set_options_and_the_checkpoint_command_know_the_guard_flags() {
+        assert!(start::start_flags().contains(&("maxClockSkew".to_string(), true)));
+        let cli = Cli::try_parse_from([
+            "cdc-sink",
+            "start",
+            "--disableAuthentication",
+            "--maxClockSkew",
+            "10m",
+        ])
+        .expect("parses");
+        let Command::Start(args) = cli.command else {
+            panic!("start expected")
+        };
+        assert_eq!(
+            args.source.max_clock_skew,
+            std::time::Duration::from_secs(600)
+        );
+        let cli = Cli::try_parse_from([
+            "cdc-sink",
+            "checkpoint",
+            "reset",
+            "kv.public",
+            "--to",
+            "now-1h",
+            "--targetConn",
+            "postgresql://x/kv",
+        ])
+        .expect("parses");
+        assert!(matches!(cli.command, Command::Checkpoint(_)));
     }
 
     #[test]

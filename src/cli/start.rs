@@ -196,8 +196,12 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
         leases,
         applier: applier.clone(),
         hooks: hooks.clone(),
+        pipelines: Default::default(),
     });
     sequencer.recover().await?;
+    let clock = crate::source::TargetClock::open(&target, args.source.max_clock_skew)
+        .await
+        .context("reading the target clock")?;
     let handler = Ingest {
         target,
         staging,
@@ -210,6 +214,9 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
         limits: DecodeLimits {
             ndjson_line_bytes: args.source.ndjson_buffer_size,
         },
+        clock,
+        schemas: Default::default(),
+        dropped: Default::default(),
     }
     .into_handler();
     let bound = crate::server::bind(&args.server).await?;

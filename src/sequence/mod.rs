@@ -91,6 +91,10 @@ pub struct SequenceArgs {
         default_value_t = 1000
     )]
     pub timestamp_limit: usize,
+    /// Stop a schema's apply pipeline (releasing its lease) after this long without a resolved
+    /// timestamp while nothing is pending; the next one starts it again. 0 = never.
+    #[arg(long = "pipelineIdle", env = "CDC_SINK_PIPELINE_IDLE", default_value = "5m0s", value_parser = parse_duration)]
+    pub pipeline_idle: Duration,
     /// Accepted for compatibility; unused (as in the reference).
     #[arg(long = "quiescentPeriod", env = "CDC_SINK_QUIESCENT_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub quiescent_period: Duration,
@@ -159,6 +163,13 @@ pub(crate) const LEASE_LIFETIME: Duration = Duration::from_secs(10);
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How often a running pipeline asks whether it is idle, at most.
+const IDLE_CHECK: Duration = Duration::from_secs(30);
+
+/// The name of the lease that elects the instance applying `schema`.
+pub fn lease_name(schema: &Schema) -> String {
+    format!("sequtil.Lease.\"{}\"", schema.canonical())
+}
 
 /// Shared parts every schema's pipeline uses.
 pub struct Parts {
@@ -174,12 +185,62 @@ pub struct Parts {
     pub leases: Arc<Leases>,
     pub applier: Applier,
     pub hooks: Option<Hooks>,
+    /// The running pipelines (filled by the sequencer).
+    pub pipelines: Pipelines,
+}
+
+/// The running pipelines: per schema, how to wake it and when it was last woken.
+#[derive(Default)]
+pub struct Pipelines(Mutex<HashMap<Schema, Running>>);
+
+struct Running {
+    notify: Arc<Notify>,
+    woken: std::time::Instant,
+}
+
+impl Pipelines {
+    /// How often a pipeline of `parts` asks [`Pipelines::retire_if_idle`]; `None` when idle
+    /// pipelines never stop (`--pipelineIdle 0`).
+    pub(crate) fn check_every(parts: &Parts) -> Option<Duration> {
+        let idle = parts.args.pipeline_idle;
+        (!idle.is_zero()).then(|| (idle / 4).clamp(Duration::from_millis(100), IDLE_CHECK))
+    }
+
+    /// Ends the pipeline of `schema` if it was not woken for `--pipelineIdle` and the schema
+    /// has no pending window. Removal happens under the lock [`Sequencer::wake`] takes, so a
+    /// wake either lands before (and keeps the pipeline) or after (and starts a new one).
+    pub(crate) async fn retire_if_idle(&self, parts: &Parts, schema: &Schema) -> bool {
+        let idle = parts.args.pipeline_idle;
+        if idle.is_zero() || !self.unwoken(schema, idle) {
+            return false;
+        }
+        match parts.checkpoints.bounds(schema).await {
+            Ok(b) if b.proposed <= b.committed => {}
+            _ => return false,
+        }
+        let mut pipes = self.0.lock().expect("poisoned");
+        let woken_since = pipes.get(schema).is_none_or(|r| r.woken.elapsed() < idle);
+        if woken_since {
+            return false;
+        }
+        pipes.remove(schema);
+        metrics::gauge!(m::CORE_PIPELINES).set(pipes.len() as f64);
+        tracing::info!(schema = %schema, idle = ?idle, "pipeline idle; stopping");
+        true
+    }
+
+    fn unwoken(&self, schema: &Schema, idle: Duration) -> bool {
+        self.0
+            .lock()
+            .expect("poisoned")
+            .get(schema)
+            .is_some_and(|r| r.woken.elapsed() >= idle)
+    }
 }
 
 /// Owns one pipeline task per target schema.
 pub struct Sequencer {
     parts: Arc<Parts>,
-    pipelines: Mutex<HashMap<Schema, Arc<Notify>>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop: watch::Sender<bool>,
     modes: mode::Modes,
@@ -206,7 +267,6 @@ impl Sequencer {
         let modes = mode::Modes::new(policy, sources, stop.subscribe());
         Arc::new(Sequencer {
             parts: Arc::new(parts),
-            pipelines: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
             stop,
             modes,
@@ -242,23 +302,40 @@ impl Sequencer {
             return;
         }
         self.modes.kick(schema);
-        let mut pipes = self.pipelines.lock().expect("poisoned");
-        if let Some(n) = pipes.get(schema) {
-            n.notify_one();
+        let mut pipes = self.parts.pipelines.0.lock().expect("poisoned");
+        if let Some(r) = pipes.get_mut(schema) {
+            r.woken = std::time::Instant::now();
+            r.notify.notify_one();
             return;
         }
         let notify = Arc::new(Notify::new());
-        pipes.insert(schema.clone(), notify.clone());
+        pipes.insert(
+            schema.clone(),
+            Running {
+                notify: notify.clone(),
+                woken: std::time::Instant::now(),
+            },
+        );
+        metrics::gauge!(m::CORE_PIPELINES).set(pipes.len() as f64);
+        drop(pipes);
         let pipeline = window::Pipeline::new(self.parts.clone(), schema.clone(), notify);
         let stop = self.stop.subscribe();
         let handle = tokio::spawn(pipeline.run(stop));
-        self.tasks.lock().expect("poisoned").push(handle);
+        let mut tasks = self.tasks.lock().expect("poisoned");
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(handle);
         tracing::info!(schema = %schema, "pipeline started");
     }
 
-    /// Starts pipelines for schemas with staged but unapplied windows.
+    /// Starts pipelines for schemas with staged but unapplied windows and tables in the
+    /// target (a schema dropped since keeps its rows, but nothing can apply them).
     pub async fn recover(&self) -> Result<(), SequenceError> {
         for schema in self.parts.checkpoints.pending_schemas().await? {
+            let info = self.parts.applier.schema(&schema).await?;
+            if info.tables.is_empty() {
+                tracing::warn!(schema = %schema, "pending checkpoints of a schema without tables; not starting its pipeline");
+                continue;
+            }
             self.wake(&schema);
         }
         Ok(())
@@ -402,6 +479,14 @@ pub(crate) async fn write_ordered(
         }
     }
     Ok(())
+}
+
+/// Sleeps `d`, or forever when `None`.
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn backoff(attempt: u32) -> Duration {

@@ -44,8 +44,8 @@
 use super::poison::{find_poison, is_transient};
 use super::schedule::{lock_key, slices, KeyLocks, Progress, Slice};
 use super::{
-    backoff, now_seconds, schema_label, write_ordered, Parts, SequenceError, LEASE_LIFETIME,
-    LEASE_MARGIN, POLL,
+    backoff, now_seconds, schema_label, sleep_or_never, write_ordered, Parts, Pipelines,
+    SequenceError, LEASE_LIFETIME, LEASE_MARGIN, POLL,
 };
 use crate::apply::SchemaInfo;
 use crate::checkpoint::{Bounds, Lease, Ranges};
@@ -53,6 +53,7 @@ use crate::hlc::Hlc;
 use crate::ident::{Schema, Table};
 use crate::metrics as m;
 use crate::mutation::{Mutation, TableBatches};
+use crate::stage::StageError;
 use sqlx::PgConnection;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -84,8 +85,15 @@ impl Pipeline {
         }
     }
 
+    /// Runs until the sequencer stops or the schema goes idle (see
+    /// [`super::Pipelines::retire_if_idle`]), then releases the lease if held.
     pub(super) async fn run(self, mut stop: watch::Receiver<bool>) {
+        // `hold` sees this stop, raised by the sequencer's stop or by going idle; it checks it
+        // between windows, so a window in flight finishes first.
+        let (local_tx, mut local) = watch::channel(false);
+        let idle_check = Pipelines::check_every(&self.parts);
         let mut failures = 0u32;
+        let mut checked = Instant::now();
         while !*stop.borrow() {
             let acquired = self
                 .parts
@@ -97,7 +105,25 @@ impl Pipeline {
                     failures = 0;
                     tracing::info!(schema = %self.schema, "acquired apply lease");
                     metrics::gauge!(m::CORE_SWEEP_ACTIVE, &schema_label(&self.schema)).set(1.0);
-                    let held = self.hold(&lease, &mut stop).await;
+                    let held = {
+                        let hold = self.hold(&lease, &mut local);
+                        tokio::pin!(hold);
+                        let mut forwarded = false;
+                        loop {
+                            tokio::select! {
+                                h = &mut hold => break h,
+                                _ = stop.changed(), if !forwarded => {
+                                    forwarded = true;
+                                    let _ = local_tx.send(true);
+                                }
+                                _ = sleep_or_never(idle_check) => {
+                                    if self.parts.pipelines.retire_if_idle(&self.parts, &self.schema).await {
+                                        let _ = local_tx.send(true);
+                                    }
+                                }
+                            }
+                        }
+                    };
                     metrics::gauge!(m::CORE_SWEEP_ACTIVE, &schema_label(&self.schema)).set(0.0);
                     match held {
                         Held::Stopped => {
@@ -108,11 +134,25 @@ impl Pipeline {
                         }
                         Held::Lost => tracing::warn!(schema = %self.schema, "apply lease lost"),
                     }
+                    if *local.borrow() {
+                        break;
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(schema = %self.schema, error = %e, "could not acquire apply lease");
+                }
+            }
+            if idle_check.is_some_and(|every| checked.elapsed() >= every) {
+                checked = Instant::now();
+                if self
+                    .parts
+                    .pipelines
+                    .retire_if_idle(&self.parts, &self.schema)
+                    .await
+                {
+                    break;
                 }
             }
             let wait = if failures > 0 {
@@ -221,7 +261,7 @@ impl Pipeline {
         if let Some(h) = &self.parts.hooks {
             h.configure(&self.parts.applier, &info);
         }
-        let tables: Vec<Table> = info.levels.iter().flatten().cloned().collect();
+        let tables = self.stageable(&info).await?;
         let skip = {
             let mut conn = self
                 .parts
@@ -297,6 +337,23 @@ impl Pipeline {
         Ok(info)
     }
 
+    /// The schema's tables in foreign-key order, less those whose staging-table name another
+    /// table owns: ingest refuses their rows, so they have none staged, and reading them would
+    /// fail every window of the schema.
+    async fn stageable(&self, info: &SchemaInfo) -> Result<Vec<Table>, SequenceError> {
+        let mut tables = Vec::new();
+        for table in info.levels.iter().flatten() {
+            match self.parts.stager.ensure(table).await {
+                Ok(_) => tables.push(table.clone()),
+                Err(e @ StageError::NameTaken { .. }) => {
+                    tracing::debug!(schema = %self.schema, error = %e, "not reading a table that cannot be staged");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(tables)
+    }
+
     /// Deletes staged rows at or below the committed checkpoint: redeliveries that an
     /// instance staged before it saw the checkpoint move past them. They are never read.
     async fn sweep_below(&self, lease: &Lease, committed: Hlc) -> Result<(), SequenceError> {
@@ -313,7 +370,7 @@ impl Pipeline {
             return Err(SequenceError::LeaseLost(self.schema.to_string()));
         }
         let mut deleted = 0;
-        for table in info.levels.iter().flatten() {
+        for table in &self.stageable(&info).await? {
             deleted += parts
                 .stager
                 .retire(&mut tx, table, Hlc::ZERO, committed)

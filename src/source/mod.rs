@@ -3,6 +3,7 @@
 //! allows and staging otherwise (best-effort). A request is acknowledged only once what it
 //! carried is durable.
 
+mod guard;
 pub mod webhook;
 
 use crate::apply::{Applier, ApplyError, SchemaInfo};
@@ -20,7 +21,7 @@ use crate::target::{Database, Dialect};
 use futures::future::BoxFuture;
 use http::StatusCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use webhook::{DecodeLimits, Payload, PrimaryKeys, WebhookError};
 
 /// Flags of the ingest step.
@@ -33,7 +34,13 @@ pub struct SourceArgs {
         default_value_t = 65_536
     )]
     pub ndjson_buffer_size: usize,
+    /// Refuse (400) resolved timestamps and `updated` times further than this ahead of the
+    /// target database's clock; 0 turns the check off.
+    #[arg(long = "maxClockSkew", env = "CDC_SINK_MAX_CLOCK_SKEW", default_value = "1h0m0s", value_parser = crate::config::parse_duration)]
+    pub max_clock_skew: Duration,
 }
+
+pub use guard::{go_duration, DropLog, SchemaGate, TargetClock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -45,6 +52,22 @@ pub enum IngestError {
     WrongDatabase { got: String, want: String },
     #[error("table {0} not found in the target schema")]
     UnknownTable(String),
+    #[error("schema {0} has no tables in the target")]
+    NoSuchSchema(String),
+    #[error(
+        "{what} {ts} is more than {skew} ahead of the target database's clock (--maxClockSkew)"
+    )]
+    AheadOfClock {
+        what: &'static str,
+        ts: Hlc,
+        skew: String,
+    },
+    #[error("could not look up schema {schema} in the target: {error}")]
+    Lookup {
+        schema: String,
+        #[source]
+        error: sqlx::Error,
+    },
     #[error(transparent)]
     Stage(#[from] StageError),
     #[error(transparent)]
@@ -64,6 +87,13 @@ impl IngestError {
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
             IngestError::WrongDatabase { .. } => StatusCode::NOT_FOUND,
             IngestError::UnknownTable(_) => StatusCode::BAD_REQUEST,
+            IngestError::NoSuchSchema(_) => StatusCode::NOT_FOUND,
+            IngestError::AheadOfClock { .. } => StatusCode::BAD_REQUEST,
+            IngestError::Stage(e) | IngestError::Sequence(SequenceError::Stage(e))
+                if e.is_bad_input() =>
+            {
+                StatusCode::BAD_REQUEST
+            }
             _ if self.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Checkpoint(e) if e.is_bad_input() => StatusCode::BAD_REQUEST,
             // The target refused the data itself (constraint, type): the request cannot succeed.
@@ -81,6 +111,7 @@ impl IngestError {
             IngestError::Apply(e) => e.is_unavailable(),
             IngestError::Sequence(e) => e.is_unavailable(),
             IngestError::Script(e) => e.is_retryable(),
+            IngestError::Lookup { error, .. } => crate::target::is_unavailable(error),
             _ => false,
         }
     }
@@ -97,7 +128,15 @@ pub struct Ingest {
     pub sequencer: Arc<Sequencer>,
     pub hooks: Option<Hooks>,
     pub limits: DecodeLimits,
+    /// `--maxClockSkew` against the target's clock.
+    pub clock: TargetClock,
+    pub schemas: SchemaGate,
+    pub dropped: DropLog,
 }
+
+/// How long ingest trusts this process's view of a committed checkpoint before reading it
+/// again: the lease holder's view is always fresh, the others' would otherwise lag.
+const COMMITTED_MAX_AGE: Duration = Duration::from_secs(2);
 
 impl Ingest {
     /// The handler the server calls for every changefeed request.
@@ -122,15 +161,78 @@ impl Ingest {
         {
             return Err(IngestError::Unauthorized);
         }
-        let info = self.applier.schema(&schema).await?;
+        // Before anything keyed by the schema exists: checkpoint, lease, pipeline, metrics.
+        let info = self.schema_with_tables(&schema).await?;
         if let Some(h) = &self.hooks {
             h.configure(&self.applier, &info);
         }
         let payload = webhook::decode(&route, &req.body, &Keys(&info), &self.limits)?;
         match payload {
             Payload::Empty => Ok(()),
-            Payload::Resolved(ts) => self.resolved(&schema, ts).await,
-            Payload::Mutations(muts) => self.mutations(&schema, info, muts).await,
+            Payload::Resolved(ts) => {
+                self.not_ahead(&schema, "resolved timestamp", ts).await?;
+                self.resolved(&schema, ts).await
+            }
+            Payload::Mutations(muts) => {
+                if let Some(newest) = muts.iter().map(|(_, mu)| mu.time).max() {
+                    self.not_ahead(&schema, "updated time", newest).await?;
+                }
+                self.mutations(&schema, info, muts).await
+            }
+        }
+    }
+
+    /// The schema's tables; a schema without any is refused. A schema not seen with tables
+    /// before is looked up in the catalog first (so one created since start works at once),
+    /// and only then loaded into the applier's cache.
+    async fn schema_with_tables(&self, schema: &Schema) -> Result<Arc<SchemaInfo>, IngestError> {
+        if self.schemas.is_known(schema) {
+            let info = self.applier.schema(schema).await?;
+            if !info.tables.is_empty() {
+                return Ok(info);
+            }
+            self.schemas.forget(schema);
+        }
+        let found = self
+            .schemas
+            .has_tables(&self.target, schema)
+            .await
+            .map_err(|error| IngestError::Lookup {
+                schema: schema.to_string(),
+                error,
+            })?;
+        let info = if found {
+            Some(self.applier.refresh(schema).await?).filter(|i| !i.tables.is_empty())
+        } else {
+            None
+        };
+        let Some(info) = info else {
+            metrics::counter!(m::INGEST_NO_SUCH_SCHEMA).increment(1);
+            return Err(IngestError::NoSuchSchema(schema.to_string()));
+        };
+        self.schemas.remember(schema);
+        Ok(info)
+    }
+
+    /// Refuses a timestamp beyond `--maxClockSkew` ahead of the target's clock: committed, it
+    /// would make every real timestamp look old.
+    async fn not_ahead(
+        &self,
+        schema: &Schema,
+        what: &'static str,
+        ts: Hlc,
+    ) -> Result<(), IngestError> {
+        match self.clock.limit(&self.target).await {
+            Some(limit) if ts > limit => {
+                metrics::counter!(m::INGEST_AHEAD_OF_CLOCK, m::LABEL_SCHEMA => schema.to_string())
+                    .increment(1);
+                Err(IngestError::AheadOfClock {
+                    what,
+                    ts,
+                    skew: guard::go_duration(self.clock.skew()),
+                })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -178,7 +280,10 @@ impl Ingest {
             }
         }
         // Redeliveries at or before the committed checkpoint were applied already.
-        let committed = self.checkpoints.cached_committed(schema);
+        let committed = self
+            .checkpoints
+            .fresh_committed(schema, COMMITTED_MAX_AGE)
+            .await;
         let mut below = 0u64;
         let batches = group_by_table(muts.into_iter().filter(|(_, mu)| {
             let keep = mu.time > committed;
@@ -188,6 +293,9 @@ impl Ingest {
         if below > 0 {
             metrics::counter!(m::STAGE_BELOW_CHECKPOINT, m::LABEL_SCHEMA => schema.to_string())
                 .increment(below);
+            if let Some(rows) = self.dropped.note(schema, below, Instant::now()) {
+                tracing::warn!(schema = %schema, rows, checkpoint = %committed, "dropped rows at or below the committed checkpoint (redeliveries, or a second changefeed or an older cursor on this schema)");
+            }
         }
         let result = if batches.is_empty() {
             Ok(())
@@ -213,15 +321,46 @@ impl Ingest {
         match admission.mode() {
             Mode::Immediate => self.sequencer.apply_now(schema, batches).await?,
             Mode::BestEffort => {
-                self.sequencer
-                    .accept_best_effort(schema, info, batches)
-                    .await?
+                let resolved = self.checkpoints.cached_proposed(schema);
+                let later;
+                let mut batches = batches;
+                if batches.values().flatten().any(|mu| mu.time <= resolved) {
+                    later = after_resolved(batches, resolved);
+                    let dropped = count(batches) - count(&later);
+                    metrics::counter!(m::STAGE_BELOW_CHECKPOINT, m::LABEL_SCHEMA => schema.to_string())
+                        .increment(dropped as u64);
+                    batches = &later;
+                }
+                if !batches.is_empty() {
+                    self.sequencer
+                        .accept_best_effort(schema, info, batches)
+                        .await?
+                }
             }
             Mode::Consistent => drop(self.stager.stage(batches).await?),
         }
         drop(admission);
         Ok(())
     }
+}
+
+/// The mutations of `batches` later than `resolved`. A changefeed sends a resolved timestamp
+/// only once everything at or before it was acknowledged, so a row at or below a recorded one is
+/// a redelivery. Best-effort mode drops them: it writes straight to the target, where an old
+/// version would overwrite a newer one that nothing staged could protect.
+fn after_resolved(batches: &TableBatches, resolved: Hlc) -> TableBatches {
+    batches
+        .iter()
+        .map(|(t, muts)| {
+            let later: Vec<Mutation> = muts.iter().filter(|m| m.time > resolved).cloned().collect();
+            (t.clone(), later)
+        })
+        .filter(|(_, muts)| !muts.is_empty())
+        .collect()
+}
+
+fn count(batches: &TableBatches) -> usize {
+    batches.values().map(Vec::len).sum()
 }
 
 /// Primary keys from the target schema, for CDC-query feeds.

@@ -58,12 +58,22 @@ pub enum StageError {
         #[source]
         source: sqlx::Error,
     },
+    /// Two target tables map to one staging table name (`a_b.c.t` and `a.b_c.t`, or names
+    /// equal up to a cut): the second is refused rather than sharing the first's rows.
+    #[error(
+        "staging table name {staging_name:?} is taken by table {owner}; table {table} cannot be staged"
+    )]
+    NameTaken {
+        staging_name: String,
+        owner: String,
+        table: String,
+    },
 }
 
 impl StageError {
     fn sql(&self) -> Option<&sqlx::Error> {
         match self {
-            StageError::Schema(..) => None,
+            StageError::Schema(..) | StageError::NameTaken { .. } => None,
             StageError::Create { source, .. }
             | StageError::Read { source, .. }
             | StageError::Retire { source, .. }
@@ -76,9 +86,20 @@ impl StageError {
         self.sql().map(target::sqlstate)
     }
 
-    /// The database is down or overloaded: worth a 503 and a retry.
+    /// The database is down or overloaded, or DDL kept losing races with other instances:
+    /// worth a 503 and a retry.
     pub fn is_unavailable(&self) -> bool {
-        self.sql().is_some_and(target::is_unavailable)
+        match self {
+            StageError::Create { source, .. } => {
+                target::is_unavailable(source) || target::is_ddl_race(&target::sqlstate(source))
+            }
+            _ => self.sql().is_some_and(target::is_unavailable),
+        }
+    }
+
+    /// The request names a table that cannot be staged (HTTP 400): retrying cannot help.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, StageError::NameTaken { .. })
     }
 }
 
@@ -100,7 +121,10 @@ pub struct StagedRow {
 pub struct Stager {
     db: Database,
     schema: StagingSchema,
-    known: Mutex<HashSet<String>>,
+    /// The quoted staging-table registry (see [`sql::REGISTRY`]).
+    registry: String,
+    /// Tables whose staging table this process registered and created, with its quoted name.
+    known: Mutex<HashMap<Table, String>>,
     creating: tokio::sync::Mutex<()>,
     /// Index staging tables by `key` on PostgreSQL when creating them (see
     /// [`Stager::enable_key_index`]).
@@ -110,37 +134,26 @@ pub struct Stager {
 }
 
 impl Stager {
-    /// Creates the staging schema (and its checkpoint and lease tables) if missing.
+    /// Creates the staging schema and its staging-table registry if missing (the checkpoint
+    /// and lease tables are created by their own modules).
     pub async fn open(db: Database, staging_schema: &str) -> Result<Stager, StageError> {
         let schema = StagingSchema::parse(staging_schema, db.dialect, &db.database)
             .map_err(|e| StageError::Schema(staging_schema.to_string(), e))?;
-        for stmt in schema.bootstrap_sql() {
-            sqlx::raw_sql(&stmt)
-                .execute(&db.pool)
-                .await
-                .map_err(|source| StageError::Create {
-                    table: schema.to_string(),
-                    source,
-                })?;
-        }
-        let registry = schema.object("staging_tables");
-        let text = if db.dialect == Dialect::Cockroach {
-            "STRING"
-        } else {
-            "TEXT"
-        };
-        sqlx::raw_sql(&format!("CREATE TABLE IF NOT EXISTS {registry} (staging_name {text} PRIMARY KEY, group_name {text} NOT NULL, table_name {text} NOT NULL)"))
-            .execute(&db.pool)
+        let registry = schema.object(sql::REGISTRY);
+        let mut ddl = schema.bootstrap_sql();
+        ddl.push(sql::registry_ddl(db.dialect, &registry));
+        target::run_ddl(&db, &ddl)
             .await
             .map_err(|source| StageError::Create {
-                table: registry.clone(),
+                table: schema.to_string(),
                 source,
             })?;
         tracing::info!(schema = %schema, "staging schema ready");
         Ok(Stager {
             db,
             schema,
-            known: Mutex::new(HashSet::new()),
+            registry,
+            known: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
             key_index: AtomicBool::new(false),
             indexed: Mutex::new(HashSet::new()),
@@ -182,9 +195,9 @@ impl Stager {
             if self.indexed.lock().expect("poisoned").contains(&name) {
                 continue;
             }
-            let bare = table.staging_name();
-            let qualified = self.schema.object(&sql::key_index_name(&bare));
-            let stmts = sql::key_index_sql(&name, &bare, &qualified);
+            let index = sql::key_index_name(self.db.dialect, &self.schema.table_name(table));
+            let qualified = self.schema.object(&index);
+            let stmts = sql::key_index_sql(&name, &index, &qualified);
             let failed = |source| StageError::Create {
                 table: qualified.clone(),
                 source,
@@ -199,15 +212,15 @@ impl Stager {
             if build && !matches!(state, Some((true, _)) | Some((false, true))) {
                 if state.is_some() {
                     tracing::warn!(index = %qualified, "dropping an invalid staging index left by an interrupted build");
-                    sqlx::raw_sql(&stmts.drop)
-                        .execute(&self.db.pool)
+                    target::ddl_retry(|| sqlx::raw_sql(&stmts.drop).execute(&self.db.pool))
                         .await
                         .map_err(failed)?;
                 }
                 tracing::info!(table = %name, "building the staging index best-effort mode needs");
                 let started = Instant::now();
-                sqlx::raw_sql(&stmts.create)
-                    .execute(&self.db.pool)
+                // Not under the DDL lock: it cannot run in a transaction, and it waits for
+                // every transaction, including one waiting for that lock.
+                target::ddl_retry(|| sqlx::raw_sql(&stmts.create).execute(&self.db.pool))
                     .await
                     .map_err(failed)?;
                 tracing::info!(table = %name, elapsed_ms = started.elapsed().as_millis() as u64, "staging index built");
@@ -222,69 +235,108 @@ impl Stager {
         Ok(ready)
     }
 
+    /// The quoted name of `table`'s staging table.
+    pub fn staging_table(&self, table: &Table) -> String {
+        self.schema.table(table)
+    }
+
+    /// Registers `table` as the owner of its staging table name and creates the staging
+    /// table, the first time this process uses it. Refuses a table whose staging name another
+    /// table holds.
+    pub async fn ensure(&self, table: &Table) -> Result<String, StageError> {
+        if let Some(name) = self.known.lock().expect("poisoned").get(table) {
+            return Ok(name.clone());
+        }
+        // One creator per process; other instances are kept apart by `run_ddl`.
+        let _creating = self.creating.lock().await;
+        if let Some(name) = self.known.lock().expect("poisoned").get(table) {
+            return Ok(name.clone());
+        }
+        let bare = self.schema.table_name(table);
+        let name = self.schema.object(&bare);
+        self.register(table, &bare).await?;
+        let key_index = self.key_index.load(Ordering::Relaxed);
+        let ddl = sql::create_table(self.db.dialect, &name, &bare, key_index);
+        target::run_ddl(&self.db, &ddl)
+            .await
+            .map_err(|source| StageError::Create {
+                table: name.clone(),
+                source,
+            })?;
+        self.known
+            .lock()
+            .expect("poisoned")
+            .insert(table.clone(), name.clone());
+        Ok(name)
+    }
+
+    /// Claims the staging name `bare` for `table` in the registry, or finds who holds it.
+    /// A staging table created by an older version has no row yet: its first user claims it.
+    async fn register(&self, table: &Table, bare: &str) -> Result<(), StageError> {
+        let group = table.schema.canonical();
+        let name = table.name.canonical();
+        let failed = |source| StageError::Create {
+            table: self.registry.clone(),
+            source,
+        };
+        let claim = sql::registry_claim(&self.registry);
+        let owner = sql::registry_owner(&self.registry);
+        for _ in 0..10 {
+            target::ddl_retry(|| {
+                sqlx::query(&claim)
+                    .bind(bare)
+                    .bind(&group)
+                    .bind(&name)
+                    .execute(&self.db.pool)
+            })
+            .await
+            .map_err(failed)?;
+            // A separate statement: it sees a concurrent claim that made ours a no-op.
+            let held: Option<(String, String)> = target::retry(|| {
+                sqlx::query_as(&owner)
+                    .bind(bare)
+                    .fetch_optional(&self.db.pool)
+            })
+            .await
+            .map_err(failed)?;
+            match held {
+                Some((g, t)) if g == group && t == name => return Ok(()),
+                Some((g, t)) => {
+                    return Err(StageError::NameTaken {
+                        staging_name: bare.to_string(),
+                        owner: format!("{g}.{t}"),
+                        table: format!("{group}.{name}"),
+                    })
+                }
+                // Removed between the two statements (by hand): claim it again.
+                None => continue,
+            }
+        }
+        Err(StageError::NameTaken {
+            staging_name: bare.to_string(),
+            owner: "an unstable registry row".into(),
+            table: format!("{group}.{name}"),
+        })
+    }
+
     /// Every table of `schema` that has a staging table (registered by any instance).
     pub async fn registered(&self, schema: &Schema) -> Result<Vec<Table>, StageError> {
-        let registry = self.schema.object("staging_tables");
-        let names: Vec<String> = sqlx::query_scalar(&format!(
-            "SELECT table_name FROM {registry} WHERE group_name = $1"
-        ))
-        .bind(schema.canonical())
-        .fetch_all(&self.db.pool)
+        let stmt = sql::registry_tables(&self.registry);
+        let group = schema.canonical();
+        let names: Vec<String> = target::retry(|| {
+            sqlx::query_scalar(&stmt)
+                .bind(&group)
+                .fetch_all(&self.db.pool)
+        })
         .await
         .map_err(|source| StageError::Read {
-            table: registry.clone(),
+            table: self.registry.clone(),
             source,
         })?;
         Ok(names
             .into_iter()
             .map(|n| Table::new(schema.clone(), n))
             .collect())
-    }
-
-    /// The quoted name of `table`'s staging table.
-    pub fn staging_table(&self, table: &Table) -> String {
-        self.schema.table(table)
-    }
-
-    /// Creates the staging table of `table` if this process has not seen it yet.
-    pub async fn ensure(&self, table: &Table) -> Result<String, StageError> {
-        let name = self.staging_table(table);
-        if self.known.lock().expect("poisoned").contains(&name) {
-            return Ok(name);
-        }
-        // Concurrent requests for a new table would race in CREATE ... IF NOT EXISTS, which
-        // PostgreSQL reports as a unique violation: create one at a time here, and treat a
-        // duplicate from another instance as success.
-        let _creating = self.creating.lock().await;
-        if self.known.lock().expect("poisoned").contains(&name) {
-            return Ok(name);
-        }
-        let registry = self.schema.object("staging_tables");
-        sqlx::query(&format!("INSERT INTO {registry} (staging_name, group_name, table_name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"))
-            .bind(table.staging_name())
-            .bind(table.schema.canonical())
-            .bind(table.name.canonical())
-            .execute(&self.db.pool)
-            .await
-            .map_err(|source| StageError::Create {
-                table: name.clone(),
-                source,
-            })?;
-        let key_index = self.key_index.load(Ordering::Relaxed);
-        for stmt in sql::create_table(self.db.dialect, &name, &table.staging_name(), key_index) {
-            match target::retry(|| sqlx::raw_sql(&stmt).execute(&self.db.pool)).await {
-                Ok(_) => {}
-                Err(e) if matches!(target::sqlstate(&e).as_str(), "23505" | "42P07") => {}
-                Err(source) => {
-                    return Err(StageError::Create {
-                        table: name.clone(),
-                        source,
-                    })
-                }
-            }
-        }
-        self.known.lock().expect("poisoned").insert(name.clone());
-        Ok(name)
     }
 
     /// Stages every mutation of one request in a single statement (one round trip, atomic), so

@@ -1,6 +1,6 @@
 //! Staging SQL for both dialects, kept in one place and golden-tested.
 
-use crate::ident::{parse_dotted, Ident, Table};
+use crate::ident::{fit_identifier, parse_dotted, Ident, Table};
 use crate::target::Dialect;
 use std::fmt;
 
@@ -64,9 +64,15 @@ impl StagingSchema {
         format!("{}.{}", self.quoted(), Ident::new(name).quoted())
     }
 
+    /// The bare name of a target table's staging table: `db_schema_table`, with a hash
+    /// suffix where the dialect would cut it (see [`crate::ident::fit_identifier`]).
+    pub fn table_name(&self, table: &Table) -> String {
+        table.staging_name_within(self.dialect.identifier_limit())
+    }
+
     /// The quoted staging table of a target table.
     pub fn table(&self, table: &Table) -> String {
-        self.object(&table.staging_name())
+        self.object(&self.table_name(table))
     }
 
     /// Creates the staging namespace.
@@ -89,9 +95,43 @@ impl fmt::Display for StagingSchema {
     }
 }
 
-/// The name of a staging table's index on `key` (the reference's).
-pub fn key_index_name(bare: &str) -> String {
-    format!("{bare}_key_applied")
+/// The name of a staging table's index on `key` (the reference's), fitted like the table's
+/// name: index names share the schema's namespace, so a cut one could name another's index.
+pub fn key_index_name(dialect: Dialect, bare: &str) -> String {
+    fit_identifier(&format!("{bare}_key_applied"), dialect.identifier_limit())
+}
+
+/// The staging registry: which target table owns each staging table name, so that two tables
+/// whose names map to one staging table are refused instead of sharing it.
+pub const REGISTRY: &str = "staging_tables";
+
+pub fn registry_ddl(dialect: Dialect, quoted: &str) -> String {
+    let text = match dialect {
+        Dialect::Postgres => "TEXT",
+        Dialect::Cockroach => "STRING",
+    };
+    format!(
+        "CREATE TABLE IF NOT EXISTS {quoted} (staging_name {text} PRIMARY KEY, \
+group_name {text} NOT NULL, table_name {text} NOT NULL)"
+    )
+}
+
+/// Claims a staging name for `(group_name, table_name)` unless someone holds it (`$1..$3`).
+pub fn registry_claim(quoted: &str) -> String {
+    format!(
+        "INSERT INTO {quoted} (staging_name, group_name, table_name) VALUES ($1, $2, $3) \
+ON CONFLICT (staging_name) DO NOTHING"
+    )
+}
+
+/// The owner of a staging name (`$1`).
+pub fn registry_owner(quoted: &str) -> String {
+    format!("SELECT group_name, table_name FROM {quoted} WHERE staging_name = $1")
+}
+
+/// The registered tables of one schema (`$1` is its group name).
+pub fn registry_tables(quoted: &str) -> String {
+    format!("SELECT table_name FROM {quoted} WHERE group_name = $1 ORDER BY table_name")
 }
 
 /// DDL of one staging table. CockroachDB keeps the reference's column families and index.
@@ -99,7 +139,7 @@ pub fn key_index_name(bare: &str) -> String {
 /// every staged row pays for it (measured: a third to two thirds more time per staging
 /// insert), so it is built only for schemas that run best-effort (see [`key_index_sql`]).
 pub fn create_table(dialect: Dialect, quoted: &str, bare: &str, key_index: bool) -> Vec<String> {
-    let index = Ident::new(key_index_name(bare)).quoted();
+    let index = Ident::new(key_index_name(dialect, bare)).quoted();
     match dialect {
         Dialect::Postgres => {
             let mut ddl = vec![format!(
@@ -159,8 +199,8 @@ pub struct KeyIndexSql {
     pub status: &'static str,
 }
 
-pub fn key_index_sql(quoted_table: &str, bare: &str, qualified: &str) -> KeyIndexSql {
-    let index = Ident::new(key_index_name(bare)).quoted();
+pub fn key_index_sql(quoted_table: &str, index: &str, qualified: &str) -> KeyIndexSql {
+    let index = Ident::new(index).quoted();
     KeyIndexSql {
         create: format!(
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {quoted_table} (key) INCLUDE (applied)"
@@ -304,10 +344,76 @@ mod tests {
     }
 
     #[test]
+    fn golden_long_staging_names_per_dialect() {
+        let long = Table::new(
+            Schema::new("production_analytics", "reporting"),
+            "customer_subscription_billing_events_archive_2023",
+        );
+        let pg =
+            StagingSchema::parse("_cdc_sink", Dialect::Postgres, "production_analytics").unwrap();
+        assert_eq!(
+            pg.table(&long),
+            "\"_cdc_sink\".\"production_analytics_reporting_customer_subscr_1150880afa7d025c\""
+        );
+        let bare = pg.table_name(&long);
+        assert_eq!(
+            create_table(Dialect::Postgres, &pg.table(&long), &bare, true)[1],
+            "CREATE INDEX IF NOT EXISTS \"production_analytics_reporting_customer_subscr_9c683c5c3934190f\" ON \"_cdc_sink\".\"production_analytics_reporting_customer_subscr_1150880afa7d025c\" (key) INCLUDE (applied)"
+        );
+        // The table name fits, its index name does not.
+        let kv = Table::new(
+            Schema::new("kv", "public"),
+            "customer_subscription_billing_events_archive_23",
+        );
+        assert_eq!(
+            pg.table_name(&kv),
+            "kv_public_customer_subscription_billing_events_archive_23"
+        );
+        assert_eq!(
+            key_index_name(Dialect::Postgres, &pg.table_name(&kv)),
+            "kv_public_customer_subscription_billing_events_2453387588d002d4"
+        );
+        // CockroachDB keeps every name whole.
+        let crdb = StagingSchema::parse("_cdc_sink", Dialect::Cockroach, "defaultdb").unwrap();
+        assert_eq!(
+            crdb.table_name(&long),
+            "production_analytics_reporting_customer_subscription_billing_events_archive_2023"
+        );
+        assert_eq!(
+            key_index_name(Dialect::Cockroach, &crdb.table_name(&long)),
+            "production_analytics_reporting_customer_subscription_billing_events_archive_2023_key_applied"
+        );
+    }
+
+    #[test]
+    fn golden_registry_sql() {
+        assert_eq!(
+            registry_ddl(Dialect::Postgres, "\"_cdc_sink\".\"staging_tables\""),
+            "CREATE TABLE IF NOT EXISTS \"_cdc_sink\".\"staging_tables\" (staging_name TEXT PRIMARY KEY, group_name TEXT NOT NULL, table_name TEXT NOT NULL)"
+        );
+        assert_eq!(
+            registry_ddl(Dialect::Cockroach, "\"_cdc_sink\".\"public\".\"staging_tables\""),
+            "CREATE TABLE IF NOT EXISTS \"_cdc_sink\".\"public\".\"staging_tables\" (staging_name STRING PRIMARY KEY, group_name STRING NOT NULL, table_name STRING NOT NULL)"
+        );
+        assert_eq!(
+            registry_claim("r"),
+            "INSERT INTO r (staging_name, group_name, table_name) VALUES ($1, $2, $3) ON CONFLICT (staging_name) DO NOTHING"
+        );
+        assert_eq!(
+            registry_owner("r"),
+            "SELECT group_name, table_name FROM r WHERE staging_name = $1"
+        );
+        assert_eq!(
+            registry_tables("r"),
+            "SELECT table_name FROM r WHERE group_name = $1 ORDER BY table_name"
+        );
+    }
+
+    #[test]
     fn golden_key_index_sql() {
         let sql = key_index_sql(
             "\"_cdc_sink\".\"kv_public_kv\"",
-            "kv_public_kv",
+            &key_index_name(Dialect::Postgres, "kv_public_kv"),
             "\"_cdc_sink\".\"kv_public_kv_key_applied\"",
         );
         assert_eq!(

@@ -564,7 +564,7 @@ impl Fleet {
             self.reap(clock);
             if let Some(p) = &self.procs[i] {
                 match p
-                    .post(PATH, body.to_string(), Duration::from_secs(15))
+                    .post_within(PATH, body.to_string(), Duration::from_secs(15))
                     .await
                 {
                     Ok((http::StatusCode::OK, _)) => return Ok(i),

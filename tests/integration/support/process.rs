@@ -1,31 +1,41 @@
-//! The built `cdc-sink` binary as a child process, so that SIGKILL is a real kill.
+//! The real `cdc-sink` binary as a child process, for tests that kill or race it.
 
+use super::Db;
 use bytes::Bytes;
 use cdc_sink::server::client::{Client, ClientOptions};
 use http::StatusCode;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// A port that was free a moment ago (a restarted instance keeps its port).
+/// The real `cdc-sink` binary, started on `port` in front of a test database.
+pub struct Process {
+    pub child: Child,
+    pub client: Client,
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
+        .unwrap()
         .local_addr()
-        .expect("local address")
+        .unwrap()
         .port()
 }
 
-/// One sink process on `127.0.0.1:port` with a self-signed certificate and no authentication.
-pub struct Process {
-    child: Child,
-    pub client: Client,
-    pub port: u16,
-}
-
 impl Process {
-    /// Spawns the sink in front of `target_url` without waiting for it to serve; its log
-    /// (stderr) goes to `log`. Consistent mode is pinned (`--bestEffortWindow=0`): the 2023
-    /// times of the payload builders would select best-effort mode; a later flag in `extra` wins.
+    pub async fn start(db: &Db, port: u16, extra: &[&str]) -> Process {
+        Process::start_logging(db, port, extra, Stdio::null()).await
+    }
+
+    /// Starts the sink with its log (stderr) going to `log`.
+    pub async fn start_logging(db: &Db, port: u16, extra: &[&str], log: Stdio) -> Process {
+        let mut p = Process::spawn(&db.url(), port, extra, log);
+        if let Err(e) = p.healthy(Duration::from_secs(30)).await {
+            panic!("sink health: {e}");
+        }
+        p
+    }
+
+    /// Spawns the sink in front of `target_url` without waiting for it to serve.
     pub fn spawn(target_url: &str, port: u16, extra: &[&str], log: Stdio) -> Process {
         let child = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
             .args([
@@ -34,10 +44,10 @@ impl Process {
                 &format!("127.0.0.1:{port}"),
                 "--tlsSelfSigned",
                 "--disableAuthentication",
-                "--targetConn",
-                target_url,
-                "--bestEffortWindow=0",
             ])
+            .args(["--targetConn", target_url])
+            // 2023 timestamps would select best-effort mode; a later flag in `extra` wins.
+            .arg("--bestEffortWindow=0")
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -50,12 +60,8 @@ impl Process {
                 ..Default::default()
             },
         )
-        .expect("client");
-        Process {
-            child,
-            client,
-            port,
-        }
+        .unwrap();
+        Process { child, client }
     }
 
     /// Waits until `/_/healthz` answers 200; an exit or the deadline is an error.
@@ -84,8 +90,16 @@ impl Process {
         self.child.id()
     }
 
+    pub async fn post(&self, path: &str, body: String) -> StatusCode {
+        self.client
+            .post(path, Bytes::from(body))
+            .await
+            .map(|(s, _)| s)
+            .unwrap_or(StatusCode::BAD_GATEWAY)
+    }
+
     /// Posts `body`; a connection error or a request running over `within` is an `Err`.
-    pub async fn post(
+    pub async fn post_within(
         &self,
         path: &str,
         body: String,
@@ -98,7 +112,6 @@ impl Process {
         }
     }
 
-    /// SIGKILL, then reap.
     pub fn kill9(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
