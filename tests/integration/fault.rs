@@ -670,7 +670,14 @@ async fn run(seed: u64) -> Result<(), String> {
     let took = started.elapsed();
     match outcome {
         Ok(()) => {
-            eprintln!("fault seed {seed}: passed in {took:?}");
+            let count = |what: &str| trace.iter().filter(|l| l.contains(what)).count();
+            eprintln!(
+                "fault seed {seed}: passed in {took:?} ({} kills, {} posts of the new table \
+                 around the holder, poison blocked a window: {})",
+                count("SIGKILL"),
+                count("not the holder"),
+                count("blocked a window: true") > 0
+            );
             Ok(())
         }
         Err(report) => Err(format!(
@@ -801,7 +808,7 @@ async fn execute(plan: &Plan, trace: &mut Vec<String>) -> Result<(), String> {
                 let logs = fleet.logs.clone();
                 unpoison = Some(tokio::spawn(async move {
                     // The poison row's window may start late (a kill, the target restart).
-                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let deadline = Instant::now() + Duration::from_secs(15);
                     while Instant::now() < deadline && !logs_have(&logs, "poison row") {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
