@@ -185,6 +185,16 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
             .unwrap_or(Hlc::ZERO)
     }
 
+    /// The newest resolved timestamp of `schema` this process knows of (from its view).
+    pub fn cached_proposed(&self, schema: &Schema) -> Hlc {
+        self.cache
+            .lock()
+            .expect("poisoned")
+            .get(schema)
+            .map(|b| b.proposed)
+            .unwrap_or(Hlc::ZERO)
+    }
+
     /// Records bounds this process made durable itself: they only raise the cache, since a
     /// read of the table racing the commit may already have set it.
     fn observe(&self, schema: &Schema, bounds: Bounds) {

@@ -323,15 +323,46 @@ impl Ingest {
         match admission.mode() {
             Mode::Immediate => self.sequencer.apply_now(schema, batches).await?,
             Mode::BestEffort => {
-                self.sequencer
-                    .accept_best_effort(schema, info, batches)
-                    .await?
+                let resolved = self.checkpoints.cached_proposed(schema);
+                let later;
+                let mut batches = batches;
+                if batches.values().flatten().any(|mu| mu.time <= resolved) {
+                    later = after_resolved(batches, resolved);
+                    let dropped = count(batches) - count(&later);
+                    metrics::counter!(m::STAGE_BELOW_CHECKPOINT, m::LABEL_SCHEMA => schema.to_string())
+                        .increment(dropped as u64);
+                    batches = &later;
+                }
+                if !batches.is_empty() {
+                    self.sequencer
+                        .accept_best_effort(schema, info, batches)
+                        .await?
+                }
             }
             Mode::Consistent => drop(self.stager.stage(batches).await?),
         }
         drop(admission);
         Ok(())
     }
+}
+
+/// The mutations of `batches` later than `resolved`. A changefeed sends a resolved timestamp
+/// only once everything at or before it was acknowledged, so a row at or below a recorded one is
+/// a redelivery. Best-effort mode drops them: it writes straight to the target, where an old
+/// version would overwrite a newer one that nothing staged could protect.
+fn after_resolved(batches: &TableBatches, resolved: Hlc) -> TableBatches {
+    batches
+        .iter()
+        .map(|(t, muts)| {
+            let later: Vec<Mutation> = muts.iter().filter(|m| m.time > resolved).cloned().collect();
+            (t.clone(), later)
+        })
+        .filter(|(_, muts)| !muts.is_empty())
+        .collect()
+}
+
+fn count(batches: &TableBatches) -> usize {
+    batches.values().map(Vec::len).sum()
 }
 
 /// Primary keys from the target schema, for CDC-query feeds.

@@ -192,3 +192,44 @@ async fn a_flush_outliving_its_lease_on_separate_staging_does_not_commit() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Best-effort mode writes straight to the target, so a redelivered old version of a key
+/// applied directly would overwrite the newer one while a deferred poison row holds the
+/// checkpoint back. A row at or below a recorded resolved timestamp is a redelivery: dropped.
+#[tokio::test]
+async fn best_effort_drops_redeliveries_below_a_recorded_resolved_timestamp() {
+    let db = Db::new("bestredeliver").await;
+    db.exec("CREATE TABLE public.kv (k INT8 PRIMARY KEY, v TEXT CHECK (v <> 'bad'))")
+        .await;
+    let sink = Sink::start(&db, &["--bestEffortOnly"]).await;
+    let path = "/bestredeliver/public";
+    let row = |k: i64, v: &str, at: i64| upsert("kv", json!([k]), json!({"k": k, "v": v}), at);
+    // k = 2 is refused by the target and deferred: it blocks the checkpoint.
+    sink.post_ok(path, batch(vec![row(2, "bad", 1)])).await;
+    sink.post_ok(path, batch(vec![row(1, "v1", 2)])).await;
+    sink.post_ok(path, batch(vec![row(1, "v2", 3)])).await;
+    sink.post_ok(path, resolved(3)).await;
+    let v = |db: &Db| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT v FROM public.kv WHERE k = 1")
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(v(&db).await.as_deref(), Some("v2"));
+    sink.post_ok(path, batch(vec![row(1, "v1", 2)])).await;
+    assert_eq!(
+        v(&db).await.as_deref(),
+        Some("v2"),
+        "a redelivered old version overwrote the newer one"
+    );
+    assert!(!is_committed(&db.pool, "bestredeliver.public", hlc(3)).await);
+    db.exec("ALTER TABLE public.kv DROP CONSTRAINT kv_v_check")
+        .await;
+    committed(&db.pool, "bestredeliver.public", hlc(3)).await;
+    assert_eq!(v(&db).await.as_deref(), Some("v2"));
+    assert_eq!(db.count("public.kv").await, 2);
+    sink.stop().await;
+}

@@ -5,7 +5,7 @@
 pub mod http;
 pub mod process;
 
-use cdc_sink::cluster::Cluster;
+use cdc_sink::cluster::{Cluster, ClusterOptions};
 use sqlx::PgPool;
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -19,7 +19,12 @@ pub struct Db {
 
 impl Db {
     pub async fn new(name: &str) -> Db {
-        let cluster = tokio::task::spawn_blocking(Cluster::start)
+        Db::with_options(name, ClusterOptions::default()).await
+    }
+
+    /// Like [`Db::new`], on a cluster started with `opts`.
+    pub async fn with_options(name: &str, opts: ClusterOptions) -> Db {
+        let cluster = tokio::task::spawn_blocking(move || Cluster::start_with(opts))
             .await
             .expect("join")
             .expect("start postgresql cluster");

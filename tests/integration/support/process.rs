@@ -1,11 +1,11 @@
 //! The real `cdc-sink` binary as a child process, for tests that kill or race it.
 
-use super::{eventually, Db};
+use super::Db;
 use bytes::Bytes;
 use cdc_sink::server::client::{Client, ClientOptions};
 use http::StatusCode;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// The real `cdc-sink` binary, started on `port` in front of a test database.
 pub struct Process {
@@ -28,6 +28,15 @@ impl Process {
 
     /// Starts the sink with its log (stderr) going to `log`.
     pub async fn start_logging(db: &Db, port: u16, extra: &[&str], log: Stdio) -> Process {
+        let mut p = Process::spawn(&db.url(), port, extra, log);
+        if let Err(e) = p.healthy(Duration::from_secs(30)).await {
+            panic!("sink health: {e}");
+        }
+        p
+    }
+
+    /// Spawns the sink in front of `target_url` without waiting for it to serve.
+    pub fn spawn(target_url: &str, port: u16, extra: &[&str], log: Stdio) -> Process {
         let child = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
             .args([
                 "start",
@@ -36,7 +45,7 @@ impl Process {
                 "--tlsSelfSigned",
                 "--disableAuthentication",
             ])
-            .args(["--targetConn", &db.url()])
+            .args(["--targetConn", target_url])
             // 2023 timestamps would select best-effort mode; a later flag in `extra` wins.
             .arg("--bestEffortWindow=0")
             .args(extra)
@@ -52,14 +61,33 @@ impl Process {
             },
         )
         .unwrap();
-        eventually("sink health", Duration::from_secs(30), || async {
-            match client.get("/_/healthz").await {
-                Ok((StatusCode::OK, _)) => Some(()),
-                _ => None,
-            }
-        })
-        .await;
         Process { child, client }
+    }
+
+    /// Waits until `/_/healthz` answers 200; an exit or the deadline is an error.
+    pub async fn healthy(&mut self, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.exited() {
+                return Err(format!("exited with {status} before serving"));
+            }
+            if let Ok((StatusCode::OK, _)) = self.client.get("/_/healthz").await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not healthy after {within:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The exit status, once the process has ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub async fn post(&self, path: &str, body: String) -> StatusCode {
@@ -68,6 +96,20 @@ impl Process {
             .await
             .map(|(s, _)| s)
             .unwrap_or(StatusCode::BAD_GATEWAY)
+    }
+
+    /// Posts `body`; a connection error or a request running over `within` is an `Err`.
+    pub async fn post_within(
+        &self,
+        path: &str,
+        body: String,
+        within: Duration,
+    ) -> Result<(StatusCode, String), String> {
+        match tokio::time::timeout(within, self.client.post(path, Bytes::from(body))).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {within:?}")),
+        }
     }
 
     pub fn kill9(mut self) {
