@@ -273,7 +273,16 @@ impl Authenticator {
             tables,
             keys: RwLock::new(Arc::new(set)),
         });
-        tasks.spawn(refresh_loop(Arc::downgrade(&jwt), args.jwt_refresh));
+        // Registered before start returns, so an early SIGHUP cannot take the default action
+        // (ending the process).
+        let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; jwt keys reload on the timer only");
+                None
+            }
+        };
+        tasks.spawn(refresh_loop(Arc::downgrade(&jwt), args.jwt_refresh, hangup));
         Ok(Authenticator {
             jwt: Some(jwt),
             cert_grants,
@@ -425,15 +434,11 @@ fn note_refresh(set: &KeySet) {
 }
 
 /// Reloads every `every` (0: never) and on SIGHUP, until the authenticator is gone.
-async fn refresh_loop(jwt: Weak<Jwt>, every: Duration) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; jwt keys reload on the timer only");
-            None
-        }
-    };
+async fn refresh_loop(
+    jwt: Weak<Jwt>,
+    every: Duration,
+    mut hangup: Option<tokio::signal::unix::Signal>,
+) {
     let mut tick = (!every.is_zero())
         .then(|| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
     loop {

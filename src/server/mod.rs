@@ -294,15 +294,11 @@ type SharedAcceptor = Arc<std::sync::RwLock<TlsAcceptor>>;
 
 /// Rebuilds TLS from the files on every SIGHUP; a failure keeps what is served.
 async fn reload_tls_on_sighup(
+    mut hangup: tokio::signal::unix::Signal,
     acceptor: SharedAcceptor,
     args: ServerArgs,
     keep: Option<tls::SelfSigned>,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        warn!("cannot listen for SIGHUP; tls files are not reloaded");
-        return;
-    };
     while hangup.recv().await.is_some() {
         match build_tls(&args, keep.as_ref()) {
             Ok(Some((config, _))) => {
@@ -433,11 +429,19 @@ impl Bound {
                 if non_empty(&args.tls_certificate).is_some()
                     || non_empty(&args.tls_client_ca).is_some() =>
             {
-                Some(tokio::spawn(reload_tls_on_sighup(
-                    acceptor.clone(),
-                    args.clone(),
-                    self_signed,
-                )))
+                use tokio::signal::unix::{signal, SignalKind};
+                match signal(SignalKind::hangup()) {
+                    Ok(hangup) => Some(tokio::spawn(reload_tls_on_sighup(
+                        hangup,
+                        acceptor.clone(),
+                        args.clone(),
+                        self_signed,
+                    ))),
+                    Err(e) => {
+                        warn!(error = %e, "cannot listen for SIGHUP; tls files are not reloaded");
+                        None
+                    }
+                }
             }
             _ => None,
         };
