@@ -5,6 +5,7 @@ mod bench;
 mod checkpoint;
 mod demo;
 mod feed;
+mod jwt;
 pub mod make_jwt;
 mod start;
 mod userscript;
@@ -62,6 +63,9 @@ pub enum Command {
     /// Mint a JWT for the sink (`-k key.pem -a db.schema`), or generate a key pair with the SQL
     /// that installs it (`--generate-key`).
     MakeJwt(make_jwt::MakeJwtArgs),
+    /// JWT keys and revocations in the staging schema: `jwt keys`, `jwt add-key FILE`,
+    /// `jwt revoke JTI|TOKEN`.
+    Jwt(jwt::JwtArgs),
     /// Print the version.
     Version,
     /// Emulate a CockroachDB changefeed from a PostgreSQL source into a sink.
@@ -101,6 +105,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Verify(args) => runtime().and_then(|rt| rt.block_on(verify::verify(*args))),
         Command::Userscript(args) => userscript::run(args),
         Command::MakeJwt(args) => make_jwt::run(args),
+        Command::Jwt(args) => runtime().and_then(|rt| rt.block_on(jwt::run(args))),
         Command::Checkpoint(args) => runtime().and_then(|rt| rt.block_on(checkpoint::run(args))),
     };
     match result {

@@ -768,3 +768,46 @@ async fn sighup_reloads_the_client_ca_in_the_real_binary() {
     let old_again = mtls_client(addr, Some(&client_cert(&old_ca, "feed.example")), None);
     assert!(mtls_post(&old_again, "/auth_r/public").await.is_err());
 }
+
+#[tokio::test]
+async fn the_jwt_command_installs_keys_and_revokes_tokens() {
+    let db = db_with_kv("auth_j").await;
+    let flags = auth_flags("100ms");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let sink = Sink::start(&db, &flags).await;
+    let addr = sink.addr();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (private, public) = p256();
+    let pub_path = dir.path().join("k.pub.pem");
+    std::fs::write(&pub_path, &public).expect("write");
+    std::fs::write(dir.path().join("bad.pem"), "not a key").expect("write");
+    let jwt = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
+            .arg("jwt")
+            .args(args)
+            .args(["--targetConn", &db.url()])
+            .output()
+            .expect("cdc-sink jwt");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (ok, _) = jwt(&["add-key", &dir.path().join("bad.pem").to_string_lossy()]);
+    assert!(!ok, "an invalid key is refused before it reaches the table");
+    let (ok, id) = jwt(&["add-key", &pub_path.to_string_lossy()]);
+    assert!(ok);
+    let (ok, listed) = jwt(&["keys"]);
+    assert!(ok);
+    assert_eq!(listed.trim(), format!("{}  active  ES256", id.trim()));
+
+    let path = "/auth_j/public";
+    let token = make_jwt::token(private.as_bytes(), &["auth_j.public".into()], None).expect("mint");
+    until_status_at(addr, &token, path, StatusCode::OK, &pub_path).await;
+    let (ok, said) = jwt(&["revoke", &token]);
+    assert!(ok && said.starts_with("revoked "), "{said}");
+    assert!(!said.contains(&token));
+    until_status_at(addr, &token, path, StatusCode::UNAUTHORIZED, &pub_path).await;
+    refused(addr, Some(&token), path, "token is revoked").await;
+    sink.stop().await;
+}
