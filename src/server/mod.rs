@@ -292,6 +292,15 @@ pub struct Bound {
 
 type SharedAcceptor = Arc<std::sync::RwLock<TlsAcceptor>>;
 
+/// Ends a background task with the future that owns it, however that future ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Rebuilds TLS from the files on every SIGHUP; a failure keeps what is served.
 async fn reload_tls_on_sighup(
     mut hangup: tokio::signal::unix::Signal,
@@ -431,12 +440,12 @@ impl Bound {
             {
                 use tokio::signal::unix::{signal, SignalKind};
                 match signal(SignalKind::hangup()) {
-                    Ok(hangup) => Some(tokio::spawn(reload_tls_on_sighup(
+                    Ok(hangup) => Some(AbortOnDrop(tokio::spawn(reload_tls_on_sighup(
                         hangup,
                         acceptor.clone(),
                         args.clone(),
                         self_signed,
-                    ))),
+                    )))),
                     Err(e) => {
                         warn!(error = %e, "cannot listen for SIGHUP; tls files are not reloaded");
                         None
@@ -481,9 +490,7 @@ impl Bound {
             warn!("grace period elapsed, abandoning in-flight changefeed requests");
             let _ = abort_tx.send(true);
         }
-        if let Some(r) = reload {
-            r.abort();
-        }
+        drop(reload);
         info!("server stopped");
         Ok(())
     }
