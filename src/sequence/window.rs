@@ -173,6 +173,10 @@ impl Pipeline {
         let mut renewed = Instant::now();
         let mut attempt = 0u32;
         let mut swept: Option<Instant> = None;
+        // A window committed since the last full sweep: an instance that had not seen the
+        // checkpoint move yet may have staged redeliveries below it. Instances re-read the
+        // checkpoint every few seconds, so a schema that stays idle gets none and is not swept.
+        let mut applied_since_sweep = false;
         loop {
             if *stop.borrow() {
                 return Held::Stopped;
@@ -184,15 +188,19 @@ impl Pipeline {
             let result = match self.parts.checkpoints.bounds(&self.schema).await {
                 Ok(b) if b.proposed > b.committed => {
                     let done = self.apply_window(lease, b, sweep_due, &mut renewed).await;
-                    if done.is_ok() && sweep_due {
-                        swept = Some(started);
+                    if done.is_ok() {
+                        applied_since_sweep = true;
+                        if sweep_due {
+                            swept = Some(started);
+                        }
                     }
                     done.map(|_| true)
                 }
-                Ok(b) if sweep_due && !b.committed.is_zero() => {
+                Ok(b) if sweep_due && applied_since_sweep => {
                     let done = self.sweep_below(lease, b.committed).await;
                     if done.is_ok() {
                         swept = Some(started);
+                        applied_since_sweep = false;
                     }
                     done.map(|_| false)
                 }

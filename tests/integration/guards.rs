@@ -11,20 +11,6 @@ use std::time::{Duration, SystemTime};
 const WAIT: Duration = Duration::from_secs(20);
 const FAR_FUTURE: &str = "9223372036854775807.0000000000";
 
-async fn kv_db(name: &str) -> Db {
-    let db = Db::new(name).await;
-    db.exec("CREATE TABLE public.kv (k INT8 PRIMARY KEY, v TEXT)")
-        .await;
-    db
-}
-
-async fn kv_rows(db: &Db) -> Vec<(i64, Option<String>)> {
-    sqlx::query_as("SELECT k, v FROM public.kv ORDER BY k")
-        .fetch_all(&db.pool)
-        .await
-        .expect("read kv")
-}
-
 /// Rows in a staging table, 0 when it does not exist (nothing was ever staged).
 async fn staged(db: &Db, table: &str) -> i64 {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
@@ -50,7 +36,7 @@ fn from_now(ahead: Duration) -> String {
 
 #[tokio::test]
 async fn a_far_future_resolved_timestamp_is_refused_and_real_ones_still_apply() {
-    let db = kv_db("guards_resolved").await;
+    let db = Db::kv("guards_resolved").await;
     let sink = Sink::start(&db, &[]).await;
     let path = "/guards_resolved/public";
 
@@ -75,13 +61,13 @@ async fn a_far_future_resolved_timestamp_is_refused_and_real_ones_still_apply() 
     .await;
     sink.post_ok(path, resolved(1)).await;
     sink::committed(&db.pool, "guards_resolved.public", hlc(1)).await;
-    assert_eq!(kv_rows(&db).await, vec![(1, Some("a".into()))]);
+    assert_eq!(db.kv_rows().await, vec![(1, Some("a".into()))]);
     sink.stop().await;
 }
 
 #[tokio::test]
 async fn a_row_updated_far_in_the_future_is_refused_unless_the_bound_allows_it() {
-    let db = kv_db("guards_updated").await;
+    let db = Db::kv("guards_updated").await;
     let path = "/guards_updated/public";
     let ahead = from_now(Duration::from_secs(7200));
     let row = || {
@@ -129,7 +115,7 @@ async fn checkpoint_cli(db: &Db, args: &[&str]) -> (bool, String) {
 
 #[tokio::test]
 async fn checkpoint_reset_recovers_a_schema_whose_checkpoint_was_set_in_the_future() {
-    let db = kv_db("guards_reset").await;
+    let db = Db::kv("guards_reset").await;
     let sink = Sink::start(&db, &[]).await;
     let path = "/guards_reset/public";
     let group = "guards_reset.public";
@@ -195,7 +181,7 @@ VALUES ('{group}', {FAR_FUTURE}, '{group}', now())"
     sink.post_ok(path, resolved(3)).await;
     sink::committed(&db.pool, group, hlc(3)).await;
     assert_eq!(
-        kv_rows(&db).await,
+        db.kv_rows().await,
         vec![(1, Some("a".into())), (3, Some("c".into()))]
     );
     sink.stop().await;
@@ -213,7 +199,7 @@ async fn series(sink: &Sink, needle: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn a_schema_without_tables_gets_404_and_leaves_nothing_behind() {
-    let db = kv_db("guards_nosuch").await;
+    let db = Db::kv("guards_nosuch").await;
     let sink = Sink::start(&db, &[]).await;
     for i in 0..50 {
         let (status, body) = sink
@@ -269,7 +255,7 @@ async fn a_schema_without_tables_gets_404_and_leaves_nothing_behind() {
 
 #[tokio::test]
 async fn a_redelivery_below_the_checkpoint_is_dropped_by_an_instance_that_does_not_apply() {
-    let db = kv_db("guards_redeliver").await;
+    let db = Db::kv("guards_redeliver").await;
     let path = "/guards_redeliver/public";
     let holder = Sink::start(&db, &[]).await;
     let other = Sink::start(&db, &[]).await;
@@ -301,7 +287,7 @@ async fn a_redelivery_below_the_checkpoint_is_dropped_by_an_instance_that_does_n
 
 #[tokio::test]
 async fn rows_dropped_below_the_checkpoint_are_logged_once_per_period() {
-    let db = kv_db("guards_warn").await;
+    let db = Db::kv("guards_warn").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("sink.log");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -399,7 +385,7 @@ async fn lease_rows(db: &Db, like: &str) -> i64 {
 
 #[tokio::test]
 async fn an_idle_pipeline_stops_and_the_next_resolved_timestamp_starts_it_again() {
-    let db = kv_db("guards_idle").await;
+    let db = Db::kv("guards_idle").await;
     let sink = Sink::start(&db, &["--pipelineIdle=1s"]).await;
     let path = "/guards_idle/public";
     let group = "guards_idle.public";
@@ -423,7 +409,7 @@ async fn an_idle_pipeline_stops_and_the_next_resolved_timestamp_starts_it_again(
     sink.post_ok(path, resolved(2)).await;
     sink::committed(&db.pool, group, hlc(2)).await;
     assert_eq!(
-        kv_rows(&db).await,
+        db.kv_rows().await,
         vec![(1, Some("a".into())), (2, Some("b".into()))]
     );
     sink.stop().await;
@@ -431,7 +417,7 @@ async fn an_idle_pipeline_stops_and_the_next_resolved_timestamp_starts_it_again(
 
 #[tokio::test]
 async fn start_up_recovery_skips_pending_schemas_without_tables() {
-    let db = kv_db("guards_recover").await;
+    let db = Db::kv("guards_recover").await;
     let first = Sink::start(&db, &[]).await;
     first.stop().await;
     // Pending windows as older versions left them: one of a real schema, one of a name

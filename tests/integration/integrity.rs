@@ -7,13 +7,6 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn kv_db(name: &str) -> Db {
-    let db = Db::new(name).await;
-    db.exec("CREATE TABLE public.kv (k INT8 PRIMARY KEY, v TEXT)")
-        .await;
-    db
-}
-
 /// Staged rows of every table of the staging schema (bookkeeping tables aside).
 async fn staged_rows(pool: &sqlx::PgPool) -> i64 {
     let tables: Vec<String> = sqlx::query_scalar(
@@ -38,7 +31,7 @@ async fn staged_rows(pool: &sqlx::PgPool) -> i64 {
 /// whose cached schema lacks the table, must still apply them before its checkpoint passes.
 #[tokio::test]
 async fn a_new_table_staged_by_another_instance_is_applied_by_the_lease_holder() {
-    let db = kv_db("newtab").await;
+    let db = Db::kv("newtab").await;
     let a = Sink::start(&db, &[]).await;
     let b = Sink::start(&db, &[]).await;
     let path = "/newtab/public";
@@ -76,7 +69,7 @@ async fn a_new_table_staged_by_another_instance_is_applied_by_the_lease_holder()
 /// hold the checkpoint back instead of being skipped, and are applied once it exists again.
 #[tokio::test]
 async fn staged_rows_of_a_table_the_target_lacks_hold_the_checkpoint() {
-    let db = kv_db("gone").await;
+    let db = Db::kv("gone").await;
     let a = Sink::start(&db, &[]).await;
     let b = Sink::start(&db, &[]).await;
     let path = "/gone/public";
@@ -122,7 +115,7 @@ async fn staged_rows_of_a_table_the_target_lacks_hold_the_checkpoint() {
 /// may have taken the lease and applied newer versions of its keys meanwhile.
 #[tokio::test]
 async fn a_flush_outliving_its_lease_on_separate_staging_does_not_commit() {
-    let db = kv_db("fence").await;
+    let db = Db::kv("fence").await;
     db.cluster
         .psql("postgres", "CREATE DATABASE staging")
         .expect("create staging database");

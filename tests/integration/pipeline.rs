@@ -8,20 +8,6 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn kv_db(name: &str) -> Db {
-    let db = Db::new(name).await;
-    db.exec("CREATE TABLE public.kv (k INT8 PRIMARY KEY, v TEXT)")
-        .await;
-    db
-}
-
-async fn kv_rows(db: &Db) -> Vec<(i64, Option<String>)> {
-    sqlx::query_as("SELECT k, v FROM public.kv ORDER BY k")
-        .fetch_all(&db.pool)
-        .await
-        .expect("read kv")
-}
-
 async fn staged(db: &Db) -> i64 {
     db.count("_cdc_sink.kv_public_kv").await
 }
@@ -33,7 +19,7 @@ async fn committed(db: &Db, at: i64) {
 
 #[tokio::test]
 async fn mutations_wait_for_resolved_then_apply_in_order() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &[]).await;
     sink.post_ok(
         "/kv/public",
@@ -46,14 +32,14 @@ async fn mutations_wait_for_resolved_then_apply_in_order() {
     .await;
     assert_eq!(staged(&db).await, 3, "staged before the ack");
     assert!(
-        kv_rows(&db).await.is_empty(),
+        db.kv_rows().await.is_empty(),
         "nothing applied before resolved"
     );
 
     sink.post_ok("/kv/public", resolved(2)).await;
     committed(&db, 2).await;
     assert_eq!(
-        kv_rows(&db).await,
+        db.kv_rows().await,
         vec![(1, Some("b".into())), (2, Some("x".into()))]
     );
     assert_eq!(
@@ -66,7 +52,7 @@ async fn mutations_wait_for_resolved_then_apply_in_order() {
 
 #[tokio::test]
 async fn a_window_is_applied_only_up_to_its_resolved_timestamp() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &[]).await;
     sink.post_ok(
         "/kv/public",
@@ -78,17 +64,17 @@ async fn a_window_is_applied_only_up_to_its_resolved_timestamp() {
     .await;
     sink.post_ok("/kv/public", resolved(3)).await;
     committed(&db, 3).await;
-    assert_eq!(kv_rows(&db).await, vec![(1, Some("early".into()))]);
+    assert_eq!(db.kv_rows().await, vec![(1, Some("early".into()))]);
     assert_eq!(staged(&db).await, 1, "the later mutation stays staged");
     sink.post_ok("/kv/public", resolved(5)).await;
     committed(&db, 5).await;
-    assert_eq!(kv_rows(&db).await.len(), 2);
+    assert_eq!(db.kv_rows().await.len(), 2);
     sink.stop().await;
 }
 
 #[tokio::test]
 async fn redelivered_and_reordered_batches_end_in_the_final_state() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &[]).await;
     let version = |n: i64| {
         batch(
@@ -108,7 +94,7 @@ async fn redelivered_and_reordered_batches_end_in_the_final_state() {
     sink.post_ok("/kv/public", version(3)).await; // redelivery of a staged batch
     sink.post_ok("/kv/public", resolved(4)).await;
     committed(&db, 4).await;
-    let rows = kv_rows(&db).await;
+    let rows = db.kv_rows().await;
     assert_eq!(rows.len(), 20);
     assert!(
         rows.iter().all(|(_, v)| v.as_deref() == Some("v4")),
@@ -120,7 +106,7 @@ async fn redelivered_and_reordered_batches_end_in_the_final_state() {
 
 #[tokio::test]
 async fn deletes_remove_rows_in_order() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &[]).await;
     sink.post_ok(
         "/kv/public",
@@ -135,13 +121,13 @@ async fn deletes_remove_rows_in_order() {
     .await;
     sink.post_ok("/kv/public", resolved(3)).await;
     committed(&db, 3).await;
-    assert_eq!(kv_rows(&db).await, vec![(2, Some("again".into()))]);
+    assert_eq!(db.kv_rows().await, vec![(2, Some("again".into()))]);
     sink.stop().await;
 }
 
 #[tokio::test]
 async fn large_windows_apply_in_several_transactions_without_losing_rows() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &["--flushSize", "7", "--scanSize", "5"]).await;
     // 30 timestamps of 3 rows, plus one source transaction larger than a scan page.
     let mut elements = Vec::new();
@@ -162,14 +148,14 @@ async fn large_windows_apply_in_several_transactions_without_losing_rows() {
     sink.post_ok("/kv/public", batch(elements)).await;
     sink.post_ok("/kv/public", resolved(31)).await;
     committed(&db, 31).await;
-    assert_eq!(kv_rows(&db).await.len(), 90 + 12);
+    assert_eq!(db.kv_rows().await.len(), 90 + 12);
     assert_eq!(staged(&db).await, 0);
     sink.stop().await;
 }
 
 #[tokio::test]
 async fn resolved_timestamps_never_go_backwards() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &[]).await;
     sink.post_ok("/kv/public", resolved(10)).await;
     sink.post_ok("/kv/public", resolved(10)).await; // idempotent redelivery
@@ -181,7 +167,7 @@ async fn resolved_timestamps_never_go_backwards() {
 
 #[tokio::test]
 async fn bad_input_is_refused_and_changes_nothing() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &[]).await;
     let cases = [
         ("/kv/public", "{\"payload\":[{\"after\":".to_string(), StatusCode::BAD_REQUEST),
@@ -232,7 +218,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     if staged > 0 {
         assert_eq!(crate::pipeline::staged(&db).await, 0);
     }
-    assert!(kv_rows(&db).await.is_empty());
+    assert!(db.kv_rows().await.is_empty());
     sink.stop().await;
 }
 
@@ -242,7 +228,7 @@ fn ts1() -> String {
 
 #[tokio::test]
 async fn immediate_mode_applies_each_request_at_once() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &["--immediate"]).await;
     sink.post_ok(
         "/kv/public",
@@ -252,10 +238,10 @@ async fn immediate_mode_applies_each_request_at_once() {
         ]),
     )
     .await;
-    assert_eq!(kv_rows(&db).await, vec![(1, Some("b".into()))]);
+    assert_eq!(db.kv_rows().await, vec![(1, Some("b".into()))]);
     sink.post_ok("/kv/public", batch(vec![delete("kv", json!([1]), 3)]))
         .await;
-    assert!(kv_rows(&db).await.is_empty());
+    assert!(db.kv_rows().await.is_empty());
     sink.post_ok("/kv/public", resolved(3)).await;
     committed(&db, 3).await;
     sink.stop().await;
@@ -263,7 +249,7 @@ async fn immediate_mode_applies_each_request_at_once() {
 
 #[tokio::test]
 async fn query_feeds_build_keys_from_the_target_primary_key() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &[]).await;
     let body = json!({"payload": [
         {"after": {"k": 7, "v": "q"}, "updated": crate::support::sink::ts(1)},
@@ -273,13 +259,13 @@ async fn query_feeds_build_keys_from_the_target_primary_key() {
     sink.post_ok("/kv/public/kv", body.to_string()).await;
     sink.post_ok("/kv/public/kv", resolved(1)).await;
     committed(&db, 1).await;
-    assert_eq!(kv_rows(&db).await, vec![(7, Some("q".into()))]);
+    assert_eq!(db.kv_rows().await, vec![(7, Some("q".into()))]);
     sink.stop().await;
 }
 
 #[tokio::test]
 async fn the_target_going_down_answers_503_then_recovers() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &[]).await;
     sink.post_ok(
         "/kv/public",
@@ -298,13 +284,13 @@ async fn the_target_going_down_answers_503_then_recovers() {
     .await;
     sink.post_ok("/kv/public", resolved(2)).await;
     committed(&db, 2).await;
-    assert_eq!(kv_rows(&db).await.len(), 2);
+    assert_eq!(db.kv_rows().await.len(), 2);
     sink.stop().await;
 }
 
 #[tokio::test]
 async fn two_instances_share_one_target_and_one_applies() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let a = Sink::start(&db, &[]).await;
     let b = Sink::start(&db, &[]).await;
     for t in 1..=10i64 {
@@ -316,7 +302,7 @@ async fn two_instances_share_one_target_and_one_applies() {
         s.post_ok("/kv/public", resolved(t)).await;
     }
     committed(&db, 10).await;
-    let rows = kv_rows(&db).await;
+    let rows = db.kv_rows().await;
     assert_eq!(rows.len(), 10);
     assert!(
         rows.iter().all(|(_, v)| v.as_deref() == Some("t10")),
@@ -334,7 +320,7 @@ async fn two_instances_share_one_target_and_one_applies() {
 
 #[tokio::test]
 async fn concurrent_first_batches_for_a_new_table_are_all_staged() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &[]).await;
     let posts = (0..8i64).map(|i| {
         let body = batch(vec![upsert("kv", json!([i]), json!({"k": i, "v": "c"}), 1)]);
@@ -350,7 +336,7 @@ async fn concurrent_first_batches_for_a_new_table_are_all_staged() {
 
 #[tokio::test]
 async fn metrics_describe_the_pipeline_and_health_pings_the_database() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &[]).await;
     sink.post_ok(
         "/kv/public",
@@ -398,7 +384,7 @@ async fn counter(sink: &Sink, name: &str, schema: &str) -> f64 {
 /// in (`now()` is the transaction start), after pausing so transactions last long enough to
 /// meet.
 async fn logged_kv_db(name: &str) -> Db {
-    let db = kv_db(name).await;
+    let db = Db::kv(name).await;
     db.exec(
         "CREATE TABLE public.txlog (txid INT8, started TIMESTAMPTZ, at TIMESTAMPTZ);
          CREATE FUNCTION public.log_tx() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -449,7 +435,7 @@ async fn flushes_of_disjoint_keys_run_in_overlapping_transactions() {
     sink.post_ok("/overlap/public", disjoint_timestamps()).await;
     sink.post_ok("/overlap/public", resolved(40)).await;
     committed_in(&db.pool, "overlap.public", 40).await;
-    assert_eq!(kv_rows(&db).await.len(), 200);
+    assert_eq!(db.kv_rows().await.len(), 200);
     assert_eq!(db.count("_cdc_sink.overlap_public_kv").await, 0);
     let pairs = overlapping_transactions(&db).await;
     assert!(pairs > 0, "no two apply transactions were open at once");
@@ -473,7 +459,7 @@ async fn parallelism_one_applies_one_transaction_at_a_time() {
     sink.post_ok("/serial/public", disjoint_timestamps()).await;
     sink.post_ok("/serial/public", resolved(40)).await;
     committed_in(&db.pool, "serial.public", 40).await;
-    assert_eq!(kv_rows(&db).await.len(), 200);
+    assert_eq!(db.kv_rows().await.len(), 200);
     let txs: i64 = sqlx::query_scalar("SELECT count(DISTINCT txid) FROM public.txlog")
         .fetch_one(&db.pool)
         .await
@@ -485,7 +471,7 @@ async fn parallelism_one_applies_one_transaction_at_a_time() {
 
 #[tokio::test]
 async fn per_key_order_holds_when_flushes_share_keys() {
-    let db = kv_db("order").await;
+    let db = Db::kv("order").await;
     db.exec(
         "CREATE TABLE public.applied (id BIGSERIAL PRIMARY KEY, k INT8, v TEXT);
          CREATE FUNCTION public.log_row() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -518,7 +504,7 @@ async fn per_key_order_holds_when_flushes_share_keys() {
     }
     sink.post_ok("/order/public", resolved(30)).await;
     committed_in(&db.pool, "order.public", 30).await;
-    let rows: Vec<(i64, Option<String>)> = kv_rows(&db).await;
+    let rows: Vec<(i64, Option<String>)> = db.kv_rows().await;
     let want: Vec<(i64, Option<String>)> = (0..4)
         .map(|k| (k, Some("30".to_string())))
         .chain((10..14).map(|k| (k, Some("29".to_string()))))
@@ -630,7 +616,7 @@ async fn has_staging_schema(pool: &sqlx::PgPool) -> bool {
 
 #[tokio::test]
 async fn a_separate_staging_database_holds_staging_while_windows_apply_to_the_target() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let (url, staging) = staging_db(&db).await;
     let version = |t: i64| {
         batch(
@@ -646,7 +632,8 @@ async fn a_separate_staging_database_holds_staging_while_windows_apply_to_the_ta
     assert_eq!(count_in(&staging, "_cdc_sink.kv_public_kv").await, 60);
     sink.post_ok("/kv/public", resolved(3)).await;
     committed_in(&staging, "kv.public", 3).await;
-    assert!(kv_rows(&db)
+    assert!(db
+        .kv_rows()
         .await
         .iter()
         .all(|(_, v)| v.as_deref() == Some("t3")));
@@ -663,7 +650,7 @@ async fn a_separate_staging_database_holds_staging_while_windows_apply_to_the_ta
     sink.post_ok("/kv/public", version(3)).await; // below the checkpoint: dropped
     sink.post_ok("/kv/public", resolved(4)).await;
     committed_in(&staging, "kv.public", 4).await;
-    let rows = kv_rows(&db).await;
+    let rows = db.kv_rows().await;
     assert_eq!(rows.len(), 20);
     assert!(
         rows.iter().all(|(_, v)| v.as_deref() == Some("t4")),
@@ -676,7 +663,7 @@ async fn a_separate_staging_database_holds_staging_while_windows_apply_to_the_ta
 
 #[tokio::test]
 async fn immediate_mode_with_separate_staging_writes_the_target_and_checkpoints_staging() {
-    let db = kv_db("kv").await;
+    let db = Db::kv("kv").await;
     let (url, staging) = staging_db(&db).await;
     let sink = Sink::start(&db, &["--immediate", "--stagingConn", &url]).await;
     sink.post_ok(
@@ -688,7 +675,7 @@ async fn immediate_mode_with_separate_staging_writes_the_target_and_checkpoints_
     )
     .await;
     assert_eq!(
-        kv_rows(&db).await,
+        db.kv_rows().await,
         vec![(1, Some("a".into())), (2, Some("b".into()))]
     );
     sink.post_ok("/kv/public", resolved(1)).await;
@@ -706,7 +693,7 @@ async fn count_in(pool: &sqlx::PgPool, table: &str) -> i64 {
 
 #[tokio::test]
 async fn a_table_created_while_a_window_applies_is_not_skipped() {
-    let db = kv_db("grow").await;
+    let db = Db::kv("grow").await;
     // Slow flushes and small pages: the window's reader reaches its end long after the new
     // table and a newer resolved timestamp have arrived.
     db.exec(

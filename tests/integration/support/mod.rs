@@ -55,6 +55,22 @@ impl Db {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// A fresh database `name` holding `public.kv (k INT8 PRIMARY KEY, v TEXT)`.
+    pub async fn kv(name: &str) -> Db {
+        let db = Db::new(name).await;
+        db.exec("CREATE TABLE public.kv (k INT8 PRIMARY KEY, v TEXT)")
+            .await;
+        db
+    }
+
+    /// The rows of `public.kv`, by key.
+    pub async fn kv_rows(&self) -> Vec<(i64, Option<String>)> {
+        sqlx::query_as("SELECT k, v FROM public.kv ORDER BY k")
+            .fetch_all(&self.pool)
+            .await
+            .expect("read kv")
+    }
+
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(&self.pool)
