@@ -69,6 +69,20 @@ pub enum WebhookError {
     NoPrimaryKey(Table),
     #[error("missing primary key: \"{0}\"")]
     MissingPrimaryKey(String),
+    #[error("table \"{table}\": field \"{field}\" is nested deeper than {limit} levels")]
+    TooDeep {
+        table: Table,
+        field: &'static str,
+        limit: usize,
+    },
+    #[error(
+        "table \"{table}\": a key of {bytes} bytes is longer than the {limit} bytes staging can index"
+    )]
+    KeyTooLarge {
+        table: Table,
+        bytes: usize,
+        limit: usize,
+    },
     #[error("line {line} is longer than {limit} bytes")]
     LineTooLong { line: usize, limit: usize },
     /// Locates an error inside the body (`payload[3]`, `line 7`).
