@@ -94,3 +94,24 @@ async fn deep_json_and_huge_keys_are_refused_with_400_and_nothing_is_staged() {
     assert_eq!(staged(&db, staging).await, 1);
     sink.stop().await;
 }
+
+#[tokio::test]
+async fn an_empty_post_is_refused_with_400_but_a_resolved_file_needs_no_body() {
+    let db = Db::kv("hostile_empty").await;
+    let sink = Sink::start(&db, &[]).await;
+    for body in ["", " \n"] {
+        let (status, text) = sink.post("/hostile_empty/public", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}: {text}");
+        assert_eq!(text, "request body is empty\n");
+    }
+    // An empty batch is not an empty body.
+    sink.post_ok("/hostile_empty/public", r#"{"payload":[],"length":0}"#)
+        .await;
+    // A cloud-storage resolved file carries its timestamp in its name.
+    sink.post_ok(
+        "/hostile_empty/public/2023-01-01/202301010000000000000000000000000.RESOLVED",
+        "",
+    )
+    .await;
+    sink.stop().await;
+}

@@ -23,6 +23,8 @@ pub enum WebhookError {
     PathTable(IdentError),
 
     // ---- bad input (400) ----
+    #[error("request body is empty")]
+    EmptyBody,
     #[error("request body is not valid UTF-8")]
     NotUtf8,
     #[error("could not decode payload: {0}")]
