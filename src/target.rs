@@ -91,7 +91,12 @@ pub fn connect_options(
     }
     let idle_ms = settings.idle_in_transaction.as_millis().max(1).to_string();
     opts = opts
-        .options([("idle_in_transaction_session_timeout", idle_ms.as_str())])
+        // standard_conforming_strings: a database or role may still set the legacy `off`, under
+        // which backslashes in ordinary literals are escapes; pin the standard meaning.
+        .options([
+            ("idle_in_transaction_session_timeout", idle_ms.as_str()),
+            ("standard_conforming_strings", "on"),
+        ])
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(5));
     Ok(opts)

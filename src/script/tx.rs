@@ -55,29 +55,40 @@ pub struct HostReply {
 
 static STATEMENT: AtomicU64 = AtomicU64::new(0);
 
-fn literal(p: &Param) -> String {
+/// A parameter as an escape-string literal (`E'…'`). Its meaning does not depend on
+/// `standard_conforming_strings`: with both `\` and `'` escaped no value can end the literal,
+/// whatever the session or database sets (sessions are also pinned to `on`, see `target`).
+fn literal(p: &Param) -> Result<String, String> {
     match p {
-        None => "NULL".into(),
-        Some(s) => format!("'{}'", s.replace('\'', "''")),
+        None => Ok("NULL".into()),
+        // PostgreSQL text cannot hold NUL; say so instead of sending a truncated value.
+        Some(s) if s.contains('\0') => Err("a statement parameter contains a NUL character".into()),
+        Some(s) => Ok(format!(
+            "E'{}'",
+            s.replace('\\', "\\\\").replace('\'', "''")
+        )),
     }
 }
 
-/// The SQL run for a script statement. Parameters go through a named prepared statement
-/// whose types the server infers; the values are typed literals of `EXECUTE`, so a string
-/// such as "42" reaches an INT8 parameter as 42. One round trip for all three statements.
-pub fn statement_sql(sql: &str, params: &[Param]) -> String {
+/// The SQL run for a script statement. The script's SQL is the operator's and trusted; its
+/// parameters carry row values and are not. They go through a named prepared statement whose
+/// types the server infers, as untyped literals of `EXECUTE`, so a string such as "42" reaches
+/// an INT8 parameter as 42 and results come back as text for every type. One round trip for
+/// all three statements. (Bound parameters would need sqlx's extended protocol, which sends
+/// and receives every value in binary and so cannot keep either property.)
+pub fn statement_sql(sql: &str, params: &[Param]) -> Result<String, String> {
     if params.is_empty() {
-        return sql.to_string();
+        return Ok(sql.to_string());
     }
+    let args = params.iter().map(literal).collect::<Result<Vec<_>, _>>()?;
     let name = format!(
         "cdc_sink_script_{}",
         STATEMENT.fetch_add(1, Ordering::Relaxed)
     );
-    let args: Vec<String> = params.iter().map(literal).collect();
-    format!(
+    Ok(format!(
         "PREPARE {name} AS {sql};\nEXECUTE {name}({});\nDEALLOCATE {name}",
         args.join(", ")
-    )
+    ))
 }
 
 fn cells(row: &sqlx::postgres::PgRow) -> Vec<Cell> {
@@ -130,11 +141,13 @@ pub fn serve<'a>(
                 sql,
                 params,
             } => {
-                let text = statement_sql(&sql, &params);
-                let r = sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(&text))
-                    .await
-                    .map(|d| Answer::Done(d.rows_affected()))
-                    .map_err(|e| e.to_string());
+                let r = match statement_sql(&sql, &params) {
+                    Ok(text) => sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(&text))
+                        .await
+                        .map(|d| Answer::Done(d.rows_affected()))
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
                 (id, reply, r)
             }
             HostCall::Query {
@@ -143,11 +156,13 @@ pub fn serve<'a>(
                 sql,
                 params,
             } => {
-                let text = statement_sql(&sql, &params);
-                let r = sqlx::Executor::fetch_all(&mut *conn, sqlx::raw_sql(&text))
-                    .await
-                    .map(|rows| Answer::Rows(rows.iter().map(cells).collect()))
-                    .map_err(|e| e.to_string());
+                let r = match statement_sql(&sql, &params) {
+                    Ok(text) => sqlx::Executor::fetch_all(&mut *conn, sqlx::raw_sql(&text))
+                        .await
+                        .map(|rows| Answer::Rows(rows.iter().map(cells).collect()))
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
                 (id, reply, r)
             }
         };
@@ -161,13 +176,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parameters_become_quoted_literals_of_a_prepared_statement() {
-        assert_eq!(statement_sql("SELECT 1", &[]), "SELECT 1");
-        let s = statement_sql("SELECT $1, $2", &[Some("it's".into()), None]);
+    fn parameters_become_escape_string_literals_of_a_prepared_statement() {
+        assert_eq!(statement_sql("SELECT 1", &[]).unwrap(), "SELECT 1");
+        let s = statement_sql(
+            "SELECT $1, $2, $3",
+            &[
+                Some("it's".into()),
+                None,
+                Some(r"x\'); DROP TABLE t; --".into()),
+            ],
+        )
+        .unwrap();
         let name = s.split_whitespace().nth(1).unwrap().to_string();
         assert_eq!(
             s,
-            format!("PREPARE {name} AS SELECT $1, $2;\nEXECUTE {name}('it''s', NULL);\nDEALLOCATE {name}")
+            format!(
+                "PREPARE {name} AS SELECT $1, $2, $3;\nEXECUTE {name}(E'it''s', NULL, E'x\\\\''); DROP TABLE t; --');\nDEALLOCATE {name}"
+            )
         );
+    }
+
+    #[test]
+    fn a_nul_in_a_parameter_is_refused() {
+        let e = statement_sql("SELECT $1", &[Some("a\0b".into())]).unwrap_err();
+        assert!(e.contains("NUL"), "{e}");
     }
 }

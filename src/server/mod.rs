@@ -17,23 +17,24 @@ use crate::config::{format_duration, parse_bytes, parse_duration};
 use crate::metrics as m;
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, X_CONTENT_TYPE_OPTIONS};
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, X_CONTENT_TYPE_OPTIONS};
 use http::{HeaderMap, Method, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls_pki_types::CertificateDer;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
@@ -47,6 +48,12 @@ const RETRY_AFTER_DEFAULT: Duration = Duration::from_secs(1);
 const H2_STREAM_WINDOW: u32 = 4 << 20;
 const H2_CONNECTION_WINDOW: u32 = 16 << 20;
 const H2_MAX_FRAME: u32 = 256 << 10;
+const DEFAULT_H2_STREAMS: u32 = 32;
+const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// At most one WARN per listener per this period while connections are refused.
+const REFUSED_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// What Go servers answer to plain HTTP on a TLS port.
+const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -92,6 +99,35 @@ pub struct ServerArgs {
     /// Time allowed for in-flight requests to finish at shutdown (Go duration)
     #[arg(long = "gracePeriod", env = "CDC_SINK_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
     pub grace_period: Duration,
+    /// HTTP/1 request headers must arrive within this (Go duration); slower clients are disconnected
+    #[arg(long = "httpHeaderReadTimeout", env = "CDC_SINK_HTTP_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub http_header_read_timeout: Duration,
+    /// Close a connection with no request for this long (Go duration; 0 = never)
+    #[arg(long = "httpIdleTimeout", env = "CDC_SINK_HTTP_IDLE_TIMEOUT", default_value = "2m0s", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings (Go duration; 0 = no pings)
+    #[arg(long = "http2KeepaliveInterval", env = "CDC_SINK_HTTP2_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// An HTTP/2 connection whose ping is not answered within this is closed (Go duration)
+    #[arg(long = "http2KeepaliveTimeout", env = "CDC_SINK_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+    /// Concurrent HTTP/2 streams (requests) allowed per connection
+    #[arg(
+        long = "http2MaxConcurrentStreams",
+        env = "CDC_SINK_HTTP2_MAX_CONCURRENT_STREAMS",
+        default_value_t = DEFAULT_H2_STREAMS
+    )]
+    pub http2_max_concurrent_streams: u32,
+    /// Open connections per listener; further ones are closed at once (logged once per 10s)
+    #[arg(
+        long = "maxConnections",
+        env = "CDC_SINK_MAX_CONNECTIONS",
+        default_value_t = DEFAULT_MAX_CONNECTIONS
+    )]
+    pub max_connections: usize,
+    /// TCP keepalive idle time and probe interval of accepted sockets (Go duration; 0 = off)
+    #[arg(long = "tcpKeepalive", env = "CDC_SINK_TCP_KEEPALIVE", default_value = "1m0s", value_parser = parse_duration)]
+    pub tcp_keepalive: Duration,
 }
 
 impl Default for ServerArgs {
@@ -107,6 +143,13 @@ impl Default for ServerArgs {
             http_response_timeout: Duration::from_secs(120),
             max_request_bytes: 256 << 20,
             grace_period: Duration::from_secs(30),
+            http_header_read_timeout: Duration::from_secs(30),
+            http_idle_timeout: Duration::from_secs(120),
+            http2_keepalive_interval: Duration::from_secs(20),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            http2_max_concurrent_streams: DEFAULT_H2_STREAMS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            tcp_keepalive: Duration::from_secs(60),
         }
     }
 }
@@ -138,6 +181,27 @@ impl ServerArgs {
         if self.http_response_timeout.is_zero() {
             return Err(ServerError::InvalidFlag {
                 flag: "httpResponseTimeout",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        let positive: [(&'static str, bool); 4] = [
+            (
+                "httpHeaderReadTimeout",
+                self.http_header_read_timeout.is_zero(),
+            ),
+            (
+                "http2KeepaliveTimeout",
+                self.http2_keepalive_timeout.is_zero(),
+            ),
+            (
+                "http2MaxConcurrentStreams",
+                self.http2_max_concurrent_streams == 0,
+            ),
+            ("maxConnections", self.max_connections == 0),
+        ];
+        if let Some((flag, _)) = positive.into_iter().find(|(_, zero)| *zero) {
+            return Err(ServerError::InvalidFlag {
+                flag,
                 reason: "must be greater than zero".into(),
             });
         }
@@ -471,11 +535,11 @@ impl Bound {
         });
 
         info!(addr = %main_addr, tls = tls.is_some(), "listening");
-        let main_loop = accept_loop(main, tls, Routes::Main(state), stop_rx.clone());
-        let metrics_loop = async move {
+        let main_loop = accept_loop(main, tls, Routes::Main(state), &args, stop_rx.clone());
+        let metrics_loop = async {
             if let Some((listener, addr)) = metrics {
                 info!(addr = %addr, "metrics listening");
-                accept_loop(listener, None, Routes::Metrics, stop_rx).await;
+                accept_loop(listener, None, Routes::Metrics, &args, stop_rx).await;
             }
         };
         let trigger = async move {
@@ -514,23 +578,88 @@ enum Routes {
 
 type HttpResponse = hyper::Response<Full<Bytes>>;
 
-/// Accepts until the stop deadline arrives, then drains connections gracefully until that
+/// Per-connection limits, from the flags.
+#[derive(Clone, Debug)]
+struct ConnLimits {
+    idle: Option<Duration>,
+    tcp_keepalive: Option<Duration>,
+    max_connections: usize,
+}
+
+impl ConnLimits {
+    fn new(args: &ServerArgs) -> ConnLimits {
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        ConnLimits {
+            idle: nonzero(args.http_idle_timeout),
+            tcp_keepalive: nonzero(args.tcp_keepalive),
+            max_connections: args.max_connections,
+        }
+    }
+}
+
+/// The connection builder: hyper's timeouts only run with a timer, so both protocols get one.
+fn connection_builder(args: &ServerArgs) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(args.http_header_read_timeout);
+    // Changefeed bodies reach megabytes; hyper's 1 MiB default windows would throttle several
+    // of them sharing one HTTP/2 connection.
+    let keepalive =
+        (!args.http2_keepalive_interval.is_zero()).then_some(args.http2_keepalive_interval);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(keepalive)
+        .keep_alive_timeout(args.http2_keepalive_timeout)
+        .max_concurrent_streams(args.http2_max_concurrent_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_frame_size(H2_MAX_FRAME);
+    builder
+}
+
+/// Counts connections refused over `--maxConnections`, logging at most once per period.
+struct Refusals {
+    since_log: u64,
+    logged: Option<Instant>,
+}
+
+impl Refusals {
+    fn refused(&mut self, limit: usize) {
+        self.since_log += 1;
+        if self
+            .logged
+            .is_none_or(|t| t.elapsed() >= REFUSED_LOG_PERIOD)
+        {
+            warn!(
+                refused = self.since_log,
+                max_connections = limit,
+                "connection limit reached, closing new connections"
+            );
+            self.since_log = 0;
+            self.logged = Some(Instant::now());
+        }
+    }
+}
+
+/// Accepts until the stop deadline arrives, then lets connections finish gracefully until that
 /// deadline and aborts what is left. Returns the deadline.
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<SharedAcceptor>,
     routes: Routes,
+    args: &ServerArgs,
     mut stop: watch::Receiver<Option<Instant>>,
 ) -> Instant {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Changefeed bodies reach megabytes; hyper's 1 MiB default windows would throttle several
-    // of them sharing one HTTP/2 connection.
-    builder
-        .http2()
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .max_frame_size(H2_MAX_FRAME);
-    let graceful = GracefulShutdown::new();
+    let builder = connection_builder(args);
+    let limits = ConnLimits::new(args);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut refusals = Refusals {
+        since_log: 0,
+        logged: None,
+    };
     let mut conns = JoinSet::new();
     let deadline = loop {
         tokio::select! {
@@ -541,14 +670,27 @@ async fn accept_loop(
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    // Subscribe before spawning so a shutdown signalled during the TLS
-                    // handshake still reaches this connection.
-                    let watcher = graceful.watcher();
+                    // Over the cap the socket is closed at once: holding it unserved would
+                    // spend the file descriptors the database pool needs as well.
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        drop(stream);
+                        refusals.refused(limits.max_connections);
+                        continue;
+                    };
+                    // The receiver is cloned before spawning so a shutdown signalled during
+                    // the TLS handshake still reaches this connection.
                     let acceptor = tls
                         .as_ref()
                         .map(|a| a.read().unwrap_or_else(|e| e.into_inner()).clone());
                     conns.spawn(serve_connection(
-                        stream, peer, acceptor, routes.clone(), builder.clone(), watcher,
+                        stream,
+                        peer,
+                        acceptor,
+                        routes.clone(),
+                        builder.clone(),
+                        limits.clone(),
+                        stop.clone(),
+                        slot,
                     ));
                 }
                 Err(e) => {
@@ -561,7 +703,8 @@ async fn accept_loop(
         }
     };
     drop(listener);
-    if timeout_at(deadline, graceful.shutdown()).await.is_err() {
+    let drained = async { while conns.join_next().await.is_some() {} };
+    if timeout_at(deadline, drained).await.is_err() {
         warn!(
             connections = conns.len(),
             "grace period elapsed, closing connections"
@@ -571,52 +714,176 @@ async fn accept_loop(
     deadline
 }
 
+/// Requests in flight on one connection and when the last one ended, for the idle timeout.
+struct Activity {
+    inflight: AtomicUsize,
+    last: std::sync::Mutex<Instant>,
+}
+
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    fn last(&self) -> Instant {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Resolves once the connection has had no request in flight for `limit`; never without one.
+async fn idle_for(activity: &Activity, limit: Option<Duration>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    loop {
+        let due = activity.last() + limit;
+        if Instant::now() < due {
+            tokio::time::sleep_until(due).await;
+        } else if activity.inflight.load(Ordering::SeqCst) > 0 {
+            // A long request is not idleness; look again once it could have ended.
+            tokio::time::sleep(limit).await;
+        } else {
+            return;
+        }
+    }
+}
+
+/// True when a client speaks plain HTTP on the TLS port (a TLS record starts with 0x16, a
+/// request line with an upper-case method); it has then been answered 400, as Go servers do.
+async fn refused_plain_http(stream: &mut TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(1) if first[0].is_ascii_uppercase() => {
+            let _ = stream.write_all(PLAIN_HTTP_ON_TLS).await;
+            let _ = stream.shutdown().await;
+            true
+        }
+        _ => false,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     routes: Routes,
     builder: auto::Builder<TokioExecutor>,
-    watcher: Watcher,
+    limits: ConnLimits,
+    stop: watch::Receiver<Option<Instant>>,
+    _slot: OwnedSemaphorePermit,
 ) {
     // Small responses must not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let service = |client_cert: Option<Arc<CertificateDer<'static>>>| {
-        service_fn(move |req| {
-            let routes = routes.clone();
-            let client_cert = client_cert.clone();
-            async move { Ok::<_, Infallible>(route(routes, req, client_cert).await) }
-        })
-    };
-    let result = match tls {
-        Some(acceptor) => match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => {
-                // Verified by the handshake when --tlsClientCA asks for one.
-                let client_cert = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| Arc::new(c.clone().into_owned()));
-                let conn = builder.serve_connection(TokioIo::new(stream), service(client_cert));
-                watcher.watch(conn.into_owned()).await
-            }
-            Ok(Err(e)) => {
-                debug!(peer = %peer, error = %e, "tls handshake failed");
-                return;
-            }
-            Err(_) => {
-                debug!(peer = %peer, "tls handshake timed out");
-                return;
-            }
-        },
-        None => {
-            let conn = builder.serve_connection(TokioIo::new(stream), service(None));
-            watcher.watch(conn.into_owned()).await
+    if let Some(every) = limits.tcp_keepalive {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(every)
+            .with_interval(every);
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            debug!(peer = %peer, error = %e, "could not enable tcp keepalive");
         }
+    }
+    let result = match tls {
+        Some(acceptor) => {
+            let handshake = async {
+                if refused_plain_http(&mut stream).await {
+                    return None;
+                }
+                Some(acceptor.accept(stream).await)
+            };
+            match timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(None) => {
+                    debug!(peer = %peer, "plain http on the tls port answered 400");
+                    return;
+                }
+                Ok(Some(Ok(stream))) => {
+                    // Verified by the handshake when --tlsClientCA asks for one.
+                    let client_cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| Arc::new(c.clone().into_owned()));
+                    drive(
+                        TokioIo::new(stream),
+                        &builder,
+                        routes,
+                        &limits,
+                        stop,
+                        client_cert,
+                    )
+                    .await
+                }
+                Ok(Some(Err(e))) => {
+                    debug!(peer = %peer, error = %e, "tls handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(peer = %peer, "tls handshake timed out");
+                    return;
+                }
+            }
+        }
+        None => drive(TokioIo::new(stream), &builder, routes, &limits, stop, None).await,
     };
     if let Err(e) = result {
         debug!(peer = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Serves one connection until it ends, closing it gracefully when it has been idle for
+/// `--httpIdleTimeout` or the server stops (HTTP/2 GOAWAY, HTTP/1 after the current request).
+async fn drive<I>(
+    io: I,
+    builder: &auto::Builder<TokioExecutor>,
+    routes: Routes,
+    limits: &ConnLimits,
+    mut stop: watch::Receiver<Option<Instant>>,
+    client_cert: Option<Arc<CertificateDer<'static>>>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity {
+        inflight: AtomicUsize::new(0),
+        last: std::sync::Mutex::new(Instant::now()),
+    });
+    let counted = activity.clone();
+    let service = service_fn(move |req| {
+        let routes = routes.clone();
+        let client_cert = client_cert.clone();
+        let busy = counted.begin();
+        async move {
+            let resp = route(routes, req, client_cert).await;
+            drop(busy);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = idle_for(&activity, limits.idle), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = async { stop.wait_for(Option::is_some).await.is_ok() }, if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
     }
 }
 
@@ -663,6 +930,15 @@ async fn changefeed(
     client_cert: Option<Arc<CertificateDer<'static>>>,
 ) -> HttpResponse {
     let start = std::time::Instant::now();
+    // Changefeeds POST (webhook) or PUT (cloud-storage files over HTTP); a GET is a person or
+    // a probe, not a batch.
+    if !matches!(*req.method(), Method::POST | Method::PUT) {
+        let text = format!("method {} not allowed; changefeeds use POST", req.method());
+        let mut r = finish(start, Response::text(StatusCode::METHOD_NOT_ALLOWED, text));
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST, PUT"));
+        return r;
+    }
     // The deadline covers reading the body too, so a trickling client cannot hold a request
     // open past it.
     let deadline = Instant::now() + state.response_timeout;
@@ -836,6 +1112,33 @@ mod tests {
         assert_eq!(a.http_response_timeout, Duration::from_secs(120));
         assert_eq!(a.max_request_bytes, 256 << 20);
         assert_eq!(a.grace_period, Duration::from_secs(30));
+        assert_eq!(a.http_header_read_timeout, Duration::from_secs(30));
+        assert_eq!(a.http_idle_timeout, Duration::from_secs(120));
+        assert_eq!(a.http2_keepalive_interval, Duration::from_secs(20));
+        assert_eq!(a.http2_keepalive_timeout, Duration::from_secs(20));
+        assert_eq!(a.http2_max_concurrent_streams, 32);
+        assert_eq!(a.max_connections, 4096);
+        assert_eq!(a.tcp_keepalive, Duration::from_secs(60));
+        assert_eq!(
+            (
+                a.http_header_read_timeout,
+                a.http_idle_timeout,
+                a.http2_keepalive_interval,
+                a.http2_keepalive_timeout,
+                a.http2_max_concurrent_streams,
+                a.max_connections,
+                a.tcp_keepalive
+            ),
+            (
+                d.http_header_read_timeout,
+                d.http_idle_timeout,
+                d.http2_keepalive_interval,
+                d.http2_keepalive_timeout,
+                d.http2_max_concurrent_streams,
+                d.max_connections,
+                d.tcp_keepalive
+            )
+        );
         assert_eq!(
             (
                 a.bind_addr,
@@ -883,6 +1186,56 @@ mod tests {
                 .tls_self_signed
         );
         assert!(parse(&["--httpResponseTimeout", "soon"]).is_err());
+        let a = parse(&[
+            "--httpHeaderReadTimeout=5s",
+            "--httpIdleTimeout=0s",
+            "--http2KeepaliveInterval=0s",
+            "--http2KeepaliveTimeout=3s",
+            "--http2MaxConcurrentStreams=8",
+            "--maxConnections=100",
+            "--tcpKeepalive=0s",
+        ])
+        .expect("parse");
+        assert_eq!(a.http_header_read_timeout, Duration::from_secs(5));
+        assert!(a.http_idle_timeout.is_zero() && a.http2_keepalive_interval.is_zero());
+        assert_eq!(a.http2_keepalive_timeout, Duration::from_secs(3));
+        assert_eq!(
+            (a.http2_max_concurrent_streams, a.max_connections),
+            (8, 100)
+        );
+        assert!(a.tcp_keepalive.is_zero());
+        a.validate()
+            .expect("zero idle, ping and keepalive mean off");
+    }
+
+    #[test]
+    fn limits_that_cannot_be_off_must_be_positive() {
+        for (flag, args) in [
+            (
+                "httpHeaderReadTimeout",
+                ServerArgs {
+                    http_header_read_timeout: Duration::ZERO,
+                    ..ServerArgs::default()
+                },
+            ),
+            (
+                "http2MaxConcurrentStreams",
+                ServerArgs {
+                    http2_max_concurrent_streams: 0,
+                    ..ServerArgs::default()
+                },
+            ),
+            (
+                "maxConnections",
+                ServerArgs {
+                    max_connections: 0,
+                    ..ServerArgs::default()
+                },
+            ),
+        ] {
+            let e = args.validate().expect_err("invalid").to_string();
+            assert_eq!(e, format!("invalid --{flag}: must be greater than zero"));
+        }
     }
 
     #[test]

@@ -170,7 +170,8 @@ impl Ingest {
         }
         let payload = webhook::decode(&route, &req.body, &Keys(&info), &self.limits)?;
         match payload {
-            Payload::Empty => Ok(()),
+            // CockroachDB never sends an empty batch; an empty body is a client mistake.
+            Payload::Empty => Err(WebhookError::EmptyBody.into()),
             Payload::Resolved(ts) => {
                 self.not_ahead(&schema, "resolved timestamp", ts).await?;
                 self.resolved(&schema, ts).await

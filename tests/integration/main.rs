@@ -12,6 +12,7 @@ mod fault;
 mod feed;
 mod guards;
 mod harness;
+mod hostile;
 mod integrity;
 mod pipeline;
 mod script;

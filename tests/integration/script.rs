@@ -246,3 +246,111 @@ fn set_options_override_the_command_line_and_unknown_flags_are_refused() {
         .expect("unknown flag refused");
     assert!(format!("{err:#}").contains("noSuchFlag"), "{err:#}");
 }
+
+#[tokio::test]
+async fn a_quote_and_backslash_parameter_is_stored_verbatim_when_strings_are_not_conforming() {
+    let db = Db::new("script_injection").await;
+    db.exec(
+        "CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT);
+         CREATE TABLE audit (k INT8 PRIMARY KEY, v TEXT);
+         CREATE TABLE canary (id INT8);",
+    )
+    .await;
+    db.exec(&format!(
+        "ALTER DATABASE \"{}\" SET standard_conforming_strings = off",
+        db.name
+    ))
+    .await;
+    let (_d, s) = script(
+        r#"import * as api from "cdc-sink@v1";
+api.configureTable("kv", {
+  apply: async (ops: any[]) => {
+    for (const op of ops) {
+      await api.getTX().exec("INSERT INTO audit (k, v) VALUES ($1, $2)", op.data.k, op.data.v);
+    }
+    const got = await api.getTX().query("SELECT v FROM audit WHERE v = $1", ops[0].data.v);
+    if (got.length !== 1) throw new Error("query found " + got.length + " rows");
+  },
+});
+"#,
+    );
+    let table = Table::new(Schema::new(db.name.as_str(), "public"), "kv");
+    let value = r"x\'); DROP TABLE public.canary; --";
+    let after = serde_json::json!({ "k": 1, "v": value }).to_string();
+    // A pool of our own (not the server's, which pins the setting) so the database default
+    // applies: the literal alone must hold.
+    let raw = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url())
+        .await
+        .expect("connect");
+    let (setting,): (String,) = sqlx::query_as("SHOW standard_conforming_strings")
+        .fetch_one(&raw)
+        .await
+        .unwrap();
+    assert_eq!(
+        setting, "off",
+        "the database default must reach new sessions"
+    );
+    let mut tx = raw.begin().await.unwrap();
+    s.apply(&table, &[up(1, 1, &after)], &mut tx, &applier(&db))
+        .await
+        .unwrap_or_else(|e| panic!("apply: {e}"));
+    tx.commit().await.unwrap();
+    let (canary,): (Option<String>,) = sqlx::query_as("SELECT to_regclass('public.canary')::TEXT")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(canary.as_deref(), Some("canary"));
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT k, v FROM audit")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![(1, value.to_string())]);
+
+    // The server's own sessions are pinned to the standard meaning.
+    let settings = cdc_sink::target::PoolSettings {
+        max_connections: 2,
+        max_lifetime: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(60),
+        idle_in_transaction: Duration::from_secs(60),
+    };
+    let target = cdc_sink::target::open(&db.url(), "target", &settings)
+        .await
+        .expect("open");
+    let (setting,): (String,) = sqlx::query_as("SHOW standard_conforming_strings")
+        .fetch_one(&target.pool)
+        .await
+        .unwrap();
+    assert_eq!(setting, "on");
+}
+
+#[tokio::test]
+async fn a_nul_in_a_statement_parameter_rejects_the_promise() {
+    let db = Db::new("script_nul").await;
+    db.exec("CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT)")
+        .await;
+    let (_d, s) = script(
+        r#"import * as api from "cdc-sink@v1";
+api.configureTable("kv", {
+  apply: async (ops: any[]) => {
+    await api.getTX().exec("INSERT INTO kv VALUES ($1, $2)", 1, "a\u0000b");
+  },
+});
+"#,
+    );
+    let table = Table::new(Schema::new(db.name.as_str(), "public"), "kv");
+    let mut tx = db.pool.begin().await.unwrap();
+    let e = s
+        .apply(
+            &table,
+            &[up(1, 1, r#"{"k":1,"v":"a"}"#)],
+            &mut tx,
+            &applier(&db),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("NUL"), "{e}");
+    drop(tx);
+    assert_eq!(db.count("kv").await, 0);
+}

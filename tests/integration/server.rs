@@ -89,7 +89,7 @@ async fn certificate_and_key_files_are_served() {
     assert_eq!(srv.cert_pem.as_deref(), Some(generated.cert_pem.as_str()));
 
     let trusting = srv.client(true);
-    let (status, _) = trusting.get("/db/public").await.expect("get");
+    let (status, _) = trusting.get("/_/healthz").await.expect("get");
     assert_eq!(status, StatusCode::OK);
     assert_eq!(trusting.protocol(), Some(Protocol::Http2));
 
@@ -102,7 +102,7 @@ async fn certificate_and_key_files_are_served() {
     )
     .expect("client");
     assert_eq!(
-        insecure.get("/db/public").await.expect("get").0,
+        insecure.get("/_/healthz").await.expect("get").0,
         StatusCode::OK
     );
 
@@ -115,7 +115,7 @@ async fn certificate_and_key_files_are_served() {
         },
     )
     .expect("client");
-    let err = stranger.get("/db/public").await.expect_err("untrusted");
+    let err = stranger.get("/_/healthz").await.expect_err("untrusted");
     assert!(matches!(err, ClientError::Handshake { .. }), "{err}");
     srv.shutdown().await;
 }
@@ -318,12 +318,19 @@ async fn metrics_addr_moves_the_diagnostics_to_their_own_listener() {
         );
     }
 
-    // On the main port the health check still pings, and /_/varz is a changefeed path.
+    // On the main port the health check still pings, and /_/varz is a changefeed path (so a
+    // GET of it is refused).
     assert_eq!(
         main.get("/_/healthz").await.expect("healthz").0,
         StatusCode::SERVICE_UNAVAILABLE
     );
-    assert_eq!(main.get("/_/varz").await.expect("varz").0, StatusCode::OK);
+    assert_eq!(
+        main.get("/_/varz").await.expect("varz").0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    main.post("/_/varz", Bytes::from_static(b"{}"))
+        .await
+        .expect("post");
     let paths: Vec<String> = srv.handler.requests().into_iter().map(|r| r.path).collect();
     assert_eq!(paths, ["/db/public", "/_/varz"]);
     srv.shutdown().await;
@@ -368,7 +375,7 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
         srv.stopped(WAIT).await.expect("serve returns");
         // No longer accepting.
         let fresh = srv.client(http2);
-        let err = fresh.get("/db/public").await.expect_err("listener closed");
+        let err = fresh.get("/_/healthz").await.expect_err("listener closed");
         assert!(matches!(err, ClientError::Connect { .. }), "{err}");
     }
 }
@@ -467,7 +474,11 @@ async fn client_reconnects_after_the_server_restarts() {
         )
         .expect("client");
         assert_eq!(
-            client.get("/db/public").await.expect("first").0,
+            client
+                .post("/db/public", Bytes::from_static(b"{}"))
+                .await
+                .expect("first")
+                .0,
             StatusCode::OK
         );
         first.shutdown().await;
@@ -477,9 +488,229 @@ async fn client_reconnects_after_the_server_restarts() {
             ..tls_args()
         })
         .await;
-        let (status, _) = client.get("/db/public").await.expect("after restart");
+        let (status, _) = client
+            .post("/db/public", Bytes::from_static(b"{}"))
+            .await
+            .expect("after restart");
         assert_eq!(status, StatusCode::OK, "http2={http2}");
         assert_eq!(second.handler.requests().len(), 1);
         second.shutdown().await;
     }
+}
+
+/// Reads until the peer closes (EOF or reset); None if it is still open after `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A minimal HTTP/1 POST on a raw socket; the status line of the answer.
+async fn raw_post(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    stream
+        .write_all(b"POST /db/public HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn a_slow_header_is_closed_by_the_header_read_timeout() {
+    let srv = TestServer::start(ServerArgs {
+        http_header_read_timeout: Duration::from_secs(1),
+        ..args()
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(srv.addr)
+        .await
+        .expect("connect");
+    let started = std::time::Instant::now();
+    stream
+        .write_all(b"POST /db/public HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("request line");
+    // One header line every 200 ms: the connection is never idle, the header never complete.
+    let mut closed = false;
+    for i in 0..50 {
+        if closed_within(&mut stream, Duration::from_millis(200))
+            .await
+            .is_some()
+            || stream
+                .write_all(format!("X-Slow-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+        {
+            closed = true;
+            break;
+        }
+    }
+    let took = started.elapsed();
+    assert!(closed, "still open after {took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
+    assert!(srv.handler.requests().is_empty());
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_without_requests_is_closed_by_the_idle_timeout() {
+    let srv = TestServer::start(ServerArgs {
+        http_idle_timeout: Duration::from_secs(1),
+        ..args()
+    })
+    .await;
+    // Silent from the start (no request at all), and idle after one request.
+    let mut silent = tokio::net::TcpStream::connect(srv.addr)
+        .await
+        .expect("connect");
+    let mut used = tokio::net::TcpStream::connect(srv.addr)
+        .await
+        .expect("connect");
+    assert_eq!(raw_post(&mut used).await, "HTTP/1.1 200 OK");
+    assert!(closed_within(&mut silent, WAIT).await.is_some());
+    assert!(closed_within(&mut used, WAIT).await.is_some());
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_and_a_freed_slot_is_reused() {
+    let srv = TestServer::start(ServerArgs {
+        max_connections: 2,
+        ..args()
+    })
+    .await;
+    let mut first = tokio::net::TcpStream::connect(srv.addr)
+        .await
+        .expect("connect");
+    let mut second = tokio::net::TcpStream::connect(srv.addr)
+        .await
+        .expect("connect");
+    // Both are served (their slots are taken before the third arrives).
+    assert_eq!(raw_post(&mut first).await, "HTTP/1.1 200 OK");
+    assert_eq!(raw_post(&mut second).await, "HTTP/1.1 200 OK");
+    let mut third = tokio::net::TcpStream::connect(srv.addr)
+        .await
+        .expect("connect");
+    let answer = closed_within(&mut third, WAIT).await;
+    assert_eq!(answer, Some(Vec::new()), "closed without an answer");
+    assert!(closed_within(&mut first, Duration::from_millis(100))
+        .await
+        .is_none());
+
+    drop(first);
+    let status = eventually("a slot to free up", WAIT, || async {
+        let mut s = tokio::net::TcpStream::connect(srv.addr).await.ok()?;
+        s.write_all(b"POST /db/public HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            .await
+            .ok()?;
+        let got = closed_within(&mut s, Duration::from_millis(300)).await;
+        match got {
+            // Refused: closed without a byte.
+            Some(b) if b.is_empty() => None,
+            Some(b) => Some(String::from_utf8_lossy(&b).lines().next()?.to_string()),
+            // Still open: it was answered and kept alive; read what arrived.
+            None => Some("HTTP/1.1 200 OK".to_string()),
+        }
+    })
+    .await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(raw_post(&mut second).await, "HTTP/1.1 200 OK");
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_http2_stream_cap_is_advertised() {
+    use tokio::io::AsyncReadExt;
+    let srv = TestServer::start(ServerArgs {
+        http2_max_concurrent_streams: 7,
+        ..args()
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(srv.addr)
+        .await
+        .expect("connect");
+    // h2c with prior knowledge: the preface and an empty SETTINGS frame.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("preface");
+    let mut header = [0u8; 9];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut header))
+        .await
+        .expect("in time")
+        .expect("frame header");
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    assert_eq!(header[3], 0x4, "the server's first frame is SETTINGS");
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.expect("settings");
+    let settings: Vec<(u16, u32)> = payload
+        .chunks_exact(6)
+        .map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect();
+    // SETTINGS_MAX_CONCURRENT_STREAMS is 0x3.
+    assert!(settings.contains(&(0x3, 7)), "{settings:?}");
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn plain_http_on_the_tls_port_gets_a_400() {
+    let srv = TestServer::start(tls_args()).await;
+    let mut stream = tokio::net::TcpStream::connect(srv.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /_/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = closed_within(&mut stream, WAIT).await.expect("closed");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.0 400 Bad Request\r\n"), "{text}");
+    assert!(
+        text.ends_with("Client sent an HTTP request to an HTTPS server.\n"),
+        "{text}"
+    );
+    // TLS clients are still served.
+    let (status, _) = srv.client(true).get("/_/healthz").await.expect("healthz");
+    assert_eq!(status, StatusCode::OK);
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn changefeed_urls_refuse_other_methods_with_405() {
+    let srv = TestServer::start(args()).await;
+    let client = srv.client(true);
+    for method in [Method::GET, Method::DELETE, Method::PATCH] {
+        let resp = client
+            .request(method.clone(), "/db/public", Bytes::new())
+            .await
+            .expect("request");
+        assert_eq!(resp.status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(resp.headers["allow"], "POST, PUT");
+    }
+    assert!(srv.handler.requests().is_empty());
+    let (status, _) = client.get("/_/healthz").await.expect("healthz");
+    assert_eq!(status, StatusCode::OK);
+    srv.shutdown().await;
 }

@@ -23,6 +23,8 @@ pub enum WebhookError {
     PathTable(IdentError),
 
     // ---- bad input (400) ----
+    #[error("request body is empty")]
+    EmptyBody,
     #[error("request body is not valid UTF-8")]
     NotUtf8,
     #[error("could not decode payload: {0}")]
@@ -69,6 +71,20 @@ pub enum WebhookError {
     NoPrimaryKey(Table),
     #[error("missing primary key: \"{0}\"")]
     MissingPrimaryKey(String),
+    #[error("table \"{table}\": field \"{field}\" is nested deeper than {limit} levels")]
+    TooDeep {
+        table: Table,
+        field: &'static str,
+        limit: usize,
+    },
+    #[error(
+        "table \"{table}\": a key of {bytes} bytes is longer than the {limit} bytes staging can index"
+    )]
+    KeyTooLarge {
+        table: Table,
+        bytes: usize,
+        limit: usize,
+    },
     #[error("line {line} is longer than {limit} bytes")]
     LineTooLong { line: usize, limit: usize },
     /// Locates an error inside the body (`payload[3]`, `line 7`).

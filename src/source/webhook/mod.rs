@@ -10,12 +10,14 @@
 mod element;
 mod error;
 mod json;
+mod limits;
 mod ndjson;
 mod path;
 mod payload;
 mod resolved;
 
 pub use error::WebhookError;
+pub use limits::{MAX_DEPTH, MAX_KEY_BYTES};
 pub use path::{parse_path, Route, MAX_SEGMENTS};
 pub use resolved::parse_resolved_digits;
 
@@ -75,8 +77,22 @@ impl Default for DecodeLimits {
     }
 }
 
-/// Decodes a request body for `route`. A `.RESOLVED` route never looks at the body.
+/// Decodes a request body for `route`. A `.RESOLVED` route never looks at the body. Rows whose
+/// key or images later steps could not handle are refused (see [`MAX_DEPTH`], [`MAX_KEY_BYTES`]).
 pub fn decode(
+    route: &Route,
+    body: &[u8],
+    pks: &dyn PrimaryKeys,
+    limits: &DecodeLimits,
+) -> Result<Payload, WebhookError> {
+    let payload = decode_unchecked(route, body, pks, limits)?;
+    if let Payload::Mutations(rows) = &payload {
+        limits::check(rows)?;
+    }
+    Ok(payload)
+}
+
+fn decode_unchecked(
     route: &Route,
     body: &[u8],
     pks: &dyn PrimaryKeys,
@@ -270,20 +286,21 @@ mod robustness {
     fn deep_nesting_is_handled_without_overflowing_the_stack() {
         let limits = DecodeLimits::default();
         let (open, close) = ("[".repeat(100_000), "]".repeat(100_000));
-        // Inside a row image it is valid JSON, kept as raw bytes without recursion.
+        // Inside a row image it is valid JSON, scanned without recursion, and refused: the
+        // apply side could not read it.
         let deep_value = format!(
             r#"{{"payload":[{{"after":{{"pk":{open}1{close}}},"key":[1],"topic":"t","updated":"1.0"}}]}}"#
         );
-        match decode(&routes()[0], deep_value.as_bytes(), &pks(), &limits) {
-            Ok(Payload::Mutations(rows)) => {
-                assert_eq!(rows[0].1.after.as_ref().map(String::len), Some(200_008))
-            }
-            other => panic!("unexpected result: {:?}", other.map(|_| ()).err()),
-        }
-        // The query feed copies the deep value into the key, still without recursion.
+        let e = decode(&routes()[0], deep_value.as_bytes(), &pks(), &limits).unwrap_err();
+        assert!(
+            matches!(e.root(), WebhookError::TooDeep { field: "after", .. }),
+            "{e}"
+        );
+        // The query feed copies the deep value into the key: refused too, still without recursion.
         let query =
             format!(r#"{{"payload":[{{"after":{{"pk":{open}1{close}}},"updated":"1.0"}}]}}"#);
-        assert!(decode(&routes()[1], query.as_bytes(), &pks(), &limits).is_ok());
+        let e = decode(&routes()[1], query.as_bytes(), &pks(), &limits).unwrap_err();
+        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
         // Where the structure itself is deep, it is refused with a 400.
         let deep_payload = format!(r#"{{"payload":[{open}{close}]}}"#);
         for route in &routes()[..2] {

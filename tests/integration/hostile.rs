@@ -1,0 +1,117 @@
+//! Hostile and careless input: rows the later steps could not handle are refused at ingest.
+
+use crate::support::sink::{batch, upsert, Sink};
+use crate::support::Db;
+use http::StatusCode;
+use serde_json::{json, Value};
+
+/// Rows in a staging table, 0 when it does not exist (nothing was ever staged).
+async fn staged(db: &Db, table: &str) -> i64 {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table)
+        .fetch_one(&db.pool)
+        .await
+        .expect("to_regclass");
+    if exists {
+        db.count(table).await
+    } else {
+        0
+    }
+}
+
+fn nested(levels: usize) -> Value {
+    let text = format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+    serde_json::from_str(&text).expect("within serde's limit")
+}
+
+/// Text that does not compress, so the staging index cannot squeeze it in.
+fn incompressible(len: usize) -> String {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            char::from(b'a' + (state >> 59) as u8 % 26)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn deep_json_and_huge_keys_are_refused_with_400_and_nothing_is_staged() {
+    let db = Db::new("hostile_input").await;
+    db.exec("CREATE TABLE public.docs (k TEXT PRIMARY KEY, v JSONB)")
+        .await;
+    let sink = Sink::start(&db, &[]).await;
+    let path = "/hostile_input/public";
+    let staging = "_cdc_sink.hostile_input_public_docs";
+
+    let deep = batch(vec![upsert(
+        "docs",
+        json!(["a"]),
+        json!({"k": "a", "v": nested(120)}),
+        1,
+    )]);
+    let (status, body) = sink.post(path, deep).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body.contains("nested deeper than 100 levels") && body.contains("docs"),
+        "{body}"
+    );
+    assert!(!body.trim_end().contains('\n'), "one line: {body}");
+
+    let secret = incompressible(3_000);
+    let huge = batch(vec![upsert(
+        "docs",
+        json!([secret]),
+        json!({"k": secret, "v": 1}),
+        1,
+    )]);
+    let (status, body) = sink.post(path, huge).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body.contains("docs") && body.contains("3004 bytes"),
+        "{body}"
+    );
+    assert!(
+        !body.contains(&secret[..40]),
+        "the key is not echoed: {body}"
+    );
+    assert_eq!(staged(&db, staging).await, 0);
+
+    // The deepest accepted value and a key at the limit (incompressible) are staged.
+    let fits = incompressible(cdc_sink::source::webhook::MAX_KEY_BYTES - 4);
+    sink.post_ok(
+        path,
+        batch(vec![upsert(
+            "docs",
+            json!([fits]),
+            json!({"k": fits, "v": nested(99)}),
+            1,
+        )]),
+    )
+    .await;
+    assert_eq!(staged(&db, staging).await, 1);
+    sink.stop().await;
+}
+
+#[tokio::test]
+async fn an_empty_post_is_refused_with_400_but_a_resolved_file_needs_no_body() {
+    let db = Db::kv("hostile_empty").await;
+    let sink = Sink::start(&db, &[]).await;
+    for body in ["", " \n"] {
+        let (status, text) = sink.post("/hostile_empty/public", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}: {text}");
+        assert_eq!(text, "request body is empty\n");
+    }
+    // An empty batch is not an empty body.
+    sink.post_ok("/hostile_empty/public", r#"{"payload":[],"length":0}"#)
+        .await;
+    // A cloud-storage resolved file carries its timestamp in its name.
+    sink.post_ok(
+        "/hostile_empty/public/2023-01-01/202301010000000000000000000000000.RESOLVED",
+        "",
+    )
+    .await;
+    sink.stop().await;
+}
