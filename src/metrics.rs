@@ -85,6 +85,8 @@ pub const POOL_IDLE: &str = "pool_idle_connection_count";
 pub const POOL_MAX: &str = "pool_max_connection_count";
 
 pub const DLQ_MUTATIONS: &str = "dlq_mutations_total";
+pub const DLQ_REPLAYED: &str = "dlq_replayed_total";
+pub const DLQ_PURGED: &str = "dlq_purged_total";
 pub const POISON_BACKOFF: &str = "sequence_poison_backoff_total";
 
 pub const CORE_PIPELINES: &str = "core_pipelines";
@@ -368,6 +370,14 @@ or serialization failure while running alongside them)"
     describe_gauge!(POOL_IDLE, "idle connections");
     describe_gauge!(POOL_MAX, "maximum connections");
     describe_counter!(DLQ_MUTATIONS, "mutations written to a dead-letter queue");
+    describe_counter!(
+        DLQ_REPLAYED,
+        "dead-letter rows replayed by `cdc-sink dlq replay`, by result (applied, lost, failed)"
+    );
+    describe_counter!(
+        DLQ_PURGED,
+        "dead-letter rows deleted by `cdc-sink dlq purge`"
+    );
     describe_counter!(POISON_BACKOFF, "apply attempts deferred by poison backoff");
     describe_counter!(
         AUTH_REQUESTS,

@@ -51,6 +51,17 @@ pub struct ApplyStats {
     pub dead_lettered: u64,
 }
 
+impl ApplyStats {
+    /// Adds `other` to these counts.
+    pub fn add(&mut self, other: ApplyStats) {
+        self.upserts += other.upserts;
+        self.deletes += other.deletes;
+        self.conflicts += other.conflicts;
+        self.resolved += other.resolved;
+        self.dead_lettered += other.dead_lettered;
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("schema {schema} is not in the connected database {database}")]

@@ -4,6 +4,7 @@
 mod bench;
 mod checkpoint;
 mod demo;
+pub mod dlq;
 mod feed;
 mod jwt;
 pub mod make_jwt;
@@ -79,6 +80,8 @@ pub enum Command {
     Userscript(userscript::UserscriptArgs),
     /// Show the checkpoints, or reset one set wrong (`checkpoint reset db.schema --to …`).
     Checkpoint(checkpoint::CheckpointArgs),
+    /// The dead-letter queue of a target schema: `dlq list|show|purge|replay db.schema`.
+    Dlq(dlq::DlqArgs),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -107,6 +110,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::MakeJwt(args) => make_jwt::run(args),
         Command::Jwt(args) => runtime().and_then(|rt| rt.block_on(jwt::run(args))),
         Command::Checkpoint(args) => runtime().and_then(|rt| rt.block_on(checkpoint::run(args))),
+        Command::Dlq(args) => runtime().and_then(|rt| rt.block_on(dlq::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,7 +19,7 @@ mod window;
 pub use mode::{Admission, Mode};
 pub use poison::{find_poison, Poison};
 
-use crate::apply::{Applier, SchemaInfo};
+use crate::apply::{Applier, ApplyStats, SchemaInfo};
 use crate::checkpoint::{AppliedRanges, CheckpointError, Checkpoints, Leases};
 use crate::config::parse_duration;
 use crate::hlc::Hlc;
@@ -437,6 +437,21 @@ pub(crate) async fn write_ordered(
     info: &SchemaInfo,
     batches: &TableBatches,
 ) -> Result<(), SequenceError> {
+    write_ordered_counted(applier, hooks, conn, info, batches)
+        .await
+        .map(|_| ())
+}
+
+/// [`write_ordered`], adding up what the applier did (a table written by a userscript's
+/// `apply` counts nothing).
+pub(crate) async fn write_ordered_counted(
+    applier: &Applier,
+    hooks: Option<&Hooks>,
+    conn: &mut PgConnection,
+    info: &SchemaInfo,
+    batches: &TableBatches,
+) -> Result<ApplyStats, SequenceError> {
+    let mut stats = ApplyStats::default();
     let mut deletes: HashMap<&Table, Vec<Mutation>> = HashMap::new();
     let mut upserts: HashMap<&Table, Vec<Mutation>> = HashMap::new();
     let mut scripted: HashMap<&Table, Vec<Mutation>> = HashMap::new();
@@ -467,18 +482,18 @@ pub(crate) async fn write_ordered(
     let unordered: Vec<&Table> = batches.keys().filter(|t| !ordered.contains(t)).collect();
     for table in ordered.iter().rev().chain(unordered.iter()) {
         if let Some(muts) = deletes.get(*table) {
-            applier.apply(conn, table, muts).await?;
+            stats.add(applier.apply(conn, table, muts).await?);
         }
     }
     for table in ordered.iter().chain(unordered.iter()) {
         if let Some(muts) = upserts.get(*table) {
-            applier.apply(conn, table, muts).await?;
+            stats.add(applier.apply(conn, table, muts).await?);
         }
         if let (Some(muts), Some(h)) = (scripted.get(*table), hooks) {
             h.script.apply(table, muts, conn, applier).await?;
         }
     }
-    Ok(())
+    Ok(stats)
 }
 
 /// Sleeps `d`, or forever when `None`.

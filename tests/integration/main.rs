@@ -14,6 +14,7 @@ mod guards;
 mod harness;
 mod hostile;
 mod integrity;
+mod ops;
 mod pipeline;
 mod script;
 mod server;

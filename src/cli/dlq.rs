@@ -1,0 +1,632 @@
+//! `cdc-sink dlq list|show|purge|replay`: inspect, delete and re-apply the dead-letter queue
+//! of a target schema (README "Conflicts") without hand-written SQL.
+//!
+//! The queue does not record which table a row came from, so `replay` is told (`--table`).
+//! Replay re-applies each row through the sequencer's apply path (compare-and-set, merge) in
+//! source-time order, one savepoint per row: a row that applies is deleted from the queue in
+//! the same transaction; one that loses again is rolled back and stays. Each batch commits on
+//! its own, so an interrupted replay leaves every row either applied and gone or untouched, and
+//! running it again resumes.
+
+use crate::apply::{Applier, ApplyArgs, TableSchema, DEFAULT_DLQ_TABLE};
+use crate::hlc::Hlc;
+use crate::ident::{Ident, Schema, Table};
+use crate::metrics::{DLQ_PURGED, DLQ_REPLAYED, LABEL_RESULT, LABEL_SCHEMA};
+use crate::mutation::{Mutation, TableBatches};
+use crate::script::Userscript;
+use crate::sequence::{write_ordered_counted, Hooks, SequenceError};
+use crate::target::{Database, Dialect, TargetArgs};
+use anyhow::Context;
+use serde_json::{json, Value};
+use sqlx::Acquire;
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error("cannot {what} the dead-letter queue {table}: {error}")]
+    Sql {
+        what: &'static str,
+        table: String,
+        error: sqlx::Error,
+    },
+    #[error("table {0} is not in the target schema")]
+    UnknownTable(String),
+    #[error(
+        "refusing to purge every row of the dead-letter queue: select rows (--dlq, --from, \
+         --to, --limit) or pass --all"
+    )]
+    Unfiltered,
+    #[error(transparent)]
+    Apply(#[from] SequenceError),
+}
+
+/// Which dead-letter rows a command works on. Source times are HLCs, `from` inclusive and
+/// `to` exclusive.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct Selection {
+    /// Only rows with this dlq name (the name the merge function answered).
+    #[arg(long = "dlq")]
+    pub dlq: Option<String>,
+    /// Only rows whose source time is at or after this HLC (`nanos.logical`).
+    #[arg(long = "from")]
+    pub from: Option<Hlc>,
+    /// Only rows whose source time is before this HLC.
+    #[arg(long = "to")]
+    pub to: Option<Hlc>,
+    /// At most this many rows (the oldest first).
+    #[arg(long = "limit")]
+    pub limit: Option<i64>,
+}
+
+impl Selection {
+    fn is_everything(&self) -> bool {
+        self.dlq.is_none() && self.from.is_none() && self.to.is_none() && self.limit.is_none()
+    }
+}
+
+/// One dead-letter row. `after` is `None` for a delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DlqRow {
+    pub event: String,
+    pub dlq_name: String,
+    pub time: Hlc,
+    pub after: Option<String>,
+    pub before: Option<String>,
+    /// When it was dead-lettered; `None` if the table has no `dlq_time` column.
+    pub dlq_time: Option<String>,
+}
+
+impl DlqRow {
+    fn to_json(&self) -> Value {
+        let parse = |s: &Option<String>| {
+            s.as_deref()
+                .and_then(|s| serde_json::from_str::<Value>(s).ok())
+                .unwrap_or(Value::Null)
+        };
+        json!({
+            "event": self.event,
+            "dlq_name": self.dlq_name,
+            "source_time": self.time.to_string(),
+            "dlq_time": self.dlq_time,
+            "data_after": parse(&self.after),
+            "data_before": parse(&self.before),
+        })
+    }
+}
+
+/// The dead-letter table of `schema` named `name`, as SQL.
+pub fn dlq_table(schema: &Schema, name: &str) -> Table {
+    Table::new(schema.clone(), name)
+}
+
+fn sql_name(dialect: Dialect, table: &Table) -> String {
+    match dialect {
+        Dialect::Postgres => table.quoted_in_db(),
+        Dialect::Cockroach => table.quoted(),
+    }
+}
+
+/// Rows ordered by source time, then event; `$1..$5` are the selection, `$6..$8` the
+/// position to continue after (all NULL from the start), `$9` the limit. The event is
+/// compared as text so any key type (UUID, serial) works.
+fn select_sql(dialect: Dialect, table: &Table) -> String {
+    format!(
+        "SELECT d.event::TEXT, d.dlq_name, d.source_nanos, d.source_logical, \
+         d.data_after::TEXT, d.data_before::TEXT, to_jsonb(d) ->> 'dlq_time' FROM {} AS d \
+         WHERE ($1::TEXT IS NULL OR d.dlq_name = $1) \
+         AND ($2::INT8 IS NULL OR (d.source_nanos, d.source_logical) >= ($2::INT8, $3::INT8)) \
+         AND ($4::INT8 IS NULL OR (d.source_nanos, d.source_logical) < ($4::INT8, $5::INT8)) \
+         AND ($6::INT8 IS NULL OR (d.source_nanos, d.source_logical, d.event::TEXT) > ($6::INT8, $7::INT8, $8::TEXT)) \
+         ORDER BY d.source_nanos, d.source_logical, d.event::TEXT LIMIT $9",
+        sql_name(dialect, table)
+    )
+}
+
+type RawRow = (String, String, i64, i64, String, String, Option<String>);
+
+fn to_row(r: RawRow) -> DlqRow {
+    let json_null = |s: String| (s != "null").then_some(s);
+    DlqRow {
+        event: r.0,
+        dlq_name: r.1,
+        time: Hlc::new(r.2, r.3 as i32),
+        after: json_null(r.4),
+        before: json_null(r.5),
+        dlq_time: r.6,
+    }
+}
+
+async fn select(
+    db: &Database,
+    table: &Table,
+    sel: &Selection,
+    after: Option<&DlqRow>,
+    limit: Option<i64>,
+) -> Result<Vec<DlqRow>, DlqError> {
+    let rows: Vec<RawRow> = sqlx::query_as(&select_sql(db.dialect, table))
+        .bind(sel.dlq.as_deref())
+        .bind(sel.from.map(|h| h.nanos()))
+        .bind(sel.from.map(|h| i64::from(h.logical())))
+        .bind(sel.to.map(|h| h.nanos()))
+        .bind(sel.to.map(|h| i64::from(h.logical())))
+        .bind(after.map(|r| r.time.nanos()))
+        .bind(after.map(|r| i64::from(r.time.logical())))
+        .bind(after.map(|r| r.event.as_str()))
+        .bind(limit)
+        .fetch_all(&db.pool)
+        .await
+        .map_err(|error| DlqError::Sql {
+            what: "read",
+            table: table.to_string(),
+            error,
+        })?;
+    Ok(rows.into_iter().map(to_row).collect())
+}
+
+/// The selected rows, oldest first.
+pub async fn list(db: &Database, table: &Table, sel: &Selection) -> Result<Vec<DlqRow>, DlqError> {
+    select(db, table, sel, None, sel.limit).await
+}
+
+/// The row with this event id.
+pub async fn show(db: &Database, table: &Table, event: &str) -> Result<Option<DlqRow>, DlqError> {
+    let sql = format!(
+        "SELECT d.event::TEXT, d.dlq_name, d.source_nanos, d.source_logical, \
+         d.data_after::TEXT, d.data_before::TEXT, to_jsonb(d) ->> 'dlq_time' FROM {} AS d \
+         WHERE d.event::TEXT = $1",
+        sql_name(db.dialect, table)
+    );
+    let row: Option<RawRow> = sqlx::query_as(&sql)
+        .bind(event)
+        .fetch_optional(&db.pool)
+        .await
+        .map_err(|error| DlqError::Sql {
+            what: "read",
+            table: table.to_string(),
+            error,
+        })?;
+    Ok(row.map(to_row))
+}
+
+async fn delete_events(
+    conn: &mut sqlx::PgConnection,
+    dialect: Dialect,
+    table: &Table,
+    events: &[String],
+) -> Result<u64, DlqError> {
+    let sql = format!(
+        "DELETE FROM {} WHERE event::TEXT = ANY($1::TEXT[])",
+        sql_name(dialect, table)
+    );
+    let done = sqlx::query(&sql)
+        .bind(events)
+        .execute(conn)
+        .await
+        .map_err(|error| DlqError::Sql {
+            what: "delete from",
+            table: table.to_string(),
+            error,
+        })?;
+    Ok(done.rows_affected())
+}
+
+/// Deletes the selected rows (or, with `dry_run`, only returns them). An empty selection is
+/// refused unless `all`.
+pub async fn purge(
+    db: &Database,
+    table: &Table,
+    sel: &Selection,
+    all: bool,
+    dry_run: bool,
+) -> Result<Vec<DlqRow>, DlqError> {
+    if sel.is_everything() && !all {
+        return Err(DlqError::Unfiltered);
+    }
+    let rows = list(db, table, sel).await?;
+    if dry_run || rows.is_empty() {
+        return Ok(rows);
+    }
+    let events: Vec<String> = rows.iter().map(|r| r.event.clone()).collect();
+    let mut conn = db.pool.acquire().await.map_err(|error| DlqError::Sql {
+        what: "delete from",
+        table: table.to_string(),
+        error,
+    })?;
+    let n = delete_events(&mut conn, db.dialect, table, &events).await?;
+    metrics::counter!(DLQ_PURGED, LABEL_SCHEMA => table.schema.canonical()).increment(n);
+    tracing::info!(dlq = %table, rows = n, "purged dead-letter rows");
+    Ok(rows)
+}
+
+/// What a replay did so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Applied and removed from the queue.
+    pub applied: u64,
+    /// Lost again (compare-and-set, or the merge function dropped or dead-lettered it): kept.
+    pub lost: u64,
+    /// Refused by the target, or not a row of the table: kept.
+    pub failed: u64,
+    pub batches: u64,
+    /// Stopped by the progress callback before the selection was exhausted.
+    pub interrupted: bool,
+}
+
+/// The mutation a dead-letter row stands for: its key is read from the row image by the
+/// table's primary key.
+fn to_mutation(ts: &TableSchema, row: &DlqRow) -> Result<Mutation, String> {
+    let image = row
+        .after
+        .as_deref()
+        .or(row.before.as_deref())
+        .ok_or("no row image")?;
+    let Value::Object(map) = serde_json::from_str::<Value>(image).map_err(|e| e.to_string())?
+    else {
+        return Err("the row image is not a JSON object".into());
+    };
+    let mut key = Vec::new();
+    for col in ts.primary_key() {
+        let v = map
+            .iter()
+            .find(|(k, _)| Ident::new(k.as_str()) == col.name)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| format!("the row image has no key column {}", col.name.raw()))?;
+        key.push(v);
+    }
+    Ok(Mutation {
+        time: row.time,
+        key: Value::Array(key).to_string(),
+        after: row.after.clone(),
+        before: row.before.clone(),
+    })
+}
+
+fn count(schema: &Schema, result: &'static str, n: u64) {
+    if n > 0 {
+        metrics::counter!(DLQ_REPLAYED, LABEL_SCHEMA => schema.canonical(), LABEL_RESULT => result)
+            .increment(n);
+    }
+}
+
+/// Re-applies the selected rows of `dlq` to `table` in source-time order, `batch` rows per
+/// target transaction; `progress` sees the running totals after each committed batch and may
+/// stop the replay. Table options (CAS columns, merge) are those `applier` has.
+///
+/// The userscript's `map` is not run again: a dead-letter row holds the mutation as it was
+/// handed to the table, already mapped.
+pub async fn replay(
+    applier: &Applier,
+    db: &Database,
+    dlq: &Table,
+    table: &Table,
+    sel: &Selection,
+    batch: usize,
+    mut progress: impl FnMut(&ReplayReport) -> ControlFlow<()>,
+) -> Result<ReplayReport, DlqError> {
+    let info = applier
+        .schema(&table.schema)
+        .await
+        .map_err(SequenceError::from)?;
+    let ts = info
+        .table(table)
+        .cloned()
+        .ok_or_else(|| DlqError::UnknownTable(table.to_string()))?;
+    let mut report = ReplayReport::default();
+    let mut last: Option<DlqRow> = None;
+    let mut remaining = sel.limit;
+    let sql_err = |what: &'static str| {
+        let t = dlq.to_string();
+        move |error| DlqError::Sql {
+            what,
+            table: t,
+            error,
+        }
+    };
+    loop {
+        let take = (batch.max(1) as i64).min(remaining.unwrap_or(i64::MAX));
+        if take <= 0 {
+            break;
+        }
+        let rows = select(db, dlq, sel, last.as_ref(), Some(take)).await?;
+        if rows.is_empty() {
+            break;
+        }
+        let mut tx = db.pool.begin().await.map_err(sql_err("replay"))?;
+        let mut applied = Vec::new();
+        let (mut lost, mut failed) = (0u64, 0u64);
+        for row in &rows {
+            let m = match to_mutation(&ts, row) {
+                Ok(m) => m,
+                Err(detail) => {
+                    tracing::warn!(event = %row.event, table = %table, %detail,
+                        "dead-letter row does not fit the table; kept");
+                    failed += 1;
+                    continue;
+                }
+            };
+            let mut one = TableBatches::new();
+            one.insert(ts.table.clone(), vec![m]);
+            let mut sp = tx.begin().await.map_err(sql_err("replay"))?;
+            match write_ordered_counted(applier, None, &mut sp, &info, &one).await {
+                Ok(s) if s.conflicts > s.resolved => {
+                    sp.rollback().await.map_err(sql_err("replay"))?;
+                    lost += 1;
+                }
+                Ok(_) => {
+                    sp.commit().await.map_err(sql_err("replay"))?;
+                    applied.push(row.event.clone());
+                }
+                Err(e) if e.is_unavailable() => return Err(e.into()),
+                Err(e) => {
+                    sp.rollback().await.map_err(sql_err("replay"))?;
+                    tracing::warn!(event = %row.event, table = %table, error = %e,
+                        "dead-letter row refused by the target; kept");
+                    failed += 1;
+                }
+            }
+        }
+        delete_events(&mut tx, db.dialect, dlq, &applied).await?;
+        tx.commit().await.map_err(sql_err("replay"))?;
+        count(&table.schema, "applied", applied.len() as u64);
+        count(&table.schema, "lost", lost);
+        count(&table.schema, "failed", failed);
+        report.applied += applied.len() as u64;
+        report.lost += lost;
+        report.failed += failed;
+        report.batches += 1;
+        if let Some(r) = remaining.as_mut() {
+            *r -= rows.len() as i64;
+        }
+        last = rows.last().cloned();
+        if progress(&report).is_break() {
+            report.interrupted = true;
+            break;
+        }
+    }
+    tracing::info!(dlq = %dlq, table = %table, applied = report.applied, lost = report.lost,
+        failed = report.failed, "dead-letter replay finished");
+    Ok(report)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Common {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// The target schema (`db.schema`).
+    pub schema: String,
+    /// The dead-letter table's name in the schema.
+    #[arg(long = "dlqTableName", env = "CDC_SINK_DLQ_TABLE_NAME", default_value = DEFAULT_DLQ_TABLE)]
+    pub dlq_table_name: String,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DlqCommand {
+    /// Print the selected rows, oldest first (a table, or `--json`).
+    List {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        sel: Selection,
+        /// One JSON array instead of a table.
+        #[arg(long = "json")]
+        json: bool,
+    },
+    /// Print one row in full.
+    Show {
+        #[command(flatten)]
+        common: Common,
+        /// The row's `event` id.
+        event: String,
+    },
+    /// Delete the selected rows.
+    Purge {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        sel: Selection,
+        /// Only print what would be deleted.
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+        /// Allow purging without any selection.
+        #[arg(long = "all")]
+        all: bool,
+    },
+    /// Re-apply the selected rows to `--table` (compare-and-set and merge as configured by
+    /// `--userscript`); rows that apply leave the queue, rows that lose again stay.
+    Replay {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        sel: Selection,
+        /// The table the rows belong to (the queue does not record it).
+        #[arg(long = "table")]
+        table: String,
+        /// The userscript whose table options (cas, merge) apply.
+        #[arg(long = "userscript")]
+        userscript: Option<std::path::PathBuf>,
+        /// Rows per target transaction.
+        #[arg(long = "batch", default_value_t = 100)]
+        batch: usize,
+    },
+}
+
+async fn open(common: &Common) -> anyhow::Result<(Database, Schema, Table)> {
+    common.target.validate()?;
+    let (target, _staging) = common.target.open().await.context("opening databases")?;
+    let schema = Schema::parse(&common.schema)
+        .map_err(|e| anyhow::anyhow!("schema {:?}: {e}", common.schema))?;
+    let table = dlq_table(&schema, &common.dlq_table_name);
+    Ok((target, schema, table))
+}
+
+fn print_table(rows: &[DlqRow]) {
+    println!(
+        "{:<38} {:<16} {:<32} {:<7} DATA",
+        "EVENT", "DLQ", "SOURCE TIME", "KIND"
+    );
+    for r in rows {
+        let (kind, data) = match (&r.after, &r.before) {
+            (Some(a), _) => ("upsert", a.as_str()),
+            (None, Some(b)) => ("delete", b.as_str()),
+            (None, None) => ("delete", ""),
+        };
+        let mut data: String = data.chars().take(60).collect();
+        if data.len()
+            < r.after
+                .as_deref()
+                .or(r.before.as_deref())
+                .unwrap_or("")
+                .len()
+        {
+            data.push('…');
+        }
+        println!(
+            "{:<38} {:<16} {:<32} {:<7} {data}",
+            r.event,
+            r.dlq_name,
+            r.time.to_string(),
+            kind
+        );
+    }
+    println!("({} rows)", rows.len());
+}
+
+pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
+    match args.command {
+        DlqCommand::List { common, sel, json } => {
+            let (db, _, table) = open(&common).await?;
+            let rows = list(&db, &table, &sel).await?;
+            if json {
+                let all: Vec<Value> = rows.iter().map(DlqRow::to_json).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print_table(&rows);
+            }
+        }
+        DlqCommand::Show { common, event } => {
+            let (db, _, table) = open(&common).await?;
+            let Some(row) = show(&db, &table, &event).await? else {
+                anyhow::bail!("no row with event {event} in {table}");
+            };
+            println!("{}", serde_json::to_string_pretty(&row.to_json())?);
+        }
+        DlqCommand::Purge {
+            common,
+            sel,
+            dry_run,
+            all,
+        } => {
+            let (db, _, table) = open(&common).await?;
+            let rows = purge(&db, &table, &sel, all, dry_run).await?;
+            print_table(&rows);
+            if dry_run {
+                println!("dry run: {} rows would be deleted", rows.len());
+            } else {
+                println!("deleted {} rows", rows.len());
+            }
+        }
+        DlqCommand::Replay {
+            common,
+            sel,
+            table,
+            userscript,
+            batch,
+        } => {
+            let (db, schema, dlq) = open(&common).await?;
+            let table = Table::parse_in(&schema, &table)
+                .map_err(|e| anyhow::anyhow!("--table {table:?}: {e}"))?;
+            let applier = Applier::with_options(
+                db.clone(),
+                Duration::from_secs(60),
+                ApplyArgs {
+                    dlq_table_name: common.dlq_table_name.clone(),
+                    // A replayed row that loses is rolled back, never dead-lettered again.
+                    dlq_auto_create: false,
+                },
+            );
+            if let Some(path) = userscript {
+                let flags = super::start::start_flags();
+                let names: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).collect();
+                let script = Userscript::load(&path, &names)
+                    .with_context(|| format!("loading {}", path.display()))?;
+                let info = applier.schema(&schema).await?;
+                Hooks::new(script).configure(&applier, &info);
+            }
+            let report = replay(&applier, &db, &dlq, &table, &sel, batch, |r| {
+                println!(
+                    "batch {}: applied {}, lost again {}, failed {}",
+                    r.batches, r.applied, r.lost, r.failed
+                );
+                ControlFlow::Continue(())
+            })
+            .await?;
+            println!(
+                "replayed: {} applied and removed, {} lost again and kept, {} failed and kept",
+                report.applied, report.lost, report.failed
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_selection_reads_every_filter_and_continues_after_the_last_row() {
+        let sql = select_sql(
+            Dialect::Postgres,
+            &dlq_table(&Schema::new("db", "public"), "cdc_sink_dlq"),
+        );
+        assert!(
+            sql.contains(r#"FROM "public"."cdc_sink_dlq" AS d"#),
+            "{sql}"
+        );
+        for p in ["$1", "$3::INT8", "$5::INT8", "$8::TEXT", "LIMIT $9"] {
+            assert!(sql.contains(p), "{p} missing: {sql}");
+        }
+    }
+
+    #[test]
+    fn a_mutation_takes_its_key_from_the_image_in_key_order() {
+        let t = Table::new(Schema::new("db", "public"), "t");
+        let col = |n: &str, primary| crate::apply::Column {
+            name: Ident::new(n),
+            primary,
+            data_type: "INT8".into(),
+            default: None,
+            ignored: false,
+        };
+        let ts = TableSchema {
+            table: t,
+            columns: vec![col("b", true), col("a", true), col("v", false)],
+        };
+        let row = DlqRow {
+            event: "1".into(),
+            dlq_name: "x".into(),
+            time: Hlc::new(5, 1),
+            after: None,
+            before: Some(r#"{"A": 1, "b": "two", "v": 3}"#.into()),
+            dlq_time: None,
+        };
+        let m = to_mutation(&ts, &row).expect("fits");
+        assert_eq!(m.key, r#"["two",1]"#);
+        assert!(m.is_delete());
+        let bad = DlqRow {
+            before: Some(r#"{"b": 1}"#.into()),
+            ..row
+        };
+        assert_eq!(
+            to_mutation(&ts, &bad).unwrap_err(),
+            "the row image has no key column a"
+        );
+    }
+}

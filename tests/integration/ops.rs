@@ -1,0 +1,282 @@
+//! Operator tooling against a real PostgreSQL: `cdc-sink dlq` list, show, purge and replay.
+
+use crate::support::Db;
+use cdc_sink::apply::merge::{Conflict, MergeError, MergeFn, Merger, Resolution};
+use cdc_sink::apply::{Applier, TableConfig};
+use cdc_sink::cli::dlq::{self, DlqError, ReplayReport, Selection};
+use cdc_sink::hlc::Hlc;
+use cdc_sink::ident::{Ident, Schema, Table};
+use cdc_sink::mutation::Mutation;
+use cdc_sink::target::{Database, Dialect};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde_json::json;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Sends every compare-and-set loser to the dead-letter queue under one name.
+struct ToDlq(&'static str);
+
+impl Merger for ToDlq {
+    fn merge(
+        &self,
+        conflicts: Vec<Conflict>,
+    ) -> BoxFuture<'static, Result<Vec<Resolution>, MergeError>> {
+        let out = conflicts
+            .iter()
+            .map(|_| Resolution::Dlq(self.0.to_string()))
+            .collect();
+        futures::future::ready(Ok(out)).boxed()
+    }
+}
+
+fn database(db: &Db) -> Database {
+    Database {
+        pool: db.pool.clone(),
+        dialect: Dialect::Postgres,
+        database: db.name.clone(),
+    }
+}
+
+fn schema(db: &Db) -> Schema {
+    Schema::new(db.name.as_str(), "public")
+}
+
+/// An applier where `t` and `u` keep the higher `ver`, their losers going to queues `a` and
+/// `b`.
+fn applier(db: &Db) -> Applier {
+    let a = Applier::new(database(db), Duration::from_secs(3600));
+    for (name, q) in [("t", "a"), ("u", "b")] {
+        a.set_config(
+            &Table::new(schema(db), name),
+            TableConfig {
+                cas: vec![Ident::new("ver")],
+                merge: Some(MergeFn(Arc::new(ToDlq(q)))),
+                ..Default::default()
+            },
+        );
+    }
+    a
+}
+
+fn at(n: i64) -> Hlc {
+    Hlc::new(1_000 + n, 0)
+}
+
+fn up(k: i64, ver: i64, n: i64) -> Mutation {
+    Mutation {
+        time: at(n),
+        key: json!([k]).to_string(),
+        after: Some(json!({"k": k, "ver": ver, "v": format!("dlq{k}")}).to_string()),
+        before: None,
+    }
+}
+
+/// Tables `t` (keys 1..=4) and `u` (key 1) at `ver` 10, and five dead-letter rows: versions
+/// 5..=8 of `t`'s keys at source times 1..=4 (queue `a`) and version 5 of `u`'s at 5 (`b`).
+async fn setup(name: &str) -> (Db, Applier) {
+    let db = Db::new(name).await;
+    db.exec(
+        "CREATE TABLE t (k INT8 PRIMARY KEY, ver INT8, v TEXT); \
+         CREATE TABLE u (k INT8 PRIMARY KEY, ver INT8, v TEXT); \
+         INSERT INTO t SELECT k, 10, 'target' FROM generate_series(1, 4) AS k; \
+         INSERT INTO u VALUES (1, 10, 'target')",
+    )
+    .await;
+    let a = applier(&db);
+    let mut tx = db.pool.begin().await.expect("begin");
+    let t: Vec<Mutation> = (1..=4).map(|k| up(k, k + 4, k)).collect();
+    let s = a
+        .apply(&mut tx, &Table::new(schema(&db), "t"), &t)
+        .await
+        .expect("apply t");
+    assert_eq!(s.dead_lettered, 4);
+    let s = a
+        .apply(&mut tx, &Table::new(schema(&db), "u"), &[up(1, 5, 5)])
+        .await
+        .expect("apply u");
+    assert_eq!(s.dead_lettered, 1);
+    tx.commit().await.expect("commit");
+    (db, a)
+}
+
+fn queue(db: &Db) -> Table {
+    dlq::dlq_table(&schema(db), "cdc_sink_dlq")
+}
+
+async fn times(db: &Db, sel: &Selection) -> Vec<Hlc> {
+    dlq::list(&database(db), &queue(db), sel)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|r| r.time)
+        .collect()
+}
+
+fn in_queue(name: &str) -> Selection {
+    Selection {
+        dlq: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+async fn t_rows(db: &Db) -> Vec<(i64, i64)> {
+    sqlx::query_as("SELECT k, ver FROM t ORDER BY k")
+        .fetch_all(&db.pool)
+        .await
+        .expect("read t")
+}
+
+#[tokio::test]
+async fn dlq_list_filters_show_and_purge_select_exactly_their_rows() {
+    let (db, _) = setup("ops_list").await;
+    let all = Selection::default();
+    assert_eq!(times(&db, &all).await, (1..=5).map(at).collect::<Vec<_>>());
+    assert_eq!(times(&db, &in_queue("b")).await, [at(5)]);
+    let window = Selection {
+        from: Some(at(2)),
+        to: Some(at(4)),
+        ..Default::default()
+    };
+    assert_eq!(times(&db, &window).await, [at(2), at(3)]);
+    let first = Selection {
+        limit: Some(2),
+        ..in_queue("a")
+    };
+    assert_eq!(times(&db, &first).await, [at(1), at(2)]);
+
+    let rows = dlq::list(&database(&db), &queue(&db), &in_queue("b"))
+        .await
+        .expect("list");
+    let shown = dlq::show(&database(&db), &queue(&db), &rows[0].event)
+        .await
+        .expect("show")
+        .expect("found");
+    assert_eq!(shown, rows[0]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(shown.after.as_deref().expect("upsert"))
+            .expect("json"),
+        json!({"k": 1, "ver": 5, "v": "dlq1"})
+    );
+    assert!(shown.dlq_time.is_some());
+    assert!(dlq::show(&database(&db), &queue(&db), "no-such-event")
+        .await
+        .expect("show")
+        .is_none());
+
+    let refused = dlq::purge(&database(&db), &queue(&db), &all, false, false).await;
+    assert!(matches!(refused, Err(DlqError::Unfiltered)), "{refused:?}");
+    let dry = dlq::purge(&database(&db), &queue(&db), &window, false, true)
+        .await
+        .expect("dry run");
+    assert_eq!(dry.len(), 2);
+    assert_eq!(
+        db.count("cdc_sink_dlq").await,
+        5,
+        "a dry run deletes nothing"
+    );
+    let gone = dlq::purge(&database(&db), &queue(&db), &window, false, false)
+        .await
+        .expect("purge");
+    assert_eq!(gone, dry);
+    assert_eq!(times(&db, &all).await, [at(1), at(4), at(5)]);
+    dlq::purge(&database(&db), &queue(&db), &all, true, false)
+        .await
+        .expect("purge --all");
+    assert_eq!(db.count("cdc_sink_dlq").await, 0);
+}
+
+#[tokio::test]
+async fn dlq_replay_applies_rows_that_now_win_and_keeps_those_that_still_lose() {
+    let (db, a) = setup("ops_replay").await;
+    // Keys 1 and 3 fell behind their dead-lettered versions; 2 and 4 did not.
+    db.exec("UPDATE t SET ver = 1 WHERE k IN (1, 3)").await;
+    let t = Table::new(schema(&db), "t");
+    let report = dlq::replay(
+        &a,
+        &database(&db),
+        &queue(&db),
+        &t,
+        &in_queue("a"),
+        10,
+        |_| ControlFlow::Continue(()),
+    )
+    .await
+    .expect("replay");
+    assert_eq!(
+        report,
+        ReplayReport {
+            applied: 2,
+            lost: 2,
+            failed: 0,
+            batches: 1,
+            interrupted: false
+        }
+    );
+    assert_eq!(t_rows(&db).await, [(1, 5), (2, 10), (3, 7), (4, 10)]);
+    // The losers stay once (not dead-lettered again); queue b is untouched.
+    assert_eq!(
+        times(&db, &Selection::default()).await,
+        [at(2), at(4), at(5)]
+    );
+
+    let again = dlq::replay(
+        &a,
+        &database(&db),
+        &queue(&db),
+        &t,
+        &in_queue("a"),
+        10,
+        |_| ControlFlow::Continue(()),
+    )
+    .await
+    .expect("replay again");
+    assert_eq!((again.applied, again.lost), (0, 2));
+    assert_eq!(
+        times(&db, &Selection::default()).await,
+        [at(2), at(4), at(5)]
+    );
+}
+
+#[tokio::test]
+async fn an_interrupted_dlq_replay_resumes_where_it_stopped() {
+    let (db, a) = setup("ops_resume").await;
+    db.exec("UPDATE t SET ver = 1").await;
+    let t = Table::new(schema(&db), "t");
+    let stopped = dlq::replay(
+        &a,
+        &database(&db),
+        &queue(&db),
+        &t,
+        &in_queue("a"),
+        1,
+        |_| ControlFlow::Break(()),
+    )
+    .await
+    .expect("replay");
+    assert_eq!((stopped.applied, stopped.interrupted), (1, true));
+    assert_eq!(t_rows(&db).await, [(1, 5), (2, 1), (3, 1), (4, 1)]);
+    assert_eq!(times(&db, &in_queue("a")).await, [at(2), at(3), at(4)]);
+
+    let mut seen = Vec::new();
+    let resumed = dlq::replay(
+        &a,
+        &database(&db),
+        &queue(&db),
+        &t,
+        &in_queue("a"),
+        2,
+        |r| {
+            seen.push(r.applied);
+            ControlFlow::Continue(())
+        },
+    )
+    .await
+    .expect("resume");
+    assert_eq!((resumed.applied, resumed.lost), (3, 0));
+    assert_eq!(seen, [2, 3], "progress after each batch");
+    assert_eq!(t_rows(&db).await, [(1, 5), (2, 6), (3, 7), (4, 8)]);
+    assert!(times(&db, &in_queue("a")).await.is_empty());
+    assert_eq!(times(&db, &in_queue("b")).await, [at(5)]);
+}
