@@ -48,7 +48,8 @@ pub struct Selection {
     /// Only rows with this dlq name (the name the merge function answered).
     #[arg(long = "dlq")]
     pub dlq: Option<String>,
-    /// Only rows whose source time is at or after this HLC (`nanos.logical`).
+    /// Only rows whose source time is at or after this HLC (`nanos.logical`, as `list`
+    /// prints it, e.g. `1733450000000000000.0000000000`).
     #[arg(long = "from")]
     pub from: Option<Hlc>,
     /// Only rows whose source time is before this HLC.

@@ -210,6 +210,40 @@ mod tests {
     }
 
     #[test]
+    fn the_dlq_command_parses_its_selection() {
+        let cli = Cli::try_parse_from([
+            "cdc-sink",
+            "dlq",
+            "replay",
+            "kv.public",
+            "--targetConn",
+            "postgresql://x/kv",
+            "--table",
+            "t",
+            "--dlq",
+            "a",
+            "--from",
+            "5.0000000001",
+            "--limit",
+            "10",
+        ])
+        .expect("parses");
+        let Command::Dlq(args) = cli.command else {
+            panic!("dlq expected")
+        };
+        let dlq::DlqCommand::Replay {
+            sel, table, batch, ..
+        } = args.command
+        else {
+            panic!("replay expected")
+        };
+        assert_eq!((table.as_str(), batch), ("t", 100));
+        assert_eq!(sel.dlq.as_deref(), Some("a"));
+        assert_eq!(sel.from, Some(crate::hlc::Hlc::new(5, 1)));
+        assert_eq!((sel.to, sel.limit), (None, Some(10)));
+    }
+
+    #[test]
     fn start_authenticates_unless_told_not_to_and_a_later_flag_wins() {
         let auth = |args: &[&str]| {
             let argv = ["cdc-sink", "start", "--targetConn", "postgresql://x/kv"];
