@@ -268,6 +268,20 @@ impl Applier {
             .unwrap_or_else(|| self.inner.default_config.clone())
     }
 
+    /// The schemas loaded so far (those this process has written to or been asked about).
+    pub fn cached_schemas(&self) -> Vec<Schema> {
+        let mut out: Vec<Schema> = self
+            .inner
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        out.sort_by_key(|s| s.canonical());
+        out
+    }
+
     /// The schema, from cache while younger than the refresh interval.
     pub async fn schema(&self, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
         self.current(None, schema).await

@@ -1,8 +1,8 @@
 //! The HTTP front door: one listener (TLS with ALPN `h2`/`http/1.1`, or cleartext HTTP/1.1 +
-//! h2c) that routes `/_/healthz`, `/_/varz`, `/metrics` itself and hands every other request,
-//! body fully read, to a [`Handler`] (the changefeed source). An optional second, plain
-//! listener (`--metricsAddr`) serves the diagnostics instead. Shutdown is graceful and bounded
-//! by `--gracePeriod`.
+//! h2c) that routes the diagnostics (`/_/healthz`, `/_/ready`, `/_/varz`, `/metrics`) itself
+//! and hands every other request, body fully read, to a [`Handler`] (the changefeed source).
+//! An optional second, plain listener (`--metricsAddr`) serves the same diagnostics and nothing
+//! else. Shutdown is graceful and bounded by `--gracePeriod`.
 //!
 //! Changefeed requests run detached from their connection: a client that hangs up does not
 //! abort staging half-way, only `--httpResponseTimeout` (or the end of the grace period) does.
@@ -63,7 +63,7 @@ pub struct ServerArgs {
     /// Address to accept changefeed requests on (":port" = all interfaces)
     #[arg(long = "bindAddr", env = "CDC_SINK_BIND_ADDR", default_value = DEFAULT_BIND_ADDR)]
     pub bind_addr: String,
-    /// Separate plain-HTTP address for /_/varz, /metrics and a trivial /_/healthz (empty = serve them on bindAddr)
+    /// Separate plain-HTTP address that serves the diagnostics (/_/healthz, /_/ready, /_/varz, /metrics) too, and nothing else
     #[arg(
         long = "metricsAddr",
         env = "CDC_SINK_METRICS_ADDR",
@@ -337,8 +337,13 @@ impl Response {
 /// What the server calls for the requests it does not answer itself.
 pub trait Handler: Send + Sync + 'static {
     fn changefeed(&self, req: Request) -> BoxFuture<'static, Response>;
-    /// Pings staging and target; Err(one-line reason) on failure.
+    /// Pings staging and target; Err(one-line reason) on failure. The liveness probe.
     fn health(&self) -> BoxFuture<'static, Result<(), String>>;
+    /// Whether this instance should receive traffic (the readiness probe): by default the
+    /// same as [`Handler::health`]; Err(one-line reason) when not.
+    fn ready(&self) -> BoxFuture<'static, Result<(), String>> {
+        self.health()
+    }
 }
 
 /// Listeners bound and TLS built, not yet serving: the caller learns the ports (port 0 in
@@ -527,7 +532,7 @@ impl Bound {
         let (inflight_tx, mut inflight_rx) = mpsc::channel::<()>(1);
         let state = Arc::new(MainState {
             handler,
-            diagnostics: metrics.is_none(),
+            metrics_addr: metrics.as_ref().map(|(_, a)| *a),
             response_timeout: args.http_response_timeout,
             max_request_bytes: args.max_request_bytes,
             inflight: inflight_tx,
@@ -535,11 +540,24 @@ impl Bound {
         });
 
         info!(addr = %main_addr, tls = tls.is_some(), "listening");
-        let main_loop = accept_loop(main, tls, Routes::Main(state), &args, stop_rx.clone());
+        let main_loop = accept_loop(
+            main,
+            tls,
+            Routes::Main(state.clone()),
+            &args,
+            stop_rx.clone(),
+        );
         let metrics_loop = async {
             if let Some((listener, addr)) = metrics {
                 info!(addr = %addr, "metrics listening");
-                accept_loop(listener, None, Routes::Metrics, &args, stop_rx).await;
+                accept_loop(
+                    listener,
+                    None,
+                    Routes::Metrics(state.clone()),
+                    &args,
+                    stop_rx,
+                )
+                .await;
             }
         };
         let trigger = async move {
@@ -562,8 +580,8 @@ impl Bound {
 
 struct MainState {
     handler: Arc<dyn Handler>,
-    /// Serve `/_/varz`, `/metrics` and 404 for `/_/…` here (no `--metricsAddr`).
-    diagnostics: bool,
+    /// `--metricsAddr`, which alone serves the metrics when set.
+    metrics_addr: Option<SocketAddr>,
     response_timeout: Duration,
     max_request_bytes: u64,
     inflight: mpsc::Sender<()>,
@@ -573,7 +591,8 @@ struct MainState {
 #[derive(Clone)]
 enum Routes {
     Main(Arc<MainState>),
-    Metrics,
+    /// `--metricsAddr`: the diagnostics only.
+    Metrics(Arc<MainState>),
 }
 
 type HttpResponse = hyper::Response<Full<Bytes>>;
@@ -892,30 +911,49 @@ async fn route(
     req: hyper::Request<Incoming>,
     client_cert: Option<Arc<CertificateDer<'static>>>,
 ) -> HttpResponse {
+    // The probes answer the same on both listeners; the metrics stay off the main port when
+    // `--metricsAddr` is set (it may be public), with a 404 naming the right one. `/_/…` is
+    // never a changefeed path.
     let path = req.uri().path();
-    let metrics_path = path == "/_/varz" || path == "/metrics";
-    let health_path = path == "/_/healthz";
-    let reserved = path.starts_with("/_/");
+    let (state, main) = match &routes {
+        Routes::Main(s) => (s.clone(), true),
+        Routes::Metrics(s) => (s.clone(), false),
+    };
+    match path {
+        "/_/varz" | "/metrics" => {
+            return match state.metrics_addr {
+                Some(addr) if main => text_response(&Response::text(
+                    StatusCode::NOT_FOUND,
+                    format!("{path} is served on --metricsAddr {addr}"),
+                )),
+                _ => metrics_response(),
+            }
+        }
+        "/_/healthz" => return probe(&state, state.handler.health(), "health check").await,
+        "/_/ready" => return probe(&state, state.handler.ready(), "readiness check").await,
+        _ if path.starts_with("/_/") => return not_found(),
+        _ => {}
+    }
     match routes {
-        Routes::Metrics if metrics_path => metrics_response(),
-        Routes::Metrics if health_path => text_response(&Response::ok()),
-        Routes::Metrics => not_found(),
-        Routes::Main(state) if health_path => health(&state).await,
-        Routes::Main(state) if state.diagnostics && metrics_path => metrics_response(),
-        Routes::Main(state) if state.diagnostics && reserved => not_found(),
+        Routes::Metrics(_) => not_found(),
         Routes::Main(state) => changefeed(state, req, client_cert).await,
     }
 }
 
-async fn health(state: &MainState) -> HttpResponse {
-    let resp = match timeout(state.response_timeout, state.handler.health()).await {
+/// 200 `OK`, or 503 with the reason (or a timeout) and a `Retry-After`.
+async fn probe(
+    state: &MainState,
+    check: BoxFuture<'static, Result<(), String>>,
+    what: &str,
+) -> HttpResponse {
+    let resp = match timeout(state.response_timeout, check).await {
         Ok(Ok(())) => Response::ok(),
         Ok(Err(reason)) => Response::text(StatusCode::SERVICE_UNAVAILABLE, reason)
             .with_retry_after(RETRY_AFTER_DEFAULT),
         Err(_) => Response::text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "health check timed out after {}",
+                "{what} timed out after {}",
                 format_duration(state.response_timeout)
             ),
         )

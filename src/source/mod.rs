@@ -414,6 +414,23 @@ impl Handler for IngestHandler {
         })
     }
 
+    /// Healthy, and every target schema this process serves loads (from cache while fresh,
+    /// else introspected again).
+    fn ready(&self) -> BoxFuture<'static, Result<(), String>> {
+        let health = self.health();
+        let applier = self.0.applier.clone();
+        Box::pin(async move {
+            health.await?;
+            for schema in applier.cached_schemas() {
+                applier
+                    .schema(&schema)
+                    .await
+                    .map_err(|e| format!("target schema {schema} does not load: {e}"))?;
+            }
+            Ok(())
+        })
+    }
+
     fn health(&self) -> BoxFuture<'static, Result<(), String>> {
         let staging = self.0.staging.pool.clone();
         let target = self.0.target.pool.clone();

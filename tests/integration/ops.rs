@@ -1,15 +1,19 @@
-//! Operator tooling against a real PostgreSQL: `cdc-sink dlq` list, show, purge and replay.
+//! Operator tooling against a real PostgreSQL: `cdc-sink dlq` list, show, purge and replay;
+//! the readiness probe.
 
-use crate::support::Db;
+use crate::support::sink::{batch, upsert, Sink};
+use crate::support::{eventually, Db};
 use cdc_sink::apply::merge::{Conflict, MergeError, MergeFn, Merger, Resolution};
 use cdc_sink::apply::{Applier, TableConfig};
 use cdc_sink::cli::dlq::{self, DlqError, ReplayReport, Selection};
 use cdc_sink::hlc::Hlc;
 use cdc_sink::ident::{Ident, Schema, Table};
 use cdc_sink::mutation::Mutation;
+use cdc_sink::server::client::Client;
 use cdc_sink::target::{Database, Dialect};
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use http::StatusCode;
 use serde_json::json;
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -279,4 +283,47 @@ async fn an_interrupted_dlq_replay_resumes_where_it_stopped() {
     assert_eq!(t_rows(&db).await, [(1, 5), (2, 6), (3, 7), (4, 8)]);
     assert!(times(&db, &in_queue("a")).await.is_empty());
     assert_eq!(times(&db, &in_queue("b")).await, [at(5)]);
+}
+
+async fn probe(client: &Client, path: &str) -> Option<StatusCode> {
+    client.get(path).await.ok().map(|(status, _)| status)
+}
+
+#[tokio::test]
+async fn ready_is_503_on_both_listeners_while_the_target_is_down_and_200_after() {
+    let db = Db::kv("ops_ready").await;
+    let sink = Sink::start(&db, &["--metricsAddr", "127.0.0.1:0"]).await;
+    sink.post_ok(
+        "/ops_ready/public",
+        batch(vec![upsert("kv", json!([1]), json!({"k": 1, "v": "a"}), 1)]),
+    )
+    .await;
+    let metrics = Client::new(
+        &format!("http://{}", sink.metrics_addr().expect("metrics listener")),
+        Default::default(),
+    )
+    .expect("client");
+    let clients = [&sink.client, &metrics];
+    for c in clients {
+        assert_eq!(probe(c, "/_/ready").await, Some(StatusCode::OK));
+    }
+
+    db.cluster.stop().expect("stop postgresql");
+    for c in clients {
+        for path in ["/_/ready", "/_/healthz"] {
+            eventually(path, Duration::from_secs(30), || async {
+                (probe(c, path).await == Some(StatusCode::SERVICE_UNAVAILABLE)).then_some(())
+            })
+            .await;
+        }
+    }
+
+    db.cluster.restart().expect("restart postgresql");
+    for c in clients {
+        eventually("ready again", Duration::from_secs(30), || async {
+            (probe(c, "/_/ready").await == Some(StatusCode::OK)).then_some(())
+        })
+        .await;
+    }
+    sink.stop().await;
 }

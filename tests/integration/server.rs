@@ -242,6 +242,11 @@ async fn healthz_is_200_or_503_with_the_reason() {
             "health check failed for target\n".to_string()
         )
     );
+    // Without its own readiness, a handler is ready when healthy.
+    assert_eq!(
+        client.get("/_/ready").await.expect("get").0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     assert!(srv.handler.requests().is_empty());
     srv.shutdown().await;
 }
@@ -278,22 +283,27 @@ async fn varz_and_metrics_expose_the_http_metrics() {
 }
 
 #[tokio::test]
-async fn metrics_addr_moves_the_diagnostics_to_their_own_listener() {
+async fn metrics_addr_serves_the_same_probes_and_keeps_the_metrics_off_the_main_port() {
     let srv = TestServer::start(ServerArgs {
         metrics_addr: "127.0.0.1:0".into(),
         ..tls_args()
     })
     .await;
+    let metrics_addr = srv.metrics_addr.expect("metrics addr");
     let main = srv.client(true);
     main.post("/db/public", Bytes::from_static(b"{}"))
         .await
         .expect("post");
     srv.handler
         .set_health(Some("health check failed for staging"));
+    let down = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "health check failed for staging\n".to_string(),
+    );
 
     for http2 in [false, true] {
         let metrics = Client::new(
-            &format!("http://{}", srv.metrics_addr.expect("metrics addr")),
+            &format!("http://{metrics_addr}"),
             ClientOptions {
                 http2,
                 ..ClientOptions::default()
@@ -307,32 +317,40 @@ async fn metrics_addr_moves_the_diagnostics_to_their_own_listener() {
             metrics.get("/metrics").await.expect("metrics").0,
             StatusCode::OK
         );
-        // Trivial health: no database ping.
-        assert_eq!(
-            metrics.get("/_/healthz").await.expect("healthz"),
-            (StatusCode::OK, "OK\n".to_string())
-        );
+        // The probes ask the handler here too.
+        assert_eq!(metrics.get("/_/healthz").await.expect("healthz"), down);
+        assert_eq!(metrics.get("/_/ready").await.expect("ready"), down);
         assert_eq!(
             metrics.get("/db/public").await.expect("other").0,
             StatusCode::NOT_FOUND
         );
     }
 
-    // On the main port the health check still pings, and /_/varz is a changefeed path (so a
-    // GET of it is refused).
-    assert_eq!(
-        main.get("/_/healthz").await.expect("healthz").0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    assert_eq!(
-        main.get("/_/varz").await.expect("varz").0,
-        StatusCode::METHOD_NOT_ALLOWED
-    );
-    main.post("/_/varz", Bytes::from_static(b"{}"))
+    assert_eq!(main.get("/_/healthz").await.expect("healthz"), down);
+    assert_eq!(main.get("/_/ready").await.expect("ready"), down);
+    for path in ["/_/varz", "/metrics"] {
+        assert_eq!(
+            main.get(path).await.expect("varz"),
+            (
+                StatusCode::NOT_FOUND,
+                format!("{path} is served on --metricsAddr {metrics_addr}\n")
+            )
+        );
+    }
+    // A diagnostic path is never a changefeed path.
+    let resp = main
+        .post("/_/varz", Bytes::from_static(b"{}"))
         .await
         .expect("post");
+    assert_eq!(resp.0, StatusCode::NOT_FOUND);
     let paths: Vec<String> = srv.handler.requests().into_iter().map(|r| r.path).collect();
-    assert_eq!(paths, ["/db/public", "/_/varz"]);
+    assert_eq!(paths, ["/db/public"]);
+
+    srv.handler.set_health(None);
+    assert_eq!(
+        main.get("/_/ready").await.expect("ready"),
+        (StatusCode::OK, "OK\n".to_string())
+    );
     srv.shutdown().await;
 }
 

@@ -49,6 +49,11 @@ impl Sink {
         self.running.as_ref().expect("running").addr
     }
 
+    /// The `--metricsAddr` listener, when the sink was started with one.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.running.as_ref().expect("running").metrics_addr
+    }
+
     pub async fn post(&self, path: &str, body: impl Into<String>) -> (StatusCode, String) {
         self.client
             .post(path, Bytes::from(body.into()))
