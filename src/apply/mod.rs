@@ -268,6 +268,11 @@ impl Applier {
             .unwrap_or_else(|| self.inner.default_config.clone())
     }
 
+    /// The dead-letter table's name in each target schema (`--dlqTableName`).
+    pub fn dlq_table_name(&self) -> &str {
+        &self.inner.options.dlq_table_name
+    }
+
     /// The schemas loaded so far (those this process has written to or been asked about).
     pub fn cached_schemas(&self) -> Vec<Schema> {
         let mut out: Vec<Schema> = self

@@ -9,6 +9,7 @@ mod feed;
 mod jwt;
 pub mod make_jwt;
 mod start;
+pub mod status;
 mod userscript;
 mod verify;
 mod workload;
@@ -82,6 +83,8 @@ pub enum Command {
     Checkpoint(checkpoint::CheckpointArgs),
     /// The dead-letter queue of a target schema: `dlq list|show|purge|replay db.schema`.
     Dlq(dlq::DlqArgs),
+    /// Print an instance's `/_/status` as a table (`status --url http://metricsAddr`).
+    Status(status::StatusArgs),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -111,6 +114,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Jwt(args) => runtime().and_then(|rt| rt.block_on(jwt::run(args))),
         Command::Checkpoint(args) => runtime().and_then(|rt| rt.block_on(checkpoint::run(args))),
         Command::Dlq(args) => runtime().and_then(|rt| rt.block_on(dlq::run(args))),
+        Command::Status(args) => runtime().and_then(|rt| rt.block_on(status::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

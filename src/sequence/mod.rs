@@ -351,6 +351,11 @@ impl Sequencer {
         self.modes.shutdown().await;
     }
 
+    /// The mode `schema` runs in here, if this process has seen it.
+    pub fn mode(&self, schema: &Schema) -> Option<Mode> {
+        self.modes.current(schema)
+    }
+
     /// Immediate mode: applies one request in a single target transaction.
     pub async fn apply_now(
         &self,

@@ -182,6 +182,18 @@ impl Modes {
         })
     }
 
+    /// The current mode of `schema`, if this process has seen it (and no switch is under way).
+    pub(crate) fn current(&self, schema: &Schema) -> Option<Mode> {
+        let state = self
+            .schemas
+            .lock()
+            .expect("poisoned")
+            .get(schema)
+            .cloned()?;
+        let mode = state.mode.try_read().ok().map(|m| *m);
+        mode
+    }
+
     /// Re-evaluates `schema` soon (its checkpoint may have moved).
     pub(crate) fn kick(&self, schema: &Schema) {
         if let Some(s) = self.schemas.lock().expect("poisoned").get(schema) {

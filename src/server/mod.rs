@@ -344,6 +344,10 @@ pub trait Handler: Send + Sync + 'static {
     fn ready(&self) -> BoxFuture<'static, Result<(), String>> {
         self.health()
     }
+    /// The `/_/status` report (JSON); Err(one-line reason) when it cannot be built.
+    fn status(&self) -> BoxFuture<'static, Result<serde_json::Value, String>> {
+        Box::pin(async { Ok(serde_json::json!({})) })
+    }
 }
 
 /// Listeners bound and TLS built, not yet serving: the caller learns the ports (port 0 in
@@ -920,12 +924,13 @@ async fn route(
         Routes::Metrics(s) => (s.clone(), false),
     };
     match path {
-        "/_/varz" | "/metrics" => {
+        "/_/varz" | "/metrics" | "/_/status" => {
             return match state.metrics_addr {
                 Some(addr) if main => text_response(&Response::text(
                     StatusCode::NOT_FOUND,
                     format!("{path} is served on --metricsAddr {addr}"),
                 )),
+                _ if path == "/_/status" => status(&state).await,
                 _ => metrics_response(),
             }
         }
@@ -937,6 +942,28 @@ async fn route(
     match routes {
         Routes::Metrics(_) => not_found(),
         Routes::Main(state) => changefeed(state, req, client_cert).await,
+    }
+}
+
+/// The handler's status report as JSON, or 503 with the reason.
+async fn status(state: &MainState) -> HttpResponse {
+    match timeout(state.response_timeout, state.handler.status()).await {
+        Ok(Ok(v)) => {
+            let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Ok(Err(reason)) => text_response(
+            &Response::text(StatusCode::SERVICE_UNAVAILABLE, reason)
+                .with_retry_after(RETRY_AFTER_DEFAULT),
+        ),
+        Err(_) => text_response(
+            &Response::text(StatusCode::SERVICE_UNAVAILABLE, "status timed out")
+                .with_retry_after(RETRY_AFTER_DEFAULT),
+        ),
     }
 }
 

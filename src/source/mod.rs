@@ -141,6 +141,7 @@ const COMMITTED_MAX_AGE: Duration = Duration::from_secs(2);
 impl Ingest {
     /// The handler the server calls for every changefeed request.
     pub fn into_handler(self) -> IngestHandler {
+        STARTED.get_or_init(Instant::now);
         IngestHandler(Arc::new(self))
     }
 
@@ -381,6 +382,95 @@ impl PrimaryKeys for Keys<'_> {
     }
 }
 
+/// When this process built its changefeed handler: the instance's uptime.
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Seconds from `t` to now by this process's clock; `None` for a zero checkpoint.
+fn seconds_since(t: Hlc) -> Option<f64> {
+    (!t.is_zero())
+        .then(|| Hlc::from_system_time(std::time::SystemTime::now()).seconds() - t.seconds())
+}
+
+/// The `/_/status` report: per schema with checkpoints, its mode here, checkpoints and lags,
+/// unapplied staged rows, the apply lease and the dead-letter rows; and this instance.
+async fn status(ingest: &Ingest) -> Result<serde_json::Value, String> {
+    use serde_json::json;
+    let groups = ingest
+        .checkpoints
+        .groups()
+        .await
+        .map_err(|e| format!("cannot read the checkpoints: {e}"))?;
+    let leases = ingest.stager.schema().object("leases");
+    let mut schemas = Vec::new();
+    for g in groups {
+        let Ok(schema) = Schema::parse(&g.group) else {
+            continue;
+        };
+        let mut backlog: i64 = 0;
+        let tables = ingest
+            .stager
+            .registered(&schema)
+            .await
+            .map_err(|e| format!("cannot read the staging tables of {schema}: {e}"))?;
+        for t in &tables {
+            let sql = format!(
+                "SELECT count(*) FROM {} WHERE NOT applied",
+                ingest.stager.staging_table(t)
+            );
+            // A registered table whose staging table is not created yet holds nothing.
+            if let Ok(n) = sqlx::query_scalar::<_, i64>(&sql)
+                .fetch_one(&ingest.staging.pool)
+                .await
+            {
+                backlog += n;
+            }
+        }
+        let lease: Option<(String, String, bool)> = sqlx::query_as(&format!(
+            "SELECT hostname, expires::TEXT, expires > now() FROM {leases} WHERE name = $1"
+        ))
+        .bind(crate::sequence::lease_name(&schema))
+        .fetch_optional(&ingest.staging.pool)
+        .await
+        .map_err(|e| format!("cannot read the leases: {e}"))?;
+        let dlq = Table::new(schema.clone(), ingest.applier.dlq_table_name());
+        let dlq_sql = match ingest.target.dialect {
+            Dialect::Postgres => dlq.quoted_in_db(),
+            Dialect::Cockroach => dlq.quoted(),
+        };
+        // No dead-letter table yet: null.
+        let dlq_rows: Option<i64> = sqlx::query_scalar(&format!("SELECT count(*) FROM {dlq_sql}"))
+            .fetch_one(&ingest.target.pool)
+            .await
+            .ok();
+        let b = g.bounds;
+        schemas.push(json!({
+            "schema": g.group,
+            "mode": ingest.sequencer.mode(&schema).map(|m| m.name()),
+            "committed": b.committed.to_string(),
+            "proposed": b.proposed.to_string(),
+            "target_lag_seconds": seconds_since(b.committed),
+            "source_lag_seconds": seconds_since(b.proposed),
+            "staged_backlog_rows": backlog,
+            "lease": lease.map(|(host, expires, held)| json!({
+                "holder": host, "expires": expires, "held": held,
+            })),
+            "dlq_rows": dlq_rows,
+        }));
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    Ok(json!({
+        "instance": {
+            "id": format!("{host}:{}", std::process::id()),
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": STARTED.get_or_init(Instant::now).elapsed().as_secs(),
+            "userscript": ingest.hooks.is_some(),
+        },
+        "schemas": schemas,
+    }))
+}
+
 /// The server's view of [`Ingest`]: cheap to clone into each request's task.
 #[derive(Clone)]
 pub struct IngestHandler(pub Arc<Ingest>);
@@ -412,6 +502,11 @@ impl Handler for IngestHandler {
                 }
             }
         })
+    }
+
+    fn status(&self) -> BoxFuture<'static, Result<serde_json::Value, String>> {
+        let this = self.0.clone();
+        Box::pin(async move { status(&this).await })
     }
 
     /// Healthy, and every target schema this process serves loads (from cache while fresh,

@@ -1,7 +1,7 @@
 //! Operator tooling against a real PostgreSQL: `cdc-sink dlq` list, show, purge and replay;
-//! the readiness probe.
+//! the readiness probe and `/_/status`.
 
-use crate::support::sink::{batch, upsert, Sink};
+use crate::support::sink::{self, batch, hlc, resolved, upsert, Sink};
 use crate::support::{eventually, Db};
 use cdc_sink::apply::merge::{Conflict, MergeError, MergeFn, Merger, Resolution};
 use cdc_sink::apply::{Applier, TableConfig};
@@ -325,5 +325,60 @@ async fn ready_is_503_on_both_listeners_while_the_target_is_down_and_200_after()
         })
         .await;
     }
+    sink.stop().await;
+}
+
+#[tokio::test]
+async fn status_reports_checkpoints_backlog_lease_and_dead_letters_after_traffic() {
+    let db = Db::kv("ops_status").await;
+    db.exec(
+        "CREATE TABLE cdc_sink_dlq (event SERIAL PRIMARY KEY, dlq_name TEXT NOT NULL, \
+         source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, \
+         data_before JSONB NOT NULL); \
+         INSERT INTO cdc_sink_dlq (dlq_name, source_nanos, source_logical, data_after, data_before) \
+         VALUES ('q', 1, 0, '{}', 'null')",
+    )
+    .await;
+    let sink = Sink::start(&db, &["--metricsAddr", "127.0.0.1:0"]).await;
+    sink.post_ok(
+        "/ops_status/public",
+        batch(vec![
+            upsert("kv", json!([1]), json!({"k": 1, "v": "a"}), 1),
+            upsert("kv", json!([2]), json!({"k": 2, "v": "b"}), 3),
+        ]),
+    )
+    .await;
+    sink.post_ok("/ops_status/public", resolved(2)).await;
+    sink::committed(&db.pool, "ops_status.public", hlc(2)).await;
+    let metrics = Client::new(
+        &format!("http://{}", sink.metrics_addr().expect("metrics listener")),
+        Default::default(),
+    )
+    .expect("client");
+    // Key 1 is applied at 2; key 2 (at 3) waits for a later resolved timestamp.
+    let report: serde_json::Value = eventually("status", Duration::from_secs(20), || async {
+        let (status, body) = metrics.get("/_/status").await.ok()?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        (v["schemas"][0]["staged_backlog_rows"] == json!(1)).then_some(v)
+    })
+    .await;
+    let s = &report["schemas"][0];
+    assert_eq!(s["schema"], "ops_status.public");
+    assert_eq!(s["mode"], "consistent");
+    assert_eq!(s["committed"], hlc(2).to_string());
+    assert_eq!(s["proposed"], hlc(2).to_string());
+    assert!(s["target_lag_seconds"].as_f64().expect("lag") > 0.0);
+    assert_eq!(s["lease"]["held"], true, "{report}");
+    assert_eq!(s["lease"]["holder"], report["instance"]["id"]);
+    assert_eq!(s["dlq_rows"], 1);
+    assert_eq!(report["instance"]["version"], env!("CARGO_PKG_VERSION"));
+    let table = cdc_sink::cli::status::render(&report);
+    assert!(table.contains("ops_status.public  consistent"), "{table}");
+
+    // Kept off the main port, which names the right one.
+    let (status, body) = sink.client.get("/_/status").await.expect("main");
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("--metricsAddr"), "{body}");
     sink.stop().await;
 }
