@@ -11,6 +11,7 @@ use cdc_sink::ident::{Ident, Schema, Table};
 use cdc_sink::mutation::Mutation;
 use cdc_sink::server::client::Client;
 use cdc_sink::target::{Database, Dialect};
+use clap::Parser;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use http::StatusCode;
@@ -381,4 +382,56 @@ async fn status_reports_checkpoints_backlog_lease_and_dead_letters_after_traffic
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("--metricsAddr"), "{body}");
     sink.stop().await;
+}
+
+#[tokio::test]
+async fn the_dlq_command_replays_with_the_userscript_table_options() {
+    let (db, _) = setup("ops_cli").await;
+    db.exec("UPDATE t SET ver = 1 WHERE k = 1").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("merge.ts");
+    std::fs::write(
+        &script,
+        r#"import * as api from "cdc-sink@v1";
+api.configureTable("t", { cas: ["ver"], merge: () => ({ dlq: "a" }) });
+"#,
+    )
+    .expect("write");
+    let url = db.url();
+    let group = format!("{}.public", db.name);
+    let run = |args: &[&str]| {
+        let mut argv = vec!["cdc-sink", "dlq"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&[group.as_str(), "--targetConn", url.as_str()]);
+        let cli = cdc_sink::cli::Cli::try_parse_from(argv).expect("parses");
+        let cdc_sink::cli::Command::Dlq(args) = cli.command else {
+            panic!("dlq expected")
+        };
+        cdc_sink::cli::dlq::run(args)
+    };
+    run(&["list", "--dlq", "a"]).await.expect("list");
+    run(&["purge", "--dlq", "b", "--dry-run"])
+        .await
+        .expect("dry run");
+    assert!(run(&["purge"]).await.is_err(), "unfiltered purge refused");
+    assert_eq!(db.count("cdc_sink_dlq").await, 5);
+    run(&[
+        "replay",
+        "--table",
+        "t",
+        "--dlq",
+        "a",
+        "--batch",
+        "2",
+        "--userscript",
+        script.to_str().expect("utf-8 path"),
+    ])
+    .await
+    .expect("replay");
+    // Only key 1 now wins: the userscript's cas and merge decided, not a plain upsert.
+    assert_eq!(t_rows(&db).await, [(1, 5), (2, 10), (3, 10), (4, 10)]);
+    assert_eq!(
+        times(&db, &Selection::default()).await,
+        [at(2), at(3), at(4), at(5)]
+    );
 }
