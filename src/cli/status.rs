@@ -127,6 +127,32 @@ pub fn render(report: &Value) -> String {
     if rows.is_empty() {
         out.push_str("(no schemas with checkpoints)\n");
     }
+    for s in report["schemas"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let b = &s["blocked"];
+        if b.is_null() {
+            continue;
+        }
+        let poison = if b["table"].is_null() {
+            "no single mutation found".to_string()
+        } else {
+            format!(
+                "poison {} key {} at {}",
+                text(&b["table"]),
+                text(&b["key"]),
+                text(&b["time"])
+            )
+        };
+        out.push_str(&format!(
+            "{} blocked: {poison}; next retry at unix {}: {}\n",
+            text(&s["schema"]),
+            text(&b["next_retry_unix"]),
+            text(&b["error"])
+        ));
+    }
     out
 }
 
@@ -144,7 +170,9 @@ mod tests {
                 "proposed": "12.0000000000", "target_lag_seconds": 2.25,
                 "source_lag_seconds": 0.5, "staged_backlog_rows": 3,
                 "lease": {"holder": "h:1", "expires": "2026-01-01", "held": false},
-                "dlq_rows": null
+                "dlq_rows": null,
+                "blocked": {"table": "kv.public.kv", "key": "[1]", "time": "1.0000000000",
+                    "error": "refused", "next_retry_unix": 100}
             }]
         });
         let text = render(&report);
@@ -159,5 +187,9 @@ mod tests {
             assert!(lines[2].contains(cell), "{cell} missing: {text}");
         }
         assert!(lines[2].ends_with('-'), "{text}");
+        assert_eq!(
+            lines[3],
+            "kv.public blocked: poison kv.public.kv key [1] at 1.0000000000; next retry at unix 100: refused"
+        );
     }
 }

@@ -189,9 +189,57 @@ pub struct Parts {
     pub pipelines: Pipelines,
 }
 
-/// The running pipelines: per schema, how to wake it and when it was last woken.
+/// The running pipelines: per schema, how to wake it and when it was last woken; and what
+/// blocks the schemas whose windows keep failing here.
 #[derive(Default)]
-pub struct Pipelines(Mutex<HashMap<Schema, Running>>);
+pub struct Pipelines(
+    Mutex<HashMap<Schema, Running>>,
+    Mutex<HashMap<Schema, Blocked>>,
+);
+
+/// Why a schema's windows fail on this instance (its lease holder), for `/_/status`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Blocked {
+    /// The mutation the target refuses on its own, when the search found one: table, raw
+    /// JSON key (an identifier, never row values) and source time.
+    pub poison: Option<(Table, String, Hlc)>,
+    pub error: String,
+    /// When the window is tried again.
+    pub next_retry: Option<std::time::SystemTime>,
+}
+
+impl Pipelines {
+    fn blocked_mut(&self, schema: &Schema, f: impl FnOnce(&mut Blocked)) {
+        f(self
+            .1
+            .lock()
+            .expect("poisoned")
+            .entry(schema.clone())
+            .or_default());
+    }
+
+    /// The window of `schema` failed with `error`; it is retried after `wait`.
+    pub(crate) fn failed(&self, schema: &Schema, error: String, wait: Duration) {
+        self.blocked_mut(schema, |b| {
+            b.error = error;
+            b.next_retry = Some(std::time::SystemTime::now() + wait);
+        });
+    }
+
+    /// The failed window's poison mutation, or `None` when none was found.
+    pub(crate) fn poison(&self, schema: &Schema, poison: Option<(Table, String, Hlc)>) {
+        self.blocked_mut(schema, |b| b.poison = poison);
+    }
+
+    /// A window of `schema` went through: nothing blocks it.
+    pub(crate) fn cleared(&self, schema: &Schema) {
+        self.1.lock().expect("poisoned").remove(schema);
+    }
+
+    pub(crate) fn blocked(&self, schema: &Schema) -> Option<Blocked> {
+        self.1.lock().expect("poisoned").get(schema).cloned()
+    }
+}
 
 struct Running {
     notify: Arc<Notify>,
@@ -349,6 +397,11 @@ impl Sequencer {
             let _ = t.await;
         }
         self.modes.shutdown().await;
+    }
+
+    /// What blocks `schema`'s windows, if this instance holds its lease and they fail.
+    pub fn blocked(&self, schema: &Schema) -> Option<Blocked> {
+        self.parts.pipelines.blocked(schema)
     }
 
     /// The mode `schema` runs in here, if this process has seen it.

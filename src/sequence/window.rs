@@ -207,6 +207,15 @@ impl Pipeline {
                 Ok(_) => Ok(false),
                 Err(e) => Err(SequenceError::from(e)),
             };
+            match &result {
+                Ok(_) => self.parts.pipelines.cleared(&self.schema),
+                Err(SequenceError::LeaseLost(_)) => {}
+                Err(e) => {
+                    self.parts
+                        .pipelines
+                        .failed(&self.schema, e.to_string(), backoff(attempt + 1))
+                }
+            }
             let wait = match result {
                 Ok(true) => {
                     attempt = 0;
@@ -1178,6 +1187,14 @@ impl Window {
             &job.batches,
         )
         .await;
+        let pipelines = &parts.pipelines;
+        match &found {
+            Ok(Some(p)) => pipelines.poison(
+                &self.ctx.schema,
+                Some((p.table.clone(), p.key.clone(), p.time)),
+            ),
+            _ => pipelines.poison(&self.ctx.schema, None),
+        }
         match found {
             Ok(Some(p)) => {
                 tracing::error!(schema = %self.ctx.schema, table = %p.table, key = %p.key, time = %p.time, error = %p.error, "poison mutation blocks the schema; will retry with backoff")

@@ -442,8 +442,23 @@ async fn status(ingest: &Ingest) -> Result<serde_json::Value, String> {
             .fetch_one(&ingest.target.pool)
             .await
             .ok();
+        let blocked = ingest.sequencer.blocked(&schema).map(|b| {
+            let unix = |t: std::time::SystemTime| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .ok()
+            };
+            json!({
+                "table": b.poison.as_ref().map(|p| p.0.to_string()),
+                "key": b.poison.as_ref().map(|p| p.1.clone()),
+                "time": b.poison.as_ref().map(|p| p.2.to_string()),
+                "error": b.error,
+                "next_retry_unix": b.next_retry.and_then(unix),
+            })
+        });
         let b = g.bounds;
         schemas.push(json!({
+            "blocked": blocked,
             "schema": g.group,
             "mode": ingest.sequencer.mode(&schema).map(|m| m.name()),
             "committed": b.committed.to_string(),

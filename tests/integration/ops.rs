@@ -435,3 +435,56 @@ api.configureTable("t", { cas: ["ver"], merge: () => ({ dlq: "a" }) });
         [at(2), at(3), at(4), at(5)]
     );
 }
+
+#[tokio::test]
+async fn status_names_the_poison_mutation_that_blocks_a_schema_until_it_applies() {
+    let db = Db::kv("ops_poison").await;
+    db.exec("ALTER TABLE kv ADD CONSTRAINT no_bad CHECK (v <> 'bad')")
+        .await;
+    let sink = Sink::start(&db, &["--metricsAddr", "127.0.0.1:0"]).await;
+    let metrics = Client::new(
+        &format!("http://{}", sink.metrics_addr().expect("metrics listener")),
+        Default::default(),
+    )
+    .expect("client");
+    sink.post_ok(
+        "/ops_poison/public",
+        batch(vec![
+            upsert("kv", json!([1]), json!({"k": 1, "v": "good"}), 1),
+            upsert("kv", json!([2]), json!({"k": 2, "v": "bad"}), 1),
+        ]),
+    )
+    .await;
+    sink.post_ok("/ops_poison/public", resolved(2)).await;
+    let status = || async {
+        let (_, body) = metrics.get("/_/status").await.ok()?;
+        serde_json::from_str::<serde_json::Value>(&body).ok()
+    };
+    let blocked = eventually("poison reported", Duration::from_secs(30), || async {
+        let v = status().await?;
+        let b = v["schemas"][0]["blocked"].clone();
+        (!b["table"].is_null()).then_some(b)
+    })
+    .await;
+    assert!(
+        blocked["table"].as_str().expect("table").ends_with("kv"),
+        "{blocked}"
+    );
+    assert_eq!(blocked["key"], "[2]");
+    assert_eq!(blocked["time"], hlc(1).to_string());
+    assert!(
+        blocked["error"].as_str().expect("error").contains("no_bad"),
+        "{blocked}"
+    );
+    assert!(blocked["next_retry_unix"].as_f64().expect("retry") > 0.0);
+
+    db.exec("ALTER TABLE kv DROP CONSTRAINT no_bad").await;
+    sink::committed(&db.pool, "ops_poison.public", hlc(2)).await;
+    eventually("cleared", Duration::from_secs(30), || async {
+        status().await?["schemas"][0]["blocked"]
+            .is_null()
+            .then_some(())
+    })
+    .await;
+    sink.stop().await;
+}
