@@ -40,6 +40,11 @@ impl HealthcheckArgs {
 }
 
 pub async fn run(args: HealthcheckArgs) -> anyhow::Result<()> {
+    if !args.http && !args.insecure_skip_verify && args.ca_cert.is_none() {
+        bail!(
+            "a TLS probe needs --insecureSkipVerify or --caCert (or --http for a metrics listener)"
+        );
+    }
     let ca_cert_pem = match &args.ca_cert {
         Some(path) => {
             Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
