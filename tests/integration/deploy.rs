@@ -611,9 +611,10 @@ fn served(page: &str) -> BTreeSet<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn every_metric_of_the_dashboard_and_alerts_is_served_or_documented() {
-    let db = Db::new("deploy_metrics").await;
+/// A sink in front of database `name` after the traffic every panel needs: staged, applied,
+/// redelivered, deleted, a conflict merged, one dead-lettered, and a schema in poison backoff.
+async fn sink_after_traffic(name: &str) -> (Db, Sink, tempfile::TempDir) {
+    let db = Db::new(name).await;
     db.exec(
         "CREATE SCHEMA deploy; \
          CREATE TABLE deploy.t (k INT8 PRIMARY KEY, ver INT8 NOT NULL, v TEXT); \
@@ -630,7 +631,6 @@ async fn every_metric_of_the_dashboard_and_alerts_is_served_or_documented() {
         &["--dlqAutoCreate", "--userscript", script.to_str().unwrap()],
     )
     .await;
-
     // A stale row (conflict, DLQ), a stale row whose before image matches the target (the
     // merge resolves it), a new row, a delete; sent twice (redelivery); resolved.
     let mut mergeable = upsert(
@@ -646,13 +646,16 @@ async fn every_metric_of_the_dashboard_and_alerts_is_served_or_documented() {
         upsert("t", json!([10]), json!({"k": 10, "ver": 1, "v": "new"}), 1),
         delete("t", json!([2]), 1),
     ]);
-    sink.post_ok("/deploy_metrics/deploy", body.clone()).await;
-    sink.post_ok("/deploy_metrics/deploy", body).await;
-    sink.post_ok("/deploy_metrics/deploy", resolved(2)).await;
-    committed(&db.pool, "deploy_metrics.deploy", hlc(2)).await;
+    let path = format!("/{name}/deploy");
+    sink.post_ok(&path, body.clone()).await;
+    sink.post_ok(&path, body).await;
+    sink.post_ok(&path, resolved(2)).await;
+    committed(&db.pool, &format!("{name}.deploy"), hlc(2)).await;
+    assert_eq!(db.count("deploy.t").await, 3, "row 10 added, row 2 deleted");
     // A row the target refuses: the schema backs off.
+    let poison = format!("/{name}/poison");
     sink.post_ok(
-        "/deploy_metrics/poison",
+        &poison,
         batch(vec![upsert(
             "p",
             json!([1]),
@@ -661,8 +664,13 @@ async fn every_metric_of_the_dashboard_and_alerts_is_served_or_documented() {
         )]),
     )
     .await;
-    sink.post_ok("/deploy_metrics/poison", resolved(2)).await;
+    sink.post_ok(&poison, resolved(2)).await;
+    (db, sink, dir)
+}
 
+#[tokio::test]
+async fn every_metric_of_the_dashboard_and_alerts_is_served_or_documented() {
+    let (_db, sink, _dir) = sink_after_traffic("deploy_metrics").await;
     let wanted: BTreeMap<String, String> = queries()
         .into_iter()
         .flat_map(|(place, expr)| {
@@ -694,7 +702,27 @@ async fn every_metric_of_the_dashboard_and_alerts_is_served_or_documented() {
     for m in DOCUMENTED_ELSEWHERE {
         assert!(wanted.contains_key(*m), "{m} is documented but unused");
     }
-    assert_eq!(db.count("deploy.t").await, 3, "row 10 added, row 2 deleted");
+    // The page parses for Prometheus' own tooling (lint warnings about names inherited from
+    // the reference, e.g. counters ending in _count, are expected and kept).
+    let mut check = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (install prometheus: .ci/run does)");
+    let page = sink.metrics().await;
+    tokio::io::AsyncWriteExt::write_all(&mut check.stdin.take().expect("stdin"), page.as_bytes())
+        .await
+        .expect("write to promtool");
+    let out = check.wait_with_output().await.expect("promtool runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("error while linting"), "{text}");
+    assert!(!text.contains("parsing error"), "{text}");
     sink.stop().await;
 }
 
