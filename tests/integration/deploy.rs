@@ -793,3 +793,125 @@ fn the_readme_points_at_the_demo() {
     assert!(readme.contains("demo/README.md"));
     assert!(Path::new(&root().join("demo/README.md")).is_file());
 }
+
+/// Percent-encodes a query-string value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A free loopback port for a child process (closed again at once; another process could take
+/// it in between, which only fails the test loudly).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A real Prometheus (Debian's package) scrapes an in-process sink after traffic, loads the
+/// alert rules, and answers every panel query of the cdc-sink dashboard that reads our metrics
+/// with a non-empty result.
+#[tokio::test]
+async fn a_real_prometheus_answers_every_cdc_sink_panel_query() {
+    let (_db, sink, dir) = sink_after_traffic("deploy_prometheus").await;
+    let port = free_port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::copy(
+        root().join("prometheus/alerts.yml"),
+        dir.path().join("alerts.yml"),
+    )
+    .expect("copy rules");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files: [alerts.yml]\n\
+             scrape_configs:\n  - job_name: cdc-sink\n    scheme: https\n    \
+             metrics_path: /_/varz\n    tls_config:\n      insecure_skip_verify: true\n    \
+             static_configs:\n      - targets: ['{}']\n        labels:\n          cluster: east\n",
+            sink.addr()
+        ),
+    )
+    .expect("write config");
+    let data = dir.path().join("data");
+    let mut prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", data.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus (install it: .ci/run does with apt-get)");
+    let api = cdc_sink::server::Client::new(
+        &format!("http://127.0.0.1:{port}"),
+        cdc_sink::server::ClientOptions {
+            http2: false,
+            ..Default::default()
+        },
+    )
+    .expect("client");
+
+    let d: Value = serde_json::from_str(&read("grafana/dashboards/cdc-sink.json")).expect("JSON");
+    let mut exprs = Vec::new();
+    for p in d["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().expect("expr");
+            let ours = metric_names(expr)
+                .iter()
+                .all(|m| !DOCUMENTED_ELSEWHERE.contains(&m.as_str()));
+            if ours {
+                exprs.push((
+                    p["title"].to_string(),
+                    expr.replace("$__rate_interval", "1m"),
+                ));
+            }
+        }
+    }
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    // rate() needs two scrapes; poll every query until it answers with a series.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for (title, expr) in &exprs {
+        loop {
+            let answer = api
+                .get(&format!("/api/v1/query?query={}", encode(expr)))
+                .await;
+            let result = match answer {
+                Ok((status, body)) if status == http::StatusCode::OK => {
+                    let v: Value = serde_json::from_str(&body).expect("JSON answer");
+                    v["data"]["result"].as_array().cloned().unwrap_or_default()
+                }
+                _ => Vec::new(),
+            };
+            if !result.is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{title}: `{expr}` stayed empty"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    // The rules loaded and evaluate without errors.
+    let (status, body) = api.get("/api/v1/rules").await.expect("rules");
+    assert_eq!(status, http::StatusCode::OK);
+    let rules: Value = serde_json::from_str(&body).expect("JSON");
+    let groups = rules["data"]["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 2, "{body}");
+    for g in groups {
+        for r in g["rules"].as_array().expect("rules") {
+            assert_ne!(r["health"], "err", "{r}");
+        }
+    }
+    prometheus.kill().await.expect("stop prometheus");
+    sink.stop().await;
+}
