@@ -9,4 +9,6 @@ fi
 if [ ! -s kv.jwt ]; then
     cdc-sink make-jwt -k sink.pem -a kv.public -o kv.jwt
 fi
+# Demo volume: the changefeed jobs read the token whatever user their image runs as.
+chmod 0644 kv.jwt sink.pub.pem
 echo "keys ready"
