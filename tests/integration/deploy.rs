@@ -261,6 +261,38 @@ fn the_compose_file_parses_and_everything_it_names_exists() {
         assert!(readme.contains(cmd), "demo/README.md lacks `{cmd}`");
     }
 
+    // Every shell script and shell command line is valid syntax (`bash -n`; `$$` in compose
+    // is a literal `$`).
+    for entry in std::fs::read_dir(demo.join("init")).expect("demo/init") {
+        let path = entry.expect("entry").path();
+        let out = run_tool("bash", &["-n", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut shells = 0;
+    for (name, svc) in services {
+        if svc["entrypoint"][2].is_null() && svc["entrypoint"][1] == "-c" {
+            shells += 1;
+            let script = svc["command"][0]
+                .as_str()
+                .expect("shell command")
+                .replace("$$", "$");
+            let out = run_tool("bash", &["-n", "-c", &script]);
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    // concurrent_workloads, east_workload, west_workload, east_auth, west_auth.
+    assert_eq!(shells, 5);
+
     // The init scripts do what the issue lists.
     let cluster = read("demo/init/cluster.sh");
     for needle in [
