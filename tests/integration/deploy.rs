@@ -947,3 +947,69 @@ async fn a_real_prometheus_answers_every_cdc_sink_panel_query() {
     prometheus.kill().await.expect("stop prometheus");
     sink.stop().await;
 }
+
+/// `1.95` and `1.95.0` compare equal.
+fn version(s: &str) -> Vec<u32> {
+    let mut v: Vec<u32> = s.split('.').map(|p| p.parse().unwrap_or(0)).collect();
+    v.resize(3, 0);
+    v
+}
+
+/// The image's Rust is new enough for every locked dependency: the newest `rust-version` of
+/// the packages in Cargo.lock whose sources cargo has unpacked (the build just did).
+#[test]
+fn the_image_builds_with_a_new_enough_rust() {
+    let dockerfile = read("demo/Dockerfile");
+    let from = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .expect("a rust build stage");
+    let image = version(from.split('-').next().expect("version"));
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .expect("CARGO_HOME or HOME");
+    let registries: Vec<PathBuf> = std::fs::read_dir(home.join("registry/src"))
+        .expect("cargo's unpacked registry sources")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    let lock = read("Cargo.lock");
+    let mut newest = (vec![0], String::new());
+    let mut seen = 0;
+    for block in lock.split("[[package]]") {
+        let field = |key: &str| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+        };
+        let (Some(name), Some(ver)) = (field("name"), field("version")) else {
+            continue;
+        };
+        let Some(manifest) = registries
+            .iter()
+            .map(|r| r.join(format!("{name}-{ver}/Cargo.toml")))
+            .find(|p| p.is_file())
+        else {
+            continue; // another platform's dependency, never downloaded here
+        };
+        seen += 1;
+        let text = std::fs::read_to_string(&manifest).expect("manifest");
+        if let Some(rv) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("rust-version = \""))
+        {
+            let rv = version(rv.trim_end_matches('"'));
+            if rv > newest.0 {
+                newest = (rv, format!("{name} {ver}"));
+            }
+        }
+    }
+    assert!(seen > 100, "only {seen} locked packages found unpacked");
+    assert!(
+        image >= newest.0,
+        "demo/Dockerfile builds with rust {image:?}; {} needs {:?}",
+        newest.1,
+        newest.0
+    );
+}
