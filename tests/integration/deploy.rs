@@ -3,15 +3,17 @@
 //! exists; every cdc-sink command line in it parses with our CLI; `haproxy -c` on each balancer
 //! config; `promtool check config` and `check rules`; every metric a dashboard panel or an alert
 //! rule queries is one a real sink serves after traffic, or a documented CockroachDB, HAProxy or
-//! Prometheus name kept below; and `cdc-sink healthcheck` answers like the image's HEALTHCHECK
-//! needs. What cannot run here is the stack itself (images, containers, CockroachDB).
+//! Prometheus name kept below; a real Prometheus scraping an in-process sink answers every
+//! cdc-sink panel query; `cdc-sink healthcheck` answers like the image's HEALTHCHECK needs; the
+//! image's Rust is new enough for Cargo.lock. What cannot run here is the stack itself (images,
+//! containers, CockroachDB, Grafana).
 
 use crate::support::sink::{batch, committed, delete, hlc, resolved, upsert, Sink};
 use crate::support::Db;
 use clap::Parser;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -823,7 +825,7 @@ async fn the_healthcheck_command_probes_the_sink() {
 fn the_readme_points_at_the_demo() {
     let readme = read("README.md");
     assert!(readme.contains("demo/README.md"));
-    assert!(Path::new(&root().join("demo/README.md")).is_file());
+    assert!(root().join("demo/README.md").is_file());
 }
 
 /// Percent-encodes a query-string value.
