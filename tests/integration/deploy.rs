@@ -4,7 +4,8 @@
 //! config; `promtool check config` and `check rules`; every metric a dashboard panel or an alert
 //! rule queries is one a real sink serves after traffic, or a documented CockroachDB, HAProxy or
 //! Prometheus name kept below; a real Prometheus scraping an in-process sink answers every
-//! cdc-sink panel query; `cdc-sink healthcheck` answers like the image's HEALTHCHECK needs; the
+//! cdc-sink panel query; a real HAProxy running the balancer config balances one HTTP/2
+//! connection request by request, follows `/_/healthz` and exports the names we use; `cdc-sink healthcheck` answers like the image's HEALTHCHECK needs; the
 //! image's Rust is new enough for Cargo.lock. What cannot run here is the stack itself (images,
 //! containers, CockroachDB, Grafana).
 
@@ -18,8 +19,8 @@ use std::process::Command;
 use std::time::Duration;
 
 /// Metrics the dashboard and alerts query that other programs serve: CockroachDB's
-/// `/_status/vars` (dots become underscores), HAProxy's prometheus-exporter, and Prometheus's
-/// own per-target `up`.
+/// `/_status/vars` (dots become underscores; not runnable here), HAProxy's prometheus-exporter
+/// (checked against a real HAProxy below), and Prometheus's own per-target `up`.
 const DOCUMENTED_ELSEWHERE: &[&str] = &[
     // CockroachDB changefeed metrics.
     "changefeed_emitted_messages",
@@ -1013,5 +1014,147 @@ fn the_image_builds_with_a_new_enough_rust() {
         "demo/Dockerfile builds with rust {image:?}; {} needs {:?}",
         newest.1,
         newest.0
+    );
+}
+
+/// The west balancer's config run by a real HAProxy in front of two recording TLS servers: the
+/// changefeed's one HTTP/2 connection is balanced request by request over both, a server whose
+/// `/_/healthz` fails is taken out, and the exporter serves the HAProxy metrics the dashboard
+/// and alerts use.
+#[tokio::test]
+async fn a_real_haproxy_balances_requests_and_follows_health() {
+    use crate::support::http::{args, TestServer};
+    let tls = || cdc_sink::server::ServerArgs {
+        tls_self_signed: true,
+        ..args()
+    };
+    let one = TestServer::start(tls()).await;
+    let two = TestServer::start(tls()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = cdc_sink::server::self_signed_pem().expect("certificate");
+    let pem = dir.path().join("lb.pem");
+    std::fs::write(&pem, format!("{}{}", cert.cert_pem, cert.key_pem)).expect("write pem");
+    let (front, monitor) = (free_port(), free_port());
+    let mut text = read("demo/haproxy/west.cfg");
+    for (from, to) in [
+        ("bind :30004", format!("bind 127.0.0.1:{front}")),
+        ("bind :8404", format!("bind 127.0.0.1:{monitor}")),
+        ("west_sink_1:30004", one.addr.to_string()),
+        ("west_sink_2:30004", two.addr.to_string()),
+        ("/certs/lb.pem", pem.to_str().unwrap().to_string()),
+    ] {
+        assert!(text.contains(from), "west.cfg lacks {from}");
+        text = text.replace(from, &to);
+    }
+    let cfg = dir.path().join("west.cfg");
+    std::fs::write(&cfg, text).expect("write cfg");
+    let _haproxy = tokio::process::Command::new("haproxy")
+        .args(["-db", "-f", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("haproxy (install it: .ci/run does with apt-get)");
+
+    let client = cdc_sink::server::Client::new(
+        &format!("https://127.0.0.1:{front}"),
+        cdc_sink::server::ClientOptions {
+            insecure_skip_verify: true,
+            ..Default::default()
+        },
+    )
+    .expect("client");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let post = || client.post("/kv/public", bytes::Bytes::from_static(b"{}"));
+    // Until HAProxy listens and has checked both servers up.
+    loop {
+        if let Ok((status, _)) = post().await {
+            if status == http::StatusCode::OK
+                && !one.handler.requests().is_empty()
+                && !two.handler.requests().is_empty()
+            {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "haproxy never reached both servers"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        client.protocol(),
+        Some(cdc_sink::server::Protocol::Http2),
+        "ALPN h2 on the front"
+    );
+    // One connection, requests alternate.
+    let before = (one.handler.requests().len(), two.handler.requests().len());
+    for _ in 0..10 {
+        let (status, body) = post().await.expect("through haproxy");
+        assert_eq!(status, http::StatusCode::OK, "{body}");
+    }
+    let after = (one.handler.requests().len(), two.handler.requests().len());
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "{before:?} -> {after:?}"
+    );
+
+    // A failing health check takes `two` out.
+    two.handler.set_health(Some("draining"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = two.handler.requests().len();
+        for _ in 0..6 {
+            let (status, body) = post().await.expect("through haproxy");
+            assert_eq!(status, http::StatusCode::OK, "{body}");
+        }
+        if two.handler.requests().len() == seen {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "haproxy kept sending to an unhealthy server"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Healthy again: `rise 2` passing checks bring it back.
+    two.handler.set_health(None);
+    let seen = two.handler.requests().len();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while two.handler.requests().len() == seen {
+        let (status, body) = post().await.expect("through haproxy");
+        assert_eq!(status, http::StatusCode::OK, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "haproxy never took the server back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The monitor frontend: liveness and the exporter.
+    let mon = cdc_sink::server::Client::new(
+        &format!("http://127.0.0.1:{monitor}"),
+        cdc_sink::server::ClientOptions {
+            http2: false,
+            ..Default::default()
+        },
+    )
+    .expect("client");
+    let (status, _) = mon.get("/healthz").await.expect("monitor-uri");
+    assert_eq!(status, http::StatusCode::OK);
+    let (status, page) = mon.get("/metrics").await.expect("exporter");
+    assert_eq!(status, http::StatusCode::OK);
+    let have = served(&page);
+    for m in DOCUMENTED_ELSEWHERE
+        .iter()
+        .filter(|m| m.starts_with("haproxy_"))
+    {
+        assert!(have.contains(*m), "the exporter does not serve {m}");
+    }
+    assert!(
+        page.lines()
+            .any(|l| l.starts_with("haproxy_backend_active_servers{proxy=\"west_sinks\"} 2")),
+        "both servers healthy again"
     );
 }
