@@ -1145,6 +1145,24 @@ async fn a_real_haproxy_balances_requests_and_follows_health() {
     assert_eq!(status, http::StatusCode::OK);
     let (status, page) = mon.get("/metrics").await.expect("exporter");
     assert_eq!(status, http::StatusCode::OK);
+    // The compose file's container healthcheck for the balancers, aimed at this one.
+    let compose = yaml("demo/docker-compose.yml");
+    let test = &compose["services"]["west_lb"]["healthcheck"]["test"];
+    assert_eq!(test[1], "bash", "{test}");
+    let script = test[3]
+        .as_str()
+        .expect("script")
+        .replace("127.0.0.1/8404", &format!("127.0.0.1/{monitor}"));
+    let out = tokio::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .await
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let have = served(&page);
     for m in DOCUMENTED_ELSEWHERE
         .iter()
