@@ -6,6 +6,7 @@ mod checkpoint;
 mod demo;
 pub mod dlq;
 mod feed;
+mod healthcheck;
 mod jwt;
 pub mod make_jwt;
 mod start;
@@ -68,6 +69,8 @@ pub enum Command {
     /// JWT keys and revocations in the staging schema: `jwt keys`, `jwt add-key FILE`,
     /// `jwt revoke JTI|TOKEN`.
     Jwt(jwt::JwtArgs),
+    /// Probe a running sink's `/_/healthz` (exit 0 on 200): the container HEALTHCHECK.
+    Healthcheck(healthcheck::HealthcheckArgs),
     /// Print the version.
     Version,
     /// Emulate a CockroachDB changefeed from a PostgreSQL source into a sink.
@@ -89,7 +92,10 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> ExitCode {
     // Commands that run servers in-process for their own report keep those servers quiet.
-    let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench(_));
+    let quiet = matches!(
+        cli.command,
+        Command::Demo(_) | Command::Bench(_) | Command::Healthcheck(_)
+    );
     if let Err(e) = init_logging(&cli.log, quiet) {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;
@@ -115,6 +121,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Checkpoint(args) => runtime().and_then(|rt| rt.block_on(checkpoint::run(args))),
         Command::Dlq(args) => runtime().and_then(|rt| rt.block_on(dlq::run(args))),
         Command::Status(args) => runtime().and_then(|rt| rt.block_on(status::run(args))),
+        Command::Healthcheck(args) => runtime().and_then(|rt| rt.block_on(healthcheck::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

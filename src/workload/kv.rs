@@ -361,7 +361,7 @@ async fn worker(
                 metrics::counter!(m::WORKLOAD_ERRORS, m::LABEL_TABLE => table.to_string())
                     .increment(1);
                 // One line per hundred failures is enough to see an outage.
-                if n % 100 == 0 {
+                if n.is_multiple_of(100) {
                     tracing::warn!(error = %crate::feed::chain(&e), errors = n + 1, "kv write failed");
                 }
                 tokio::select! {

@@ -8,6 +8,7 @@ mod best_effort;
 mod conflicts;
 mod crash;
 mod demo;
+mod deploy;
 mod fault;
 mod feed;
 mod guards;
