@@ -1,6 +1,7 @@
 //! Operator tooling against a real PostgreSQL: `cdc-sink dlq` list, show, purge and replay;
 //! the readiness probe and `/_/status`.
 
+use crate::support::process::{free_port, Process};
 use crate::support::sink::{self, batch, hlc, resolved, upsert, Sink};
 use crate::support::{eventually, Db};
 use cdc_sink::apply::merge::{Conflict, MergeError, MergeFn, Merger, Resolution};
@@ -487,4 +488,60 @@ async fn status_names_the_poison_mutation_that_blocks_a_schema_until_it_applies(
     })
     .await;
     sink.stop().await;
+}
+
+async fn lease_holder(client: &Client) -> Option<(String, String)> {
+    let (status, body) = client.get("/_/status").await.ok()?;
+    if status != StatusCode::OK {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let lease = &v["schemas"][0]["lease"];
+    (lease["held"] == true).then(|| {
+        (
+            lease["holder"].as_str().unwrap_or_default().to_string(),
+            v["instance"]["id"].as_str().unwrap_or_default().to_string(),
+        )
+    })
+}
+
+#[tokio::test]
+async fn status_follows_the_lease_to_another_instance_when_the_holder_stops() {
+    let db = Db::kv("ops_lease").await;
+    let a = Sink::start(&db, &[]).await;
+    let b = Process::start(&db, free_port(), &[]).await;
+    a.post_ok(
+        "/ops_lease/public",
+        batch(vec![upsert("kv", json!([1]), json!({"k": 1, "v": "a"}), 1)]),
+    )
+    .await;
+    a.post_ok("/ops_lease/public", resolved(2)).await;
+    sink::committed(&db.pool, "ops_lease.public", hlc(2)).await;
+    let (holder, a_id) = eventually("a holds the lease", Duration::from_secs(20), || async {
+        lease_holder(&a.client).await
+    })
+    .await;
+    assert_eq!(holder, a_id);
+
+    a.stop().await;
+    assert_eq!(
+        b.post(
+            "/ops_lease/public",
+            batch(vec![upsert("kv", json!([2]), json!({"k": 2, "v": "b"}), 3)]),
+        )
+        .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        b.post("/ops_lease/public", resolved(4)).await,
+        StatusCode::OK
+    );
+    let (holder, b_id) = eventually("b holds the lease", Duration::from_secs(30), || async {
+        lease_holder(&b.client)
+            .await
+            .filter(|(holder, id)| holder == id)
+    })
+    .await;
+    assert_eq!(holder, b_id);
+    assert_ne!(b_id, a_id, "instances are told apart");
 }
