@@ -570,6 +570,9 @@ impl Bound {
             let _ = stop_tx.send(Some(Instant::now() + grace));
         };
         let (_, deadline, _) = tokio::join!(trigger, main_loop, metrics_loop);
+        // The state holds an in-flight sender too: without dropping it the wait below would
+        // always last the whole grace period.
+        drop(state);
 
         // Connections are closed; wait for handler work whose client already left.
         if timeout_at(deadline, inflight_rx.recv()).await.is_err() {

@@ -732,3 +732,23 @@ async fn changefeed_urls_refuse_other_methods_with_405() {
     assert_eq!(status, StatusCode::OK);
     srv.shutdown().await;
 }
+
+/// With nothing in flight, stopping does not wait out the grace period.
+#[tokio::test]
+async fn an_idle_sink_stops_without_waiting_for_the_grace_period() {
+    let db = crate::support::Db::kv("idle_stop").await;
+    let sink = crate::support::sink::Sink::start(&db, &["--gracePeriod=30s"]).await;
+    sink.post_ok(
+        "/idle_stop/public",
+        crate::support::sink::batch(vec![crate::support::sink::upsert(
+            "kv",
+            serde_json::json!([1]),
+            serde_json::json!({"k": 1, "v": "a"}),
+            1,
+        )]),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(15), sink.stop())
+        .await
+        .expect("an idle sink stops well within its 30 s grace period");
+}
