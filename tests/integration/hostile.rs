@@ -5,20 +5,6 @@ use crate::support::Db;
 use http::StatusCode;
 use serde_json::{json, Value};
 
-/// Rows in a staging table, 0 when it does not exist (nothing was ever staged).
-async fn staged(db: &Db, table: &str) -> i64 {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(table)
-        .fetch_one(&db.pool)
-        .await
-        .expect("to_regclass");
-    if exists {
-        db.count(table).await
-    } else {
-        0
-    }
-}
-
 fn nested(levels: usize) -> Value {
     let text = format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
     serde_json::from_str(&text).expect("within serde's limit")
@@ -77,7 +63,7 @@ async fn deep_json_and_huge_keys_are_refused_with_400_and_nothing_is_staged() {
         !body.contains(&secret[..40]),
         "the key is not echoed: {body}"
     );
-    assert_eq!(staged(&db, staging).await, 0);
+    assert_eq!(db.count_if_exists(staging).await, 0);
 
     // The deepest accepted value and a key at the limit (incompressible) are staged.
     let fits = incompressible(cdc_sink::source::webhook::MAX_KEY_BYTES - 4);
@@ -91,7 +77,7 @@ async fn deep_json_and_huge_keys_are_refused_with_400_and_nothing_is_staged() {
         )]),
     )
     .await;
-    assert_eq!(staged(&db, staging).await, 1);
+    assert_eq!(db.count_if_exists(staging).await, 1);
     sink.stop().await;
 }
 

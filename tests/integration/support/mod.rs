@@ -71,6 +71,20 @@ impl Db {
             .expect("read kv")
     }
 
+    /// Rows of `table`, 0 when it does not exist (a staging table nothing was staged in).
+    pub async fn count_if_exists(&self, table: &str) -> i64 {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(table)
+            .fetch_one(&self.pool)
+            .await
+            .expect("to_regclass");
+        if exists {
+            self.count(table).await
+        } else {
+            0
+        }
+    }
+
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(&self.pool)
