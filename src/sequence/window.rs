@@ -274,7 +274,7 @@ impl Pipeline {
         full_sweep: bool,
         renewed: &mut Instant,
     ) -> Result<(), SequenceError> {
-        let info = self.known_tables(bounds).await?;
+        let (info, registered, unread) = self.known_tables(bounds).await?;
         if let Some(h) = &self.parts.hooks {
             h.configure(&self.parts.applier, &info);
         }
@@ -302,6 +302,8 @@ impl Pipeline {
             lease: lease.clone(),
             tables,
             info,
+            registered,
+            unread,
             recorded: AtomicBool::new(!skip.is_empty()),
             skip,
             open: AtomicUsize::new(0),
@@ -333,25 +335,45 @@ impl Pipeline {
     /// instance, perhaps for a table this one has not seen yet) is missing from the cached
     /// one. A table the target still lacks is refused when it has staged rows in the window:
     /// skipping them would commit the checkpoint over rows that were never applied.
-    async fn known_tables(&self, bounds: Bounds) -> Result<Arc<SchemaInfo>, SequenceError> {
+    /// Also returns how many tables were registered and those the schema lacks, so the window
+    /// is not extended over rows of either.
+    async fn known_tables(
+        &self,
+        bounds: Bounds,
+    ) -> Result<(Arc<SchemaInfo>, usize, Vec<Table>), SequenceError> {
         let parts = &self.parts;
         let registered = parts.stager.registered(&self.schema).await?;
         let mut info = parts.applier.schema(&self.schema).await?;
-        if registered.iter().any(|t| !info.tables.contains_key(t)) {
-            info = parts.applier.refresh(&self.schema).await?;
-        }
-        for table in registered.iter().filter(|t| !info.tables.contains_key(*t)) {
+        let mut refreshed = false;
+        for table in &registered {
+            // A table dropped from the target long ago stays registered: only one with rows in
+            // this window costs a schema reload.
+            if info.tables.contains_key(table) {
+                continue;
+            }
             let mut tx = parts.stager.reader().await?;
             let waiting = parts
                 .stager
                 .read(&mut tx, table, bounds.committed, None, bounds.proposed, 1)
                 .await?;
             tx.commit().await.map_err(SequenceError::Sql)?;
-            if !waiting.is_empty() {
+            if waiting.is_empty() {
+                continue;
+            }
+            if !refreshed {
+                info = parts.applier.refresh(&self.schema).await?;
+                refreshed = true;
+            }
+            if !info.tables.contains_key(table) {
                 return Err(SequenceError::UnknownTable(table.to_string()));
             }
         }
-        Ok(info)
+        let unread = registered
+            .iter()
+            .filter(|t| !info.tables.contains_key(*t))
+            .cloned()
+            .collect();
+        Ok((info, registered.len(), unread))
     }
 
     /// The schema's tables in foreign-key order, less those whose staging-table name another
@@ -417,6 +439,10 @@ struct Ctx {
     /// The schema's tables in foreign-key order; rows refer to them by index.
     tables: Vec<Table>,
     info: Arc<SchemaInfo>,
+    /// Tables registered for staging when the window started (the registry only grows).
+    registered: usize,
+    /// Registered tables the target schema lacks (none had rows in the window).
+    unread: Vec<Table>,
     /// Ranges applied beyond the committed checkpoint by earlier attempts: their staged rows
     /// are redeliveries.
     skip: Ranges,
@@ -540,10 +566,23 @@ async fn extension(ctx: &Ctx, hi: Hlc, started: Instant) -> Option<Hlc> {
     }
     // A table staged for the first time since the window started is read by the next one.
     let registered = ctx.parts.stager.registered(&ctx.schema).await.ok()?;
-    registered
-        .iter()
-        .all(|t| ctx.info.tables.contains_key(t))
-        .then_some(proposed)
+    if registered.len() != ctx.registered {
+        return None;
+    }
+    for table in &ctx.unread {
+        let mut tx = ctx.parts.stager.reader().await.ok()?;
+        let rows = ctx
+            .parts
+            .stager
+            .read(&mut tx, table, hi, None, proposed, 1)
+            .await
+            .ok()?;
+        tx.commit().await.ok()?;
+        if !rows.is_empty() {
+            return None;
+        }
+    }
+    Some(proposed)
 }
 
 /// Reads unapplied rows in `(from, hi]` from every table, returning the time up to which the
