@@ -108,13 +108,17 @@ fn sql_name(dialect: Dialect, table: &Table) -> String {
     }
 }
 
+/// The columns of a [`RawRow`], from a DLQ table aliased `d`. `dlq_time` is read through JSON
+/// so tables created before that column existed still work.
+const ROW_COLUMNS: &str = "d.event::TEXT, d.dlq_name, d.source_nanos, d.source_logical, \
+d.data_after::TEXT, d.data_before::TEXT, to_jsonb(d) ->> 'dlq_time'";
+
 /// Rows ordered by source time, then event; `$1..$5` are the selection, `$6..$8` the
 /// position to continue after (all NULL from the start), `$9` the limit. The event is
 /// compared as text so any key type (UUID, serial) works.
 fn select_sql(dialect: Dialect, table: &Table) -> String {
     format!(
-        "SELECT d.event::TEXT, d.dlq_name, d.source_nanos, d.source_logical, \
-         d.data_after::TEXT, d.data_before::TEXT, to_jsonb(d) ->> 'dlq_time' FROM {} AS d \
+        "SELECT {ROW_COLUMNS} FROM {} AS d \
          WHERE ($1::TEXT IS NULL OR d.dlq_name = $1) \
          AND ($2::INT8 IS NULL OR (d.source_nanos, d.source_logical) >= ($2::INT8, $3::INT8)) \
          AND ($4::INT8 IS NULL OR (d.source_nanos, d.source_logical) < ($4::INT8, $5::INT8)) \
@@ -173,9 +177,7 @@ pub async fn list(db: &Database, table: &Table, sel: &Selection) -> Result<Vec<D
 /// The row with this event id.
 pub async fn show(db: &Database, table: &Table, event: &str) -> Result<Option<DlqRow>, DlqError> {
     let sql = format!(
-        "SELECT d.event::TEXT, d.dlq_name, d.source_nanos, d.source_logical, \
-         d.data_after::TEXT, d.data_before::TEXT, to_jsonb(d) ->> 'dlq_time' FROM {} AS d \
-         WHERE d.event::TEXT = $1",
+        "SELECT {ROW_COLUMNS} FROM {} AS d WHERE d.event::TEXT = $1",
         sql_name(db.dialect, table)
     );
     let row: Option<RawRow> = sqlx::query_as(&sql)

@@ -351,13 +351,7 @@ impl Pipeline {
             if info.tables.contains_key(table) {
                 continue;
             }
-            let mut tx = parts.stager.reader().await?;
-            let waiting = parts
-                .stager
-                .read(&mut tx, table, bounds.committed, None, bounds.proposed, 1)
-                .await?;
-            tx.commit().await.map_err(SequenceError::Sql)?;
-            if waiting.is_empty() {
+            if !has_staged(parts, table, bounds.committed, bounds.proposed).await? {
                 continue;
             }
             if !refreshed {
@@ -570,19 +564,27 @@ async fn extension(ctx: &Ctx, hi: Hlc, started: Instant) -> Option<Hlc> {
         return None;
     }
     for table in &ctx.unread {
-        let mut tx = ctx.parts.stager.reader().await.ok()?;
-        let rows = ctx
-            .parts
-            .stager
-            .read(&mut tx, table, hi, None, proposed, 1)
-            .await
-            .ok()?;
-        tx.commit().await.ok()?;
-        if !rows.is_empty() {
+        if has_staged(&ctx.parts, table, hi, proposed).await.ok()? {
             return None;
         }
     }
     Some(proposed)
+}
+
+/// Whether `table` has unapplied staged rows in `(after, upto]`.
+async fn has_staged(
+    parts: &Parts,
+    table: &Table,
+    after: Hlc,
+    upto: Hlc,
+) -> Result<bool, SequenceError> {
+    let mut tx = parts.stager.reader().await?;
+    let rows = parts
+        .stager
+        .read(&mut tx, table, after, None, upto, 1)
+        .await?;
+    tx.commit().await.map_err(SequenceError::Sql)?;
+    Ok(!rows.is_empty())
 }
 
 /// Reads unapplied rows in `(from, hi]` from every table, returning the time up to which the
