@@ -264,6 +264,14 @@ ORDER BY nanos, logical, key LIMIT $5"
     )
 }
 
+/// Counts unapplied rows after `($1, $2)`, at most `$3`.
+pub fn count_unapplied(table: &str) -> String {
+    format!(
+        "SELECT count(*) FROM (SELECT 1 FROM {table} \
+WHERE (nanos, logical) > ($1, $2) AND NOT applied LIMIT $3) AS backlog"
+    )
+}
+
 /// Session settings of a staging read transaction (see `Stager::reader`).
 pub fn read_settings(dialect: Dialect) -> Option<&'static str> {
     match dialect {
