@@ -76,21 +76,28 @@ impl Database {
     /// Takes a connection from the pool, counting the wait in `pool_acquire_wait_*` and, when
     /// it opens a new connection, the time to open it in `pool_dial_latency_seconds`.
     pub async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
-        let started = std::time::Instant::now();
-        let result = ACQUIRE_STARTED.scope(started, self.pool.acquire()).await;
-        let l = [(crate::metrics::LABEL_POOL, pool_name(&self.pool))];
-        match &result {
-            Ok(_) => {
-                metrics::counter!(crate::metrics::POOL_ACQUIRE_WAIT_COUNT, &l).increment(1);
-                metrics::gauge!(crate::metrics::POOL_ACQUIRE_WAIT_SECONDS, &l)
-                    .increment(started.elapsed().as_secs_f64());
-            }
-            // The pool's own verdicts; anything else came from opening a connection.
-            Err(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {}
-            Err(_) => metrics::counter!(crate::metrics::POOL_DIAL_ERRORS, &l).increment(1),
-        }
-        result
+        acquire_counted(&self.pool).await
     }
+}
+
+/// See [`Database::acquire`].
+async fn acquire_counted(
+    pool: &PgPool,
+) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let result = ACQUIRE_STARTED.scope(started, pool.acquire()).await;
+    let l = [(crate::metrics::LABEL_POOL, pool_name(pool))];
+    match &result {
+        Ok(_) => {
+            metrics::counter!(crate::metrics::POOL_ACQUIRE_WAIT_COUNT, &l).increment(1);
+            metrics::gauge!(crate::metrics::POOL_ACQUIRE_WAIT_SECONDS, &l)
+                .increment(started.elapsed().as_secs_f64());
+        }
+        // The pool's own verdicts; anything else came from opening a connection.
+        Err(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {}
+        Err(_) => metrics::counter!(crate::metrics::POOL_DIAL_ERRORS, &l).increment(1),
+    }
+    result
 }
 
 tokio::task_local! {
@@ -172,16 +179,24 @@ pub async fn open(
             })
         })
         .connect_lazy_with(opts);
-    POOL_NAMES
-        .lock()
-        .expect("poisoned")
-        .push((pool_key(&pool), what));
+    {
+        // A pool dropped earlier may have left its options at the same address.
+        let mut names = POOL_NAMES.lock().expect("poisoned");
+        let key = pool_key(&pool);
+        names.retain(|(k, _)| *k != key);
+        names.push((key, what));
+    }
     crate::metrics::register_pool(what);
+    // The first connection is opened here, through a counted acquire: it is timed.
+    let mut conn = acquire_counted(&pool)
+        .await
+        .map_err(|source| TargetError::Connect { what, source })?;
     let (version, database): (String, String) =
         sqlx::query_as("SELECT version(), current_database()")
-            .fetch_one(&pool)
+            .fetch_one(&mut *conn)
             .await
             .map_err(|source| TargetError::Connect { what, source })?;
+    drop(conn);
     let dialect = if version.contains("CockroachDB") {
         Dialect::Cockroach
     } else {

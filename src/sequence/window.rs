@@ -67,6 +67,8 @@ pub(super) struct Pipeline {
     schema: Schema,
     notify: Arc<Notify>,
     lease_name: String,
+    /// Tables whose backlog this instance published while it held the lease.
+    counted: Mutex<Vec<Table>>,
 }
 
 enum Held {
@@ -82,6 +84,7 @@ impl Pipeline {
             schema,
             notify,
             lease_name,
+            counted: Mutex::new(Vec::new()),
         }
     }
 
@@ -125,6 +128,10 @@ impl Pipeline {
                         }
                     };
                     metrics::gauge!(m::CORE_SWEEP_ACTIVE, &schema_label(&self.schema)).set(0.0);
+                    // The next holder counts the backlog now; a stale count here would outlast it.
+                    for table in self.counted.lock().expect("poisoned").drain(..) {
+                        metrics::gauge!(m::STAGE_BACKLOG, &m::table_labels(&table)).set(0.0);
+                    }
                     match held {
                         Held::Stopped => {
                             if let Err(e) = self.parts.leases.release(&lease).await {
@@ -410,6 +417,7 @@ impl Pipeline {
                     .await?;
                 metrics::gauge!(m::STAGE_BACKLOG, &m::table_labels(table)).set(n as f64);
             }
+            *self.counted.lock().expect("poisoned") = tables;
             tx.commit().await.map_err(SequenceError::Sql)
         };
         if let Err(e) = counted.await {
