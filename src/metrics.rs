@@ -1,5 +1,16 @@
 //! The one catalogue of metric names. Names follow the reference so its dashboards work; each
-//! is described once, at start, by [`describe`]. Labels are `schema`, `table` (never row values).
+//! is described once, at start, by [`describe`]. Labels are `schema` (`db.schema` as written),
+//! `table` (the name as written), never row values. Counters of a table and its schema are
+//! registered at 0 the first time this process stages or reads the table ([`register_table`]).
+//!
+//! Where our pipeline differs from the reference's, a family maps to its nearest part (each
+//! description says what it measures here): the staging reader and cross-table merger are the
+//! window's page reader and flush dispatcher (`stage_read_*`, `stage_merge_*`); the key lock set
+//! is the flush dispatcher's key locks (`lockset_*{set="scheduler"}`, `sequencer_scheduler_*`).
+//! Served at 0 because sqlx does not tell: `stmtcache_*`, `pool_constructing_connection_count`.
+//! Not served: the legacy `stage_select_*` (never updated by the reference either). Deviations:
+//! `cdc_sink_info` carries `version` rather than Go build labels, and `core_sweep_active_bool`
+//! is per schema (the lease is), without `table`.
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
