@@ -3,8 +3,9 @@
 //! exists; every cdc-sink command line in it parses with our CLI; `haproxy -c` on each balancer
 //! config; `promtool check config` and `check rules`; every metric a dashboard panel or an alert
 //! rule queries is one a real sink serves after traffic, or a documented CockroachDB, HAProxy or
-//! Prometheus name kept below; a real Prometheus scraping an in-process sink answers every
-//! cdc-sink panel query; a real HAProxy running the balancer config balances one HTTP/2
+//! Prometheus name kept below; the reference's metric families are served with its types and
+//! labels; a real Prometheus scraping an in-process sink answers every cdc-sink panel query and
+//! the reference dashboards' reads of its families; a real HAProxy running the balancer config balances one HTTP/2
 //! connection request by request, follows `/_/healthz` and exports the names we use; `cdc-sink healthcheck` answers like the image's HEALTHCHECK needs; the
 //! image's Rust is new enough for Cargo.lock. What cannot run here is the stack itself (images,
 //! containers, CockroachDB, Grafana).
