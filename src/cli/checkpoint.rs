@@ -1,7 +1,9 @@
 //! `cdc-sink checkpoint show|reset`: inspect the checkpoints, and recover one set wrong (e.g. a
 //! resolved timestamp far in the future) without hand-written SQL.
 
-use crate::checkpoint::{AppliedRanges, Bounds, Checkpoints, ResetTables, APPLIED_RANGES_TABLE};
+use crate::checkpoint::{
+    AppliedRanges, Bounds, Checkpoints, Leases, ResetTables, APPLIED_RANGES_TABLE,
+};
 use crate::config::parse_duration;
 use crate::hlc::Hlc;
 use crate::ident::Schema;
@@ -50,6 +52,10 @@ pub struct ResetArgs {
     /// Do it; without this, only print what would be done.
     #[arg(long = "yes")]
     pub yes: bool,
+    /// Reset even while an instance holds the schema's apply lease: the lease is revoked and
+    /// the holder starts again from the new checkpoint.
+    #[arg(long = "force")]
+    pub force: bool,
 }
 
 /// Where `--to` points.
@@ -93,6 +99,8 @@ async fn open(target: &TargetArgs, stage: &StageArgs) -> anyhow::Result<Opened> 
         .map_err(|e| anyhow::anyhow!("--stagingSchema {:?}: {e}", stage.staging_schema))?;
     // A reset clears applied ranges too: the table must exist even before any sink ran.
     AppliedRanges::open(&staging, &schema).await?;
+    // A reset consults the lease even before any sink ran.
+    Leases::open(staging.clone(), &schema).await?;
     let checkpoints = Checkpoints::open(staging, &schema).await?;
     Ok(Opened {
         target,
@@ -166,7 +174,10 @@ async fn reset(args: ResetArgs) -> anyhow::Result<()> {
         lease_name: &lease,
         ranges: &opened.ranges_table,
     };
-    let plan = opened.checkpoints.reset(&schema, to, leases, false).await?;
+    let plan = opened
+        .checkpoints
+        .reset(&schema, to, leases, false, args.force)
+        .await?;
     if plan.rows == 0 {
         println!(
             "{}: no checkpoint newer than {}; nothing to do",
@@ -188,13 +199,25 @@ async fn reset(args: ResetArgs) -> anyhow::Result<()> {
             to
         );
     }
-    if let Some(h) = &plan.lease_holder {
-        println!("  revoke the apply lease held by {h} (it restarts from the new checkpoint)");
+    match &plan.lease_holder {
+        Some((holder, expires)) if args.force => println!(
+            "  revoke the apply lease held by {holder} until {expires} (it restarts from the \
+new checkpoint)"
+        ),
+        Some((holder, expires)) => bail!(
+            "nothing changed: the apply lease of {} is held by {holder} until {expires}; stop \
+the instances serving it (or wait for the lease to expire), or pass --force to revoke it",
+            schema.canonical()
+        ),
+        None => {}
     }
     if !args.yes {
         bail!("nothing changed: run again with --yes to reset");
     }
-    opened.checkpoints.reset(&schema, to, leases, true).await?;
+    opened
+        .checkpoints
+        .reset(&schema, to, leases, true, args.force)
+        .await?;
     println!("done; running sinks follow within a few seconds.");
     println!(
         "rows the sinks dropped as below the old checkpoint must be replayed: re-create the \

@@ -242,13 +242,10 @@ mod tests {
         let Command::Dlq(args) = cli.command else {
             panic!("dlq expected")
         };
-        let dlq::DlqCommand::Replay {
-            sel, table, batch, ..
-        } = args.command
-        else {
+        let dlq::DlqCommand::Replay { sel, batch, .. } = args.command else {
             panic!("replay expected")
         };
-        assert_eq!((table.as_str(), batch), ("t", 100));
+        assert_eq!((sel.table.as_deref(), batch), (Some("t"), 100));
         assert_eq!(sel.dlq.as_deref(), Some("a"));
         assert_eq!(sel.from, Some(crate::hlc::Hlc::new(5, 1)));
         assert_eq!((sel.to, sel.limit), (None, Some(10)));
