@@ -204,10 +204,14 @@ async fn reset(args: ResetArgs) -> anyhow::Result<()> {
             "  revoke the apply lease held by {holder} until {expires} (it restarts from the \
 new checkpoint)"
         ),
-        Some((holder, expires)) => bail!(
+        Some((holder, expires)) if args.yes => bail!(
             "nothing changed: the apply lease of {} is held by {holder} until {expires}; stop \
 the instances serving it (or wait for the lease to expire), or pass --force to revoke it",
             schema.canonical()
+        ),
+        Some((holder, expires)) => println!(
+            "  the apply lease is held by {holder} until {expires}: stop the instances \
+serving it first, or pass --force to revoke it"
         ),
         None => {}
     }

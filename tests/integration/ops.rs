@@ -454,7 +454,10 @@ async fn status_reports_checkpoints_backlog_lease_and_dead_letters_after_traffic
          source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, \
          data_before JSONB NOT NULL); \
          INSERT INTO cdc_sink_dlq (dlq_name, source_nanos, source_logical, data_after, data_before) \
-         VALUES ('q', 1, 0, '{}', 'null')",
+         VALUES ('q', 1, 0, '{}', 'null'); \
+         CREATE SCHEMA _cdc_sink; \
+         CREATE TABLE _cdc_sink.leases (name TEXT PRIMARY KEY, expires TIMESTAMPTZ NOT NULL, \
+         nonce UUID NOT NULL, hostname TEXT NOT NULL)",
     )
     .await;
     let sink = Sink::start(&db, &["--metricsAddr", "127.0.0.1:0"]).await;
@@ -489,10 +492,33 @@ async fn status_reports_checkpoints_backlog_lease_and_dead_letters_after_traffic
     assert!(s["target_lag_seconds"].as_f64().expect("lag") > 0.0);
     assert_eq!(s["lease"]["held"], true, "{report}");
     assert_eq!(s["lease"]["holder"], report["instance"]["id"]);
+    // A leases table of an older version gained the acquisition time at start.
+    let since = s["lease"]["since"].as_str().expect("since").to_string();
+    let expires = s["lease"]["expires"].as_str().expect("expires").to_string();
+    let order: bool = sqlx::query_scalar("SELECT $1::TIMESTAMPTZ < $2::TIMESTAMPTZ")
+        .bind(&since)
+        .bind(&expires)
+        .fetch_one(&db.pool)
+        .await
+        .expect("compare");
+    assert!(order, "since {since} before expires {expires}");
     assert_eq!(s["dlq_rows"], 1);
     assert_eq!(report["instance"]["version"], env!("CARGO_PKG_VERSION"));
     let table = cdc_sink::cli::status::render(&report);
     assert!(table.contains("ops_status.public  consistent"), "{table}");
+    assert!(
+        table.contains("LEASE SINCE") && table.contains(&since),
+        "{table}"
+    );
+    // Renewals move the expiry, never the acquisition time.
+    eventually("the lease is renewed", Duration::from_secs(30), || async {
+        let (_, body) = metrics.get("/_/status").await.ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let lease = &v["schemas"][0]["lease"];
+        assert_eq!(lease["since"], json!(since), "{v}");
+        (lease["expires"] != json!(expires)).then_some(())
+    })
+    .await;
 
     // Kept off the main port, which names the right one.
     let (status, body) = sink.client.get("/_/status").await.expect("main");
@@ -606,6 +632,14 @@ async fn status_names_the_poison_mutation_that_blocks_a_schema_until_it_applies(
     sink.stop().await;
 }
 
+async fn lease_since(client: &Client) -> Option<String> {
+    let (_, body) = client.get("/_/status").await.ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["schemas"][0]["lease"]["since"]
+        .as_str()
+        .map(str::to_string)
+}
+
 async fn lease_holder(client: &Client) -> Option<(String, String)> {
     let (status, body) = client.get("/_/status").await.ok()?;
     if status != StatusCode::OK {
@@ -638,6 +672,7 @@ async fn status_follows_the_lease_to_another_instance_when_the_holder_stops() {
     })
     .await;
     assert_eq!(holder, a_id);
+    let a_since = lease_since(&a.client).await.expect("a's since");
 
     a.stop().await;
     assert_eq!(
@@ -660,4 +695,12 @@ async fn status_follows_the_lease_to_another_instance_when_the_holder_stops() {
     .await;
     assert_eq!(holder, b_id);
     assert_ne!(b_id, a_id, "instances are told apart");
+    let b_since = lease_since(&b.client).await.expect("b's since");
+    let later: bool = sqlx::query_scalar("SELECT $1::TIMESTAMPTZ < $2::TIMESTAMPTZ")
+        .bind(&a_since)
+        .bind(&b_since)
+        .fetch_one(&db.pool)
+        .await
+        .expect("compare");
+    assert!(later, "b took the lease ({b_since}) after a ({a_since})");
 }
