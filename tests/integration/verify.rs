@@ -314,7 +314,7 @@ async fn verify_repair_watch_prints_failback_ready_after_the_clean_checks() {
     let (ok, out) = verify_cli(args(&[])).await;
     assert!(!ok, "differs before the repair: {out}");
     assert!(
-        verify_cli(args(&["--from", "source"])).await.0 == false,
+        !verify_cli(args(&["--from", "source"])).await.0,
         "--from alone is refused"
     );
 
@@ -367,13 +367,9 @@ async fn verify_repair_watch_prints_failback_ready_after_the_clean_checks() {
     assert_eq!(lines[2]["missing"].as_u64(), Some(0), "{out}");
     let (ok, out) = verify_cli(args(&["--watch", "100ms", "--clean", "2", "--json"])).await;
     assert!(ok, "{out}");
-    let last: serde_json::Value = serde_json::from_str(
-        out.lines()
-            .filter(|l| l.starts_with('{'))
-            .last()
-            .expect("a line"),
-    )
-    .expect("json");
+    let last: serde_json::Value =
+        serde_json::from_str(out.lines().rfind(|l| l.starts_with('{')).expect("a line"))
+            .expect("json");
     assert_eq!(
         (
             last["consecutive_clean"].as_u64(),
