@@ -6,8 +6,8 @@ use crate::checkpoint::{
 };
 use crate::config::parse_duration;
 use crate::hlc::Hlc;
-use crate::ident::Schema;
-use crate::stage::{StageArgs, StagingSchema};
+use crate::ident::{Schema, Table};
+use crate::stage::{StageArgs, Stager, StagingSchema};
 use crate::target::{Database, TargetArgs};
 use anyhow::{bail, Context};
 use std::time::Duration;
@@ -20,7 +20,8 @@ pub struct CheckpointArgs {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum CheckpointCommand {
-    /// Print each schema's committed and newest proposed checkpoint.
+    /// Print each schema's committed and newest proposed checkpoint, and its unapplied
+    /// staged rows per table.
     Show(ShowArgs),
     /// Remove a schema's checkpoints newer than `--to`, so the feed's real resolved timestamps
     /// are accepted again (running sinks follow within seconds).
@@ -87,6 +88,7 @@ impl ResetPoint {
 
 struct Opened {
     target: Database,
+    staging: Database,
     checkpoints: std::sync::Arc<Checkpoints>,
     leases_table: String,
     ranges_table: String,
@@ -101,9 +103,10 @@ async fn open(target: &TargetArgs, stage: &StageArgs) -> anyhow::Result<Opened> 
     AppliedRanges::open(&staging, &schema).await?;
     // A reset consults the lease even before any sink ran.
     Leases::open(staging.clone(), &schema).await?;
-    let checkpoints = Checkpoints::open(staging, &schema).await?;
+    let checkpoints = Checkpoints::open(staging.clone(), &schema).await?;
     Ok(Opened {
         target,
+        staging,
         checkpoints,
         leases_table: schema.object("leases"),
         ranges_table: schema.object(APPLIED_RANGES_TABLE),
@@ -134,6 +137,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
         .transpose()
         .map_err(|e| anyhow::anyhow!("schema: {e}"))?;
     let opened = open(&args.target, &args.stage).await?;
+    let stager = Stager::open(opened.staging.clone(), &args.stage.staging_schema).await?;
     let now = db_now(&opened.target).await?;
     let groups = opened.checkpoints.groups().await?;
     let mut shown = 0;
@@ -149,11 +153,47 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
         println!("{}", g.group);
         println!("  committed: {}", describe(committed, now));
         println!("  proposed:  {}", describe(proposed, now));
+        if let Ok(schema) = Schema::parse(&g.group) {
+            for (table, rows, first, last) in staged(&stager, &opened.staging, &schema).await? {
+                println!(
+                    "  staged:    {table}: {rows} unapplied row(s) from {} to {}",
+                    describe(first, now),
+                    describe(last, now)
+                );
+            }
+        }
     }
     if shown == 0 {
         println!("no checkpoints");
     }
     Ok(())
+}
+
+/// Per registered table of `schema` with unapplied staged rows: their count and the source
+/// times of the oldest and newest.
+async fn staged(
+    stager: &Stager,
+    staging: &Database,
+    schema: &Schema,
+) -> anyhow::Result<Vec<(Table, i64, Hlc, Hlc)>> {
+    let mut out = Vec::new();
+    for table in stager.registered(schema).await? {
+        let sql = format!(
+            "SELECT count(*), min(nanos), max(nanos) FROM {} WHERE NOT applied",
+            stager.staging_table(&table)
+        );
+        // A registered table whose staging table is not created yet holds nothing.
+        let Ok((rows, first, last)) = sqlx::query_as::<_, (i64, Option<i64>, Option<i64>)>(&sql)
+            .fetch_one(&staging.pool)
+            .await
+        else {
+            continue;
+        };
+        if let (true, Some(first), Some(last)) = (rows > 0, first, last) {
+            out.push((table, rows, Hlc::new(first, 0), Hlc::new(last, 0)));
+        }
+    }
+    Ok(out)
 }
 
 async fn reset(args: ResetArgs) -> anyhow::Result<()> {

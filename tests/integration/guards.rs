@@ -181,6 +181,12 @@ VALUES ('{group}', {FAR_FUTURE}, '{group}', now())"
         (db.count("_cdc_sink.guards_reset_public_kv").await > 0).then_some(())
     })
     .await;
+    let (ok, out) = checkpoint_cli(&db, &["show", group]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("staged:    guards_reset.public.kv: 1 unapplied row(s) from 1700000003"),
+        "{out}"
+    );
     sink.post_ok(path, resolved(3)).await;
     sink::committed(&db.pool, group, hlc(3)).await;
     assert_eq!(
