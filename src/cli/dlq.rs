@@ -4,11 +4,11 @@
 //! Queues with the optional `source_table` column record which table a row came from; `list`
 //! and `purge` can then select by table and `replay` sends each row to its own table. Rows
 //! without one (older queues, or rows written before the column was added) are attributed to
-//! the table the operator names. Replay re-applies each row through the sequencer's apply path (compare-and-set, merge) in
-//! source-time order, one savepoint per row: a row that applies is deleted from the queue in
-//! the same transaction; one that loses again is rolled back and stays. Each batch commits on
-//! its own, so an interrupted replay leaves every row either applied and gone or untouched, and
-//! running it again resumes.
+//! the table the operator names. Replay re-applies each row through the sequencer's apply
+//! path (compare-and-set, merge) in source-time order, one savepoint per row: a row that
+//! applies is deleted from the queue in the same transaction; one that loses again is rolled
+//! back and stays. Each batch commits on its own, so an interrupted replay leaves every row
+//! either applied and gone or untouched, and running it again resumes.
 
 use crate::apply::{Applier, ApplyArgs, TableSchema, DEFAULT_DLQ_TABLE};
 use crate::hlc::Hlc;
@@ -45,9 +45,10 @@ pub enum DlqError {
          belong to with --table"
     )]
     TableNeeded(String),
-    #[error("--table {name:?}: {error}")]
+    #[error("--table {name:?} is not a table name")]
     TableName {
         name: String,
+        #[source]
         error: crate::ident::IdentError,
     },
     #[error(
