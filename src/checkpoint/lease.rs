@@ -30,9 +30,26 @@ impl Leases {
         } else {
             "TEXT"
         };
-        crate::target::run_ddl(&db, &ddl(&table, text))
+        let [create, migrate] = ddl(&table, text);
+        crate::target::run_ddl(&db, &[create])
             .await
             .map_err(CheckpointError::Sql)?;
+        // ALTER TABLE locks the table exclusively even when the column exists, which would
+        // stall the running instances' fenced flushes: only when it is missing.
+        let probe = sqlx::query(&format!("SELECT acquired FROM {table} LIMIT 0"))
+            .execute(&db.pool)
+            .await;
+        match probe {
+            Err(e) if crate::target::sqlstate(&e) == "42703" => {
+                crate::target::run_ddl(&db, &[migrate])
+                    .await
+                    .map_err(CheckpointError::Sql)?;
+                tracing::info!(table = %table, "added the acquisition time to the leases table");
+            }
+            other => {
+                other.map_err(CheckpointError::Sql)?;
+            }
+        }
         let hostname = std::fs::read_to_string("/etc/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
@@ -134,8 +151,8 @@ acquired = excluded.acquired WHERE l.expires < now() RETURNING nonce::TEXT",
 
 /// The table, and the migration of one created before `acquired` (when the holder took the
 /// lease) existed: rows taken by such older versions have none.
-fn ddl(table: &str, text: &str) -> Vec<String> {
-    vec![
+fn ddl(table: &str, text: &str) -> [String; 2] {
+    [
         format!(
             "CREATE TABLE IF NOT EXISTS {table} (name {text} PRIMARY KEY, expires TIMESTAMPTZ NOT NULL, nonce UUID NOT NULL, hostname {text} NOT NULL, acquired TIMESTAMPTZ)"
         ),
