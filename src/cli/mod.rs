@@ -252,6 +252,31 @@ mod tests {
     }
 
     #[test]
+    fn verify_repairs_only_from_a_named_side() {
+        let parse = |extra: &[&str]| {
+            let argv = [
+                "cdc-sink", "verify", "--source", "pg://a/x", "--target", "pg://b/x",
+            ];
+            Cli::try_parse_from(argv.iter().chain(extra)).map(|cli| match cli.command {
+                Command::Verify(v) => (v.repair, v.from, v.repair_batch),
+                _ => panic!("verify expected"),
+            })
+        };
+        assert_eq!(
+            parse(&["--repair", "--from", "target", "--repair-batch", "10"]).expect("parses"),
+            (true, Some(crate::verify::Side::Target), 10)
+        );
+        assert_eq!(parse(&[]).expect("parses"), (false, None, 500));
+        for bad in [
+            &["--repair"][..],
+            &["--from", "source"],
+            &["--repair", "--from", "east"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn start_authenticates_unless_told_not_to_and_a_later_flag_wins() {
         let auth = |args: &[&str]| {
             let argv = ["cdc-sink", "start", "--targetConn", "postgresql://x/kv"];
