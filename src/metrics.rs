@@ -687,6 +687,10 @@ pub const WORKLOAD_OPS: &str = "workload_ops_total";
 pub const WORKLOAD_ERRORS: &str = "workload_errors_total";
 pub const VERIFY_DIVERGENT_ROWS: &str = "verify_divergent_rows";
 pub const VERIFY_CLEAN_CHECKS: &str = "verify_consecutive_clean_checks";
+/// Rows `verify --repair` wrote (`kind` = `upsert` or `delete`), by table.
+pub const VERIFY_REPAIRED_ROWS: &str = "verify_repaired_rows_total";
+/// 1 once `verify --watch` saw `--clean` clean checks in a row, else 0.
+pub const VERIFY_FAILBACK_READY: &str = "verify_failback_ready";
 
 #[cfg(test)]
 mod tests {
