@@ -1,9 +1,19 @@
-//! Hostile and careless input: rows the later steps could not handle are refused at ingest.
+//! Hostile and careless input: rows the later steps could not handle are refused at ingest;
+//! bodies are admitted within a budget of bytes in flight, and compressed ones within the size
+//! limit once decompressed.
 
-use crate::support::sink::{batch, upsert, Sink};
-use crate::support::Db;
+use crate::support::process::{free_port, Process};
+use crate::support::sink::{batch, committed, hlc, resolved, upsert, Sink};
+use crate::support::{eventually, Db};
+use bytes::Bytes;
+use cdc_sink::server::client::{Client, ClientOptions};
 use http::StatusCode;
 use serde_json::{json, Value};
+use std::io::Write;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+const WAIT: Duration = Duration::from_secs(20);
 
 fn nested(levels: usize) -> Value {
     let text = format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
@@ -100,4 +110,240 @@ async fn an_empty_post_is_refused_with_400_but_a_resolved_file_needs_no_body() {
     )
     .await;
     sink.stop().await;
+}
+
+/// A client of `sink` that labels every body with `Content-Encoding: coding`.
+fn client_with_encoding(sink: &Sink, coding: &str) -> Client {
+    Client::new(
+        &format!("https://{}", sink.addr()),
+        ClientOptions {
+            insecure_skip_verify: true,
+            headers: vec![("content-encoding".into(), coding.into())],
+            ..Default::default()
+        },
+    )
+    .expect("client")
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut w = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    w.write_all(data).expect("compress");
+    w.finish().expect("compress")
+}
+
+fn zstd(data: &[u8]) -> Vec<u8> {
+    ruzstd::encoding::compress_to_vec(data, ruzstd::encoding::CompressionLevel::Fastest)
+}
+
+fn kv_batch(keys: std::ops::Range<i64>, at: i64) -> String {
+    batch(
+        keys.map(|k| upsert("kv", json!([k]), json!({"k": k, "v": format!("v{k}")}), at))
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn gzip_and_zstd_bodies_are_staged_and_applied_and_other_codings_get_415() {
+    let db = Db::kv("hostile_codings").await;
+    let sink = Sink::start(&db, &[]).await;
+    let path = "/hostile_codings/public";
+    let (status, text) = client_with_encoding(&sink, "gzip")
+        .post(path, Bytes::from(gzip(kv_batch(0..50, 1).as_bytes())))
+        .await
+        .expect("gzip post");
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (status, text) = client_with_encoding(&sink, "zstd")
+        .post(path, Bytes::from(zstd(kv_batch(50..100, 2).as_bytes())))
+        .await
+        .expect("zstd post");
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(db.count("_cdc_sink.hostile_codings_public_kv").await, 100);
+
+    let resp = client_with_encoding(&sink, "br")
+        .request(http::Method::POST, path, Bytes::from(kv_batch(100..101, 2)))
+        .await
+        .expect("br post");
+    assert_eq!(
+        resp.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{}",
+        resp.body
+    );
+    assert!(resp.body.contains("\"br\""), "{}", resp.body);
+    assert_eq!(resp.headers["accept-encoding"], "gzip, zstd");
+    // A body that is not what its header says is a bad request, not a crash.
+    let (status, text) = client_with_encoding(&sink, "gzip")
+        .post(path, Bytes::from(kv_batch(100..101, 2)))
+        .await
+        .expect("mislabelled post");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert_eq!(db.count("_cdc_sink.hostile_codings_public_kv").await, 100);
+
+    // Resolved markers may come compressed too.
+    let (status, text) = client_with_encoding(&sink, "gzip")
+        .post(path, Bytes::from(gzip(resolved(2).as_bytes())))
+        .await
+        .expect("gzip resolved");
+    assert_eq!(status, StatusCode::OK, "{text}");
+    committed(&db.pool, "hostile_codings.public", hlc(2)).await;
+    let rows = db.kv_rows().await;
+    assert_eq!(rows.len(), 100);
+    assert_eq!(rows[7], (7, Some("v7".into())));
+    assert_eq!(rows[77], (77, Some("v77".into())));
+    sink.stop().await;
+}
+
+#[tokio::test]
+async fn over_the_byte_budget_a_request_gets_503_with_retry_after_until_the_bytes_are_released() {
+    let db = Db::kv("hostile_budget").await;
+    let sink = Sink::start(
+        &db,
+        &[
+            "--tlsSelfSigned=false",
+            "--maxRequestBytes=64KiB",
+            "--maxInflightBytes=64KiB",
+        ],
+    )
+    .await;
+    let client =
+        Client::new(&format!("http://{}", sink.addr()), ClientOptions::default()).expect("client");
+    let path = "/hostile_budget/public";
+    let small = kv_batch(0..100, 1);
+    assert!(
+        small.len() > 6_000 && small.len() < 60_000,
+        "{}",
+        small.len()
+    );
+
+    // A client that declares 60,000 bytes and sends a few: the declared size is reserved
+    // while it trickles.
+    let mut slow = tokio::net::TcpStream::connect(sink.addr())
+        .await
+        .expect("connect");
+    slow.write_all(
+        format!("POST {path} HTTP/1.1\r\nHost: sink\r\nContent-Length: 60000\r\n\r\n{{\"payl")
+            .as_bytes(),
+    )
+    .await
+    .expect("send headers");
+    let busy = eventually(
+        "a 503 while the slow body holds the budget",
+        WAIT,
+        || async {
+            let r = client
+                .request(http::Method::POST, path, Bytes::from(small.clone()))
+                .await
+                .expect("post");
+            (r.status != StatusCode::OK).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(
+        busy.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        busy.body
+    );
+    assert_eq!(busy.headers["retry-after"], "1");
+    assert!(busy.body.contains("--maxInflightBytes"), "{}", busy.body);
+    assert_eq!(
+        db.count_if_exists("_cdc_sink.hostile_budget_public_kv")
+            .await,
+        0
+    );
+    let (_, varz) = client.get("/_/varz").await.expect("metrics");
+    assert!(
+        varz.lines()
+            .any(|l| l.starts_with("http_over_budget_requests_total ") && !l.ends_with(" 0")),
+        "{varz}"
+    );
+
+    // The slow client leaves: its reservation is given back and the batch goes through.
+    drop(slow);
+    eventually("a 200 once the budget is free", WAIT, || async {
+        let (status, _) = client
+            .post(path, Bytes::from(small.clone()))
+            .await
+            .expect("post");
+        (status == StatusCode::OK).then_some(())
+    })
+    .await;
+    // Finished requests hold nothing: many in a row, each nearly the size of the budget.
+    let big = kv_batch(0..600, 2);
+    assert!(big.len() > 40_000 && big.len() < 64 << 10, "{}", big.len());
+    for _ in 0..5 {
+        let (status, text) = client
+            .post(path, Bytes::from(big.clone()))
+            .await
+            .expect("post");
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    // Over the size limit is still 413, not 503.
+    let (status, text) = client
+        .post(path, Bytes::from(kv_batch(0..2000, 3)))
+        .await
+        .expect("post");
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+    sink.stop().await;
+}
+
+/// VmHWM (peak resident set) of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib * 1024
+}
+
+#[tokio::test]
+async fn a_zip_bomb_is_refused_with_413_without_the_memory_it_would_take() {
+    let db = Db::kv("hostile_bomb").await;
+    let port = free_port();
+    let mut sink = Process::start(&db, port, &[]).await;
+    // 1 GiB of zeros: one gzip member of 64 MiB, sixteen times (a stream may hold several).
+    let member = gzip(&vec![0u8; 64 << 20]);
+    let bomb: Vec<u8> = member.repeat(16);
+    assert!(bomb.len() < 4 << 20, "{}", bomb.len());
+    let client = Client::new(
+        &format!("https://127.0.0.1:{port}"),
+        ClientOptions {
+            insecure_skip_verify: true,
+            headers: vec![("content-encoding".into(), "gzip".into())],
+            ..Default::default()
+        },
+    )
+    .expect("client");
+    let before = peak_rss(sink.pid());
+    let started = std::time::Instant::now();
+    let (status, text) = client
+        .post("/hostile_bomb/public", Bytes::from(bomb))
+        .await
+        .expect("post");
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+    assert!(
+        text.contains("decompressed request body larger than 33554432 bytes"),
+        "{text}"
+    );
+    assert!(started.elapsed() < WAIT, "{:?}", started.elapsed());
+    let grew = peak_rss(sink.pid()).saturating_sub(before);
+    eprintln!(
+        "zip bomb: peak RSS {} MiB before, grew by {} MiB",
+        before >> 20,
+        grew >> 20
+    );
+    assert!(grew < 160 << 20, "peak RSS grew by {} MiB", grew >> 20);
+    // The server goes on serving compressed bodies.
+    let (status, text) = client
+        .post(
+            "/hostile_bomb/public",
+            Bytes::from(gzip(kv_batch(0..10, 1).as_bytes())),
+        )
+        .await
+        .expect("post");
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(sink.exited().is_none());
+    sink.kill9();
 }
