@@ -347,3 +347,128 @@ async fn a_zip_bomb_is_refused_with_413_without_the_memory_it_would_take() {
     assert!(sink.exited().is_none());
     sink.kill9();
 }
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Stress, run by hand (bounded, loopback only): many concurrent maximum-size requests against
+/// the real binary with default flags; prints its peak RSS and the answers. Knobs:
+/// `STRESS_CONCURRENCY` (64), `STRESS_SECONDS` (60), `STRESS_ROW_BYTES` (1000), `STRESS_CONNECTIONS` (8).
+///
+///     cargo test --test integration hostile::stress -- --ignored --nocapture
+#[tokio::test]
+#[ignore]
+async fn stress_many_concurrent_maximum_size_requests() {
+    let concurrency = env_or("STRESS_CONCURRENCY", 64);
+    let seconds = env_or("STRESS_SECONDS", 60) as u64;
+    let row_bytes = env_or("STRESS_ROW_BYTES", 1000).max(1);
+    let connections = env_or("STRESS_CONNECTIONS", 8).max(1);
+    let db = Db::kv("hostile_stress").await;
+    let port = free_port();
+    let sink = Process::start(&db, port, &[]).await;
+    let pid = sink.pid();
+    let start_rss = peak_rss(pid);
+    // As many rows as fit the default --maxRequestBytes (32 MiB).
+    let limit = 32usize << 20;
+    let value = "x".repeat(row_bytes);
+    let one = upsert("kv", json!([999_999]), json!({"k": 999_999, "v": value}), 1).to_string();
+    let rows = (limit - 1024) / (one.len() + 1);
+    let body_at = |at: i64| -> Bytes {
+        let b = kv_batch_with(rows, &value, at);
+        Bytes::from(b)
+    };
+    let sizes = body_at(1).len();
+    assert!(sizes <= limit, "{sizes}");
+    let clients: Vec<Client> = (0..connections)
+        .map(|_| {
+            Client::new(
+                &format!("https://127.0.0.1:{port}"),
+                ClientOptions {
+                    insecure_skip_verify: true,
+                    ..Default::default()
+                },
+            )
+            .expect("client")
+        })
+        .collect();
+    // One body per connection (distinct times, so each is staged): building them is slow.
+    let bodies: Vec<Bytes> = (0..connections).map(|c| body_at(c as i64 + 1)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    let sampler = tokio::spawn(async move {
+        let mut peak_current = 0u64;
+        while std::time::Instant::now() < deadline + Duration::from_secs(2) {
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                if let Some(kib) = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                {
+                    peak_current = peak_current.max(kib * 1024);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        peak_current
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..concurrency {
+        let client = clients[w % connections].clone();
+        let body = bodies[w % connections].clone();
+        tasks.spawn(async move {
+            let (mut ok, mut busy, mut other) = (0u64, 0u64, 0u64);
+            while std::time::Instant::now() < deadline {
+                match client.post("/hostile_stress/public", body.clone()).await {
+                    Ok((StatusCode::OK, _)) => ok += 1,
+                    Ok((StatusCode::SERVICE_UNAVAILABLE, _)) => {
+                        busy += 1;
+                        // CockroachDB backs off before retrying; a short pause keeps this a
+                        // stress of admission rather than of the loopback.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok((s, t)) => {
+                        other += 1;
+                        eprintln!("unexpected {s}: {t}");
+                    }
+                    Err(e) => {
+                        other += 1;
+                        eprintln!("error: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            (ok, busy, other)
+        });
+    }
+    let (mut ok, mut busy, mut other) = (0, 0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (o, b, x) = r.expect("worker");
+        ok += o;
+        busy += b;
+        other += x;
+    }
+    let sampled = sampler.await.expect("sampler");
+    let peak = peak_rss(pid);
+    eprintln!(
+        "stress: {concurrency} concurrent requests of {sizes} bytes ({rows} rows of {row_bytes}-byte values) over {connections} connections for {seconds}s: {ok} × 200, {busy} × 503, {other} other; server peak RSS (VmHWM) {} MiB (at start {} MiB, highest VmRSS sampled {} MiB)",
+        peak >> 20,
+        start_rss >> 20,
+        sampled >> 20
+    );
+    assert_eq!(other, 0);
+    assert!(ok > 0);
+    assert!(peak < 1 << 30, "peak RSS {} MiB", peak >> 20);
+    sink.kill9();
+}
+
+/// A `kv` batch of `rows` rows whose values are `value`, at second `at`.
+fn kv_batch_with(rows: usize, value: &str, at: i64) -> String {
+    batch(
+        (0..rows as i64)
+            .map(|k| upsert("kv", json!([k]), json!({"k": k, "v": value}), at))
+            .collect(),
+    )
+}
