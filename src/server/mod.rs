@@ -1235,9 +1235,11 @@ mod tests {
             "1m30s",
             "--maxRequestBytes",
             "1MiB",
+            "--maxInflightBytes=8MiB",
             "--gracePeriod=5s",
         ])
         .expect("parse");
+        assert_eq!(a.max_inflight_bytes, 8 << 20);
         assert_eq!(a.bind_addr, "127.0.0.1:1");
         assert_eq!(a.metrics_addr, ":2");
         assert!(a.tls_self_signed);
