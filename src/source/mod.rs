@@ -170,6 +170,8 @@ impl Ingest {
             h.configure(&self.applier, &info);
         }
         let payload = webhook::decode(&route, &req.body, &Keys(&info), &self.limits)?;
+        // The mutations own copies of what they need: the body is not held while staging.
+        drop(req);
         match payload {
             // CockroachDB never sends an empty batch; an empty body is a client mistake.
             Payload::Empty => Err(WebhookError::EmptyBody.into()),
