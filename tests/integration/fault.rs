@@ -347,11 +347,16 @@ fn plan(seed: u64) -> Plan {
     for (i, _) in std::mem::take(&mut g.down) {
         g.steps.push(Step::Restart(i));
     }
+    // Drawn last, so the rest of a seed's plan is what it was before this knob existed. Small
+    // byte bounds cut pages after a row or two.
+    let scan_bytes = *[200, 4096, 32 << 20].choose(&mut g.rng).expect("non-empty");
     let flags = vec![
         "--flushSize".to_string(),
         flush_size.to_string(),
         "--parallelism".to_string(),
         parallelism.to_string(),
+        "--scanBytes".to_string(),
+        scan_bytes.to_string(),
     ];
     Plan {
         instances,
