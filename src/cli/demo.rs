@@ -146,7 +146,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Err(e) => {
             cancel.cancel();
             children.stop_all(Duration::from_secs(10)).await;
-            eprintln!("logs of the sinks and balancers are kept in {}", dir.display());
+            eprintln!(
+                "logs of the sinks and balancers are kept in {}",
+                dir.display()
+            );
             return Err(e);
         }
     };
@@ -236,7 +239,13 @@ async fn demo(
         let mut sinks = Vec::new();
         for i in 0..args.sinks as usize {
             let sink_name = format!("{name}_sink_{}", i + 1);
-            sinks.push(spawn_sink(children, &sink_name, &cluster, &script, args.insecure)?);
+            sinks.push(spawn_sink(
+                children,
+                &sink_name,
+                &cluster,
+                &script,
+                args.insecure,
+            )?);
         }
         let ready = futures::future::join_all(sinks.iter().map(|s| sink_ready(children, s)));
         for r in ready.await {
@@ -646,7 +655,14 @@ async fn start_balancer(
         &["-db".into(), "-f".into(), config.display().to_string()],
     )?;
     let client = http_client(&b.monitor.to_string())?;
-    ready(children, &name, &client, "/healthz", Duration::from_secs(20)).await?;
+    ready(
+        children,
+        &name,
+        &client,
+        "/healthz",
+        Duration::from_secs(20),
+    )
+    .await?;
     Ok(BalancerProc {
         name,
         listen: b.listen,
@@ -686,7 +702,10 @@ async fn start_prometheus(
     let addr = free_port()?;
     let argv = vec![
         format!("--config.file={}", config.display()),
-        format!("--storage.tsdb.path={}", dir.join("prometheus-data").display()),
+        format!(
+            "--storage.tsdb.path={}",
+            dir.join("prometheus-data").display()
+        ),
         format!("--web.listen-address={addr}"),
         "--log.level=warn".into(),
     ];
@@ -765,11 +784,7 @@ async fn kill_one_each(
             eprintln!(
                 "  {:>4.0}s  killed {victim} (pid {pid}{}) with SIGKILL",
                 at.as_secs_f64(),
-                if held_lease {
-                    ", the lease holder"
-                } else {
-                    ""
-                }
+                if held_lease { ", the lease holder" } else { "" }
             );
         }
         tracing::info!(region = %region, sink = %victim, pid, held_lease, "killed a sink");

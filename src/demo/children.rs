@@ -167,7 +167,10 @@ mod tests {
         assert!(children.exited("a").is_none());
         assert_eq!(children.kill9("a").await, Some(a));
         assert!(children.pid("a").is_none());
-        assert!(children.log_tail("a").contains("hello"), "the log outlives the child");
+        assert!(
+            children.log_tail("a").contains("hello"),
+            "the log outlives the child"
+        );
         children.stop_all(Duration::from_secs(5)).await;
         assert!(children.pids().is_empty());
         // The pid is reaped: signalling it fails.

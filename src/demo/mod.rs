@@ -204,7 +204,11 @@ sinks per direction: {}; feed requests retried: {} (of {} batches acknowledged)\
                 "killed {} (pid {}{}) at {:.1}s",
                 k.sink,
                 k.pid,
-                if k.held_lease { ", the lease holder" } else { "" },
+                if k.held_lease {
+                    ", the lease holder"
+                } else {
+                    ""
+                },
                 k.at_seconds
             );
             match k.lease_taken_over_after_seconds {

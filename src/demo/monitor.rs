@@ -105,7 +105,10 @@ mod tests {
         assert_eq!(jobs[0]["metrics_path"], "/_/varz");
         assert_eq!(jobs[0]["static_configs"].as_array().unwrap().len(), 2);
         assert_eq!(jobs[0]["static_configs"][1]["targets"][0], "127.0.0.1:1002");
-        assert_eq!(jobs[0]["static_configs"][1]["labels"]["name"], "east_sink_2");
+        assert_eq!(
+            jobs[0]["static_configs"][1]["labels"]["name"],
+            "east_sink_2"
+        );
         assert_eq!(jobs[1]["metrics_path"], "/metrics");
     }
 

@@ -70,7 +70,11 @@ fn alive(pid: u64) -> bool {
 fn check_children_gone(s: &serde_json::Value) {
     for p in s["processes"].as_array().expect("processes") {
         let pid = p[1].as_u64().expect("pid");
-        assert!(!alive(pid), "{} (pid {pid}) still runs after the demo", p[0]);
+        assert!(
+            !alive(pid),
+            "{} (pid {pid}) still runs after the demo",
+            p[0]
+        );
     }
 }
 
@@ -88,7 +92,10 @@ fn the_demo_converges_with_one_sink_of_each_direction_killed() {
         assert!(!alive(k["pid"].as_u64().unwrap()), "{k}");
         // A killed lease holder's lease went to the surviving sink before the summary.
         if k["held_lease"] == true {
-            assert!(k["lease_taken_over_after_seconds"].as_f64().is_some(), "{k}");
+            assert!(
+                k["lease_taken_over_after_seconds"].as_f64().is_some(),
+                "{k}"
+            );
         }
     }
     // The summary lists what still ran: the surviving sink of each direction and both
@@ -100,7 +107,10 @@ fn the_demo_converges_with_one_sink_of_each_direction_killed() {
         .map(|p| p[0].as_str().unwrap())
         .collect();
     assert_eq!(running.len(), 4, "{s}");
-    assert!(running.contains(&"east_lb") && running.contains(&"west_lb"), "{s}");
+    assert!(
+        running.contains(&"east_lb") && running.contains(&"west_lb"),
+        "{s}"
+    );
     assert!(s["feed_batches"].as_u64().unwrap() > 0, "{s}");
     assert!(s["feed_retries"].as_u64().is_some(), "{s}");
     check_children_gone(&s);
@@ -119,7 +129,14 @@ async fn the_monitor_scrapes_every_sink_and_balancer_until_ctrl_c() {
     let log = dir.path().join("demo.log");
     let mut demo = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
         .args(["demo", "--sinks", "2", "--monitor", "--keep", "--json"])
-        .args(["--duration", "3s", "--rate", "40", "--converge-timeout", "60s"])
+        .args([
+            "--duration",
+            "3s",
+            "--rate",
+            "40",
+            "--converge-timeout",
+            "60s",
+        ])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -140,7 +157,10 @@ async fn the_monitor_scrapes_every_sink_and_balancer_until_ctrl_c() {
     };
     let s: serde_json::Value = serde_json::from_str(&line).expect("json summary");
     assert_eq!(s["converged"], true, "{s}");
-    let url = s["prometheus_url"].as_str().expect("prometheus_url").to_string();
+    let url = s["prometheus_url"]
+        .as_str()
+        .expect("prometheus_url")
+        .to_string();
     let api = Client::new(
         &url,
         ClientOptions {
@@ -167,20 +187,32 @@ async fn the_monitor_scrapes_every_sink_and_balancer_until_ctrl_c() {
     let jobs = |job: &str| up.iter().filter(|m| m["metric"]["job"] == job).count();
     assert_eq!((jobs("cdc-sink"), jobs("haproxy")), (4, 2), "{up:?}");
     // The sinks' own metrics arrive, and HAProxy's exporter counts the requests it balanced.
-    crate::support::eventually("token requests in prometheus", Duration::from_secs(15), || async {
-        let r = query("/api/v1/query?query=sum(auth_requests_total%7Breason%3D%22token%22%7D)").await?;
-        let v: f64 = r.first()?["value"][1].as_str()?.parse().ok()?;
-        (v > 0.0).then_some(())
-    })
+    crate::support::eventually(
+        "token requests in prometheus",
+        Duration::from_secs(15),
+        || async {
+            let r = query("/api/v1/query?query=sum(auth_requests_total%7Breason%3D%22token%22%7D)")
+                .await?;
+            let v: f64 = r.first()?["value"][1].as_str()?.parse().ok()?;
+            (v > 0.0).then_some(())
+        },
+    )
     .await;
-    crate::support::eventually("haproxy requests in prometheus", Duration::from_secs(15), || async {
-        let r = query("/api/v1/query?query=sum(haproxy_backend_http_requests_total)").await?;
-        let v: f64 = r.first()?["value"][1].as_str()?.parse().ok()?;
-        (v > 0.0).then_some(())
-    })
+    crate::support::eventually(
+        "haproxy requests in prometheus",
+        Duration::from_secs(15),
+        || async {
+            let r = query("/api/v1/query?query=sum(haproxy_backend_http_requests_total)").await?;
+            let v: f64 = r.first()?["value"][1].as_str()?.parse().ok()?;
+            (v > 0.0).then_some(())
+        },
+    )
     .await;
 
-    assert_eq!(unsafe { libc::kill(demo.id() as libc::pid_t, libc::SIGINT) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(demo.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
     let status = crate::support::eventually("the demo to exit", Duration::from_secs(60), || {
         let got = demo.try_wait().unwrap();
         async move { got }
@@ -188,5 +220,56 @@ async fn the_monitor_scrapes_every_sink_and_balancer_until_ctrl_c() {
     .await;
     assert!(status.success(), "{status}: {}", tail());
     check_children_gone(&s);
-    assert!(api.get("/-/ready").await.is_err(), "prometheus still answers");
+    assert!(
+        api.get("/-/ready").await.is_err(),
+        "prometheus still answers"
+    );
+}
+
+/// A failure half way (here a Prometheus that will not start, after the sinks and balancers
+/// have) stops every child the demo started and says why, keeping their logs.
+#[test]
+fn a_failed_start_stops_the_sinks_and_balancers_it_started() {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = tempfile::tempdir().unwrap();
+    let fake = bin.path().join("prometheus");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'fake prometheus refuses to start' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
+        .args(["demo", "--sinks", "2", "--monitor", "--json"])
+        .env("PATH", path)
+        .output()
+        .expect("run cdc-sink demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("prometheus exited") && stderr.contains("fake prometheus refuses"),
+        "{stderr}"
+    );
+    let dir = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("logs of the sinks and balancers are kept in "))
+        .expect("the kept log directory")
+        .trim()
+        .to_string();
+    // The sinks ran with their userscript from that directory and HAProxy with its config
+    // there: no process may still name it.
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&dir))
+        .collect();
+    assert!(left.is_empty(), "still running: {left:?}");
+    assert!(std::path::Path::new(&dir).join("east_sink_1.log").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
