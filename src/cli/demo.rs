@@ -756,8 +756,9 @@ async fn lease_holder(pool: &sqlx::PgPool) -> Option<u32> {
     holder?.rsplit(':').next()?.parse().ok()
 }
 
-/// `--kill-one`: after `after`, SIGKILL one sink of each region (the holder of its apply lease
-/// when it is one of ours), then watch for another sink to take the lease (up to 30 s).
+/// `--kill-one`: after `after`, SIGKILL one sink of each region (the holder of its apply lease,
+/// once there is one, waiting up to 5 s for it), then watch for another sink to take the lease
+/// (up to 30 s).
 async fn kill_one_each(
     children: &Children,
     regions: Vec<(String, Vec<String>)>,
@@ -770,7 +771,13 @@ async fn kill_one_each(
     tokio::time::sleep(after).await;
     let mut watching = Vec::new();
     for ((region, sinks), pool) in regions.iter().zip(&pools) {
-        let holder = lease_holder(pool).await;
+        // The lease holder is the interesting victim; wait a little for one to exist.
+        let mut holder = lease_holder(pool).await;
+        let wait_until = Instant::now() + Duration::from_secs(5);
+        while holder.is_none() && Instant::now() < wait_until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            holder = lease_holder(pool).await;
+        }
         let victim = sinks
             .iter()
             .find(|s| holder.is_some() && children.pid(s) == holder)
@@ -794,6 +801,7 @@ async fn kill_one_each(
             at_seconds: at.as_secs_f64(),
             held_lease,
             lease_taken_over_after_seconds: None,
+            lease_taken_over_by: None,
         });
         if held_lease {
             watching.push((killed.lock().expect("poisoned").len() - 1, pool, pid, at));
@@ -806,12 +814,19 @@ async fn kill_one_each(
             match lease_holder(pool).await {
                 Some(h) if h != pid => {
                     let took = started.elapsed().saturating_sub(at).as_secs_f64();
+                    let by = children
+                        .pids()
+                        .into_iter()
+                        .find(|(_, p)| *p == h)
+                        .map(|(name, _)| name);
                     let mut k = killed.lock().expect("poisoned");
                     k[i].lease_taken_over_after_seconds = Some(took);
+                    k[i].lease_taken_over_by = by.clone();
                     if !quiet {
                         eprintln!(
-                            "  {:>4.0}s  {}: another sink took the lease {took:.1}s after the kill",
+                            "  {:>4.0}s  {} took the lease of {}, {took:.1}s after the kill",
                             started.elapsed().as_secs_f64(),
+                            by.as_deref().unwrap_or("another sink"),
                             k[i].sink
                         );
                     }

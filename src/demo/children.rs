@@ -134,13 +134,18 @@ impl Children {
     }
 }
 
-/// The first `program` on `PATH`.
+/// The first `program` on `PATH`, else in the sbin directories: Debian installs HAProxy in
+/// `/usr/sbin`, which an unprivileged user's `PATH` usually lacks.
 pub fn on_path(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = path.to_str().unwrap_or("");
+    let found = path
         .split(':')
+        .filter(|d| !d.is_empty())
+        .chain(["/usr/local/sbin", "/usr/sbin"])
         .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file())
+        .find(|p| p.is_file());
+    found
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("{program} is not installed (not found on PATH); {hint}")]
+    #[error("{program} is not installed (not found on PATH nor in /usr/sbin); {hint}")]
     NotInstalled {
         program: &'static str,
         hint: &'static str,
@@ -163,6 +163,8 @@ pub struct Killed {
     pub held_lease: bool,
     /// Seconds until another sink held the lease, when one did before the summary.
     pub lease_taken_over_after_seconds: Option<f64>,
+    /// The sink that took it.
+    pub lease_taken_over_by: Option<String>,
 }
 
 impl Summary {
@@ -211,9 +213,10 @@ sinks per direction: {}; feed requests retried: {} (of {} batches acknowledged)\
                 },
                 k.at_seconds
             );
-            match k.lease_taken_over_after_seconds {
-                Some(s) => out += &format!("; another sink took the lease {s:.1}s later\n"),
-                None => out += "\n",
+            match (k.lease_taken_over_after_seconds, &k.lease_taken_over_by) {
+                (Some(s), Some(by)) => out += &format!("; {by} took the lease {s:.1}s later\n"),
+                (Some(s), None) => out += &format!("; another sink took the lease {s:.1}s later\n"),
+                _ => out += "\n",
             }
         }
         if let Some(url) = &self.prometheus_url {

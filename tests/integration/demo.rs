@@ -90,13 +90,16 @@ fn the_demo_converges_with_one_sink_of_each_direction_killed() {
     assert!(names[1].starts_with("west_sink_"), "{s}");
     for k in killed {
         assert!(!alive(k["pid"].as_u64().unwrap()), "{k}");
-        // A killed lease holder's lease went to the surviving sink before the summary.
-        if k["held_lease"] == true {
-            assert!(
-                k["lease_taken_over_after_seconds"].as_f64().is_some(),
-                "{k}"
-            );
-        }
+        // The killed sink held its direction's lease, which went to the surviving sink.
+        assert_eq!(k["held_lease"], true, "{k}");
+        assert!(
+            k["lease_taken_over_after_seconds"].as_f64().is_some(),
+            "{k}"
+        );
+        let dead = k["sink"].as_str().unwrap();
+        let by = k["lease_taken_over_by"].as_str();
+        let by = by.unwrap_or_else(|| panic!("no new holder named: {k}"));
+        assert!(by != dead && by[..4] == dead[..4], "{k}");
     }
     // The summary lists what still ran: the surviving sink of each direction and both
     // balancers, none of them left behind.
