@@ -236,23 +236,25 @@ async fn demo(
     let mut regions = Vec::new();
     for (cluster, name) in clusters.into_iter().zip(REGIONS) {
         let script = scripts.join(demo::script_for(name));
-        let mut sinks = Vec::new();
-        for i in 0..args.sinks as usize {
-            let sink_name = format!("{name}_sink_{}", i + 1);
-            sinks.push(spawn_sink(
-                children,
-                &sink_name,
-                &cluster,
-                &script,
-                args.insecure,
-            )?);
-        }
-        let ready = futures::future::join_all(sinks.iter().map(|s| sink_ready(children, s)));
-        for r in ready.await {
-            r?;
-        }
+        let names: Vec<String> = (1..=args.sinks)
+            .map(|i| format!("{name}_sink_{i}"))
+            .collect();
+        let started = futures::future::join_all(names.iter().map(|n| {
+            with_fresh_ports(children, n, || async {
+                let sink = spawn_sink(children, n, &cluster, &script, args.insecure)?;
+                sink_ready(children, &sink).await?;
+                Ok(sink)
+            })
+        }))
+        .await;
+        let sinks = started.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
         let balancer = match &programs.haproxy {
-            Some(haproxy) => Some(start_balancer(children, haproxy, dir, name, &sinks).await?),
+            Some(haproxy) => Some(
+                with_fresh_ports(children, &format!("{name}_lb"), || {
+                    start_balancer(children, haproxy, dir, name, &sinks)
+                })
+                .await?,
+            ),
             None => None,
         };
         let mut line = format!("{name}: postgresql on port {}", cluster.port());
@@ -272,7 +274,10 @@ async fn demo(
     }
     let prometheus_url = match &programs.prometheus {
         Some(p) => {
-            let url = start_prometheus(children, p, dir, &regions).await?;
+            let url = with_fresh_ports(children, "prometheus", || {
+                start_prometheus(children, p, dir, &regions)
+            })
+            .await?;
             say(format!("prometheus on {url}"));
             Some(url)
         }
@@ -546,6 +551,28 @@ fn http_client(addr: &str) -> anyhow::Result<Client> {
             ..Default::default()
         },
     )?)
+}
+
+/// Runs `start`, which starts child `name` on ports found free a moment before it binds them:
+/// should another process take one in between, the child exits before it is ready, and is
+/// started again on new ports (three attempts in all).
+async fn with_fresh_ports<T, F, Fut>(children: &Children, name: &str, start: F) -> anyhow::Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        match start().await {
+            Ok(t) => return Ok(t),
+            Err(e) if attempt < 3 && children.exited(name).is_some() => {
+                tracing::warn!(child = name, attempt, error = %e, "child exited before it was ready; starting it again");
+                children.kill9(name).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Starts a sink process (this binary's `start`) on fresh loopback ports.
@@ -898,4 +925,60 @@ FROM _cdc_sink.checkpoints WHERE group_name = 'kv.public' AND target_applied_at 
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_child_that_exits_before_it_is_ready_is_started_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let children = Children::new(dir.path());
+        let (tried, up) = (dir.path().join("tried"), dir.path().join("up"));
+        let sh = demo::on_path("sh").expect("sh");
+        // The first start exits at once, as a child whose port was taken; the second stays.
+        let script = format!(
+            "if [ -e {t} ]; then touch {u}; exec sleep 60; else touch {t}; exit 1; fi",
+            t = tried.display(),
+            u = up.display()
+        );
+        let starts = std::sync::atomic::AtomicUsize::new(0);
+        let pid = with_fresh_ports(&children, "c", || async {
+            starts.fetch_add(1, Ordering::Relaxed);
+            let pid = children.spawn("c", &sh, &["-c".into(), script.clone()])?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !up.exists() {
+                if let Some(status) = children.exited("c") {
+                    bail!("c exited ({status})");
+                }
+                if Instant::now() > deadline {
+                    bail!("c not ready");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(pid)
+        })
+        .await
+        .expect("started on the second attempt");
+        assert_eq!(starts.load(Ordering::Relaxed), 2);
+        assert_eq!(children.pids(), vec![("c".to_string(), pid)]);
+        children.stop_all(Duration::from_secs(5)).await;
+
+        // A child that never gets ready is given up after three starts.
+        let starts = std::sync::atomic::AtomicUsize::new(0);
+        let failed = with_fresh_ports(&children, "d", || async {
+            starts.fetch_add(1, Ordering::Relaxed);
+            children.spawn("d", &sh, &["-c".into(), "exit 2".into()])?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while children.exited("d").is_none() {
+                assert!(Instant::now() < deadline, "d did not exit");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err::<(), _>(anyhow!("d exited"))
+        })
+        .await;
+        assert!(failed.is_err());
+        assert_eq!(starts.load(Ordering::Relaxed), 3);
+    }
 }
