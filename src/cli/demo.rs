@@ -154,7 +154,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     };
     if args.keep {
-        print_urls(&live, &dir);
+        print_urls(&live, &children, &dir);
         eprintln!("running until Ctrl-C");
         super::start::shutdown_signal().await;
     }
@@ -174,10 +174,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_urls(live: &Live, dir: &Path) {
+fn print_urls(live: &Live, children: &Children, dir: &Path) {
     for r in &live.regions {
         eprintln!("{} database: {}", r.name, r.cluster.url("kv"));
         for s in &r.sinks {
+            if children.pid(&s.name).is_none() {
+                eprintln!("{} sink {}: killed", r.name, s.name);
+                continue;
+            }
             eprintln!(
                 "{} sink {}: https://{} metrics http://{}/_/varz",
                 r.name, s.name, s.addr, s.metrics
