@@ -413,6 +413,10 @@ async fn demo(
         Some(url) => prometheus_targets(url).await,
         None => Vec::new(),
     };
+    let mut balancer_servers = Vec::new();
+    for b in regions.iter().filter_map(|r| r.balancer.as_ref()) {
+        balancer_servers.extend(balancer_stats(b).await);
+    }
     let live_sinks: Vec<SocketAddr> = regions
         .iter()
         .flat_map(|r| r.sinks.iter())
@@ -447,6 +451,7 @@ async fn demo(
         killed: killed.lock().expect("poisoned").clone(),
         prometheus_url,
         prometheus_targets,
+        balancer_servers,
         processes: children.pids(),
     };
     if args.json {
@@ -751,6 +756,17 @@ async fn start_prometheus(
     )
     .await?;
     Ok(format!("http://{addr}"))
+}
+
+/// The balancer's view of its sinks, from its statistics page.
+async fn balancer_stats(b: &BalancerProc) -> Vec<balancer::ServerStats> {
+    let Ok(client) = http_client(&b.monitor.to_string()) else {
+        return Vec::new();
+    };
+    match tokio::time::timeout(Duration::from_secs(5), client.get("/stats;csv")).await {
+        Ok(Ok((http::StatusCode::OK, text))) => balancer::parse_stats_csv(&b.name, &text),
+        _ => Vec::new(),
+    }
 }
 
 /// Prometheus's view of its targets once each has been scraped at least once (or after 15 s).

@@ -114,6 +114,54 @@ pub fn check(haproxy: &Path, config: &Path) -> Result<(), DemoError> {
     })
 }
 
+/// One sink as its balancer's statistics (`/stats;csv`) show it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServerStats {
+    pub balancer: String,
+    pub server: String,
+    /// `UP`, `DOWN`, … as the health checks left it.
+    pub status: String,
+    /// Requests HAProxy sent to it.
+    pub requests: u64,
+    /// Connection and response errors HAProxy saw from it.
+    pub errors: u64,
+    /// Requests HAProxy moved from it to another server after a failed connection.
+    pub redispatched: u64,
+}
+
+/// The servers (not the frontend and backend totals) in HAProxy's CSV statistics.
+pub fn parse_stats_csv(balancer: &str, text: &str) -> Vec<ServerStats> {
+    let mut lines = text.lines();
+    let Some(header) = lines.next().and_then(|h| h.strip_prefix("# ")) else {
+        return Vec::new();
+    };
+    let columns: Vec<&str> = header.split(',').collect();
+    let at = |name: &str| columns.iter().position(|c| *c == name);
+    let (Some(sv), Some(status), Some(stot)) = (at("svname"), at("status"), at("stot")) else {
+        return Vec::new();
+    };
+    let (econ, eresp, wredis) = (at("econ"), at("eresp"), at("wredis"));
+    lines
+        .map(|l| l.split(',').collect::<Vec<&str>>())
+        .filter(|f| f.len() > sv && !matches!(f[sv], "FRONTEND" | "BACKEND"))
+        .map(|f| {
+            let n = |i: Option<usize>| {
+                i.and_then(|i| f.get(i))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            ServerStats {
+                balancer: balancer.to_string(),
+                server: f[sv].to_string(),
+                status: f.get(status).unwrap_or(&"").to_string(),
+                requests: n(Some(stot)),
+                errors: n(econ) + n(eresp),
+                redispatched: n(wredis),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +191,30 @@ mod tests {
         assert!(c.contains("server east_sink_2 127.0.0.1:41002\n"));
         assert!(c.contains("default-server ssl verify none alpn h2 check"));
         assert!(c.contains("use-service prometheus-exporter"));
+    }
+
+    #[test]
+    fn server_rows_are_read_from_the_stats_csv_by_column_name() {
+        let csv = "# pxname,svname,qcur,stot,econ,eresp,wredis,status,\n\
+changefeed,FRONTEND,,3,,,,OPEN,\n\
+east_sinks,east_sink_1,0,20,1,2,3,DOWN,\n\
+east_sinks,east_sink_2,0,25,0,0,0,UP,\n\
+east_sinks,BACKEND,0,45,1,2,3,UP,\n";
+        let s = parse_stats_csv("east_lb", csv);
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            s[0],
+            ServerStats {
+                balancer: "east_lb".into(),
+                server: "east_sink_1".into(),
+                status: "DOWN".into(),
+                requests: 20,
+                errors: 3,
+                redispatched: 3,
+            }
+        );
+        assert_eq!((s[1].status.as_str(), s[1].requests), ("UP", 25));
+        assert!(parse_stats_csv("x", "no header").is_empty());
     }
 
     /// HAProxy itself accepts what we generate, when it is installed (CI installs it).

@@ -148,6 +148,8 @@ pub struct Summary {
     pub prometheus_url: Option<String>,
     /// Its targets' health when the demo checked them, after converging.
     pub prometheus_targets: Vec<monitor::TargetHealth>,
+    /// Each sink as its balancer saw it at the summary (with `--sinks` above 1).
+    pub balancer_servers: Vec<balancer::ServerStats>,
     /// Every child process of the demo that was running at the summary, with its pid.
     pub processes: Vec<(String, u32)>,
 }
@@ -218,6 +220,12 @@ sinks per direction: {}; feed requests retried: {} (of {} batches acknowledged)\
                 (Some(s), None) => out += &format!("; another sink took the lease {s:.1}s later\n"),
                 _ => out += "\n",
             }
+        }
+        for b in &self.balancer_servers {
+            out += &format!(
+                "{} → {}: {}, {} requests, {} errors, {} moved to another sink\n",
+                b.balancer, b.server, b.status, b.requests, b.errors, b.redispatched
+            );
         }
         if let Some(url) = &self.prometheus_url {
             let up = self

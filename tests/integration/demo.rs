@@ -114,6 +114,16 @@ fn the_demo_converges_with_one_sink_of_each_direction_killed() {
         running.contains(&"east_lb") && running.contains(&"west_lb"),
         "{s}"
     );
+    // HAProxy balanced requests over both sinks of each direction, then stopped routing to
+    // the killed one once its checks failed.
+    let servers = s["balancer_servers"].as_array().expect("balancer_servers");
+    assert_eq!(servers.len(), 4, "{s}");
+    for b in servers {
+        let status = b["status"].as_str().unwrap();
+        let was_killed = names.contains(&b["server"].as_str().unwrap());
+        assert_eq!(status.starts_with("DOWN"), was_killed, "{b}");
+        assert!(b["requests"].as_u64().unwrap() > 0, "{b}");
+    }
     assert!(s["feed_batches"].as_u64().unwrap() > 0, "{s}");
     assert!(s["feed_retries"].as_u64().is_some(), "{s}");
     check_children_gone(&s);
@@ -160,6 +170,13 @@ async fn the_monitor_scrapes_every_sink_and_balancer_until_ctrl_c() {
     };
     let s: serde_json::Value = serde_json::from_str(&line).expect("json summary");
     assert_eq!(s["converged"], true, "{s}");
+    // Each request is balanced on its own: both sinks of a direction got some.
+    let servers = s["balancer_servers"].as_array().expect("balancer_servers");
+    assert_eq!(servers.len(), 4, "{s}");
+    for b in servers {
+        assert_eq!(b["status"], "UP", "{b}");
+        assert!(b["requests"].as_u64().unwrap() > 0, "{b}");
+    }
     let url = s["prometheus_url"]
         .as_str()
         .expect("prometheus_url")
