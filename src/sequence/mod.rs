@@ -79,6 +79,14 @@ pub struct SequenceArgs {
         default_value_t = 10_000
     )]
     pub scan_size: usize,
+    /// Row data per staging read: a read stops early once its rows hold this many bytes, so a
+    /// page of wide rows stays bounded (one source timestamp is always read whole).
+    #[arg(
+        long = "scanBytes",
+        env = "CDC_SINK_SCAN_BYTES",
+        default_value_t = 32 << 20
+    )]
+    pub scan_bytes: usize,
     /// How long applied staging rows are kept (accepted for compatibility: rows are deleted by
     /// the transaction that applies them).
     #[arg(long = "retireOffset", env = "CDC_SINK_RETIRE_OFFSET", default_value = "24h0m0s", value_parser = parse_duration)]
@@ -111,9 +119,9 @@ impl SequenceArgs {
     }
 
     pub fn validate(&self) -> Result<(), SequenceError> {
-        if self.flush_size == 0 || self.scan_size == 0 {
+        if self.flush_size == 0 || self.scan_size == 0 || self.scan_bytes == 0 {
             return Err(SequenceError::Config(
-                "--flushSize and --scanSize must be positive".into(),
+                "--flushSize, --scanSize and --scanBytes must be positive".into(),
             ));
         }
         Ok(())

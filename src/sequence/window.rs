@@ -640,27 +640,31 @@ async fn has_staged(
     upto: Hlc,
 ) -> Result<bool, SequenceError> {
     let mut tx = parts.stager.reader().await?;
-    let rows = parts
+    let page = parts
         .stager
-        .read(&mut tx, table, after, None, upto, 1)
+        .read(&mut tx, table, after, None, upto, 1, usize::MAX)
         .await?;
     tx.commit().await.map_err(SequenceError::Sql)?;
-    Ok(!rows.is_empty())
+    Ok(!page.rows.is_empty())
 }
 
 /// Reads unapplied rows in `(from, hi]` from every table, returning the time up to which the
 /// result is complete and the rows at or before it.
 async fn read_page(ctx: &Ctx, from: Hlc, hi: Hlc) -> Result<Page, SequenceError> {
     let started = Instant::now();
-    let scan = ctx.parts.args.scan_size;
+    let (scan, bytes) = (ctx.parts.args.scan_size, ctx.parts.args.scan_bytes);
     let stager = &ctx.parts.stager;
     let mut tx = stager.reader().await?;
     let conn: &mut PgConnection = &mut tx;
     let mut cut = hi;
     let mut rows: Vec<(usize, Mutation)> = Vec::new();
     for (i, table) in ctx.tables.iter().enumerate() {
-        let mut page = stager.read(conn, table, from, None, cut, scan).await?;
-        if page.len() == scan {
+        let read = stager
+            .read(conn, table, from, None, cut, scan, bytes)
+            .await?;
+        let mut page = read.rows;
+        // A read cut short by rows or bytes is complete only up to its last timestamp.
+        if read.full {
             let first = page[0].time;
             let last = page[page.len() - 1].time;
             if first == last {
@@ -668,11 +672,10 @@ async fn read_page(ctx: &Ctx, from: Hlc, hi: Hlc) -> Result<Page, SequenceError>
                 loop {
                     let key = page[page.len() - 1].key.clone();
                     let more = stager
-                        .read(conn, table, last, Some(&key), last, scan)
+                        .read(conn, table, last, Some(&key), last, scan, bytes)
                         .await?;
-                    let done = more.len() < scan;
-                    page.extend(more.into_iter().filter(|m| m.time == last));
-                    if done {
+                    page.extend(more.rows.into_iter().filter(|m| m.time == last));
+                    if !more.full {
                         break;
                     }
                 }

@@ -484,7 +484,10 @@ impl Stager {
     }
 
     /// Reads unapplied rows of one table with time in `(after, upto]`, in (time, key) order,
-    /// at most `limit`; `resume_key` continues inside the timestamp `after` itself.
+    /// at most `limit` rows, stopping early once the rows read hold `max_bytes` (at least one
+    /// row is read); `resume_key` continues inside the timestamp `after` itself. Rows stream in,
+    /// so a page of wide rows never holds much more than `max_bytes`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn read(
         &self,
         conn: &mut PgConnection,
@@ -493,7 +496,9 @@ impl Stager {
         resume_key: Option<&str>,
         upto: Hlc,
         limit: usize,
-    ) -> Result<Vec<Mutation>, StageError> {
+        max_bytes: usize,
+    ) -> Result<StagedPage, StageError> {
+        use futures::TryStreamExt;
         let name = self.ensure(table).await?;
         let started = Instant::now();
         let stmt = sql::read(&name, resume_key.is_some());
@@ -506,35 +511,39 @@ impl Stager {
         if let Some(k) = resume_key {
             q = q.bind(k);
         }
-        let rows = q
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|source| StageError::Read {
-                table: name.clone(),
-                source,
-            })?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let decode = |source| StageError::Read {
-                table: name.clone(),
-                source,
-            };
-            let nanos: i64 = r.try_get(0).map_err(decode)?;
-            let logical: i64 = r.try_get(1).map_err(decode)?;
-            let key: String = r.try_get(2).map_err(decode)?;
-            let data: Vec<u8> = r.try_get(3).map_err(decode)?;
-            let before: Option<Vec<u8>> = r.try_get(4).map_err(decode)?;
-            out.push(Mutation {
-                time: Hlc::new(nanos, logical.clamp(0, i32::MAX as i64) as i32),
-                key,
-                after: json_text(data),
-                before: before.and_then(json_text),
-            });
+        let err = |source| StageError::Read {
+            table: name.clone(),
+            source,
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut full = false;
+        {
+            let mut rows = q.fetch(&mut *conn);
+            while let Some(r) = rows.try_next().await.map_err(err)? {
+                let nanos: i64 = r.try_get(0).map_err(err)?;
+                let logical: i64 = r.try_get(1).map_err(err)?;
+                let key: String = r.try_get(2).map_err(err)?;
+                let data: Vec<u8> = r.try_get(3).map_err(err)?;
+                let before: Option<Vec<u8>> = r.try_get(4).map_err(err)?;
+                bytes += key.len() + data.len() + before.as_ref().map_or(0, Vec::len);
+                out.push(Mutation {
+                    time: Hlc::new(nanos, logical.clamp(0, i32::MAX as i64) as i32),
+                    key,
+                    after: json_text(data),
+                    before: before.and_then(json_text),
+                });
+                if out.len() >= limit || bytes >= max_bytes {
+                    // Dropping the stream discards the rest of the result on the connection.
+                    full = true;
+                    break;
+                }
+            }
         }
         let l = labels(table);
         metrics::counter!(m::STAGE_READ_ROWS, &l).increment(out.len() as u64);
         metrics::histogram!(m::STAGE_READ_DURATION, &l).record(started.elapsed().as_secs_f64());
-        Ok(out)
+        Ok(StagedPage { rows: out, full })
     }
 
     /// Counts the unapplied staged rows of `table` after `after`, stopping at `cap`: one
@@ -671,4 +680,12 @@ impl<'a> From<&'a [Mutation]> for Columns<'a> {
             offered: order.len() as u64,
         }
     }
+}
+
+/// Rows read by [`Stager::read`].
+#[derive(Debug, Default)]
+pub struct StagedPage {
+    pub rows: Vec<Mutation>,
+    /// The read stopped at its row or byte limit: more rows may follow the last one.
+    pub full: bool,
 }

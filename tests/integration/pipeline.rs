@@ -154,6 +154,48 @@ async fn large_windows_apply_in_several_transactions_without_losing_rows() {
 }
 
 #[tokio::test]
+async fn wide_rows_are_read_in_pages_bounded_by_bytes() {
+    let db = Db::kv("wide").await;
+    let sink = Sink::start(&db, &["--scanBytes", "10000"]).await;
+    // 30 timestamps of three 4 KB rows, then one timestamp of 48 KB: larger than a page, so it
+    // must be read whole.
+    let wide = "w".repeat(4000);
+    let mut elements = Vec::new();
+    for t in 1..=30 {
+        for k in 0..3 {
+            let key = t * 10 + k;
+            elements.push(upsert("kv", json!([key]), json!({"k": key, "v": wide}), t));
+        }
+    }
+    for k in 1000..1012 {
+        elements.push(upsert("kv", json!([k]), json!({"k": k, "v": wide}), 31));
+    }
+    sink.post_ok("/wide/public", batch(elements)).await;
+    sink.post_ok("/wide/public", resolved(31)).await;
+    committed_in(&db.pool, "wide.public", 31).await;
+    let rows = db.kv_rows().await;
+    assert_eq!(rows.len(), 90 + 12);
+    assert!(rows
+        .iter()
+        .all(|(_, v)| v.as_deref() == Some(wide.as_str())));
+    assert_eq!(db.count("_cdc_sink.wide_public_kv").await, 0);
+    // Every read stopped after about 10 KB: at least one per timestamp, where a read bounded by
+    // rows only (--scanSize 10000) takes the whole window at once.
+    let metrics = sink.metrics().await;
+    let reads: u64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("stage_read_duration_seconds_count")
+                && l.contains("schema=\"wide.public\"")
+                && l.contains("table=\"kv\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(reads >= 31, "staging reads: {reads}");
+    sink.stop().await;
+}
+
+#[tokio::test]
 async fn resolved_timestamps_never_go_backwards() {
     let db = Db::kv("kv").await;
     let sink = Sink::start(&db, &[]).await;
