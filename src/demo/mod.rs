@@ -1,8 +1,45 @@
 //! The pieces of `cdc-sink demo`: the active-active kv schema for each region, the embedded
-//! userscripts, replication-lag sampling and the summary. The command in `cli::demo` starts
-//! the clusters, sinks, feeds and workloads around them.
+//! userscripts, replication-lag sampling, the summary, the child processes (sinks, HAProxy,
+//! Prometheus) and their configurations. The command in `cli::demo` starts the clusters,
+//! sinks, balancers, feeds and workloads around them.
+
+pub mod balancer;
+pub mod children;
+pub mod monitor;
+
+pub use children::{on_path, Children};
 
 use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{program} is not installed (not found on PATH nor in /usr/sbin); {hint}")]
+    NotInstalled {
+        program: &'static str,
+        hint: &'static str,
+    },
+    #[error("could not start {0}")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("could not write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+    #[error("could not make a self-signed certificate")]
+    Certificate(#[source] rcgen::Error),
+    #[error("{what} rejected the configuration {path}:\n{output}")]
+    Rejected {
+        what: &'static str,
+        path: PathBuf,
+        output: String,
+    },
+}
+
+/// What to install when a program the demo needs is missing.
+pub const HAPROXY_HINT: &str = "--sinks above 1 puts HAProxy in front of the sinks: \
+install it (Debian/Ubuntu: `sudo apt-get install haproxy`; macOS: `brew install haproxy`) or \
+run with --sinks 1";
+pub const PROMETHEUS_HINT: &str = "--monitor runs a local Prometheus: install it \
+(Debian/Ubuntu: `sudo apt-get install prometheus`, which provides the `prometheus` binary; \
+macOS: `brew install prometheus`) or run without --monitor";
 
 /// The two regions of the demo.
 pub const REGIONS: [&str; 2] = ["east", "west"];
@@ -99,6 +136,38 @@ pub struct Summary {
     pub seconds_to_converge: f64,
     /// Changefeed requests the sinks accepted on a verified token (0 with `--insecure`).
     pub token_requests: u64,
+    /// Sink instances per direction.
+    pub sinks_per_direction: usize,
+    /// Requests the feeds sent that failed and were sent again (a sink or balancer answering
+    /// an error, or no answer).
+    pub feed_retries: u64,
+    /// Batches the sinks acknowledged, both feeds together.
+    pub feed_batches: u64,
+    /// The sinks `--kill-one` killed.
+    pub killed: Vec<Killed>,
+    /// The Prometheus of `--monitor`.
+    pub prometheus_url: Option<String>,
+    /// Its targets' health when the demo checked them, after converging.
+    pub prometheus_targets: Vec<monitor::TargetHealth>,
+    /// Each sink as its balancer saw it at the summary (with `--sinks` above 1).
+    pub balancer_servers: Vec<balancer::ServerStats>,
+    /// Every child process of the demo that was running at the summary, with its pid.
+    pub processes: Vec<(String, u32)>,
+}
+
+/// A sink `--kill-one` killed with SIGKILL.
+#[derive(Clone, Debug, Serialize)]
+pub struct Killed {
+    pub sink: String,
+    pub pid: u32,
+    /// Seconds after the workloads started.
+    pub at_seconds: f64,
+    /// Whether it held its direction's apply lease when it was killed.
+    pub held_lease: bool,
+    /// Seconds until another sink held the lease, when one did before the summary.
+    pub lease_taken_over_after_seconds: Option<f64>,
+    /// The sink that took it.
+    pub lease_taken_over_by: Option<String>,
 }
 
 impl Summary {
@@ -109,7 +178,8 @@ divergent rows: {}{}\n\
 dead-letter rows: east {} west {}\n\
 workload writes: east {} west {} ({:.0} rows/s in all)\n\
 replication lag: p50 {:.2}s p99 {:.2}s\n\
-converged {:.1}s after the workloads stopped\n",
+converged {:.1}s after the workloads stopped\n\
+sinks per direction: {}; feed requests retried: {} (of {} batches acknowledged)\n",
             self.east_rows,
             self.west_rows,
             self.divergent_rows,
@@ -125,8 +195,54 @@ converged {:.1}s after the workloads stopped\n",
             self.rows_per_second,
             self.lag_p50_seconds,
             self.lag_p99_seconds,
-            self.seconds_to_converge
-        )
+            self.seconds_to_converge,
+            self.sinks_per_direction,
+            self.feed_retries,
+            self.feed_batches
+        ) + &self.extras()
+    }
+
+    fn extras(&self) -> String {
+        let mut out = String::new();
+        for k in &self.killed {
+            out += &format!(
+                "killed {} (pid {}{}) at {:.1}s",
+                k.sink,
+                k.pid,
+                if k.held_lease {
+                    ", the lease holder"
+                } else {
+                    ""
+                },
+                k.at_seconds
+            );
+            match (k.lease_taken_over_after_seconds, &k.lease_taken_over_by) {
+                (Some(s), Some(by)) => out += &format!("; {by} took the lease {s:.1}s later\n"),
+                (Some(s), None) => out += &format!("; another sink took the lease {s:.1}s later\n"),
+                _ => out += "\n",
+            }
+        }
+        for b in &self.balancer_servers {
+            out += &format!(
+                "{} → {}: {}, {} requests, {} errors, {} moved to another sink\n",
+                b.balancer, b.server, b.status, b.requests, b.errors, b.redispatched
+            );
+        }
+        if let Some(url) = &self.prometheus_url {
+            let up = self
+                .prometheus_targets
+                .iter()
+                .filter(|t| t.health == "up")
+                .count();
+            out += &format!(
+                "prometheus {url}: {up} of {} targets up\n",
+                self.prometheus_targets.len()
+            );
+            for t in self.prometheus_targets.iter().filter(|t| t.health != "up") {
+                out += &format!("  {} {} is {}\n", t.job, t.name, t.health);
+            }
+        }
+        out
     }
 }
 
