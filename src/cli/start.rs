@@ -87,7 +87,7 @@ pub struct Prepared {
 }
 
 /// The command line of a sink on a random loopback port with a self-signed certificate and
-/// no authentication, in front of `target_url`: what the demo, the benchmark and the tests run
+/// no authentication, in front of `target_url`: what the benchmark and the tests run
 /// in-process.
 pub fn loopback_argv(target_url: &str, extra: &[&str]) -> Vec<String> {
     let mut argv: Vec<String> = [
