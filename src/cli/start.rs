@@ -33,6 +33,8 @@ pub struct StartArgs {
     /// TypeScript or JavaScript userscript: dispatch, per-table options, merges.
     #[arg(long = "userscript", env = "CDC_SINK_USERSCRIPT")]
     pub userscript: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub script: crate::script::ScriptArgs,
 }
 
 impl StartArgs {
@@ -133,8 +135,8 @@ pub fn prepare(argv: Vec<String>) -> anyhow::Result<Prepared> {
     };
     let flags = start_flags();
     let names: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).collect();
-    let script =
-        Userscript::load(&path, &names).with_context(|| format!("loading {}", path.display()))?;
+    let script = Userscript::load_with(&path, &names, args.script.runtime_options())
+        .with_context(|| format!("loading {}", path.display()))?;
     if script.options().is_empty() {
         return Ok(Prepared {
             args,
