@@ -1011,14 +1011,14 @@ async fn a_backtracking_regex_is_abandoned_and_its_schema_fails_fast_while_other
     };
     let s = Userscript::load_with(&path, &[], opts).unwrap();
     // Long enough to outlast the deadline, short enough to end during the test.
-    let e = s.dispatch(&kv(), &info(), redos_row(22)).await.unwrap_err();
+    let e = s.dispatch(&kv(), &info(), redos_row(25)).await.unwrap_err();
     assert!(matches!(e, ScriptError::Timeout { .. }), "{e}");
     assert_eq!(s.stuck_workers(), 1);
     assert_eq!(s.replaced_workers(), 1);
     // Retries of the stuck schema fail at once and start no thread.
     for _ in 0..5 {
         let start = Instant::now();
-        let e = s.dispatch(&kv(), &info(), redos_row(22)).await.unwrap_err();
+        let e = s.dispatch(&kv(), &info(), redos_row(25)).await.unwrap_err();
         assert!(matches!(e, ScriptError::Stuck { .. }), "{e}");
         assert!(e.is_retryable());
         assert!(start.elapsed() < Duration::from_millis(100));
@@ -1079,7 +1079,7 @@ async fn more_stuck_workers_than_allowed_abort_the_process() {
     let schema = Schema::new("abort_many", "public");
     let row = vec![(
         Table::new(schema.clone(), "kv"),
-        up(1, &format!(r#"{{"k":1,"v":"{}!"}}"#, "a".repeat(21))),
+        up(1, &format!(r#"{{"k":1,"v":"{}!"}}"#, "a".repeat(25))),
     )];
     let e = s.dispatch(&schema, &info(), row).await.unwrap_err();
     assert!(matches!(e, ScriptError::Timeout { .. }), "{e}");
@@ -1100,7 +1100,7 @@ async fn a_worker_stuck_too_long_aborts_the_process() {
     let schema = Schema::new("abort_late", "public");
     let row = vec![(
         Table::new(schema.clone(), "kv"),
-        up(1, &format!(r#"{{"k":1,"v":"{}!"}}"#, "a".repeat(22))),
+        up(1, &format!(r#"{{"k":1,"v":"{}!"}}"#, "a".repeat(25))),
     )];
     let e = s.dispatch(&schema, &info(), row).await.unwrap_err();
     assert!(matches!(e, ScriptError::Timeout { .. }), "{e}");
