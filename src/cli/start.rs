@@ -158,7 +158,12 @@ pub fn prepare(argv: Vec<String>) -> anyhow::Result<Prepared> {
             bail!("userscript setOptions: flag {name} is a switch; use \"true\" or \"false\", not {value:?}");
         }
     }
+    let loaded_with = args.script.clone();
     let args = parse(&argv).context("applying the userscript's setOptions")?;
+    if args.script != loaded_with {
+        // The engine already runs with the command line's limits.
+        bail!("userscript setOptions cannot set the --userscript* engine flags; pass them on the command line");
+    }
     tracing::info!(
         options = script.options().len(),
         "userscript options applied"
