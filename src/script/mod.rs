@@ -61,7 +61,7 @@ pub enum ScriptError {
         column: u32,
         message: String,
     },
-    #[error("{what} did not finish before its deadline; its userscript worker was replaced")]
+    #[error("{what} did not finish before its deadline; a worker still running it is abandoned and replaced")]
     Timeout { what: String },
     #[error("{what} not run: an earlier batch of {schema} is still running in an abandoned userscript worker")]
     Stuck { what: String, schema: String },

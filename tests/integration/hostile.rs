@@ -158,7 +158,9 @@ for (const schema of ["hostile_redos.public", "hostile_redos.other"]) {
     assert!(body.contains("deadline"), "{body}");
     assert_eq!(threads_named("script-stuck-"), 1);
 
+    eprintln!("first answer (deadline) after {:?}", started.elapsed());
     // CockroachDB retries: each retry is refused at once and starts no thread.
+    let mut slowest = Duration::ZERO;
     for _ in 0..5 {
         let t = std::time::Instant::now();
         let (status, body) = sink.post("/hostile_redos/public", row(1, &evil)).await;
@@ -169,7 +171,9 @@ for (const schema of ["hostile_redos.public", "hostile_redos.other"]) {
             "{:?}",
             t.elapsed()
         );
+        slowest = slowest.max(t.elapsed());
     }
+    eprintln!("slowest refused retry {slowest:?}");
     assert_eq!(threads_named("script-stuck-"), 1);
 
     // Another schema runs its dispatch on the replacement worker meanwhile.
