@@ -21,7 +21,7 @@ use super::ScriptError;
 use crate::apply::merge::{Conflict, Resolution, Row};
 use crate::hlc::Hlc;
 use crate::ident::{Schema, Table};
-use crate::metrics::{SCRIPT_ENTRY_WAIT, SCRIPT_EXEC_TIME};
+use crate::metrics::{SCRIPT_ENTRY_WAIT, SCRIPT_EXEC_TIME, SCRIPT_STUCK_WORKERS};
 use crate::mutation::Mutation;
 use boa_engine::builtins::promise::PromiseState;
 use boa_engine::job::{GenericJob, Job as EngineJob, JobExecutor, NativeAsyncJob, PromiseJob};
@@ -1462,6 +1462,7 @@ impl Shared {
                     since: Instant::now(),
                 },
             );
+            metrics::gauge!(SCRIPT_STUCK_WORKERS).increment(1.0);
             tracing::warn!(
                 worker = id,
                 schema = %scope,
@@ -1620,6 +1621,7 @@ fn worker(
             let mut r = shared.registry();
             r.busy.remove(&id);
             if let Some(s) = r.stuck.remove(&id) {
+                metrics::gauge!(SCRIPT_STUCK_WORKERS).decrement(1.0);
                 tracing::info!(
                     worker = id,
                     schema = %s.scope,

@@ -175,6 +175,10 @@ for (const schema of ["hostile_redos.public", "hostile_redos.other"]) {
     }
     eprintln!("slowest refused retry {slowest:?}");
     assert_eq!(threads_named("script-stuck-"), 1);
+    assert!(
+        sink.metrics().await.contains("script_stuck_workers 1"),
+        "the gauge counts the stuck worker"
+    );
 
     // Another schema runs its dispatch on the replacement worker meanwhile.
     sink.post_ok("/hostile_redos/other", row(2, "fine")).await;
