@@ -145,6 +145,26 @@ impl sqlx::Encode<'_, Postgres> for Raw {
     }
 }
 
+/// The binary form of the plainest integer and boolean texts, which the server would read the
+/// same way; anything else (spaces, other spellings, out of range) is left to the server.
+fn plain_binary(oid: u32, s: &str) -> Option<Vec<u8>> {
+    let digits = |s: &str| {
+        let body = s.strip_prefix('-').unwrap_or(s);
+        !body.is_empty() && body.len() <= 19 && body.bytes().all(|b| b.is_ascii_digit())
+    };
+    match oid {
+        INT2 if digits(s) => s.parse::<i16>().ok().map(|v| v.to_be_bytes().to_vec()),
+        INT4 if digits(s) => s.parse::<i32>().ok().map(|v| v.to_be_bytes().to_vec()),
+        INT8 if digits(s) => s.parse::<i64>().ok().map(|v| v.to_be_bytes().to_vec()),
+        BOOL => match s {
+            "true" | "t" => Some(vec![1]),
+            "false" | "f" => Some(vec![0]),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// SQL names of types by OID, for the casts that convert values; OIDs do not change while a
 /// type exists.
 static TYPE_NAMES: Mutex<BTreeMap<u32, String>> = Mutex::new(BTreeMap::new());
@@ -205,10 +225,13 @@ async fn bind_params(
             (None, _) => None,
             (Some(s), Wire::Text) => Some(s.as_bytes().to_vec()),
             (Some(s), Wire::Jsonb) => Some([&[1u8][..], s.as_bytes()].concat()),
-            (Some(_), Wire::Other) => {
-                convert.push(i);
-                None
-            }
+            (Some(s), Wire::Other) => match plain_binary(oid.0, s) {
+                Some(b) => Some(b),
+                None => {
+                    convert.push(i);
+                    None
+                }
+            },
         };
         raws.push(Raw { oid, bytes });
     }
@@ -423,6 +446,30 @@ pub fn serve<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_plainest_integers_and_booleans_skip_the_server() {
+        assert_eq!(plain_binary(INT8, "42"), Some(42i64.to_be_bytes().to_vec()));
+        assert_eq!(
+            plain_binary(INT8, "-9223372036854775808"),
+            Some(i64::MIN.to_be_bytes().to_vec())
+        );
+        assert_eq!(
+            plain_binary(INT4, "-7"),
+            Some((-7i32).to_be_bytes().to_vec())
+        );
+        assert_eq!(
+            plain_binary(INT2, "40000"),
+            None,
+            "out of range: the server says so"
+        );
+        for odd in [" 1", "+1", "1_000", "", "-", "1.0", "0x10"] {
+            assert_eq!(plain_binary(INT8, odd), None, "{odd:?}");
+        }
+        assert_eq!(plain_binary(BOOL, "true"), Some(vec![1]));
+        assert_eq!(plain_binary(BOOL, "yes"), None);
+        assert_eq!(plain_binary(TEXT, "1"), None);
+    }
 
     #[test]
     fn a_nul_in_a_parameter_is_refused_naming_it() {

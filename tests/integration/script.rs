@@ -382,6 +382,8 @@ api.configureTable("kv", {
     const r = rows[0];
     const parts = r.map((c: any) => c === null ? "null" : typeof c === "object" ? JSON.stringify(c) : String(c));
     await tx.exec("INSERT INTO seen (what) VALUES ($1)", parts.join("|"));
+    // Spellings only the server reads.
+    await tx.exec("INSERT INTO kv (k, v) VALUES ($1, $2)", " +12 ", "x");
   },
 });
 "#,
@@ -414,4 +416,5 @@ api.configureTable("kv", {
         .await
         .unwrap();
     assert_eq!(j, r#"{"a": [1, "x"]}"#);
+    assert_eq!(db.kv_rows().await, vec![(12, Some("x".to_string()))]);
 }
