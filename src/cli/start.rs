@@ -160,10 +160,17 @@ pub fn prepare(argv: Vec<String>) -> anyhow::Result<Prepared> {
     }
     let loaded_with = args.script.clone();
     let args = parse(&argv).context("applying the userscript's setOptions")?;
-    if args.script != loaded_with {
-        // The engine already runs with the command line's limits.
-        bail!("userscript setOptions cannot set the --userscript* engine flags; pass them on the command line");
-    }
+    let script = if args.script == loaded_with {
+        script
+    } else {
+        // The engine's own limits came from the script: start it again under them.
+        let again = Userscript::load_with(&path, &names, args.script.runtime_options())
+            .with_context(|| format!("loading {} with its engine options", path.display()))?;
+        if again.options() != script.options() {
+            bail!("userscript setOptions: the options differ when the script runs again");
+        }
+        again
+    };
     tracing::info!(
         options = script.options().len(),
         "userscript options applied"

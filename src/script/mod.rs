@@ -125,7 +125,7 @@ pub struct RuntimeOptions {
     pub on_abort: fn(&str),
 }
 
-/// `start` flags of the userscript engine (command line only: the script runs under them).
+/// `start` flags of the userscript engine.
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct ScriptArgs {
     /// Longest one userscript batch may run, `getTX()` round trips included; a worker still

@@ -418,3 +418,22 @@ api.configureTable("kv", {
     assert_eq!(j, r#"{"a": [1, "x"]}"#);
     assert_eq!(db.kv_rows().await, vec![(12, Some("x".to_string()))]);
 }
+
+#[test]
+fn set_options_may_set_the_engine_limits_of_the_script_itself() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("limits.ts");
+    std::fs::write(
+        &path,
+        "import * as api from \"cdc-sink@v1\";\napi.setOptions({userscriptDeadline: \"5s\", userscriptMaxStuck: \"7\"});\n",
+    )
+    .unwrap();
+    let argv = cdc_sink::cli::loopback_argv(
+        "postgres://postgres@127.0.0.1:1/kv",
+        &["--userscript", path.to_str().unwrap()],
+    );
+    let prepared = cdc_sink::cli::prepare(argv).expect("script options apply");
+    assert_eq!(prepared.args.script.deadline, Duration::from_secs(5));
+    assert_eq!(prepared.args.script.max_stuck, 7);
+    assert!(prepared.script.is_some());
+}
