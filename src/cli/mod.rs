@@ -140,6 +140,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn init_logging(args: &LogArgs, quiet: bool) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::EnvFilter;
     let level = match args.verbose {
         0 if quiet => "warn",
@@ -170,10 +172,21 @@ fn init_logging(args: &LogArgs, quiet: bool) -> anyhow::Result<()> {
         }
         None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
     };
+    // The counter sits over the filter: it counts what is written.
+    let counter = crate::metrics::LogCounter;
     let result = if args.log_format == "text" {
-        builder.with_writer(writer).try_init()
+        builder
+            .with_writer(writer)
+            .finish()
+            .with(counter)
+            .try_init()
     } else {
-        builder.json().with_writer(writer).try_init()
+        builder
+            .json()
+            .with_writer(writer)
+            .finish()
+            .with(counter)
+            .try_init()
     };
     result.map_err(|e| anyhow::anyhow!("logging: {e}"))
 }
@@ -242,16 +255,38 @@ mod tests {
         let Command::Dlq(args) = cli.command else {
             panic!("dlq expected")
         };
-        let dlq::DlqCommand::Replay {
-            sel, table, batch, ..
-        } = args.command
-        else {
+        let dlq::DlqCommand::Replay { sel, batch, .. } = args.command else {
             panic!("replay expected")
         };
-        assert_eq!((table.as_str(), batch), ("t", 100));
+        assert_eq!((sel.table.as_deref(), batch), (Some("t"), 100));
         assert_eq!(sel.dlq.as_deref(), Some("a"));
         assert_eq!(sel.from, Some(crate::hlc::Hlc::new(5, 1)));
         assert_eq!((sel.to, sel.limit), (None, Some(10)));
+    }
+
+    #[test]
+    fn verify_repairs_only_from_a_named_side() {
+        let parse = |extra: &[&str]| {
+            let argv = [
+                "cdc-sink", "verify", "--source", "pg://a/x", "--target", "pg://b/x",
+            ];
+            Cli::try_parse_from(argv.iter().chain(extra)).map(|cli| match cli.command {
+                Command::Verify(v) => (v.repair, v.from, v.repair_batch),
+                _ => panic!("verify expected"),
+            })
+        };
+        assert_eq!(
+            parse(&["--repair", "--from", "target", "--repair-batch", "10"]).expect("parses"),
+            (true, Some(crate::verify::Side::Target), 10)
+        );
+        assert_eq!(parse(&[]).expect("parses"), (false, None, 500));
+        for bad in [
+            &["--repair"][..],
+            &["--from", "source"],
+            &["--repair", "--from", "east"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

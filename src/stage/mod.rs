@@ -267,6 +267,7 @@ impl Stager {
             .lock()
             .expect("poisoned")
             .insert(table.clone(), name.clone());
+        m::register_table(table);
         Ok(name)
     }
 
@@ -435,7 +436,7 @@ impl Stager {
     fn record_insert(
         &self,
         batches: &TableBatches,
-        cols: &[Columns],
+        cols: &[Columns<'_>],
         result: Result<sqlx::postgres::PgRow, sqlx::Error>,
         started: Instant,
     ) -> Result<StageStats, StageError> {
@@ -472,7 +473,7 @@ impl Stager {
             table: self.schema.to_string(),
             source,
         };
-        let mut tx = self.db.pool.begin().await.map_err(read)?;
+        let mut tx = self.db.begin().await.map_err(read)?;
         if let Some(settings) = sql::read_settings(self.db.dialect) {
             sqlx::query(settings)
                 .execute(&mut *tx)
@@ -536,6 +537,28 @@ impl Stager {
         Ok(out)
     }
 
+    /// Counts the unapplied staged rows of `table` after `after`, stopping at `cap`: one
+    /// bounded range scan of the primary key, whatever the table's size.
+    pub async fn count_unapplied(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        after: Hlc,
+        cap: i64,
+    ) -> Result<i64, StageError> {
+        let name = self.ensure(table).await?;
+        sqlx::query_scalar(&sql::count_unapplied(&name))
+            .bind(after.nanos())
+            .bind(i64::from(after.logical()))
+            .bind(cap)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|source| StageError::Read {
+                table: name.clone(),
+                source,
+            })
+    }
+
     /// Deletes the staged rows of `table` in `(after, upto]` (applied, or redelivered
     /// duplicates of applied rows).
     pub async fn retire(
@@ -554,9 +577,12 @@ impl Stager {
             .bind(i64::from(upto.logical()))
             .execute(&mut *conn)
             .await
-            .map_err(|source| StageError::Retire {
-                table: name.clone(),
-                source,
+            .map_err(|source| {
+                metrics::counter!(m::STAGE_RETIRE_ERRORS, &labels(table)).increment(1);
+                StageError::Retire {
+                    table: name.clone(),
+                    source,
+                }
             })?;
         metrics::histogram!(m::STAGE_RETIRE_DURATION, &labels(table))
             .record(started.elapsed().as_secs_f64());
@@ -582,7 +608,7 @@ fn json_text(bytes: Vec<u8>) -> Option<String> {
     )
 }
 
-fn columns(batches: &TableBatches) -> Vec<Columns> {
+fn columns(batches: &TableBatches) -> Vec<Columns<'_>> {
     batches
         .values()
         .map(|muts| Columns::from(muts.as_slice()))
@@ -592,7 +618,7 @@ fn columns(batches: &TableBatches) -> Vec<Columns> {
 /// Binds each table's five column arrays, in table order.
 fn bind_columns<'q>(
     mut q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    cols: &'q [Columns],
+    cols: &'q [Columns<'q>],
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     for c in cols {
         q = q
@@ -606,18 +632,19 @@ fn bind_columns<'q>(
 }
 
 /// One table's batch as the column arrays the insert binds.
-struct Columns {
+/// The texts are borrowed from the mutations: a request's rows are not copied again.
+struct Columns<'a> {
     nanos: Vec<i64>,
     logical: Vec<i64>,
-    keys: Vec<String>,
-    muts: Vec<Vec<u8>>,
-    befores: Vec<Option<Vec<u8>>>,
+    keys: Vec<&'a str>,
+    muts: Vec<&'a [u8]>,
+    befores: Vec<Option<&'a [u8]>>,
     offered: u64,
 }
 
-impl From<&[Mutation]> for Columns {
+impl<'a> From<&'a [Mutation]> for Columns<'a> {
     /// De-duplicates on (time, key), keeping the later occurrence in the request.
-    fn from(muts: &[Mutation]) -> Self {
+    fn from(muts: &'a [Mutation]) -> Self {
         let mut seen: HashMap<(Hlc, &str), usize> = HashMap::with_capacity(muts.len());
         let mut order: Vec<&Mutation> = Vec::with_capacity(muts.len());
         for mu in muts {
@@ -632,14 +659,14 @@ impl From<&[Mutation]> for Columns {
         Columns {
             nanos: order.iter().map(|m| m.time.nanos()).collect(),
             logical: order.iter().map(|m| i64::from(m.time.logical())).collect(),
-            keys: order.iter().map(|m| m.key.clone()).collect(),
+            keys: order.iter().map(|m| m.key.as_str()).collect(),
             muts: order
                 .iter()
-                .map(|m| m.after.as_deref().unwrap_or("null").as_bytes().to_vec())
+                .map(|m| m.after.as_deref().unwrap_or("null").as_bytes())
                 .collect(),
             befores: order
                 .iter()
-                .map(|m| m.before.as_ref().map(|b| b.as_bytes().to_vec()))
+                .map(|m| m.before.as_deref().map(str::as_bytes))
                 .collect(),
             offered: order.len() as u64,
         }
