@@ -672,7 +672,9 @@ impl Engine {
         js_error(&self.sources, context.into(), e, &mut self.ctx)
     }
 
-    pub fn run(&mut self, work: Work, deadline: Instant) {
+    /// Runs one piece of work; `finished` is called just before its answer is sent, so what
+    /// the worker records about the job is in place when the caller sees the answer.
+    pub fn run(&mut self, work: Work, deadline: Instant, finished: &mut dyn FnMut()) {
         // What `replicationKey` knows while the work's callbacks run.
         let scope = |schema: &Schema, keymap: Arc<Keymap>| {
             with_state(|s| {
@@ -693,6 +695,7 @@ impl Engine {
                 scope(&schema, keymap.clone());
                 let r = self.dispatch(&source, &schema, batch, &keymap);
                 with_state(|s| s.keys = None);
+                finished();
                 let _ = reply.send(r);
             }
             Work::Map {
@@ -705,6 +708,7 @@ impl Engine {
                 scope(&table.schema, keymap);
                 let r = self.map(&table, muts, &keys);
                 with_state(|s| s.keys = None);
+                finished();
                 let _ = reply.send(r);
             }
             Work::Merge {
@@ -716,6 +720,7 @@ impl Engine {
                 scope(&table.schema, Arc::new(merge_keymap(&table, &conflicts)));
                 let r = self.merge(&table, fallback, conflicts);
                 with_state(|s| s.keys = None);
+                finished();
                 let _ = reply.send(r);
             }
             Work::Apply {
@@ -733,6 +738,7 @@ impl Engine {
                     s.tx = None;
                     s.keys = None;
                 });
+                finished();
                 let _ = reply.send(r);
             }
         }
@@ -1610,13 +1616,15 @@ fn worker(
         metrics::histogram!(SCRIPT_ENTRY_WAIT).record((start - job.enqueued).as_secs_f64());
         let deadline = job.deadline;
         let cpu = thread_cpu_nanos();
+        let mut finished = || {
+            metrics::histogram!(SCRIPT_EXEC_TIME).record(start.elapsed().as_secs_f64());
+            shared
+                .busy_cpu_nanos
+                .fetch_add(thread_cpu_nanos().saturating_sub(cpu), Ordering::Relaxed);
+        };
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine.run(job.work, deadline)
+            engine.run(job.work, deadline, &mut finished)
         }));
-        metrics::histogram!(SCRIPT_EXEC_TIME).record(start.elapsed().as_secs_f64());
-        shared
-            .busy_cpu_nanos
-            .fetch_add(thread_cpu_nanos().saturating_sub(cpu), Ordering::Relaxed);
         {
             let mut r = shared.registry();
             r.busy.remove(&id);
