@@ -75,6 +75,7 @@ pub const STAGE_RETIRE_ERRORS: &str = "stage_retire_errors_total";
 pub const STAGE_RETIRE_DURATION: &str = "stage_retire_duration_seconds";
 pub const SCRIPT_ENTRY_WAIT: &str = "script_entry_wait_seconds";
 pub const SCRIPT_EXEC_TIME: &str = "script_exec_time_seconds";
+pub const SCRIPT_STUCK_WORKERS: &str = "script_stuck_workers";
 pub const STAGE_BELOW_CHECKPOINT: &str = "stage_below_checkpoint_mutations_total";
 pub const STAGE_SKIPPED_APPLIED: &str = "stage_skipped_applied_mutations_total";
 
@@ -361,6 +362,10 @@ fn describe() {
         SCRIPT_EXEC_TIME,
         Unit::Seconds,
         "time a userscript job runs"
+    );
+    describe_gauge!(
+        SCRIPT_STUCK_WORKERS,
+        "userscript engine threads abandoned past their deadline that are still running"
     );
     describe_counter!(APPLY_UPSERTS, "rows upserted into the target");
     describe_counter!(APPLY_DELETES, "rows deleted from the target");

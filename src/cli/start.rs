@@ -33,6 +33,8 @@ pub struct StartArgs {
     /// TypeScript or JavaScript userscript: dispatch, per-table options, merges.
     #[arg(long = "userscript", env = "CDC_SINK_USERSCRIPT")]
     pub userscript: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub script: crate::script::ScriptArgs,
 }
 
 impl StartArgs {
@@ -133,8 +135,8 @@ pub fn prepare(argv: Vec<String>) -> anyhow::Result<Prepared> {
     };
     let flags = start_flags();
     let names: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).collect();
-    let script =
-        Userscript::load(&path, &names).with_context(|| format!("loading {}", path.display()))?;
+    let script = Userscript::load_with(&path, &names, args.script.runtime_options())
+        .with_context(|| format!("loading {}", path.display()))?;
     if script.options().is_empty() {
         return Ok(Prepared {
             args,
@@ -156,7 +158,19 @@ pub fn prepare(argv: Vec<String>) -> anyhow::Result<Prepared> {
             bail!("userscript setOptions: flag {name} is a switch; use \"true\" or \"false\", not {value:?}");
         }
     }
+    let loaded_with = args.script.clone();
     let args = parse(&argv).context("applying the userscript's setOptions")?;
+    let script = if args.script == loaded_with {
+        script
+    } else {
+        // The engine's own limits came from the script: start it again under them.
+        let again = Userscript::load_with(&path, &names, args.script.runtime_options())
+            .with_context(|| format!("loading {} with its engine options", path.display()))?;
+        if again.options() != script.options() {
+            bail!("userscript setOptions: the options differ when the script runs again");
+        }
+        again
+    };
     tracing::info!(
         options = script.options().len(),
         "userscript options applied"

@@ -12,6 +12,7 @@
 mod config;
 mod convert;
 mod host;
+mod mem;
 mod merge;
 mod runtime;
 mod transpile;
@@ -60,8 +61,10 @@ pub enum ScriptError {
         column: u32,
         message: String,
     },
-    #[error("{what} did not finish before its deadline; its userscript worker was replaced")]
+    #[error("{what} did not finish before its deadline; a worker still running it is abandoned and replaced")]
     Timeout { what: String },
+    #[error("{what} not run: an earlier batch of {schema} is still running in an abandoned userscript worker")]
+    Stuck { what: String, schema: String },
     #[error("the userscript worker stopped while running this batch")]
     Crashed,
     #[error("the userscript runtime has stopped")]
@@ -92,6 +95,7 @@ impl ScriptError {
         matches!(
             self,
             ScriptError::Timeout { .. }
+                | ScriptError::Stuck { .. }
                 | ScriptError::Crashed
                 | ScriptError::Stopped
                 | ScriptError::Target(_)
@@ -107,11 +111,55 @@ pub struct RuntimeOptions {
     pub workers: usize,
     /// Longest a batch may take in the engine (including `getTX()` round trips).
     pub deadline: Duration,
-    /// A worker that finishes a batch while the process is larger than this is replaced
-    /// (bytes of resident memory; 0 disables the check).
+    /// Bytes an engine thread's heap may hold: a worker above it after a batch is replaced,
+    /// and a batch that grows it by more aborts the process (0 disables both).
     pub memory_budget: u64,
     /// Batches waiting for an engine thread before senders wait too.
     pub queue: usize,
+    /// Workers abandoned past their deadline that may keep running at once; one more aborts
+    /// the process.
+    pub max_stuck: usize,
+    /// An abandoned worker still running after this long aborts the process (zero: never).
+    pub stuck_abort: Duration,
+    /// Called (after an ERROR log) to abort; the process is ended unless a test swaps it.
+    pub on_abort: fn(&str),
+}
+
+/// `start` flags of the userscript engine.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct ScriptArgs {
+    /// Longest one userscript batch may run, `getTX()` round trips included; a worker still
+    /// running it then is abandoned (it cannot be interrupted) and replaced.
+    #[arg(long = "userscriptDeadline", env = "CDC_SINK_USERSCRIPT_DEADLINE", default_value = "30s", value_parser = crate::config::parse_duration)]
+    pub deadline: Duration,
+    /// Heap bytes of one engine thread: above it after a batch the worker is replaced; a batch
+    /// that grows it by more aborts the process. 0 disables both.
+    #[arg(long = "userscriptMemory", env = "CDC_SINK_USERSCRIPT_MEMORY", default_value = "4GiB", value_parser = crate::config::parse_bytes)]
+    pub memory: u64,
+    /// Abandoned userscript workers (past their deadline, still running) allowed at once; one
+    /// more aborts the process.
+    #[arg(
+        long = "userscriptMaxStuck",
+        env = "CDC_SINK_USERSCRIPT_MAX_STUCK",
+        default_value_t = 2
+    )]
+    pub max_stuck: usize,
+    /// Abort the process when an abandoned userscript worker is still running after this
+    /// long; 0 = never.
+    #[arg(long = "userscriptStuckAbort", env = "CDC_SINK_USERSCRIPT_STUCK_ABORT", default_value = "5m0s", value_parser = crate::config::parse_duration)]
+    pub stuck_abort: Duration,
+}
+
+impl ScriptArgs {
+    pub fn runtime_options(&self) -> RuntimeOptions {
+        RuntimeOptions {
+            deadline: self.deadline,
+            memory_budget: self.memory,
+            max_stuck: self.max_stuck,
+            stuck_abort: self.stuck_abort,
+            ..RuntimeOptions::default()
+        }
+    }
 }
 
 impl Default for RuntimeOptions {
@@ -121,6 +169,9 @@ impl Default for RuntimeOptions {
             deadline: Duration::from_secs(30),
             memory_budget: 4 << 30,
             queue: 64,
+            max_stuck: 2,
+            stuck_abort: Duration::from_secs(300),
+            on_abort: runtime::abort_process,
         }
     }
 }
@@ -163,7 +214,13 @@ impl Userscript {
         let sources = Arc::new(Sources::new(path)?);
         let (tx, rx) = flume::bounded(opts.queue.max(1));
         let flags = known_flags.iter().map(|s| s.to_string()).collect();
-        let shared = Shared::new(sources, flags, rx, opts.memory_budget);
+        let limits = runtime::Limits {
+            memory_budget: opts.memory_budget,
+            max_stuck: opts.max_stuck,
+            stuck_abort: opts.stuck_abort,
+            on_abort: opts.on_abort,
+        };
+        let shared = Shared::new(sources, flags, rx, limits);
         let captured = shared
             .spawn(false)
             .recv()
@@ -208,6 +265,23 @@ impl Userscript {
     /// How many engine threads were replaced (deadline, panic, memory).
     pub fn replaced_workers(&self) -> u64 {
         self.inner.shared.replaced.load(Ordering::Relaxed)
+    }
+
+    /// Engine threads abandoned past their deadline that are still running.
+    pub fn stuck_workers(&self) -> usize {
+        self.inner.shared.stuck_workers()
+    }
+
+    /// Refuses work of `schema` at once while an abandoned worker still runs some: sending
+    /// more would only queue behind, or abandon, one more thread.
+    fn check_stuck(&self, schema: &str, what: &str) -> Result<(), ScriptError> {
+        if self.inner.shared.stuck_on(schema) {
+            return Err(ScriptError::Stuck {
+                what: what.to_string(),
+                schema: schema.to_string(),
+            });
+        }
+        Ok(())
     }
 
     fn config_of(&self, o: &TableOptions) -> TableConfig {
@@ -275,15 +349,19 @@ impl Userscript {
     /// Sends work to an engine thread and waits for the answer, within the deadline.
     async fn run<T>(
         &self,
+        scope: &Schema,
         what: &str,
         make: impl FnOnce(runtime_reply::Reply<T>) -> Work,
     ) -> Result<T, ScriptError> {
+        let scope = scope.to_string();
+        self.check_stuck(&scope, what)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let now = Instant::now();
         let deadline = now + self.inner.deadline;
         let taken = Arc::new(AtomicUsize::new(0));
         let job = Job {
             work: make(tx),
+            scope,
             enqueued: now,
             deadline,
             taken: taken.clone(),
@@ -308,10 +386,8 @@ impl Userscript {
         }
     }
 
-    fn give_up(&self, taken: &AtomicUsize) {
-        if let Some(id) = taken.load(Ordering::SeqCst).checked_sub(1) {
-            self.inner.shared.replace(id, "missed its deadline");
-        }
+    fn give_up(&self, taken: &Arc<AtomicUsize>) {
+        self.inner.shared.abandon(taken);
     }
 
     /// Before staging: upserts of `source` go through `dispatch`, deletes to `deletesTo`. Keys
@@ -358,12 +434,14 @@ impl Userscript {
         while muts.peek().is_some() {
             let batch: Vec<_> = muts.by_ref().take(CHUNK).collect();
             let part = self
-                .run(&format!("dispatch for {name}"), |reply| Work::Dispatch {
-                    source: name.clone(),
-                    schema: source.clone(),
-                    batch,
-                    keymap: keymap.clone(),
-                    reply,
+                .run(source, &format!("dispatch for {name}"), |reply| {
+                    Work::Dispatch {
+                        source: name.clone(),
+                        schema: source.clone(),
+                        batch,
+                        keymap: keymap.clone(),
+                        reply,
+                    }
                 })
                 .await?;
             out.extend(part);
@@ -401,12 +479,14 @@ impl Userscript {
         while muts.peek().is_some() {
             let batch: Vec<_> = muts.by_ref().take(CHUNK).collect();
             let part = self
-                .run(&format!("map for {table}"), |reply| Work::Map {
-                    table: table.clone(),
-                    muts: batch,
-                    keys: keys.clone(),
-                    keymap: keymap.clone(),
-                    reply,
+                .run(&table.schema, &format!("map for {table}"), |reply| {
+                    Work::Map {
+                        table: table.clone(),
+                        muts: batch,
+                        keys: keys.clone(),
+                        keymap: keymap.clone(),
+                        reply,
+                    }
                 })
                 .await?;
             out.extend(part);
@@ -423,11 +503,13 @@ impl Userscript {
         let Some(table) = conflicts.first().map(|c| c.meta.table.clone()) else {
             return Ok(Vec::new());
         };
-        self.run(&format!("merge for {table}"), |reply| Work::Merge {
-            table: table.clone(),
-            fallback,
-            conflicts,
-            reply,
+        self.run(&table.schema, &format!("merge for {table}"), |reply| {
+            Work::Merge {
+                table: table.clone(),
+                fallback,
+                conflicts,
+                reply,
+            }
         })
         .await
     }
@@ -444,6 +526,9 @@ impl Userscript {
         if muts.is_empty() {
             return Ok(());
         }
+        let what = format!("apply for {table}");
+        let scope = table.schema.to_string();
+        self.check_stuck(&scope, &what)?;
         let info = applier
             .schema(&table.schema)
             .await
@@ -478,11 +563,11 @@ impl Userscript {
                 host: host_tx,
                 reply: tx,
             },
+            scope,
             enqueued: now,
             deadline,
             taken: taken.clone(),
         };
-        let what = format!("apply for {table}");
         let sleep = tokio::time::sleep_until(deadline.into());
         tokio::pin!(sleep);
         tokio::select! {

@@ -862,6 +862,12 @@ api.configureSource("kv.public", {
     assert!(matches!(e, ScriptError::Timeout { .. }), "{e}");
     assert!(e.is_retryable());
     assert_eq!(s.replaced_workers(), 1);
+    // The loop limit ends the abandoned job; its schema is refused until then.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while s.stuck_workers() > 0 {
+        assert!(Instant::now() < deadline, "the abandoned job never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let ok = s
         .dispatch(
             &kv(),
@@ -882,6 +888,8 @@ api.configureSource("kv.public", { dispatch: (doc) => { calls++; return { kv: [{
     let (_d, path) = files(&[("main.js", main)]);
     let opts = RuntimeOptions {
         memory_budget: 1,
+        // Every job grows the heap past one byte; the watchdog may see one while it runs.
+        on_abort: record_abort,
         ..RuntimeOptions::default()
     };
     let s = Userscript::load_with(&path, &[], opts).unwrap();
@@ -953,4 +961,184 @@ fn the_handle_and_its_futures_are_send(
     assert_send(s.map(&t, &i, vec![]));
     assert_send(s.merge(false, vec![]));
     assert_send(s.apply(&t, &[], conn, a));
+}
+
+/// A dispatch that backtracks for ever on `"a" × n + "!"`, and passes other rows through.
+const REDOS: &str = r#"import * as api from "cdc-sink@v1";
+api.configureSource("kv.public", {
+  dispatch: (doc) => { if (/^(a+)+$/.test(doc.v)) { return {}; } return { kv: [doc] }; },
+});
+api.configureSource("other.public", { dispatch: (doc) => ({ t: [doc] }) });
+"#;
+
+fn redos_row(n: usize) -> Vec<(Table, Mutation)> {
+    let v = format!("{}!", "a".repeat(n));
+    vec![(table("kv"), up(1, &format!(r#"{{"k":1,"v":"{v}"}}"#)))]
+}
+
+#[tokio::test]
+async fn a_runaway_loop_is_stopped_by_the_loop_limit_with_a_clear_error() {
+    let main = r#"import * as api from "cdc-sink@v1";
+api.configureSource("kv.public", { dispatch: (doc) => { while (true) {} } });
+"#;
+    let (_d, path) = files(&[("main.js", main)]);
+    let opts = RuntimeOptions {
+        deadline: Duration::from_secs(120),
+        ..RuntimeOptions::default()
+    };
+    let s = Userscript::load_with(&path, &[], opts).unwrap();
+    let start = Instant::now();
+    let e = s
+        .dispatch(&kv(), &info(), vec![(table("kv"), up(1, r#"{"k":1}"#))])
+        .await
+        .unwrap_err();
+    let took = start.elapsed();
+    assert!(matches!(e, ScriptError::Js { .. }), "{e}");
+    assert!(!e.is_retryable());
+    assert!(e.to_string().contains("loop limit"), "{e}");
+    assert_eq!(s.replaced_workers(), 0);
+    assert_eq!(s.stuck_workers(), 0);
+    eprintln!("while(true) stopped after {took:?}");
+}
+
+#[tokio::test]
+async fn a_backtracking_regex_is_abandoned_and_its_schema_fails_fast_while_others_run() {
+    let (_d, path) = files(&[("main.js", REDOS)]);
+    let opts = RuntimeOptions {
+        deadline: Duration::from_millis(300),
+        stuck_abort: Duration::ZERO,
+        ..RuntimeOptions::default()
+    };
+    let s = Userscript::load_with(&path, &[], opts).unwrap();
+    // Long enough to outlast the deadline, short enough to end during the test.
+    let e = s.dispatch(&kv(), &info(), redos_row(25)).await.unwrap_err();
+    assert!(matches!(e, ScriptError::Timeout { .. }), "{e}");
+    assert_eq!(s.stuck_workers(), 1);
+    assert_eq!(s.replaced_workers(), 1);
+    // Retries of the stuck schema fail at once and start no thread.
+    for _ in 0..5 {
+        let start = Instant::now();
+        let e = s.dispatch(&kv(), &info(), redos_row(25)).await.unwrap_err();
+        assert!(matches!(e, ScriptError::Stuck { .. }), "{e}");
+        assert!(e.is_retryable());
+        assert!(start.elapsed() < Duration::from_millis(100));
+    }
+    assert_eq!(s.replaced_workers(), 1);
+    // Another schema runs on the replacement worker meanwhile.
+    let other = Schema::new("other", "public");
+    let other_info = schema_from_specs(&other, &["t=k:INT8:pk".to_string()]).unwrap();
+    let row = vec![(Table::new(other.clone(), "t"), up(1, r#"{"k":1}"#))];
+    assert_eq!(s.dispatch(&other, &other_info, row).await.unwrap().len(), 1);
+    // Once the abandoned job ends, its thread stops and the schema works again.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while s.stuck_workers() > 0 {
+        assert!(Instant::now() < deadline, "the abandoned job never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ok = s
+        .dispatch(
+            &kv(),
+            &info(),
+            vec![(table("kv"), up(2, r#"{"k":2,"v":"b"}"#))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.len(), 1);
+}
+
+static ABORTS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn record_abort(reason: &str) {
+    ABORTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(reason.to_string());
+}
+
+fn aborts_mentioning(what: &str) -> usize {
+    ABORTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter(|r| r.contains(what))
+        .count()
+}
+
+#[tokio::test]
+async fn more_stuck_workers_than_allowed_abort_the_process() {
+    let main = REDOS.replace("kv.public", "abort_many.public");
+    let (_d, path) = files(&[("main.js", &main)]);
+    let opts = RuntimeOptions {
+        deadline: Duration::from_millis(200),
+        max_stuck: 0,
+        stuck_abort: Duration::ZERO,
+        on_abort: record_abort,
+        ..RuntimeOptions::default()
+    };
+    let s = Userscript::load_with(&path, &[], opts).unwrap();
+    let schema = Schema::new("abort_many", "public");
+    let row = vec![(
+        Table::new(schema.clone(), "kv"),
+        up(1, &format!(r#"{{"k":1,"v":"{}!"}}"#, "a".repeat(25))),
+    )];
+    let e = s.dispatch(&schema, &info(), row).await.unwrap_err();
+    assert!(matches!(e, ScriptError::Timeout { .. }), "{e}");
+    assert_eq!(aborts_mentioning("--userscriptMaxStuck 0"), 1);
+}
+
+#[tokio::test]
+async fn a_worker_stuck_too_long_aborts_the_process() {
+    let main = REDOS.replace("kv.public", "abort_late.public");
+    let (_d, path) = files(&[("main.js", &main)]);
+    let opts = RuntimeOptions {
+        deadline: Duration::from_millis(200),
+        stuck_abort: Duration::from_millis(300),
+        on_abort: record_abort,
+        ..RuntimeOptions::default()
+    };
+    let s = Userscript::load_with(&path, &[], opts).unwrap();
+    let schema = Schema::new("abort_late", "public");
+    let row = vec![(
+        Table::new(schema.clone(), "kv"),
+        up(1, &format!(r#"{{"k":1,"v":"{}!"}}"#, "a".repeat(25))),
+    )];
+    let e = s.dispatch(&schema, &info(), row).await.unwrap_err();
+    assert!(matches!(e, ScriptError::Timeout { .. }), "{e}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while aborts_mentioning("(schema abort_late.public) is still running") == 0 {
+        assert!(Instant::now() < deadline, "no abort");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_job_growing_its_heap_past_the_budget_aborts_the_process() {
+    let main = r#"import * as api from "cdc-sink@v1";
+api.configureSource("abort_mem.public", { dispatch: (doc) => {
+  const keep = [];
+  for (let i = 0; i < 40; i++) { keep.push(new Array(100000).fill(i)); }
+  return { kv: [doc] };
+} });
+"#;
+    let (_d, path) = files(&[("main.js", main)]);
+    let opts = RuntimeOptions {
+        deadline: Duration::from_secs(120),
+        memory_budget: 16 << 20,
+        on_abort: record_abort,
+        ..RuntimeOptions::default()
+    };
+    let s = Userscript::load_with(&path, &[], opts).unwrap();
+    let schema = Schema::new("abort_mem", "public");
+    let row = vec![(Table::new(schema.clone(), "kv"), up(1, r#"{"k":1}"#))];
+    // The job itself ends (about 64 MB); what matters is that the watchdog saw it grow.
+    let _ = s.dispatch(&schema, &info(), row).await;
+    assert_eq!(
+        aborts_mentioning("(schema abort_mem.public) allocated"),
+        1,
+        "{:?}",
+        ABORTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    );
 }

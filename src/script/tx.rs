@@ -4,8 +4,15 @@
 use crate::apply::Applier;
 use crate::ident::Table;
 use crate::mutation::Mutation;
-use sqlx::{PgConnection, Row as _, TypeInfo as _, ValueRef as _};
-use std::sync::atomic::{AtomicU64, Ordering};
+use sqlx::postgres::types::Oid;
+use sqlx::postgres::{PgArguments, PgTypeInfo, PgTypeKind, Postgres};
+use sqlx::Either;
+use sqlx::{
+    Arguments as _, Column as _, PgConnection, Row as _, Statement as _, TypeInfo as _,
+    ValueRef as _,
+};
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
 
 /// A statement parameter: its text, or NULL. The server converts the text to the parameter's
 /// type, so scripts can pass the exact decimal strings they received.
@@ -53,45 +60,283 @@ pub struct HostReply {
     pub result: Result<Answer, String>,
 }
 
-static STATEMENT: AtomicU64 = AtomicU64::new(0);
-
-/// A parameter as an escape-string literal (`E'…'`). Its meaning does not depend on
-/// `standard_conforming_strings`: with both `\` and `'` escaped no value can end the literal,
-/// whatever the session or database sets (sessions are also pinned to `on`, see `target`).
-fn literal(p: &Param) -> Result<String, String> {
-    match p {
-        None => Ok("NULL".into()),
-        // PostgreSQL text cannot hold NUL; say so instead of sending a truncated value.
-        Some(s) if s.contains('\0') => Err("a statement parameter contains a NUL character".into()),
-        Some(s) => Ok(format!(
-            "E'{}'",
-            s.replace('\\', "\\\\").replace('\'', "''")
+/// Refuses a parameter PostgreSQL cannot hold, instead of sending a truncated value.
+fn check_params(params: &[Param]) -> Result<(), String> {
+    match params
+        .iter()
+        .position(|p| p.as_deref().is_some_and(|s| s.contains('\0')))
+    {
+        Some(i) => Err(format!(
+            "statement parameter ${} contains a NUL character, which PostgreSQL text cannot hold",
+            i + 1
         )),
+        None => Ok(()),
     }
 }
 
-/// The SQL run for a script statement. The script's SQL is the operator's and trusted; its
-/// parameters carry row values and are not. They go through a named prepared statement whose
-/// types the server infers, as untyped literals of `EXECUTE`, so a string such as "42" reaches
-/// an INT8 parameter as 42 and results come back as text for every type. One round trip for
-/// all three statements. (Bound parameters would need sqlx's extended protocol, which sends
-/// and receives every value in binary and so cannot keep either property.)
-pub fn statement_sql(sql: &str, params: &[Param]) -> Result<String, String> {
-    if params.is_empty() {
-        return Ok(sql.to_string());
-    }
-    let args = params.iter().map(literal).collect::<Result<Vec<_>, _>>()?;
-    let name = format!(
-        "cdc_sink_script_{}",
-        STATEMENT.fetch_add(1, Ordering::Relaxed)
-    );
-    Ok(format!(
-        "PREPARE {name} AS {sql};\nEXECUTE {name}({});\nDEALLOCATE {name}",
-        args.join(", ")
-    ))
+const BOOL: u32 = 16;
+const NAME: u32 = 19;
+const INT8: u32 = 20;
+const INT2: u32 = 21;
+const INT4: u32 = 23;
+const TEXT: u32 = 25;
+const OID: u32 = 26;
+const JSON: u32 = 114;
+const UNKNOWN: u32 = 705;
+const BPCHAR: u32 = 1042;
+const VARCHAR: u32 = 1043;
+const JSONB: u32 = 3802;
+
+/// How values of a type travel in binary format, the only one sqlx binds and reads.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Wire {
+    /// The text itself (text types, enums, json).
+    Text,
+    /// A version byte, then the text.
+    Jsonb,
+    /// Anything else: the server converts from or to text.
+    Other,
 }
 
-fn cells(row: &sqlx::postgres::PgRow) -> Vec<Cell> {
+fn wire(ty: &PgTypeInfo) -> Wire {
+    if let PgTypeKind::Domain(base) = ty.kind() {
+        return wire(base);
+    }
+    if matches!(ty.kind(), PgTypeKind::Enum(_)) {
+        return Wire::Text;
+    }
+    match ty.oid().map(|o| o.0) {
+        Some(TEXT | VARCHAR | BPCHAR | NAME | UNKNOWN | JSON) => Wire::Text,
+        Some(JSONB) => Wire::Jsonb,
+        _ => Wire::Other,
+    }
+}
+
+/// A value already in a type's binary format, bound under that type's OID.
+struct Raw {
+    oid: Oid,
+    bytes: Option<Vec<u8>>,
+}
+
+impl sqlx::Type<Postgres> for Raw {
+    fn type_info() -> PgTypeInfo {
+        PgTypeInfo::with_oid(Oid(UNKNOWN))
+    }
+    fn compatible(_: &PgTypeInfo) -> bool {
+        true
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for Raw {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        match &self.bytes {
+            None => Ok(sqlx::encode::IsNull::Yes),
+            Some(b) => {
+                buf.extend_from_slice(b);
+                Ok(sqlx::encode::IsNull::No)
+            }
+        }
+    }
+    fn produces(&self) -> Option<PgTypeInfo> {
+        Some(PgTypeInfo::with_oid(self.oid))
+    }
+}
+
+/// The binary form of the plainest integer and boolean texts, which the server would read the
+/// same way; anything else (spaces, other spellings, out of range) is left to the server.
+fn plain_binary(oid: u32, s: &str) -> Option<Vec<u8>> {
+    let digits = |s: &str| {
+        let body = s.strip_prefix('-').unwrap_or(s);
+        !body.is_empty() && body.len() <= 19 && body.bytes().all(|b| b.is_ascii_digit())
+    };
+    match oid {
+        INT2 if digits(s) => s.parse::<i16>().ok().map(|v| v.to_be_bytes().to_vec()),
+        INT4 if digits(s) => s.parse::<i32>().ok().map(|v| v.to_be_bytes().to_vec()),
+        INT8 if digits(s) => s.parse::<i64>().ok().map(|v| v.to_be_bytes().to_vec()),
+        BOOL => match s {
+            "true" | "t" => Some(vec![1]),
+            "false" | "f" => Some(vec![0]),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// SQL names of types by OID, for the casts that convert values; OIDs do not change while a
+/// type exists.
+static TYPE_NAMES: Mutex<BTreeMap<u32, String>> = Mutex::new(BTreeMap::new());
+
+async fn type_names(conn: &mut PgConnection, oids: &[u32]) -> Result<Vec<String>, sqlx::Error> {
+    let missing: Vec<i64> = {
+        let known = TYPE_NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+        oids.iter()
+            .filter(|o| !known.contains_key(o))
+            .map(|&o| i64::from(o))
+            .collect()
+    };
+    if !missing.is_empty() {
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT o, pg_catalog.format_type(o::pg_catalog.oid, NULL) FROM unnest($1::int8[]) AS o",
+        )
+        .bind(&missing)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut known = TYPE_NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+        for (o, name) in rows {
+            known.insert(o as u32, name);
+        }
+    }
+    let known = TYPE_NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+    Ok(oids
+        .iter()
+        .map(|o| known.get(o).cloned().unwrap_or_else(|| "text".into()))
+        .collect())
+}
+
+/// The script's parameters as bound values of the types the server inferred for `sql`: text
+/// types take the text as it is; other types are converted from text by the server (one
+/// statement, itself with bound parameters), so "42" reaches an INT8 parameter as 42, as a
+/// literal would.
+async fn bind_params(
+    conn: &mut PgConnection,
+    sql: &str,
+    params: &[Param],
+) -> Result<PgArguments, sqlx::Error> {
+    let stmt = sqlx::Executor::prepare(&mut *conn, sql).await?;
+    let types: Vec<PgTypeInfo> = match stmt.parameters() {
+        Some(Either::Left(t)) => t.to_vec(),
+        _ => Vec::new(),
+    };
+    if types.len() != params.len() {
+        return Err(sqlx::Error::Protocol(format!(
+            "the statement takes {} parameters, the script passed {}",
+            types.len(),
+            params.len()
+        )));
+    }
+    let mut raws: Vec<Raw> = Vec::with_capacity(params.len());
+    let mut convert = Vec::new();
+    for (i, (p, ty)) in params.iter().zip(&types).enumerate() {
+        let oid = ty.oid().unwrap_or(Oid(UNKNOWN));
+        let bytes = match (p, wire(ty)) {
+            (None, _) => None,
+            (Some(s), Wire::Text) => Some(s.as_bytes().to_vec()),
+            (Some(s), Wire::Jsonb) => Some([&[1u8][..], s.as_bytes()].concat()),
+            (Some(s), Wire::Other) => match plain_binary(oid.0, s) {
+                Some(b) => Some(b),
+                None => {
+                    convert.push(i);
+                    None
+                }
+            },
+        };
+        raws.push(Raw { oid, bytes });
+    }
+    if !convert.is_empty() {
+        let oids: Vec<u32> = convert.iter().map(|&i| raws[i].oid.0).collect();
+        let names = type_names(conn, &oids).await?;
+        let casts: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(n, name)| format!("${}::pg_catalog.text::{name}", n + 1))
+            .collect();
+        let text = format!("SELECT {}", casts.join(", "));
+        let mut q = sqlx::query(&text);
+        for &i in &convert {
+            q = q.bind(params[i].as_deref());
+        }
+        let row = q.fetch_one(&mut *conn).await?;
+        for (n, &i) in convert.iter().enumerate() {
+            let v = row.try_get_raw(n)?;
+            raws[i].bytes = v.as_bytes().ok().map(<[u8]>::to_vec);
+        }
+    }
+    let mut args = PgArguments::default();
+    for r in raws {
+        args.add(r).map_err(sqlx::Error::Encode)?;
+    }
+    Ok(args)
+}
+
+/// Query results as cells. Rows arrive in binary format: text, JSON, booleans and integers
+/// are read here, every other type is turned into its text by the server (exact for numerics
+/// and timestamps), a chunk of rows per statement.
+async fn result_cells(
+    conn: &mut PgConnection,
+    rows: &[sqlx::postgres::PgRow],
+) -> Result<Vec<Vec<Cell>>, sqlx::Error> {
+    let mut out: Vec<Vec<Cell>> = Vec::with_capacity(rows.len());
+    // (row, column, oid, bytes) of values the server must render.
+    let mut pending: Vec<(usize, usize, Oid, Vec<u8>)> = Vec::new();
+    for (r, row) in rows.iter().enumerate() {
+        let mut cells = Vec::with_capacity(row.columns().len());
+        for (c, col) in row.columns().iter().enumerate() {
+            let v = row.try_get_raw(c)?;
+            let Some(bytes) = (!v.is_null()).then(|| v.as_bytes().ok()).flatten() else {
+                cells.push(Cell::Null);
+                continue;
+            };
+            let ty = col.type_info();
+            let oid = ty.oid().map_or(0, |o| o.0);
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            let int = |b: &[u8]| -> Option<String> {
+                Some(match b.len() {
+                    2 => i16::from_be_bytes(b.try_into().ok()?).to_string(),
+                    4 if oid == OID => u32::from_be_bytes(b.try_into().ok()?).to_string(),
+                    4 => i32::from_be_bytes(b.try_into().ok()?).to_string(),
+                    8 => i64::from_be_bytes(b.try_into().ok()?).to_string(),
+                    _ => return None,
+                })
+            };
+            let cell = match (oid, wire(ty)) {
+                (BOOL, _) => Some(Cell::Bool(bytes.first().is_some_and(|b| *b != 0))),
+                (INT2 | INT4 | INT8 | OID, _) => int(bytes).map(Cell::Text),
+                (JSON, _) => Some(json_cell(text(bytes))),
+                (_, Wire::Jsonb) => Some(json_cell(text(bytes.get(1..).unwrap_or_default()))),
+                (_, Wire::Text) => Some(Cell::Text(text(bytes))),
+                _ => None,
+            };
+            match cell {
+                Some(cell) => cells.push(cell),
+                None => {
+                    pending.push((r, c, ty.oid().unwrap_or(Oid(UNKNOWN)), bytes.to_vec()));
+                    cells.push(Cell::Null);
+                }
+            }
+        }
+        out.push(cells);
+    }
+    // Bind parameters per statement stay far below PostgreSQL's 65,535.
+    for chunk in pending.chunks(1_000) {
+        let casts: Vec<String> = (1..=chunk.len())
+            .map(|n| format!("${n}::pg_catalog.text"))
+            .collect();
+        let text = format!("SELECT {}", casts.join(", "));
+        let mut q = sqlx::query(&text);
+        for (_, _, oid, bytes) in chunk {
+            q = q.bind(Raw {
+                oid: *oid,
+                bytes: Some(bytes.clone()),
+            });
+        }
+        let row = q.fetch_one(&mut *conn).await?;
+        for (n, (r, c, _, _)) in chunk.iter().enumerate() {
+            let s: Option<String> = row.try_get(n)?;
+            out[*r][*c] = s.map_or(Cell::Null, Cell::Text);
+        }
+    }
+    Ok(out)
+}
+
+fn json_cell(text: String) -> Cell {
+    serde_json::from_str(&text).map_or(Cell::Text(text), Cell::Json)
+}
+
+/// Results of a statement without parameters, sent as it is (simple protocol, text format).
+fn text_cells(row: &sqlx::postgres::PgRow) -> Vec<Cell> {
     (0..row.columns().len())
         .map(|i| {
             let Ok(v) = row.try_get_raw(i) else {
@@ -101,20 +346,59 @@ fn cells(row: &sqlx::postgres::PgRow) -> Vec<Cell> {
                 return Cell::Null;
             }
             let ty = v.type_info().name().to_ascii_uppercase();
-            // The simple protocol answers in text format.
             let text = v
                 .as_bytes()
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default();
             match ty.as_str() {
                 "BOOL" => Cell::Bool(text == "t" || text == "true"),
-                "JSON" | "JSONB" => {
-                    serde_json::from_str(&text).map_or(Cell::Text(text), Cell::Json)
-                }
+                "JSON" | "JSONB" => json_cell(text),
                 _ => Cell::Text(text),
             }
         })
         .collect()
+}
+
+/// A script statement: without parameters it is sent as it is; with them, through the
+/// extended protocol with bound values (never spliced into the SQL text).
+async fn exec(conn: &mut PgConnection, sql: &str, params: &[Param]) -> Result<u64, String> {
+    check_params(params)?;
+    if params.is_empty() {
+        return sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(sql))
+            .await
+            .map(|d| d.rows_affected())
+            .map_err(|e| e.to_string());
+    }
+    let args = bind_params(conn, sql, params)
+        .await
+        .map_err(|e| e.to_string())?;
+    sqlx::query_with(sql, args)
+        .execute(&mut *conn)
+        .await
+        .map(|d| d.rows_affected())
+        .map_err(|e| e.to_string())
+}
+
+async fn query(
+    conn: &mut PgConnection,
+    sql: &str,
+    params: &[Param],
+) -> Result<Vec<Vec<Cell>>, String> {
+    check_params(params)?;
+    if params.is_empty() {
+        return sqlx::Executor::fetch_all(&mut *conn, sqlx::raw_sql(sql))
+            .await
+            .map(|rows| rows.iter().map(text_cells).collect())
+            .map_err(|e| e.to_string());
+    }
+    let args = bind_params(conn, sql, params)
+        .await
+        .map_err(|e| e.to_string())?;
+    let rows = sqlx::query_with(sql, args)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    result_cells(conn, &rows).await.map_err(|e| e.to_string())
 }
 
 /// Runs one call on `conn` and answers it. Boxed: the caller's future must stay `Send`, which
@@ -141,13 +425,7 @@ pub fn serve<'a>(
                 sql,
                 params,
             } => {
-                let r = match statement_sql(&sql, &params) {
-                    Ok(text) => sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(&text))
-                        .await
-                        .map(|d| Answer::Done(d.rows_affected()))
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e),
-                };
+                let r = exec(conn, &sql, &params).await.map(Answer::Done);
                 (id, reply, r)
             }
             HostCall::Query {
@@ -156,13 +434,7 @@ pub fn serve<'a>(
                 sql,
                 params,
             } => {
-                let r = match statement_sql(&sql, &params) {
-                    Ok(text) => sqlx::Executor::fetch_all(&mut *conn, sqlx::raw_sql(&text))
-                        .await
-                        .map(|rows| Answer::Rows(rows.iter().map(cells).collect()))
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e),
-                };
+                let r = query(conn, &sql, &params).await.map(Answer::Rows);
                 (id, reply, r)
             }
         };
@@ -176,29 +448,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parameters_become_escape_string_literals_of_a_prepared_statement() {
-        assert_eq!(statement_sql("SELECT 1", &[]).unwrap(), "SELECT 1");
-        let s = statement_sql(
-            "SELECT $1, $2, $3",
-            &[
-                Some("it's".into()),
-                None,
-                Some(r"x\'); DROP TABLE t; --".into()),
-            ],
-        )
-        .unwrap();
-        let name = s.split_whitespace().nth(1).unwrap().to_string();
+    fn only_the_plainest_integers_and_booleans_skip_the_server() {
+        assert_eq!(plain_binary(INT8, "42"), Some(42i64.to_be_bytes().to_vec()));
         assert_eq!(
-            s,
-            format!(
-                "PREPARE {name} AS SELECT $1, $2, $3;\nEXECUTE {name}(E'it''s', NULL, E'x\\\\''); DROP TABLE t; --');\nDEALLOCATE {name}"
-            )
+            plain_binary(INT8, "-9223372036854775808"),
+            Some(i64::MIN.to_be_bytes().to_vec())
         );
+        assert_eq!(
+            plain_binary(INT4, "-7"),
+            Some((-7i32).to_be_bytes().to_vec())
+        );
+        assert_eq!(
+            plain_binary(INT2, "40000"),
+            None,
+            "out of range: the server says so"
+        );
+        for odd in [" 1", "+1", "1_000", "", "-", "1.0", "0x10"] {
+            assert_eq!(plain_binary(INT8, odd), None, "{odd:?}");
+        }
+        assert_eq!(plain_binary(BOOL, "true"), Some(vec![1]));
+        assert_eq!(plain_binary(BOOL, "yes"), None);
+        assert_eq!(plain_binary(TEXT, "1"), None);
     }
 
     #[test]
-    fn a_nul_in_a_parameter_is_refused() {
-        let e = statement_sql("SELECT $1", &[Some("a\0b".into())]).unwrap_err();
-        assert!(e.contains("NUL"), "{e}");
+    fn a_nul_in_a_parameter_is_refused_naming_it() {
+        let e = check_params(&[None, Some("ok".into()), Some("a\0b".into())]).unwrap_err();
+        assert!(e.contains("$3") && e.contains("NUL"), "{e}");
+        assert!(check_params(&[None, Some(r"x\'); --".into())]).is_ok());
     }
 }

@@ -1,6 +1,6 @@
 //! Hostile and careless input: rows the later steps could not handle are refused at ingest;
 //! bodies are admitted within a budget of bytes in flight, and compressed ones within the size
-//! limit once decompressed.
+//! limit once decompressed; a userscript that runs away is contained.
 
 use crate::support::process::{free_port, Process};
 use crate::support::sink::{batch, committed, hlc, resolved, upsert, Sink};
@@ -109,6 +109,108 @@ async fn an_empty_post_is_refused_with_400_but_a_resolved_file_needs_no_body() {
         "",
     )
     .await;
+    sink.stop().await;
+}
+
+/// Threads of this process whose name starts with `prefix` (engine threads given up on are
+/// renamed `script-stuck-N`).
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+#[tokio::test]
+async fn a_backtracking_userscript_leaves_one_stuck_thread_its_schema_gets_503_at_once_and_others_are_served(
+) {
+    let db = Db::new("hostile_redos").await;
+    db.exec(
+        "CREATE TABLE public.docs (k INT8 PRIMARY KEY, v TEXT);
+         CREATE SCHEMA other;
+         CREATE TABLE other.docs (k INT8 PRIMARY KEY, v TEXT);",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("redos.ts");
+    std::fs::write(
+        &script,
+        r#"import * as api from "cdc-sink@v1";
+for (const schema of ["hostile_redos.public", "hostile_redos.other"]) {
+  api.configureSource(schema, {
+    dispatch: (doc: any, meta: any) => (/^(a+)+$/.test(doc.v) ? {} : { [meta.table]: [doc] }),
+  });
+}
+"#,
+    )
+    .unwrap();
+    let script_flag = format!("--userscript={}", script.display());
+    let sink = Sink::start(
+        &db,
+        &[
+            &script_flag,
+            "--userscriptDeadline=1s",
+            "--userscriptMaxStuck=2",
+            // The test process must not be aborted; the watchdog is covered by unit tests.
+            "--userscriptStuckAbort=0",
+        ],
+    )
+    .await;
+    // Backtracks for several seconds (2^n steps), then ends; the debug build is slow.
+    let evil = format!("{}!", "a".repeat(27));
+    let row = |k: i64, v: &str| batch(vec![upsert("docs", json!([k]), json!({"k": k, "v": v}), 1)]);
+
+    let started = std::time::Instant::now();
+    let (status, body) = sink.post("/hostile_redos/public", row(1, &evil)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("deadline"), "{body}");
+    assert_eq!(threads_named("script-stuck-"), 1);
+
+    eprintln!("first answer (deadline) after {:?}", started.elapsed());
+    // CockroachDB retries: each retry is refused at once and starts no thread.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let (status, body) = sink.post("/hostile_redos/public", row(1, &evil)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("abandoned userscript worker"), "{body}");
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        slowest = slowest.max(t.elapsed());
+    }
+    eprintln!("slowest refused retry {slowest:?}");
+    assert_eq!(threads_named("script-stuck-"), 1);
+    assert!(
+        sink.metrics().await.contains("script_stuck_workers 1"),
+        "the gauge counts the stuck worker"
+    );
+
+    // Another schema runs its dispatch on the replacement worker meanwhile.
+    sink.post_ok("/hostile_redos/other", row(2, "fine")).await;
+    assert_eq!(
+        db.count_if_exists("_cdc_sink.hostile_redos_other_docs")
+            .await,
+        1
+    );
+
+    // When the backtracking ends its thread stops, and the schema is served again.
+    eventually(
+        "the stuck thread ends",
+        Duration::from_secs(600),
+        || async { (threads_named("script-stuck-") == 0).then_some(()) },
+    )
+    .await;
+    eprintln!("the abandoned job ran {:?}", started.elapsed());
+    sink.post_ok("/hostile_redos/public", row(3, "fine")).await;
+    assert_eq!(
+        db.count_if_exists("_cdc_sink.hostile_redos_public_docs")
+            .await,
+        1
+    );
     sink.stop().await;
 }
 

@@ -354,3 +354,86 @@ api.configureTable("kv", {
     drop(tx);
     assert_eq!(db.count("kv").await, 0);
 }
+
+#[tokio::test]
+async fn bound_parameters_reach_typed_columns_and_results_come_back_as_exact_text() {
+    let db = Db::new("script_types").await;
+    db.exec(
+        "CREATE TYPE mood AS ENUM ('happy', 'sad');
+         CREATE DOMAIN short_text AS TEXT CHECK (length(VALUE) < 10);
+         CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT);
+         CREATE TABLE typed (k INT8 PRIMARY KEY, n NUMERIC, f FLOAT8, t TIMESTAMPTZ, u UUID,
+                             j JSONB, m mood, d short_text, b BOOL, a INT4[], i INT2);
+         CREATE TABLE seen (id SERIAL PRIMARY KEY, what TEXT);",
+    )
+    .await;
+    let (_d, s) = script(
+        r#"import * as api from "cdc-sink@v1";
+api.configureTable("kv", {
+  apply: async (ops: any[]) => {
+    const tx = api.getTX();
+    await tx.exec(
+      "INSERT INTO typed VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+      "9007199254740995", "12345678901234567890.123456789", "1e+30", "2024-02-23T23:39:22.135792Z",
+      "0e9f8d2c-58d0-4b7e-9c51-6d1e5a8f0b11", { a: [1, "x"] }, "sad", "short", "true", "{1,2,3}", null);
+    const rows = await tx.query(
+      "SELECT k, n, f, t, u, j, m, d, b, a, i, n * $2 AS n2, $3::TEXT || 'x' FROM typed WHERE k = $1",
+      "9007199254740995", "2", "it's\\");
+    const r = rows[0];
+    const parts = r.map((c: any) => c === null ? "null" : typeof c === "object" ? JSON.stringify(c) : String(c));
+    await tx.exec("INSERT INTO seen (what) VALUES ($1)", parts.join("|"));
+    // Spellings only the server reads.
+    await tx.exec("INSERT INTO kv (k, v) VALUES ($1, $2)", " +12 ", "x");
+  },
+});
+"#,
+    );
+    let table = Table::new(Schema::new(db.name.as_str(), "public"), "kv");
+    let mut tx = db.pool.begin().await.unwrap();
+    s.apply(
+        &table,
+        &[up(1, 1, r#"{"k":1,"v":"a"}"#)],
+        &mut tx,
+        &applier(&db),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("apply: {e}"));
+    tx.commit().await.unwrap();
+    let (seen,): (String,) = sqlx::query_as("SELECT what FROM seen")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen,
+        "9007199254740995|12345678901234567890.123456789|1e+30|2024-02-23 23:39:22.135792+00|\
+         0e9f8d2c-58d0-4b7e-9c51-6d1e5a8f0b11|{\"a\":[\"1\",\"x\"]}|sad|short|true|{1,2,3}|null|\
+         24691357802469135780.246913578|it's\\x"
+    );
+    // Numbers inside JSON reach the script as exact decimal strings; the stored value kept
+    // its number.
+    let (j,): (String,) = sqlx::query_as("SELECT j::TEXT FROM typed")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(j, r#"{"a": [1, "x"]}"#);
+    assert_eq!(db.kv_rows().await, vec![(12, Some("x".to_string()))]);
+}
+
+#[test]
+fn set_options_may_set_the_engine_limits_of_the_script_itself() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("limits.ts");
+    std::fs::write(
+        &path,
+        "import * as api from \"cdc-sink@v1\";\napi.setOptions({userscriptDeadline: \"5s\", userscriptMaxStuck: \"7\"});\n",
+    )
+    .unwrap();
+    let argv = cdc_sink::cli::loopback_argv(
+        "postgres://postgres@127.0.0.1:1/kv",
+        &["--userscript", path.to_str().unwrap()],
+    );
+    let prepared = cdc_sink::cli::prepare(argv).expect("script options apply");
+    assert_eq!(prepared.args.script.deadline, Duration::from_secs(5));
+    assert_eq!(prepared.args.script.max_stuck, 7);
+    assert!(prepared.script.is_some());
+}
