@@ -229,6 +229,10 @@ async fn the_monitor_scrapes_every_sink_and_balancer_until_ctrl_c() {
     )
     .await;
 
+    // The dashboard lights up on the demo: every cdc-sink panel query, and the reference
+    // dashboards' reads, answer with a series.
+    crate::deploy::every_panel_query_answers(&api).await;
+
     assert_eq!(
         unsafe { libc::kill(demo.id() as libc::pid_t, libc::SIGINT) },
         0

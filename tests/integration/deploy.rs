@@ -1341,6 +1341,63 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Every panel query of the cdc-sink dashboard that reads our metrics, and the reference
+/// dashboards' reads of its families, as (what, PromQL) with Grafana's interval variable filled.
+pub(crate) fn panel_queries() -> Vec<(String, String)> {
+    let d: Value = serde_json::from_str(&read("grafana/dashboards/cdc-sink.json")).expect("JSON");
+    let mut exprs = Vec::new();
+    for p in d["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().expect("expr");
+            let ours = metric_names(expr)
+                .iter()
+                .all(|m| !DOCUMENTED_ELSEWHERE.contains(&m.as_str()));
+            if ours {
+                exprs.push((
+                    p["title"].to_string(),
+                    expr.replace("$__rate_interval", "1m"),
+                ));
+            }
+        }
+    }
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    exprs.extend(REFERENCE_QUERIES.iter().map(|q| {
+        (
+            format!("reference query {q}"),
+            q.replace("$__rate_interval", "1m"),
+        )
+    }));
+    exprs
+}
+
+/// Polls the Prometheus behind `api` until every query of [`panel_queries`] answers with a
+/// series (rate() needs two scrapes), failing on the first that stays empty for a minute.
+pub(crate) async fn every_panel_query_answers(api: &cdc_sink::server::Client) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for (title, expr) in &panel_queries() {
+        loop {
+            let answer = api
+                .get(&format!("/api/v1/query?query={}", encode(expr)))
+                .await;
+            let result = match answer {
+                Ok((status, body)) if status == http::StatusCode::OK => {
+                    let v: Value = serde_json::from_str(&body).expect("JSON answer");
+                    v["data"]["result"].as_array().cloned().unwrap_or_default()
+                }
+                _ => Vec::new(),
+            };
+            if !result.is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{title}: `{expr}` stayed empty"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
 /// A real Prometheus (Debian's package) scrapes an in-process sink after traffic, loads the
 /// alert rules, and answers every panel query of the cdc-sink dashboard that reads our metrics
 /// with a non-empty result.
@@ -1385,54 +1442,7 @@ async fn a_real_prometheus_answers_every_cdc_sink_panel_query() {
     )
     .expect("client");
 
-    let d: Value = serde_json::from_str(&read("grafana/dashboards/cdc-sink.json")).expect("JSON");
-    let mut exprs = Vec::new();
-    for p in d["panels"].as_array().expect("panels") {
-        for t in p["targets"].as_array().into_iter().flatten() {
-            let expr = t["expr"].as_str().expect("expr");
-            let ours = metric_names(expr)
-                .iter()
-                .all(|m| !DOCUMENTED_ELSEWHERE.contains(&m.as_str()));
-            if ours {
-                exprs.push((
-                    p["title"].to_string(),
-                    expr.replace("$__rate_interval", "1m"),
-                ));
-            }
-        }
-    }
-    assert!(exprs.len() >= 20, "{exprs:?}");
-    // And the reference dashboards' reads of its families.
-    exprs.extend(REFERENCE_QUERIES.iter().map(|q| {
-        (
-            format!("reference query {q}"),
-            q.replace("$__rate_interval", "1m"),
-        )
-    }));
-    // rate() needs two scrapes; poll every query until it answers with a series.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    for (title, expr) in &exprs {
-        loop {
-            let answer = api
-                .get(&format!("/api/v1/query?query={}", encode(expr)))
-                .await;
-            let result = match answer {
-                Ok((status, body)) if status == http::StatusCode::OK => {
-                    let v: Value = serde_json::from_str(&body).expect("JSON answer");
-                    v["data"]["result"].as_array().cloned().unwrap_or_default()
-                }
-                _ => Vec::new(),
-            };
-            if !result.is_empty() {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{title}: `{expr}` stayed empty"
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
+    every_panel_query_answers(&api).await;
     // The rules loaded and evaluate without errors.
     let (status, body) = api.get("/api/v1/rules").await.expect("rules");
     assert_eq!(status, http::StatusCode::OK);
