@@ -87,7 +87,11 @@ impl Pipeline {
 
     /// Runs until the sequencer stops or the schema goes idle (see
     /// [`super::Pipelines::retire_if_idle`]), then releases the lease if held.
-    pub(super) async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub(super) async fn run(
+        self,
+        mut stop: watch::Receiver<bool>,
+        mut abandon: watch::Receiver<bool>,
+    ) {
         // `hold` sees this stop, raised by the sequencer's stop or by going idle; it checks it
         // between windows, so a window in flight finishes first.
         let (local_tx, mut local) = watch::channel(false);
@@ -112,6 +116,9 @@ impl Pipeline {
                         loop {
                             tokio::select! {
                                 h = &mut hold => break h,
+                                // Dropping the window rolls back its open transactions; the
+                                // rows stay staged for the next holder.
+                                _ = abandoned(&mut abandon) => break Held::Stopped,
                                 _ = stop.changed(), if !forwarded => {
                                     forwarded = true;
                                     let _ = local_tx.send(true);
@@ -127,8 +134,16 @@ impl Pipeline {
                     metrics::gauge!(m::CORE_SWEEP_ACTIVE, &schema_label(&self.schema)).set(0.0);
                     match held {
                         Held::Stopped => {
-                            if let Err(e) = self.parts.leases.release(&lease).await {
-                                tracing::warn!(schema = %self.schema, error = %e, "could not release apply lease");
+                            // Not held up by an unreachable database: the lease expires anyway.
+                            let released = tokio::time::timeout(
+                                RELEASE_WITHIN,
+                                self.parts.leases.release(&lease),
+                            )
+                            .await;
+                            match released {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => tracing::warn!(schema = %self.schema, error = %e, "could not release apply lease"),
+                                Err(_) => tracing::warn!(schema = %self.schema, "could not release apply lease in time; it expires by itself"),
                             }
                             break;
                         }
@@ -187,7 +202,9 @@ impl Pipeline {
             let sweep_due = swept.is_none_or(|at| at.elapsed() >= FULL_SWEEP_EVERY);
             let result = match self.parts.checkpoints.bounds(&self.schema).await {
                 Ok(b) if b.proposed > b.committed => {
-                    let done = self.apply_window(lease, b, sweep_due, &mut renewed).await;
+                    let done = self
+                        .apply_window(lease, b, sweep_due, &mut renewed, stop)
+                        .await;
                     if done.is_ok() {
                         applied_since_sweep = true;
                         if sweep_due {
@@ -209,6 +226,7 @@ impl Pipeline {
             };
             match &result {
                 Ok(_) => self.parts.pipelines.cleared(&self.schema),
+                Err(SequenceError::Stopped) => return Held::Stopped,
                 Err(SequenceError::LeaseLost(_)) => {}
                 Err(e) => {
                     self.parts
@@ -273,6 +291,7 @@ impl Pipeline {
         bounds: Bounds,
         full_sweep: bool,
         renewed: &mut Instant,
+        stop: &watch::Receiver<bool>,
     ) -> Result<(), SequenceError> {
         let (info, registered, unread) = self.known_tables(bounds).await?;
         if let Some(h) = &self.parts.hooks {
@@ -308,6 +327,7 @@ impl Pipeline {
             skip,
             open: AtomicUsize::new(0),
             renewed: Mutex::new(*renewed),
+            stop: stop.clone(),
         });
         let (pages_tx, pages) = mpsc::channel(1);
         let reader = tokio::spawn(read_pages(
@@ -421,6 +441,14 @@ impl Pipeline {
     }
 }
 
+/// Resolves once the sequencer abandons the windows in flight.
+async fn abandoned(abandon: &mut watch::Receiver<bool>) {
+    let _ = abandon.wait_for(|a| *a).await.map(|_| ());
+}
+
+/// How long releasing the lease may take when the pipeline stops.
+const RELEASE_WITHIN: Duration = Duration::from_secs(1);
+
 /// How often the staged rows at or below the checkpoint are swept (see
 /// [`Pipeline::sweep_below`]); the first window after winning the lease sweeps too.
 const FULL_SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -448,6 +476,8 @@ struct Ctx {
     /// When the lease was last renewed (between flushes, or by every flush with separate
     /// staging).
     renewed: Mutex<Instant>,
+    /// Raised when the pipeline stops: no further flush starts.
+    stop: watch::Receiver<bool>,
 }
 
 impl Ctx {
@@ -856,7 +886,7 @@ async fn retire(
 /// The in-order step: commits the checkpoint at `upto`, the end of the completed prefix, on
 /// staging (sweeping the window from `sweep` when `upto` ends it).
 async fn commit_step(ctx: Arc<Ctx>, upto: Hlc, sweep: Option<Hlc>) -> Result<Hlc, SequenceError> {
-    let pool = &ctx.parts.stager.database().pool;
+    let pool = &ctx.parts.control.pool;
     let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
     if !ctx.parts.leases.fence(&mut tx, &ctx.lease).await? {
         return Err(ctx.lost());
@@ -956,14 +986,23 @@ impl Window {
             Page(Option<Result<Page, SequenceError>>),
             Event(Event),
         }
+        let mut stop = self.ctx.stop.clone();
         while self.error.is_none() {
+            if *stop.borrow_and_update() {
+                self.fail(SequenceError::Stopped);
+                break;
+            }
             let next = if self.busy() {
                 tokio::select! {
                     p = pages.recv() => Next::Page(p),
                     ev = self.wait() => Next::Event(ev),
+                    _ = stop.changed() => continue,
                 }
             } else {
-                Next::Page(pages.recv().await)
+                tokio::select! {
+                    p = pages.recv() => Next::Page(p),
+                    _ = stop.changed() => continue,
+                }
             };
             let page = match next {
                 Next::Event(ev) => {
@@ -1119,6 +1158,10 @@ impl Window {
         }
         loop {
             if self.error.is_some() {
+                return;
+            }
+            if *self.ctx.stop.borrow() {
+                self.fail(SequenceError::Stopped);
                 return;
             }
             if self.running.is_empty() {
