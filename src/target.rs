@@ -367,11 +367,19 @@ mod tests {
     #[test]
     fn quoted_values_are_masked_but_names_kept() {
         assert_eq!(
-            mask_quoted("invalid input syntax for type integer: \"s3cret\"", "22P02", &[]),
+            mask_quoted(
+                "invalid input syntax for type integer: \"s3cret\"",
+                "22P02",
+                &[]
+            ),
             "invalid input syntax for type integer: \"…\""
         );
         assert_eq!(
-            mask_quoted("value \"99999999999\" is out of range for type integer", "22003", &[]),
+            mask_quoted(
+                "value \"99999999999\" is out of range for type integer",
+                "22003",
+                &[]
+            ),
             "value \"…\" is out of range for type integer"
         );
         assert_eq!(
@@ -383,7 +391,11 @@ mod tests {
             "duplicate key value violates unique constraint \"kv_v_key\""
         );
         assert_eq!(
-            mask_quoted("could not parse \"x\" as type int: parsing \"x", "22P02", &[]),
+            mask_quoted(
+                "could not parse \"x\" as type int: parsing \"x",
+                "22P02",
+                &[]
+            ),
             "could not parse \"…\" as type int: parsing \"…\""
         );
         assert_eq!(
@@ -578,7 +590,11 @@ impl std::fmt::Display for Safe<'_> {
                 ("constraint", pg.constraint()),
                 ("type", pg.data_type()),
             ];
-            names.extend(fields.into_iter().filter_map(|(k, v)| Some((k, v?.to_string()))));
+            names.extend(
+                fields
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v?.to_string()))),
+            );
         } else if let Some(c) = db.constraint() {
             names.push(("constraint", c.to_string()));
         }
@@ -614,7 +630,11 @@ fn mask_quoted(message: &str, code: &str, keep: &[&str]) -> String {
             return out;
         };
         let quoted = &after[..close];
-        out.push_str(if keep.contains(&quoted) { quoted } else { "…" });
+        out.push_str(if keep.contains(&quoted) {
+            quoted
+        } else {
+            "…"
+        });
         out.push('"');
         rest = &after[close + 1..];
     }
@@ -705,20 +725,13 @@ impl Health {
 
     /// Starts a probe unless one runs; it repeats while the database is unreachable.
     fn probe(self: &Arc<Self>) {
-        if self
-            .probing
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.probing.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         let this = self.clone();
         tokio::spawn(async move {
             loop {
-                let reachable = match tokio::time::timeout(
-                    PROBE_TIMEOUT,
-                    this.opts.connect(),
-                )
-                .await
+                let reachable = match tokio::time::timeout(PROBE_TIMEOUT, this.opts.connect()).await
                 {
                     Ok(Ok(conn)) => {
                         let _ = sqlx::Connection::close(conn).await;
@@ -726,9 +739,9 @@ impl Health {
                     }
                     // The server answered but refused this session (too many clients, bad
                     // credentials): it is reachable, and the pool reports the real error.
-                    Ok(Err(sqlx::Error::Database(db))) => db.code().is_some_and(|c| {
-                        !(c.starts_with("08") || c == "57P01" || c == "57P03")
-                    }),
+                    Ok(Err(sqlx::Error::Database(db))) => db
+                        .code()
+                        .is_some_and(|c| !(c.starts_with("08") || c == "57P01" || c == "57P03")),
                     Ok(Err(_)) | Err(_) => false,
                 };
                 if reachable {
@@ -737,7 +750,10 @@ impl Health {
                 }
                 this.down.send_if_modified(|down| {
                     if !*down {
-                        tracing::warn!(what = this.what, "database unreachable; refusing changefeed requests until it answers");
+                        tracing::warn!(
+                            what = this.what,
+                            "database unreachable; refusing changefeed requests until it answers"
+                        );
                     }
                     !std::mem::replace(down, true)
                 });

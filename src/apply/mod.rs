@@ -95,7 +95,10 @@ pub enum ApplyError {
     DlqMissing { table: String, ddl: String },
     #[error("dlq table {table} was found, but it is missing the following columns: {missing}")]
     DlqColumns { table: String, missing: String },
-    #[error("cannot create the dead-letter queue table {table}: {}", crate::target::safe(error))]
+    #[error(
+        "cannot create the dead-letter queue table {table}: {}",
+        crate::target::safe(error)
+    )]
     DlqCreate { table: String, error: sqlx::Error },
     #[error("schema drift detected in {table} at payload object offset {offset}: {detail}")]
     Drift {

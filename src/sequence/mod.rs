@@ -420,7 +420,11 @@ impl Sequencer {
     /// releases the leases, by the deadline.
     pub async fn shutdown(&self) {
         self.stop(tokio::time::Instant::now());
-        let deadline = self.deadline.lock().expect("poisoned").expect("set by stop");
+        let deadline = self
+            .deadline
+            .lock()
+            .expect("poisoned")
+            .expect("set by stop");
         let now = tokio::time::Instant::now();
         let margin = RELEASE_MARGIN.min(deadline.saturating_duration_since(now) / 4);
         let abandon = deadline - margin;

@@ -142,8 +142,12 @@ impl Pipeline {
                             .await;
                             match released {
                                 Ok(Ok(())) => {}
-                                Ok(Err(e)) => tracing::warn!(schema = %self.schema, error = %e, "could not release apply lease"),
-                                Err(_) => tracing::warn!(schema = %self.schema, "could not release apply lease in time; it expires by itself"),
+                                Ok(Err(e)) => {
+                                    tracing::warn!(schema = %self.schema, error = %e, "could not release apply lease")
+                                }
+                                Err(_) => {
+                                    tracing::warn!(schema = %self.schema, "could not release apply lease in time; it expires by itself")
+                                }
                             }
                             break;
                         }
@@ -200,7 +204,12 @@ impl Pipeline {
             metrics::gauge!(m::CORE_SWEEP_ATTEMPT_TIMESTAMP, &schema_label(&self.schema))
                 .set(now_seconds());
             let sweep_due = swept.is_none_or(|at| at.elapsed() >= FULL_SWEEP_EVERY);
-            let result = match self.parts.checkpoints.bounds(&self.schema).await {
+            let Some(bounds) =
+                unless_stopped(stop, self.parts.checkpoints.bounds(&self.schema)).await
+            else {
+                return Held::Stopped;
+            };
+            let result = match bounds {
                 Ok(b) if b.proposed > b.committed => {
                     let done = self
                         .apply_window(lease, b, sweep_due, &mut renewed, stop)
@@ -214,7 +223,10 @@ impl Pipeline {
                     done.map(|_| true)
                 }
                 Ok(b) if sweep_due && applied_since_sweep => {
-                    let done = self.sweep_below(lease, b.committed).await;
+                    let swept_below = unless_stopped(stop, self.sweep_below(lease, b.committed));
+                    let Some(done) = swept_below.await else {
+                        return Held::Stopped;
+                    };
                     if done.is_ok() {
                         swept = Some(started);
                         applied_since_sweep = false;
@@ -261,7 +273,12 @@ impl Pipeline {
                 }
             };
             if renewed.elapsed() >= LEASE_LIFETIME / 3 {
-                match self.parts.leases.renew_now(lease, LEASE_LIFETIME).await {
+                let renewal =
+                    unless_stopped(stop, self.parts.leases.renew_now(lease, LEASE_LIFETIME));
+                let Some(renewal) = renewal.await else {
+                    return Held::Stopped;
+                };
+                match renewal {
                     Ok(true) => renewed = Instant::now(),
                     Ok(false) => return Held::Lost,
                     Err(e) => {
@@ -293,12 +310,12 @@ impl Pipeline {
         renewed: &mut Instant,
         stop: &watch::Receiver<bool>,
     ) -> Result<(), SequenceError> {
-        let (info, registered, unread) = self.known_tables(bounds).await?;
-        if let Some(h) = &self.parts.hooks {
-            h.configure(&self.parts.applier, &info);
-        }
-        let tables = self.stageable(&info).await?;
-        let skip = {
+        let prepare = async {
+            let (info, registered, unread) = self.known_tables(bounds).await?;
+            if let Some(h) = &self.parts.hooks {
+                h.configure(&self.parts.applier, &info);
+            }
+            let tables = self.stageable(&info).await?;
             let mut conn = self
                 .parts
                 .stager
@@ -307,11 +324,16 @@ impl Pipeline {
                 .acquire()
                 .await
                 .map_err(SequenceError::Sql)?;
-            self.parts
+            let skip = self
+                .parts
                 .ranges
                 .load(&mut conn, &self.schema, bounds.committed)
-                .await?
+                .await?;
+            Ok::<_, SequenceError>((info, registered, unread, tables, skip))
         };
+        let (info, registered, unread, tables, skip) = unless_stopped(stop, prepare)
+            .await
+            .ok_or(SequenceError::Stopped)??;
         if !skip.is_empty() {
             tracing::debug!(schema = %self.schema, ranges = ?skip, "skipping staged rows of ranges applied beyond the checkpoint");
         }
@@ -439,6 +461,32 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// Runs `work` unless the pipeline is asked to stop first (`None`): for steps that hold
+/// nothing worth finishing (reads, a renewal, waiting for a connection), so that stopping
+/// is not held up by a database that does not answer.
+async fn unless_stopped<T>(
+    stop: &watch::Receiver<bool>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut stop = stop.clone();
+    tokio::select! {
+        done = work => Some(done),
+        _ = async { let _ = stop.wait_for(|s| *s).await.map(|_| ()); } => None,
+    }
+}
+
+/// A flush's target transaction; a flush that has not got its connection when the pipeline
+/// stops does not start.
+async fn begin_unless_stopped<'c>(
+    ctx: &Ctx,
+    pool: &'c sqlx::PgPool,
+) -> Result<sqlx::Transaction<'c, sqlx::Postgres>, SequenceError> {
+    unless_stopped(&ctx.stop, pool.begin())
+        .await
+        .ok_or(SequenceError::Stopped)?
+        .map_err(SequenceError::Sql)
 }
 
 /// Resolves once the sequencer abandons the windows in flight.
@@ -729,12 +777,7 @@ async fn run_flush(ctx: Arc<Ctx>, job: Arc<FlushJob>, role: Role) -> Result<(), 
             return Err(ctx.lost());
         }
         ctx.mark_renewed(started);
-        let mut tx = parts
-            .target
-            .pool
-            .begin()
-            .await
-            .map_err(SequenceError::Sql)?;
+        let mut tx = begin_unless_stopped(&ctx, &parts.target.pool).await?;
         let open = ctx.open_tx();
         // No statement may outlive the lease, and the commit is only sent while a newer
         // holder cannot have taken it over: what remains is the commit's own round trip,
@@ -756,12 +799,7 @@ async fn run_flush(ctx: Arc<Ctx>, job: Arc<FlushJob>, role: Role) -> Result<(), 
             return Err(e);
         }
     } else {
-        let mut tx = parts
-            .target
-            .pool
-            .begin()
-            .await
-            .map_err(SequenceError::Sql)?;
+        let mut tx = begin_unless_stopped(&ctx, &parts.target.pool).await?;
         if !parts.leases.fence(&mut tx, &ctx.lease).await? {
             return Err(ctx.lost());
         }
@@ -887,7 +925,16 @@ async fn retire(
 /// staging (sweeping the window from `sweep` when `upto` ends it).
 async fn commit_step(ctx: Arc<Ctx>, upto: Hlc, sweep: Option<Hlc>) -> Result<Hlc, SequenceError> {
     let pool = &ctx.parts.control.pool;
-    let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
+    let begin = pool.begin();
+    let mut tx = if *ctx.stop.borrow() {
+        // Stopping: the applied prefix is committed if the database answers soon.
+        tokio::time::timeout(RELEASE_WITHIN, begin)
+            .await
+            .map_err(|_| SequenceError::Stopped)?
+    } else {
+        begin.await
+    }
+    .map_err(SequenceError::Sql)?;
     if !ctx.parts.leases.fence(&mut tx, &ctx.lease).await? {
         return Err(ctx.lost());
     }
@@ -1096,7 +1143,7 @@ impl Window {
     fn fail(&mut self, e: SequenceError) {
         if self.error.is_none() {
             self.error = Some(e);
-        } else {
+        } else if !matches!(e, SequenceError::Stopped) {
             tracing::warn!(schema = %self.ctx.schema, error = %e, "another flush failed");
         }
     }
@@ -1253,7 +1300,12 @@ impl Window {
             }
         }
         let error = self.error.take().expect("failed window has an error");
-        if let Some(job) = self.failed.take().filter(|_| !is_transient(&error)) {
+        let stopped = matches!(error, SequenceError::Stopped);
+        if let Some(job) = self
+            .failed
+            .take()
+            .filter(|_| !stopped && !is_transient(&error))
+        {
             self.name_poison(&job).await;
         }
         Err(error)

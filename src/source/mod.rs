@@ -62,7 +62,10 @@ pub enum IngestError {
         ts: Hlc,
         skew: String,
     },
-    #[error("could not look up schema {schema} in the target: {}", crate::target::safe(error))]
+    #[error(
+        "could not look up schema {schema} in the target: {}",
+        crate::target::safe(error)
+    )]
     Lookup {
         schema: String,
         #[source]

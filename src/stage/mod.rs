@@ -38,7 +38,10 @@ pub struct StageArgs {
 pub enum StageError {
     #[error("staging schema {0:?} is not valid: {1}")]
     Schema(String, String),
-    #[error("could not create staging table {table}: {}", crate::target::safe(source))]
+    #[error(
+        "could not create staging table {table}: {}",
+        crate::target::safe(source)
+    )]
     Create {
         table: String,
         #[source]
@@ -46,13 +49,19 @@ pub enum StageError {
     },
     #[error("could not write staged mutations: {}", crate::target::safe(.0))]
     Write(#[source] sqlx::Error),
-    #[error("could not read staged mutations of {table}: {}", crate::target::safe(source))]
+    #[error(
+        "could not read staged mutations of {table}: {}",
+        crate::target::safe(source)
+    )]
     Read {
         table: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("could not retire staged mutations of {table}: {}", crate::target::safe(source))]
+    #[error(
+        "could not retire staged mutations of {table}: {}",
+        crate::target::safe(source)
+    )]
     Retire {
         table: String,
         #[source]
