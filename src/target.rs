@@ -405,6 +405,14 @@ mod tests {
         let other = sqlx::Error::PoolTimedOut;
         assert_eq!(safe(&other).to_string(), other.to_string());
     }
+
+    #[test]
+    fn ingest_leaves_a_quarter_of_the_pool_to_the_pipelines() {
+        assert_eq!(ingest_permits(128), 96);
+        assert_eq!(ingest_permits(8), 6);
+        assert_eq!(ingest_permits(4), 2);
+        assert_eq!(ingest_permits(2), 1);
+    }
 }
 
 /// Flags for the target and staging connections.
@@ -814,8 +822,8 @@ impl Gate {
         &self,
         work: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
-        if let Some(h) = self.health.iter().find(|h| h.is_down()) {
-            return Err(Unreachable(h.what()).into());
+        if let Some(down) = self.down() {
+            return Err(down.into());
         }
         let unreachable = async {
             if self.health.is_empty() {
@@ -833,6 +841,14 @@ impl Gate {
             r = gated => r,
             u = unreachable => Err(u.into()),
         }
+    }
+
+    /// The first database known to be unreachable, if any.
+    pub fn down(&self) -> Option<Unreachable> {
+        self.health
+            .iter()
+            .find(|h| h.is_down())
+            .map(|h| Unreachable(h.what()))
     }
 
     /// Records the outcome of a request's database work.

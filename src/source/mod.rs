@@ -573,7 +573,12 @@ impl Handler for IngestHandler {
     fn health(&self) -> BoxFuture<'static, Result<(), String>> {
         let staging = self.0.staging.pool.clone();
         let target = self.0.target.pool.clone();
+        let down = self.0.gate.down();
         Box::pin(async move {
+            // Known unreachable: answer now rather than after the pool's acquire timeout.
+            if let Some(e) = down {
+                return Err(e.to_string());
+            }
             sqlx::query("SELECT 1")
                 .execute(&staging)
                 .await
