@@ -65,7 +65,8 @@ pub struct Running {
 }
 
 impl Running {
-    /// Graceful stop: in-flight requests finish, pipelines finish their transaction.
+    /// Graceful stop within `--gracePeriod`: in-flight requests and flushes finish, or are
+    /// abandoned at its end.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());

@@ -473,7 +473,12 @@ async fn unless_stopped<T>(
     let mut stop = stop.clone();
     tokio::select! {
         done = work => Some(done),
-        _ = async { let _ = stop.wait_for(|s| *s).await.map(|_| ()); } => None,
+        _ = async {
+            // A dropped sender never stops the work.
+            if stop.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        } => None,
     }
 }
 
@@ -491,7 +496,9 @@ async fn begin_unless_stopped<'c>(
 
 /// Resolves once the sequencer abandons the windows in flight.
 async fn abandoned(abandon: &mut watch::Receiver<bool>) {
-    let _ = abandon.wait_for(|a| *a).await.map(|_| ());
+    if abandon.wait_for(|a| *a).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// How long releasing the lease may take when the pipeline stops.
@@ -1043,12 +1050,12 @@ impl Window {
                 tokio::select! {
                     p = pages.recv() => Next::Page(p),
                     ev = self.wait() => Next::Event(ev),
-                    _ = stop.changed() => continue,
+                    Ok(()) = stop.changed() => continue,
                 }
             } else {
                 tokio::select! {
                     p = pages.recv() => Next::Page(p),
-                    _ = stop.changed() => continue,
+                    Ok(()) = stop.changed() => continue,
                 }
             };
             let page = match next {
