@@ -74,6 +74,7 @@ async fn an_unreachable_database_is_answered_503_at_once_and_does_not_hold_up_sh
             .await
             .expect("an answer");
         let took = started.elapsed();
+        eprintln!("attempt {attempt}: {} after {took:?}", answer.status);
         assert_eq!(
             answer.status,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -104,6 +105,7 @@ async fn an_unreachable_database_is_answered_503_at_once_and_does_not_hold_up_sh
     assert_eq!(p.post(path, resolved(2)).await, StatusCode::OK);
     stop_cluster(&db).await;
     let took = terminate(&mut p, Duration::from_secs(20)).await;
+    eprintln!("shutdown with the database down took {took:?}");
     assert!(took < Duration::from_secs(4), "shutdown took {took:?}");
     start_cluster(&db).await;
 }
@@ -257,6 +259,7 @@ async fn sigterm_during_a_slow_window_exits_within_the_grace_period_and_resumes_
     })
     .await;
     let took = terminate(&mut p, Duration::from_secs(30)).await;
+    eprintln!("exit after SIGTERM took {took:?}");
     assert!(
         took < Duration::from_millis(3500),
         "exit took {took:?} with a grace period of 3s"
