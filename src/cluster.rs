@@ -1,5 +1,6 @@
-//! Throwaway PostgreSQL clusters for the demo, the benchmark and the tests: `initdb` once per
-//! process into a template, copied per cluster, started with `pg_ctl` on a free loopback port.
+//! Throwaway PostgreSQL clusters for the demo, the benchmark and the tests: `initdb` once into a
+//! template shared by every process, copied per cluster, started with `pg_ctl` on a free loopback
+//! port.
 //! As root, the server binaries run as the `postgres` user, as PostgreSQL insists.
 
 use std::ffi::OsStr;
@@ -139,7 +140,8 @@ fn unique_dir(prefix: &str) -> Result<PathBuf, ClusterError> {
     Ok(dir)
 }
 
-/// The per-process template data directory, made by one `initdb`.
+/// The template data directory, made by one `initdb` and shared by every process using the same
+/// server binaries and owner, so test runs do not leave a template behind each.
 fn template(bin: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf, ClusterError> {
     static TEMPLATE: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
     let lock = TEMPLATE.get_or_init(|| Mutex::new(None));
@@ -147,22 +149,54 @@ fn template(bin: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf, ClusterErr
     if let Some(p) = guard.as_ref() {
         return Ok(p.clone());
     }
-    let root = unique_dir("template")?;
-    chown_tree(&root, owner)?;
-    let data = root.join("data");
-    run(
-        command(bin, "initdb", owner).arg("-D").arg(&data).args([
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-sync",
-            "--locale=C",
-        ]),
-        "initdb",
+    let version = run(
+        command(bin, "initdb", owner).arg("--version"),
+        "initdb --version",
     )?;
+    let key = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bin.hash(&mut h);
+        version.stdout.hash(&mut h);
+        owner.hash(&mut h);
+        h.finish()
+    };
+    let shared = std::env::temp_dir().join(format!("cdc-sink-template-{key:016x}"));
+    // The marker is written last, so a directory with it holds a complete initdb.
+    let ready = |root: &Path| root.join("ready").exists();
+    if !ready(&shared) {
+        let root = unique_dir("template-build")?;
+        chown_tree(&root, owner)?;
+        run(
+            command(bin, "initdb", owner)
+                .arg("-D")
+                .arg(root.join("data"))
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "--locale=C",
+                ]),
+            "initdb",
+        )?;
+        std::fs::write(root.join("ready"), b"")
+            .map_err(|e| ClusterError::Io(root.display().to_string(), e))?;
+        // Another process may have won the race (or left an unfinished directory behind).
+        if std::fs::rename(&root, &shared).is_err() {
+            if !ready(&shared) {
+                let _ = std::fs::remove_dir_all(&shared);
+                std::fs::rename(&root, &shared)
+                    .map_err(|e| ClusterError::Io(shared.display().to_string(), e))?;
+            } else {
+                let _ = std::fs::remove_dir_all(&root);
+            }
+        }
+    }
+    let data = shared.join("data");
     *guard = Some(data.clone());
     Ok(data)
 }

@@ -1,5 +1,16 @@
 //! The one catalogue of metric names. Names follow the reference so its dashboards work; each
-//! is described once, at start, by [`describe`]. Labels are `schema`, `table` (never row values).
+//! is described once, at start, by [`describe`]. Labels are `schema` (`db.schema` as written),
+//! `table` (the name as written), never row values. Counters of a table and its schema are
+//! registered at 0 the first time this process stages or reads the table ([`register_table`]).
+//!
+//! Where our pipeline differs from the reference's, a family maps to its nearest part (each
+//! description says what it measures here): the staging reader and cross-table merger are the
+//! window's page reader and flush dispatcher (`stage_read_*`, `stage_merge_*`); the key lock set
+//! is the flush dispatcher's key locks (`lockset_*{set="scheduler"}`, `sequencer_scheduler_*`).
+//! Served at 0 because sqlx does not tell: `stmtcache_*`, `pool_constructing_connection_count`.
+//! Not served: the legacy `stage_select_*` (never updated by the reference either). Deviations:
+//! `cdc_sink_info` carries `version` rather than Go build labels, and `core_sweep_active_bool`
+//! is per schema (the lease is), without `table`.
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -13,6 +24,12 @@ pub const LABEL_KIND: &str = "kind";
 pub const LABEL_TARGET: &str = "target";
 pub const LABEL_DLQ: &str = "dlq";
 pub const LABEL_MODE: &str = "mode";
+pub const LABEL_LEVEL: &str = "level";
+pub const LABEL_SET: &str = "set";
+/// The one `set` label value of the `lockset_*` family: the per-schema flush scheduler.
+pub const SET_SCHEDULER: &str = "scheduler";
+
+pub const LOG_MESSAGES: &str = "log_message_count";
 
 pub const INFO: &str = "cdc_sink_info";
 pub const START_SECONDS: &str = "cdc_sink_start_seconds";
@@ -45,7 +62,13 @@ pub const STAGE_ERRORS: &str = "stage_errors_total";
 pub const STAGE_DURATION: &str = "stage_duration_seconds";
 pub const STAGE_READ_ROWS: &str = "stage_read_rows";
 pub const STAGE_READ_DURATION: &str = "stage_read_duration_seconds";
+pub const STAGE_READ_LAG: &str = "stage_read_lag_seconds";
+pub const STAGE_READ_QUEUE: &str = "stage_read_queue_count";
+pub const STAGE_MERGE_LAG: &str = "stage_merge_lag_seconds";
+pub const STAGE_MERGE_QUEUE: &str = "stage_merge_queue_count";
 pub const STAGE_STALE: &str = "stage_stale_mutations_count";
+pub const STAGE_BACKLOG: &str = "stage_backlog_mutations";
+pub const STAGE_RETIRE_ERRORS: &str = "stage_retire_errors_total";
 pub const STAGE_RETIRE_DURATION: &str = "stage_retire_duration_seconds";
 pub const SCRIPT_ENTRY_WAIT: &str = "script_entry_wait_seconds";
 pub const SCRIPT_EXEC_TIME: &str = "script_exec_time_seconds";
@@ -76,6 +99,14 @@ pub const BEST_EFFORT_ERRORS: &str = "best_effort_accept_error_count";
 pub const BEST_EFFORT_DURATION: &str = "best_effort_accept_duration_seconds";
 pub const SEQUENCE_MODE: &str = "sequence_mode";
 
+pub const SCHEDULER_EXECUTED: &str = "sequencer_scheduler_executed_tasks_count";
+pub const SCHEDULER_EXECUTING: &str = "sequencer_scheduler_executing_tasks_count";
+pub const LOCKSET_DEFERRED_START: &str = "lockset_deferred_start_count";
+pub const LOCKSET_IMMEDIATE_START: &str = "lockset_immediate_start_count";
+pub const LOCKSET_RETRIED: &str = "lockset_retried_tasks_count";
+pub const LOCKSET_EXEC_WAIT: &str = "lockset_exec_wait_seconds";
+pub const LOCKSET_EXEC_COMPLETE: &str = "lockset_exec_complete_seconds";
+
 pub const RETRY_ACTIONS: &str = "retry_actions_total";
 pub const RETRY_RETRIED: &str = "retry_retried_total";
 pub const RETRY_ABORTED: &str = "retry_aborted_total";
@@ -83,6 +114,18 @@ pub const RETRY_ABORTED: &str = "retry_aborted_total";
 pub const POOL_ACQUIRED: &str = "pool_acquired_connection_count";
 pub const POOL_IDLE: &str = "pool_idle_connection_count";
 pub const POOL_MAX: &str = "pool_max_connection_count";
+pub const POOL_CONSTRUCTING: &str = "pool_constructing_connection_count";
+pub const POOL_ACQUIRE_WAIT_COUNT: &str = "pool_acquire_wait_count";
+pub const POOL_ACQUIRE_WAIT_SECONDS: &str = "pool_acquire_wait_seconds";
+pub const POOL_DIAL_ERRORS: &str = "pool_dial_error_count";
+pub const POOL_DIAL_SUCCESS: &str = "pool_dial_success_count";
+pub const POOL_DIAL_LATENCY: &str = "pool_dial_latency_seconds";
+pub const POOL_SQL_READY_LATENCY: &str = "pool_sql_ready_latency_seconds";
+
+pub const STMTCACHE_HITS: &str = "stmtcache_hits_total";
+pub const STMTCACHE_MISSES: &str = "stmtcache_misses_total";
+pub const STMTCACHE_RELEASES: &str = "stmtcache_releases_total";
+pub const STMTCACHE_DROPS: &str = "stmtcache_drops_total";
 
 pub const DLQ_MUTATIONS: &str = "dlq_mutations_total";
 pub const DLQ_REPLAYED: &str = "dlq_replayed_total";
@@ -156,6 +199,7 @@ pub fn install() -> PrometheusHandle {
             // Another recorder may already be installed (e.g. by a test); keep ours rendering.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            register_global();
             metrics::gauge!(INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             metrics::gauge!(START_SECONDS).set(
                 std::time::SystemTime::now()
@@ -252,8 +296,36 @@ fn describe() {
     describe_counter!(STAGE_READ_ROWS, "staged rows read for apply");
     describe_histogram!(STAGE_READ_DURATION, Unit::Seconds, "staging read latency");
     describe_gauge!(
+        STAGE_READ_LAG,
+        Unit::Seconds,
+        "now minus the end of the staged range the window reader last read from the table"
+    );
+    describe_gauge!(
+        STAGE_READ_QUEUE,
+        "rows of the table in the page the window reader read last (handed to the appliers)"
+    );
+    describe_gauge!(
+        STAGE_MERGE_LAG,
+        Unit::Seconds,
+        "now minus the end of the last page merged across the schema's tables into flushes"
+    );
+    describe_gauge!(
+        STAGE_MERGE_QUEUE,
+        "rows of the schema's window dispatched to flushes and not applied yet"
+    );
+    describe_gauge!(
         STAGE_STALE,
-        "unapplied staged rows behind the committed checkpoint"
+        "rows the last periodic sweep found staged at or below the committed checkpoint \
+(redeliveries, deleted by that sweep)"
+    );
+    describe_gauge!(
+        STAGE_BACKLOG,
+        "staged rows not applied yet, counted every 10s by the lease holder up to a cap of \
+100000 per table (a bounded index scan; the cap means at least that many)"
+    );
+    describe_counter!(
+        STAGE_RETIRE_ERRORS,
+        "failed deletions of applied staged rows"
     );
     describe_counter!(
         STAGE_BELOW_CHECKPOINT,
@@ -363,12 +435,95 @@ or serialization failure while running alongside them)"
         SEQUENCE_MODE,
         "1 for the sequencing mode a schema runs in (label mode: consistent, best_effort, immediate), 0 for the others"
     );
+    describe_counter!(
+        LOG_MESSAGES,
+        "log events written, by level (error, warning, info, debug, trace)"
+    );
+    describe_counter!(
+        SCHEDULER_EXECUTED,
+        "apply flushes finished by the per-schema flush schedulers"
+    );
+    describe_gauge!(
+        SCHEDULER_EXECUTING,
+        "apply flushes running now, over every schema"
+    );
+    describe_counter!(
+        LOCKSET_IMMEDIATE_START,
+        "flushes started at once: a free slot and none of their keys held by an earlier flush"
+    );
+    describe_counter!(
+        LOCKSET_DEFERRED_START,
+        "flushes that waited for a slot, for an earlier flush holding one of their keys, or for \
+the lease renewal"
+    );
+    describe_counter!(
+        LOCKSET_RETRIED,
+        "flushes run a second time once every earlier flush had finished"
+    );
+    describe_histogram!(
+        LOCKSET_EXEC_WAIT,
+        Unit::Seconds,
+        "time from a flush's dispatch to its start"
+    );
+    describe_histogram!(
+        LOCKSET_EXEC_COMPLETE,
+        Unit::Seconds,
+        "time from a flush's dispatch to its end"
+    );
     describe_counter!(RETRY_ACTIONS, "database actions run under the retry helper");
     describe_counter!(RETRY_RETRIED, "database actions retried, by SQLSTATE");
     describe_counter!(RETRY_ABORTED, "database actions abandoned, by SQLSTATE");
     describe_gauge!(POOL_ACQUIRED, "connections in use");
     describe_gauge!(POOL_IDLE, "idle connections");
     describe_gauge!(POOL_MAX, "maximum connections");
+    describe_gauge!(
+        POOL_CONSTRUCTING,
+        "always 0: sqlx counts a connection being opened as in use, so it shows in \
+pool_acquired_connection_count"
+    );
+    describe_counter!(
+        POOL_ACQUIRE_WAIT_COUNT,
+        "connections acquired for a transaction or a held connection (statements run directly \
+on the pool acquire inside sqlx and are not counted)"
+    );
+    describe_gauge!(
+        POOL_ACQUIRE_WAIT_SECONDS,
+        Unit::Seconds,
+        "total time spent acquiring the connections counted by pool_acquire_wait_count"
+    );
+    describe_counter!(POOL_DIAL_SUCCESS, "connections opened");
+    describe_counter!(
+        POOL_DIAL_ERRORS,
+        "connection attempts that failed (seen by a counted acquire)"
+    );
+    describe_histogram!(
+        POOL_DIAL_LATENCY,
+        Unit::Seconds,
+        "time from the start of a counted acquire to the new connection it opened being \
+authenticated (TCP, TLS and startup; a wait for a pool slot before it is included)"
+    );
+    describe_histogram!(
+        POOL_SQL_READY_LATENCY,
+        Unit::Seconds,
+        "the same as pool_dial_latency_seconds: sqlx opens and authenticates a connection in \
+one step and runs no setup statement after it"
+    );
+    describe_counter!(
+        STMTCACHE_HITS,
+        "always 0: sqlx caches prepared statements inside each connection and exposes no hit count"
+    );
+    describe_counter!(
+        STMTCACHE_MISSES,
+        "always 0: sqlx caches prepared statements inside each connection and exposes no miss count"
+    );
+    describe_counter!(
+        STMTCACHE_RELEASES,
+        "always 0: sqlx closes evicted statements inside each connection without telling"
+    );
+    describe_counter!(
+        STMTCACHE_DROPS,
+        "always 0: sqlx drops a closed connection's statements without telling"
+    );
     describe_counter!(DLQ_MUTATIONS, "mutations written to a dead-letter queue");
     describe_counter!(
         DLQ_REPLAYED,
@@ -398,6 +553,125 @@ or serialization failure while running alongside them)"
     );
 }
 
+/// Series present at 0 from the start, whatever work has happened yet.
+fn register_global() {
+    for level in LEVELS {
+        metrics::counter!(LOG_MESSAGES, LABEL_LEVEL => level).increment(0);
+    }
+    let set = [(LABEL_SET, SET_SCHEDULER)];
+    for name in [
+        LOCKSET_IMMEDIATE_START,
+        LOCKSET_DEFERRED_START,
+        LOCKSET_RETRIED,
+    ] {
+        metrics::counter!(name, &set).increment(0);
+    }
+    for name in [
+        SCHEDULER_EXECUTED,
+        RETRY_ACTIONS,
+        STMTCACHE_HITS,
+        STMTCACHE_MISSES,
+        STMTCACHE_RELEASES,
+        STMTCACHE_DROPS,
+        INGEST_NO_SUCH_SCHEMA,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    metrics::gauge!(SCHEDULER_EXECUTING).increment(0.0);
+}
+
+/// Registers a pool's counters at 0 (label `pool`: `target` or `staging`).
+pub fn register_pool(pool: &'static str) {
+    let l = [(LABEL_POOL, pool)];
+    for name in [POOL_ACQUIRE_WAIT_COUNT, POOL_DIAL_SUCCESS, POOL_DIAL_ERRORS] {
+        metrics::counter!(name, &l).increment(0);
+    }
+    metrics::gauge!(POOL_ACQUIRE_WAIT_SECONDS, &l).increment(0.0);
+    metrics::gauge!(POOL_CONSTRUCTING, &l).set(0.0);
+}
+
+/// Registers the counters of a schema at 0, with the labels their recording sites use.
+pub fn register_schema(schema: &crate::ident::Schema) {
+    let target = [
+        (LABEL_KIND, "cdc".to_string()),
+        (LABEL_TARGET, schema.to_string()),
+    ];
+    for name in [MUTATIONS_RECEIVED, MUTATIONS_SUCCESS, MUTATIONS_ERROR] {
+        metrics::counter!(name, &target).increment(0);
+    }
+    let l = [(LABEL_SCHEMA, schema.to_string())];
+    for name in [
+        CHECKPOINT_BACKWARDS,
+        CORE_SWEEP_APPLY_COUNT,
+        CORE_SWEEP_SKEW,
+        CORE_FLUSH_OVERLAPS,
+        CORE_FLUSH_DEFERRED,
+        POISON_BACKOFF,
+        STAGE_BELOW_CHECKPOINT,
+        STAGE_SKIPPED_APPLIED,
+        INGEST_AHEAD_OF_CLOCK,
+    ] {
+        metrics::counter!(name, &l).increment(0);
+    }
+}
+
+/// Registers the counters of a table (and of its schema) at 0, with the labels their
+/// recording sites use: the first time this process stages or reads the table.
+pub fn register_table(table: &crate::ident::Table) {
+    register_schema(&table.schema);
+    let l = table_labels(table);
+    for name in [
+        STAGE_MUTATIONS,
+        STAGE_DUPLICATES,
+        STAGE_ERRORS,
+        STAGE_READ_ROWS,
+        STAGE_RETIRE_ERRORS,
+        APPLY_UPSERTS,
+        APPLY_DELETES,
+        APPLY_ERRORS,
+        APPLY_CONFLICTS,
+        APPLY_RESOLVES,
+    ] {
+        metrics::counter!(name, &l).increment(0);
+    }
+}
+
+/// The `schema` and `table` labels of a table: `db.schema` and the name as written.
+pub fn table_labels(table: &crate::ident::Table) -> [(&'static str, String); 2] {
+    [
+        (LABEL_SCHEMA, table.schema.to_string()),
+        (LABEL_TABLE, table.name.raw().to_string()),
+    ]
+}
+
+/// The `level` label values of `log_message_count`, named as the reference names them.
+const LEVELS: [&str; 5] = ["error", "warning", "info", "debug", "trace"];
+
+fn level_label(level: &tracing::Level) -> &'static str {
+    match *level {
+        tracing::Level::ERROR => LEVELS[0],
+        tracing::Level::WARN => LEVELS[1],
+        tracing::Level::INFO => LEVELS[2],
+        tracing::Level::DEBUG => LEVELS[3],
+        tracing::Level::TRACE => LEVELS[4],
+    }
+}
+
+/// A tracing layer counting events by level into `log_message_count{level}`. Placed over the
+/// log filter, it counts the events that are written, not every event the code could emit.
+pub struct LogCounter;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogCounter {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        metrics::counter!(LOG_MESSAGES, LABEL_LEVEL => level_label(event.metadata().level()))
+            .increment(1);
+    }
+}
+
 // The changefeed emulator (`cdc-sink feed`), the kv workload and the verifier; described by
 // their modules when they start.
 pub const LABEL_FEED: &str = "feed";
@@ -417,6 +691,84 @@ pub const VERIFY_CLEAN_CHECKS: &str = "verify_consecutive_clean_checks";
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// Emits one event per level under a subscriber shaped like the command's (the log filter
+    /// inside, the counter over it) and returns the rendered counts.
+    fn count_logs(filter: &str) -> String {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::sink)
+            .finish()
+            .with(LogCounter);
+        metrics::with_local_recorder(&recorder, || {
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::error!("e");
+                tracing::warn!("w");
+                tracing::warn!("w");
+                tracing::info!("i");
+                tracing::debug!("d");
+                tracing::trace!("t");
+            })
+        });
+        handle.render()
+    }
+
+    #[test]
+    fn logged_events_are_counted_by_level() {
+        let page = count_logs("info");
+        assert!(
+            page.contains("log_message_count{level=\"error\"} 1"),
+            "{page}"
+        );
+        assert!(
+            page.contains("log_message_count{level=\"warning\"} 2"),
+            "{page}"
+        );
+        assert!(
+            page.contains("log_message_count{level=\"info\"} 1"),
+            "{page}"
+        );
+        // Filtered out events are not written, so not counted.
+        assert!(!page.contains("level=\"debug\""), "{page}");
+        assert!(!page.contains("level=\"trace\""), "{page}");
+        let page = count_logs("trace");
+        assert!(
+            page.contains("log_message_count{level=\"debug\"} 1"),
+            "{page}"
+        );
+        assert!(
+            page.contains("log_message_count{level=\"trace\"} 1"),
+            "{page}"
+        );
+    }
+
+    #[test]
+    fn registered_series_start_at_zero() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let table = crate::ident::Table::new(crate::ident::Schema::new("Db", "public"), "T");
+        metrics::with_local_recorder(&recorder, || {
+            register_global();
+            register_pool("target");
+            register_table(&table);
+        });
+        let page = handle.render();
+        for line in [
+            "apply_errors_total{schema=\"Db.public\",table=\"T\"} 0",
+            "stage_retire_errors_total{schema=\"Db.public\",table=\"T\"} 0",
+            "mutations_error_count{kind=\"cdc\",target=\"Db.public\"} 0",
+            "sequence_poison_backoff_total{schema=\"Db.public\"} 0",
+            "lockset_deferred_start_count{set=\"scheduler\"} 0",
+            "log_message_count{level=\"error\"} 0",
+            "stmtcache_hits_total 0",
+            "pool_dial_error_count{pool=\"target\"} 0",
+        ] {
+            assert!(page.contains(line), "{line} missing from {page}");
+        }
+    }
 
     #[test]
     fn buckets_are_sorted_and_span_the_reference_ranges() {

@@ -68,6 +68,74 @@ pub struct Database {
     pub database: String,
 }
 
+impl Database {
+    /// Begins a transaction on a connection from [`Database::acquire`].
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        sqlx::Transaction::begin(self.acquire().await?, None).await
+    }
+
+    /// Takes a connection from the pool, counting the wait in `pool_acquire_wait_*` and, when
+    /// it opens a new connection, the time to open it in `pool_dial_latency_seconds`.
+    pub async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+        acquire_counted(&self.pool).await
+    }
+}
+
+/// See [`Database::acquire`].
+async fn acquire_counted(
+    pool: &PgPool,
+) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let result = ACQUIRE_STARTED.scope(started, pool.acquire()).await;
+    let l = [(crate::metrics::LABEL_POOL, pool_name(pool))];
+    match &result {
+        Ok(_) => {
+            metrics::counter!(crate::metrics::POOL_ACQUIRE_WAIT_COUNT, &l).increment(1);
+            metrics::gauge!(crate::metrics::POOL_ACQUIRE_WAIT_SECONDS, &l)
+                .increment(started.elapsed().as_secs_f64());
+        }
+        // The pool's own verdicts; anything else came from opening a connection.
+        Err(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {}
+        Err(_) => metrics::counter!(crate::metrics::POOL_DIAL_ERRORS, &l).increment(1),
+    }
+    result
+}
+
+tokio::task_local! {
+    /// When the acquire running in this task began: a connection it opens is timed from it.
+    static ACQUIRE_STARTED: std::time::Instant;
+}
+
+/// The `pool` label of each open pool, keyed by the address of its options (one per pool,
+/// shared by its clones): sqlx pools carry no name.
+static POOL_NAMES: std::sync::Mutex<Vec<(usize, &'static str)>> = std::sync::Mutex::new(Vec::new());
+
+fn pool_key(pool: &PgPool) -> usize {
+    std::ptr::from_ref(pool.options()) as usize
+}
+
+/// Gives `pool` its `pool` label and registers its series.
+fn name_pool(pool: &PgPool, what: &'static str) {
+    {
+        // A pool dropped earlier may have left its options at the same address.
+        let mut names = POOL_NAMES.lock().expect("poisoned");
+        let key = pool_key(pool);
+        names.retain(|(k, _)| *k != key);
+        names.push((key, what));
+    }
+    crate::metrics::register_pool(what);
+}
+
+fn pool_name(pool: &PgPool) -> &'static str {
+    let key = pool_key(pool);
+    POOL_NAMES
+        .lock()
+        .expect("poisoned")
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map_or("target", |(_, name)| name)
+}
+
 /// Accepts the reference's schemes (`pg`, `pgx` are aliases of `postgres`).
 fn normalise_url(url: &str) -> Result<String, TargetError> {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -128,16 +196,25 @@ pub async fn open_watched(
         .idle_timeout(Some(settings.idle_timeout))
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .test_before_acquire(false)
-        .after_connect(move |_, _| {
+        .after_connect(move |_conn, _meta| {
             connected.ok();
-            Box::pin(async { Ok(()) })
+            Box::pin(async move {
+                record_dial(what);
+                Ok(())
+            })
         })
         .connect_lazy_with(opts);
+    name_pool(&pool, what);
+    // The first connection is opened here, through a counted acquire: it is timed.
+    let mut conn = acquire_counted(&pool)
+        .await
+        .map_err(|source| TargetError::Connect { what, source })?;
     let (version, database): (String, String) =
         sqlx::query_as("SELECT version(), current_database()")
-            .fetch_one(&pool)
+            .fetch_one(&mut *conn)
             .await
             .map_err(|source| TargetError::Connect { what, source })?;
+    drop(conn);
     let dialect = if version.contains("CockroachDB") {
         Dialect::Cockroach
     } else {
@@ -158,6 +235,9 @@ pub async fn open_watched(
 /// ingest does not wait this long for an unreachable database (see [`Health`]).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The `pool` label of the control pool.
+pub const CONTROL: &str = "control";
+
 /// Connections of the control pool: lease renewals and checkpoint commits, short statements
 /// that must not queue behind ingest or bulk apply work.
 const CONTROL_CONNECTIONS: u32 = 4;
@@ -176,12 +256,30 @@ pub fn control_pool(
         .idle_timeout(Some(settings.idle_timeout))
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .test_before_acquire(false)
+        .after_connect(|_conn, _meta| {
+            Box::pin(async {
+                record_dial(CONTROL);
+                Ok(())
+            })
+        })
         .connect_lazy_with(opts);
+    name_pool(&pool, CONTROL);
     Ok(Database {
         pool,
         dialect: db.dialect,
         database: db.database.clone(),
     })
+}
+
+/// Counts a connection just opened and, when a counted acquire opened it, times it.
+fn record_dial(pool: &'static str) {
+    let l = [(crate::metrics::LABEL_POOL, pool)];
+    metrics::counter!(crate::metrics::POOL_DIAL_SUCCESS, &l).increment(1);
+    if let Ok(started) = ACQUIRE_STARTED.try_with(|s| *s) {
+        let secs = started.elapsed().as_secs_f64();
+        metrics::histogram!(crate::metrics::POOL_DIAL_LATENCY, &l).record(secs);
+        metrics::histogram!(crate::metrics::POOL_SQL_READY_LATENCY, &l).record(secs);
+    }
 }
 
 /// SQLSTATEs worth retrying at once: serialization failures and dropped connections.
@@ -284,7 +382,7 @@ pub async fn run_ddl(db: &Database, stmts: &[String]) -> Result<(), sqlx::Error>
 async fn run_ddl_once(db: &Database, stmts: &[String]) -> Result<(), sqlx::Error> {
     match db.dialect {
         Dialect::Postgres => {
-            let mut tx = db.pool.begin().await?;
+            let mut tx = db.begin().await?;
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
                 .bind(DDL_LOCK)
                 .execute(&mut *tx)

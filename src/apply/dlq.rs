@@ -168,8 +168,8 @@ impl Applier {
         for (name, n) in &per_name {
             metrics::counter!(
                 DLQ_MUTATIONS,
-                LABEL_SCHEMA => table.schema.canonical(),
-                LABEL_TABLE => table.name.canonical(),
+                LABEL_SCHEMA => table.schema.to_string(),
+                LABEL_TABLE => table.name.raw().to_string(),
                 LABEL_DLQ => name.to_string()
             )
             .increment(*n);

@@ -26,7 +26,7 @@ use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics::{
     APPLY_CONFLICTS, APPLY_DELETES, APPLY_DURATION, APPLY_ERRORS, APPLY_MUTATION_AGE,
-    APPLY_RESOLVES, APPLY_UPSERTS, LABEL_SCHEMA, LABEL_TABLE,
+    APPLY_RESOLVES, APPLY_UPSERTS,
 };
 use crate::mutation::Mutation;
 use crate::target::{self, Database, Dialect};
@@ -363,7 +363,7 @@ impl Applier {
         let dialect = self.inner.target.dialect;
         let loaded = match conn {
             Some(c) => schema::load(c, dialect, schema).await,
-            None => match self.inner.target.pool.acquire().await {
+            None => match self.inner.target.acquire().await {
                 Ok(mut c) => schema::load(&mut c, dialect, schema).await,
                 Err(error) => Err(ApplyError::Introspect {
                     schema: schema.to_string(),
@@ -466,10 +466,7 @@ impl Applier {
         }
         let start = Instant::now();
         let result = self.apply_once_or_twice(conn, table, muts).await;
-        let labels = [
-            (LABEL_SCHEMA, table.schema.canonical()),
-            (LABEL_TABLE, table.name.canonical()),
-        ];
+        let labels = crate::metrics::table_labels(table);
         match &result {
             Ok((stats, times)) => {
                 metrics::counter!(APPLY_UPSERTS, &labels).increment(stats.upserts);

@@ -116,7 +116,7 @@ WHERE l.expires < now() RETURNING nonce::TEXT",
         lease: &Lease,
         lifetime: Duration,
     ) -> Result<bool, CheckpointError> {
-        let mut conn = self.db.pool.acquire().await.map_err(CheckpointError::Sql)?;
+        let mut conn = self.db.acquire().await.map_err(CheckpointError::Sql)?;
         self.renew(&mut conn, lease, lifetime).await
     }
 

@@ -408,7 +408,7 @@ max(source_hlc)::TEXT FROM {t} GROUP BY group_name ORDER BY group_name",
             ranges: ranges_table,
         } = tables;
         let group = schema.canonical();
-        let mut tx = self.db.pool.begin().await.map_err(CheckpointError::Sql)?;
+        let mut tx = self.db.begin().await.map_err(CheckpointError::Sql)?;
         let lease_stmt = if execute {
             format!("DELETE FROM {leases_table} WHERE name = $1 RETURNING hostname")
         } else {

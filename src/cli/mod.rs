@@ -140,6 +140,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn init_logging(args: &LogArgs, quiet: bool) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::EnvFilter;
     let level = match args.verbose {
         0 if quiet => "warn",
@@ -170,10 +172,21 @@ fn init_logging(args: &LogArgs, quiet: bool) -> anyhow::Result<()> {
         }
         None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
     };
+    // The counter sits over the filter: it counts what is written.
+    let counter = crate::metrics::LogCounter;
     let result = if args.log_format == "text" {
-        builder.with_writer(writer).try_init()
+        builder
+            .with_writer(writer)
+            .finish()
+            .with(counter)
+            .try_init()
     } else {
-        builder.json().with_writer(writer).try_init()
+        builder
+            .json()
+            .with_writer(writer)
+            .finish()
+            .with(counter)
+            .try_init()
     };
     result.map_err(|e| anyhow::anyhow!("logging: {e}"))
 }

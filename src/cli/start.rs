@@ -185,6 +185,7 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
     if separate_staging {
         crate::target::spawn_pool_metrics(&staging, "staging");
     }
+    crate::target::spawn_pool_metrics(&control, crate::target::CONTROL);
     let stager = Arc::new(Stager::open(staging.clone(), &args.stage.staging_schema).await?);
     let checkpoints = Checkpoints::open(staging.clone(), stager.schema()).await?;
     let leases = Arc::new(Leases::open(control.clone(), stager.schema()).await?);

@@ -97,12 +97,7 @@ async fn accept_once(
 ) -> Result<Outcome, SequenceError> {
     let stager = &parts.stager;
     let hooks = parts.hooks.as_ref();
-    let mut tx = parts
-        .target
-        .pool
-        .begin()
-        .await
-        .map_err(SequenceError::Sql)?;
+    let mut tx = parts.target.begin().await.map_err(SequenceError::Sql)?;
     check_constraints_now(&mut tx, stager.dialect()).await?;
 
     let queued = stager.stage_if_exists(&mut tx, batches).await?;

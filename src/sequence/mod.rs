@@ -474,7 +474,6 @@ impl Sequencer {
         let mut tx = self
             .parts
             .target
-            .pool
             .begin()
             .await
             .map_err(SequenceError::Sql)?;
@@ -493,8 +492,13 @@ impl Sequencer {
     /// Immediate mode: a resolved timestamp is recorded and committed at once.
     pub async fn resolve_now(&self, schema: &Schema, ts: Hlc) -> Result<(), SequenceError> {
         self.parts.checkpoints.advance(schema, ts).await?;
-        let pool = &self.parts.stager.database().pool;
-        let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
+        let mut tx = self
+            .parts
+            .stager
+            .database()
+            .begin()
+            .await
+            .map_err(SequenceError::Sql)?;
         self.parts.checkpoints.commit(&mut tx, schema, ts).await?;
         tx.commit().await.map_err(SequenceError::Sql)?;
         self.parts.checkpoints.committed(schema, ts);

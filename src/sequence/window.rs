@@ -67,6 +67,8 @@ pub(super) struct Pipeline {
     schema: Schema,
     notify: Arc<Notify>,
     lease_name: String,
+    /// Tables whose backlog this instance published while it held the lease.
+    counted: Mutex<Vec<Table>>,
 }
 
 enum Held {
@@ -82,6 +84,7 @@ impl Pipeline {
             schema,
             notify,
             lease_name,
+            counted: Mutex::new(Vec::new()),
         }
     }
 
@@ -132,6 +135,10 @@ impl Pipeline {
                         }
                     };
                     metrics::gauge!(m::CORE_SWEEP_ACTIVE, &schema_label(&self.schema)).set(0.0);
+                    // The next holder counts the backlog now; a stale count here would outlast it.
+                    for table in self.counted.lock().expect("poisoned").drain(..) {
+                        metrics::gauge!(m::STAGE_BACKLOG, &m::table_labels(&table)).set(0.0);
+                    }
                     match held {
                         Held::Stopped => {
                             // Not held up by an unreachable database: the lease expires anyway.
@@ -196,11 +203,16 @@ impl Pipeline {
         // checkpoint move yet may have staged redeliveries below it. Instances re-read the
         // checkpoint every few seconds, so a schema that stays idle gets none and is not swept.
         let mut applied_since_sweep = false;
+        let mut counted: Option<Instant> = None;
         loop {
             if *stop.borrow() {
                 return Held::Stopped;
             }
             let started = Instant::now();
+            if counted.is_none_or(|at| at.elapsed() >= BACKLOG_EVERY) {
+                counted = Some(started);
+                self.count_backlog().await;
+            }
             metrics::gauge!(m::CORE_SWEEP_ATTEMPT_TIMESTAMP, &schema_label(&self.schema))
                 .set(now_seconds());
             let sweep_due = swept.is_none_or(|at| at.elapsed() >= FULL_SWEEP_EVERY);
@@ -320,7 +332,6 @@ impl Pipeline {
                 .parts
                 .stager
                 .database()
-                .pool
                 .acquire()
                 .await
                 .map_err(SequenceError::Sql)?;
@@ -367,6 +378,7 @@ impl Pipeline {
             .run(pages)
             .await;
         reader.abort();
+        metrics::gauge!(m::STAGE_MERGE_QUEUE, &schema_label(&self.schema)).set(0.0);
         *renewed = ctx.renewed();
         let end = result?;
         tracing::debug!(schema = %self.schema, resolved = %end, "window committed");
@@ -429,6 +441,32 @@ impl Pipeline {
         Ok(tables)
     }
 
+    /// Publishes each table's staged backlog (`stage_backlog_mutations`): the unapplied rows
+    /// after the committed checkpoint, counted up to [`BACKLOG_CAP`] each, so the cost stays
+    /// bounded however large staging grows. Only the lease holder counts; a failure is logged
+    /// and the gauges keep their last values.
+    async fn count_backlog(&self) {
+        let parts = &self.parts;
+        let counted = async {
+            let committed = parts.checkpoints.bounds(&self.schema).await?.committed;
+            let info = parts.applier.schema(&self.schema).await?;
+            let tables = self.stageable(&info).await?;
+            let mut tx = parts.stager.reader().await?;
+            for table in &tables {
+                let n = parts
+                    .stager
+                    .count_unapplied(&mut tx, table, committed, BACKLOG_CAP)
+                    .await?;
+                metrics::gauge!(m::STAGE_BACKLOG, &m::table_labels(table)).set(n as f64);
+            }
+            *self.counted.lock().expect("poisoned") = tables;
+            tx.commit().await.map_err(SequenceError::Sql)
+        };
+        if let Err(e) = counted.await {
+            tracing::debug!(schema = %self.schema, error = %e, "could not count the staged backlog");
+        }
+    }
+
     /// Deletes staged rows at or below the committed checkpoint: redeliveries that an
     /// instance staged before it saw the checkpoint move past them. They are never read.
     async fn sweep_below(&self, lease: &Lease, committed: Hlc) -> Result<(), SequenceError> {
@@ -437,7 +475,6 @@ impl Pipeline {
         let mut tx = parts
             .stager
             .database()
-            .pool
             .begin()
             .await
             .map_err(SequenceError::Sql)?;
@@ -446,10 +483,12 @@ impl Pipeline {
         }
         let mut deleted = 0;
         for table in &self.stageable(&info).await? {
-            deleted += parts
+            let n = parts
                 .stager
                 .retire(&mut tx, table, Hlc::ZERO, committed)
                 .await?;
+            metrics::gauge!(m::STAGE_STALE, &m::table_labels(table)).set(n as f64);
+            deleted += n;
         }
         parts
             .ranges
@@ -484,11 +523,11 @@ async fn unless_stopped<T>(
 
 /// A flush's target transaction; a flush that has not got its connection when the pipeline
 /// stops does not start.
-async fn begin_unless_stopped<'c>(
+async fn begin_unless_stopped(
     ctx: &Ctx,
-    pool: &'c sqlx::PgPool,
-) -> Result<sqlx::Transaction<'c, sqlx::Postgres>, SequenceError> {
-    unless_stopped(&ctx.stop, pool.begin())
+    db: &crate::target::Database,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, SequenceError> {
+    unless_stopped(&ctx.stop, db.begin())
         .await
         .ok_or(SequenceError::Stopped)?
         .map_err(SequenceError::Sql)
@@ -507,6 +546,10 @@ const RELEASE_WITHIN: Duration = Duration::from_secs(1);
 /// How often the staged rows at or below the checkpoint are swept (see
 /// [`Pipeline::sweep_below`]); the first window after winning the lease sweeps too.
 const FULL_SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// How often the lease holder counts the staged backlog, and the most rows it counts per table.
+const BACKLOG_EVERY: Duration = Duration::from_secs(10);
+const BACKLOG_CAP: i64 = 100_000;
 
 /// What every task of one window shares.
 struct Ctx {
@@ -572,6 +615,24 @@ impl Drop for OpenTx<'_> {
     fn drop(&mut self) {
         let now = self.0.open.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
         metrics::gauge!(m::CORE_FLUSHES_IN_FLIGHT, &schema_label(&self.0.schema)).set(now as f64);
+    }
+}
+
+/// A running flush, counted in `sequencer_scheduler_executing_tasks_count` until it ends
+/// (finished, failed or aborted with its window), then in `…_executed_tasks_count`.
+struct Executing;
+
+impl Executing {
+    fn start() -> Executing {
+        metrics::gauge!(m::SCHEDULER_EXECUTING).increment(1.0);
+        Executing
+    }
+}
+
+impl Drop for Executing {
+    fn drop(&mut self) {
+        metrics::gauge!(m::SCHEDULER_EXECUTING).decrement(1.0);
+        metrics::counter!(m::SCHEDULER_EXECUTED).increment(1);
     }
 }
 
@@ -715,6 +776,7 @@ async fn read_page(ctx: &Ctx, from: Hlc, hi: Hlc) -> Result<Page, SequenceError>
         metrics::counter!(m::STAGE_SKIPPED_APPLIED, &schema_label(&ctx.schema))
             .increment((read - rows.len()) as u64);
     }
+    record_read(ctx, cut, &rows);
     tracing::debug!(schema = %ctx.schema, rows = rows.len(), read_ms = started.elapsed().as_millis() as u64, "read staged page");
     Ok(Page {
         after: from,
@@ -723,6 +785,21 @@ async fn read_page(ctx: &Ctx, from: Hlc, hi: Hlc) -> Result<Page, SequenceError>
         hi,
         last: false,
     })
+}
+
+/// Publishes the reader's position: how far behind now the page ends, and each table's rows in
+/// it (`stage_read_lag_seconds`, `stage_read_queue_count`).
+fn record_read(ctx: &Ctx, cut: Hlc, rows: &[(usize, Mutation)]) {
+    let mut per_table = vec![0usize; ctx.tables.len()];
+    for (t, _) in rows {
+        per_table[*t] += 1;
+    }
+    let lag = now_seconds() - cut.seconds();
+    for (table, n) in ctx.tables.iter().zip(per_table) {
+        let l = m::table_labels(table);
+        metrics::gauge!(m::STAGE_READ_LAG, &l).set(lag);
+        metrics::gauge!(m::STAGE_READ_QUEUE, &l).set(n as f64);
+    }
 }
 
 /// One target transaction's worth of a window.
@@ -784,7 +861,7 @@ async fn run_flush(ctx: Arc<Ctx>, job: Arc<FlushJob>, role: Role) -> Result<(), 
             return Err(ctx.lost());
         }
         ctx.mark_renewed(started);
-        let mut tx = begin_unless_stopped(&ctx, &parts.target.pool).await?;
+        let mut tx = begin_unless_stopped(&ctx, &parts.target).await?;
         let open = ctx.open_tx();
         // No statement may outlive the lease, and the commit is only sent while a newer
         // holder cannot have taken it over: what remains is the commit's own round trip,
@@ -806,7 +883,7 @@ async fn run_flush(ctx: Arc<Ctx>, job: Arc<FlushJob>, role: Role) -> Result<(), 
             return Err(e);
         }
     } else {
-        let mut tx = begin_unless_stopped(&ctx, &parts.target.pool).await?;
+        let mut tx = begin_unless_stopped(&ctx, &parts.target).await?;
         if !parts.leases.fence(&mut tx, &ctx.lease).await? {
             return Err(ctx.lost());
         }
@@ -849,8 +926,13 @@ async fn write(ctx: &Ctx, conn: &mut PgConnection, job: &FlushJob) -> Result<(),
 /// With separate staging, after the target commit: retire the flush's rows (and commit the
 /// checkpoint when it carries it) in one staging transaction.
 async fn staging_step(ctx: &Ctx, job: &FlushJob, role: Role) -> Result<(), SequenceError> {
-    let pool = &ctx.parts.stager.database().pool;
-    let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
+    let mut tx = ctx
+        .parts
+        .stager
+        .database()
+        .begin()
+        .await
+        .map_err(SequenceError::Sql)?;
     if !ctx.parts.leases.fence(&mut tx, &ctx.lease).await? {
         return Err(ctx.lost());
     }
@@ -931,8 +1013,7 @@ async fn retire(
 /// The in-order step: commits the checkpoint at `upto`, the end of the completed prefix, on
 /// staging (sweeping the window from `sweep` when `upto` ends it).
 async fn commit_step(ctx: Arc<Ctx>, upto: Hlc, sweep: Option<Hlc>) -> Result<Hlc, SequenceError> {
-    let pool = &ctx.parts.control.pool;
-    let begin = pool.begin();
+    let begin = ctx.parts.control.begin();
     let mut tx = if *ctx.stop.borrow() {
         // Stopping: the applied prefix is committed if the database answers soon.
         tokio::time::timeout(RELEASE_WITHIN, begin)
@@ -974,6 +1055,8 @@ struct Dispatched {
     /// An earlier flush was unfinished when it started.
     behind: bool,
     retried: bool,
+    /// When it was handed to [`Window::dispatch`].
+    queued: Instant,
 }
 
 enum Event {
@@ -1071,6 +1154,8 @@ impl Window {
                 Next::Page(None) => break,
             };
             let last = page.last;
+            metrics::gauge!(m::STAGE_MERGE_LAG, &schema_label(&self.ctx.schema))
+                .set(now_seconds() - page.cut.seconds());
             self.hi = self.hi.max(page.hi);
             self.read_all = last;
             for slice in slices(page.rows, page.after, page.cut, self.flush_size) {
@@ -1115,6 +1200,8 @@ impl Window {
         match ev {
             Event::Flush(idx, Ok(())) => {
                 let d = self.jobs.remove(&idx).expect("dispatched flush");
+                metrics::histogram!(m::LOCKSET_EXEC_COMPLETE, m::LABEL_SET => m::SET_SCHEDULER)
+                    .record(d.queued.elapsed().as_secs_f64());
                 self.locks.release(&d.job.keys);
                 self.progress.done(idx);
                 if d.head {
@@ -1132,6 +1219,8 @@ impl Window {
                     tracing::debug!(schema = %self.ctx.schema, error = %e, "flush deferred until earlier flushes finish");
                 } else {
                     let d = self.jobs.remove(&idx).expect("dispatched flush");
+                    metrics::histogram!(m::LOCKSET_EXEC_COMPLETE, m::LABEL_SET => m::SET_SCHEDULER)
+                        .record(d.queued.elapsed().as_secs_f64());
                     self.locks.release(&d.job.keys);
                     if self.error.is_none() {
                         self.failed = Some(d.job);
@@ -1145,6 +1234,13 @@ impl Window {
         }
         self.retry_deferred();
         self.maybe_commit();
+        self.publish_queue();
+    }
+
+    /// Rows dispatched to flushes and not applied yet (`stage_merge_queue_count`).
+    fn publish_queue(&self) {
+        let rows: usize = self.jobs.values().map(|d| d.job.rows).sum();
+        metrics::gauge!(m::STAGE_MERGE_QUEUE, &schema_label(&self.ctx.schema)).set(rows as f64);
     }
 
     fn fail(&mut self, e: SequenceError) {
@@ -1168,6 +1264,7 @@ impl Window {
         }
         self.deferred.remove(&idx);
         let job = self.jobs[&idx].job.clone();
+        metrics::counter!(m::LOCKSET_RETRIED, m::LABEL_SET => m::SET_SCHEDULER).increment(1);
         self.spawn(job, Role::Concurrent);
     }
 
@@ -1192,8 +1289,10 @@ impl Window {
     fn spawn(&mut self, job: Arc<FlushJob>, role: Role) {
         let ctx = self.ctx.clone();
         let idx = job.idx;
-        self.running
-            .spawn(async move { (idx, run_flush(ctx, job, role).await) });
+        self.running.spawn(async move {
+            let _executing = Executing::start();
+            (idx, run_flush(ctx, job, role).await)
+        });
     }
 
     /// Starts `job` as soon as it may: fewer than `parallelism` flushes in flight and none of
@@ -1210,6 +1309,8 @@ impl Window {
             self.maybe_commit();
             return;
         }
+        let queued = Instant::now();
+        let mut waited = false;
         loop {
             if self.error.is_some() {
                 return;
@@ -1220,6 +1321,7 @@ impl Window {
             }
             if self.running.is_empty() {
                 if self.commit.is_none() && self.ctx.renewal_due() {
+                    waited = true;
                     self.renew().await;
                     continue;
                 }
@@ -1233,9 +1335,18 @@ impl Window {
             {
                 break;
             }
+            waited = true;
             let ev = self.wait().await;
             self.handle(ev);
         }
+        let started = if waited {
+            m::LOCKSET_DEFERRED_START
+        } else {
+            m::LOCKSET_IMMEDIATE_START
+        };
+        metrics::counter!(started, m::LABEL_SET => m::SET_SCHEDULER).increment(1);
+        metrics::histogram!(m::LOCKSET_EXEC_WAIT, m::LABEL_SET => m::SET_SCHEDULER)
+            .record(queued.elapsed().as_secs_f64());
         let head = self.running.is_empty() && self.progress.committed() == job.after;
         debug_assert!(!self.running.is_empty() || self.locks.is_empty());
         let behind = self.progress.any_pending();
@@ -1256,9 +1367,11 @@ impl Window {
                 head,
                 behind,
                 retried: false,
+                queued,
             },
         );
         self.spawn(job, role);
+        self.publish_queue();
     }
 
     /// Renews the lease while nothing of the window runs.

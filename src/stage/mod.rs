@@ -276,6 +276,7 @@ impl Stager {
             .lock()
             .expect("poisoned")
             .insert(table.clone(), name.clone());
+        m::register_table(table);
         Ok(name)
     }
 
@@ -481,7 +482,7 @@ impl Stager {
             table: self.schema.to_string(),
             source,
         };
-        let mut tx = self.db.pool.begin().await.map_err(read)?;
+        let mut tx = self.db.begin().await.map_err(read)?;
         if let Some(settings) = sql::read_settings(self.db.dialect) {
             sqlx::query(settings)
                 .execute(&mut *tx)
@@ -545,6 +546,28 @@ impl Stager {
         Ok(out)
     }
 
+    /// Counts the unapplied staged rows of `table` after `after`, stopping at `cap`: one
+    /// bounded range scan of the primary key, whatever the table's size.
+    pub async fn count_unapplied(
+        &self,
+        conn: &mut PgConnection,
+        table: &Table,
+        after: Hlc,
+        cap: i64,
+    ) -> Result<i64, StageError> {
+        let name = self.ensure(table).await?;
+        sqlx::query_scalar(&sql::count_unapplied(&name))
+            .bind(after.nanos())
+            .bind(i64::from(after.logical()))
+            .bind(cap)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|source| StageError::Read {
+                table: name.clone(),
+                source,
+            })
+    }
+
     /// Deletes the staged rows of `table` in `(after, upto]` (applied, or redelivered
     /// duplicates of applied rows).
     pub async fn retire(
@@ -563,9 +586,12 @@ impl Stager {
             .bind(i64::from(upto.logical()))
             .execute(&mut *conn)
             .await
-            .map_err(|source| StageError::Retire {
-                table: name.clone(),
-                source,
+            .map_err(|source| {
+                metrics::counter!(m::STAGE_RETIRE_ERRORS, &labels(table)).increment(1);
+                StageError::Retire {
+                    table: name.clone(),
+                    source,
+                }
             })?;
         metrics::histogram!(m::STAGE_RETIRE_DURATION, &labels(table))
             .record(started.elapsed().as_secs_f64());

@@ -3,8 +3,9 @@
 //! exists; every cdc-sink command line in it parses with our CLI; `haproxy -c` on each balancer
 //! config; `promtool check config` and `check rules`; every metric a dashboard panel or an alert
 //! rule queries is one a real sink serves after traffic, or a documented CockroachDB, HAProxy or
-//! Prometheus name kept below; a real Prometheus scraping an in-process sink answers every
-//! cdc-sink panel query; a real HAProxy running the balancer config balances one HTTP/2
+//! Prometheus name kept below; the reference's metric families are served with its types and
+//! labels; a real Prometheus scraping an in-process sink answers every cdc-sink panel query and
+//! the reference dashboards' reads of its families; a real HAProxy running the balancer config balances one HTTP/2
 //! connection request by request, follows `/_/healthz` and exports the names we use; `cdc-sink healthcheck` answers like the image's HEALTHCHECK needs; the
 //! image's Rust is new enough for Cargo.lock. What cannot run here is the stack itself (images,
 //! containers, CockroachDB, Grafana).
@@ -34,6 +35,353 @@ const DOCUMENTED_ELSEWHERE: &[&str] = &[
     "haproxy_backend_active_servers",
     // Prometheus.
     "up",
+];
+
+/// The reference's metric families (reference-behaviour §8, and `log_message_count`) its
+/// dashboards read: name, type and label names as we serve them, and whether the traffic of
+/// [`sink_after_traffic`] makes a series of it (the others need another sequencing mode, an
+/// authenticated sink or a retried statement; they are checked when present). Deviations: our
+/// `cdc_sink_info` carries `version` instead of Go's build labels, and `core_sweep_active_bool`
+/// is per schema (the lease is), without a `table` label.
+const REFERENCE_FAMILIES: &[(&str, &str, &[&str], bool)] = &[
+    ("cdc_sink_info", "gauge", &["version"], true),
+    ("cdc_sink_start_seconds", "gauge", &[], true),
+    ("http_status_codes_total", "counter", &["code"], true),
+    ("http_latency_seconds", "histogram", &[], true),
+    ("http_payload_in_bytes_total", "histogram", &[], true),
+    (
+        "mutations_received_count",
+        "counter",
+        &["kind", "target"],
+        true,
+    ),
+    (
+        "mutations_success_count",
+        "counter",
+        &["kind", "target"],
+        true,
+    ),
+    (
+        "mutations_error_count",
+        "counter",
+        &["kind", "target"],
+        true,
+    ),
+    (
+        "target_applied_timestamp_seconds",
+        "gauge",
+        &["kind", "target"],
+        true,
+    ),
+    (
+        "target_pending_timestamp_seconds",
+        "gauge",
+        &["kind", "target"],
+        true,
+    ),
+    ("target_lag_seconds", "gauge", &["kind", "target"], true),
+    ("source_lag_seconds", "gauge", &["kind", "target"], true),
+    (
+        "checkpoint_advance_duration_seconds",
+        "histogram",
+        &["schema"],
+        true,
+    ),
+    (
+        "checkpoint_commit_duration_seconds",
+        "histogram",
+        &["schema"],
+        true,
+    ),
+    (
+        "checkpoint_refresh_duration_seconds",
+        "histogram",
+        &["schema"],
+        true,
+    ),
+    (
+        "checkpoint_committed_age_seconds",
+        "gauge",
+        &["schema"],
+        true,
+    ),
+    (
+        "checkpoint_committed_time_seconds",
+        "gauge",
+        &["schema"],
+        true,
+    ),
+    (
+        "checkpoint_proposed_age_seconds",
+        "gauge",
+        &["schema"],
+        true,
+    ),
+    (
+        "checkpoint_proposed_time_seconds",
+        "gauge",
+        &["schema"],
+        true,
+    ),
+    (
+        "checkpoint_proposed_going_backwards_errors",
+        "counter",
+        &["schema"],
+        true,
+    ),
+    (
+        "stage_mutations_total",
+        "counter",
+        &["schema", "table"],
+        true,
+    ),
+    (
+        "stage_duplicate_mutations_total",
+        "counter",
+        &["schema", "table"],
+        true,
+    ),
+    ("stage_errors_total", "counter", &["schema", "table"], true),
+    (
+        "stage_duration_seconds",
+        "histogram",
+        &["schema", "table"],
+        true,
+    ),
+    ("stage_read_rows", "counter", &["schema", "table"], true),
+    (
+        "stage_read_duration_seconds",
+        "histogram",
+        &["schema", "table"],
+        true,
+    ),
+    (
+        "stage_read_lag_seconds",
+        "gauge",
+        &["schema", "table"],
+        true,
+    ),
+    (
+        "stage_read_queue_count",
+        "gauge",
+        &["schema", "table"],
+        true,
+    ),
+    ("stage_merge_lag_seconds", "gauge", &["schema"], true),
+    ("stage_merge_queue_count", "gauge", &["schema"], true),
+    (
+        "stage_retire_duration_seconds",
+        "histogram",
+        &["schema", "table"],
+        true,
+    ),
+    (
+        "stage_retire_errors_total",
+        "counter",
+        &["schema", "table"],
+        true,
+    ),
+    (
+        "stage_stale_mutations_count",
+        "gauge",
+        &["schema", "table"],
+        true,
+    ),
+    ("apply_upserts_total", "counter", &["schema", "table"], true),
+    ("apply_deletes_total", "counter", &["schema", "table"], true),
+    ("apply_errors_total", "counter", &["schema", "table"], true),
+    (
+        "apply_conflicts_total",
+        "counter",
+        &["schema", "table"],
+        true,
+    ),
+    (
+        "apply_resolves_total",
+        "counter",
+        &["schema", "table"],
+        true,
+    ),
+    (
+        "apply_duration_seconds",
+        "histogram",
+        &["schema", "table"],
+        true,
+    ),
+    (
+        "apply_mutation_age_seconds",
+        "histogram",
+        &["schema", "table"],
+        true,
+    ),
+    ("core_sweep_active_bool", "gauge", &["schema"], true),
+    ("core_sweep_apply_count", "counter", &["schema"], true),
+    (
+        "core_sweep_duration_seconds",
+        "histogram",
+        &["schema"],
+        true,
+    ),
+    (
+        "core_sweep_attempt_timestamp_seconds",
+        "gauge",
+        &["schema"],
+        true,
+    ),
+    (
+        "core_sweep_success_timestamp_seconds",
+        "gauge",
+        &["schema"],
+        true,
+    ),
+    ("core_sweep_skew_count", "counter", &["schema"], true),
+    (
+        "best_effort_accept_applied_count",
+        "counter",
+        &["schema", "table"],
+        false,
+    ),
+    (
+        "best_effort_accept_deferred_count",
+        "counter",
+        &["schema", "table"],
+        false,
+    ),
+    (
+        "best_effort_accept_error_count",
+        "counter",
+        &["schema", "table"],
+        false,
+    ),
+    (
+        "best_effort_accept_duration_seconds",
+        "histogram",
+        &["schema", "table"],
+        false,
+    ),
+    (
+        "sequencer_scheduler_executed_tasks_count",
+        "counter",
+        &[],
+        true,
+    ),
+    (
+        "sequencer_scheduler_executing_tasks_count",
+        "gauge",
+        &[],
+        true,
+    ),
+    ("lockset_deferred_start_count", "counter", &["set"], true),
+    ("lockset_immediate_start_count", "counter", &["set"], true),
+    ("lockset_retried_tasks_count", "counter", &["set"], true),
+    ("lockset_exec_wait_seconds", "histogram", &["set"], true),
+    ("lockset_exec_complete_seconds", "histogram", &["set"], true),
+    ("retry_actions_total", "counter", &[], true),
+    ("retry_retried_total", "counter", &["code"], false),
+    ("retry_aborted_total", "counter", &["code"], false),
+    ("pool_acquire_wait_count", "counter", &["pool"], true),
+    ("pool_acquire_wait_seconds", "gauge", &["pool"], true),
+    ("pool_acquired_connection_count", "gauge", &["pool"], true),
+    (
+        "pool_constructing_connection_count",
+        "gauge",
+        &["pool"],
+        true,
+    ),
+    ("pool_idle_connection_count", "gauge", &["pool"], true),
+    ("pool_max_connection_count", "gauge", &["pool"], true),
+    ("pool_dial_error_count", "counter", &["pool"], true),
+    ("pool_dial_success_count", "counter", &["pool"], true),
+    ("pool_dial_latency_seconds", "histogram", &["pool"], true),
+    (
+        "pool_sql_ready_latency_seconds",
+        "histogram",
+        &["pool"],
+        true,
+    ),
+    ("stmtcache_hits_total", "counter", &[], true),
+    ("stmtcache_misses_total", "counter", &[], true),
+    ("stmtcache_releases_total", "counter", &[], true),
+    ("stmtcache_drops_total", "counter", &[], true),
+    ("script_entry_wait_seconds", "histogram", &[], true),
+    ("script_exec_time_seconds", "histogram", &[], true),
+    ("jwt_last_refresh_time", "gauge", &[], false),
+    ("log_message_count", "counter", &["level"], true),
+];
+
+/// Queries over the reference's families the way its dashboards read them (histogram
+/// quantiles, the maximum of lag gauges, counter rates, pool gauges); each must answer with a
+/// series from a real Prometheus after [`sink_after_traffic`].
+const REFERENCE_QUERIES: &[&str] = &[
+    "cdc_sink_info",
+    "time() - max(cdc_sink_start_seconds)",
+    "max by (kind, target) (target_lag_seconds)",
+    "max by (kind, target) (source_lag_seconds)",
+    "max by (kind, target) (target_applied_timestamp_seconds)",
+    "max by (kind, target) (target_pending_timestamp_seconds)",
+    "sum by (kind, target) (rate(mutations_received_count[$__rate_interval]))",
+    "sum by (kind, target) (rate(mutations_success_count[$__rate_interval]))",
+    "sum by (kind, target) (rate(mutations_error_count[$__rate_interval]))",
+    "sum by (code) (rate(http_status_codes_total[$__rate_interval]))",
+    "histogram_quantile(0.99, sum by (le) (rate(http_latency_seconds_bucket[$__rate_interval])))",
+    "histogram_quantile(0.99, sum by (le) (rate(http_payload_in_bytes_total_bucket[$__rate_interval])))",
+    "max by (schema) (checkpoint_committed_age_seconds)",
+    "max by (schema) (checkpoint_proposed_age_seconds)",
+    "max by (schema) (checkpoint_committed_time_seconds)",
+    "max by (schema) (checkpoint_proposed_time_seconds)",
+    "histogram_quantile(0.99, sum by (le, schema) (rate(checkpoint_advance_duration_seconds_bucket[$__rate_interval])))",
+    "histogram_quantile(0.99, sum by (le, schema) (rate(checkpoint_commit_duration_seconds_bucket[$__rate_interval])))",
+    "histogram_quantile(0.99, sum by (le, schema) (rate(checkpoint_refresh_duration_seconds_bucket[$__rate_interval])))",
+    "sum by (schema) (rate(checkpoint_proposed_going_backwards_errors[$__rate_interval]))",
+    "sum by (schema, table) (rate(stage_mutations_total[$__rate_interval]))",
+    "sum by (schema, table) (rate(stage_duplicate_mutations_total[$__rate_interval]))",
+    "sum by (schema, table) (rate(stage_errors_total[$__rate_interval]))",
+    "histogram_quantile(0.99, sum by (le, schema, table) (rate(stage_duration_seconds_bucket[$__rate_interval])))",
+    "sum by (schema, table) (rate(stage_read_rows[$__rate_interval]))",
+    "histogram_quantile(0.99, sum by (le, schema, table) (rate(stage_read_duration_seconds_bucket[$__rate_interval])))",
+    "max by (schema, table) (stage_read_lag_seconds)",
+    "max by (schema, table) (stage_read_queue_count)",
+    "max by (schema) (stage_merge_lag_seconds)",
+    "max by (schema) (stage_merge_queue_count)",
+    "histogram_quantile(0.99, sum by (le, schema, table) (rate(stage_retire_duration_seconds_bucket[$__rate_interval])))",
+    "sum by (schema, table) (rate(stage_retire_errors_total[$__rate_interval]))",
+    "max by (schema, table) (stage_stale_mutations_count)",
+    "sum by (schema, table) (rate(apply_upserts_total[$__rate_interval]))",
+    "sum by (schema, table) (rate(apply_deletes_total[$__rate_interval]))",
+    "sum by (schema, table) (rate(apply_errors_total[$__rate_interval]))",
+    "sum by (schema, table) (rate(apply_conflicts_total[$__rate_interval]))",
+    "sum by (schema, table) (rate(apply_resolves_total[$__rate_interval]))",
+    "histogram_quantile(0.99, sum by (le, schema, table) (rate(apply_duration_seconds_bucket[$__rate_interval])))",
+    "histogram_quantile(0.5, sum by (le, schema, table) (rate(apply_mutation_age_seconds_bucket[$__rate_interval])))",
+    "max by (schema) (core_sweep_active_bool)",
+    "sum by (schema) (rate(core_sweep_apply_count[$__rate_interval]))",
+    "histogram_quantile(0.99, sum by (le, schema) (rate(core_sweep_duration_seconds_bucket[$__rate_interval])))",
+    "time() - max by (schema) (core_sweep_attempt_timestamp_seconds)",
+    "time() - max by (schema) (core_sweep_success_timestamp_seconds)",
+    "sum by (schema) (rate(core_sweep_skew_count[$__rate_interval]))",
+    "sum(rate(sequencer_scheduler_executed_tasks_count[$__rate_interval]))",
+    "sum(sequencer_scheduler_executing_tasks_count)",
+    r#"sum(rate(lockset_deferred_start_count{set="scheduler"}[$__rate_interval]))"#,
+    r#"sum(rate(lockset_immediate_start_count{set="scheduler"}[$__rate_interval]))"#,
+    r#"sum(rate(lockset_retried_tasks_count{set="scheduler"}[$__rate_interval]))"#,
+    r#"histogram_quantile(0.99, sum by (le) (rate(lockset_exec_wait_seconds_bucket{set="scheduler"}[$__rate_interval])))"#,
+    r#"histogram_quantile(0.99, sum by (le) (rate(lockset_exec_complete_seconds_bucket{set="scheduler"}[$__rate_interval])))"#,
+    "sum(rate(retry_actions_total[$__rate_interval]))",
+    "sum by (pool) (rate(pool_acquire_wait_count[$__rate_interval]))",
+    "sum by (pool) (rate(pool_acquire_wait_seconds[$__rate_interval]))",
+    "sum by (pool) (pool_acquired_connection_count)",
+    "sum by (pool) (pool_constructing_connection_count)",
+    "sum by (pool) (pool_idle_connection_count)",
+    "sum by (pool) (pool_max_connection_count)",
+    "sum by (pool) (rate(pool_dial_error_count[$__rate_interval]))",
+    "sum by (pool) (rate(pool_dial_success_count[$__rate_interval]))",
+    "histogram_quantile(0.99, sum by (le, pool) (rate(pool_dial_latency_seconds_bucket[$__rate_interval])))",
+    "histogram_quantile(0.99, sum by (le, pool) (rate(pool_sql_ready_latency_seconds_bucket[$__rate_interval])))",
+    "sum(rate(stmtcache_hits_total[$__rate_interval]))",
+    "sum(rate(stmtcache_misses_total[$__rate_interval]))",
+    "histogram_quantile(0.99, sum by (le) (rate(script_entry_wait_seconds_bucket[$__rate_interval])))",
+    "histogram_quantile(0.99, sum by (le) (rate(script_exec_time_seconds_bucket[$__rate_interval])))",
+    "sum by (level) (rate(log_message_count[$__rate_interval]))",
 ];
 
 /// The profiles the seed's cleanup command names; every profile in the compose file must be one.
@@ -646,6 +994,117 @@ fn served(page: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The label names of a sample line (`name{a="x",b="y"} 1`), values skipped with their
+/// escapes.
+fn sample_labels(line: &str) -> (String, BTreeSet<String>) {
+    let (name, rest) = match line.find(['{', ' ']) {
+        Some(i) => line.split_at(i),
+        None => (line, ""),
+    };
+    let mut labels = BTreeSet::new();
+    if let Some(inner) = rest.strip_prefix('{') {
+        let mut chars = inner.chars();
+        let mut label = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '}' => break,
+                ',' | ' ' => {}
+                '=' => {
+                    // The quoted value.
+                    chars.next();
+                    let mut escaped = false;
+                    for v in chars.by_ref() {
+                        if escaped {
+                            escaped = false;
+                        } else if v == '\\' {
+                            escaped = true;
+                        } else if v == '"' {
+                            break;
+                        }
+                    }
+                    labels.insert(std::mem::take(&mut label));
+                }
+                c => label.push(c),
+            }
+        }
+    }
+    (name.to_string(), labels)
+}
+
+/// Each family's `# TYPE` and the label-name sets of its samples (a histogram's `_bucket`,
+/// `_sum` and `_count` samples folded in, `le` left out).
+type Families = (
+    BTreeMap<String, String>,
+    BTreeMap<String, BTreeSet<BTreeSet<String>>>,
+);
+
+fn families(page: &str) -> Families {
+    let mut types = BTreeMap::new();
+    for l in page.lines() {
+        if let Some(t) = l.strip_prefix("# TYPE ") {
+            let mut it = t.split_whitespace();
+            if let (Some(n), Some(k)) = (it.next(), it.next()) {
+                types.insert(n.to_string(), k.to_string());
+            }
+        }
+    }
+    let mut labels: BTreeMap<String, BTreeSet<BTreeSet<String>>> = BTreeMap::new();
+    for l in page
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (name, mut set) = sample_labels(l);
+        let family = if types.contains_key(&name) {
+            name
+        } else {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| types.get(*f).is_some_and(|k| k == "histogram"))
+                .map_or(name.clone(), str::to_string)
+        };
+        set.remove("le");
+        labels.entry(family).or_default().insert(set);
+    }
+    (types, labels)
+}
+
+/// What the page lacks or serves differently from [`REFERENCE_FAMILIES`].
+fn reference_mismatches(page: &str) -> Vec<String> {
+    let (types, labels) = families(page);
+    let mut wrong = Vec::new();
+    for (name, kind, want, exercised) in REFERENCE_FAMILIES {
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        match (types.get(*name), labels.get(*name)) {
+            (None, _) | (_, None) if *exercised => wrong.push(format!("{name}: not served")),
+            (None, _) | (_, None) => {}
+            (Some(k), Some(sets)) => {
+                if k != kind {
+                    wrong.push(format!("{name}: a {k}, the reference's is a {kind}"));
+                }
+                for set in sets.iter().filter(|s| **s != want) {
+                    wrong.push(format!("{name}: labels {set:?}, want {want:?}"));
+                }
+            }
+        }
+    }
+    wrong
+}
+
+#[test]
+fn sample_labels_are_read_past_escaped_values() {
+    let (name, labels) = sample_labels(r#"a_bucket{schema="x\"y,z",le="0.1"} 3"#);
+    assert_eq!(name, "a_bucket");
+    let want: BTreeSet<String> = ["schema", "le"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(labels, want);
+    let page = "# TYPE a histogram\na_bucket{t=\"1\",le=\"1\"} 1\na_sum{t=\"1\"} 1\n\
+                # TYPE b_count counter\nb_count 2\n";
+    let (types, sets) = families(page);
+    assert_eq!(types["b_count"], "counter");
+    assert_eq!(sets["a"].len(), 1);
+    assert!(sets["a"].contains(&["t".to_string()].into_iter().collect::<BTreeSet<_>>()));
+}
+
 /// A sink in front of database `name` after the traffic every panel needs: staged, applied,
 /// redelivered, deleted, a conflict merged, one dead-lettered, and a schema in poison backoff.
 async fn sink_after_traffic(name: &str) -> (Db, Sink, tempfile::TempDir) {
@@ -718,20 +1177,51 @@ async fn every_metric_of_the_dashboard_and_alerts_is_served_or_documented() {
     // backoff, the sweeper's rounds): poll, then name what is still missing.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let have = served(&sink.metrics().await);
-        let missing: Vec<String> = wanted
+        let page = sink.metrics().await;
+        let have = served(&page);
+        let mut missing: Vec<String> = wanted
             .iter()
             .filter(|(m, _)| !have.contains(*m) && !DOCUMENTED_ELSEWHERE.contains(&m.as_str()))
             .map(|(m, place)| format!("{m} ({place})"))
             .collect();
+        // The reference's families, with its types and labels, so its dashboards work.
+        missing.extend(reference_mismatches(&page));
         if missing.is_empty() {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "neither served nor documented: {missing:#?}"
+            "neither served nor documented, or unlike the reference: {missing:#?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The backlog gauge counts what is staged and not applied: the refused row of the poison
+    // schema, nothing of the applied one (counted every 10s by the lease holder).
+    let value = |page: &str, series: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let backlog = |schema: &str, table: &str| {
+        format!("stage_backlog_mutations{{schema=\"deploy_metrics.{schema}\",table=\"{table}\"}} ")
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = sink.metrics().await;
+        let got = (
+            value(&page, &backlog("poison", "p")),
+            value(&page, &backlog("deploy", "t")),
+        );
+        if got == (Some(1.0), Some(0.0)) {
+            // Flushes went through the scheduler's accounting.
+            assert!(value(&page, "sequencer_scheduler_executed_tasks_count ") >= Some(1.0));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "staged backlog (poison, deploy): {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // The documented list holds only names still used.
     for m in DOCUMENTED_ELSEWHERE {
@@ -912,6 +1402,13 @@ async fn a_real_prometheus_answers_every_cdc_sink_panel_query() {
         }
     }
     assert!(exprs.len() >= 20, "{exprs:?}");
+    // And the reference dashboards' reads of its families.
+    exprs.extend(REFERENCE_QUERIES.iter().map(|q| {
+        (
+            format!("reference query {q}"),
+            q.replace("$__rate_interval", "1m"),
+        )
+    }));
     // rate() needs two scrapes; poll every query until it answers with a series.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for (title, expr) in &exprs {
