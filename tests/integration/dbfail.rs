@@ -260,8 +260,9 @@ async fn sigterm_during_a_slow_window_exits_within_the_grace_period_and_resumes_
     .await;
     let took = terminate(&mut p, Duration::from_secs(30)).await;
     eprintln!("exit after SIGTERM took {took:?}");
+    // The grace period, plus the process's own teardown on a loaded machine.
     assert!(
-        took < Duration::from_millis(3500),
+        took < Duration::from_secs(4),
         "exit took {took:?} with a grace period of 3s"
     );
     lock.commit().await.expect("unlock");
