@@ -37,6 +37,9 @@ pub const START_SECONDS: &str = "cdc_sink_start_seconds";
 pub const HTTP_STATUS_CODES: &str = "http_status_codes_total";
 pub const HTTP_LATENCY: &str = "http_latency_seconds";
 pub const HTTP_PAYLOAD_IN: &str = "http_payload_in_bytes_total";
+// Admission of request bodies (`--maxInflightBytes`).
+pub const HTTP_INFLIGHT_BYTES: &str = "http_inflight_request_bytes";
+pub const HTTP_OVER_BUDGET: &str = "http_over_budget_requests_total";
 
 pub const MUTATIONS_RECEIVED: &str = "mutations_received_count";
 pub const MUTATIONS_SUCCESS: &str = "mutations_success_count";
@@ -226,6 +229,15 @@ fn describe() {
         HTTP_PAYLOAD_IN,
         Unit::Bytes,
         "changefeed request body bytes"
+    );
+    describe_gauge!(
+        HTTP_INFLIGHT_BYTES,
+        Unit::Bytes,
+        "request body bytes reserved by requests in flight (--maxInflightBytes)"
+    );
+    describe_counter!(
+        HTTP_OVER_BUDGET,
+        "requests answered 503 because their body did not fit --maxInflightBytes"
     );
     describe_counter!(MUTATIONS_RECEIVED, "mutations received per target schema");
     describe_counter!(MUTATIONS_SUCCESS, "mutations accepted per target schema");
@@ -687,6 +699,10 @@ pub const WORKLOAD_OPS: &str = "workload_ops_total";
 pub const WORKLOAD_ERRORS: &str = "workload_errors_total";
 pub const VERIFY_DIVERGENT_ROWS: &str = "verify_divergent_rows";
 pub const VERIFY_CLEAN_CHECKS: &str = "verify_consecutive_clean_checks";
+/// Rows `verify --repair` wrote (`kind` = `upsert` or `delete`), by table.
+pub const VERIFY_REPAIRED_ROWS: &str = "verify_repaired_rows_total";
+/// 1 once `verify --watch` saw `--clean` clean checks in a row, else 0.
+pub const VERIFY_FAILBACK_READY: &str = "verify_failback_ready";
 
 #[cfg(test)]
 mod tests {

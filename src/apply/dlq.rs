@@ -1,7 +1,7 @@
 //! The dead-letter queue (§6.5, DESIGN §3.6): one table per target schema receiving the
 //! mutations a merge function sent there, written in the apply transaction.
 
-use super::{sql, Applier, ApplyError};
+use super::{sql, Applier, ApplyError, SchemaInfo};
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics::{DLQ_MUTATIONS, LABEL_DLQ, LABEL_SCHEMA, LABEL_TABLE};
 use crate::mutation::Mutation;
@@ -15,6 +15,11 @@ use std::sync::{Arc, PoisonError};
 pub(crate) struct DlqTable {
     pub table: Table,
     insert_sql: String,
+    /// Whether it has the optional [`sql::DLQ_SOURCE_TABLE`] column, which is then filled.
+    source_table: bool,
+    /// The schema load this was read from: a later load (a column added meanwhile) reads it
+    /// again.
+    from: Arc<SchemaInfo>,
 }
 
 /// The columns of `required` that `have` lacks, in the order of `required`.
@@ -34,17 +39,18 @@ impl Applier {
         conn: &mut PgConnection,
         schema: &Schema,
     ) -> Result<Arc<DlqTable>, ApplyError> {
+        let mut info = self.current(Some(&mut *conn), schema).await?;
         if let Some(t) = self
             .inner
             .dlqs
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(schema)
+            .filter(|t| Arc::ptr_eq(&t.from, &info))
         {
             return Ok(t.clone());
         }
         let wanted = Table::new(schema.clone(), self.inner.options.dlq_table_name.as_str());
-        let mut info = self.current(Some(&mut *conn), schema).await?;
         if info.table(&wanted).is_none() {
             // Perhaps created since the schema was loaded.
             info = self.load(Some(&mut *conn), schema).await?;
@@ -72,9 +78,12 @@ impl Applier {
                 missing: missing.join(", "),
             });
         }
+        let source_table = have.contains(&Ident::new(sql::DLQ_SOURCE_TABLE));
         let dlq = Arc::new(DlqTable {
-            insert_sql: sql::dlq_insert(self.dialect(), &ts.table),
+            insert_sql: sql::dlq_insert(self.dialect(), &ts.table, source_table),
             table: ts.table.clone(),
+            source_table,
+            from: info.clone(),
         });
         self.inner
             .dlqs
@@ -146,14 +155,16 @@ impl Applier {
             after.push(m.after.as_deref().unwrap_or("null"));
             before.push(m.before.as_deref().unwrap_or("null"));
         }
-        let written = sqlx::query(&dlq.insert_sql)
+        let mut insert = sqlx::query(&dlq.insert_sql)
             .bind(&names)
             .bind(&nanos)
             .bind(&logical)
             .bind(&after)
-            .bind(&before)
-            .execute(&mut *conn)
-            .await;
+            .bind(&before);
+        if dlq.source_table {
+            insert = insert.bind(vec![table.name.canonical(); items.len()]);
+        }
+        let written = insert.execute(&mut *conn).await;
         if let Err(error) = written {
             self.forget_dlq(&table.schema);
             return Err(ApplyError::Write {

@@ -406,12 +406,23 @@ pub const DLQ_COLUMNS: [&str; 5] = [
     "data_before",
 ];
 
-/// Writes dead-letter rows from five text arrays (name, nanos, logical, after, before).
-pub fn dlq_insert(dialect: Dialect, table: &Table) -> String {
+/// The optional column naming the table a dead-letter row came from (in the queue's schema,
+/// lower-cased). Tables created before it existed, or by hand from the reference's DDL, lack
+/// it and keep working without it.
+pub const DLQ_SOURCE_TABLE: &str = "source_table";
+
+/// Writes dead-letter rows from five text arrays (name, nanos, logical, after, before) and,
+/// when `source_table`, a sixth with the table each came from.
+pub fn dlq_insert(dialect: Dialect, table: &Table, source_table: bool) -> String {
+    let (col, val, arr, alias) = if source_table {
+        (", \"source_table\"", ", d.p6", ", $6::TEXT[]", ", p6")
+    } else {
+        ("", "", "", "")
+    };
     format!(
-        "INSERT INTO {} (\"dlq_name\", \"source_nanos\", \"source_logical\", \"data_after\", \"data_before\") \
-         SELECT d.p1, d.p2::INT8, d.p3::INT8, d.p4::JSONB, d.p5::JSONB \
-         FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) AS d(p1, p2, p3, p4, p5)",
+        "INSERT INTO {} (\"dlq_name\", \"source_nanos\", \"source_logical\", \"data_after\", \"data_before\"{col}) \
+         SELECT d.p1, d.p2::INT8, d.p3::INT8, d.p4::JSONB, d.p5::JSONB{val} \
+         FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]{arr}) AS d(p1, p2, p3, p4, p5{alias})",
         table_name(dialect, table)
     )
 }
@@ -427,7 +438,8 @@ pub fn dlq_create(dialect: Dialect, table: &Table, uuid: bool) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {} ({event}, dlq_name TEXT NOT NULL, \
          source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, \
-         data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())",
+         data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now(), \
+         source_table TEXT)",
         table_name(dialect, table)
     )
 }
@@ -817,24 +829,28 @@ mod tests {
     fn dead_letter_table_statements() {
         let dlq = Table::new(Schema::new("db", "sch"), "cdc_sink_dlq");
         assert_eq!(
-            dlq_insert(PG, &dlq),
+            dlq_insert(PG, &dlq, false),
             r#"INSERT INTO "sch"."cdc_sink_dlq" ("dlq_name", "source_nanos", "source_logical", "data_after", "data_before") SELECT d.p1, d.p2::INT8, d.p3::INT8, d.p4::JSONB, d.p5::JSONB FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) AS d(p1, p2, p3, p4, p5)"#
         );
         assert_eq!(
-            dlq_insert(CRDB, &dlq),
+            dlq_insert(CRDB, &dlq, false),
             r#"INSERT INTO "db"."sch"."cdc_sink_dlq" ("dlq_name", "source_nanos", "source_logical", "data_after", "data_before") SELECT d.p1, d.p2::INT8, d.p3::INT8, d.p4::JSONB, d.p5::JSONB FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) AS d(p1, p2, p3, p4, p5)"#
         );
         assert_eq!(
+            dlq_insert(PG, &dlq, true),
+            r#"INSERT INTO "sch"."cdc_sink_dlq" ("dlq_name", "source_nanos", "source_logical", "data_after", "data_before", "source_table") SELECT d.p1, d.p2::INT8, d.p3::INT8, d.p4::JSONB, d.p5::JSONB, d.p6 FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[]) AS d(p1, p2, p3, p4, p5, p6)"#
+        );
+        assert_eq!(
             dlq_create(PG, &dlq, true),
-            r#"CREATE TABLE IF NOT EXISTS "sch"."cdc_sink_dlq" (event UUID NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())"#
+            r#"CREATE TABLE IF NOT EXISTS "sch"."cdc_sink_dlq" (event UUID NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now(), source_table TEXT)"#
         );
         assert_eq!(
             dlq_create(PG, &dlq, false),
-            r#"CREATE TABLE IF NOT EXISTS "sch"."cdc_sink_dlq" (event BIGSERIAL PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())"#
+            r#"CREATE TABLE IF NOT EXISTS "sch"."cdc_sink_dlq" (event BIGSERIAL PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now(), source_table TEXT)"#
         );
         assert_eq!(
             dlq_create(CRDB, &dlq, true),
-            r#"CREATE TABLE IF NOT EXISTS "db"."sch"."cdc_sink_dlq" (event UUID NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())"#
+            r#"CREATE TABLE IF NOT EXISTS "db"."sch"."cdc_sink_dlq" (event UUID NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY, dlq_name TEXT NOT NULL, source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now(), source_table TEXT)"#
         );
     }
 

@@ -30,12 +30,26 @@ impl Leases {
         } else {
             "TEXT"
         };
-        let ddl = format!(
-            "CREATE TABLE IF NOT EXISTS {table} (name {text} PRIMARY KEY, expires TIMESTAMPTZ NOT NULL, nonce UUID NOT NULL, hostname {text} NOT NULL)"
-        );
-        crate::target::run_ddl(&db, &[ddl])
+        let [create, migrate] = ddl(&table, text);
+        crate::target::run_ddl(&db, &[create])
             .await
             .map_err(CheckpointError::Sql)?;
+        // ALTER TABLE locks the table exclusively even when the column exists, which would
+        // stall the running instances' fenced flushes: only when it is missing.
+        let probe = sqlx::query(&format!("SELECT acquired FROM {table} LIMIT 0"))
+            .execute(&db.pool)
+            .await;
+        match probe {
+            Err(e) if crate::target::sqlstate(&e) == "42703" => {
+                crate::target::run_ddl(&db, &[migrate])
+                    .await
+                    .map_err(CheckpointError::Sql)?;
+                tracing::info!(table = %table, "added the acquisition time to the leases table");
+            }
+            other => {
+                other.map_err(CheckpointError::Sql)?;
+            }
+        }
         let hostname = std::fs::read_to_string("/etc/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
@@ -54,9 +68,9 @@ impl Leases {
     ) -> Result<Option<Lease>, CheckpointError> {
         let nonce = Uuid::new_v4();
         let stmt = format!(
-            "INSERT INTO {t} AS l (name, expires, nonce, hostname) VALUES ($1, now() + $2::INTERVAL, $3::UUID, $4) \
-ON CONFLICT (name) DO UPDATE SET expires = excluded.expires, nonce = excluded.nonce, hostname = excluded.hostname \
-WHERE l.expires < now() RETURNING nonce::TEXT",
+            "INSERT INTO {t} AS l (name, expires, nonce, hostname, acquired) VALUES ($1, now() + $2::INTERVAL, $3::UUID, $4, now()) \
+ON CONFLICT (name) DO UPDATE SET expires = excluded.expires, nonce = excluded.nonce, hostname = excluded.hostname, \
+acquired = excluded.acquired WHERE l.expires < now() RETURNING nonce::TEXT",
             t = self.table
         );
         let got: Option<String> = sqlx::query_scalar(&stmt)
@@ -135,6 +149,17 @@ WHERE l.expires < now() RETURNING nonce::TEXT",
     }
 }
 
+/// The table, and the migration of one created before `acquired` (when the holder took the
+/// lease) existed: rows taken by such older versions have none.
+fn ddl(table: &str, text: &str) -> [String; 2] {
+    [
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table} (name {text} PRIMARY KEY, expires TIMESTAMPTZ NOT NULL, nonce UUID NOT NULL, hostname {text} NOT NULL, acquired TIMESTAMPTZ)"
+        ),
+        format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS acquired TIMESTAMPTZ"),
+    ]
+}
+
 fn interval(d: Duration) -> String {
     format!("{} milliseconds", d.as_millis())
 }
@@ -156,6 +181,17 @@ fn fence_sql(table: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn golden_lease_ddl_adds_the_acquisition_time_to_older_tables() {
+        assert_eq!(
+            ddl("\"_cdc_sink\".\"leases\"", "TEXT"),
+            [
+                "CREATE TABLE IF NOT EXISTS \"_cdc_sink\".\"leases\" (name TEXT PRIMARY KEY, expires TIMESTAMPTZ NOT NULL, nonce UUID NOT NULL, hostname TEXT NOT NULL, acquired TIMESTAMPTZ)",
+                "ALTER TABLE \"_cdc_sink\".\"leases\" ADD COLUMN IF NOT EXISTS acquired TIMESTAMPTZ",
+            ]
+        );
+    }
 
     #[test]
     fn golden_lease_fencing_sql() {

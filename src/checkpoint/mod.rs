@@ -38,6 +38,15 @@ pub enum CheckpointError {
     Sql(#[source] sqlx::Error),
     #[error("stored checkpoint {0:?} is not a valid timestamp")]
     Corrupt(String),
+    #[error(
+        "the apply lease of {group} is held by {holder} until {expires}: stop the instances \
+serving it (or wait for the lease to expire), or pass --force to revoke the lease"
+    )]
+    LeaseHeld {
+        group: String,
+        holder: String,
+        expires: String,
+    },
 }
 
 impl CheckpointError {
@@ -330,8 +339,9 @@ pub struct ResetPlan {
     pub rows: u64,
     /// The newest committed row among them: when set, the reset point is committed instead.
     pub committed: Option<Hlc>,
-    /// The instance that held the schema's lease (it loses it).
-    pub lease_holder: Option<String>,
+    /// The instance holding the schema's lease and when the lease expires (a reset refuses
+    /// unless forced, which revokes it).
+    pub lease_holder: Option<(String, String)>,
 }
 
 impl Checkpoints {
@@ -389,18 +399,21 @@ max(source_hlc)::TEXT FROM {t} GROUP BY group_name ORDER BY group_name",
     }
 
     /// What a reset of `schema` to `to` would remove; `execute` also does it, in one
-    /// transaction that first deletes the schema's lease row in `leases_table` (`lease_name`).
-    /// Deleting the lease waits for every open flush transaction of the holder (they lock the
-    /// row to fence) and makes its next fence or renewal fail, so the holder abandons the
-    /// window it was applying and starts again from the table. When a committed row is
-    /// removed, `to` becomes the committed checkpoint (the target holds everything up to the
-    /// removed one, so everything up to `to` too); otherwise only proposed rows go.
+    /// transaction that first locks the schema's lease row in `leases_table` (`lease_name`).
+    /// While the lease is held (unexpired) the reset is refused with
+    /// [`CheckpointError::LeaseHeld`] unless `force`, which deletes the row: that waits for
+    /// every open flush transaction of the holder (they lock the row to fence) and makes its
+    /// next fence or renewal fail, so the holder abandons the window it was applying and
+    /// starts again from the table. When a committed row is removed, `to` becomes the
+    /// committed checkpoint (the target holds everything up to the removed one, so everything
+    /// up to `to` too); otherwise only proposed rows go.
     pub async fn reset(
         &self,
         schema: &Schema,
         to: Hlc,
         tables: ResetTables<'_>,
         execute: bool,
+        force: bool,
     ) -> Result<ResetPlan, CheckpointError> {
         let ResetTables {
             leases: leases_table,
@@ -409,16 +422,29 @@ max(source_hlc)::TEXT FROM {t} GROUP BY group_name ORDER BY group_name",
         } = tables;
         let group = schema.canonical();
         let mut tx = self.db.begin().await.map_err(CheckpointError::Sql)?;
-        let lease_stmt = if execute {
-            format!("DELETE FROM {leases_table} WHERE name = $1 RETURNING hostname")
-        } else {
-            format!("SELECT hostname FROM {leases_table} WHERE name = $1 AND expires > now()")
-        };
-        let lease_holder: Option<String> = sqlx::query_scalar(&lease_stmt)
-            .bind(lease_name)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(CheckpointError::Sql)?;
+        let lock = if execute { " FOR UPDATE" } else { "" };
+        let lease_holder: Option<(String, String)> = sqlx::query_as(&format!(
+            "SELECT hostname, expires::TEXT FROM {leases_table} WHERE name = $1 AND expires > now(){lock}"
+        ))
+        .bind(lease_name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(CheckpointError::Sql)?;
+        if execute {
+            if let (Some((holder, expires)), false) = (&lease_holder, force) {
+                return Err(CheckpointError::LeaseHeld {
+                    group,
+                    holder: holder.clone(),
+                    expires: expires.clone(),
+                });
+            }
+            // Forced, or the lease expired: its holder must start again from the table.
+            sqlx::query(&format!("DELETE FROM {leases_table} WHERE name = $1"))
+                .bind(lease_name)
+                .execute(&mut *tx)
+                .await
+                .map_err(CheckpointError::Sql)?;
+        }
         let stmt = format!(
             "SELECT count(*), max(source_hlc) FILTER (WHERE target_applied_at IS NOT NULL)::TEXT \
 FROM {t} WHERE group_name = $1 AND source_hlc > $2::DECIMAL",

@@ -1,11 +1,13 @@
 //! `cdc-sink checkpoint show|reset`: inspect the checkpoints, and recover one set wrong (e.g. a
 //! resolved timestamp far in the future) without hand-written SQL.
 
-use crate::checkpoint::{AppliedRanges, Bounds, Checkpoints, ResetTables, APPLIED_RANGES_TABLE};
+use crate::checkpoint::{
+    AppliedRanges, Bounds, Checkpoints, Leases, ResetTables, APPLIED_RANGES_TABLE,
+};
 use crate::config::parse_duration;
 use crate::hlc::Hlc;
-use crate::ident::Schema;
-use crate::stage::{StageArgs, StagingSchema};
+use crate::ident::{Schema, Table};
+use crate::stage::{StageArgs, Stager, StagingSchema};
 use crate::target::{Database, TargetArgs};
 use anyhow::{bail, Context};
 use std::time::Duration;
@@ -18,7 +20,8 @@ pub struct CheckpointArgs {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum CheckpointCommand {
-    /// Print each schema's committed and newest proposed checkpoint.
+    /// Print each schema's committed and newest proposed checkpoint, and its unapplied
+    /// staged rows per table.
     Show(ShowArgs),
     /// Remove a schema's checkpoints newer than `--to`, so the feed's real resolved timestamps
     /// are accepted again (running sinks follow within seconds).
@@ -50,6 +53,10 @@ pub struct ResetArgs {
     /// Do it; without this, only print what would be done.
     #[arg(long = "yes")]
     pub yes: bool,
+    /// Reset even while an instance holds the schema's apply lease: the lease is revoked and
+    /// the holder starts again from the new checkpoint.
+    #[arg(long = "force")]
+    pub force: bool,
 }
 
 /// Where `--to` points.
@@ -81,6 +88,7 @@ impl ResetPoint {
 
 struct Opened {
     target: Database,
+    staging: Database,
     checkpoints: std::sync::Arc<Checkpoints>,
     leases_table: String,
     ranges_table: String,
@@ -93,9 +101,12 @@ async fn open(target: &TargetArgs, stage: &StageArgs) -> anyhow::Result<Opened> 
         .map_err(|e| anyhow::anyhow!("--stagingSchema {:?}: {e}", stage.staging_schema))?;
     // A reset clears applied ranges too: the table must exist even before any sink ran.
     AppliedRanges::open(&staging, &schema).await?;
-    let checkpoints = Checkpoints::open(staging, &schema).await?;
+    // A reset consults the lease even before any sink ran.
+    Leases::open(staging.clone(), &schema).await?;
+    let checkpoints = Checkpoints::open(staging.clone(), &schema).await?;
     Ok(Opened {
         target,
+        staging,
         checkpoints,
         leases_table: schema.object("leases"),
         ranges_table: schema.object(APPLIED_RANGES_TABLE),
@@ -126,6 +137,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
         .transpose()
         .map_err(|e| anyhow::anyhow!("schema: {e}"))?;
     let opened = open(&args.target, &args.stage).await?;
+    let stager = Stager::open(opened.staging.clone(), &args.stage.staging_schema).await?;
     let now = db_now(&opened.target).await?;
     let groups = opened.checkpoints.groups().await?;
     let mut shown = 0;
@@ -141,11 +153,47 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
         println!("{}", g.group);
         println!("  committed: {}", describe(committed, now));
         println!("  proposed:  {}", describe(proposed, now));
+        if let Ok(schema) = Schema::parse(&g.group) {
+            for (table, rows, first, last) in staged(&stager, &opened.staging, &schema).await? {
+                println!(
+                    "  staged:    {table}: {rows} unapplied row(s) from {} to {}",
+                    describe(first, now),
+                    describe(last, now)
+                );
+            }
+        }
     }
     if shown == 0 {
         println!("no checkpoints");
     }
     Ok(())
+}
+
+/// Per registered table of `schema` with unapplied staged rows: their count and the source
+/// times of the oldest and newest.
+async fn staged(
+    stager: &Stager,
+    staging: &Database,
+    schema: &Schema,
+) -> anyhow::Result<Vec<(Table, i64, Hlc, Hlc)>> {
+    let mut out = Vec::new();
+    for table in stager.registered(schema).await? {
+        let sql = format!(
+            "SELECT count(*), min(nanos), max(nanos) FROM {} WHERE NOT applied",
+            stager.staging_table(&table)
+        );
+        // A registered table whose staging table is not created yet holds nothing.
+        let Ok((rows, first, last)) = sqlx::query_as::<_, (i64, Option<i64>, Option<i64>)>(&sql)
+            .fetch_one(&staging.pool)
+            .await
+        else {
+            continue;
+        };
+        if let (true, Some(first), Some(last)) = (rows > 0, first, last) {
+            out.push((table, rows, Hlc::new(first, 0), Hlc::new(last, 0)));
+        }
+    }
+    Ok(out)
 }
 
 async fn reset(args: ResetArgs) -> anyhow::Result<()> {
@@ -166,7 +214,10 @@ async fn reset(args: ResetArgs) -> anyhow::Result<()> {
         lease_name: &lease,
         ranges: &opened.ranges_table,
     };
-    let plan = opened.checkpoints.reset(&schema, to, leases, false).await?;
+    let plan = opened
+        .checkpoints
+        .reset(&schema, to, leases, false, args.force)
+        .await?;
     if plan.rows == 0 {
         println!(
             "{}: no checkpoint newer than {}; nothing to do",
@@ -188,13 +239,29 @@ async fn reset(args: ResetArgs) -> anyhow::Result<()> {
             to
         );
     }
-    if let Some(h) = &plan.lease_holder {
-        println!("  revoke the apply lease held by {h} (it restarts from the new checkpoint)");
+    match &plan.lease_holder {
+        Some((holder, expires)) if args.force => println!(
+            "  revoke the apply lease held by {holder} until {expires} (it restarts from the \
+new checkpoint)"
+        ),
+        Some((holder, expires)) if args.yes => bail!(
+            "nothing changed: the apply lease of {} is held by {holder} until {expires}; stop \
+the instances serving it (or wait for the lease to expire), or pass --force to revoke it",
+            schema.canonical()
+        ),
+        Some((holder, expires)) => println!(
+            "  the apply lease is held by {holder} until {expires}: stop the instances \
+serving it first, or pass --force to revoke it"
+        ),
+        None => {}
     }
     if !args.yes {
         bail!("nothing changed: run again with --yes to reset");
     }
-    opened.checkpoints.reset(&schema, to, leases, true).await?;
+    opened
+        .checkpoints
+        .reset(&schema, to, leases, true, args.force)
+        .await?;
     println!("done; running sinks follow within a few seconds.");
     println!(
         "rows the sinks dropped as below the old checkpoint must be replayed: re-create the \

@@ -1,12 +1,14 @@
 //! `cdc-sink dlq list|show|purge|replay`: inspect, delete and re-apply the dead-letter queue
 //! of a target schema (README "Conflicts") without hand-written SQL.
 //!
-//! The queue does not record which table a row came from, so `replay` is told (`--table`).
-//! Replay re-applies each row through the sequencer's apply path (compare-and-set, merge) in
-//! source-time order, one savepoint per row: a row that applies is deleted from the queue in
-//! the same transaction; one that loses again is rolled back and stays. Each batch commits on
-//! its own, so an interrupted replay leaves every row either applied and gone or untouched, and
-//! running it again resumes.
+//! Queues with the optional `source_table` column record which table a row came from; `list`
+//! and `purge` can then select by table and `replay` sends each row to its own table. Rows
+//! without one (older queues, or rows written before the column was added) are attributed to
+//! the table the operator names. Replay re-applies each row through the sequencer's apply
+//! path (compare-and-set, merge) in source-time order, one savepoint per row: a row that
+//! applies is deleted from the queue in the same transaction; one that loses again is rolled
+//! back and stays. Each batch commits on its own, so an interrupted replay leaves every row
+//! either applied and gone or untouched, and running it again resumes.
 
 use crate::apply::{Applier, ApplyArgs, TableSchema, DEFAULT_DLQ_TABLE};
 use crate::hlc::Hlc;
@@ -33,6 +35,23 @@ pub enum DlqError {
     #[error("table {0} is not in the target schema")]
     UnknownTable(String),
     #[error(
+        "the dead-letter queue {table} does not record source tables, so rows cannot be \
+         selected by table: add the column with `ALTER TABLE {table} ADD COLUMN source_table \
+         TEXT` (rows dead-lettered from then on record it), or select rows by --dlq"
+    )]
+    NoTableColumn { table: String },
+    #[error(
+        "the dead-letter queue {0} does not record source tables: name the table the rows \
+         belong to with --table"
+    )]
+    TableNeeded(String),
+    #[error("--table {name:?} is not a table name")]
+    TableName {
+        name: String,
+        #[source]
+        error: crate::ident::IdentError,
+    },
+    #[error(
         "refusing to purge every row of the dead-letter queue: select rows (--dlq, --from, \
          --to, --limit) or pass --all"
     )]
@@ -45,6 +64,10 @@ pub enum DlqError {
 /// `to` exclusive.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct Selection {
+    /// Only rows dead-lettered from this table of the schema (needs the queue's
+    /// `source_table` column); rows with no recorded table match any table.
+    #[arg(long = "table")]
+    pub table: Option<String>,
     /// Only rows with this dlq name (the name the merge function answered).
     #[arg(long = "dlq")]
     pub dlq: Option<String>,
@@ -62,7 +85,11 @@ pub struct Selection {
 
 impl Selection {
     fn is_everything(&self) -> bool {
-        self.dlq.is_none() && self.from.is_none() && self.to.is_none() && self.limit.is_none()
+        self.table.is_none()
+            && self.dlq.is_none()
+            && self.from.is_none()
+            && self.to.is_none()
+            && self.limit.is_none()
     }
 }
 
@@ -76,6 +103,8 @@ pub struct DlqRow {
     pub before: Option<String>,
     /// When it was dead-lettered; `None` if the table has no `dlq_time` column.
     pub dlq_time: Option<String>,
+    /// The table (in the queue's schema, lower-cased) it came from; `None` when not recorded.
+    pub source_table: Option<String>,
 }
 
 impl DlqRow {
@@ -88,6 +117,7 @@ impl DlqRow {
         json!({
             "event": self.event,
             "dlq_name": self.dlq_name,
+            "source_table": self.source_table,
             "source_time": self.time.to_string(),
             "dlq_time": self.dlq_time,
             "data_after": parse(&self.after),
@@ -108,14 +138,15 @@ fn sql_name(dialect: Dialect, table: &Table) -> String {
     }
 }
 
-/// The columns of a [`RawRow`], from a DLQ table aliased `d`. `dlq_time` is read through JSON
-/// so tables created before that column existed still work.
+/// The columns of a [`RawRow`], from a DLQ table aliased `d`. `dlq_time` and `source_table`
+/// are read through JSON so tables created without those columns still work.
 const ROW_COLUMNS: &str = "d.event::TEXT, d.dlq_name, d.source_nanos, d.source_logical, \
-d.data_after::TEXT, d.data_before::TEXT, to_jsonb(d) ->> 'dlq_time'";
+d.data_after::TEXT, d.data_before::TEXT, to_jsonb(d) ->> 'dlq_time', to_jsonb(d) ->> 'source_table'";
 
-/// Rows ordered by source time, then event; `$1..$5` are the selection, `$6..$8` the
-/// position to continue after (all NULL from the start), `$9` the limit. The event is
-/// compared as text so any key type (UUID, serial) works.
+/// Rows ordered by source time, then event; `$1..$5` and `$10` (the table) are the
+/// selection, `$6..$8` the position to continue after (all NULL from the start), `$9` the
+/// limit. The event is compared as text so any key type (UUID, serial) works. A row with no
+/// recorded table matches any table.
 fn select_sql(dialect: Dialect, table: &Table) -> String {
     format!(
         "SELECT {ROW_COLUMNS} FROM {} AS d \
@@ -123,12 +154,22 @@ fn select_sql(dialect: Dialect, table: &Table) -> String {
          AND ($2::INT8 IS NULL OR (d.source_nanos, d.source_logical) >= ($2::INT8, $3::INT8)) \
          AND ($4::INT8 IS NULL OR (d.source_nanos, d.source_logical) < ($4::INT8, $5::INT8)) \
          AND ($6::INT8 IS NULL OR (d.source_nanos, d.source_logical, d.event::TEXT) > ($6::INT8, $7::INT8, $8::TEXT)) \
+         AND ($10::TEXT IS NULL OR coalesce(to_jsonb(d) ->> 'source_table', $10) = $10) \
          ORDER BY d.source_nanos, d.source_logical, d.event::TEXT LIMIT $9",
         sql_name(dialect, table)
     )
 }
 
-type RawRow = (String, String, i64, i64, String, String, Option<String>);
+type RawRow = (
+    String,
+    String,
+    i64,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
 
 fn to_row(r: RawRow) -> DlqRow {
     let json_null = |s: String| (s != "null").then_some(s);
@@ -139,7 +180,40 @@ fn to_row(r: RawRow) -> DlqRow {
         after: json_null(r.4),
         before: json_null(r.5),
         dlq_time: r.6,
+        source_table: r.7,
     }
+}
+
+/// The lower-cased name a `--table` argument stands for in `schema`.
+fn table_filter(schema: &Schema, name: &str) -> Result<String, DlqError> {
+    Table::parse_in(schema, name)
+        .map(|t| t.name.canonical())
+        .map_err(|error| DlqError::TableName {
+            name: name.to_string(),
+            error,
+        })
+}
+
+/// Whether the queue has the `source_table` column.
+pub async fn records_tables(db: &Database, table: &Table) -> Result<bool, DlqError> {
+    let columns = match db.dialect {
+        Dialect::Postgres => "information_schema.columns".to_string(),
+        Dialect::Cockroach => format!("{}.information_schema.columns", table.schema.db.quoted()),
+    };
+    let n: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {columns} WHERE lower(table_schema) = lower($1) \
+         AND lower(table_name) = lower($2) AND column_name = 'source_table'"
+    ))
+    .bind(table.schema.schema.raw())
+    .bind(table.name.raw())
+    .fetch_one(&db.pool)
+    .await
+    .map_err(|error| DlqError::Sql {
+        what: "read",
+        table: table.to_string(),
+        error,
+    })?;
+    Ok(n > 0)
 }
 
 async fn select(
@@ -159,6 +233,12 @@ async fn select(
         .bind(after.map(|r| i64::from(r.time.logical())))
         .bind(after.map(|r| r.event.as_str()))
         .bind(limit)
+        .bind(
+            sel.table
+                .as_deref()
+                .map(|t| table_filter(&table.schema, t))
+                .transpose()?,
+        )
         .fetch_all(&db.pool)
         .await
         .map_err(|error| DlqError::Sql {
@@ -169,8 +249,13 @@ async fn select(
     Ok(rows.into_iter().map(to_row).collect())
 }
 
-/// The selected rows, oldest first.
+/// The selected rows, oldest first. Selecting by table needs the `source_table` column.
 pub async fn list(db: &Database, table: &Table, sel: &Selection) -> Result<Vec<DlqRow>, DlqError> {
+    if sel.table.is_some() && !records_tables(db, table).await? {
+        return Err(DlqError::NoTableColumn {
+            table: sql_name(db.dialect, table),
+        });
+    }
     select(db, table, sel, None, sel.limit).await
 }
 
@@ -292,9 +377,13 @@ fn count(schema: &Schema, result: &'static str, n: u64) {
     }
 }
 
-/// Re-applies the selected rows of `dlq` to `table` in source-time order, `batch` rows per
-/// target transaction; `progress` sees the running totals after each committed batch and may
-/// stop the replay. Table options (CAS columns, merge) are those `applier` has.
+/// Re-applies the selected rows of `dlq` in source-time order, `batch` rows per target
+/// transaction; `progress` sees the running totals after each committed batch and may stop
+/// the replay. Table options (CAS columns, merge) are those `applier` has.
+///
+/// A row goes to the table it records (the queue's `source_table` column); one that records
+/// none goes to `sel.table`, and without that is kept and counted as failed. A queue without
+/// the column needs `sel.table`, which all selected rows then go to.
 ///
 /// The userscript's `map` is not run again: a dead-letter row holds the mutation as it was
 /// handed to the table, already mapped.
@@ -302,19 +391,25 @@ pub async fn replay(
     applier: &Applier,
     db: &Database,
     dlq: &Table,
-    table: &Table,
     sel: &Selection,
     batch: usize,
     mut progress: impl FnMut(&ReplayReport) -> ControlFlow<()>,
 ) -> Result<ReplayReport, DlqError> {
-    let info = applier
-        .schema(&table.schema)
-        .await
-        .map_err(SequenceError::from)?;
-    let ts = info
-        .table(table)
-        .cloned()
-        .ok_or_else(|| DlqError::UnknownTable(table.to_string()))?;
+    let schema = &dlq.schema;
+    let info = applier.schema(schema).await.map_err(SequenceError::from)?;
+    let named = match sel.table.as_deref() {
+        Some(t) => {
+            let name = table_filter(schema, t)?;
+            let table = Table::new(schema.clone(), name);
+            let ts = info
+                .table(&table)
+                .cloned()
+                .ok_or_else(|| DlqError::UnknownTable(table.to_string()))?;
+            Some(ts)
+        }
+        None if records_tables(db, dlq).await? => None,
+        None => return Err(DlqError::TableNeeded(dlq.to_string())),
+    };
     let mut report = ReplayReport::default();
     let mut last: Option<DlqRow> = None;
     let mut remaining = sel.limit;
@@ -339,7 +434,18 @@ pub async fn replay(
         let mut applied = Vec::new();
         let (mut lost, mut failed) = (0u64, 0u64);
         for row in &rows {
-            let m = match to_mutation(&ts, row) {
+            let recorded = row
+                .source_table
+                .as_deref()
+                .and_then(|t| info.table(&Table::new(schema.clone(), t)));
+            let Some(ts) = recorded.or(named.as_ref()) else {
+                tracing::warn!(event = %row.event, dlq = %dlq, recorded = row.source_table.is_some(),
+                    "dead-letter row names no table of the schema (pass --table); kept");
+                failed += 1;
+                continue;
+            };
+            let table = &ts.table;
+            let m = match to_mutation(ts, row) {
                 Ok(m) => m,
                 Err(detail) => {
                     tracing::warn!(event = %row.event, table = %table, %detail,
@@ -371,9 +477,9 @@ pub async fn replay(
         }
         delete_events(&mut tx, db.dialect, dlq, &applied).await?;
         tx.commit().await.map_err(sql_err("replay"))?;
-        count(&table.schema, "applied", applied.len() as u64);
-        count(&table.schema, "lost", lost);
-        count(&table.schema, "failed", failed);
+        count(schema, "applied", applied.len() as u64);
+        count(schema, "lost", lost);
+        count(schema, "failed", failed);
         report.applied += applied.len() as u64;
         report.lost += lost;
         report.failed += failed;
@@ -387,7 +493,7 @@ pub async fn replay(
             break;
         }
     }
-    tracing::info!(dlq = %dlq, table = %table, applied = report.applied, lost = report.lost,
+    tracing::info!(dlq = %dlq, applied = report.applied, lost = report.lost,
         failed = report.failed, "dead-letter replay finished");
     Ok(report)
 }
@@ -441,16 +547,14 @@ pub enum DlqCommand {
         #[arg(long = "all")]
         all: bool,
     },
-    /// Re-apply the selected rows to `--table` (compare-and-set and merge as configured by
-    /// `--userscript`); rows that apply leave the queue, rows that lose again stay.
+    /// Re-apply the selected rows to the table each came from, or to `--table` when the queue
+    /// does not record it (compare-and-set and merge as configured by `--userscript`); rows
+    /// that apply leave the queue, rows that lose again stay.
     Replay {
         #[command(flatten)]
         common: Common,
         #[command(flatten)]
         sel: Selection,
-        /// The table the rows belong to (the queue does not record it).
-        #[arg(long = "table")]
-        table: String,
         /// The userscript whose table options (cas, merge) apply.
         #[arg(long = "userscript")]
         userscript: Option<std::path::PathBuf>,
@@ -471,8 +575,8 @@ async fn open(common: &Common) -> anyhow::Result<(Database, Schema, Table)> {
 
 fn print_table(rows: &[DlqRow]) {
     println!(
-        "{:<38} {:<16} {:<32} {:<7} DATA",
-        "EVENT", "DLQ", "SOURCE TIME", "KIND"
+        "{:<38} {:<16} {:<16} {:<32} {:<7} DATA",
+        "EVENT", "DLQ", "TABLE", "SOURCE TIME", "KIND"
     );
     for r in rows {
         let (kind, data) = match (&r.after, &r.before) {
@@ -491,9 +595,10 @@ fn print_table(rows: &[DlqRow]) {
             data.push('…');
         }
         println!(
-            "{:<38} {:<16} {:<32} {:<7} {data}",
+            "{:<38} {:<16} {:<16} {:<32} {:<7} {data}",
             r.event,
             r.dlq_name,
+            r.source_table.as_deref().unwrap_or("-"),
             r.time.to_string(),
             kind
         );
@@ -538,13 +643,10 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
         DlqCommand::Replay {
             common,
             sel,
-            table,
             userscript,
             batch,
         } => {
             let (db, schema, dlq) = open(&common).await?;
-            let table = Table::parse_in(&schema, &table)
-                .map_err(|e| anyhow::anyhow!("--table {table:?}: {e}"))?;
             let applier = Applier::with_options(
                 db.clone(),
                 Duration::from_secs(60),
@@ -562,7 +664,7 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
                 let info = applier.schema(&schema).await?;
                 Hooks::new(script).configure(&applier, &info);
             }
-            let report = replay(&applier, &db, &dlq, &table, &sel, batch, |r| {
+            let report = replay(&applier, &db, &dlq, &sel, batch, |r| {
                 println!(
                     "batch {}: applied {}, lost again {}, failed {}",
                     r.batches, r.applied, r.lost, r.failed
@@ -593,7 +695,14 @@ mod tests {
             sql.contains(r#"FROM "public"."cdc_sink_dlq" AS d"#),
             "{sql}"
         );
-        for p in ["$1", "$3::INT8", "$5::INT8", "$8::TEXT", "LIMIT $9"] {
+        for p in [
+            "$1",
+            "$3::INT8",
+            "$5::INT8",
+            "$8::TEXT",
+            "LIMIT $9",
+            "'source_table', $10) = $10",
+        ] {
             assert!(sql.contains(p), "{p} missing: {sql}");
         }
     }
@@ -619,6 +728,7 @@ mod tests {
             after: None,
             before: Some(r#"{"A": 1, "b": "two", "v": 3}"#.into()),
             dlq_time: None,
+            source_table: None,
         };
         let m = to_mutation(&ts, &row).expect("fits");
         assert_eq!(m.key, r#"["two",1]"#);

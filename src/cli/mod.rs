@@ -255,16 +255,38 @@ mod tests {
         let Command::Dlq(args) = cli.command else {
             panic!("dlq expected")
         };
-        let dlq::DlqCommand::Replay {
-            sel, table, batch, ..
-        } = args.command
-        else {
+        let dlq::DlqCommand::Replay { sel, batch, .. } = args.command else {
             panic!("replay expected")
         };
-        assert_eq!((table.as_str(), batch), ("t", 100));
+        assert_eq!((sel.table.as_deref(), batch), (Some("t"), 100));
         assert_eq!(sel.dlq.as_deref(), Some("a"));
         assert_eq!(sel.from, Some(crate::hlc::Hlc::new(5, 1)));
         assert_eq!((sel.to, sel.limit), (None, Some(10)));
+    }
+
+    #[test]
+    fn verify_repairs_only_from_a_named_side() {
+        let parse = |extra: &[&str]| {
+            let argv = [
+                "cdc-sink", "verify", "--source", "pg://a/x", "--target", "pg://b/x",
+            ];
+            Cli::try_parse_from(argv.iter().chain(extra)).map(|cli| match cli.command {
+                Command::Verify(v) => (v.repair, v.from, v.repair_batch),
+                _ => panic!("verify expected"),
+            })
+        };
+        assert_eq!(
+            parse(&["--repair", "--from", "target", "--repair-batch", "10"]).expect("parses"),
+            (true, Some(crate::verify::Side::Target), 10)
+        );
+        assert_eq!(parse(&[]).expect("parses"), (false, None, 500));
+        for bad in [
+            &["--repair"][..],
+            &["--from", "source"],
+            &["--repair", "--from", "east"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

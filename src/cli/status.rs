@@ -65,7 +65,7 @@ pub fn render(report: &Value) -> String {
         text(&i["uptime_seconds"]),
         text(&i["userscript"]),
     );
-    let rows: Vec<[String; 10]> = report["schemas"]
+    let rows: Vec<[String; 11]> = report["schemas"]
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default()
@@ -86,6 +86,7 @@ pub fn render(report: &Value) -> String {
                 text(&s["source_lag_seconds"]),
                 text(&s["staged_backlog_rows"]),
                 holder,
+                text(&lease["since"]),
                 text(&lease["expires"]),
                 text(&s["dlq_rows"]),
             ]
@@ -100,6 +101,7 @@ pub fn render(report: &Value) -> String {
         "SOURCE LAG",
         "BACKLOG",
         "LEASE HOLDER",
+        "LEASE SINCE",
         "LEASE EXPIRES",
         "DLQ",
     ];
@@ -169,7 +171,8 @@ mod tests {
                 "schema": "kv.public", "mode": "consistent", "committed": "10.0000000000",
                 "proposed": "12.0000000000", "target_lag_seconds": 2.25,
                 "source_lag_seconds": 0.5, "staged_backlog_rows": 3,
-                "lease": {"holder": "h:1", "expires": "2026-01-01", "held": false},
+                "lease": {"holder": "h:1", "since": "2025-12-31", "expires": "2026-01-01",
+                    "held": false},
                 "dlq_rows": null,
                 "blocked": {"table": "kv.public.kv", "key": "[1]", "time": "1.0000000000",
                     "error": "refused", "next_retry_unix": 100}
@@ -183,7 +186,14 @@ mod tests {
         );
         assert!(lines[1].starts_with("SCHEMA     MODE"), "{text}");
         assert!(lines[2].starts_with("kv.public  consistent"), "{text}");
-        for cell in ["2.2s", "0.5s", " 3 ", "(expired) h:1", "2026-01-01"] {
+        for cell in [
+            "2.2s",
+            "0.5s",
+            " 3 ",
+            "(expired) h:1",
+            "2025-12-31",
+            "2026-01-01",
+        ] {
             assert!(lines[2].contains(cell), "{cell} missing: {text}");
         }
         assert!(lines[2].ends_with('-'), "{text}");

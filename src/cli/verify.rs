@@ -1,8 +1,15 @@
-//! `cdc-sink verify`: one comparison, or a watch until the copies agree N times in a row.
+//! `cdc-sink verify`: one comparison, or a watch until the copies agree N times in a row
+//! ("failback ready"); with `--repair --from SIDE`, divergent rows are copied from that side.
 
-use crate::verify::{self, CompareOptions, Report, TableRef, VerifyArgs};
+use crate::verify::{
+    self, CompareOptions, RepairOptions, Step, TableRef, VerifyArgs, WatchOptions,
+};
 use anyhow::bail;
 use tokio_util::sync::CancellationToken;
+
+/// Repairs at most this many times in one run without `--watch` (each reads up to the
+/// comparison's row limit of divergent rows).
+const REPAIR_ROUNDS: u32 = 20;
 
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let table = TableRef::parse(&args.table)?;
@@ -13,24 +20,55 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         ignore_columns: args.ignore_columns.clone(),
         sample: args.sample,
     };
+    let repair = match (args.repair, args.from) {
+        (true, Some(from)) => Some(RepairOptions {
+            from,
+            batch: args.repair_batch,
+        }),
+        (true, None) => bail!("--repair needs --from source or --from target"),
+        (false, _) => None,
+    };
     let json = args.json;
-    let print = move |r: &Report, clean: Option<u32>| {
-        if json {
-            let mut v = serde_json::to_value(r).unwrap_or_default();
-            if let (Some(c), Some(obj)) = (clean, v.as_object_mut()) {
-                obj.insert("consecutive_clean".into(), c.into());
+    let want = args.clean.max(1);
+    let print = move |step: Step<'_>| match step {
+        Step::Compared(r, clean) => {
+            let ready = clean.is_some_and(|c| c >= want);
+            if json {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                if let (Some(c), Some(obj)) = (clean, v.as_object_mut()) {
+                    obj.insert("consecutive_clean".into(), c.into());
+                    obj.insert("failback_ready".into(), ready.into());
+                }
+                println!("{v}");
+            } else {
+                println!("{r}");
+                if let Some(c) = clean.filter(|c| *c > 0) {
+                    println!("in sync for {c} consecutive checks");
+                }
+                if ready {
+                    println!("failback ready");
+                }
             }
-            println!("{v}");
-        } else {
-            println!("{r}");
-            if let Some(c) = clean.filter(|c| *c > 0) {
-                println!("in sync for {c} consecutive checks");
+        }
+        Step::Repaired(r) => {
+            if json {
+                println!("{}", serde_json::json!({ "repair": r }));
+            } else {
+                println!("{r}");
             }
         }
     };
     let Some(interval) = args.watch else {
-        let report = verify::compare(&source, &target, &table, &opts).await?;
-        print(&report, None);
+        let report = verify::compare_and_repair(
+            &source,
+            &target,
+            &table,
+            &opts,
+            repair,
+            REPAIR_ROUNDS,
+            print,
+        )
+        .await?;
         if !report.in_sync() {
             bail!("{} differs", table);
         }
@@ -42,16 +80,19 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         super::start::shutdown_signal().await;
         on_signal.cancel();
     });
-    let outcome = verify::watch(
+    let outcome = verify::watch_and_repair(
         &source,
         &target,
         &table,
         &opts,
-        interval,
-        args.clean,
-        args.timeout,
+        repair,
+        WatchOptions {
+            interval,
+            clean: args.clean,
+            timeout: args.timeout,
+        },
         cancel,
-        |r, clean| print(r, Some(clean)),
+        print,
     )
     .await?;
     if !outcome.in_sync {

@@ -65,7 +65,8 @@ CREATE TABLE public.cdc_sink_dlq (
     source_logical INT8 NOT NULL,
     data_after JSONB NOT NULL,
     data_before JSONB NOT NULL,
-    dlq_time TIMESTAMPTZ NOT NULL DEFAULT now()
+    dlq_time TIMESTAMPTZ NOT NULL DEFAULT now(),
+    source_table TEXT
 );"
     )
 }

@@ -7,6 +7,7 @@
 //! Changefeed requests run detached from their connection: a client that hangs up does not
 //! abort staging half-way, only `--httpResponseTimeout` (or the end of the grace period) does.
 
+pub mod body;
 pub mod client;
 pub mod tls;
 
@@ -15,12 +16,14 @@ pub use tls::{self_signed, self_signed_pem, SelfSigned};
 
 use crate::config::{format_duration, parse_bytes, parse_duration};
 use crate::metrics as m;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::BoxFuture;
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, X_CONTENT_TYPE_OPTIONS};
+use http::header::{
+    HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_TYPE, RETRY_AFTER, X_CONTENT_TYPE_OPTIONS,
+};
 use http::{HeaderMap, Method, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Body as _, Incoming};
+use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -50,6 +53,11 @@ const H2_CONNECTION_WINDOW: u32 = 16 << 20;
 const H2_MAX_FRAME: u32 = 256 << 10;
 const DEFAULT_H2_STREAMS: u32 = 32;
 const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Real changefeed batches are megabytes; this leaves room for very wide rows.
+const DEFAULT_MAX_REQUEST_BYTES: &str = "32MiB";
+/// Requests hold several times their body in memory while they are decoded and staged: this
+/// keeps the process near 1 GiB at most whatever the number of concurrent requests.
+const DEFAULT_MAX_INFLIGHT_BYTES: &str = "96MiB";
 /// At most one WARN per listener per this period while connections are refused.
 const REFUSED_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// What Go servers answer to plain HTTP on a TLS port.
@@ -93,9 +101,12 @@ pub struct ServerArgs {
     /// Processing deadline per changefeed request (Go duration)
     #[arg(long = "httpResponseTimeout", env = "CDC_SINK_HTTP_RESPONSE_TIMEOUT", default_value = "2m0s", value_parser = parse_duration)]
     pub http_response_timeout: Duration,
-    /// Largest accepted request body; larger bodies are answered 413
-    #[arg(long = "maxRequestBytes", env = "CDC_SINK_MAX_REQUEST_BYTES", default_value = "256MiB", value_parser = parse_bytes)]
+    /// Largest accepted request body, before and after decompression; larger bodies are answered 413
+    #[arg(long = "maxRequestBytes", env = "CDC_SINK_MAX_REQUEST_BYTES", default_value = DEFAULT_MAX_REQUEST_BYTES, value_parser = parse_bytes)]
     pub max_request_bytes: u64,
+    /// Request body bytes held at once by all requests in flight; a request that does not fit is answered 503 with Retry-After before its body is read
+    #[arg(long = "maxInflightBytes", env = "CDC_SINK_MAX_INFLIGHT_BYTES", default_value = DEFAULT_MAX_INFLIGHT_BYTES, value_parser = parse_bytes)]
+    pub max_inflight_bytes: u64,
     /// Time allowed for in-flight requests to finish at shutdown (Go duration)
     #[arg(long = "gracePeriod", env = "CDC_SINK_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
     pub grace_period: Duration,
@@ -141,7 +152,8 @@ impl Default for ServerArgs {
             tls_client_ca: None,
             tls_self_signed: false,
             http_response_timeout: Duration::from_secs(120),
-            max_request_bytes: 256 << 20,
+            max_request_bytes: parse_bytes(DEFAULT_MAX_REQUEST_BYTES).unwrap_or(32 << 20),
+            max_inflight_bytes: parse_bytes(DEFAULT_MAX_INFLIGHT_BYTES).unwrap_or(96 << 20),
             grace_period: Duration::from_secs(30),
             http_header_read_timeout: Duration::from_secs(30),
             http_idle_timeout: Duration::from_secs(120),
@@ -209,6 +221,16 @@ impl ServerArgs {
             return Err(ServerError::InvalidFlag {
                 flag: "maxRequestBytes",
                 reason: "must be greater than zero".into(),
+            });
+        }
+        // Otherwise a request within the size limit could never be admitted.
+        if self.max_inflight_bytes < self.max_request_bytes {
+            return Err(ServerError::InvalidFlag {
+                flag: "maxInflightBytes",
+                reason: format!(
+                    "must be at least --maxRequestBytes ({} bytes)",
+                    self.max_request_bytes
+                ),
             });
         }
         Ok(())
@@ -539,6 +561,7 @@ impl Bound {
             metrics_addr: metrics.as_ref().map(|(_, a)| *a),
             response_timeout: args.http_response_timeout,
             max_request_bytes: args.max_request_bytes,
+            budget: body::Budget::new(args.max_inflight_bytes),
             inflight: inflight_tx,
             abort: abort_rx,
         });
@@ -591,6 +614,8 @@ struct MainState {
     metrics_addr: Option<SocketAddr>,
     response_timeout: Duration,
     max_request_bytes: u64,
+    /// `--maxInflightBytes`: every changefeed body holds a reservation of it.
+    budget: body::Budget,
     inflight: mpsc::Sender<()>,
     abort: watch::Receiver<bool>,
 }
@@ -1011,9 +1036,10 @@ async fn changefeed(
     // open past it.
     let deadline = Instant::now() + state.response_timeout;
     let (parts, body) = req.into_parts();
-    let body = match timeout_at(deadline, read_body(body, state.max_request_bytes)).await {
-        Ok(Ok(body)) => body,
-        Ok(Err(resp)) => return finish(start, resp),
+    let read = body::read(body, &parts.headers, state.max_request_bytes, &state.budget);
+    let (body, admitted) = match timeout_at(deadline, read).await {
+        Ok(Ok(read)) => read,
+        Ok(Err(e)) => return body_refused(start, &e),
         Err(_) => return finish(start, timed_out(state.response_timeout)),
     };
     metrics::histogram!(m::HTTP_PAYLOAD_IN).record(body.len() as f64);
@@ -1034,6 +1060,8 @@ async fn changefeed(
     // Detached: dropping this request future (client gone) leaves the task running.
     let task = tokio::spawn(async move {
         let _inflight = inflight;
+        // The body's bytes stay reserved until the request's work is over, however it ends.
+        let _admitted = admitted;
         let resp = tokio::select! {
             r = timeout_at(deadline, work) => r.unwrap_or_else(|_| timed_out(limit)),
             _ = abort.wait_for(|a| *a) => Response::text(
@@ -1072,50 +1100,20 @@ fn finish(start: std::time::Instant, resp: Response) -> HttpResponse {
     text_response(&resp)
 }
 
-/// Reads the whole body, refusing (413) as soon as it exceeds `limit` bytes: the rest is never
-/// read.
-async fn read_body(mut body: Incoming, limit: u64) -> Result<Bytes, Response> {
-    let too_large = || {
-        Response::text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body larger than {limit} bytes (--maxRequestBytes)"),
-        )
-    };
-    // A declared Content-Length over the limit is refused without reading anything.
-    if body.size_hint().lower() > limit {
-        return Err(too_large());
+/// The answer to a body that was not accepted: 413, 415 (naming the codings we read), 503 with
+/// `Retry-After` when the budget is spent, or 400.
+fn body_refused(start: std::time::Instant, e: &body::BodyError) -> HttpResponse {
+    let mut resp = Response::text(e.status(), e.to_string());
+    if matches!(e, body::BodyError::Busy { .. }) {
+        debug!("request refused: body bytes in flight at --maxInflightBytes");
+        resp = resp.with_retry_after(RETRY_AFTER_DEFAULT);
     }
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut total: u64 = 0;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            Response::text(
-                StatusCode::BAD_REQUEST,
-                format!("could not read request body: {e}"),
-            )
-        })?;
-        if let Ok(data) = frame.into_data() {
-            total += data.len() as u64;
-            if total > limit {
-                return Err(too_large());
-            }
-            if !data.is_empty() {
-                chunks.push(data);
-            }
-        }
+    let mut r = finish(start, resp);
+    if matches!(e, body::BodyError::UnsupportedEncoding(_)) {
+        r.headers_mut()
+            .insert(ACCEPT_ENCODING, HeaderValue::from_static("gzip, zstd"));
     }
-    // One frame (the common case for small bodies) is passed on without copying.
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut buf = BytesMut::with_capacity(total as usize);
-            for c in chunks {
-                buf.extend_from_slice(&c);
-            }
-            buf.freeze()
-        }
-    })
+    r
 }
 
 fn not_found() -> HttpResponse {
@@ -1151,6 +1149,7 @@ fn text_response(resp: &Response) -> HttpResponse {
 mod tests {
     use super::*;
     use clap::Parser;
+    use http_body_util::BodyExt;
 
     #[derive(Parser)]
     struct Cli {
@@ -1178,7 +1177,9 @@ mod tests {
         assert_eq!(a.metrics_addr, "");
         assert!(!a.tls_self_signed);
         assert_eq!(a.http_response_timeout, Duration::from_secs(120));
-        assert_eq!(a.max_request_bytes, 256 << 20);
+        assert_eq!(a.max_request_bytes, 32 << 20);
+        assert_eq!(a.max_inflight_bytes, 96 << 20);
+        assert_eq!(a.max_inflight_bytes, d.max_inflight_bytes);
         assert_eq!(a.grace_period, Duration::from_secs(30));
         assert_eq!(a.http_header_read_timeout, Duration::from_secs(30));
         assert_eq!(a.http_idle_timeout, Duration::from_secs(120));
@@ -1234,9 +1235,11 @@ mod tests {
             "1m30s",
             "--maxRequestBytes",
             "1MiB",
+            "--maxInflightBytes=8MiB",
             "--gracePeriod=5s",
         ])
         .expect("parse");
+        assert_eq!(a.max_inflight_bytes, 8 << 20);
         assert_eq!(a.bind_addr, "127.0.0.1:1");
         assert_eq!(a.metrics_addr, ":2");
         assert!(a.tls_self_signed);
@@ -1371,6 +1374,14 @@ mod tests {
             ..ServerArgs::default()
         })
         .contains("maxRequestBytes"));
+        assert_eq!(
+            e(ServerArgs {
+                max_request_bytes: 2048,
+                max_inflight_bytes: 1024,
+                ..ServerArgs::default()
+            }),
+            "invalid --maxInflightBytes: must be at least --maxRequestBytes (2048 bytes)"
+        );
     }
 
     #[test]

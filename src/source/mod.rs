@@ -190,6 +190,8 @@ impl Ingest {
             h.configure(&self.applier, &info);
         }
         let payload = webhook::decode(&route, &req.body, &Keys(&info), &self.limits)?;
+        // The mutations own copies of what they need: the body is not held while staging.
+        drop(req);
         match payload {
             // CockroachDB never sends an empty batch; an empty body is a client mistake.
             Payload::Empty => Err(WebhookError::EmptyBody.into()),
@@ -445,8 +447,8 @@ async fn status(ingest: &Ingest) -> Result<serde_json::Value, String> {
                 backlog += n;
             }
         }
-        let lease: Option<(String, String, bool)> = sqlx::query_as(&format!(
-            "SELECT hostname, expires::TEXT, expires > now() FROM {leases} WHERE name = $1"
+        let lease: Option<(String, String, bool, Option<String>)> = sqlx::query_as(&format!(
+            "SELECT hostname, expires::TEXT, expires > now(), acquired::TEXT FROM {leases} WHERE name = $1"
         ))
         .bind(crate::sequence::lease_name(&schema))
         .fetch_optional(&ingest.staging.pool)
@@ -486,8 +488,8 @@ async fn status(ingest: &Ingest) -> Result<serde_json::Value, String> {
             "target_lag_seconds": seconds_since(b.committed),
             "source_lag_seconds": seconds_since(b.proposed),
             "staged_backlog_rows": backlog,
-            "lease": lease.map(|(host, expires, held)| json!({
-                "holder": host, "expires": expires, "held": held,
+            "lease": lease.map(|(host, expires, held, since)| json!({
+                "holder": host, "expires": expires, "held": held, "since": since,
             })),
             "dlq_rows": dlq_rows,
         }));

@@ -445,7 +445,7 @@ impl Stager {
     fn record_insert(
         &self,
         batches: &TableBatches,
-        cols: &[Columns],
+        cols: &[Columns<'_>],
         result: Result<sqlx::postgres::PgRow, sqlx::Error>,
         started: Instant,
     ) -> Result<StageStats, StageError> {
@@ -617,7 +617,7 @@ fn json_text(bytes: Vec<u8>) -> Option<String> {
     )
 }
 
-fn columns(batches: &TableBatches) -> Vec<Columns> {
+fn columns(batches: &TableBatches) -> Vec<Columns<'_>> {
     batches
         .values()
         .map(|muts| Columns::from(muts.as_slice()))
@@ -627,7 +627,7 @@ fn columns(batches: &TableBatches) -> Vec<Columns> {
 /// Binds each table's five column arrays, in table order.
 fn bind_columns<'q>(
     mut q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    cols: &'q [Columns],
+    cols: &'q [Columns<'q>],
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     for c in cols {
         q = q
@@ -641,18 +641,19 @@ fn bind_columns<'q>(
 }
 
 /// One table's batch as the column arrays the insert binds.
-struct Columns {
+/// The texts are borrowed from the mutations: a request's rows are not copied again.
+struct Columns<'a> {
     nanos: Vec<i64>,
     logical: Vec<i64>,
-    keys: Vec<String>,
-    muts: Vec<Vec<u8>>,
-    befores: Vec<Option<Vec<u8>>>,
+    keys: Vec<&'a str>,
+    muts: Vec<&'a [u8]>,
+    befores: Vec<Option<&'a [u8]>>,
     offered: u64,
 }
 
-impl From<&[Mutation]> for Columns {
+impl<'a> From<&'a [Mutation]> for Columns<'a> {
     /// De-duplicates on (time, key), keeping the later occurrence in the request.
-    fn from(muts: &[Mutation]) -> Self {
+    fn from(muts: &'a [Mutation]) -> Self {
         let mut seen: HashMap<(Hlc, &str), usize> = HashMap::with_capacity(muts.len());
         let mut order: Vec<&Mutation> = Vec::with_capacity(muts.len());
         for mu in muts {
@@ -667,14 +668,14 @@ impl From<&[Mutation]> for Columns {
         Columns {
             nanos: order.iter().map(|m| m.time.nanos()).collect(),
             logical: order.iter().map(|m| i64::from(m.time.logical())).collect(),
-            keys: order.iter().map(|m| m.key.clone()).collect(),
+            keys: order.iter().map(|m| m.key.as_str()).collect(),
             muts: order
                 .iter()
-                .map(|m| m.after.as_deref().unwrap_or("null").as_bytes().to_vec())
+                .map(|m| m.after.as_deref().unwrap_or("null").as_bytes())
                 .collect(),
             befores: order
                 .iter()
-                .map(|m| m.before.as_ref().map(|b| b.as_bytes().to_vec()))
+                .map(|m| m.before.as_deref().map(str::as_bytes))
                 .collect(),
             offered: order.len() as u64,
         }

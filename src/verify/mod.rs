@@ -51,6 +51,41 @@ pub struct VerifyArgs {
     /// One JSON report per check on standard output.
     #[arg(long = "json")]
     pub json: bool,
+    /// After reporting divergent keys, copy the --from side's version of each (insert,
+    /// update or delete) to the other side, through plain SQL (no compare-and-set, no merge):
+    /// for failback once writes stopped on one side.
+    #[arg(long = "repair", requires = "from")]
+    pub repair: bool,
+    /// The authoritative side for --repair.
+    #[arg(long = "from", value_enum, requires = "repair")]
+    pub from: Option<Side>,
+    /// Keys per repair transaction.
+    #[arg(long = "repair-batch", default_value_t = 500)]
+    pub repair_batch: usize,
+}
+
+/// One of the two databases.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Source,
+    Target,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        }
+    }
+
+    pub fn other(self) -> Side {
+        match self {
+            Side::Source => Side::Target,
+            Side::Target => Side::Source,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +188,10 @@ pub struct Report {
     pub exact: bool,
     /// A few divergent keys per kind, as PostgreSQL row text, e.g. `(42)`.
     pub samples: Vec<(DiffKind, String)>,
+    /// Every divergent key found (up to the row limit), as a JSON object of the key columns:
+    /// what a repair works on.
+    #[serde(skip)]
+    pub keys: Vec<String>,
     /// Columns compared (after --ignore-columns) and those present on one side only.
     pub columns: Vec<String>,
     pub only_in_source: Vec<String>,
@@ -214,6 +253,8 @@ pub struct CompareOptions {
 /// What a table looks like on one side.
 struct Layout {
     columns: Vec<String>,
+    /// Generated columns (computed by the database, never written).
+    generated: Vec<String>,
     key: Vec<String>,
     /// The key is one integer column: buckets are key ranges.
     integer_key: bool,
@@ -236,14 +277,16 @@ async fn layout(
             side,
         });
     };
-    let columns: Vec<String> = sqlx::query_scalar(
-        "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::int8::oid AND attnum > 0 \
-         AND NOT attisdropped ORDER BY attname",
+    let all: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT attname::text, attgenerated <> '' FROM pg_attribute \
+         WHERE attrelid = $1::int8::oid AND attnum > 0 AND NOT attisdropped ORDER BY attname",
     )
     .bind(oid)
     .fetch_all(pool)
     .await
     .map_err(sql_err("read the columns"))?;
+    let columns = all.iter().map(|c| c.0.clone()).collect();
+    let generated = all.into_iter().filter(|c| c.1).map(|c| c.0).collect();
     let key: Vec<(String, String)> = sqlx::query_as(
         "SELECT a.attname::text, format_type(a.atttypid, NULL) FROM pg_index i \
          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
@@ -264,6 +307,7 @@ async fn layout(
         key.len() == 1 && matches!(key[0].1.as_str(), "bigint" | "integer" | "smallint");
     Ok(Layout {
         columns,
+        generated,
         key: key.into_iter().map(|k| k.0).collect(),
         integer_key,
     })
@@ -331,6 +375,7 @@ pub async fn compare(
         "ROW({})::text",
         ls.key.iter().map(quote).collect::<Vec<_>>().join(", ")
     );
+    let key_json = key_object(&ls.key);
     let t = table.quoted();
     let integer_key = ls.integer_key && lt.integer_key;
 
@@ -422,6 +467,7 @@ pub async fn compare(
         changed: 0,
         exact: true,
         samples: Vec::new(),
+        keys: Vec::new(),
         columns,
         only_in_source,
         only_in_target,
@@ -434,7 +480,7 @@ pub async fn compare(
             key_text.clone()
         };
         let rows_sql = format!(
-            "SELECT {key_text}, md5({row_text}) FROM {t} WHERE {bucket_expr} = ANY($1) \
+            "SELECT {key_text}, md5({row_text}), {key_json} FROM {t} WHERE {bucket_expr} = ANY($1) \
              ORDER BY {key_order} LIMIT {}",
             MAX_DIFF_ROWS + 1
         );
@@ -443,7 +489,7 @@ pub async fn compare(
             let pool = pool.clone();
             let differing = differing.clone();
             async move {
-                sqlx::query_as::<_, (String, String)>(&sql)
+                sqlx::query_as::<_, (String, String, String)>(&sql)
                     .bind(&differing)
                     .fetch_all(&pool)
                     .await
@@ -457,10 +503,15 @@ pub async fn compare(
         let (rs, rt) = tokio::try_join!(rows(source, "source"), rows(target, "target"))?;
         report.exact = rs.len() as i64 <= MAX_DIFF_ROWS && rt.len() as i64 <= MAX_DIFF_ROWS;
         // Keep the source's key order for samples.
-        let target_rows: HashMap<&str, &str> =
-            rt.iter().map(|(k, h)| (k.as_str(), h.as_str())).collect();
-        let source_keys: HashMap<&str, &str> =
-            rs.iter().map(|(k, h)| (k.as_str(), h.as_str())).collect();
+        let target_rows: HashMap<&str, &str> = rt
+            .iter()
+            .map(|(k, h, _)| (k.as_str(), h.as_str()))
+            .collect();
+        let source_keys: HashMap<&str, &str> = rs
+            .iter()
+            .map(|(k, h, _)| (k.as_str(), h.as_str()))
+            .collect();
+        let mut keys = Vec::new();
         let mut samples: BTreeMap<u8, Vec<(DiffKind, String)>> = BTreeMap::new();
         let mut note = |kind: DiffKind, key: &str, counter: &mut u64| {
             *counter += 1;
@@ -469,24 +520,264 @@ pub async fn compare(
                 list.push((kind, key.to_string()));
             }
         };
-        for (k, h) in &rs {
+        for (k, h, j) in &rs {
             match target_rows.get(k.as_str()) {
                 None => note(DiffKind::Missing, k, &mut report.missing),
                 Some(th) if th != h => note(DiffKind::Changed, k, &mut report.changed),
-                Some(_) => {}
+                Some(_) => continue,
             }
+            keys.push(j.clone());
         }
-        for (k, _) in &rt {
+        for (k, _, j) in &rt {
             if !source_keys.contains_key(k.as_str()) {
                 note(DiffKind::Extra, k, &mut report.extra);
+                keys.push(j.clone());
             }
         }
+        report.keys = keys;
         report.samples = samples.into_values().flatten().collect();
     }
     report.elapsed_seconds = began.elapsed().as_secs_f64();
     metrics::gauge!(m::VERIFY_DIVERGENT_ROWS, m::LABEL_TABLE => report.table.clone())
         .set(report.divergent() as f64);
     Ok(report)
+}
+
+/// `jsonb_build_object('k1', "k1", …)::text` over the key columns: a key as JSON, which
+/// `jsonb_populate_recordset` turns back into typed values on either side.
+fn key_object(key: &[String]) -> String {
+    let pairs: Vec<String> = key
+        .iter()
+        .map(|k| {
+            format!(
+                "'{}', {}",
+                k.replace('\'', "''"),
+                Ident::new(k.clone()).quoted()
+            )
+        })
+        .collect();
+    format!("jsonb_build_object({})::text", pairs.join(", "))
+}
+
+/// What a repair did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RepairReport {
+    pub table: String,
+    /// The authoritative side, and the side written.
+    pub from: &'static str,
+    pub to: &'static str,
+    /// Divergent keys handled.
+    pub keys: u64,
+    /// Rows inserted or updated to the authoritative side's version.
+    pub upserted: u64,
+    /// Rows deleted because the authoritative side has no row with their key.
+    pub deleted: u64,
+    pub batches: u64,
+    pub elapsed_seconds: f64,
+}
+
+impl std::fmt::Display for RepairReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: repaired {} keys on the {} database from the {} database: {} inserted or \
+             updated, {} deleted ({} batches)",
+            self.table, self.keys, self.to, self.from, self.upserted, self.deleted, self.batches
+        )
+    }
+}
+
+/// The statements a repair runs for one table, over JSON arrays of key objects and of the
+/// authoritative rows (as `to_jsonb`).
+#[derive(Debug, PartialEq, Eq)]
+struct RepairSql {
+    /// On the authoritative side: its rows with those keys (`$1`).
+    read: String,
+    /// On the written side: rows with a key in `$1` and none in the rows `$2`.
+    delete: String,
+    /// On the written side: the rows `$1` inserted, or written over the row with the same key.
+    upsert: String,
+}
+
+/// `table` is quoted; `key` the key columns; `write` the columns written (both sides have
+/// them and they are not generated on the written side).
+fn repair_sql(table: &str, key: &[String], write: &[String]) -> RepairSql {
+    let q = |c: &String| Ident::new(c.clone()).quoted();
+    let key_row = |alias: &str| {
+        format!(
+            "({})",
+            key.iter()
+                .map(|k| format!("{alias}.{}", q(k)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let cols = write.iter().map(q).collect::<Vec<_>>().join(", ");
+    let keys = key.iter().map(q).collect::<Vec<_>>().join(", ");
+    let set: Vec<String> = write
+        .iter()
+        .filter(|c| !key.contains(c))
+        .map(|c| format!("{} = excluded.{}", q(c), q(c)))
+        .collect();
+    let on_conflict = if set.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!("DO UPDATE SET {}", set.join(", "))
+    };
+    RepairSql {
+        read: format!(
+            "SELECT to_jsonb(x)::text FROM {table} AS x \
+             JOIN jsonb_populate_recordset(NULL::{table}, $1::jsonb) AS k ON {} = {}",
+            key_row("x"),
+            key_row("k")
+        ),
+        delete: format!(
+            "DELETE FROM {table} AS x USING jsonb_populate_recordset(NULL::{table}, $1::jsonb) AS k \
+             WHERE {xk} = {kk} AND NOT EXISTS (SELECT 1 FROM \
+             jsonb_populate_recordset(NULL::{table}, $2::jsonb) AS r WHERE {rk} = {kk})",
+            xk = key_row("x"),
+            kk = key_row("k"),
+            rk = key_row("r"),
+        ),
+        upsert: format!(
+            "INSERT INTO {table} ({cols}) SELECT {cols} FROM \
+             jsonb_populate_recordset(NULL::{table}, $1::jsonb) ON CONFLICT ({keys}) {on_conflict}"
+        ),
+    }
+}
+
+/// Copies the `from` side's version of each of `keys` (JSON key objects, as
+/// [`Report::keys`]) to the other side, `batch` keys per transaction there: rows the
+/// authoritative side has are inserted or written over, the others deleted. Every column
+/// both sides have is written, hidden ones included; columns only the written side has keep
+/// their value (or default). Plain SQL: no compare-and-set, no merge, no foreign key order.
+pub async fn repair(
+    source: &PgPool,
+    target: &PgPool,
+    table: &TableRef,
+    from: Side,
+    keys: &[String],
+    batch: usize,
+) -> Result<RepairReport, VerifyError> {
+    let began = Instant::now();
+    let to = from.other();
+    let (auth, written) = match from {
+        Side::Source => (source, target),
+        Side::Target => (target, source),
+    };
+    let (la, lw) = tokio::try_join!(
+        layout(auth, table, from.name()),
+        layout(written, table, to.name())
+    )?;
+    if la.key != lw.key {
+        return Err(VerifyError::KeyMismatch(table.to_string()));
+    }
+    let write: Vec<String> = lw
+        .columns
+        .iter()
+        .filter(|c| la.columns.contains(c) && !lw.generated.contains(c))
+        .cloned()
+        .collect();
+    let sql = repair_sql(&table.quoted(), &lw.key, &write);
+    let mut report = RepairReport {
+        table: table.to_string(),
+        from: from.name(),
+        to: to.name(),
+        ..Default::default()
+    };
+    for chunk in keys.chunks(batch.max(1)) {
+        let key_json = format!("[{}]", chunk.join(","));
+        let rows: Vec<String> = sqlx::query_scalar(&sql.read)
+            .bind(&key_json)
+            .fetch_all(auth)
+            .await
+            .map_err(|source| VerifyError::Sql {
+                what: "read the rows to repair",
+                side: from.name(),
+                source,
+            })?;
+        let row_json = format!("[{}]", rows.join(","));
+        let err = |what| {
+            move |source| VerifyError::Sql {
+                what,
+                side: to.name(),
+                source,
+            }
+        };
+        let mut tx = written.begin().await.map_err(err("repair rows"))?;
+        let deleted = sqlx::query(&sql.delete)
+            .bind(&key_json)
+            .bind(&row_json)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("delete rows"))?
+            .rows_affected();
+        let upserted = sqlx::query(&sql.upsert)
+            .bind(&row_json)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("write rows"))?
+            .rows_affected();
+        tx.commit().await.map_err(err("repair rows"))?;
+        report.keys += chunk.len() as u64;
+        report.deleted += deleted;
+        report.upserted += upserted;
+        report.batches += 1;
+        for (kind, n) in [("upsert", upserted), ("delete", deleted)] {
+            metrics::counter!(m::VERIFY_REPAIRED_ROWS, m::LABEL_TABLE => report.table.clone(),
+                m::LABEL_KIND => kind)
+            .increment(n);
+        }
+        tracing::debug!(table = %report.table, to = to.name(), upserted, deleted, "repaired a batch");
+    }
+    report.elapsed_seconds = began.elapsed().as_secs_f64();
+    tracing::info!(table = %report.table, from = from.name(), to = to.name(), keys = report.keys,
+        upserted = report.upserted, deleted = report.deleted, "repaired divergent rows");
+    Ok(report)
+}
+
+/// How a `--repair` runs: from which side, how many keys per transaction.
+#[derive(Clone, Copy, Debug)]
+pub struct RepairOptions {
+    pub from: Side,
+    pub batch: usize,
+}
+
+/// Compares, and while keys differ and `repair` is set, repairs them and compares again
+/// (more than one round when more rows differed than one comparison reads), at most
+/// `rounds` repairs. `on_step` sees each report and each repair.
+pub async fn compare_and_repair(
+    source: &PgPool,
+    target: &PgPool,
+    table: &TableRef,
+    opts: &CompareOptions,
+    repair_with: Option<RepairOptions>,
+    rounds: u32,
+    mut on_step: impl FnMut(Step<'_>),
+) -> Result<Report, VerifyError> {
+    let mut report = compare(source, target, table, opts).await?;
+    on_step(Step::Compared(&report, None));
+    let Some(r) = repair_with else {
+        return Ok(report);
+    };
+    for _ in 0..rounds {
+        if report.in_sync() || report.keys.is_empty() {
+            break;
+        }
+        let done = repair(source, target, table, r.from, &report.keys, r.batch).await?;
+        on_step(Step::Repaired(&done));
+        report = compare(source, target, table, opts).await?;
+        on_step(Step::Compared(&report, None));
+    }
+    Ok(report)
+}
+
+/// What [`compare_and_repair`] and [`watch_and_repair`] report as they go.
+#[derive(Clone, Copy, Debug)]
+pub enum Step<'a> {
+    /// A comparison; in a watch, with the clean checks in a row so far, counting it.
+    Compared(&'a Report, Option<u32>),
+    Repaired(&'a RepairReport),
 }
 
 /// How a watch ended.
@@ -514,13 +805,60 @@ pub async fn watch(
     cancel: CancellationToken,
     mut on_report: impl FnMut(&Report, u32),
 ) -> Result<WatchOutcome, VerifyError> {
-    let deadline = Instant::now() + timeout;
+    watch_and_repair(
+        source,
+        target,
+        table,
+        opts,
+        None,
+        WatchOptions {
+            interval,
+            clean,
+            timeout,
+        },
+        cancel,
+        |step| {
+            if let Step::Compared(r, Some(clean)) = step {
+                on_report(r, clean);
+            }
+        },
+    )
+    .await
+}
+
+/// When a watch checks and when it stops.
+#[derive(Clone, Copy, Debug)]
+pub struct WatchOptions {
+    pub interval: Duration,
+    /// Consecutive clean checks that end it in sync ("failback ready").
+    pub clean: u32,
+    pub timeout: Duration,
+}
+
+/// [`watch`], where a check that finds differences also repairs them when `repair_with` is
+/// set (one repair per check; the check still counts as not clean, and the next one, an
+/// interval later, sees whether writes still arrive). The `verify_failback_ready` gauge is 1
+/// once the watch ends in sync.
+#[allow(clippy::too_many_arguments)]
+pub async fn watch_and_repair(
+    source: &PgPool,
+    target: &PgPool,
+    table: &TableRef,
+    opts: &CompareOptions,
+    repair_with: Option<RepairOptions>,
+    w: WatchOptions,
+    cancel: CancellationToken,
+    mut on_step: impl FnMut(Step<'_>),
+) -> Result<WatchOutcome, VerifyError> {
+    let deadline = Instant::now() + w.timeout;
     let mut outcome = WatchOutcome {
         checks: 0,
         clean: 0,
         in_sync: false,
         last: None,
     };
+    let label = table.to_string();
+    metrics::gauge!(m::VERIFY_FAILBACK_READY, m::LABEL_TABLE => label.clone()).set(0.0);
     loop {
         let report = compare(source, target, table, opts).await?;
         outcome.checks += 1;
@@ -529,20 +867,25 @@ pub async fn watch(
         } else {
             0
         };
-        metrics::gauge!(m::VERIFY_CLEAN_CHECKS, m::LABEL_TABLE => report.table.clone())
+        metrics::gauge!(m::VERIFY_CLEAN_CHECKS, m::LABEL_TABLE => label.clone())
             .set(f64::from(outcome.clean));
-        on_report(&report, outcome.clean);
+        on_step(Step::Compared(&report, Some(outcome.clean)));
+        if let (Some(r), false) = (repair_with, report.keys.is_empty()) {
+            let done = repair(source, target, table, r.from, &report.keys, r.batch).await?;
+            on_step(Step::Repaired(&done));
+        }
         outcome.last = Some(report);
-        if outcome.clean >= clean.max(1) {
+        if outcome.clean >= w.clean.max(1) {
             outcome.in_sync = true;
+            metrics::gauge!(m::VERIFY_FAILBACK_READY, m::LABEL_TABLE => label).set(1.0);
             return Ok(outcome);
         }
-        if Instant::now() + interval > deadline {
+        if Instant::now() + w.interval > deadline {
             return Ok(outcome);
         }
         tokio::select! {
             _ = cancel.cancelled() => return Ok(outcome),
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(w.interval) => {}
         }
     }
 }
@@ -571,6 +914,33 @@ mod tests {
     }
 
     #[test]
+    fn golden_repair_sql() {
+        let sql = repair_sql(
+            "\"public\".\"t\"",
+            &["a".into(), "b".into()],
+            &["_source".into(), "a".into(), "b".into(), "v".into()],
+        );
+        assert_eq!(
+            sql.read,
+            r#"SELECT to_jsonb(x)::text FROM "public"."t" AS x JOIN jsonb_populate_recordset(NULL::"public"."t", $1::jsonb) AS k ON (x."a", x."b") = (k."a", k."b")"#
+        );
+        assert_eq!(
+            sql.delete,
+            r#"DELETE FROM "public"."t" AS x USING jsonb_populate_recordset(NULL::"public"."t", $1::jsonb) AS k WHERE (x."a", x."b") = (k."a", k."b") AND NOT EXISTS (SELECT 1 FROM jsonb_populate_recordset(NULL::"public"."t", $2::jsonb) AS r WHERE (r."a", r."b") = (k."a", k."b"))"#
+        );
+        assert_eq!(
+            sql.upsert,
+            r#"INSERT INTO "public"."t" ("_source", "a", "b", "v") SELECT "_source", "a", "b", "v" FROM jsonb_populate_recordset(NULL::"public"."t", $1::jsonb) ON CONFLICT ("a", "b") DO UPDATE SET "_source" = excluded."_source", "v" = excluded."v""#
+        );
+        let only_key = repair_sql("\"t\"", &["k".into()], &["k".into()]);
+        assert!(only_key.upsert.ends_with("ON CONFLICT (\"k\") DO NOTHING"));
+        assert_eq!(
+            key_object(&["it's".into()]),
+            r#"jsonb_build_object('it''s', "it's")::text"#
+        );
+    }
+
+    #[test]
     fn table_names_parse_and_reports_print() {
         let t = TableRef::parse("kv.public.kv").expect("ok");
         assert_eq!(t.database.as_deref(), Some("kv"));
@@ -588,6 +958,7 @@ mod tests {
             changed: 0,
             exact: true,
             samples: vec![],
+            keys: vec![],
             columns: vec!["k".into(), "v".into()],
             only_in_source: vec![],
             only_in_target: vec![],

@@ -768,17 +768,21 @@ async fn the_dead_letter_table_is_created_when_missing() {
         ("data_after", "jsonb", "NO"),
         ("data_before", "jsonb", "NO"),
         ("dlq_time", "timestamp with time zone", "NO"),
+        ("source_table", "text", "YES"),
     ];
     assert_eq!(
         cols,
         want.map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
     );
-    let got: Vec<(String, String, bool)> = rows(
+    let got: Vec<(String, String, bool, String)> = rows(
         &db,
-        r#"SELECT dlq_name, data_before::TEXT, dlq_time <= now() FROM "Conflicts""#,
+        r#"SELECT dlq_name, data_before::TEXT, dlq_time <= now(), source_table FROM "Conflicts""#,
     )
     .await;
-    assert_eq!(got, [("q".to_string(), "null".to_string(), true)]);
+    assert_eq!(
+        got,
+        [("q".to_string(), "null".to_string(), true, "t".to_string())]
+    );
     // A second batch reuses it.
     apply(
         &a,

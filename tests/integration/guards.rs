@@ -154,8 +154,17 @@ VALUES ('{group}', {FAR_FUTURE}, '{group}', now())"
     };
     assert_eq!(future().await, 1, "nothing changed without --yes");
 
+    // The running sink holds the schema's lease: refused unless forced.
     let (ok, out) = checkpoint_cli(&db, &["reset", group, "--to", &to, "--yes"]).await;
+    assert!(!ok, "refused while the lease is held: {out}");
+    assert!(
+        out.contains("is held by") && out.contains("until") && out.contains("--force"),
+        "{out}"
+    );
+    assert_eq!(future().await, 1, "nothing changed while the lease is held");
+    let (ok, out) = checkpoint_cli(&db, &["reset", group, "--to", &to, "--yes", "--force"]).await;
     assert!(ok, "{out}");
+    assert!(out.contains("revoke the apply lease held by"), "{out}");
     assert!(out.contains(&format!("cursor = '{to}'")), "{out}");
     let (ok, out) = checkpoint_cli(&db, &["show", group]).await;
     assert!(ok, "{out}");
@@ -172,6 +181,12 @@ VALUES ('{group}', {FAR_FUTURE}, '{group}', now())"
         (db.count("_cdc_sink.guards_reset_public_kv").await > 0).then_some(())
     })
     .await;
+    let (ok, out) = checkpoint_cli(&db, &["show", group]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("staged:    guards_reset.public.kv: 1 unapplied row(s) from 1700000003"),
+        "{out}"
+    );
     sink.post_ok(path, resolved(3)).await;
     sink::committed(&db.pool, group, hlc(3)).await;
     assert_eq!(
@@ -179,6 +194,19 @@ VALUES ('{group}', {FAR_FUTURE}, '{group}', now())"
         vec![(1, Some("a".into())), (3, Some("c".into()))]
     );
     sink.stop().await;
+
+    // An expired lease (its holder is gone) does not stand in the way.
+    db.exec(&format!(
+        "INSERT INTO _cdc_sink.checkpoints (group_name, source_hlc, partition, target_applied_at) \
+VALUES ('{group}', {FAR_FUTURE}, '{group}', now()); \
+INSERT INTO _cdc_sink.leases (name, expires, nonce, hostname) \
+VALUES ('sequtil.Lease.\"{group}\"', now() - INTERVAL '1 minute', gen_random_uuid(), 'gone:1') \
+ON CONFLICT (name) DO UPDATE SET expires = excluded.expires, hostname = excluded.hostname"
+    ))
+    .await;
+    let (ok, out) = checkpoint_cli(&db, &["reset", group, "--to", &ts(3), "--yes"]).await;
+    assert!(ok, "{out}");
+    assert_eq!(future().await, 0);
 }
 
 /// The lines of `/_/varz` that mention `needle`.

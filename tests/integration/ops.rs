@@ -198,16 +198,9 @@ async fn dlq_replay_applies_rows_that_now_win_and_keeps_those_that_still_lose() 
     let (db, a) = setup("ops_replay").await;
     // Keys 1 and 3 fell behind their dead-lettered versions; 2 and 4 did not.
     db.exec("UPDATE t SET ver = 1 WHERE k IN (1, 3)").await;
-    let t = Table::new(schema(&db), "t");
-    let report = dlq::replay(
-        &a,
-        &database(&db),
-        &queue(&db),
-        &t,
-        &in_queue("a"),
-        10,
-        |_| ControlFlow::Continue(()),
-    )
+    let report = dlq::replay(&a, &database(&db), &queue(&db), &in_queue("a"), 10, |_| {
+        ControlFlow::Continue(())
+    })
     .await
     .expect("replay");
     assert_eq!(
@@ -227,15 +220,9 @@ async fn dlq_replay_applies_rows_that_now_win_and_keeps_those_that_still_lose() 
         [at(2), at(4), at(5)]
     );
 
-    let again = dlq::replay(
-        &a,
-        &database(&db),
-        &queue(&db),
-        &t,
-        &in_queue("a"),
-        10,
-        |_| ControlFlow::Continue(()),
-    )
+    let again = dlq::replay(&a, &database(&db), &queue(&db), &in_queue("a"), 10, |_| {
+        ControlFlow::Continue(())
+    })
     .await
     .expect("replay again");
     assert_eq!((again.applied, again.lost), (0, 2));
@@ -249,16 +236,9 @@ async fn dlq_replay_applies_rows_that_now_win_and_keeps_those_that_still_lose() 
 async fn an_interrupted_dlq_replay_resumes_where_it_stopped() {
     let (db, a) = setup("ops_resume").await;
     db.exec("UPDATE t SET ver = 1").await;
-    let t = Table::new(schema(&db), "t");
-    let stopped = dlq::replay(
-        &a,
-        &database(&db),
-        &queue(&db),
-        &t,
-        &in_queue("a"),
-        1,
-        |_| ControlFlow::Break(()),
-    )
+    let stopped = dlq::replay(&a, &database(&db), &queue(&db), &in_queue("a"), 1, |_| {
+        ControlFlow::Break(())
+    })
     .await
     .expect("replay");
     assert_eq!((stopped.applied, stopped.interrupted), (1, true));
@@ -266,18 +246,10 @@ async fn an_interrupted_dlq_replay_resumes_where_it_stopped() {
     assert_eq!(times(&db, &in_queue("a")).await, [at(2), at(3), at(4)]);
 
     let mut seen = Vec::new();
-    let resumed = dlq::replay(
-        &a,
-        &database(&db),
-        &queue(&db),
-        &t,
-        &in_queue("a"),
-        2,
-        |r| {
-            seen.push(r.applied);
-            ControlFlow::Continue(())
-        },
-    )
+    let resumed = dlq::replay(&a, &database(&db), &queue(&db), &in_queue("a"), 2, |r| {
+        seen.push(r.applied);
+        ControlFlow::Continue(())
+    })
     .await
     .expect("resume");
     assert_eq!((resumed.applied, resumed.lost), (3, 0));
@@ -285,6 +257,150 @@ async fn an_interrupted_dlq_replay_resumes_where_it_stopped() {
     assert_eq!(t_rows(&db).await, [(1, 5), (2, 6), (3, 7), (4, 8)]);
     assert!(times(&db, &in_queue("a")).await.is_empty());
     assert_eq!(times(&db, &in_queue("b")).await, [at(5)]);
+}
+
+fn of_table(table: &str) -> Selection {
+    Selection {
+        table: Some(table.into()),
+        ..Default::default()
+    }
+}
+
+async fn u_rows(db: &Db) -> Vec<(i64, i64)> {
+    sqlx::query_as("SELECT k, ver FROM u ORDER BY k")
+        .fetch_all(&db.pool)
+        .await
+        .expect("read u")
+}
+
+#[tokio::test]
+async fn dlq_rows_record_their_table_which_list_filters_on_and_replay_follows() {
+    let (db, a) = setup("ops_by_table").await;
+    let q = || (database(&db), queue(&db));
+    let (d, t) = q();
+    assert_eq!(times(&db, &of_table("u")).await, [at(5)]);
+    assert_eq!(
+        times(&db, &of_table("T")).await,
+        (1..=4).map(at).collect::<Vec<_>>()
+    );
+    // Combined with the queue name, the time window and the limit.
+    let sel = Selection {
+        from: Some(at(2)),
+        to: Some(at(5)),
+        limit: Some(2),
+        ..of_table("t")
+    };
+    assert_eq!(times(&db, &sel).await, [at(2), at(3)]);
+    assert!(times(
+        &db,
+        &Selection {
+            dlq: Some("b".into()),
+            ..of_table("t")
+        }
+    )
+    .await
+    .is_empty());
+    let rows = dlq::list(&d, &t, &of_table("u")).await.expect("list");
+    assert_eq!(rows[0].source_table.as_deref(), Some("u"));
+    assert!(matches!(
+        dlq::list(&d, &t, &of_table("no.such.name.here")).await,
+        Err(DlqError::TableName { .. })
+    ));
+
+    // Only u's row, to u, although queue a's rows of t would win now too.
+    db.exec("UPDATE t SET ver = 1; UPDATE u SET ver = 1").await;
+    let r = dlq::replay(
+        &a,
+        &d,
+        &t,
+        &of_table("u"),
+        10,
+        |_| ControlFlow::Continue(()),
+    )
+    .await
+    .expect("replay u");
+    assert_eq!((r.applied, r.lost, r.failed), (1, 0, 0));
+    assert_eq!(u_rows(&db).await, [(1, 5)]);
+    assert_eq!(t_rows(&db).await, [(1, 1), (2, 1), (3, 1), (4, 1)]);
+    // No table named: each row goes to the table it records.
+    let r = dlq::replay(&a, &d, &t, &Selection::default(), 10, |_| {
+        ControlFlow::Continue(())
+    })
+    .await
+    .expect("replay all");
+    assert_eq!((r.applied, r.lost, r.failed), (4, 0, 0));
+    assert_eq!(t_rows(&db).await, [(1, 5), (2, 6), (3, 7), (4, 8)]);
+    assert_eq!(db.count("cdc_sink_dlq").await, 0);
+}
+
+#[tokio::test]
+async fn a_reference_shaped_dlq_keeps_working_and_table_selection_says_how_to_add_the_column() {
+    let db = Db::new("ops_ref_dlq").await;
+    db.exec(
+        "CREATE TABLE t (k INT8 PRIMARY KEY, ver INT8, v TEXT); \
+         INSERT INTO t SELECT k, 10, 'target' FROM generate_series(1, 2) AS k; \
+         CREATE TABLE cdc_sink_dlq (event SERIAL PRIMARY KEY, dlq_name TEXT NOT NULL, \
+         source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, \
+         data_before JSONB NOT NULL, dlq_time TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )
+    .await;
+    let a = applier(&db);
+    let t = Table::new(schema(&db), "t");
+    let lose = |k: i64, n: i64| {
+        let a = &a;
+        let t = &t;
+        let db = &db;
+        async move {
+            let mut tx = db.pool.begin().await.expect("begin");
+            let s = a.apply(&mut tx, t, &[up(k, 5, n)]).await.expect("apply");
+            assert_eq!(s.dead_lettered, 1);
+            tx.commit().await.expect("commit");
+        }
+    };
+    lose(1, 1).await;
+    let (d, q) = (database(&db), queue(&db));
+    let untagged = dlq::list(&d, &q, &Selection::default())
+        .await
+        .expect("list");
+    assert_eq!(untagged.len(), 1);
+    assert_eq!(untagged[0].source_table, None);
+    let err = dlq::list(&d, &q, &of_table("t"))
+        .await
+        .expect_err("no column");
+    assert!(matches!(err, DlqError::NoTableColumn { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("ADD COLUMN source_table TEXT"),
+        "{err}"
+    );
+    let err = dlq::replay(&a, &d, &q, &Selection::default(), 10, |_| {
+        ControlFlow::Continue(())
+    })
+    .await
+    .expect_err("no table to replay to");
+    assert!(matches!(err, DlqError::TableNeeded(_)), "{err:?}");
+
+    // Once the column is added, rows dead-lettered after the next schema load record their
+    // table; older rows match any table filter.
+    db.exec("ALTER TABLE cdc_sink_dlq ADD COLUMN source_table TEXT")
+        .await;
+    a.refresh(&schema(&db)).await.expect("refresh");
+    lose(2, 2).await;
+    let rows = dlq::list(&d, &q, &of_table("t")).await.expect("list");
+    let tables: Vec<Option<&str>> = rows.iter().map(|r| r.source_table.as_deref()).collect();
+    assert_eq!(tables, [None, Some("t")]);
+    db.exec("UPDATE t SET ver = 1").await;
+    let r = dlq::replay(
+        &a,
+        &d,
+        &q,
+        &of_table("t"),
+        10,
+        |_| ControlFlow::Continue(()),
+    )
+    .await
+    .expect("replay");
+    assert_eq!((r.applied, r.failed), (2, 0));
+    assert_eq!(t_rows(&db).await, [(1, 5), (2, 5)]);
 }
 
 async fn probe(client: &Client, path: &str) -> Option<StatusCode> {
@@ -338,7 +454,10 @@ async fn status_reports_checkpoints_backlog_lease_and_dead_letters_after_traffic
          source_nanos INT8 NOT NULL, source_logical INT8 NOT NULL, data_after JSONB NOT NULL, \
          data_before JSONB NOT NULL); \
          INSERT INTO cdc_sink_dlq (dlq_name, source_nanos, source_logical, data_after, data_before) \
-         VALUES ('q', 1, 0, '{}', 'null')",
+         VALUES ('q', 1, 0, '{}', 'null'); \
+         CREATE SCHEMA _cdc_sink; \
+         CREATE TABLE _cdc_sink.leases (name TEXT PRIMARY KEY, expires TIMESTAMPTZ NOT NULL, \
+         nonce UUID NOT NULL, hostname TEXT NOT NULL)",
     )
     .await;
     let sink = Sink::start(&db, &["--metricsAddr", "127.0.0.1:0"]).await;
@@ -373,10 +492,33 @@ async fn status_reports_checkpoints_backlog_lease_and_dead_letters_after_traffic
     assert!(s["target_lag_seconds"].as_f64().expect("lag") > 0.0);
     assert_eq!(s["lease"]["held"], true, "{report}");
     assert_eq!(s["lease"]["holder"], report["instance"]["id"]);
+    // A leases table of an older version gained the acquisition time at start.
+    let since = s["lease"]["since"].as_str().expect("since").to_string();
+    let expires = s["lease"]["expires"].as_str().expect("expires").to_string();
+    let order: bool = sqlx::query_scalar("SELECT $1::TIMESTAMPTZ < $2::TIMESTAMPTZ")
+        .bind(&since)
+        .bind(&expires)
+        .fetch_one(&db.pool)
+        .await
+        .expect("compare");
+    assert!(order, "since {since} before expires {expires}");
     assert_eq!(s["dlq_rows"], 1);
     assert_eq!(report["instance"]["version"], env!("CARGO_PKG_VERSION"));
     let table = cdc_sink::cli::status::render(&report);
     assert!(table.contains("ops_status.public  consistent"), "{table}");
+    assert!(
+        table.contains("LEASE SINCE") && table.contains(&since),
+        "{table}"
+    );
+    // Renewals move the expiry, never the acquisition time.
+    eventually("the lease is renewed", Duration::from_secs(30), || async {
+        let (_, body) = metrics.get("/_/status").await.ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let lease = &v["schemas"][0]["lease"];
+        assert_eq!(lease["since"], json!(since), "{v}");
+        (lease["expires"] != json!(expires)).then_some(())
+    })
+    .await;
 
     // Kept off the main port, which names the right one.
     let (status, body) = sink.client.get("/_/status").await.expect("main");
@@ -490,6 +632,14 @@ async fn status_names_the_poison_mutation_that_blocks_a_schema_until_it_applies(
     sink.stop().await;
 }
 
+async fn lease_since(client: &Client) -> Option<String> {
+    let (_, body) = client.get("/_/status").await.ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["schemas"][0]["lease"]["since"]
+        .as_str()
+        .map(str::to_string)
+}
+
 async fn lease_holder(client: &Client) -> Option<(String, String)> {
     let (status, body) = client.get("/_/status").await.ok()?;
     if status != StatusCode::OK {
@@ -522,6 +672,7 @@ async fn status_follows_the_lease_to_another_instance_when_the_holder_stops() {
     })
     .await;
     assert_eq!(holder, a_id);
+    let a_since = lease_since(&a.client).await.expect("a's since");
 
     a.stop().await;
     assert_eq!(
@@ -544,4 +695,12 @@ async fn status_follows_the_lease_to_another_instance_when_the_holder_stops() {
     .await;
     assert_eq!(holder, b_id);
     assert_ne!(b_id, a_id, "instances are told apart");
+    let b_since = lease_since(&b.client).await.expect("b's since");
+    let later: bool = sqlx::query_scalar("SELECT $1::TIMESTAMPTZ < $2::TIMESTAMPTZ")
+        .bind(&a_since)
+        .bind(&b_since)
+        .fetch_one(&db.pool)
+        .await
+        .expect("compare");
+    assert!(later, "b took the lease ({b_since}) after a ({a_since})");
 }
