@@ -4,6 +4,7 @@
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::ConnectOptions;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The SQL dialect of a database we talk to.
@@ -113,6 +114,18 @@ fn pool_key(pool: &PgPool) -> usize {
     std::ptr::from_ref(pool.options()) as usize
 }
 
+/// Gives `pool` its `pool` label and registers its series.
+fn name_pool(pool: &PgPool, what: &'static str) {
+    {
+        // A pool dropped earlier may have left its options at the same address.
+        let mut names = POOL_NAMES.lock().expect("poisoned");
+        let key = pool_key(pool);
+        names.retain(|(k, _)| *k != key);
+        names.push((key, what));
+    }
+    crate::metrics::register_pool(what);
+}
+
 fn pool_name(pool: &PgPool) -> &'static str {
     let key = pool_key(pool);
     POOL_NAMES
@@ -164,29 +177,34 @@ pub async fn open(
     what: &'static str,
     settings: &PoolSettings,
 ) -> Result<Database, TargetError> {
+    open_watched(url, what, settings).await.map(|(db, _)| db)
+}
+
+/// [`open`], with the [`Health`] its successful connections report to.
+pub async fn open_watched(
+    url: &str,
+    what: &'static str,
+    settings: &PoolSettings,
+) -> Result<(Database, Arc<Health>), TargetError> {
     let opts = connect_options(url, settings)?;
+    let health = Health::new(what, opts.clone());
+    let connected = health.clone();
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections.max(2))
         .min_connections(0)
         .max_lifetime(Some(settings.max_lifetime))
         .idle_timeout(Some(settings.idle_timeout))
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
         .test_before_acquire(false)
         .after_connect(move |_conn, _meta| {
+            connected.ok();
             Box::pin(async move {
                 record_dial(what);
                 Ok(())
             })
         })
         .connect_lazy_with(opts);
-    {
-        // A pool dropped earlier may have left its options at the same address.
-        let mut names = POOL_NAMES.lock().expect("poisoned");
-        let key = pool_key(&pool);
-        names.retain(|(k, _)| *k != key);
-        names.push((key, what));
-    }
-    crate::metrics::register_pool(what);
+    name_pool(&pool, what);
     // The first connection is opened here, through a counted acquire: it is timed.
     let mut conn = acquire_counted(&pool)
         .await
@@ -203,10 +221,53 @@ pub async fn open(
         Dialect::Postgres
     };
     tracing::info!(what, dialect = dialect.name(), database = %database, "connected");
+    Ok((
+        Database {
+            pool,
+            dialect,
+            database,
+        },
+        health,
+    ))
+}
+
+/// How long a statement waits for a pooled connection: queueing under load is normal;
+/// ingest does not wait this long for an unreachable database (see [`Health`]).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `pool` label of the control pool.
+pub const CONTROL: &str = "control";
+
+/// Connections of the control pool: lease renewals and checkpoint commits, short statements
+/// that must not queue behind ingest or bulk apply work.
+const CONTROL_CONNECTIONS: u32 = 4;
+
+/// A small pool of its own on the database of `db` (see [`CONTROL_CONNECTIONS`]).
+pub fn control_pool(
+    url: &str,
+    db: &Database,
+    settings: &PoolSettings,
+) -> Result<Database, TargetError> {
+    let opts = connect_options(url, settings)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(CONTROL_CONNECTIONS)
+        .min_connections(0)
+        .max_lifetime(Some(settings.max_lifetime))
+        .idle_timeout(Some(settings.idle_timeout))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
+        .after_connect(|_conn, _meta| {
+            Box::pin(async {
+                record_dial(CONTROL);
+                Ok(())
+            })
+        })
+        .connect_lazy_with(opts);
+    name_pool(&pool, CONTROL);
     Ok(Database {
         pool,
-        dialect,
-        database,
+        dialect: db.dialect,
+        database: db.database.clone(),
     })
 }
 
@@ -400,6 +461,56 @@ mod tests {
         assert_eq!(normalise_url("postgresql://h").unwrap(), "postgresql://h");
         assert!(matches!(normalise_url("mysql://h"), Err(TargetError::Scheme(s)) if s == "mysql"));
     }
+
+    #[test]
+    fn quoted_values_are_masked_but_names_kept() {
+        assert_eq!(
+            mask_quoted(
+                "invalid input syntax for type integer: \"s3cret\"",
+                "22P02",
+                &[]
+            ),
+            "invalid input syntax for type integer: \"…\""
+        );
+        assert_eq!(
+            mask_quoted(
+                "value \"99999999999\" is out of range for type integer",
+                "22003",
+                &[]
+            ),
+            "value \"…\" is out of range for type integer"
+        );
+        assert_eq!(
+            mask_quoted(
+                "duplicate key value violates unique constraint \"kv_v_key\"",
+                "23505",
+                &["kv", "kv_v_key"]
+            ),
+            "duplicate key value violates unique constraint \"kv_v_key\""
+        );
+        assert_eq!(
+            mask_quoted(
+                "could not parse \"x\" as type int: parsing \"x",
+                "22P02",
+                &[]
+            ),
+            "could not parse \"…\" as type int: parsing \"…\""
+        );
+        assert_eq!(
+            mask_quoted("relation \"public.nope\" does not exist", "42P01", &[]),
+            "relation \"public.nope\" does not exist"
+        );
+        let other = sqlx::Error::PoolTimedOut;
+        assert_eq!(safe(&other).to_string(), other.to_string());
+    }
+
+    #[test]
+    fn ingest_leaves_a_quarter_of_the_pool_to_the_pipelines() {
+        assert_eq!(ingest_permits(128), 96);
+        assert_eq!(ingest_permits(8), 6);
+        assert_eq!(ingest_permits(4), 2);
+        assert_eq!(ingest_permits(2), 1);
+    }
 }
 
 /// Flags for the target and staging connections.
@@ -493,16 +604,49 @@ impl TargetArgs {
     /// Opens the target and the staging database (the same pool when `--stagingConn` is unset
     /// or equal to `--targetConn`).
     pub async fn open(&self) -> Result<(Database, Database), TargetError> {
-        let url = self.target_conn.as_deref().ok_or(TargetError::Missing)?;
-        let target = open(url, "target", &self.target_settings()).await?;
-        let staging = match self.staging_conn.as_deref() {
-            Some(s) if self.separate_staging() => {
-                open(s, "staging", &self.staging_settings()).await?
-            }
-            _ => target.clone(),
-        };
-        Ok((target, staging))
+        let opened = self.open_all().await?;
+        Ok((opened.target, opened.staging))
     }
+
+    /// Opens the target, the staging database and the control pool on staging, with the
+    /// health of each database ingest uses.
+    pub async fn open_all(&self) -> Result<Opened, TargetError> {
+        let url = self.target_conn.as_deref().ok_or(TargetError::Missing)?;
+        let target_settings = self.target_settings();
+        let (target, target_health) = open_watched(url, "target", &target_settings).await?;
+        let mut health = vec![target_health];
+        let mut ingest_pool = self.target_max_pool_size.max(2);
+        let (staging, control) = match self.staging_conn.as_deref() {
+            Some(s) if self.separate_staging() => {
+                let settings = self.staging_settings();
+                let (staging, staging_health) = open_watched(s, "staging", &settings).await?;
+                health.push(staging_health);
+                ingest_pool = ingest_pool.min(self.staging_max_pool_size.max(2));
+                let control = control_pool(s, &staging, &settings)?;
+                (staging, control)
+            }
+            _ => {
+                let control = control_pool(url, &target, &target_settings)?;
+                (target.clone(), control)
+            }
+        };
+        Ok(Opened {
+            target,
+            staging,
+            control,
+            gate: Gate::new(health, ingest_pool),
+        })
+    }
+}
+
+/// The databases a running sink uses.
+pub struct Opened {
+    pub target: Database,
+    pub staging: Database,
+    /// Leases and checkpoint commits (on the staging database).
+    pub control: Database,
+    /// What ingest passes before using `target` and `staging`.
+    pub gate: Gate,
 }
 
 /// Publishes the pool gauges (`pool_*{pool}`) every few seconds while the pool is open.
@@ -521,4 +665,303 @@ pub fn spawn_pool_metrics(db: &Database, pool_name: &'static str) {
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
     });
+}
+
+/// A database error as it may be logged or answered: the SQLSTATE, the names the server
+/// attached (schema, table, column, constraint, type) and the message with every quoted part
+/// that is not one of those names masked. PostgreSQL and CockroachDB quote the offending value
+/// in messages such as `invalid input syntax for type integer: "…"` and in `DETAIL` (key
+/// values of a unique violation), so the detail is dropped and such quotes are masked.
+/// Errors that are not from the database server print as they are: they carry no row values.
+pub struct Safe<'a>(pub &'a sqlx::Error);
+
+/// [`Safe`] for `e`.
+pub fn safe(e: &sqlx::Error) -> Safe<'_> {
+    Safe(e)
+}
+
+impl std::fmt::Display for Safe<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sqlx::Error::Database(db) = self.0 else {
+            return write!(f, "{}", self.0);
+        };
+        let code = db.code().map(|c| c.into_owned());
+        let code = code.as_deref().unwrap_or("unknown");
+        let mut names: Vec<(&str, String)> = Vec::new();
+        if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+            let fields = [
+                ("schema", pg.schema()),
+                ("table", pg.table()),
+                ("column", pg.column()),
+                ("constraint", pg.constraint()),
+                ("type", pg.data_type()),
+            ];
+            names.extend(
+                fields
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v?.to_string()))),
+            );
+        } else if let Some(c) = db.constraint() {
+            names.push(("constraint", c.to_string()));
+        }
+        let keep: Vec<&str> = names.iter().map(|(_, v)| v.as_str()).collect();
+        write!(
+            f,
+            "{} (SQLSTATE {code}",
+            mask_quoted(db.message(), code, &keep)
+        )?;
+        for (k, v) in &names {
+            write!(f, ", {k} {v}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// Masks the double-quoted parts of a server message that may be values. Messages of the
+/// classes about names (syntax and undefined objects, `42…`; wrong database or schema,
+/// `3D…`, `3F…`) quote only identifiers and are kept whole; elsewhere a quoted part is kept
+/// only when it is one of the names in `keep`.
+fn mask_quoted(message: &str, code: &str, keep: &[&str]) -> String {
+    if ["42", "3D", "3F"].iter().any(|c| code.starts_with(c)) {
+        return message.to_string();
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..=open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('"') else {
+            // An unterminated quote: whatever follows may be a value.
+            out.push_str("…\"");
+            return out;
+        };
+        let quoted = &after[..close];
+        out.push_str(if keep.contains(&quoted) {
+            quoted
+        } else {
+            "…"
+        });
+        out.push('"');
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// How long an ingest request waits on the database before its health is questioned.
+const STALL: Duration = Duration::from_millis(200);
+/// A success this recent shows the database answers: no probe is needed.
+const FRESH: Duration = Duration::from_millis(500);
+/// The longest a probe may take to connect before the database counts as unreachable.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often a database found unreachable is tried again.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// Whether one database answers, as ingest sees it. The pool retries a refused connection
+/// until its acquire timeout, far longer than a changefeed waits for an answer, so a request
+/// that waits a little while nothing else succeeded triggers a probe (a fresh connection of
+/// its own, bounded by [`PROBE_TIMEOUT`]). A failed probe marks the database down: waiting
+/// requests and new ones are refused at once, and the probe is repeated until a connection
+/// succeeds. A busy database still answers the probe, so queueing under load is not refused.
+pub struct Health {
+    what: &'static str,
+    opts: PgConnectOptions,
+    started: std::time::Instant,
+    /// Milliseconds after `started` of the last sign of life.
+    last_ok: std::sync::atomic::AtomicU64,
+    probing: std::sync::atomic::AtomicBool,
+    down: tokio::sync::watch::Sender<bool>,
+}
+
+impl Health {
+    pub fn new(what: &'static str, opts: PgConnectOptions) -> Arc<Health> {
+        Arc::new(Health {
+            what,
+            opts,
+            started: std::time::Instant::now(),
+            last_ok: Default::default(),
+            probing: Default::default(),
+            down: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    pub fn is_down(&self) -> bool {
+        *self.down.borrow()
+    }
+
+    /// The database answered.
+    pub fn ok(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_ok
+            .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+        self.down.send_if_modified(|down| {
+            if *down {
+                tracing::info!(what = self.what, "database reachable again");
+            }
+            std::mem::replace(down, false)
+        });
+    }
+
+    fn fresh(&self) -> bool {
+        let last = self.last_ok.load(std::sync::atomic::Ordering::Relaxed);
+        let now = self.started.elapsed().as_millis() as u64;
+        now.saturating_sub(last) < FRESH.as_millis() as u64
+    }
+
+    /// An operation failed with `e`: if it looks like a lost connection, probe.
+    pub fn failed(self: &Arc<Self>, e: &sqlx::Error) {
+        let code = sqlstate(e);
+        if matches!(
+            e,
+            sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::Protocol(_)
+        ) || code.starts_with("08")
+            || code == "57P01"
+            || code == "57P03"
+        {
+            self.probe();
+        }
+    }
+
+    /// Starts a probe unless one runs; it repeats while the database is unreachable.
+    fn probe(self: &Arc<Self>) {
+        if self.probing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let reachable = match tokio::time::timeout(PROBE_TIMEOUT, this.opts.connect()).await
+                {
+                    Ok(Ok(conn)) => {
+                        let _ = sqlx::Connection::close(conn).await;
+                        true
+                    }
+                    // The server answered but refused this session (too many clients, bad
+                    // credentials): it is reachable, and the pool reports the real error.
+                    Ok(Err(sqlx::Error::Database(db))) => db
+                        .code()
+                        .is_some_and(|c| !(c.starts_with("08") || c == "57P01" || c == "57P03")),
+                    Ok(Err(_)) | Err(_) => false,
+                };
+                if reachable {
+                    this.ok();
+                    break;
+                }
+                this.down.send_if_modified(|down| {
+                    if !*down {
+                        tracing::warn!(
+                            what = this.what,
+                            "database unreachable; refusing changefeed requests until it answers"
+                        );
+                    }
+                    !std::mem::replace(down, true)
+                });
+                tokio::time::sleep(PROBE_EVERY).await;
+            }
+            this.probing
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+
+    /// Resolves once the database is found unreachable while the caller waits on it: after
+    /// [`STALL`] with no recent sign of life, a probe decides.
+    pub async fn unreachable(self: &Arc<Self>) {
+        let mut down = self.down.subscribe();
+        tokio::time::sleep(STALL).await;
+        loop {
+            if *down.borrow_and_update() {
+                return;
+            }
+            if !self.fresh() {
+                self.probe();
+            }
+            tokio::select! {
+                _ = down.changed() => {}
+                _ = tokio::time::sleep(STALL) => {}
+            }
+        }
+    }
+}
+
+/// The database is unreachable (HTTP 503 at once).
+#[derive(Debug, thiserror::Error)]
+#[error("the {0} database is unreachable")]
+pub struct Unreachable(pub &'static str);
+
+/// What stands between a changefeed request and the pools: the databases' [`Health`], and
+/// permits that keep connections for the apply pipelines (reading windows, applying,
+/// checkpoints), so that ingest alone can never hold every connection.
+pub struct Gate {
+    health: Vec<Arc<Health>>,
+    permits: tokio::sync::Semaphore,
+}
+
+impl Gate {
+    /// `pool_size` is the smaller of the pools ingest uses; a quarter of it (at least two
+    /// connections) is kept from ingest.
+    pub fn new(health: Vec<Arc<Health>>, pool_size: u32) -> Gate {
+        Gate {
+            health,
+            permits: tokio::sync::Semaphore::new(ingest_permits(pool_size)),
+        }
+    }
+
+    /// Runs `work` (which uses at most one connection of each pool at a time) under a
+    /// permit; refuses at once while a database is down, and gives up on `work` as soon as
+    /// one is found down while it waits.
+    pub async fn run<T, E: From<Unreachable>>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        if let Some(down) = self.down() {
+            return Err(down.into());
+        }
+        let unreachable = async {
+            if self.health.is_empty() {
+                return std::future::pending().await;
+            }
+            let watches = self.health.iter().map(|h| Box::pin(h.unreachable()));
+            let (_, i, _) = futures::future::select_all(watches).await;
+            Unreachable(self.health[i].what())
+        };
+        let gated = async {
+            let _permit = self.permits.acquire().await.expect("never closed");
+            work.await
+        };
+        tokio::select! {
+            r = gated => r,
+            u = unreachable => Err(u.into()),
+        }
+    }
+
+    /// The first database known to be unreachable, if any.
+    pub fn down(&self) -> Option<Unreachable> {
+        self.health
+            .iter()
+            .find(|h| h.is_down())
+            .map(|h| Unreachable(h.what()))
+    }
+
+    /// Records the outcome of a request's database work.
+    pub fn observe(&self, outcome: Result<(), &sqlx::Error>) {
+        for h in &self.health {
+            match outcome {
+                Ok(()) => h.ok(),
+                Err(e) => h.failed(e),
+            }
+        }
+    }
+}
+
+/// Connections of a pool of `pool_size` that ingest may hold at once.
+fn ingest_permits(pool_size: u32) -> usize {
+    let reserved = (pool_size / 4).max(2);
+    pool_size.saturating_sub(reserved).max(1) as usize
 }

@@ -66,7 +66,7 @@ impl ApplyStats {
 pub enum ApplyError {
     #[error("schema {schema} is not in the connected database {database}")]
     WrongDatabase { schema: String, database: String },
-    #[error("cannot read the schema {schema}: {error}")]
+    #[error("cannot read the schema {schema}: {}", crate::target::safe(error))]
     Introspect { schema: String, error: sqlx::Error },
     #[error("cyclical FK references involving tables {tables}")]
     Cycle { tables: String },
@@ -95,7 +95,10 @@ pub enum ApplyError {
     DlqMissing { table: String, ddl: String },
     #[error("dlq table {table} was found, but it is missing the following columns: {missing}")]
     DlqColumns { table: String, missing: String },
-    #[error("cannot create the dead-letter queue table {table}: {error}")]
+    #[error(
+        "cannot create the dead-letter queue table {table}: {}",
+        crate::target::safe(error)
+    )]
     DlqCreate { table: String, error: sqlx::Error },
     #[error("schema drift detected in {table} at payload object offset {offset}: {detail}")]
     Drift {
@@ -116,7 +119,7 @@ pub enum ApplyError {
     },
     #[error("invalid payload for {table}: {detail}")]
     Payload { table: String, detail: String },
-    #[error("cannot write to {table}: {error}")]
+    #[error("cannot write to {table}: {}", crate::target::safe(error))]
     Write { table: String, error: sqlx::Error },
     #[error("the schema of {table} changed while applying; retry the transaction")]
     SchemaChanged { table: String },

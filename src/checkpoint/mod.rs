@@ -34,7 +34,7 @@ pub enum CheckpointError {
     },
     #[error("resolved timestamp must not be zero")]
     Zero,
-    #[error("checkpoint storage error: {0}")]
+    #[error("checkpoint storage error: {}", crate::target::safe(.0))]
     Sql(#[source] sqlx::Error),
     #[error("stored checkpoint {0:?} is not a valid timestamp")]
     Corrupt(String),

@@ -67,7 +67,8 @@ pub struct Running {
 }
 
 impl Running {
-    /// Graceful stop: in-flight requests finish, pipelines finish their transaction.
+    /// Graceful stop within `--gracePeriod`: in-flight requests and flushes finish, or are
+    /// abandoned at its end.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -187,15 +188,21 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
     args.validate()?;
     let hooks = script.map(Hooks::new);
     crate::metrics::install();
-    let (target, staging) = args.target.open().await.context("opening databases")?;
+    let crate::target::Opened {
+        target,
+        staging,
+        control,
+        gate,
+    } = args.target.open_all().await.context("opening databases")?;
     crate::target::spawn_pool_metrics(&target, "target");
     let separate_staging = args.target.separate_staging();
     if separate_staging {
         crate::target::spawn_pool_metrics(&staging, "staging");
     }
+    crate::target::spawn_pool_metrics(&control, crate::target::CONTROL);
     let stager = Arc::new(Stager::open(staging.clone(), &args.stage.staging_schema).await?);
     let checkpoints = Checkpoints::open(staging.clone(), stager.schema()).await?;
-    let leases = Arc::new(Leases::open(staging.clone(), stager.schema()).await?);
+    let leases = Arc::new(Leases::open(control.clone(), stager.schema()).await?);
     let ranges = Arc::new(AppliedRanges::open(&staging, stager.schema()).await?);
     let auth = Authenticator::open(
         &args.auth,
@@ -220,6 +227,7 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
         applier: applier.clone(),
         hooks: hooks.clone(),
         pipelines: Default::default(),
+        control,
     });
     sequencer.recover().await?;
     let clock = crate::source::TargetClock::open(&target, args.source.max_clock_skew)
@@ -240,16 +248,21 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
         clock,
         schemas: Default::default(),
         dropped: Default::default(),
+        gate,
     }
     .into_handler();
     let bound = crate::server::bind(&args.server).await?;
     let (addr, metrics_addr, tls) = (bound.local_addr(), bound.metrics_addr(), bound.tls());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = args.server.grace_period;
+    let stopping = sequencer.clone();
     let shutdown = async move {
         tokio::select! {
             _ = shutdown_signal() => {}
             _ = stop_rx => {}
         }
+        // Pipelines stop alongside the server's drain, within the same grace period.
+        stopping.stop(tokio::time::Instant::now() + grace);
     };
     let task = tokio::spawn(async move {
         let served = bound.serve(Arc::new(handler), shutdown).await;

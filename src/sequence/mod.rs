@@ -138,7 +138,7 @@ pub enum SequenceError {
     Stage(#[from] StageError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("target transaction failed: {0}")]
+    #[error("target transaction failed: {}", crate::target::safe(.0))]
     Sql(#[source] sqlx::Error),
     #[error("lease on {0} was lost")]
     LeaseLost(String),
@@ -148,6 +148,8 @@ pub enum SequenceError {
     Task(String),
     #[error("rows of table {0} are staged but the table is not in the target schema; create it, or delete its staged rows")]
     UnknownTable(String),
+    #[error("stopping")]
+    Stopped,
 }
 
 impl SequenceError {
@@ -170,6 +172,9 @@ pub(crate) const LEASE_LIFETIME: Duration = Duration::from_secs(10);
 /// than this is left of the lease it renewed before it began (see `window`).
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_secs(1);
+/// At shutdown, the time left for releasing leases after abandoning windows still in flight
+/// (at most a quarter of the grace period).
+const RELEASE_MARGIN: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often a running pipeline asks whether it is idle, at most.
 const IDLE_CHECK: Duration = Duration::from_secs(30);
@@ -195,6 +200,9 @@ pub struct Parts {
     pub hooks: Option<Hooks>,
     /// The running pipelines (filled by the sequencer).
     pub pipelines: Pipelines,
+    /// A small pool on the staging database for checkpoint commits (the leases have one
+    /// too), which ingest and bulk apply work cannot take.
+    pub control: Database,
 }
 
 /// The running pipelines: per schema, how to wake it and when it was last woken; and what
@@ -299,6 +307,10 @@ pub struct Sequencer {
     parts: Arc<Parts>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop: watch::Sender<bool>,
+    /// When stopping must be over, once [`Sequencer::stop`] was called.
+    deadline: Mutex<Option<tokio::time::Instant>>,
+    /// Raised shortly before the deadline: pipelines drop their window and release the lease.
+    abandon: watch::Sender<bool>,
     modes: mode::Modes,
 }
 
@@ -325,6 +337,8 @@ impl Sequencer {
             parts: Arc::new(parts),
             tasks: Mutex::new(Vec::new()),
             stop,
+            deadline: Mutex::new(None),
+            abandon: watch::channel(false).0,
             modes,
         })
     }
@@ -376,7 +390,7 @@ impl Sequencer {
         drop(pipes);
         let pipeline = window::Pipeline::new(self.parts.clone(), schema.clone(), notify);
         let stop = self.stop.subscribe();
-        let handle = tokio::spawn(pipeline.run(stop));
+        let handle = tokio::spawn(pipeline.run(stop, self.abandon.subscribe()));
         let mut tasks = self.tasks.lock().expect("poisoned");
         tasks.retain(|t| !t.is_finished());
         tasks.push(handle);
@@ -397,14 +411,52 @@ impl Sequencer {
         Ok(())
     }
 
-    /// Stops every pipeline (finishing the transaction in flight) and releases leases.
-    pub async fn shutdown(&self) {
-        let _ = self.stop.send(true);
-        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().expect("poisoned"));
-        for t in tasks {
-            let _ = t.await;
+    /// Asks every pipeline to stop by `deadline`: no new window or flush starts, flushes in
+    /// flight finish and the checkpoint is committed over what they applied. What still runs
+    /// shortly before the deadline is abandoned (its transactions roll back; the rows stay
+    /// staged) so the leases can be released in time. [`Sequencer::shutdown`] waits for it.
+    pub fn stop(&self, deadline: tokio::time::Instant) {
+        let mut at = self.deadline.lock().expect("poisoned");
+        if at.is_none() {
+            *at = Some(deadline);
         }
-        self.modes.shutdown().await;
+        drop(at);
+        let _ = self.stop.send(true);
+    }
+
+    /// Stops every pipeline (see [`Sequencer::stop`]; at once if it was not called) and
+    /// releases the leases, by the deadline.
+    pub async fn shutdown(&self) {
+        self.stop(tokio::time::Instant::now());
+        let deadline = self
+            .deadline
+            .lock()
+            .expect("poisoned")
+            .expect("set by stop");
+        let now = tokio::time::Instant::now();
+        let margin = RELEASE_MARGIN.min(deadline.saturating_duration_since(now) / 4);
+        let abandon = deadline - margin;
+        let mut tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().expect("poisoned"));
+        let wait_all = futures::future::join_all(tasks.iter_mut());
+        if tokio::time::timeout_at(abandon, wait_all).await.is_err() {
+            tracing::warn!("grace period nearly over; abandoning the windows in flight (their rows stay staged)");
+            let _ = self.abandon.send(true);
+        }
+        for t in tasks {
+            if t.is_finished() {
+                continue;
+            }
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                abort.abort();
+            }
+        }
+        if tokio::time::timeout_at(deadline, self.modes.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; mode evaluations abandoned");
+        }
     }
 
     /// What blocks `schema`'s windows, if this instance holds its lease and they fail.

@@ -90,7 +90,11 @@ impl Pipeline {
 
     /// Runs until the sequencer stops or the schema goes idle (see
     /// [`super::Pipelines::retire_if_idle`]), then releases the lease if held.
-    pub(super) async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub(super) async fn run(
+        self,
+        mut stop: watch::Receiver<bool>,
+        mut abandon: watch::Receiver<bool>,
+    ) {
         // `hold` sees this stop, raised by the sequencer's stop or by going idle; it checks it
         // between windows, so a window in flight finishes first.
         let (local_tx, mut local) = watch::channel(false);
@@ -115,6 +119,9 @@ impl Pipeline {
                         loop {
                             tokio::select! {
                                 h = &mut hold => break h,
+                                // Dropping the window rolls back its open transactions; the
+                                // rows stay staged for the next holder.
+                                _ = abandoned(&mut abandon) => break Held::Stopped,
                                 _ = stop.changed(), if !forwarded => {
                                     forwarded = true;
                                     let _ = local_tx.send(true);
@@ -134,8 +141,20 @@ impl Pipeline {
                     }
                     match held {
                         Held::Stopped => {
-                            if let Err(e) = self.parts.leases.release(&lease).await {
-                                tracing::warn!(schema = %self.schema, error = %e, "could not release apply lease");
+                            // Not held up by an unreachable database: the lease expires anyway.
+                            let released = tokio::time::timeout(
+                                RELEASE_WITHIN,
+                                self.parts.leases.release(&lease),
+                            )
+                            .await;
+                            match released {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => {
+                                    tracing::warn!(schema = %self.schema, error = %e, "could not release apply lease")
+                                }
+                                Err(_) => {
+                                    tracing::warn!(schema = %self.schema, "could not release apply lease in time; it expires by itself")
+                                }
                             }
                             break;
                         }
@@ -197,9 +216,16 @@ impl Pipeline {
             metrics::gauge!(m::CORE_SWEEP_ATTEMPT_TIMESTAMP, &schema_label(&self.schema))
                 .set(now_seconds());
             let sweep_due = swept.is_none_or(|at| at.elapsed() >= FULL_SWEEP_EVERY);
-            let result = match self.parts.checkpoints.bounds(&self.schema).await {
+            let Some(bounds) =
+                unless_stopped(stop, self.parts.checkpoints.bounds(&self.schema)).await
+            else {
+                return Held::Stopped;
+            };
+            let result = match bounds {
                 Ok(b) if b.proposed > b.committed => {
-                    let done = self.apply_window(lease, b, sweep_due, &mut renewed).await;
+                    let done = self
+                        .apply_window(lease, b, sweep_due, &mut renewed, stop)
+                        .await;
                     if done.is_ok() {
                         applied_since_sweep = true;
                         if sweep_due {
@@ -209,7 +235,10 @@ impl Pipeline {
                     done.map(|_| true)
                 }
                 Ok(b) if sweep_due && applied_since_sweep => {
-                    let done = self.sweep_below(lease, b.committed).await;
+                    let swept_below = unless_stopped(stop, self.sweep_below(lease, b.committed));
+                    let Some(done) = swept_below.await else {
+                        return Held::Stopped;
+                    };
                     if done.is_ok() {
                         swept = Some(started);
                         applied_since_sweep = false;
@@ -221,6 +250,7 @@ impl Pipeline {
             };
             match &result {
                 Ok(_) => self.parts.pipelines.cleared(&self.schema),
+                Err(SequenceError::Stopped) => return Held::Stopped,
                 Err(SequenceError::LeaseLost(_)) => {}
                 Err(e) => {
                     self.parts
@@ -255,7 +285,12 @@ impl Pipeline {
                 }
             };
             if renewed.elapsed() >= LEASE_LIFETIME / 3 {
-                match self.parts.leases.renew_now(lease, LEASE_LIFETIME).await {
+                let renewal =
+                    unless_stopped(stop, self.parts.leases.renew_now(lease, LEASE_LIFETIME));
+                let Some(renewal) = renewal.await else {
+                    return Held::Stopped;
+                };
+                match renewal {
                     Ok(true) => renewed = Instant::now(),
                     Ok(false) => return Held::Lost,
                     Err(e) => {
@@ -285,13 +320,14 @@ impl Pipeline {
         bounds: Bounds,
         full_sweep: bool,
         renewed: &mut Instant,
+        stop: &watch::Receiver<bool>,
     ) -> Result<(), SequenceError> {
-        let (info, registered, unread) = self.known_tables(bounds).await?;
-        if let Some(h) = &self.parts.hooks {
-            h.configure(&self.parts.applier, &info);
-        }
-        let tables = self.stageable(&info).await?;
-        let skip = {
+        let prepare = async {
+            let (info, registered, unread) = self.known_tables(bounds).await?;
+            if let Some(h) = &self.parts.hooks {
+                h.configure(&self.parts.applier, &info);
+            }
+            let tables = self.stageable(&info).await?;
             let mut conn = self
                 .parts
                 .stager
@@ -299,11 +335,16 @@ impl Pipeline {
                 .acquire()
                 .await
                 .map_err(SequenceError::Sql)?;
-            self.parts
+            let skip = self
+                .parts
                 .ranges
                 .load(&mut conn, &self.schema, bounds.committed)
-                .await?
+                .await?;
+            Ok::<_, SequenceError>((info, registered, unread, tables, skip))
         };
+        let (info, registered, unread, tables, skip) = unless_stopped(stop, prepare)
+            .await
+            .ok_or(SequenceError::Stopped)??;
         if !skip.is_empty() {
             tracing::debug!(schema = %self.schema, ranges = ?skip, "skipping staged rows of ranges applied beyond the checkpoint");
         }
@@ -319,6 +360,7 @@ impl Pipeline {
             skip,
             open: AtomicUsize::new(0),
             renewed: Mutex::new(*renewed),
+            stop: stop.clone(),
         });
         let (pages_tx, pages) = mpsc::channel(1);
         let reader = tokio::spawn(read_pages(
@@ -460,6 +502,47 @@ impl Pipeline {
     }
 }
 
+/// Runs `work` unless the pipeline is asked to stop first (`None`): for steps that hold
+/// nothing worth finishing (reads, a renewal, waiting for a connection), so that stopping
+/// is not held up by a database that does not answer.
+async fn unless_stopped<T>(
+    stop: &watch::Receiver<bool>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut stop = stop.clone();
+    tokio::select! {
+        done = work => Some(done),
+        _ = async {
+            // A dropped sender never stops the work.
+            if stop.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        } => None,
+    }
+}
+
+/// A flush's target transaction; a flush that has not got its connection when the pipeline
+/// stops does not start.
+async fn begin_unless_stopped(
+    ctx: &Ctx,
+    db: &crate::target::Database,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, SequenceError> {
+    unless_stopped(&ctx.stop, db.begin())
+        .await
+        .ok_or(SequenceError::Stopped)?
+        .map_err(SequenceError::Sql)
+}
+
+/// Resolves once the sequencer abandons the windows in flight.
+async fn abandoned(abandon: &mut watch::Receiver<bool>) {
+    if abandon.wait_for(|a| *a).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// How long releasing the lease may take when the pipeline stops.
+const RELEASE_WITHIN: Duration = Duration::from_secs(1);
+
 /// How often the staged rows at or below the checkpoint are swept (see
 /// [`Pipeline::sweep_below`]); the first window after winning the lease sweeps too.
 const FULL_SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -491,6 +574,8 @@ struct Ctx {
     /// When the lease was last renewed (between flushes, or by every flush with separate
     /// staging).
     renewed: Mutex<Instant>,
+    /// Raised when the pipeline stops: no further flush starts.
+    stop: watch::Receiver<bool>,
 }
 
 impl Ctx {
@@ -779,7 +864,7 @@ async fn run_flush(ctx: Arc<Ctx>, job: Arc<FlushJob>, role: Role) -> Result<(), 
             return Err(ctx.lost());
         }
         ctx.mark_renewed(started);
-        let mut tx = parts.target.begin().await.map_err(SequenceError::Sql)?;
+        let mut tx = begin_unless_stopped(&ctx, &parts.target).await?;
         let open = ctx.open_tx();
         // No statement may outlive the lease, and the commit is only sent while a newer
         // holder cannot have taken it over: what remains is the commit's own round trip,
@@ -801,7 +886,7 @@ async fn run_flush(ctx: Arc<Ctx>, job: Arc<FlushJob>, role: Role) -> Result<(), 
             return Err(e);
         }
     } else {
-        let mut tx = parts.target.begin().await.map_err(SequenceError::Sql)?;
+        let mut tx = begin_unless_stopped(&ctx, &parts.target).await?;
         if !parts.leases.fence(&mut tx, &ctx.lease).await? {
             return Err(ctx.lost());
         }
@@ -931,13 +1016,16 @@ async fn retire(
 /// The in-order step: commits the checkpoint at `upto`, the end of the completed prefix, on
 /// staging (sweeping the window from `sweep` when `upto` ends it).
 async fn commit_step(ctx: Arc<Ctx>, upto: Hlc, sweep: Option<Hlc>) -> Result<Hlc, SequenceError> {
-    let mut tx = ctx
-        .parts
-        .stager
-        .database()
-        .begin()
-        .await
-        .map_err(SequenceError::Sql)?;
+    let begin = ctx.parts.control.begin();
+    let mut tx = if *ctx.stop.borrow() {
+        // Stopping: the applied prefix is committed if the database answers soon.
+        tokio::time::timeout(RELEASE_WITHIN, begin)
+            .await
+            .map_err(|_| SequenceError::Stopped)?
+    } else {
+        begin.await
+    }
+    .map_err(SequenceError::Sql)?;
     if !ctx.parts.leases.fence(&mut tx, &ctx.lease).await? {
         return Err(ctx.lost());
     }
@@ -1038,14 +1126,23 @@ impl Window {
             Page(Option<Result<Page, SequenceError>>),
             Event(Event),
         }
+        let mut stop = self.ctx.stop.clone();
         while self.error.is_none() {
+            if *stop.borrow_and_update() {
+                self.fail(SequenceError::Stopped);
+                break;
+            }
             let next = if self.busy() {
                 tokio::select! {
                     p = pages.recv() => Next::Page(p),
                     ev = self.wait() => Next::Event(ev),
+                    Ok(()) = stop.changed() => continue,
                 }
             } else {
-                Next::Page(pages.recv().await)
+                tokio::select! {
+                    p = pages.recv() => Next::Page(p),
+                    Ok(()) = stop.changed() => continue,
+                }
             };
             let page = match next {
                 Next::Event(ev) => {
@@ -1152,7 +1249,7 @@ impl Window {
     fn fail(&mut self, e: SequenceError) {
         if self.error.is_none() {
             self.error = Some(e);
-        } else {
+        } else if !matches!(e, SequenceError::Stopped) {
             tracing::warn!(schema = %self.ctx.schema, error = %e, "another flush failed");
         }
     }
@@ -1219,6 +1316,10 @@ impl Window {
         let mut waited = false;
         loop {
             if self.error.is_some() {
+                return;
+            }
+            if *self.ctx.stop.borrow() {
+                self.fail(SequenceError::Stopped);
                 return;
             }
             if self.running.is_empty() {
@@ -1322,7 +1423,12 @@ impl Window {
             }
         }
         let error = self.error.take().expect("failed window has an error");
-        if let Some(job) = self.failed.take().filter(|_| !is_transient(&error)) {
+        let stopped = matches!(error, SequenceError::Stopped);
+        if let Some(job) = self
+            .failed
+            .take()
+            .filter(|_| !stopped && !is_transient(&error))
+        {
             self.name_poison(&job).await;
         }
         Err(error)

@@ -62,7 +62,10 @@ pub enum IngestError {
         ts: Hlc,
         skew: String,
     },
-    #[error("could not look up schema {schema} in the target: {error}")]
+    #[error(
+        "could not look up schema {schema} in the target: {}",
+        crate::target::safe(error)
+    )]
     Lookup {
         schema: String,
         #[source]
@@ -78,6 +81,8 @@ pub enum IngestError {
     Sequence(#[from] SequenceError),
     #[error(transparent)]
     Script(#[from] ScriptError),
+    #[error(transparent)]
+    Unreachable(#[from] crate::target::Unreachable),
 }
 
 impl IngestError {
@@ -112,8 +117,21 @@ impl IngestError {
             IngestError::Sequence(e) => e.is_unavailable(),
             IngestError::Script(e) => e.is_retryable(),
             IngestError::Lookup { error, .. } => crate::target::is_unavailable(error),
+            IngestError::Unreachable(_) => true,
             _ => false,
         }
+    }
+
+    /// The database error underneath, if any.
+    fn sql(&self) -> Option<&sqlx::Error> {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = source {
+            if let Some(sql) = e.downcast_ref::<sqlx::Error>() {
+                return Some(sql);
+            }
+            source = e.source();
+        }
+        None
     }
 }
 
@@ -132,6 +150,8 @@ pub struct Ingest {
     pub clock: TargetClock,
     pub schemas: SchemaGate,
     pub dropped: DropLog,
+    /// Database health and the connections ingest may hold (see [`crate::target::Gate`]).
+    pub gate: crate::target::Gate,
 }
 
 /// How long ingest trusts this process's view of a committed checkpoint before reading it
@@ -497,7 +517,16 @@ impl Handler for IngestHandler {
         let this = self.0.clone();
         Box::pin(async move {
             let path = req.path.clone();
-            match this.handle(req).await {
+            let handled = this.gate.run(this.handle(req)).await;
+            match &handled {
+                Ok(()) => this.gate.observe(Ok(())),
+                Err(e) => {
+                    if let Some(sql) = e.sql() {
+                        this.gate.observe(Err(sql));
+                    }
+                }
+            }
+            match handled {
                 Ok(()) => Response {
                     status: StatusCode::OK,
                     body: "OK".into(),
@@ -546,7 +575,12 @@ impl Handler for IngestHandler {
     fn health(&self) -> BoxFuture<'static, Result<(), String>> {
         let staging = self.0.staging.pool.clone();
         let target = self.0.target.pool.clone();
+        let down = self.0.gate.down();
         Box::pin(async move {
+            // Known unreachable: answer now rather than after the pool's acquire timeout.
+            if let Some(e) = down {
+                return Err(e.to_string());
+            }
             sqlx::query("SELECT 1")
                 .execute(&staging)
                 .await

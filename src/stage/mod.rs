@@ -38,21 +38,30 @@ pub struct StageArgs {
 pub enum StageError {
     #[error("staging schema {0:?} is not valid: {1}")]
     Schema(String, String),
-    #[error("could not create staging table {table}: {source}")]
+    #[error(
+        "could not create staging table {table}: {}",
+        crate::target::safe(source)
+    )]
     Create {
         table: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("could not write staged mutations: {0}")]
+    #[error("could not write staged mutations: {}", crate::target::safe(.0))]
     Write(#[source] sqlx::Error),
-    #[error("could not read staged mutations of {table}: {source}")]
+    #[error(
+        "could not read staged mutations of {table}: {}",
+        crate::target::safe(source)
+    )]
     Read {
         table: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("could not retire staged mutations of {table}: {source}")]
+    #[error(
+        "could not retire staged mutations of {table}: {}",
+        crate::target::safe(source)
+    )]
     Retire {
         table: String,
         #[source]

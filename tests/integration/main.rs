@@ -7,6 +7,7 @@ mod auth;
 mod best_effort;
 mod conflicts;
 mod crash;
+mod dbfail;
 mod demo;
 mod deploy;
 mod fault;
