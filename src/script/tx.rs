@@ -4,6 +4,7 @@
 use crate::apply::Applier;
 use crate::ident::Table;
 use crate::mutation::Mutation;
+use crate::target::safe;
 use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgArguments, PgTypeInfo, PgTypeKind, Postgres};
 use sqlx::Either;
@@ -359,7 +360,8 @@ fn text_cells(row: &sqlx::postgres::PgRow) -> Vec<Cell> {
         .collect()
 }
 
-/// A script statement: without parameters it is sent as it is; with them, through the
+/// A script statement (its errors name SQLSTATE and names, never quoted values, since a script
+/// may log or rethrow them): without parameters it is sent as it is; with them, through the
 /// extended protocol with bound values (never spliced into the SQL text).
 async fn exec(conn: &mut PgConnection, sql: &str, params: &[Param]) -> Result<u64, String> {
     check_params(params)?;
@@ -367,16 +369,16 @@ async fn exec(conn: &mut PgConnection, sql: &str, params: &[Param]) -> Result<u6
         return sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(sql))
             .await
             .map(|d| d.rows_affected())
-            .map_err(|e| e.to_string());
+            .map_err(|e| safe(&e).to_string());
     }
     let args = bind_params(conn, sql, params)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| safe(&e).to_string())?;
     sqlx::query_with(sql, args)
         .execute(&mut *conn)
         .await
         .map(|d| d.rows_affected())
-        .map_err(|e| e.to_string())
+        .map_err(|e| safe(&e).to_string())
 }
 
 async fn query(
@@ -389,16 +391,18 @@ async fn query(
         return sqlx::Executor::fetch_all(&mut *conn, sqlx::raw_sql(sql))
             .await
             .map(|rows| rows.iter().map(text_cells).collect())
-            .map_err(|e| e.to_string());
+            .map_err(|e| safe(&e).to_string());
     }
     let args = bind_params(conn, sql, params)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| safe(&e).to_string())?;
     let rows = sqlx::query_with(sql, args)
         .fetch_all(&mut *conn)
         .await
-        .map_err(|e| e.to_string())?;
-    result_cells(conn, &rows).await.map_err(|e| e.to_string())
+        .map_err(|e| safe(&e).to_string())?;
+    result_cells(conn, &rows)
+        .await
+        .map_err(|e| safe(&e).to_string())
 }
 
 /// Runs one call on `conn` and answers it. Boxed: the caller's future must stay `Send`, which
