@@ -356,6 +356,37 @@ api.configureTable("kv", {
 }
 
 #[tokio::test]
+async fn a_failed_statement_tells_the_script_its_sqlstate_but_no_value() {
+    let db = Db::new("script_err").await;
+    db.exec("CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT)")
+        .await;
+    // The statement spells a value the server quotes back in its message.
+    let (_d, s) = script(
+        r#"import * as api from "cdc-sink@v1";
+api.configureTable("kv", {
+  apply: async (ops: any[]) => {
+    await api.getTX().exec("INSERT INTO kv VALUES ('secret-marker-7', 'a')");
+  },
+});
+"#,
+    );
+    let table = Table::new(Schema::new(db.name.as_str(), "public"), "kv");
+    let mut tx = db.pool.begin().await.unwrap();
+    let e = s
+        .apply(
+            &table,
+            &[up(1, 1, r#"{"k":1,"v":"a"}"#)],
+            &mut tx,
+            &applier(&db),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("22P02"), "{e}");
+    assert!(!e.contains("secret-marker-7"), "{e}");
+}
+
+#[tokio::test]
 async fn bound_parameters_reach_typed_columns_and_results_come_back_as_exact_text() {
     let db = Db::new("script_types").await;
     db.exec(
