@@ -46,18 +46,23 @@ impl Hlc {
         self.nanos == 0 && self.logical == 0
     }
 
-    /// The smallest timestamp after this one.
+    /// The smallest timestamp after this one; [`Hlc::MAX`] has none and stays itself rather
+    /// than wrapping to an earlier time.
     pub fn next(self) -> Self {
-        if self.logical == i32::MAX {
+        if self == Hlc::MAX {
+            self
+        } else if self.logical == i32::MAX {
             Hlc::new(self.nanos.saturating_add(1), 0)
         } else {
             Hlc::new(self.nanos, self.logical + 1)
         }
     }
 
-    /// The largest timestamp before this one.
+    /// The largest timestamp before this one; the smallest representable one stays itself.
     pub fn before(self) -> Self {
-        if self.logical > 0 {
+        if self.nanos == i64::MIN && self.logical <= 0 {
+            self
+        } else if self.logical > 0 {
             Hlc::new(self.nanos, self.logical - 1)
         } else {
             Hlc::new(self.nanos.saturating_sub(1), i32::MAX)
@@ -165,5 +170,21 @@ mod tests {
         assert_eq!(a.next(), Hlc::new(1, 6));
         assert_eq!(b.before(), Hlc::new(1, i32::MAX));
         assert_eq!(a.before(), Hlc::new(1, 4));
+    }
+
+    #[test]
+    fn next_and_before_never_go_the_wrong_way_at_the_ends() {
+        // The largest HLC parses from text; its next used to wrap to an earlier time.
+        let max: Hlc = "9223372036854775807.2147483647".parse().expect("parses");
+        assert_eq!(max, Hlc::MAX);
+        assert_eq!(max.next(), Hlc::MAX);
+        assert_eq!(Hlc::new(i64::MAX, 0).next(), Hlc::new(i64::MAX, 1));
+        assert_eq!(Hlc::new(5, i32::MAX).next(), Hlc::new(6, 0));
+        let min = Hlc::new(i64::MIN, 0);
+        assert_eq!(min.before(), min);
+        assert_eq!(Hlc::new(i64::MIN, 1).before(), min);
+        for h in [max, min, Hlc::ZERO, Hlc::new(3, i32::MAX)] {
+            assert!(h.next() >= h && h.before() <= h, "{h}");
+        }
     }
 }

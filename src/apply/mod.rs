@@ -17,7 +17,7 @@ pub mod merge;
 mod schema;
 mod sql;
 mod standard;
-mod value;
+pub mod value;
 
 pub use config::{ApplyArgs, TableConfig, DEFAULT_DLQ_TABLE, DEFAULT_ROW_LIMIT};
 pub use schema::{dependency_levels, type_name, Column, SchemaInfo, TableSchema};

@@ -1,12 +1,14 @@
 //! Keys: the verification key set read from `jwt_public_keys` and `jwt_revoked_ids`, and the
-//! private keys `make-jwt` signs with. Signatures are the `jsonwebtoken` crate's (on `ring`);
-//! this module only unwraps the DER containers (SPKI, PKCS#8, SEC1, PKCS#1) to hand it the
-//! key bytes it expects and to learn each key's curve.
+//! private keys `make-jwt` signs with. Signatures are the `jsonwebtoken` crate's (on `ring`),
+//! except ES512, which `ring` lacks and [`super::es512`] does with the `p521` crate; this module
+//! only unwraps the DER containers (SPKI, PKCS#8, SEC1, PKCS#1) to hand them the key bytes they
+//! expect and to learn each key's curve.
 
+use super::es512;
 use super::AuthError;
 use crate::stage::StagingSchema;
 use crate::target::{Database, Dialect};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, SubjectPublicKeyInfoDer};
 use std::collections::HashSet;
@@ -20,22 +22,122 @@ const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
 const OID_P521: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x23];
 
-const SEQUENCE: u8 = 0x30;
-const INTEGER: u8 = 0x02;
+pub(super) const SEQUENCE: u8 = 0x30;
+pub(super) const INTEGER: u8 = 0x02;
 const BIT_STRING: u8 = 0x03;
 const OCTET_STRING: u8 = 0x04;
-const OID: u8 = 0x06;
-const CONTEXT_0: u8 = 0xa0;
+pub(super) const OID: u8 = 0x06;
+pub(super) const CONTEXT_0: u8 = 0xa0;
 
-/// The algorithms a key verifies. P-521 (ES512) is missing: `ring` has no P-521.
-const EC_P256: &[Algorithm] = &[Algorithm::ES256];
-const EC_P384: &[Algorithm] = &[Algorithm::ES384];
-const RSA: &[Algorithm] = &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512];
+/// A token algorithm the sink accepts (the reference's list). `jsonwebtoken` has no ES512.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alg {
+    ES256,
+    ES384,
+    ES512,
+    RS256,
+    RS384,
+    RS512,
+}
+
+impl Alg {
+    /// The `alg` header value; anything else (`none`, HS*, PS*, EdDSA, other case) is None.
+    pub fn from_name(name: &str) -> Option<Alg> {
+        Some(match name {
+            "ES256" => Alg::ES256,
+            "ES384" => Alg::ES384,
+            "ES512" => Alg::ES512,
+            "RS256" => Alg::RS256,
+            "RS384" => Alg::RS384,
+            "RS512" => Alg::RS512,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Alg::ES256 => "ES256",
+            Alg::ES384 => "ES384",
+            Alg::ES512 => "ES512",
+            Alg::RS256 => "RS256",
+            Alg::RS384 => "RS384",
+            Alg::RS512 => "RS512",
+        }
+    }
+
+    /// The `jsonwebtoken` algorithm; None for ES512, which it cannot do.
+    fn jwt(self) -> Option<Algorithm> {
+        match self {
+            Alg::ES256 => Some(Algorithm::ES256),
+            Alg::ES384 => Some(Algorithm::ES384),
+            Alg::ES512 => None,
+            Alg::RS256 => Some(Algorithm::RS256),
+            Alg::RS384 => Some(Algorithm::RS384),
+            Alg::RS512 => Some(Algorithm::RS512),
+        }
+    }
+}
+
+/// The algorithms a key verifies: one per curve, any RSA one for RSA.
+const EC_P256: &[Alg] = &[Alg::ES256];
+const EC_P384: &[Alg] = &[Alg::ES384];
+const EC_P521: &[Alg] = &[Alg::ES512];
+const RSA: &[Alg] = &[Alg::RS256, Alg::RS384, Alg::RS512];
+
+/// What checks a signature.
+enum Verifier {
+    Ring(DecodingKey),
+    P521(p521::ecdsa::VerifyingKey),
+}
 
 /// One verification key and the token algorithms it may verify.
 pub struct Key {
-    pub algs: &'static [Algorithm],
-    pub key: DecodingKey,
+    pub algs: &'static [Alg],
+    verifier: Verifier,
+}
+
+/// Why a key did not verify a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyFailure {
+    Malformed,
+    Signature,
+}
+
+impl Key {
+    /// The claims of `token`, whose header says `alg`, if this key verifies it. A key verifies
+    /// only the algorithms of its type (`algs`), whatever the header says.
+    pub fn verify(&self, token: &str, alg: Alg) -> Result<serde_json::Value, VerifyFailure> {
+        if !self.algs.contains(&alg) {
+            return Err(VerifyFailure::Signature);
+        }
+        match (&self.verifier, alg.jwt()) {
+            (Verifier::P521(key), None) => es512::verify(key, token).map_err(|f| match f {
+                es512::Failure::Malformed => VerifyFailure::Malformed,
+                es512::Failure::Signature => VerifyFailure::Signature,
+            }),
+            (Verifier::Ring(key), Some(alg)) => {
+                // The signature is all the crate checks; the claims follow the reference in
+                // the caller.
+                let mut validation = Validation::new(alg);
+                validation.required_spec_claims.clear();
+                validation.validate_exp = false;
+                validation.validate_nbf = false;
+                validation.validate_aud = false;
+                jsonwebtoken::decode::<serde_json::Value>(token, key, &validation)
+                    .map(|data| data.claims)
+                    .map_err(|e| {
+                        use jsonwebtoken::errors::ErrorKind;
+                        match e.kind() {
+                            ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
+                                VerifyFailure::Malformed
+                            }
+                            _ => VerifyFailure::Signature,
+                        }
+                    })
+            }
+            _ => Err(VerifyFailure::Signature),
+        }
+    }
 }
 
 /// What a refresh loads: the active keys, in table order, and the revoked token ids.
@@ -46,7 +148,7 @@ pub struct KeySet {
 }
 
 /// Reads one DER element: (tag, contents, the rest). Definite lengths only.
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(super) fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
     let (&first, rest) = rest.split_first()?;
     let (len, rest) = if first < 0x80 {
@@ -64,7 +166,7 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
-fn expect(input: &[u8], want: u8) -> Option<(&[u8], &[u8])> {
+pub(super) fn expect(input: &[u8], want: u8) -> Option<(&[u8], &[u8])> {
     let (tag, value, rest) = tlv(input)?;
     (tag == want).then_some((value, rest))
 }
@@ -87,12 +189,12 @@ fn der_element(tag: u8, contents: &[u8]) -> Vec<u8> {
     out
 }
 
-fn curve_algs(oid: &[u8]) -> Result<&'static [Algorithm], String> {
+fn curve_algs(oid: &[u8]) -> Result<&'static [Alg], String> {
     match oid {
         OID_P256 => Ok(EC_P256),
         OID_P384 => Ok(EC_P384),
-        OID_P521 => Ok(&[]),
-        _ => Err("unsupported elliptic curve (use P-256, P-384 or RSA)".into()),
+        OID_P521 => Ok(EC_P521),
+        _ => Err("unsupported elliptic curve (use P-256, P-384, P-521 or RSA)".into()),
     }
 }
 
@@ -117,7 +219,7 @@ pub fn parse_public_key(pem: &str) -> Result<Key, String> {
             expect(rest, INTEGER).ok_or_else(bad)?;
             Ok(Key {
                 algs: RSA,
-                key: DecodingKey::from_rsa_der(key),
+                verifier: Verifier::Ring(DecodingKey::from_rsa_der(key)),
             })
         }
         OID_EC => {
@@ -131,41 +233,72 @@ pub fn parse_public_key(pem: &str) -> Result<Key, String> {
             if key.len() != point_len || key[0] != 0x04 {
                 return Err("EC public key is not an uncompressed point of its curve".into());
             }
-            Ok(Key {
-                algs,
-                key: DecodingKey::from_ec_der(key),
-            })
+            let verifier = if curve == OID_P521 {
+                // Also checks that the point is on the curve.
+                Verifier::P521(
+                    p521::ecdsa::VerifyingKey::from_sec1_bytes(key)
+                        .map_err(|_| "EC public key is not a point of P-521".to_string())?,
+                )
+            } else {
+                Verifier::Ring(DecodingKey::from_ec_der(key))
+            };
+            Ok(Key { algs, verifier })
         }
         _ => Err("not an EC or RSA public key".into()),
     }
 }
 
+enum Signer {
+    Ring(EncodingKey),
+    P521(p521::ecdsa::SigningKey),
+}
+
 /// A private key for signing, with the algorithm the reference picks for it.
 pub struct SigningKey {
-    pub alg: Algorithm,
-    pub key: EncodingKey,
+    pub alg: Alg,
+    signer: Signer,
+}
+
+impl SigningKey {
+    /// A compact token for `claims`.
+    pub fn sign(&self, claims: &impl serde::Serialize) -> Result<String, String> {
+        match (&self.signer, self.alg.jwt()) {
+            (Signer::Ring(key), Some(alg)) => {
+                jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), claims, key)
+                    .map_err(|e| e.to_string())
+            }
+            (Signer::P521(key), None) => es512::sign(key, claims).map_err(|e| e.to_string()),
+            _ => Err(format!("no signer for {}", self.alg.name())),
+        }
+    }
 }
 
 /// The first private key of a PEM file: PKCS#8 `PRIVATE KEY`, SEC1 `EC PRIVATE KEY` or PKCS#1
-/// `RSA PRIVATE KEY`. P-256 signs ES256, P-384 ES384, RSA RS256.
+/// `RSA PRIVATE KEY`. P-256 signs ES256, P-384 ES384, P-521 ES512, RSA RS256.
 pub fn parse_private_key(pem: &[u8]) -> Result<SigningKey, String> {
     let key = PrivateKeyDer::from_pem_slice(pem).map_err(|_| {
         "no PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY PEM block found".to_string()
     })?;
     let bad = |what: &str| format!("not a valid {what} key");
-    let ec = |curve: &[u8], pkcs8: Vec<u8>| -> Result<SigningKey, String> {
-        match curve_algs(curve)? {
-            [alg] => Ok(SigningKey {
-                alg: *alg,
-                key: EncodingKey::from_ec_der(&pkcs8),
-            }),
-            _ => Err("P-521 keys (ES512) are not supported: use P-256, P-384 or RSA".into()),
-        }
+    // `sec1` is the ECPrivateKey (inside the PKCS#8 one for that form), `pkcs8` what ring
+    // signs from.
+    let ec = |curve: &[u8], sec1: &[u8], pkcs8: Vec<u8>| -> Result<SigningKey, String> {
+        let alg = match curve_algs(curve)? {
+            [alg] => *alg,
+            _ => return Err("unsupported elliptic curve".into()),
+        };
+        let signer = if alg == Alg::ES512 {
+            let scalar = sec1_private(sec1).ok_or_else(|| bad("P-521"))?;
+            Signer::P521(p521::ecdsa::SigningKey::from_slice(scalar).map_err(|_| bad("P-521"))?)
+        } else {
+            Signer::Ring(EncodingKey::from_ec_der(&pkcs8))
+        };
+        Ok(SigningKey { alg, signer })
     };
     match key {
         PrivateKeyDer::Pkcs1(k) => Ok(SigningKey {
-            alg: Algorithm::RS256,
-            key: EncodingKey::from_rsa_der(k.secret_pkcs1_der()),
+            alg: Alg::RS256,
+            signer: Signer::Ring(EncodingKey::from_rsa_der(k.secret_pkcs1_der())),
         }),
         PrivateKeyDer::Sec1(k) => {
             let der = k.secret_sec1_der();
@@ -178,7 +311,7 @@ pub fn parse_private_key(pem: &[u8]) -> Result<SigningKey, String> {
             let mut info = der_element(INTEGER, &[0]);
             info.extend(der_element(SEQUENCE, &alg_id));
             info.extend(der_element(OCTET_STRING, der));
-            ec(curve, der_element(SEQUENCE, &info))
+            ec(curve, der, der_element(SEQUENCE, &info))
         }
         PrivateKeyDer::Pkcs8(k) => {
             let der = k.secret_pkcs8_der();
@@ -190,19 +323,27 @@ pub fn parse_private_key(pem: &[u8]) -> Result<SigningKey, String> {
                 OID_RSA => {
                     let (pkcs1, _) = expect(rest, OCTET_STRING).ok_or_else(|| bad("PKCS#8"))?;
                     Ok(SigningKey {
-                        alg: Algorithm::RS256,
-                        key: EncodingKey::from_rsa_der(pkcs1),
+                        alg: Alg::RS256,
+                        signer: Signer::Ring(EncodingKey::from_rsa_der(pkcs1)),
                     })
                 }
                 OID_EC => {
                     let (curve, _) = expect(params, OID).ok_or_else(|| bad("PKCS#8"))?;
-                    ec(curve, der.to_vec())
+                    let (sec1, _) = expect(rest, OCTET_STRING).ok_or_else(|| bad("PKCS#8"))?;
+                    ec(curve, sec1, der.to_vec())
                 }
                 _ => Err("not an EC or RSA private key".into()),
             }
         }
         _ => Err("unsupported private key format".into()),
     }
+}
+
+/// The private scalar of a SEC1 ECPrivateKey.
+fn sec1_private(der: &[u8]) -> Option<&[u8]> {
+    let (key, _) = expect(der, SEQUENCE)?;
+    let (_, rest) = expect(key, INTEGER)?;
+    expect(rest, OCTET_STRING).map(|(scalar, _)| scalar)
 }
 
 /// The named curve of a SEC1 ECPrivateKey (`parameters [0]`).
@@ -264,9 +405,6 @@ public_key {text} NOT NULL, active BOOL NOT NULL DEFAULT true)",
                 id: id.clone(),
                 reason,
             })?;
-            if key.algs.is_empty() {
-                tracing::warn!(id = %id, "jwt key on curve p-521 cannot verify any accepted algorithm (es512 is not supported)");
-            }
             keys.push(key);
         }
         let revoked: Vec<String> = sqlx::query_scalar(&format!("SELECT id FROM {}", self.revoked))
@@ -304,13 +442,56 @@ mod tests {
         let public = parse_public_key(&pair.public_key_pem()).expect("public");
         assert_eq!(public.algs, EC_P256);
         let private = parse_private_key(pair.serialize_pem().as_bytes()).expect("private");
-        assert_eq!(private.alg, Algorithm::ES256);
+        assert_eq!(private.alg, Alg::ES256);
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key");
         assert_eq!(
             parse_public_key(&pair.public_key_pem())
                 .expect("public")
                 .algs,
             EC_P384
+        );
+    }
+
+    #[test]
+    fn a_key_verifies_only_the_algorithms_of_its_type() {
+        use p521::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _, LineEnding};
+        let secret = p521::SecretKey::random(&mut p521::elliptic_curve::rand_core::OsRng);
+        let p521_private = secret.to_pkcs8_pem(LineEnding::LF).expect("pem");
+        let p521_public = secret
+            .public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("pem");
+        let p521 = parse_public_key(&p521_public).expect("public");
+        assert_eq!(p521.algs, EC_P521);
+        let signer = parse_private_key(p521_private.as_bytes()).expect("private");
+        assert_eq!(signer.alg, Alg::ES512);
+        let token = signer.sign(&serde_json::json!({"jti": "x"})).expect("sign");
+        assert_eq!(
+            p521.verify(&token, Alg::ES512).expect("verifies")["jti"],
+            "x"
+        );
+        // The same token claimed as another algorithm, or checked by a P-256 key: refused.
+        assert_eq!(
+            p521.verify(&token, Alg::ES256).err(),
+            Some(VerifyFailure::Signature)
+        );
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let p256 = parse_public_key(&pair.public_key_pem()).expect("public");
+        assert_eq!(
+            p256.verify(&token, Alg::ES512).err(),
+            Some(VerifyFailure::Signature)
+        );
+        // A P-521 SPKI whose point is off the curve (last byte of y changed) is not a key.
+        use base64::Engine as _;
+        let mut der = SubjectPublicKeyInfoDer::from_pem_slice(p521_public.as_bytes())
+            .expect("spki")
+            .to_vec();
+        *der.last_mut().expect("point") ^= 1;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+        let bad = format!("-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n");
+        assert_eq!(
+            parse_public_key(&bad).err().as_deref(),
+            Some("EC public key is not a point of P-521")
         );
     }
 

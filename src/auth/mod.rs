@@ -1,5 +1,5 @@
 //! Request authentication, as the reference does it (§2.1–2.2): a JWT from the
-//! `Authorization: Bearer` header or the `access_token` parameter, signed (ES256/ES384,
+//! `Authorization: Bearer` header or the `access_token` parameter, signed (ES256/384/512,
 //! RS256/384/512) by an active key of the staging table `jwt_public_keys`, not revoked in
 //! `jwt_revoked_ids`, and listing the request's schema. Keys and revocations are cached:
 //! loaded at start, reloaded every `--jwtRefresh` and on SIGHUP. With
@@ -7,6 +7,7 @@
 //! every hour).
 
 pub mod claims;
+mod es512;
 pub mod keys;
 pub mod token;
 
@@ -15,8 +16,7 @@ use crate::ident::Schema;
 use crate::metrics as m;
 use crate::stage::StagingSchema;
 use crate::target::Database;
-use jsonwebtoken::{Algorithm, Validation};
-use keys::{KeySet, Tables};
+use keys::{Alg, KeySet, Tables, VerifyFailure};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::task::AbortHandle;
@@ -37,7 +37,7 @@ pub struct AuthArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub disable_authentication: bool,
-    /// NAME=db.schema: a client certificate valid for NAME (a DNS or IP subject alternative name) may write db.schema without a token (`*` matches a part; repeat or comma-separate; needs --tlsClientCA)
+    /// NAME=db.schema: a client certificate whose DNS or IP subject alternative name, or subject common name, is NAME may write db.schema without a token (`*` matches a part; repeat or comma-separate; needs --tlsClientCA)
     #[arg(
         long = "tlsClientSchemas",
         env = "CDC_SINK_TLS_CLIENT_SCHEMAS",
@@ -64,7 +64,11 @@ pub enum AuthError {
 /// A client certificate name and a schema it may write.
 #[derive(Debug, Clone)]
 struct CertGrant {
-    name: rustls_pki_types::ServerName<'static>,
+    /// The name as given, compared with the subject common name.
+    name: String,
+    /// The name as a DNS name or IP address, compared with the subject alternative names;
+    /// None when it is neither (a common name such as `feed client`).
+    san: Option<rustls_pki_types::ServerName<'static>>,
     schema: Vec<String>,
 }
 
@@ -86,15 +90,19 @@ impl AuthArgs {
                     .trim()
                     .split_once('=')
                     .ok_or_else(|| bad("expected NAME=db.schema"))?;
-                let name = rustls_pki_types::ServerName::try_from(name.to_string())
-                    .map_err(|_| bad("NAME is not a DNS name or IP address"))?;
+                let name = name.trim();
+                if name.is_empty() {
+                    return Err(bad("expected NAME=db.schema"));
+                }
+                let san = rustls_pki_types::ServerName::try_from(name.to_string()).ok();
                 let parts = crate::ident::parse_dotted(schema)
                     .map_err(|_| bad("expected NAME=db.schema"))?;
                 if parts.len() != 2 {
                     return Err(bad("expected NAME=db.schema"));
                 }
                 Ok(CertGrant {
-                    name,
+                    name: name.to_string(),
+                    san,
                     schema: parts.iter().map(|p| p.raw().to_string()).collect(),
                 })
             })
@@ -102,18 +110,67 @@ impl AuthArgs {
     }
 }
 
-/// Whether a (handshake-verified) client certificate is valid for a name granted `schema`.
+/// Whether a (handshake-verified) client certificate has a name granted `schema`: a DNS or IP
+/// subject alternative name as TLS checks it (wildcard DNS names in the certificate match), or
+/// a subject common name equal to the granted name (ASCII case ignored, no wildcards).
 fn cert_grants_schema(
     grants: &[CertGrant],
-    cert: &rustls_pki_types::CertificateDer<'_>,
+    der: &rustls_pki_types::CertificateDer<'_>,
     schema: &Schema,
 ) -> bool {
-    let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
+    let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
         return false;
     };
+    let common_names = subject_common_names(der);
     grants.iter().any(|g| {
-        claims::matches(&g.schema, schema) && cert.verify_is_valid_for_subject_name(&g.name).is_ok()
+        claims::matches(&g.schema, schema)
+            && (g
+                .san
+                .as_ref()
+                .is_some_and(|n| cert.verify_is_valid_for_subject_name(n).is_ok())
+                || common_names
+                    .iter()
+                    .any(|cn| cn.eq_ignore_ascii_case(&g.name)))
     })
+}
+
+/// The `commonName` values of a certificate's subject that are UTF8String, PrintableString
+/// or IA5String (what CAs write); empty if the certificate cannot be read.
+fn subject_common_names(der: &[u8]) -> Vec<String> {
+    use keys::{expect, tlv, CONTEXT_0, INTEGER, OID, SEQUENCE};
+    const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
+    const SET: u8 = 0x31;
+    let subject = || -> Option<&[u8]> {
+        let (cert, _) = expect(der, SEQUENCE)?;
+        let (tbs, _) = expect(cert, SEQUENCE)?;
+        let tbs = match tlv(tbs)? {
+            (CONTEXT_0, _, rest) => rest,
+            _ => tbs,
+        };
+        let (_, rest) = expect(tbs, INTEGER)?; // serial
+        let (_, rest) = expect(rest, SEQUENCE)?; // signature algorithm
+        let (_, rest) = expect(rest, SEQUENCE)?; // issuer
+        let (_, rest) = expect(rest, SEQUENCE)?; // validity
+        expect(rest, SEQUENCE).map(|(subject, _)| subject)
+    };
+    let mut names = Vec::new();
+    let mut rdns = subject().unwrap_or_default();
+    while let Some((set, rest)) = expect(rdns, SET) {
+        rdns = rest;
+        let mut atvs = set;
+        while let Some((atv, rest)) = expect(atvs, SEQUENCE) {
+            atvs = rest;
+            let Some((OID_CN, value)) = expect(atv, OID) else {
+                continue;
+            };
+            if let Some((0x0c | 0x13 | 0x16, text, _)) = tlv(value) {
+                if let Ok(text) = std::str::from_utf8(text) {
+                    names.push(text.to_string());
+                }
+            }
+        }
+    }
+    names
 }
 
 /// Why a request was refused; its reason is the 401 body, its label the metric's.
@@ -140,7 +197,7 @@ impl Denied {
             Denied::MissingToken => "no bearer token or access_token",
             Denied::Malformed => "token is malformed",
             Denied::Algorithm => {
-                "signing algorithm not accepted (ES256, ES384, RS256, RS384, RS512)"
+                "signing algorithm not accepted (ES256, ES384, ES512, RS256, RS384, RS512)"
             }
             Denied::Signature => "no active key verifies the token",
             Denied::Claims => "token claims are malformed",
@@ -331,20 +388,8 @@ impl Authenticator {
     }
 }
 
-/// The algorithms accepted at all; `none`, HMAC and ES512 (no P-521 in `ring`) are not.
-fn accepted_alg(name: &str) -> Option<Algorithm> {
-    match name {
-        "ES256" => Some(Algorithm::ES256),
-        "ES384" => Some(Algorithm::ES384),
-        "RS256" => Some(Algorithm::RS256),
-        "RS384" => Some(Algorithm::RS384),
-        "RS512" => Some(Algorithm::RS512),
-        _ => None,
-    }
-}
-
 /// The `alg` of a compact JWS with exactly three parts.
-fn header_alg(token: &str) -> Result<Algorithm, Denied> {
+fn header_alg(token: &str) -> Result<Alg, Denied> {
     use base64::Engine as _;
     let parts: Vec<&str> = token.split('.').collect();
     let [header, _, _] = parts.as_slice() else {
@@ -359,35 +404,24 @@ fn header_alg(token: &str) -> Result<Algorithm, Denied> {
         .get("alg")
         .and_then(|a| a.as_str())
         .ok_or(Denied::Malformed)?;
-    accepted_alg(alg).ok_or(Denied::Algorithm)
+    // `none`, HMAC (whose secret would be a public key) and the rest are refused here.
+    Alg::from_name(alg).ok_or(Denied::Algorithm)
 }
 
 impl Jwt {
     fn verify(&self, token: &str, schema: &Schema) -> Result<(), Denied> {
         let alg = header_alg(token)?;
         let set = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
-        // The signature is all the crate checks; the claims follow the reference below.
-        let mut validation = Validation::new(alg);
-        validation.required_spec_claims.clear();
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.validate_aud = false;
         let mut malformed = false;
         let verified = set
             .keys
             .iter()
             .filter(|k| k.algs.contains(&alg))
-            .find_map(|k| {
-                match jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &validation) {
-                    Ok(data) => Some(data.claims),
-                    Err(e) => {
-                        use jsonwebtoken::errors::ErrorKind;
-                        malformed |= matches!(
-                            e.kind(),
-                            ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_)
-                        );
-                        None
-                    }
+            .find_map(|k| match k.verify(token, alg) {
+                Ok(claims) => Some(claims),
+                Err(f) => {
+                    malformed |= f == VerifyFailure::Malformed;
+                    None
                 }
             });
         let Some(claims) = verified else {
@@ -483,10 +517,13 @@ mod tests {
                 base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header)
             )
         };
-        for alg in ["ES256", "ES384", "RS256", "RS384", "RS512"] {
-            assert!(header_alg(&tok(&format!(r#"{{"alg":"{alg}"}}"#))).is_ok());
+        for alg in ["ES256", "ES384", "ES512", "RS256", "RS384", "RS512"] {
+            assert_eq!(
+                header_alg(&tok(&format!(r#"{{"alg":"{alg}"}}"#))).map(Alg::name),
+                Ok(alg)
+            );
         }
-        for alg in ["none", "HS256", "ES512", "PS256", "EdDSA", "es256"] {
+        for alg in ["none", "HS256", "HS512", "PS256", "EdDSA", "es512", "ES521"] {
             assert_eq!(
                 header_alg(&tok(&format!(r#"{{"alg":"{alg}"}}"#))),
                 Err(Denied::Algorithm),
@@ -530,10 +567,65 @@ mod tests {
             "feed.example",
             "feed.example=kv",
             "=kv.public",
-            "a b=kv.public",
+            " =kv.public",
         ] {
             assert!(args(&[bad]).validate().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn client_certificate_common_names_map_to_schemas() {
+        let grants = AuthArgs {
+            tls_client_schemas: vec!["Feed Client=kv.public".into(), "feed-2=kv.*".into()],
+            ..Default::default()
+        }
+        .cert_grants()
+        .expect("valid");
+        let cert = |cn: &str, san: &str| {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let mut params = rcgen::CertificateParams::new(vec![san.to_string()]).expect("params");
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationName, "feed-2");
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+            params.self_signed(&key).expect("cert").der().clone()
+        };
+        let kv = Schema::new("kv", "public");
+        assert_eq!(
+            subject_common_names(&cert("Feed Client", "x.example")),
+            vec!["Feed Client"]
+        );
+        assert!(subject_common_names(b"not a certificate").is_empty());
+        // The CN alone grants; case is ignored, the whole name must match.
+        assert!(cert_grants_schema(
+            &grants,
+            &cert("feed client", "x.example"),
+            &kv
+        ));
+        assert!(!cert_grants_schema(
+            &grants,
+            &cert("Feed Client 2", "x.example"),
+            &kv
+        ));
+        assert!(!cert_grants_schema(
+            &grants,
+            &cert("Feed Client", "x.example"),
+            &Schema::new("other", "public")
+        ));
+        // A DNS-shaped grant matches the CN too, and only the CN: other subject parts do not.
+        assert!(cert_grants_schema(
+            &grants,
+            &cert("FEED-2", "x.example"),
+            &Schema::new("kv", "s")
+        ));
+        assert!(!cert_grants_schema(
+            &grants,
+            &cert("other", "x.example"),
+            &Schema::new("kv", "s")
+        ));
     }
 
     #[test]

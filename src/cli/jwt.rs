@@ -22,7 +22,7 @@ pub enum JwtCommand {
     AddKey {
         #[command(flatten)]
         conn: ConnArgs,
-        /// PEM `PUBLIC KEY` file (P-256, P-384 or RSA).
+        /// PEM `PUBLIC KEY` file (P-256, P-384, P-521 or RSA).
         file: PathBuf,
     },
     /// Revoke a token: its `jti`, or the token itself (only its `jti` is read).
@@ -85,11 +85,10 @@ pub async fn run(args: JwtArgs) -> anyhow::Result<()> {
             .await?;
             for (id, active, pem) in rows {
                 let what = match parse_public_key(&pem) {
-                    Ok(k) if k.algs.is_empty() => "unusable: P-521 (ES512) is not supported".into(),
                     Ok(k) => k
                         .algs
                         .iter()
-                        .map(|a| format!("{a:?}"))
+                        .map(|a| a.name())
                         .collect::<Vec<_>>()
                         .join(","),
                     Err(e) => format!("INVALID: {e} (sinks keep their previous keys)"),

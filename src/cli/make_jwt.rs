@@ -15,7 +15,7 @@ pub struct MakeJwtArgs {
     /// Schema the token grants, `database.schema` (`*` matches any part); repeat or comma-separate
     #[arg(short = 'a', long = "allow", value_delimiter = ',')]
     pub allow: Vec<String>,
-    /// PEM private key to sign with: PKCS#8, SEC1 (EC) or PKCS#1 (RSA); P-256, P-384 or RSA
+    /// PEM private key to sign with: PKCS#8, SEC1 (EC) or PKCS#1 (RSA); P-256, P-384, P-521 or RSA
     #[arg(short = 'k', long = "key")]
     pub key: Option<PathBuf>,
     /// Write the token to this file (mode 0600) instead of standard output
@@ -27,12 +27,49 @@ pub struct MakeJwtArgs {
     /// Token lifetime (Go duration, e.g. 720h); without it the token does not expire
     #[arg(long = "expires", value_parser = parse_duration)]
     pub expires: Option<Duration>,
-    /// Write a new P-256 key pair (--key, mode 0600, and its .pub.pem) and print the SQL that installs the public key
+    /// Write a new key pair (--key, mode 0600, and its .pub.pem) and print the SQL that installs the public key
     #[arg(long = "generate-key")]
     pub generate_key: bool,
+    /// Algorithm of the key --generate-key writes: ES256 (P-256), ES384 (P-384) or ES512 (P-521)
+    #[arg(long = "alg", value_enum, ignore_case = true, default_value = "ES256")]
+    pub alg: KeyAlg,
     /// Staging schema named in the SQL printed by --generate-key
     #[arg(long = "stagingSchema", default_value = "_cdc_sink")]
     pub staging_schema: String,
+}
+
+/// The curve of a generated key, named by the token algorithm it signs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyAlg {
+    #[value(name = "ES256")]
+    Es256,
+    #[value(name = "ES384")]
+    Es384,
+    #[value(name = "ES512")]
+    Es512,
+}
+
+/// A new key pair for `alg`: (private PKCS#8 PEM, public SPKI PEM).
+pub fn generate_key(alg: KeyAlg) -> anyhow::Result<(String, String)> {
+    let rcgen_alg = match alg {
+        KeyAlg::Es256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        KeyAlg::Es384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        KeyAlg::Es512 => {
+            // ring (under rcgen) has no P-521.
+            use p521::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _, LineEnding};
+            let key = p521::SecretKey::random(&mut p521::elliptic_curve::rand_core::OsRng);
+            let private = key
+                .to_pkcs8_pem(LineEnding::LF)
+                .map_err(|e| anyhow::anyhow!("encoding the P-521 key: {e}"))?;
+            let public = key
+                .public_key()
+                .to_public_key_pem(LineEnding::LF)
+                .map_err(|e| anyhow::anyhow!("encoding the P-521 public key: {e}"))?;
+            return Ok((private.to_string(), public));
+        }
+    };
+    let pair = rcgen::KeyPair::generate_for(rcgen_alg).context("generating the key")?;
+    Ok((pair.serialize_pem(), pair.public_key_pem()))
 }
 
 /// The public key file written beside `key`: `k.pem` → `k.pub.pem`, else `k.pub`.
@@ -93,8 +130,8 @@ pub fn token(pem: &[u8], allow: &[String], expires: Option<Duration>) -> anyhow:
     let schemas = schemas(allow)?;
     let key = keys::parse_private_key(pem).map_err(anyhow::Error::msg)?;
     let claims = claims::mint(&schemas, expiry(expires));
-    let header = jsonwebtoken::Header::new(key.alg);
-    jsonwebtoken::encode(&header, &claims, &key.key).context("signing the token")
+    key.sign(&claims)
+        .map_err(|e| anyhow::anyhow!("signing the token: {e}"))
 }
 
 fn expiry(expires: Option<Duration>) -> Option<u64> {
@@ -115,11 +152,9 @@ pub fn run(args: MakeJwtArgs) -> anyhow::Result<()> {
         if !args.allow.is_empty() && args.out.is_none() {
             bail!("with --generate-key, write the token with -o/--out (standard output carries the SQL)");
         }
-        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .context("generating a P-256 key")?;
-        let public = pair.public_key_pem();
+        let (private, public) = generate_key(args.alg)?;
         let sql = install_sql(&args.staging_schema, &public)?;
-        write_private(key_path, pair.serialize_pem().as_bytes(), true)?;
+        write_private(key_path, private.as_bytes(), true)?;
         let pub_path = public_key_path(key_path);
         std::fs::write(&pub_path, &public)
             .with_context(|| format!("writing {}", pub_path.display()))?;
@@ -172,6 +207,29 @@ mod tests {
         );
         assert!(schemas(&["kv".into()]).is_err());
         assert!(schemas(&["a.b.c".into()]).is_err());
+    }
+
+    #[test]
+    fn generated_keys_sign_tokens_their_public_key_verifies() {
+        use crate::auth::keys::{parse_private_key, parse_public_key, Alg};
+        for (alg, want) in [
+            (KeyAlg::Es256, Alg::ES256),
+            (KeyAlg::Es384, Alg::ES384),
+            (KeyAlg::Es512, Alg::ES512),
+        ] {
+            let (private, public) = generate_key(alg).expect("generate");
+            assert!(
+                private.starts_with("-----BEGIN PRIVATE KEY-----"),
+                "{private}"
+            );
+            let signer = parse_private_key(private.as_bytes()).expect("private");
+            assert_eq!(signer.alg, want);
+            let verifier = parse_public_key(&public).expect("public");
+            assert_eq!(verifier.algs, &[want]);
+            let jwt = token(private.as_bytes(), &["kv.public".into()], None).expect("token");
+            let claims = verifier.verify(&jwt, want).expect("verifies");
+            assert!(claims["jti"].is_string());
+        }
     }
 
     #[test]

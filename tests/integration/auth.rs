@@ -88,7 +88,7 @@ fn p256() -> (String, String) {
 
 fn sign(private_pem: &str, claims: &Value) -> String {
     let key = parse_private_key(private_pem.as_bytes()).expect("private key");
-    jsonwebtoken::encode(&Header::new(key.alg), claims, &key.key).expect("sign")
+    key.sign(claims).expect("sign")
 }
 
 fn claims(ns: &str, schemas: Value) -> Value {
@@ -181,7 +181,7 @@ async fn tokens_are_verified_as_the_reference_does() {
         b64(&json!({"alg": "none", "typ": "JWT"})),
         b64(&body_claims)
     );
-    let algs = "signing algorithm not accepted (ES256, ES384, RS256, RS384, RS512)";
+    let algs = "signing algorithm not accepted (ES256, ES384, ES512, RS256, RS384, RS512)";
     refused(addr, Some(&none), path, algs).await;
     // The classic confusion: HMAC keyed with the public key text.
     let hs256 = jsonwebtoken::encode(
@@ -471,6 +471,11 @@ fn openssl_keys(dir: &Path) -> Vec<(PathBuf, &'static str, String, &'static str)
             "ES384",
         ),
         (
+            "p521",
+            vec!["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
+            "ES512",
+        ),
+        (
             "rsa",
             vec!["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
             "RS256",
@@ -499,10 +504,14 @@ fn openssl_keys(dir: &Path) -> Vec<(PathBuf, &'static str, String, &'static str)
     out
 }
 
+/// The `alg` of a token's header (read by hand: `jsonwebtoken` has no ES512).
 fn header_alg(token: &str) -> String {
-    jsonwebtoken::decode_header(token)
-        .map(|h| format!("{:?}", h.alg))
-        .expect("header")
+    let header = token.split('.').next().expect("header");
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .expect("base64");
+    let header: Value = serde_json::from_slice(&header).expect("json");
+    header["alg"].as_str().expect("alg").to_string()
 }
 
 #[tokio::test]
@@ -596,6 +605,194 @@ async fn make_jwt_round_trips_for_every_key_form() {
         .status()
         .expect("make-jwt");
     assert!(!again.success());
+
+    // --generate-key --alg ES512: a P-521 pair whose tokens are ES512.
+    let key = dir.path().join("gen521.pem");
+    let jwt = dir.path().join("gen521.jwt");
+    let out = Command::new(bin)
+        .args(["make-jwt", "--generate-key", "--alg", "ES512", "-k"])
+        .arg(&key)
+        .args(["-a", "auth_m.public", "-o"])
+        .arg(&jwt)
+        .output()
+        .expect("make-jwt --generate-key --alg ES512");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = std::fs::read_to_string(&jwt).expect("token");
+    let token = token.trim();
+    assert_eq!(header_alg(token), "ES512");
+    // openssl reads the written key as P-521.
+    let text = Command::new("openssl")
+        .args(["pkey", "-noout", "-text", "-in"])
+        .arg(&key)
+        .output()
+        .expect("openssl");
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("P-521"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+    db.exec(&String::from_utf8(out.stdout).expect("sql")).await;
+    until_status_at(addr, token, "/auth_m/public", StatusCode::OK, &key).await;
+    sink.stop().await;
+}
+
+/// A P-521 key pair from openssl in `dir`: (PKCS#8 private key file, public SPKI PEM).
+fn openssl_p521(dir: &Path, name: &str) -> (PathBuf, String) {
+    let private = dir.join(format!("{name}.pem"));
+    let public = dir.join(format!("{name}.pub.pem"));
+    let (pv, pb) = (private.to_string_lossy(), public.to_string_lossy());
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-521",
+        "-out",
+        &pv,
+    ]);
+    openssl(&["pkey", "-in", &pv, "-pubout", "-out", &pb]);
+    let public_pem = std::fs::read_to_string(&public).expect("public key");
+    (private, public_pem)
+}
+
+/// An ES512 token signed by openssl itself (not by this crate): its DER signature turned into
+/// the fixed-width `r || s` of JWS.
+fn openssl_es512_token(dir: &Path, private: &Path, claims: &Value) -> String {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let signed = format!(
+        "{}.{}",
+        b64(br#"{"alg":"ES512","typ":"JWT"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let input = dir.join("signing-input");
+    let sig = dir.join("signature.der");
+    std::fs::write(&input, &signed).expect("write");
+    openssl(&[
+        "dgst",
+        "-sha512",
+        "-sign",
+        &private.to_string_lossy(),
+        "-out",
+        &sig.to_string_lossy(),
+        &input.to_string_lossy(),
+    ]);
+    let der = std::fs::read(&sig).expect("signature");
+    // SEQUENCE { INTEGER r, INTEGER s }; P-521 signatures need a two-byte length (0x81 nn).
+    let mut rest = match der.as_slice() {
+        [0x30, 0x81, _, rest @ ..] => rest,
+        [0x30, _, rest @ ..] => rest,
+        other => panic!("unexpected signature {other:?}"),
+    };
+    let mut fixed = Vec::new();
+    for _ in 0..2 {
+        let [0x02, len, tail @ ..] = rest else {
+            panic!("unexpected signature integer");
+        };
+        let (int, tail) = tail.split_at(usize::from(*len));
+        let int: Vec<u8> = int.iter().copied().skip_while(|b| *b == 0).collect();
+        fixed.extend(std::iter::repeat_n(0u8, 66 - int.len()));
+        fixed.extend(int);
+        rest = tail;
+    }
+    format!("{signed}.{}", b64(&fixed))
+}
+
+#[tokio::test]
+async fn es512_tokens_verify_only_with_their_p521_key() {
+    let db = db_with_kv("auth_e").await;
+    let flags = auth_flags("100ms");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let sink = Sink::start(&db, &flags).await;
+    let addr = sink.addr();
+    let path = "/auth_e/public";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key_a, public_a) = openssl_p521(dir.path(), "a");
+    let (key_b, public_b) = openssl_p521(dir.path(), "b");
+    let pem_a = std::fs::read(&key_a).expect("key");
+    let token = make_jwt::token(&pem_a, &["auth_e.public".into()], None).expect("mint");
+    assert_eq!(header_alg(&token), "ES512");
+    let by_openssl = openssl_es512_token(
+        dir.path(),
+        &key_a,
+        &claims(NAMESPACE, json!([["auth_e", "public"]])),
+    );
+
+    // Only a P-256 key: an ES512 token finds no key of its type.
+    let (p256_private, p256_public) = p256();
+    install_key(&db, &p256_public).await;
+    let p256_token =
+        make_jwt::token(p256_private.as_bytes(), &["auth_e.public".into()], None).expect("mint");
+    until_status_at(addr, &p256_token, path, StatusCode::OK, Path::new("p256")).await;
+    refused(addr, Some(&token), path, "no active key verifies the token").await;
+    // Nor does an ES256 signature relabelled ES512 pass through the P-256 key.
+    let (_, rest) = p256_token.split_once('.').expect("token");
+    let relabelled = format!(
+        "{}.{rest}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"ES512","typ":"JWT"}"#)
+    );
+    refused(
+        addr,
+        Some(&relabelled),
+        path,
+        "no active key verifies the token",
+    )
+    .await;
+
+    // Another P-521 key, loaded (its own token passes): the signature does not verify under it.
+    install_key(&db, &public_b).await;
+    let token_b = make_jwt::token(
+        &std::fs::read(&key_b).expect("key"),
+        &["auth_e.public".into()],
+        None,
+    )
+    .expect("mint");
+    until_status_at(addr, &token_b, path, StatusCode::OK, &key_b).await;
+    refused(addr, Some(&token), path, "no active key verifies the token").await;
+    refused(
+        addr,
+        Some(&by_openssl),
+        path,
+        "no active key verifies the token",
+    )
+    .await;
+
+    // Its own key: accepted, whether make-jwt or openssl signed it, and the claims still count.
+    install_key(&db, &public_a).await;
+    until_status_at(addr, &token, path, StatusCode::OK, &key_a).await;
+    accepted(addr, &by_openssl, path).await;
+    refused(
+        addr,
+        Some(&token),
+        "/auth_e/other",
+        "token does not grant this schema",
+    )
+    .await;
+    let mut no_jti = claims(NAMESPACE, json!([["auth_e", "public"]]));
+    no_jti.as_object_mut().expect("object").remove("jti");
+    let pem_a = String::from_utf8(pem_a).expect("pem");
+    refused(
+        addr,
+        Some(&sign(&pem_a, &no_jti)),
+        path,
+        "id field is required",
+    )
+    .await;
+    let mut expired = claims(NAMESPACE, json!([["auth_e", "public"]]));
+    expired["exp"] = json!(now() - 60);
+    refused(
+        addr,
+        Some(&sign(&pem_a, &expired)),
+        path,
+        "token is expired",
+    )
+    .await;
+    revoke(&db, &token).await;
+    until_status_at(addr, &token, path, StatusCode::UNAUTHORIZED, &key_a).await;
+    refused(addr, Some(&token), path, "token is revoked").await;
     sink.stop().await;
 }
 
@@ -628,7 +825,20 @@ fn client_cert(
     ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
     san: &str,
 ) -> (Vec<u8>, Vec<u8>) {
+    client_cert_named(ca, san, "feed client")
+}
+
+/// A client certificate for `san` with the subject common name `cn`, signed by `ca`.
+fn client_cert_named(
+    ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    san: &str,
+    cn: &str,
+) -> (Vec<u8>, Vec<u8>) {
     let mut params = rcgen::CertificateParams::new(vec![san.to_string()]).expect("params");
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let key = rcgen::KeyPair::generate().expect("key");
     let cert = params.signed_by(&key, ca).expect("sign");
@@ -659,6 +869,8 @@ async fn mtls_post(c: &Client, path: &str) -> Result<(StatusCode, String), Strin
 #[tokio::test]
 async fn client_certificates_are_required_and_map_to_schemas() {
     let db = db_with_kv("auth_c").await;
+    db.exec("CREATE SCHEMA south").await;
+    db.exec("CREATE TABLE south.kv (k INT8 PRIMARY KEY)").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = test_ca("sink clients");
     let ca_path = dir.path().join("ca.pem");
@@ -672,7 +884,7 @@ async fn client_certificates_are_required_and_map_to_schemas() {
             "--tlsClientCA",
             &ca_flag,
             "--tlsClientSchemas",
-            "east-feed.example=auth_c.public",
+            "east-feed.example=auth_c.public,Changefeed South=auth_c.south",
         ],
     )
     .await;
@@ -695,6 +907,23 @@ async fn client_certificates_are_required_and_map_to_schemas() {
     );
     let (status, body) = mtls_post(&c, other_path).await.expect("request");
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+
+    // A subject common name is matched too (case ignored), and grants only its schema.
+    let south = client_cert_named(&ca, "unlisted.example", "changefeed south");
+    let c = mtls_client(addr, Some(&south), None);
+    assert_eq!(
+        mtls_post(&c, "/auth_c/south").await.expect("request"),
+        (StatusCode::OK, "OK\n".to_string())
+    );
+    let (status, body) = mtls_post(&c, public_path).await.expect("request");
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    // The same common name from another authority never gets past the handshake.
+    let forged = client_cert_named(&test_ca("forger"), "unlisted.example", "Changefeed South");
+    assert!(
+        mtls_post(&mtls_client(addr, Some(&forged), None), "/auth_c/south")
+            .await
+            .is_err()
+    );
 
     // A trusted certificate of another name needs a token, as without mTLS.
     let west = client_cert(&ca, "west-feed.example");
@@ -800,6 +1029,24 @@ async fn the_jwt_command_installs_keys_and_revokes_tokens() {
     let (ok, listed) = jwt(&["keys"]);
     assert!(ok);
     assert_eq!(listed.trim(), format!("{}  active  ES256", id.trim()));
+    // A P-521 key is listed with the one algorithm it verifies.
+    let (_, p521_public) = openssl_p521(dir.path(), "p521");
+    let p521_path = dir.path().join("p521.pub.pem");
+    assert_eq!(
+        std::fs::read_to_string(&p521_path).expect("pub"),
+        p521_public
+    );
+    let (ok, p521_id) = jwt(&["add-key", &p521_path.to_string_lossy()]);
+    assert!(ok);
+    let (ok, listed) = jwt(&["keys"]);
+    assert!(ok);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l == format!("{}  active  ES512", p521_id.trim())),
+        "{listed}"
+    );
+    assert_eq!(listed.lines().count(), 2, "{listed}");
 
     let path = "/auth_j/public";
     let token = make_jwt::token(private.as_bytes(), &["auth_j.public".into()], None).expect("mint");
