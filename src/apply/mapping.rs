@@ -341,7 +341,7 @@ impl Plan {
         let key: Vec<&RawValue> =
             serde_json::from_str(&m.key).map_err(|e| ApplyError::Payload {
                 table: self.table(),
-                detail: format!("invalid key: {e}"),
+                detail: format!("invalid key: {}", json_error(&e)),
             })?;
         if key.len() != self.keys.len() {
             return Err(ApplyError::KeyLength {
@@ -362,7 +362,7 @@ impl Plan {
             if let Some(p) = slot.value {
                 let text = to_param(slot.kind, v).map_err(|e| ApplyError::Payload {
                     table: self.table(),
-                    detail: format!("invalid key: {e}"),
+                    detail: format!("invalid key: {}", json_error(&e)),
                 })?;
                 out.text(p, text);
             }
@@ -386,7 +386,7 @@ impl Plan {
         };
         let invalid = |e: serde_json::Error| ApplyError::Payload {
             table: self.table(),
-            detail: format!("invalid key: {e}"),
+            detail: format!("invalid key: {}", json_error(&e)),
         };
         match &m.after {
             Some(after) => {
@@ -421,7 +421,7 @@ impl Plan {
     pub fn image(&self, json: &str) -> Result<Row, ApplyError> {
         let obj: Row = serde_json::from_str(json).map_err(|e| ApplyError::Payload {
             table: self.table(),
-            detail: format!("invalid row image: {e}"),
+            detail: format!("invalid row image: {}", json_error(&e)),
         })?;
         let mut out = Row::new();
         for (k, v) in obj {
@@ -456,7 +456,7 @@ impl Plan {
                 None => Value::Null,
                 Some(t) => serde_json::from_str(&t).map_err(|e| ApplyError::Payload {
                     table: self.table(),
-                    detail: format!("unreadable target value: {e}"),
+                    detail: format!("unreadable target value: {}", json_error(&e)),
                 })?,
             };
             if Some(i) == self.extras {
@@ -483,7 +483,7 @@ impl Plan {
         out: &mut Builder,
     ) -> Result<(), RowError> {
         let obj: HashMap<String, &'a RawValue> =
-            serde_json::from_str(after).map_err(|e| RowError::Json(e.to_string()))?;
+            serde_json::from_str(after).map_err(|e| RowError::Json(json_error(&e)))?;
         present.clear();
         present.resize(self.slots.len(), None);
         let mut unmapped: BTreeMap<&str, &RawValue> = BTreeMap::new();
@@ -527,14 +527,14 @@ impl Plan {
                     (false, None)
                 } else {
                     let doc = serde_json::to_string(&unmapped)
-                        .map_err(|e| RowError::Json(e.to_string()))?;
+                        .map_err(|e| RowError::Json(json_error(&e)))?;
                     (true, Some(doc))
                 }
             } else {
                 match present[i] {
                     Some(v) if slot.value.is_some() => (
                         true,
-                        to_param(slot.kind, v).map_err(|e| RowError::Json(e.to_string()))?,
+                        to_param(slot.kind, v).map_err(|e| RowError::Json(json_error(&e)))?,
                     ),
                     Some(_) => (true, None),
                     None => (false, None),
@@ -654,7 +654,7 @@ impl Conditional {
     /// absent property compares as NULL (so the delete is refused).
     fn guard_values(&self, before: &str, out: &mut Builder) -> Result<(), RowError> {
         let obj: HashMap<String, &RawValue> =
-            serde_json::from_str(before).map_err(|e| RowError::Json(e.to_string()))?;
+            serde_json::from_str(before).map_err(|e| RowError::Json(json_error(&e)))?;
         let first = out.params.len() - self.guard_cas.len();
         for (i, (name, kind)) in self.guard_cas.iter().enumerate() {
             let v = obj
@@ -662,13 +662,26 @@ impl Conditional {
                 .find(|(k, _)| k.as_str() == name || k.to_lowercase() == *name)
                 .map(|(_, v)| *v);
             let text = match v {
-                Some(v) => to_param(*kind, v).map_err(|e| RowError::Json(e.to_string()))?,
+                Some(v) => to_param(*kind, v).map_err(|e| RowError::Json(json_error(&e)))?,
                 None => None,
             };
             out.text(first + i, text);
         }
         Ok(())
     }
+}
+
+/// A JSON error without the value it stumbled on: serde's messages for data errors quote it
+/// (`invalid type: string "…"`), and these texts reach logs and answers.
+fn json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Data => "a value of the wrong shape",
+        Category::Syntax => "malformed JSON",
+        Category::Eof => "truncated JSON",
+        Category::Io => "unreadable JSON",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
 }
 
 /// A row-level failure, placed in its table and offset by [`RowError::at`].
@@ -1034,6 +1047,24 @@ mod tests {
         }
         assert!(p.prepare(&[del(1, "{}")]).is_err());
         assert!(p.prepare(&[del(1, "not json")]).is_err());
+    }
+
+    #[test]
+    fn payload_errors_say_where_but_not_what_value() {
+        let p = plan(TableConfig::default()).unwrap();
+        for (key, after) in [
+            (r#""secret-1""#, None),
+            ("[1,\"a\"]", Some(r#"["secret-2"]"#)),
+            ("[1,\"a\"]", Some(r#"{"pk0":1,"pk1":"a","v":"secret-3\u"}"#)),
+        ] {
+            let m = match after {
+                Some(a) => up(1, key, a),
+                None => del(1, key),
+            };
+            let e = p.prepare(&[m]).unwrap_err().to_string();
+            assert!(e.contains("line 1 column"), "{e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
     }
 
     #[test]
