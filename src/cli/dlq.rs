@@ -316,7 +316,7 @@ pub async fn purge(
         return Ok(rows);
     }
     let events: Vec<String> = rows.iter().map(|r| r.event.clone()).collect();
-    let mut conn = db.pool.acquire().await.map_err(|error| DlqError::Sql {
+    let mut conn = db.acquire().await.map_err(|error| DlqError::Sql {
         what: "delete from",
         table: table.to_string(),
         error,
@@ -430,7 +430,7 @@ pub async fn replay(
         if rows.is_empty() {
             break;
         }
-        let mut tx = db.pool.begin().await.map_err(sql_err("replay"))?;
+        let mut tx = db.begin().await.map_err(sql_err("replay"))?;
         let mut applied = Vec::new();
         let (mut lost, mut failed) = (0u64, 0u64);
         for row in &rows {
