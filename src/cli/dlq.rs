@@ -194,6 +194,12 @@ fn table_filter(schema: &Schema, name: &str) -> Result<String, DlqError> {
         })
 }
 
+/// Wraps a database error of `what` on the queue `table`.
+fn sql_err(what: &'static str, table: &Table) -> impl FnOnce(sqlx::Error) -> DlqError {
+    let table = table.to_string();
+    move |error| DlqError::Sql { what, table, error }
+}
+
 /// Whether the queue has the `source_table` column.
 pub async fn records_tables(db: &Database, table: &Table) -> Result<bool, DlqError> {
     let columns = match db.dialect {
@@ -208,11 +214,7 @@ pub async fn records_tables(db: &Database, table: &Table) -> Result<bool, DlqErr
     .bind(table.name.raw())
     .fetch_one(&db.pool)
     .await
-    .map_err(|error| DlqError::Sql {
-        what: "read",
-        table: table.to_string(),
-        error,
-    })?;
+    .map_err(sql_err("read", table))?;
     Ok(n > 0)
 }
 
@@ -241,11 +243,7 @@ async fn select(
         )
         .fetch_all(&db.pool)
         .await
-        .map_err(|error| DlqError::Sql {
-            what: "read",
-            table: table.to_string(),
-            error,
-        })?;
+        .map_err(sql_err("read", table))?;
     Ok(rows.into_iter().map(to_row).collect())
 }
 
@@ -269,11 +267,7 @@ pub async fn show(db: &Database, table: &Table, event: &str) -> Result<Option<Dl
         .bind(event)
         .fetch_optional(&db.pool)
         .await
-        .map_err(|error| DlqError::Sql {
-            what: "read",
-            table: table.to_string(),
-            error,
-        })?;
+        .map_err(sql_err("read", table))?;
     Ok(row.map(to_row))
 }
 
@@ -291,11 +285,7 @@ async fn delete_events(
         .bind(events)
         .execute(conn)
         .await
-        .map_err(|error| DlqError::Sql {
-            what: "delete from",
-            table: table.to_string(),
-            error,
-        })?;
+        .map_err(sql_err("delete from", table))?;
     Ok(done.rows_affected())
 }
 
@@ -316,11 +306,7 @@ pub async fn purge(
         return Ok(rows);
     }
     let events: Vec<String> = rows.iter().map(|r| r.event.clone()).collect();
-    let mut conn = db.acquire().await.map_err(|error| DlqError::Sql {
-        what: "delete from",
-        table: table.to_string(),
-        error,
-    })?;
+    let mut conn = db.acquire().await.map_err(sql_err("delete from", table))?;
     let n = delete_events(&mut conn, db.dialect, table, &events).await?;
     metrics::counter!(DLQ_PURGED, LABEL_SCHEMA => table.schema.canonical()).increment(n);
     tracing::info!(dlq = %table, rows = n, "purged dead-letter rows");
@@ -413,14 +399,6 @@ pub async fn replay(
     let mut report = ReplayReport::default();
     let mut last: Option<DlqRow> = None;
     let mut remaining = sel.limit;
-    let sql_err = |what: &'static str| {
-        let t = dlq.to_string();
-        move |error| DlqError::Sql {
-            what,
-            table: t,
-            error,
-        }
-    };
     loop {
         let take = (batch.max(1) as i64).min(remaining.unwrap_or(i64::MAX));
         if take <= 0 {
@@ -430,7 +408,7 @@ pub async fn replay(
         if rows.is_empty() {
             break;
         }
-        let mut tx = db.begin().await.map_err(sql_err("replay"))?;
+        let mut tx = db.begin().await.map_err(sql_err("replay", dlq))?;
         let mut applied = Vec::new();
         let (mut lost, mut failed) = (0u64, 0u64);
         for row in &rows {
@@ -456,19 +434,19 @@ pub async fn replay(
             };
             let mut one = TableBatches::new();
             one.insert(ts.table.clone(), vec![m]);
-            let mut sp = tx.begin().await.map_err(sql_err("replay"))?;
+            let mut sp = tx.begin().await.map_err(sql_err("replay", dlq))?;
             match write_ordered_counted(applier, None, &mut sp, &info, &one).await {
                 Ok(s) if s.conflicts > s.resolved => {
-                    sp.rollback().await.map_err(sql_err("replay"))?;
+                    sp.rollback().await.map_err(sql_err("replay", dlq))?;
                     lost += 1;
                 }
                 Ok(_) => {
-                    sp.commit().await.map_err(sql_err("replay"))?;
+                    sp.commit().await.map_err(sql_err("replay", dlq))?;
                     applied.push(row.event.clone());
                 }
                 Err(e) if e.is_unavailable() => return Err(e.into()),
                 Err(e) => {
-                    sp.rollback().await.map_err(sql_err("replay"))?;
+                    sp.rollback().await.map_err(sql_err("replay", dlq))?;
                     tracing::warn!(event = %row.event, table = %table, error = %e,
                         "dead-letter row refused by the target; kept");
                     failed += 1;
@@ -476,7 +454,7 @@ pub async fn replay(
             }
         }
         delete_events(&mut tx, db.dialect, dlq, &applied).await?;
-        tx.commit().await.map_err(sql_err("replay"))?;
+        tx.commit().await.map_err(sql_err("replay", dlq))?;
         count(schema, "applied", applied.len() as u64);
         count(schema, "lost", lost);
         count(schema, "failed", failed);
