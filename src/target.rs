@@ -66,6 +66,8 @@ pub struct Database {
     pub pool: PgPool,
     pub dialect: Dialect,
     pub database: String,
+    /// The `pool` label of its metrics (`target`, `staging`, `control`).
+    pub name: &'static str,
 }
 
 impl Database {
@@ -77,17 +79,18 @@ impl Database {
     /// Takes a connection from the pool, counting the wait in `pool_acquire_wait_*` and, when
     /// it opens a new connection, the time to open it in `pool_dial_latency_seconds`.
     pub async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
-        acquire_counted(&self.pool).await
+        acquire_counted(&self.pool, self.name).await
     }
 }
 
 /// See [`Database::acquire`].
 async fn acquire_counted(
     pool: &PgPool,
+    name: &'static str,
 ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
     let started = std::time::Instant::now();
     let result = ACQUIRE_STARTED.scope(started, pool.acquire()).await;
-    let l = [(crate::metrics::LABEL_POOL, pool_name(pool))];
+    let l = [(crate::metrics::LABEL_POOL, name)];
     match &result {
         Ok(_) => {
             metrics::counter!(crate::metrics::POOL_ACQUIRE_WAIT_COUNT, &l).increment(1);
@@ -104,36 +107,6 @@ async fn acquire_counted(
 tokio::task_local! {
     /// When the acquire running in this task began: a connection it opens is timed from it.
     static ACQUIRE_STARTED: std::time::Instant;
-}
-
-/// The `pool` label of each open pool, keyed by the address of its options (one per pool,
-/// shared by its clones): sqlx pools carry no name.
-static POOL_NAMES: std::sync::Mutex<Vec<(usize, &'static str)>> = std::sync::Mutex::new(Vec::new());
-
-fn pool_key(pool: &PgPool) -> usize {
-    std::ptr::from_ref(pool.options()) as usize
-}
-
-/// Gives `pool` its `pool` label and registers its series.
-fn name_pool(pool: &PgPool, what: &'static str) {
-    {
-        // A pool dropped earlier may have left its options at the same address.
-        let mut names = POOL_NAMES.lock().expect("poisoned");
-        let key = pool_key(pool);
-        names.retain(|(k, _)| *k != key);
-        names.push((key, what));
-    }
-    crate::metrics::register_pool(what);
-}
-
-fn pool_name(pool: &PgPool) -> &'static str {
-    let key = pool_key(pool);
-    POOL_NAMES
-        .lock()
-        .expect("poisoned")
-        .iter()
-        .find(|(k, _)| *k == key)
-        .map_or("target", |(_, name)| name)
 }
 
 /// Accepts the reference's schemes (`pg`, `pgx` are aliases of `postgres`).
@@ -204,9 +177,9 @@ pub async fn open_watched(
             })
         })
         .connect_lazy_with(opts);
-    name_pool(&pool, what);
+    crate::metrics::register_pool(what);
     // The first connection is opened here, through a counted acquire: it is timed.
-    let mut conn = acquire_counted(&pool)
+    let mut conn = acquire_counted(&pool, what)
         .await
         .map_err(|source| TargetError::Connect { what, source })?;
     let (version, database): (String, String) =
@@ -226,6 +199,7 @@ pub async fn open_watched(
             pool,
             dialect,
             database,
+            name: what,
         },
         health,
     ))
@@ -263,11 +237,12 @@ pub fn control_pool(
             })
         })
         .connect_lazy_with(opts);
-    name_pool(&pool, CONTROL);
+    crate::metrics::register_pool(CONTROL);
     Ok(Database {
         pool,
         dialect: db.dialect,
         database: db.database.clone(),
+        name: CONTROL,
     })
 }
 
@@ -650,7 +625,8 @@ pub struct Opened {
 }
 
 /// Publishes the pool gauges (`pool_*{pool}`) every few seconds while the pool is open.
-pub fn spawn_pool_metrics(db: &Database, pool_name: &'static str) {
+pub fn spawn_pool_metrics(db: &Database) {
+    let pool_name = db.name;
     let pool = db.pool.clone();
     tokio::spawn(async move {
         let labels = [(crate::metrics::LABEL_POOL, pool_name)];

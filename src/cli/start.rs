@@ -194,12 +194,12 @@ pub async fn launch(prepared: Prepared) -> anyhow::Result<Running> {
         control,
         gate,
     } = args.target.open_all().await.context("opening databases")?;
-    crate::target::spawn_pool_metrics(&target, "target");
+    crate::target::spawn_pool_metrics(&target);
     let separate_staging = args.target.separate_staging();
     if separate_staging {
-        crate::target::spawn_pool_metrics(&staging, "staging");
+        crate::target::spawn_pool_metrics(&staging);
     }
-    crate::target::spawn_pool_metrics(&control, crate::target::CONTROL);
+    crate::target::spawn_pool_metrics(&control);
     let stager = Arc::new(Stager::open(staging.clone(), &args.stage.staging_schema).await?);
     let checkpoints = Checkpoints::open(staging.clone(), stager.schema()).await?;
     let leases = Arc::new(Leases::open(control.clone(), stager.schema()).await?);

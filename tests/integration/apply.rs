@@ -15,6 +15,7 @@ fn applier(db: &Db) -> Applier {
             pool: db.pool.clone(),
             dialect: Dialect::Postgres,
             database: db.name.clone(),
+            name: "target",
         },
         Duration::from_secs(3600),
     )

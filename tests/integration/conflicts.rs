@@ -20,6 +20,7 @@ fn applier_with(db: &Db, options: ApplyArgs) -> Applier {
             pool: db.pool.clone(),
             dialect: Dialect::Postgres,
             database: db.name.clone(),
+            name: "target",
         },
         Duration::from_secs(3600),
         options,

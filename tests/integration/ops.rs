@@ -42,6 +42,7 @@ fn database(db: &Db) -> Database {
         pool: db.pool.clone(),
         dialect: Dialect::Postgres,
         database: db.name.clone(),
+        name: "target",
     }
 }
 
