@@ -1064,10 +1064,24 @@ fn aborts_mentioning(what: &str) -> usize {
         .count()
 }
 
+/// Runs the backtracking script on a row of database `db` under `opts` until the job misses
+/// its deadline; the engine thread keeps running it (keep what it returns until the test ends).
+async fn redos_times_out(db: &str, opts: RuntimeOptions) -> (tempfile::TempDir, Userscript) {
+    let main = REDOS.replace("kv.public", &format!("{db}.public"));
+    let (dir, path) = files(&[("main.js", &main)]);
+    let s = Userscript::load_with(&path, &[], opts).unwrap();
+    let schema = Schema::new(db, "public");
+    let row = vec![(
+        Table::new(schema.clone(), "kv"),
+        up(1, &format!(r#"{{"k":1,"v":"{}!"}}"#, "a".repeat(25))),
+    )];
+    let e = s.dispatch(&schema, &info(), row).await.unwrap_err();
+    assert!(matches!(e, ScriptError::Timeout { .. }), "{e}");
+    (dir, s)
+}
+
 #[tokio::test]
 async fn more_stuck_workers_than_allowed_abort_the_process() {
-    let main = REDOS.replace("kv.public", "abort_many.public");
-    let (_d, path) = files(&[("main.js", &main)]);
     let opts = RuntimeOptions {
         deadline: Duration::from_millis(200),
         max_stuck: 0,
@@ -1075,35 +1089,19 @@ async fn more_stuck_workers_than_allowed_abort_the_process() {
         on_abort: record_abort,
         ..RuntimeOptions::default()
     };
-    let s = Userscript::load_with(&path, &[], opts).unwrap();
-    let schema = Schema::new("abort_many", "public");
-    let row = vec![(
-        Table::new(schema.clone(), "kv"),
-        up(1, &format!(r#"{{"k":1,"v":"{}!"}}"#, "a".repeat(25))),
-    )];
-    let e = s.dispatch(&schema, &info(), row).await.unwrap_err();
-    assert!(matches!(e, ScriptError::Timeout { .. }), "{e}");
+    let _kept = redos_times_out("abort_many", opts).await;
     assert_eq!(aborts_mentioning("--userscriptMaxStuck 0"), 1);
 }
 
 #[tokio::test]
 async fn a_worker_stuck_too_long_aborts_the_process() {
-    let main = REDOS.replace("kv.public", "abort_late.public");
-    let (_d, path) = files(&[("main.js", &main)]);
     let opts = RuntimeOptions {
         deadline: Duration::from_millis(200),
         stuck_abort: Duration::from_millis(300),
         on_abort: record_abort,
         ..RuntimeOptions::default()
     };
-    let s = Userscript::load_with(&path, &[], opts).unwrap();
-    let schema = Schema::new("abort_late", "public");
-    let row = vec![(
-        Table::new(schema.clone(), "kv"),
-        up(1, &format!(r#"{{"k":1,"v":"{}!"}}"#, "a".repeat(25))),
-    )];
-    let e = s.dispatch(&schema, &info(), row).await.unwrap_err();
-    assert!(matches!(e, ScriptError::Timeout { .. }), "{e}");
+    let _kept = redos_times_out("abort_late", opts).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while aborts_mentioning("(schema abort_late.public) is still running") == 0 {
         assert!(Instant::now() < deadline, "no abort");

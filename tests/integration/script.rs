@@ -326,51 +326,21 @@ api.configureTable("kv", {
     assert_eq!(setting, "on");
 }
 
-#[tokio::test]
-async fn a_nul_in_a_statement_parameter_rejects_the_promise() {
-    let db = Db::new("script_nul").await;
+/// Applies one row of a new `kv` table in database `name` through a script whose `apply`
+/// statement fails; the error's text, after the transaction was dropped.
+async fn failed_apply(name: &str, statement: &str) -> (Db, String) {
+    let db = Db::new(name).await;
     db.exec("CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT)")
         .await;
-    let (_d, s) = script(
+    let (_d, s) = script(&format!(
         r#"import * as api from "cdc-sink@v1";
-api.configureTable("kv", {
-  apply: async (ops: any[]) => {
-    await api.getTX().exec("INSERT INTO kv VALUES ($1, $2)", 1, "a\u0000b");
-  },
-});
-"#,
-    );
-    let table = Table::new(Schema::new(db.name.as_str(), "public"), "kv");
-    let mut tx = db.pool.begin().await.unwrap();
-    let e = s
-        .apply(
-            &table,
-            &[up(1, 1, r#"{"k":1,"v":"a"}"#)],
-            &mut tx,
-            &applier(&db),
-        )
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("NUL"), "{e}");
-    drop(tx);
-    assert_eq!(db.count("kv").await, 0);
-}
-
-#[tokio::test]
-async fn a_failed_statement_tells_the_script_its_sqlstate_but_no_value() {
-    let db = Db::new("script_err").await;
-    db.exec("CREATE TABLE kv (k INT8 PRIMARY KEY, v TEXT)")
-        .await;
-    // The statement spells a value the server quotes back in its message.
-    let (_d, s) = script(
-        r#"import * as api from "cdc-sink@v1";
-api.configureTable("kv", {
-  apply: async (ops: any[]) => {
-    await api.getTX().exec("INSERT INTO kv VALUES ('secret-marker-7', 'a')");
-  },
-});
-"#,
-    );
+api.configureTable("kv", {{
+  apply: async (ops: any[]) => {{
+    await api.getTX().exec({statement});
+  }},
+}});
+"#
+    ));
     let table = Table::new(Schema::new(db.name.as_str(), "public"), "kv");
     let mut tx = db.pool.begin().await.unwrap();
     let e = s
@@ -383,6 +353,29 @@ api.configureTable("kv", {
         .await
         .unwrap_err()
         .to_string();
+    drop(tx);
+    (db, e)
+}
+
+#[tokio::test]
+async fn a_nul_in_a_statement_parameter_rejects_the_promise() {
+    let (db, e) = failed_apply(
+        "script_nul",
+        r#""INSERT INTO kv VALUES ($1, $2)", 1, "a\u0000b""#,
+    )
+    .await;
+    assert!(e.contains("NUL"), "{e}");
+    assert_eq!(db.count("kv").await, 0);
+}
+
+#[tokio::test]
+async fn a_failed_statement_tells_the_script_its_sqlstate_but_no_value() {
+    // The statement spells a value the server quotes back in its message.
+    let (_db, e) = failed_apply(
+        "script_err",
+        r#""INSERT INTO kv VALUES ('secret-marker-7', 'a')""#,
+    )
+    .await;
     assert!(e.contains("22P02"), "{e}");
     assert!(!e.contains("secret-marker-7"), "{e}");
 }
