@@ -27,7 +27,15 @@ pub struct Rows {
 }
 
 impl Rows {
+    /// `n` rows, one source timestamp per 100 of them, 1 ms apart: 100,000 rows per second of
+    /// source time, a busy changefeed.
     pub fn generate(n: usize, value_bytes: usize) -> Rows {
+        Rows::generate_at(n, value_bytes, 100_000.0)
+    }
+
+    /// `n` rows written at `per_second` rows per second of source time (100 per timestamp).
+    pub fn generate_at(n: usize, value_bytes: usize, per_second: f64) -> Rows {
+        let step = (100.0 / per_second.max(1e-3) * 1e9) as i64;
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             // xorshift: reproducible, no dependency, good enough for incompressible values
@@ -47,8 +55,8 @@ impl Rows {
             rows.keys.push(i as i64);
             rows.values
                 .push((0..value_bytes).map(|_| next() as u8).collect());
-            // One source timestamp per 100 rows, like a busy changefeed.
-            let t = Hlc::new(base + (i / 100) as i64 * 1_000_000, (i % 100) as i32);
+            // One source timestamp per 100 rows: a source transaction of 100 rows.
+            let t = Hlc::new(base + (i / 100) as i64 * step, (i % 100) as i32);
             rows.times.push(t);
             rows.versions.push(format!(
                 "2023-11-14T22:13:{:02}.{:06}Z",
@@ -70,6 +78,11 @@ impl Rows {
     /// The last row's time: the resolved timestamp that completes the run.
     pub fn last_time(&self) -> Hlc {
         self.times.last().copied().unwrap_or(Hlc::ZERO)
+    }
+
+    /// Rows whose time is after `t`: what a checkpoint at `t` has still to apply.
+    pub fn after(&self, t: Hlc) -> usize {
+        self.len() - self.times.partition_point(|x| *x <= t)
     }
 
     /// Webhook bodies of about `batch_bytes` each, in CockroachDB's format, table `kv`, with
@@ -151,6 +164,96 @@ impl Measure {
     }
 }
 
+/// A table's size and tuples after a run, from PostgreSQL's statistics.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TableStats {
+    /// `pg_total_relation_size`: heap, indexes and TOAST.
+    pub bytes: i64,
+    pub live_tuples: i64,
+    pub dead_tuples: i64,
+    pub autovacuums: i64,
+}
+
+/// The statistics of `table` (a regclass spelling: `public.kv`, `_cdc_sink."x"`); zeros when
+/// the table does not exist.
+pub async fn table_stats(pool: &PgPool, table: &str) -> Result<TableStats, BenchError> {
+    let row: Option<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT pg_total_relation_size(c.oid), coalesce(s.n_live_tup, 0), \
+coalesce(s.n_dead_tup, 0), coalesce(s.autovacuum_count, 0) \
+FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE c.oid = to_regclass($1)",
+    )
+    .bind(table)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row
+        .map(
+            |(bytes, live_tuples, dead_tuples, autovacuums)| TableStats {
+                bytes,
+                live_tuples,
+                dead_tuples,
+                autovacuums,
+            },
+        )
+        .unwrap_or_default())
+}
+
+/// One point of the scaling curve: the baseline and the consistent path at one size.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScaleRow {
+    pub rows: usize,
+    pub baseline_rows_per_s: f64,
+    pub consistent_rows_per_s: f64,
+    /// Consistent over baseline at this size.
+    pub ratio: f64,
+    /// Consistent rows/s over that of the curve's first (smallest) size.
+    pub relative: f64,
+    pub staging: TableStats,
+    pub target: TableStats,
+}
+
+/// One look at a draining backlog.
+#[derive(Clone, Debug, Serialize)]
+pub struct DrainSample {
+    /// Since the resolved timestamp was acknowledged.
+    pub seconds: f64,
+    /// Staged rows the committed checkpoint has not reached yet.
+    pub remaining_rows: usize,
+    /// Source time between the committed checkpoint and the resolved timestamp.
+    pub lag_seconds: f64,
+    /// The sink process's resident memory.
+    pub rss_mib: f64,
+}
+
+/// A backlog staged with no resolved timestamp, then drained by one.
+#[derive(Clone, Debug, Serialize)]
+pub struct Drain {
+    pub rows: usize,
+    /// Source time the backlog spans (its rows were written at the lag measurement's rate).
+    pub span_seconds: f64,
+    pub seconds: f64,
+    pub rows_per_s: f64,
+    /// The raw baseline at the same size, in the same run.
+    pub baseline_rows_per_s: f64,
+    pub ratio: f64,
+    /// The sink process's largest resident memory while draining, and over its whole life
+    /// (staging included).
+    pub peak_rss_mib: f64,
+    pub hwm_rss_mib: f64,
+    pub samples: Vec<DrainSample>,
+}
+
+/// Replication lag of `cdc-sink demo` (two clusters, changefeed emulators, a sink each way).
+#[derive(Clone, Debug, Serialize)]
+pub struct Lag {
+    /// Writes per second asked of each side's workload, and what both sides achieved together.
+    pub rate_per_side: f64,
+    pub rows_per_s: f64,
+    pub seconds: f64,
+    pub p50_seconds: f64,
+    pub p99_seconds: f64,
+    pub converged: bool,
+}
+
 /// The one-line JSON summary of a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
@@ -160,8 +263,10 @@ pub struct Summary {
     pub requests: usize,
     pub baseline_rows_per_s: f64,
     pub immediate_rows_per_s: f64,
+    pub best_effort_rows_per_s: f64,
     pub consistent_rows_per_s: f64,
     pub immediate_ratio: f64,
+    pub best_effort_ratio: f64,
     pub consistent_ratio: f64,
     pub userscript_rows_per_s: f64,
     pub userscript_ratio: f64,
@@ -174,6 +279,13 @@ pub struct Summary {
     pub dispatch_with_caller_docs_per_s: f64,
     /// Alternated runs of the consistent and userscript paths; the best of each is reported.
     pub repeat: usize,
+    /// Drain rate over the baseline at the same size (`None`: not measured).
+    pub drain_ratio: Option<f64>,
+    pub drain: Option<Drain>,
+    /// The demo's p99 replication lag (`None`: not measured).
+    pub lag_p99_seconds: Option<f64>,
+    pub lag: Option<Lag>,
+    pub scaling: Vec<ScaleRow>,
 }
 
 impl Summary {
@@ -201,8 +313,10 @@ impl Summary {
             requests,
             baseline_rows_per_s: base,
             immediate_rows_per_s: get("immediate"),
+            best_effort_rows_per_s: get("best_effort"),
             consistent_rows_per_s: get("consistent"),
             immediate_ratio: ratio(get("immediate")),
+            best_effort_ratio: ratio(get("best_effort")),
             consistent_ratio: ratio(get("consistent")),
             userscript_rows_per_s: get("userscript"),
             userscript_ratio: ratio(get("userscript")),
@@ -214,7 +328,22 @@ impl Summary {
             dispatch_docs_per_s: dispatch.per_thread,
             dispatch_with_caller_docs_per_s: dispatch.with_caller,
             repeat: 1,
+            drain_ratio: None,
+            drain: None,
+            lag_p99_seconds: None,
+            lag: None,
+            scaling: Vec::new(),
         }
+    }
+
+    pub fn set_drain(&mut self, drain: Drain) {
+        self.drain_ratio = Some(drain.ratio);
+        self.drain = Some(drain);
+    }
+
+    pub fn set_lag(&mut self, lag: Lag) {
+        self.lag_p99_seconds = Some(lag.p99_seconds);
+        self.lag = Some(lag);
     }
 
     /// A human-readable table.
@@ -250,8 +379,73 @@ impl Summary {
             self.dispatch_docs_per_s,
             self.dispatch_with_caller_docs_per_s
         ));
+        if let Some(d) = &self.drain {
+            out.push_str(&format!(
+                "\nbacklog drain: {} rows ({:.0} s of source time) staged, then one resolved timestamp\n\
+drained in {:.2} s: {:.0} rows/s, {:.2} of the baseline at that size ({:.0} rows/s); sink RSS peak {:.0} MiB while draining, {:.0} MiB over its life\n",
+                d.rows, d.span_seconds, d.seconds, d.rows_per_s, d.ratio, d.baseline_rows_per_s, d.peak_rss_mib, d.hwm_rss_mib
+            ));
+            out.push_str(&format!(
+                "{:>8} {:>14} {:>12} {:>8}\n",
+                "seconds", "rows left", "lag (s)", "RSS MiB"
+            ));
+            for s in &d.samples {
+                out.push_str(&format!(
+                    "{:>8.1} {:>14} {:>12.1} {:>8.0}\n",
+                    s.seconds, s.remaining_rows, s.lag_seconds, s.rss_mib
+                ));
+            }
+        }
+        if !self.scaling.is_empty() {
+            out.push_str(
+                "\nscaling (consistent path; sizes after the run, before any manual vacuum)\n",
+            );
+            out.push_str(&format!(
+                "{:>9} {:>12} {:>12} {:>6} {:>9} {:>11} {:>11} {:>10} {:>11} {:>10}\n",
+                "rows",
+                "baseline/s",
+                "consistent/s",
+                "ratio",
+                "relative",
+                "staging MiB",
+                "staging dead",
+                "target MiB",
+                "target dead",
+                "autovacuum"
+            ));
+            for r in &self.scaling {
+                out.push_str(&format!(
+                    "{:>9} {:>12.0} {:>12.0} {:>6.2} {:>9.2} {:>11.1} {:>11} {:>10.1} {:>11} {:>10}\n",
+                    r.rows,
+                    r.baseline_rows_per_s,
+                    r.consistent_rows_per_s,
+                    r.ratio,
+                    r.relative,
+                    mib(r.staging.bytes),
+                    r.staging.dead_tuples,
+                    mib(r.target.bytes),
+                    r.target.dead_tuples,
+                    r.staging.autovacuums + r.target.autovacuums
+                ));
+            }
+        }
+        if let Some(l) = &self.lag {
+            out.push_str(&format!(
+                "\nreplication lag (cdc-sink demo, {:.0} writes/s asked per side, {:.0} rows/s done in all, resolved every 1 s, {:.0} s): p50 {:.2} s, p99 {:.2} s{}\n",
+                l.rate_per_side,
+                l.rows_per_s,
+                l.seconds,
+                l.p50_seconds,
+                l.p99_seconds,
+                if l.converged { "" } else { " (did NOT converge)" }
+            ));
+        }
         out
     }
+}
+
+fn mib(bytes: i64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use crate::bench::{self, Measure, Rows, Summary};
 use crate::cluster::{Cluster, ClusterOptions};
+use crate::hlc::Hlc;
 use crate::server::client::{Client, ClientOptions};
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -33,6 +34,26 @@ pub struct BenchArgs {
     /// Runs of the consistent and userscript paths, alternated; the best of each is reported.
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
+    /// Backlog drain: rows staged while no resolved timestamp arrives, then applied after one
+    /// (0 skips it).
+    #[arg(long = "drain-rows", default_value_t = 1_000_000)]
+    pub drain_rows: usize,
+    /// Sizes of the scaling curve: the baseline and the consistent path at each.
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    pub scale: Vec<usize>,
+    /// Adds 5,000,000 rows to the scaling curve.
+    #[arg(long)]
+    pub long: bool,
+    /// Replication lag: `cdc-sink demo` at this many writes per second on each side (0 skips
+    /// it); the drain's backlog spans the source time these writes would take.
+    #[arg(long = "lag-rate", default_value_t = 2000.0)]
+    pub lag_rate: f64,
+    /// How long the lag measurement's workloads write.
+    #[arg(long = "lag-duration", default_value = "20s", value_parser = crate::config::parse_duration)]
+    pub lag_duration: Duration,
+    /// Only the four paths: no drain, scaling curve or lag.
+    #[arg(long)]
+    pub quick: bool,
     /// Print one JSON line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -59,7 +80,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         })
     })
     .await??;
-    for db in ["baseline", "immediate", "consistent", "userscript"] {
+    for db in [
+        "baseline",
+        "immediate",
+        "best_effort",
+        "consistent",
+        "userscript",
+    ] {
         cluster.psql("postgres", &format!("CREATE DATABASE {db}"))?;
         cluster.psql(db, bench::KV_DDL)?;
     }
@@ -80,6 +107,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let took = through_sink(&cluster, &immediate, &bodies, &rows).await?;
     measures.push(Measure::new("immediate", rows.len(), took));
+
+    // Best-effort applies each request at once where no staged row of its keys waits; the
+    // resolved timestamps still come, as a changefeed sends them.
+    let best_effort = Plan {
+        db: "best_effort",
+        flags: vec!["--bestEffortOnly".into()],
+        resolved_every: Some(args.resolved_every.max(1)),
+        concurrency: args.concurrency,
+    };
+    let took = through_sink(&cluster, &best_effort, &bodies, &rows).await?;
+    measures.push(Measure::new("best_effort", rows.len(), took));
 
     // The rows carry fixed 2023 timestamps, which would look far behind and select
     // best-effort mode: pin consistent mode (the same cost as the default while it is caught up).
@@ -147,6 +185,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         dispatch,
     );
     summary.repeat = args.repeat.max(1);
+    drop(bodies);
+    if !args.quick {
+        if args.drain_rows > 0 {
+            summary.set_drain(drain(&cluster, &args, &consistent.flags).await?);
+        }
+        let mut sizes = args.scale.clone();
+        if args.long {
+            sizes.push(5_000_000);
+        }
+        sizes.retain(|n| *n > 0);
+        for n in sizes {
+            let first = summary.scaling.first().map(|r| r.consistent_rows_per_s);
+            summary
+                .scaling
+                .push(scale_point(&cluster, &args, &consistent, n, first).await?);
+        }
+        if args.lag_rate > 0.0 {
+            summary.set_lag(lag(&args).await?);
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -191,19 +249,7 @@ async fn through_sink(
     let group = plan.resolved_every.unwrap_or(bodies.len()).max(1);
     let mut sent_rows = 0usize;
     for chunk in bodies.chunks(group) {
-        let mut results = futures::stream::iter(chunk.iter().map(|(b, _)| b.clone()))
-            .map(|body| {
-                let client = client.clone();
-                let path = path.clone();
-                async move { client.post(&path, body).await }
-            })
-            .buffer_unordered(plan.concurrency.max(1));
-        while let Some(r) = results.next().await {
-            let (status, text) = r?;
-            if !status.is_success() {
-                bail!("{db}: sink answered {status}: {}", text.trim());
-            }
-        }
+        post_all(&client, &path, chunk, plan.concurrency).await?;
         sent_rows += chunk.iter().map(|(_, n)| n).sum::<usize>();
         if plan.resolved_every.is_some() {
             // Every row so far is acknowledged: the changefeed may now resolve up to the last.
@@ -216,7 +262,7 @@ async fn through_sink(
             }
         }
     }
-    if plan.resolved_every.is_some() {
+    if plan.resolved_every.is_some() && !plan.flags.iter().any(|f| f == "--bestEffortOnly") {
         let want = rows.last_time().to_decimal();
         loop {
             let done: i64 = sqlx::query_scalar(
@@ -242,9 +288,298 @@ async fn through_sink(
     Ok(took)
 }
 
+/// Posts `bodies` to `path`, `concurrency` at a time, failing on any answer but success.
+async fn post_all(
+    client: &Client,
+    path: &str,
+    bodies: &[(Bytes, usize)],
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let mut results = futures::stream::iter(bodies.iter().map(|(b, _)| b.clone()))
+        .map(|body| async move { client.post(path, body).await })
+        .buffer_unordered(concurrency.max(1));
+    while let Some(r) = results.next().await {
+        let (status, text) = r?;
+        if !status.is_success() {
+            bail!("{path}: sink answered {status}: {}", text.trim());
+        }
+    }
+    Ok(())
+}
+
+/// The backlog a sink finds after an outage: `--drain-rows` rows staged with no resolved
+/// timestamp (written at `--lag-rate` rows per second of source time), then one resolved
+/// timestamp covering them all. The sink is a child process so that its memory is its own;
+/// the clock runs from the resolved timestamp's acknowledgement to the last checkpoint commit.
+async fn drain(
+    cluster: &Cluster,
+    args: &BenchArgs,
+    flags: &[String],
+) -> anyhow::Result<bench::Drain> {
+    let db = "drain";
+    fresh_database(cluster, db)?;
+    let per_second = if args.lag_rate > 0.0 {
+        args.lag_rate
+    } else {
+        2000.0
+    };
+    let rows = Rows::generate_at(args.drain_rows, args.value_bytes, per_second);
+    let baseline = {
+        fresh_database(cluster, "drain_baseline")?;
+        let pool = sqlx::PgPool::connect(&cluster.url("drain_baseline")).await?;
+        let took = bench::baseline(&pool, &rows).await?;
+        check_count(&pool, rows.len()).await?;
+        pool.close().await;
+        rows.len() as f64 / took.as_secs_f64().max(1e-9)
+    };
+    let bodies = rows.webhook_bodies(args.batch_bytes as usize);
+
+    let dir = std::env::temp_dir().join(format!("cdc-sink-bench-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let children = crate::demo::Children::new(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = cluster.url(db);
+    let mut argv: Vec<String> = super::loopback_argv(&url, &[])
+        .into_iter()
+        .skip(1)
+        .map(|a| {
+            if a == "127.0.0.1:0" {
+                format!("127.0.0.1:{port}")
+            } else {
+                a
+            }
+        })
+        .collect();
+    argv.extend(flags.iter().cloned());
+    let pid = children.spawn("sink", &std::env::current_exe()?, &argv)?;
+    let client = Client::new(
+        &format!("https://127.0.0.1:{port}"),
+        ClientOptions {
+            insecure_skip_verify: true,
+            ..Default::default()
+        },
+    )?;
+    let started = Instant::now();
+    loop {
+        if let Ok((status, _)) = client.get("/_/healthz").await {
+            if status.is_success() {
+                break;
+            }
+        }
+        if let Some(how) = children.exited("sink") {
+            bail!(
+                "the drain's sink exited ({how}): {}",
+                children.log_tail("sink")
+            );
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "the drain's sink did not answer within 60s: {}",
+                children.log_tail("sink")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let path = format!("/{db}/public");
+    post_all(&client, &path, &bodies, args.concurrency).await?;
+    drop(bodies);
+
+    let pool = sqlx::PgPool::connect(&url).await?;
+    let last = rows.last_time();
+    let (status, text) = client
+        .post(&path, Bytes::from(format!("{{\"resolved\":\"{last}\"}}")))
+        .await?;
+    if !status.is_success() {
+        bail!("{db}: resolved answered {status}: {}", text.trim());
+    }
+    let started = Instant::now();
+    let (mut samples, mut peak_rss, mut next_sample) = (Vec::new(), 0.0f64, Duration::ZERO);
+    let took = loop {
+        let committed: Option<(i64, i32)> = sqlx::query_as(
+            "SELECT floor(h)::INT8, ((h - floor(h)) * 10000000000)::INT4 FROM \
+(SELECT max(source_hlc) AS h FROM _cdc_sink.checkpoints WHERE target_applied_at IS NOT NULL) AS c \
+WHERE h IS NOT NULL",
+        )
+        .fetch_optional(&pool)
+        .await?;
+        let committed = committed.map_or(Hlc::ZERO, |(n, l)| Hlc::new(n, l));
+        let rss = rss_mib(pid, "VmRSS").unwrap_or(0.0);
+        peak_rss = peak_rss.max(rss);
+        let elapsed = started.elapsed();
+        let done = committed >= last;
+        if elapsed >= next_sample || done {
+            samples.push(bench::DrainSample {
+                seconds: elapsed.as_secs_f64(),
+                remaining_rows: rows.after(committed),
+                lag_seconds: if done {
+                    0.0
+                } else {
+                    (last.nanos() - committed.nanos().max(rows.times[0].nanos())) as f64 / 1e9
+                },
+                rss_mib: rss,
+            });
+            next_sample += Duration::from_secs(1);
+        }
+        if done {
+            break elapsed;
+        }
+        if let Some(how) = children.exited("sink") {
+            bail!(
+                "the drain's sink exited ({how}): {}",
+                children.log_tail("sink")
+            );
+        }
+        if elapsed > Duration::from_secs(3600) {
+            bail!("{db}: backlog not drained after an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let hwm = rss_mib(pid, "VmHWM").unwrap_or(0.0);
+    check_count(&pool, rows.len()).await.context("drain")?;
+    children.stop_all(Duration::from_secs(30)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let rows_per_s = rows.len() as f64 / took.as_secs_f64().max(1e-9);
+    Ok(bench::Drain {
+        rows: rows.len(),
+        span_seconds: (last.nanos() - rows.times.first().map_or(0, |t| t.nanos())) as f64 / 1e9,
+        seconds: took.as_secs_f64(),
+        rows_per_s,
+        baseline_rows_per_s: baseline,
+        ratio: rows_per_s / baseline.max(1e-9),
+        peak_rss_mib: peak_rss,
+        hwm_rss_mib: hwm,
+        samples,
+    })
+}
+
+/// A `/proc/PID/status` memory line (`VmRSS`, `VmHWM`) in MiB.
+fn rss_mib(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// One point of the scaling curve: the baseline and the consistent path at `n` rows, with
+/// the staging and target tables' sizes and dead tuples after the run.
+async fn scale_point(
+    cluster: &Cluster,
+    args: &BenchArgs,
+    consistent: &Plan,
+    n: usize,
+    first: Option<f64>,
+) -> anyhow::Result<bench::ScaleRow> {
+    let rows = Rows::generate(n, args.value_bytes);
+    fresh_database(cluster, "scale_baseline")?;
+    let pool = sqlx::PgPool::connect(&cluster.url("scale_baseline")).await?;
+    let took = bench::baseline(&pool, &rows).await?;
+    check_count(&pool, rows.len()).await?;
+    pool.close().await;
+    let baseline = rows.len() as f64 / took.as_secs_f64().max(1e-9);
+
+    let bodies = rows.webhook_bodies(args.batch_bytes as usize);
+    fresh_database(cluster, "scale")?;
+    let plan = Plan {
+        db: "scale",
+        flags: consistent.flags.clone(),
+        resolved_every: consistent.resolved_every,
+        concurrency: consistent.concurrency,
+    };
+    let took = through_sink(cluster, &plan, &bodies, &rows).await?;
+    let consistent_rows_per_s = rows.len() as f64 / took.as_secs_f64().max(1e-9);
+    let pool = sqlx::PgPool::connect(&cluster.url("scale")).await?;
+    // A backend hands its table statistics over as it exits: wait for the sink's to be gone.
+    let waited = Instant::now();
+    while waited.elapsed() < Duration::from_secs(10) {
+        let others: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if others == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let staging: Vec<String> =
+        sqlx::query_scalar("SELECT staging_name FROM _cdc_sink.staging_tables")
+            .fetch_all(&pool)
+            .await?;
+    let mut staging_stats = bench::TableStats::default();
+    for name in staging {
+        let t = bench::table_stats(
+            &pool,
+            &format!("_cdc_sink.{}", crate::ident::Ident::new(&name).quoted()),
+        )
+        .await?;
+        staging_stats.bytes += t.bytes;
+        staging_stats.live_tuples += t.live_tuples;
+        staging_stats.dead_tuples += t.dead_tuples;
+        staging_stats.autovacuums += t.autovacuums;
+    }
+    let target = bench::table_stats(&pool, "public.kv").await?;
+    pool.close().await;
+    Ok(bench::ScaleRow {
+        rows: n,
+        baseline_rows_per_s: baseline,
+        consistent_rows_per_s,
+        ratio: consistent_rows_per_s / baseline.max(1e-9),
+        relative: consistent_rows_per_s / first.unwrap_or(consistent_rows_per_s).max(1e-9),
+        staging: staging_stats,
+        target,
+    })
+}
+
+/// Runs `cdc-sink demo` (this binary) at `--lag-rate` writes per second per side for
+/// `--lag-duration` and reads the replication lag from its summary.
+async fn lag(args: &BenchArgs) -> anyhow::Result<bench::Lag> {
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "demo".to_string(),
+            "--rate".to_string(),
+            args.lag_rate.to_string(),
+            "--duration".to_string(),
+            format!("{}ms", args.lag_duration.as_millis()),
+            "--json".to_string(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("running cdc-sink demo")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = stdout.lines().rev().find(|l| l.starts_with('{')) else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(10).collect();
+        bail!(
+            "cdc-sink demo printed no summary ({}): {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    };
+    let v: serde_json::Value = serde_json::from_str(line).context("reading the demo's summary")?;
+    let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    Ok(bench::Lag {
+        rate_per_side: args.lag_rate,
+        rows_per_s: num("rows_per_second"),
+        seconds: args.lag_duration.as_secs_f64(),
+        p50_seconds: num("lag_p50_seconds"),
+        p99_seconds: num("lag_p99_seconds"),
+        converged: v
+            .get("converged")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false),
+    })
+}
+
 /// Drops and recreates a path's database, for another run of it.
 fn fresh_database(cluster: &Cluster, db: &str) -> anyhow::Result<()> {
-    cluster.psql("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"))?;
+    cluster.psql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    )?;
     cluster.psql("postgres", &format!("CREATE DATABASE {db}"))?;
     cluster.psql(db, bench::KV_DDL)?;
     Ok(())
