@@ -2,7 +2,7 @@
 //! `cdc-sink@v1` (or `replicator@v1`) to route, rewrite and merge rows.
 //!
 //! TypeScript is stripped in process ([`transpile`], oxc). boa's `Context` is not `Send`, so
-//! the script runs on dedicated threads ([`runtime`]), each with its own Context that ran the
+//! the script runs on dedicated threads ([`engine`]), each with its own Context that ran the
 //! top level; the async side sends one message per batch on a bounded queue and awaits a
 //! oneshot. What the top level configured is captured as plain data ([`Captured`]), so tables
 //! whose options are data (cas, deadlines, standardMerge without fallback, …) run no JS.
@@ -11,10 +11,10 @@
 
 mod config;
 mod convert;
+mod engine;
 mod host;
 mod mem;
 mod merge;
-mod runtime;
 mod transpile;
 mod tx;
 
@@ -25,7 +25,7 @@ use crate::apply::{Applier, Column, SchemaInfo, TableConfig, TableSchema};
 use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::mutation::Mutation;
-use runtime::{Job, Shared, Sources, Work};
+use engine::{Job, Shared, Sources, Work};
 use sqlx::PgConnection;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -171,7 +171,7 @@ impl Default for RuntimeOptions {
             queue: 64,
             max_stuck: 2,
             stuck_abort: Duration::from_secs(300),
-            on_abort: runtime::abort_process,
+            on_abort: engine::abort_process,
         }
     }
 }
@@ -214,7 +214,7 @@ impl Userscript {
         let sources = Arc::new(Sources::new(path)?);
         let (tx, rx) = flume::bounded(opts.queue.max(1));
         let flags = known_flags.iter().map(|s| s.to_string()).collect();
-        let limits = runtime::Limits {
+        let limits = engine::Limits {
             memory_budget: opts.memory_budget,
             max_stuck: opts.max_stuck,
             stuck_abort: opts.stuck_abort,
