@@ -21,10 +21,10 @@
 //! | [`checkpoint`] | resolved timestamps and leases |
 //! | [`sequence`] | consistent, best-effort and immediate modes, the choice between them, concurrent apply transactions, poison search |
 //! | [`apply`] | target schema introspection and the SQL that writes rows |
-//! | [`script`] | the userscript: TS→JS, boa engine threads, the `cdc-sink@v1` module |
+//! | [`script`] | the userscript: loading (TS→JS, imports), the engine and its hooks, the worker threads and their watchdog, the `cdc-sink@v1` module, the `getTX()` bridge |
 //! | [`hlc`], [`ident`], [`mutation`] | shared vocabulary |
 //! | [`metrics`] | the catalogue of metric names |
-//! | [`bench`] | the `cdc-sink bench` measurement |
+//! | [`bench`] | the `cdc-sink bench` measurement; the userscript dispatch benchmark and the one bench userscript |
 //! | [`cluster`] | throwaway PostgreSQL clusters (demo, bench, tests) |
 //! | [`feed`] | a changefeed emulator reading a PostgreSQL source (local demo, tests) |
 //! | [`workload`] | the kv write workload |

@@ -1,6 +1,10 @@
 //! The parts of `cdc-sink bench`: the rows, the changefeed bodies that carry them, the raw sqlx
 //! baseline, and the report. The command in `cli::bench` runs them against our server.
 
+pub mod dispatch;
+
+pub use dispatch::{bench_dispatch, DispatchRate, USERSCRIPT};
+
 use crate::hlc::Hlc;
 use bytes::Bytes;
 use serde::Serialize;
@@ -295,7 +299,7 @@ impl Summary {
         batch_bytes: usize,
         requests: usize,
         measures: &[Measure],
-        dispatch: crate::script::DispatchRate,
+        dispatch: DispatchRate,
     ) -> Summary {
         let get = |n: &str| {
             measures

@@ -59,19 +59,6 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// The userscript of the `userscript` path: the active-active logic on the bench's table.
-const BENCH_SCRIPT: &str = r#"import * as api from "cdc-sink@v1";
-api.configureSource("userscript.public", {
-  dispatch: (doc, meta) => {
-    const ret = {};
-    if (doc._source !== "bench") { ret[meta.table] = [doc]; }
-    return ret;
-  },
-  deletesTo: "",
-});
-api.configureTable("kv", { cas: ["ts"], merge: api.standardMerge(() => ({ dlq: "kv" })) });
-"#;
-
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cluster = tokio::task::spawn_blocking(|| {
         Cluster::start_with(ClusterOptions {
@@ -140,7 +127,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("cdc-sink-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let script = dir.join("bench.ts");
-    std::fs::write(&script, BENCH_SCRIPT)?;
+    std::fs::write(&script, bench::USERSCRIPT)?;
     let scripted = Plan {
         db: "userscript",
         flags: [
@@ -174,7 +161,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     measures.push(Measure::new("consistent", rows.len(), best_consistent));
     measures.push(Measure::new("userscript", rows.len(), best_scripted));
-    let dispatch = crate::script::bench_dispatch(args.rows.min(200_000)).await?;
+    let dispatch = bench::bench_dispatch(args.rows.min(200_000)).await?;
 
     let mut summary = Summary::new(
         rows.len(),

@@ -78,7 +78,7 @@ pub fn run(args: UserscriptArgs) -> anyhow::Result<()> {
         }
         Some(UserscriptCommand::Bench { rows }) => {
             let rt = super::runtime()?;
-            let rate = rt.block_on(script::bench_dispatch(rows))?;
+            let rate = rt.block_on(crate::bench::bench_dispatch(rows))?;
             println!(
                 "dispatch: {:.0} docs/s per engine thread (its CPU time), {:.0} docs/s with the caller's side ({rows} rows)",
                 rate.per_thread, rate.with_caller

@@ -1,43 +1,65 @@
 //! The userscript (`--userscript FILE`): a TypeScript or JavaScript ES module that imports
 //! `cdc-sink@v1` (or `replicator@v1`) to route, rewrite and merge rows.
 //!
-//! TypeScript is stripped in process ([`transpile`], oxc). boa's `Context` is not `Send`, so
-//! the script runs on dedicated threads ([`runtime`]), each with its own Context that ran the
-//! top level; the async side sends one message per batch on a bounded queue and awaits a
-//! oneshot. What the top level configured is captured as plain data ([`Captured`]), so tables
-//! whose options are data (cas, deadlines, standardMerge without fallback, …) run no JS.
-//! `getTX()` calls of an `apply` callback travel back to the caller's task, which owns the
-//! target connection ([`tx`]).
-
+//! boa's `Context` is not `Send`, so the script runs on dedicated threads, each with its own
+//! Context that ran the top level; the async side ([`Userscript`], in this file) sends one
+//! message per batch on a bounded queue and awaits a oneshot. What the top level configured is
+//! captured as plain data ([`Captured`]), so tables whose options are data (cas, deadlines,
+//! standardMerge without fallback, …) run no JS. `getTX()` calls of an `apply` callback travel
+//! back to the caller's task, which owns the target connection.
+//!
+//! | file | owns |
+//! |---|---|
+//! | this one | [`Userscript`], the handle the sink holds: loading, one job per batch within its deadline, the table options for the applier; the flags of the engine |
+//! | [`loader`] | the script's files (TypeScript stripped in process by [`transpile`], oxc), imports, and engine errors named by the script's own lines |
+//! | [`engine`] | one Context with the script loaded, and one method per hook (`dispatch`, `deletesTo`, `map`, `deleteKey`, `merge`, `apply`) |
+//! | [`jobs`] | the job queue of one Context (promise reactions, the engine's async jobs) |
+//! | [`workers`] | the engine threads: the shared queue, replacement of failed workers, stuck workers and their watchdog, CPU and heap ([`mem`]) probes |
+//! | [`host`] | the `cdc-sink@v1` module and `console`, as the script sees them |
+//! | [`tx`] | `getTX()`, both halves: the object the script calls on its thread, and the statements run on the caller's connection |
+//! | [`convert`], [`config`], [`merge`] | values between JSON and JS; the captured configuration; merge functions backed by the script |
+//!
+//! The dispatch benchmark and its userscript are in [`crate::bench::dispatch`].
 mod config;
 mod convert;
+mod engine;
 mod host;
+mod jobs;
+mod loader;
 mod mem;
 mod merge;
-mod runtime;
 mod transpile;
 mod tx;
+mod workers;
 
 pub use config::{Captured, DeletesTo, MergeKind, SourceOptions, TableName, TableOptions};
 
 use crate::apply::merge::{Conflict, MergeFn, Resolution};
 use crate::apply::{Applier, Column, SchemaInfo, TableConfig, TableSchema};
-use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::mutation::Mutation;
-use runtime::{Job, Shared, Sources, Work};
+use engine::{Reply, Work};
+use loader::Sources;
 use sqlx::PgConnection;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use workers::{Job, Shared};
 
 /// Our description of the host module, printed by `cdc-sink userscript --api`.
 pub const API_DTS: &str = include_str!("../../userscripts/cdc-sink@v1.d.ts");
 
 /// Rows per engine message: bounds the per-thread heap (its GC threshold only grows).
 const CHUNK: usize = 2_000;
+
+/// Loop iterations one function call may run before the engine throws (boa counts every loop
+/// of a call together), so `while (true) {}` fails its batch with an error instead of holding
+/// the worker. A loop that calls a function running its own loop is counted per call.
+pub(crate) const LOOP_LIMIT: u64 = 10_000_000;
+/// Nested calls the engine allows before it throws.
+const RECURSION_LIMIT: usize = 1_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptError {
@@ -171,7 +193,7 @@ impl Default for RuntimeOptions {
             queue: 64,
             max_stuck: 2,
             stuck_abort: Duration::from_secs(300),
-            on_abort: runtime::abort_process,
+            on_abort: workers::abort_process,
         }
     }
 }
@@ -214,7 +236,7 @@ impl Userscript {
         let sources = Arc::new(Sources::new(path)?);
         let (tx, rx) = flume::bounded(opts.queue.max(1));
         let flags = known_flags.iter().map(|s| s.to_string()).collect();
-        let limits = runtime::Limits {
+        let limits = workers::Limits {
             memory_budget: opts.memory_budget,
             max_stuck: opts.max_stuck,
             stuck_abort: opts.stuck_abort,
@@ -351,7 +373,7 @@ impl Userscript {
         &self,
         scope: &Schema,
         what: &str,
-        make: impl FnOnce(runtime_reply::Reply<T>) -> Work,
+        make: impl FnOnce(Reply<T>) -> Work,
     ) -> Result<T, ScriptError> {
         let scope = scope.to_string();
         self.check_stuck(&scope, what)?;
@@ -540,7 +562,7 @@ impl Userscript {
         let columns = ts
             .columns
             .iter()
-            .map(|c| host::ColumnInfo {
+            .map(|c| tx::ColumnInfo {
                 name: c.name.raw().to_string(),
                 data_type: c.data_type.clone(),
                 primary: c.primary,
@@ -594,10 +616,6 @@ impl Userscript {
     }
 }
 
-mod runtime_reply {
-    pub type Reply<T> = tokio::sync::oneshot::Sender<Result<T, super::ScriptError>>;
-}
-
 fn table_keys(ts: &TableSchema) -> convert::TableKeys {
     convert::TableKeys {
         pk: ts.primary_key().map(|c| c.name.raw().to_string()).collect(),
@@ -640,105 +658,6 @@ pub fn schema_from_specs(schema: &Schema, specs: &[String]) -> Result<SchemaInfo
     }
     let levels = vec![tables.keys().cloned().collect()];
     Ok(SchemaInfo { tables, levels })
-}
-
-/// The dispatch script the benchmark runs: the active-active filter, without logging.
-const BENCH_SCRIPT: &str = r#"import * as api from "cdc-sink@v1";
-api.configureSource("bench.public", {
-  dispatch: (doc, meta) => {
-    const ret = {};
-    if (doc._source !== "west") { ret[meta.table] = [doc]; }
-    return ret;
-  },
-  deletesTo: "",
-});
-"#;
-
-/// What [`bench_dispatch`] measured, in documents per second.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DispatchRate {
-    /// Per second of the engine thread's own CPU time: what one JS thread does, unaffected by
-    /// whatever else shares the cores.
-    pub per_thread: f64,
-    /// Per second of the whole exchange, the caller's side (batching, hops, dropping results)
-    /// included: the smaller of wall and process CPU time.
-    pub with_caller: f64,
-}
-
-/// Dispatch throughput of one engine thread: `rows` five-field documents through the
-/// active-active filter, in batches of 1,000.
-pub async fn bench_dispatch(rows: usize) -> Result<DispatchRate, ScriptError> {
-    let dir = std::env::temp_dir().join(format!(
-        "cdc-sink-bench-{}-{}",
-        std::process::id(),
-        Hlc::from_system_time(std::time::SystemTime::now()).nanos()
-    ));
-    let io = |e: std::io::Error| ScriptError::Read {
-        file: dir.display().to_string(),
-        error: e.to_string(),
-    };
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    let file = dir.join("bench.ts");
-    std::fs::write(&file, BENCH_SCRIPT).map_err(io)?;
-    let loaded = Userscript::load(&file, &[]);
-    let _ = std::fs::remove_dir_all(&dir);
-    let script = loaded?;
-    let schema = Schema::new("bench", "public");
-    let info = schema_from_specs(
-        &schema,
-        &["kv=k:INT8:pk,v:TEXT,n:INT8,_source:TEXT,_timestamp:TIMESTAMPTZ".to_string()],
-    )?;
-    let table = Table::new(schema.clone(), "kv");
-    let muts: Vec<(Table, Mutation)> = (0..rows.max(1))
-        .map(|i| {
-            let after = format!(
-                r#"{{"k":{i},"v":"value-{i}","n":{},"_source":"{}","_timestamp":"2024-02-23T23:39:22.135792Z"}}"#,
-                i * 7,
-                if i % 10 == 0 { "west" } else { "east" }
-            );
-            (
-                table.clone(),
-                Mutation {
-                    time: Hlc::new(1_700_000_000_000_000_000 + i as i64, 0),
-                    key: format!("[{i}]"),
-                    after: Some(after),
-                    before: None,
-                },
-            )
-        })
-        .collect();
-    // Warm the engine (first calls compile and allocate).
-    script
-        .dispatch(&schema, &info, muts.iter().take(1000).cloned().collect())
-        .await?;
-    let start = Instant::now();
-    let cpu = cpu_seconds();
-    let engine = script.engine_cpu();
-    let mut it = muts.into_iter().peekable();
-    while it.peek().is_some() {
-        let batch: Vec<_> = it.by_ref().take(1000).collect();
-        script.dispatch(&schema, &info, batch).await?;
-    }
-    let wall = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu;
-    let engine = (script.engine_cpu() - engine).as_secs_f64();
-    let n = rows.max(1) as f64;
-    Ok(DispatchRate {
-        per_thread: n / engine.max(f64::EPSILON),
-        // Other processes competing for the cores stretch wall time, not CPU time.
-        with_caller: n / wall.min(cpu.max(f64::EPSILON)),
-    })
-}
-
-/// User and system CPU time of the whole process so far.
-fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage only writes into the struct we pass.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-        return 0.0;
-    }
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(u.ru_utime) + t(u.ru_stime)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::apply::merge::{ConflictMeta, Row};
+use crate::hlc::Hlc;
 use std::path::PathBuf;
 
 /// Writes `files` into a fresh directory; the first one is the main script.
@@ -933,15 +934,6 @@ api.configureTable("kv", { cas: ["_timestamp"], merge: api.standardMerge() });
     let other = Schema::new("other", "public");
     let m = vec![(Table::new(other.clone(), "t"), up(1, r#"{"k":1}"#))];
     assert_eq!(s.dispatch(&other, &info(), m.clone()).await.unwrap(), m);
-}
-
-#[tokio::test]
-async fn dispatch_runs_at_speed() {
-    // A smoke check of the benchmark; the figure itself is measured in release builds.
-    let rate = bench_dispatch(5_000).await.unwrap();
-    assert!(rate.per_thread > 1_000.0, "{rate:?}");
-    assert!(rate.with_caller > 1_000.0, "{rate:?}");
-    assert!(rate.per_thread >= rate.with_caller * 0.9, "{rate:?}");
 }
 
 fn assert_send_sync<T: Send + Sync + Clone>(_: &T) {}

@@ -1,10 +1,23 @@
-//! `getTX()` calls, serviced on the async side against the caller's connection: the engine
-//! thread sends a [`HostCall`] and parks until the [`HostReply`] settles the script's promise.
+//! `getTX()`, both halves of the bridge. On the engine thread, the object `getTX()` returns
+//! turns each call into a [`HostCall`] and a pending promise, and [`settle`] answers it with
+//! the [`HostReply`]; on the async side, [`serve`] runs the call against the caller's
+//! connection (statements with parameters bound by type, results as cells, `apply` through
+//! the applier).
 
+use super::convert::{self, KeyCache, TableKeys};
+use super::host::{arg, err, key_from_js, string_arg, with_state};
 use crate::apply::Applier;
+use crate::hlc::Hlc;
 use crate::ident::Table;
 use crate::mutation::Mutation;
 use crate::target::safe;
+use boa_engine::builtins::promise::ResolvingFunctions;
+use boa_engine::object::builtins::{JsArray, JsPromise};
+use boa_engine::object::ObjectInitializer;
+use boa_engine::{
+    js_string, Context, JsNativeError, JsObject, JsResult, JsString, JsValue, NativeFunction,
+};
+use serde_json::Value;
 use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgArguments, PgTypeInfo, PgTypeKind, Postgres};
 use sqlx::Either;
@@ -12,7 +25,8 @@ use sqlx::{
     Arguments as _, Column as _, PgConnection, Row as _, Statement as _, TypeInfo as _,
     ValueRef as _,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 use std::sync::{Mutex, PoisonError};
 
 /// A statement parameter: its text, or NULL. The server converts the text to the parameter's
@@ -60,6 +74,348 @@ pub struct HostReply {
     /// The error text is the script's to see; it is not logged here.
     pub result: Result<Answer, String>,
 }
+
+// The engine thread's half: what `getTX()` gives the script. Each call becomes a `HostCall`
+// and a pending promise; the worker parks until the `HostReply` settles it.
+
+/// One column as `getTX().columns()` shows it.
+#[derive(Clone, Debug)]
+pub struct ColumnInfo {
+    pub name: String,
+    pub data_type: String,
+    pub primary: bool,
+    pub ignored: bool,
+    pub default: Option<String>,
+}
+
+/// The target transaction of the running `apply` callback.
+pub struct TxScope {
+    pub table: Table,
+    pub keys: TableKeys,
+    pub columns: Vec<ColumnInfo>,
+    pub host: tokio::sync::mpsc::UnboundedSender<HostCall>,
+    pub reply: flume::Sender<HostReply>,
+    pub next_id: u64,
+    pub pending: HashMap<u64, ResolvingFunctions>,
+    /// The ops handed to `apply`, to find the original mutation of an op passed back.
+    pub originals: Rc<HashMap<JsObject, usize>>,
+    pub muts: Rc<Vec<Mutation>>,
+}
+
+pub(super) fn get_tx(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    if with_state(|s| s.tx.is_none()) {
+        return Err(err(
+            "getTX() is only available inside a table's apply callback and the promises it starts",
+        ));
+    }
+    let obj = ObjectInitializer::new(ctx)
+        .function(
+            NativeFunction::from_fn_ptr(tx_apply),
+            js_string!("apply"),
+            1,
+        )
+        .function(NativeFunction::from_fn_ptr(tx_exec), js_string!("exec"), 1)
+        .function(
+            NativeFunction::from_fn_ptr(tx_query),
+            js_string!("query"),
+            1,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(tx_columns),
+            js_string!("columns"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(tx_schema),
+            js_string!("schema"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(tx_table),
+            js_string!("table"),
+            0,
+        )
+        .build();
+    Ok(obj.into())
+}
+
+fn no_tx() -> boa_engine::JsError {
+    err("this transaction is over: getTX() results are only valid inside the apply callback")
+}
+
+/// Sends a call to the async side and answers with a promise settled when it replies.
+fn host_call(
+    ctx: &mut Context,
+    make: impl FnOnce(u64, flume::Sender<HostReply>) -> HostCall,
+) -> JsResult<JsValue> {
+    let (promise, resolvers) = JsPromise::new_pending(ctx);
+    with_state(|s| {
+        let tx = s.tx.as_mut().ok_or_else(no_tx)?;
+        let id = tx.next_id;
+        tx.next_id += 1;
+        tx.host
+            .send(make(id, tx.reply.clone()))
+            .map_err(|_| err("the target transaction is gone"))?;
+        tx.pending.insert(id, resolvers);
+        Ok::<_, boa_engine::JsError>(())
+    })?;
+    Ok(promise.into())
+}
+
+fn tx_apply(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let (table, keys, originals, muts) = with_state(|s| {
+        s.tx.as_ref()
+            .map(|t| {
+                (
+                    t.table.clone(),
+                    t.keys.clone(),
+                    t.originals.clone(),
+                    t.muts.clone(),
+                )
+            })
+            .ok_or_else(no_tx)
+    })?;
+    let converted = ops_to_mutations(&arg(args, 0), &table, &keys, &originals, &muts, ctx)?;
+    host_call(ctx, |id, reply| HostCall::Apply {
+        id,
+        reply,
+        muts: converted,
+    })
+}
+
+fn params(args: &[JsValue], ctx: &mut Context) -> JsResult<Vec<Param>> {
+    let mut out = Vec::new();
+    for v in args.iter().skip(1) {
+        out.push(if v.is_null_or_undefined() {
+            None
+        } else if let Some(s) = v.as_string() {
+            Some(s.to_std_string_escaped())
+        } else if v.is_object() {
+            let j = convert::from_js(v, None, ctx, 0)?;
+            match j {
+                Value::String(s) => Some(s),
+                other => Some(other.to_string()),
+            }
+        } else {
+            Some(v.to_string(ctx)?.to_std_string_escaped())
+        });
+    }
+    Ok(out)
+}
+
+fn tx_exec(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let sql = string_arg(args, 0, "exec: the SQL")?;
+    let params = params(args, ctx)?;
+    host_call(ctx, |id, reply| HostCall::Exec {
+        id,
+        reply,
+        sql,
+        params,
+    })
+}
+
+fn tx_query(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let sql = string_arg(args, 0, "query: the SQL")?;
+    let params = params(args, ctx)?;
+    host_call(ctx, |id, reply| HostCall::Query {
+        id,
+        reply,
+        sql,
+        params,
+    })
+}
+
+fn tx_columns(_: &JsValue, _: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
+    let cols = with_state(|s| s.tx.as_ref().map(|t| t.columns.clone()).ok_or_else(no_tx))?;
+    let mut items = Vec::with_capacity(cols.len());
+    for c in cols {
+        let o = JsObject::with_object_proto(ctx.intrinsics());
+        o.create_data_property_or_throw(js_string!("name"), JsString::from(c.name.as_str()), ctx)?;
+        o.create_data_property_or_throw(
+            js_string!("type"),
+            JsString::from(c.data_type.as_str()),
+            ctx,
+        )?;
+        o.create_data_property_or_throw(js_string!("primary"), c.primary, ctx)?;
+        o.create_data_property_or_throw(js_string!("ignored"), c.ignored, ctx)?;
+        let d: JsValue = c
+            .default
+            .as_deref()
+            .map_or(JsValue::null(), |d| JsString::from(d).into());
+        o.create_data_property_or_throw(js_string!("defaultExpr"), d, ctx)?;
+        items.push(o.into());
+    }
+    Ok(JsArray::from_iter(items, ctx).into())
+}
+
+fn tx_schema(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue> {
+    let s = with_state(|s| {
+        s.tx.as_ref()
+            .map(|t| t.table.schema.quoted())
+            .ok_or_else(no_tx)
+    })?;
+    Ok(JsString::from(s.as_str()).into())
+}
+
+fn tx_table(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue> {
+    let s = with_state(|s| s.tx.as_ref().map(|t| t.table.quoted()).ok_or_else(no_tx))?;
+    Ok(JsString::from(s.as_str()).into())
+}
+
+/// JS values of a query result row.
+pub fn cell_to_js(c: &Cell, ctx: &mut Context) -> JsResult<JsValue> {
+    Ok(match c {
+        Cell::Null => JsValue::null(),
+        Cell::Bool(b) => JsValue::from(*b),
+        Cell::Text(s) => JsString::from(s.as_str()).into(),
+        Cell::Json(v) => {
+            let mut keys = KeyCache::default();
+            convert::to_js(v, ctx, &mut keys)?
+        }
+    })
+}
+
+/// Settles the promise of host call `id`.
+pub fn settle(reply: HostReply, ctx: &mut Context) -> JsResult<()> {
+    let Some(resolvers) = with_state(|s| s.tx.as_mut().and_then(|t| t.pending.remove(&reply.id)))
+    else {
+        return Ok(());
+    };
+    match reply.result {
+        Ok(Answer::Done(n)) => {
+            resolvers
+                .resolve
+                .call(&JsValue::undefined(), &[JsValue::from(n as f64)], ctx)?;
+        }
+        Ok(Answer::Rows(rows)) => {
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let mut cells = Vec::with_capacity(r.len());
+                for c in r {
+                    cells.push(cell_to_js(c, ctx)?);
+                }
+                out.push(JsArray::from_iter(cells, ctx).into());
+            }
+            let arr: JsValue = JsArray::from_iter(out, ctx).into();
+            resolvers.resolve.call(&JsValue::undefined(), &[arr], ctx)?;
+        }
+        Err(msg) => {
+            let e = JsNativeError::error().with_message(msg).into_opaque(ctx);
+            resolvers
+                .reject
+                .call(&JsValue::undefined(), &[e.into()], ctx)?;
+        }
+    }
+    Ok(())
+}
+
+/// `ApplyOp[]` back to mutations of `table`. Ops that came from the batch keep their time.
+pub fn ops_to_mutations(
+    ops: &JsValue,
+    table: &Table,
+    keys: &TableKeys,
+    originals: &HashMap<JsObject, usize>,
+    muts: &[Mutation],
+    ctx: &mut Context,
+) -> JsResult<Vec<Mutation>> {
+    let arr = ops
+        .as_object()
+        .filter(|o| o.is_array())
+        .ok_or_else(|| err("apply: expects an array of operations"))?;
+    let len = arr.get(js_string!("length"), ctx)?.to_length(ctx)?;
+    let mut out = Vec::with_capacity(len as usize);
+    for i in 0..len {
+        let op = arr
+            .get(i, ctx)?
+            .as_object()
+            .ok_or_else(|| err(format!("apply: operation {i} is not an object")))?;
+        let base = originals.get(&op).map(|&j| &muts[j]);
+        let action = op.get(js_string!("action"), ctx)?;
+        let action = action
+            .as_string()
+            .map(|s| s.to_std_string_escaped())
+            .unwrap_or_default();
+        let time = match base {
+            Some(b) => b.time,
+            None => op_time(&op, ctx)?,
+        };
+        let parse = |raw: Option<&String>| -> Option<serde_json::Map<String, Value>> {
+            raw.and_then(|r| serde_json::from_str(r).ok())
+        };
+        let before_v = op.get(js_string!("before"), ctx)?;
+        let before = if before_v.is_null_or_undefined() {
+            None
+        } else {
+            let hints = parse(base.and_then(|b| b.before.as_ref()));
+            let doc = convert::doc_from_js(&before_v, hints.as_ref(), Some(keys), ctx)?;
+            Some(Value::Object(doc).to_string())
+        };
+        match action.as_str() {
+            "upsert" => {
+                let data = op.get(js_string!("data"), ctx)?;
+                let hints = parse(base.and_then(|b| b.after.as_ref()));
+                let doc = convert::doc_from_js(&data, hints.as_ref(), Some(keys), ctx)
+                    .map_err(|_| err(format!("apply: upsert {i} needs a data document")))?;
+                let key = convert::key_of(&doc, keys).map_err(|c| {
+                    err(format!(
+                        "apply: upsert {i} for {table} omitted value for PK column {c}"
+                    ))
+                })?;
+                out.push(Mutation {
+                    time,
+                    key,
+                    after: Some(Value::Object(doc).to_string()),
+                    before,
+                });
+            }
+            "delete" => {
+                let pk = op.get(js_string!("pk"), ctx)?;
+                let key = if pk.is_null_or_undefined() {
+                    base.map(|b| b.key.clone())
+                        .ok_or_else(|| err(format!("apply: delete {i} needs a pk array")))?
+                } else {
+                    let hint: Option<Value> = base.and_then(|b| serde_json::from_str(&b.key).ok());
+                    key_from_js(&pk, hint.as_ref(), keys, ctx)?
+                };
+                out.push(Mutation {
+                    time,
+                    key,
+                    after: None,
+                    before,
+                });
+            }
+            other => {
+                return Err(err(format!(
+                    "apply: operation {i} has action {other:?}; expected \"upsert\" or \"delete\""
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The HLC of an op built by the script, from `meta.updated` or `meta.nanos`/`logical`.
+fn op_time(op: &JsObject, ctx: &mut Context) -> JsResult<Hlc> {
+    let meta = op.get(js_string!("meta"), ctx)?;
+    if let Some(m) = meta.as_object() {
+        let updated = m.get(js_string!("updated"), ctx)?;
+        if let Some(s) = updated.as_string() {
+            if let Ok(t) = s.to_std_string_escaped().parse::<Hlc>() {
+                return Ok(t);
+            }
+        }
+        let nanos = m.get(js_string!("nanos"), ctx)?.to_number(ctx)?;
+        let logical = m.get(js_string!("logical"), ctx)?.to_number(ctx)?;
+        if nanos.is_finite() && logical.is_finite() {
+            return Ok(Hlc::new(nanos as i64, logical as i32));
+        }
+    }
+    Err(err(
+        "apply: an operation needs meta.updated or meta.nanos and meta.logical",
+    ))
+}
+
+// The caller's half: each `HostCall` runs on the caller's connection, inside its transaction.
 
 /// Refuses a parameter PostgreSQL cannot hold, instead of sending a truncated value.
 fn check_params(params: &[Param]) -> Result<(), String> {
