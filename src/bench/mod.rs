@@ -324,7 +324,7 @@ impl Summary {
             consistent_ratio: ratio(get("consistent")),
             userscript_rows_per_s: get("userscript"),
             userscript_ratio: ratio(get("userscript")),
-            userscript_cost: if get("consistent") > 0.0 {
+            userscript_cost: if get("consistent") > 0.0 && get("userscript") > 0.0 {
                 1.0 - get("userscript") / get("consistent")
             } else {
                 0.0

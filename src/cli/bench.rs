@@ -51,7 +51,15 @@ pub struct BenchArgs {
     /// How long the lag measurement's workloads write.
     #[arg(long = "lag-duration", default_value = "20s", value_parser = crate::config::parse_duration)]
     pub lag_duration: Duration,
-    /// Only the four paths: no drain, scaling curve or lag.
+    /// The paths measured besides the baseline (to profile one of them alone).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "immediate,best_effort,consistent,userscript",
+        value_parser = ["immediate", "best_effort", "consistent", "userscript"]
+    )]
+    pub paths: Vec<String>,
+    /// Only the paths: no drain, scaling curve or lag.
     #[arg(long)]
     pub quick: bool,
     /// Print one JSON line instead of a table.
@@ -92,8 +100,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         resolved_every: None,
         concurrency: args.concurrency,
     };
-    let took = through_sink(&cluster, &immediate, &bodies, &rows).await?;
-    measures.push(Measure::new("immediate", rows.len(), took));
+    let want = |p: &str| args.paths.iter().any(|x| x == p);
+    if want("immediate") {
+        let took = through_sink(&cluster, &immediate, &bodies, &rows).await?;
+        measures.push(Measure::new("immediate", rows.len(), took));
+    }
 
     // Best-effort applies each request at once where no staged row of its keys waits; the
     // resolved timestamps still come, as a changefeed sends them.
@@ -103,8 +114,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         resolved_every: Some(args.resolved_every.max(1)),
         concurrency: args.concurrency,
     };
-    let took = through_sink(&cluster, &best_effort, &bodies, &rows).await?;
-    measures.push(Measure::new("best_effort", rows.len(), took));
+    if want("best_effort") {
+        let took = through_sink(&cluster, &best_effort, &bodies, &rows).await?;
+        measures.push(Measure::new("best_effort", rows.len(), took));
+    }
 
     // The rows carry fixed 2023 timestamps, which would look far behind and select
     // best-effort mode: pin consistent mode (the same cost as the default while it is caught up).
@@ -146,6 +159,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (mut best_consistent, mut best_scripted) = (Duration::MAX, Duration::MAX);
     for round in 0..args.repeat.max(1) {
         for plan in [&consistent, &scripted] {
+            if !want(plan.db) {
+                continue;
+            }
             if round > 0 {
                 fresh_database(&cluster, plan.db)?;
             }
@@ -159,8 +175,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    measures.push(Measure::new("consistent", rows.len(), best_consistent));
-    measures.push(Measure::new("userscript", rows.len(), best_scripted));
+    for (name, took) in [
+        ("consistent", best_consistent),
+        ("userscript", best_scripted),
+    ] {
+        if want(name) {
+            measures.push(Measure::new(name, rows.len(), took));
+        }
+    }
     let dispatch = bench::bench_dispatch(args.rows.min(200_000)).await?;
 
     let mut summary = Summary::new(
