@@ -61,11 +61,15 @@ enum Probe {
         t: i64,
         snapshot: String,
         since: Instant,
+        /// When the clock was read: the next probe is due one period after it, so resolved
+        /// timestamps come every period rather than every period plus the probe's own time.
+        at: Instant,
     },
     /// Waiting for the slot to be read up to `lsn` (and for the WAL to be flushed there).
     Reading {
         t: i64,
         lsn: Lsn,
+        at: Instant,
     },
 }
 
@@ -840,6 +844,7 @@ impl Reader {
         }
         match &self.probe {
             Probe::Idle { due } if Instant::now() >= *due => {
+                let at = Instant::now();
                 let t: i64 = sqlx::query_scalar(CLOCK_SQL)
                     .fetch_one(&mut *conn)
                     .await
@@ -854,10 +859,16 @@ impl Reader {
                     t,
                     snapshot,
                     since: Instant::now(),
+                    at,
                 };
             }
             Probe::Idle { .. } => {}
-            Probe::Waiting { t, snapshot, since } => {
+            Probe::Waiting {
+                t,
+                snapshot,
+                since,
+                at,
+            } => {
                 let running: i64 = sqlx::query_scalar(
                     "SELECT count(*) FROM pg_snapshot_xip($1::pg_snapshot) AS x \
                      WHERE pg_xact_status(x) = 'in progress'",
@@ -876,6 +887,7 @@ impl Reader {
                     self.probe = Probe::Reading {
                         t: *t,
                         lsn: Lsn(lsn as u64),
+                        at: *at,
                     };
                 } else if since.elapsed() > SLOW_PROBE {
                     warn!(slot = %self.slot, transactions = running, "resolved timestamps wait for long-running source transactions");
@@ -883,6 +895,7 @@ impl Reader {
                         t: *t,
                         snapshot: snapshot.clone(),
                         since: Instant::now(),
+                        at: *at,
                     };
                 }
             }
@@ -893,14 +906,14 @@ impl Reader {
 
     /// Everything committed before the probe's LSN was handed over: queue its resolved time.
     async fn resolve(&mut self, items: &mpsc::Sender<Item>) -> Result<(), FeedError> {
-        let Probe::Reading { t, lsn } = self.probe else {
+        let Probe::Reading { t, lsn, at: probed } = self.probe else {
             return Ok(());
         };
         // t − 1ns: a commit in the same microsecond as t may still be read later.
         let at = Hlc::new(t.saturating_mul(1000) - 1, 0).max(self.floor);
         self.floor = at;
         self.probe = Probe::Idle {
-            due: Instant::now() + self.resolved,
+            due: probed + self.resolved,
         };
         let _ = items.send(Item::Resolved { at, lsn }).await;
         Ok(())
