@@ -301,8 +301,8 @@ async fn tokens_are_verified_as_the_reference_does() {
     sink.stop().await;
 
     // At start a bad key row is fatal.
-    let argv = cdc_sink::cli::loopback_argv(&db.url(), &flags);
-    let err = match cdc_sink::cli::launch(cdc_sink::cli::prepare(argv).expect("flags")).await {
+    let argv = cdc_sink::sink::loopback_argv(&db.url(), &flags);
+    let err = match cdc_sink::sink::launch(cdc_sink::sink::prepare(argv).expect("flags")).await {
         Ok(_) => panic!("a sink started with a bad key row"),
         Err(e) => format!("{e:#}"),
     };
