@@ -304,7 +304,8 @@ async fn tokens_are_verified_as_the_reference_does() {
     let argv = cdc_sink::sink::loopback_argv(&db.url(), &flags);
     let err = match cdc_sink::sink::launch(cdc_sink::sink::prepare(argv).expect("flags")).await {
         Ok(_) => panic!("a sink started with a bad key row"),
-        Err(e) => format!("{e:#}"),
+        // With its causes, as the command line prints it.
+        Err(e) => format!("{:#}", anyhow::Error::from(e)),
     };
     assert!(err.contains("jwt_public_keys row"), "{err}");
 }

@@ -242,9 +242,12 @@ fn set_options_override_the_command_line_and_unknown_flags_are_refused() {
         "postgres://postgres@127.0.0.1:1/kv",
         &["--userscript", bad.to_str().unwrap()],
     );
-    let err = cdc_sink::sink::prepare(argv)
-        .err()
-        .expect("unknown flag refused");
+    // With its causes, as the command line prints it.
+    let err = anyhow::Error::from(
+        cdc_sink::sink::prepare(argv)
+            .err()
+            .expect("unknown flag refused"),
+    );
     assert!(format!("{err:#}").contains("noSuchFlag"), "{err:#}");
 }
 
