@@ -1,5 +1,5 @@
-//! JWT authentication on a real sink (reference §2.1–2.2): what is refused and why, keys and
-//! revocations picked up while running (timer and SIGHUP), the token kept out of logs, and
+//! JWT authentication on a real sink, as the Go cdc-sink does it: what is refused and why, keys
+//! and revocations picked up while running (timer and SIGHUP), the token kept out of logs, and
 //! `make-jwt` round trips for every key form.
 
 use crate::support::http::{args as server_args, TestServer};
