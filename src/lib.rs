@@ -12,7 +12,8 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`cli`] | the command tree; `start` wires everything |
+//! | [`cli`] | the command tree |
+//! | [`sink`] | a whole sink: the `start` flags, the userscript's `setOptions`, the wiring of every part below, launch and stop |
 //! | [`server`] | listener, TLS, HTTP/1.1 + HTTP/2, diagnostic routes, graceful shutdown |
 //! | [`source`] | changefeed requests: URL routes, payload decoding, hand-off to the schema's mode |
 //! | [`auth`] | request authentication |
@@ -49,6 +50,7 @@ pub mod mutation;
 pub mod script;
 pub mod sequence;
 pub mod server;
+pub mod sink;
 pub mod source;
 pub mod stage;
 pub mod target;

@@ -1,5 +1,5 @@
-//! What a token claims, and whether that grants a schema (reference §2.2): `jti`, the time
-//! claims, and `schemas` under the cdc-sink (or newer replicator) namespace.
+//! What a token claims, and whether that grants a schema, read as the Go cdc-sink reads it:
+//! `jti`, the time claims, and `schemas` under the cdc-sink (or newer replicator) namespace.
 
 use super::Denied;
 use crate::ident::{Ident, Schema};

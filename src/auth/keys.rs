@@ -370,7 +370,8 @@ impl Tables {
         }
     }
 
-    /// The reference's shapes (§3.5), created if missing.
+    /// The two tables with the Go cdc-sink's columns, so that keys and revocations written for
+    /// it work unchanged; created if missing.
     pub fn ddl(&self, dialect: Dialect) -> Vec<String> {
         let text = match dialect {
             Dialect::Postgres => "TEXT",

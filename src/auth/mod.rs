@@ -1,8 +1,8 @@
-//! Request authentication, as the reference does it (§2.1–2.2): a JWT from the
-//! `Authorization: Bearer` header or the `access_token` parameter, signed (ES256/384/512,
-//! RS256/384/512) by an active key of the staging table `jwt_public_keys`, not revoked in
-//! `jwt_revoked_ids`, and listing the request's schema. Keys and revocations are cached:
-//! loaded at start, reloaded every `--jwtRefresh` and on SIGHUP. With
+//! Request authentication, as the Go cdc-sink does it (README.md, "Securing the sink"): a JWT
+//! from the `Authorization: Bearer` header or the `access_token` parameter, signed
+//! (ES256/384/512, RS256/384/512) by an active key of the staging table `jwt_public_keys`, not
+//! revoked in `jwt_revoked_ids`, and listing the request's schema. Keys and revocations are
+//! cached: loaded at start, reloaded every `--jwtRefresh` and on SIGHUP. With
 //! `--disableAuthentication` every request is accepted (and a listener beyond loopback says so
 //! every hour).
 

@@ -1,6 +1,6 @@
-//! Where a request carries its token (reference §2.1): the `Authorization: Bearer` header, or
-//! else the `access_token` query parameter, which is taken out of the query before anything
-//! can log it.
+//! Where a request carries its token, as for the Go cdc-sink: the `Authorization: Bearer`
+//! header, or else the `access_token` query parameter, which is taken out of the query before
+//! anything can log it.
 
 use http::header::AUTHORIZATION;
 use http::HeaderMap;

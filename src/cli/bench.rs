@@ -243,8 +243,8 @@ async fn through_sink(
     let db = plan.db;
     let url = cluster.url(db);
     let flags: Vec<&str> = plan.flags.iter().map(String::as_str).collect();
-    let argv = super::loopback_argv(&url, &flags);
-    let running = super::launch(super::prepare(argv)?).await?;
+    let argv = crate::sink::loopback_argv(&url, &flags);
+    let running = crate::sink::launch(crate::sink::prepare(argv)?).await?;
     let client = Client::new(
         &format!("https://{}", running.addr),
         ClientOptions {

@@ -139,7 +139,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // Ctrl-C or SIGTERM while it runs: everything below is dropped, the children stopped.
     let outcome = tokio::select! {
         r = demo(&args, &programs, &dir, &children, &cancel) => r,
-        _ = super::start::shutdown_signal() => Err(anyhow!("interrupted")),
+        _ = crate::sink::shutdown_signal() => Err(anyhow!("interrupted")),
     };
     let live = match outcome {
         Ok(live) => live,
@@ -156,7 +156,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.keep {
         print_urls(&live, &children, &dir);
         eprintln!("running until Ctrl-C");
-        super::start::shutdown_signal().await;
+        crate::sink::shutdown_signal().await;
     }
     cancel.cancel();
     for f in live.feeds {

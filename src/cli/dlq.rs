@@ -635,7 +635,7 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
                 },
             );
             if let Some(path) = userscript {
-                let flags = super::start::start_flags();
+                let flags = crate::sink::start_flags();
                 let names: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).collect();
                 let script = Userscript::load(&path, &names)
                     .with_context(|| format!("loading {}", path.display()))?;

@@ -8,7 +8,7 @@ pub async fn feed(args: FeedArgs) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {
-        super::start::shutdown_signal().await;
+        crate::sink::shutdown_signal().await;
         tracing::info!("signal received; stopping the feed");
         on_signal.cancel();
     });

@@ -1,5 +1,6 @@
-//! `cdc-sink make-jwt`: mint a token for the sink (reference §2.4), and, beyond the reference,
-//! `--expires` and `--generate-key` (a new key pair plus the SQL that installs its public key).
+//! `cdc-sink make-jwt`: mint a token for the sink as the Go cdc-sink's `make-jwt` does, and,
+//! beyond it, `--expires` and `--generate-key` (a new key pair plus the SQL that installs its
+//! public key).
 
 use crate::auth::{claims, keys};
 use crate::config::parse_duration;

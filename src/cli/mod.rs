@@ -15,8 +15,6 @@ mod userscript;
 mod verify;
 mod workload;
 
-pub use start::{launch, loopback_argv, prepare, Prepared, Running, StartArgs};
-
 use clap::{ArgAction, Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -55,7 +53,7 @@ pub struct LogArgs {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the changefeed sink server.
-    Start(Box<start::StartArgs>),
+    Start(Box<crate::sink::StartArgs>),
     /// Check that the target database can be reached (accepts a whole `start` command line).
     Preflight(start::PreflightArgs),
     /// Measure throughput against a raw sqlx baseline on a throwaway PostgreSQL.
@@ -203,7 +201,7 @@ mod tests {
 
     #[test]
     fn set_options_and_the_checkpoint_command_know_the_guard_flags() {
-        assert!(start::start_flags().contains(&("maxClockSkew".to_string(), true)));
+        assert!(crate::sink::start_flags().contains(&("maxClockSkew".to_string(), true)));
         let cli = Cli::try_parse_from([
             "cdc-sink",
             "start",

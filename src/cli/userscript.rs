@@ -50,7 +50,7 @@ pub fn run(args: UserscriptArgs) -> anyhow::Result<()> {
         print!("{}", script::API_DTS);
         return Ok(());
     }
-    let flags = super::start::start_flags();
+    let flags = crate::sink::start_flags();
     let flags: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).collect();
     match args.command {
         None => {

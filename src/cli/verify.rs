@@ -77,7 +77,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {
-        super::start::shutdown_signal().await;
+        crate::sink::shutdown_signal().await;
         on_signal.cancel();
     });
     let outcome = verify::watch_and_repair(

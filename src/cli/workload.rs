@@ -14,7 +14,7 @@ pub async fn workload(cmd: WorkloadCommand) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {
-        super::start::shutdown_signal().await;
+        crate::sink::shutdown_signal().await;
         on_signal.cancel();
     });
     println!("{}", Progress::HEADER);

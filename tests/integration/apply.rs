@@ -69,8 +69,9 @@ where
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-/// One row of the §5.5 type matrix: a column type, the JSON a changefeed sends, the value it
-/// must equal once stored (a SQL expression), and whether it also serves as a primary key.
+/// One row of the type matrix (the column types the Go cdc-sink's own tests round-trip): a
+/// column type, the JSON a changefeed sends, the value it must equal once stored (a SQL
+/// expression), and whether it also serves as a primary key.
 struct Case {
     name: &'static str,
     ty: &'static str,

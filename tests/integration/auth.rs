@@ -1,5 +1,5 @@
-//! JWT authentication on a real sink (reference §2.1–2.2): what is refused and why, keys and
-//! revocations picked up while running (timer and SIGHUP), the token kept out of logs, and
+//! JWT authentication on a real sink, as the Go cdc-sink does it: what is refused and why, keys
+//! and revocations picked up while running (timer and SIGHUP), the token kept out of logs, and
 //! `make-jwt` round trips for every key form.
 
 use crate::support::http::{args as server_args, TestServer};
@@ -301,10 +301,11 @@ async fn tokens_are_verified_as_the_reference_does() {
     sink.stop().await;
 
     // At start a bad key row is fatal.
-    let argv = cdc_sink::cli::loopback_argv(&db.url(), &flags);
-    let err = match cdc_sink::cli::launch(cdc_sink::cli::prepare(argv).expect("flags")).await {
+    let argv = cdc_sink::sink::loopback_argv(&db.url(), &flags);
+    let err = match cdc_sink::sink::launch(cdc_sink::sink::prepare(argv).expect("flags")).await {
         Ok(_) => panic!("a sink started with a bad key row"),
-        Err(e) => format!("{e:#}"),
+        // With its causes, as the command line prints it.
+        Err(e) => format!("{:#}", anyhow::Error::from(e)),
     };
     assert!(err.contains("jwt_public_keys row"), "{err}");
 }

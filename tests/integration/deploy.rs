@@ -37,7 +37,7 @@ const DOCUMENTED_ELSEWHERE: &[&str] = &[
     "up",
 ];
 
-/// The reference's metric families (reference-behaviour §8, and `log_message_count`) its
+/// The Go cdc-sink's metric families (and `log_message_count`) that its
 /// dashboards read: name, type and label names as we serve them, and whether the traffic of
 /// [`sink_after_traffic`] makes a series of it (the others need another sequencing mode, an
 /// authenticated sink or a retried statement; they are checked when present). Deviations: our

@@ -3,10 +3,10 @@
 
 use crate::support::http::args as server_args;
 use crate::support::{eventually, Db};
-use cdc_sink::cli::{launch, prepare, Running};
 use cdc_sink::feed::{Feed, FeedArgs, FeedError, FeedStats};
 use cdc_sink::hlc::Hlc;
 use cdc_sink::server::{self, Handler, Request, Response};
+use cdc_sink::sink::{launch, prepare, Running};
 use cdc_sink::verify::{self, CompareOptions, TableRef};
 use cdc_sink::workload::kv::{self as kv_workload, KvArgs};
 use futures::future::BoxFuture;

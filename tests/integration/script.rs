@@ -220,11 +220,11 @@ fn set_options_override_the_command_line_and_unknown_flags_are_refused() {
         "import * as api from \"cdc-sink@v1\";\napi.setOptions({flushSize: \"7\", immediate: \"true\"});\n",
     )
     .unwrap();
-    let argv = cdc_sink::cli::loopback_argv(
+    let argv = cdc_sink::sink::loopback_argv(
         "postgres://postgres@127.0.0.1:1/kv",
         &["--flushSize", "500", "--userscript", ok.to_str().unwrap()],
     );
-    let prepared = cdc_sink::cli::prepare(argv).expect("script options apply");
+    let prepared = cdc_sink::sink::prepare(argv).expect("script options apply");
     assert_eq!(
         prepared.args.sequence.flush_size, 7,
         "setOptions wins over the command line"
@@ -238,13 +238,16 @@ fn set_options_override_the_command_line_and_unknown_flags_are_refused() {
         "import * as api from \"cdc-sink@v1\";\napi.setOptions({noSuchFlag: \"1\"});\n",
     )
     .unwrap();
-    let argv = cdc_sink::cli::loopback_argv(
+    let argv = cdc_sink::sink::loopback_argv(
         "postgres://postgres@127.0.0.1:1/kv",
         &["--userscript", bad.to_str().unwrap()],
     );
-    let err = cdc_sink::cli::prepare(argv)
-        .err()
-        .expect("unknown flag refused");
+    // With its causes, as the command line prints it.
+    let err = anyhow::Error::from(
+        cdc_sink::sink::prepare(argv)
+            .err()
+            .expect("unknown flag refused"),
+    );
     assert!(format!("{err:#}").contains("noSuchFlag"), "{err:#}");
 }
 
@@ -453,11 +456,11 @@ fn set_options_may_set_the_engine_limits_of_the_script_itself() {
         "import * as api from \"cdc-sink@v1\";\napi.setOptions({userscriptDeadline: \"5s\", userscriptMaxStuck: \"7\"});\n",
     )
     .unwrap();
-    let argv = cdc_sink::cli::loopback_argv(
+    let argv = cdc_sink::sink::loopback_argv(
         "postgres://postgres@127.0.0.1:1/kv",
         &["--userscript", path.to_str().unwrap()],
     );
-    let prepared = cdc_sink::cli::prepare(argv).expect("script options apply");
+    let prepared = cdc_sink::sink::prepare(argv).expect("script options apply");
     assert_eq!(prepared.args.script.deadline, Duration::from_secs(5));
     assert_eq!(prepared.args.script.max_stuck, 7);
     assert!(prepared.script.is_some());

@@ -96,7 +96,8 @@ pub enum WebhookError {
 }
 
 impl WebhookError {
-    /// 404 when the path names nothing we serve, 400 for any bad body (DESIGN §3.3).
+    /// 404 when the path names nothing we serve, 400 for any bad body: CockroachDB retries any
+    /// non-2xx alike, so the code is free to tell people and load balancers which it was.
     pub fn status(&self) -> StatusCode {
         if self.is_routing() {
             StatusCode::NOT_FOUND

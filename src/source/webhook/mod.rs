@@ -1,8 +1,8 @@
 //! Changefeed requests → mutations. Pure logic, no I/O: [`parse_path`] routes a request by its
 //! URL path, [`decode`] turns its body into a [`Payload`].
 //!
-//! Deliberate differences from the reference (DESIGN §3): path errors are 404 and bad bodies
-//! 400 (see [`WebhookError::status`]); webhook elements accept every field CockroachDB can emit
+//! Deliberate differences from the Go cdc-sink: path errors are 404 and bad bodies 400 (see
+//! [`WebhookError::status`]); webhook elements accept every field CockroachDB can emit
 //! (`mvcc_timestamp` is ignored) and still refuse unknown ones; `after`/`before` must be objects
 //! or null and `key` an array; duplicate properties and trailing data after the envelope are
 //! refused rather than silently resolved.

@@ -1,4 +1,5 @@
-//! Cloud-storage sink files: one JSON object per line (reference §1.6, §1.8).
+//! Cloud-storage sink files: one JSON object per line, a table feed's row or, under a table's
+//! path, a CDC query's (`envelope=wrapped`).
 
 use super::element::{ndjson_table_row, Dialect, Fields, QueryTarget};
 use super::json::{is_json_ws, Object};

@@ -1,5 +1,6 @@
 //! Request path → route. The path names the target schema and, optionally, a table, a
-//! cloud-storage ndjson file or a `.RESOLVED` file (reference §1.3).
+//! cloud-storage ndjson file or a `.RESOLVED` file; the layouts are the Go cdc-sink's (README.md,
+//! "Endpoints").
 
 use super::resolved::{parse_resolved_digits, RESOLVED_DIGITS};
 use super::WebhookError;

@@ -1,5 +1,5 @@
-//! The webhook envelope: `{"payload":[…],"length":N}` or `{"resolved":"…"}` (reference §1.4,
-//! §1.5, §1.8).
+//! The webhook envelope, `{"payload":[…],"length":N}` or `{"resolved":"…"}`, of a table feed
+//! or, under a table's path, of a CDC query (`envelope=wrapped`).
 
 use super::element::{webhook_table_row, Dialect, Fields, QueryTarget};
 use super::json::{is_json_ws, kind, string_value, Kind, Object};

@@ -2,9 +2,9 @@
 
 use super::Db;
 use bytes::Bytes;
-use cdc_sink::cli::{launch, loopback_argv, prepare, Running};
 use cdc_sink::hlc::Hlc;
 use cdc_sink::server::client::{Client, ClientOptions};
+use cdc_sink::sink::{launch, loopback_argv, prepare, Running};
 use http::StatusCode;
 use serde_json::{json, Value};
 
