@@ -350,7 +350,7 @@ async fn drain(
         .local_addr()?
         .port();
     let url = cluster.url(db);
-    let mut argv: Vec<String> = super::loopback_argv(&url, &[])
+    let mut argv: Vec<String> = crate::sink::loopback_argv(&url, &[])
         .into_iter()
         .skip(1)
         .map(|a| {
