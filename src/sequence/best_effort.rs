@@ -21,11 +21,12 @@
 //! changefeed does not send two versions of one key concurrently (CockroachDB sends a key's
 //! next version only after the batch carrying the previous one was acknowledged); if it did,
 //! the older one could be staged after the newer one was checked and applied, and would be
-//! swept over it. Redelivered older versions are applied again, as in the reference (§3.6):
+//! swept over it. Redelivered older versions are applied again, as the Go cdc-sink does when it writes directly:
 //! direct writes leave no trace in staging to compare with.
 
+use super::parts::{Parts, SequenceError};
 use super::poison::{self, check_constraints_now, is_transient, Poison};
-use super::{write_ordered, Parts, SequenceError};
+use super::write::write_ordered;
 use crate::apply::SchemaInfo;
 use crate::ident::{Schema, Table};
 use crate::metrics as m;

@@ -1,4 +1,4 @@
-//! Which mode each schema runs in (reference §4.2).
+//! Which mode each schema runs in, by the Go cdc-sink's rules (README.md, "Modes").
 //!
 //! `--immediate` → immediate; `--bestEffortOnly` → best-effort; `--bestEffortWindow 0` →
 //! always consistent. Otherwise per schema, re-evaluated at least every 10 s and whenever its
@@ -21,7 +21,7 @@
 //! process; instances decide separately, which is safe because both modes keep each key's
 //! versions in order).
 
-use super::{SequenceArgs, SequenceError};
+use super::parts::{SequenceArgs, SequenceError};
 use crate::apply::Applier;
 use crate::checkpoint::{Bounds, Checkpoints};
 use crate::hlc::Hlc;

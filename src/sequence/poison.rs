@@ -5,7 +5,8 @@
 //! consistent pipeline uses [`find_poison`] after a flush failed, to name the mutation that
 //! blocks the schema (table, key, time) in its log line.
 
-use super::{write_ordered, Hooks, SequenceError};
+use super::parts::SequenceError;
+use super::write::{write_order, write_ordered, Hooks, Pass};
 use crate::apply::{Applier, SchemaInfo};
 use crate::hlc::Hlc;
 use crate::ident::Table;
@@ -168,29 +169,19 @@ fn passes(
     info: &SchemaInfo,
     batches: &TableBatches,
 ) -> Vec<(Table, Vec<Mutation>)> {
-    let ordered: Vec<&Table> = info
-        .levels
-        .iter()
-        .flatten()
-        .filter(|t| batches.contains_key(*t))
-        .collect();
-    let unordered: Vec<&Table> = batches.keys().filter(|t| !ordered.contains(t)).collect();
     let scripted = |t: &Table| hooks.is_some_and(|h| h.script().has_apply(t));
-    let last = |t: &Table, deletes: bool| -> Vec<Mutation> {
-        last_version_per_key(&batches[t])
-            .into_iter()
-            .filter(|m| scripted(t) || m.is_delete() == deletes)
-            .cloned()
-            .collect()
-    };
     let mut out = Vec::new();
-    for t in ordered.iter().rev().chain(unordered.iter()) {
-        if !scripted(t) {
-            out.push(((*t).clone(), last(t, true)));
-        }
-    }
-    for t in ordered.iter().chain(unordered.iter()) {
-        out.push(((*t).clone(), last(t, false)));
+    for (t, pass) in write_order(info, batches, scripted) {
+        let muts: Vec<Mutation> = last_version_per_key(&batches[t])
+            .into_iter()
+            .filter(|m| match pass {
+                Pass::Deletes => m.is_delete(),
+                Pass::Upserts => !m.is_delete(),
+                Pass::Script => true,
+            })
+            .cloned()
+            .collect();
+        out.push((t.clone(), muts));
     }
     out.retain(|(_, muts)| !muts.is_empty());
     out
