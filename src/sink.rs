@@ -333,8 +333,6 @@ pub async fn launch(prepared: Prepared) -> Result<Running, SinkError> {
         staging,
         auth,
         applier,
-        stager,
-        checkpoints,
         sequencer: sequencer.clone(),
         hooks,
         limits: DecodeLimits {
@@ -342,7 +340,6 @@ pub async fn launch(prepared: Prepared) -> Result<Running, SinkError> {
         },
         clock,
         schemas: Default::default(),
-        dropped: Default::default(),
         gate,
     }
     .into_handler();

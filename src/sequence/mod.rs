@@ -6,7 +6,7 @@
 //! disjoint (`--parallelism`). Each transaction deletes the staged rows it applied, so staging
 //! never holds rows the target already has, and the checkpoint is committed in order behind
 //! them; with a separate staging database this becomes a two-step scheme (see
-//! [`consistent`]). *Immediate* mode applies each request at once. *Best-effort* mode
+//! `consistent`). *Immediate* mode applies each request at once. *Best-effort* mode
 //! ([`best_effort`]) applies requests at once where each key's order allows and stages the
 //! rest for the consistent pipeline; [`mode`] picks the mode per schema.
 //!
@@ -20,25 +20,29 @@
 //! | `mode.rs` | the mode of each schema |
 //! | `poison.rs` | finding the mutation the target refuses |
 
+mod accept;
 mod best_effort;
 mod consistent;
+mod immediate;
 pub mod mode;
 mod parts;
 pub mod poison;
+mod status;
 mod write;
 
 pub use mode::{Admission, Mode};
 pub use parts::{lease_name, Blocked, Parts, Pipelines, SequenceArgs, SequenceError};
 use parts::{Running, RELEASE_MARGIN};
 pub use poison::{find_poison, Poison};
+pub(crate) use write::write_ordered_counted;
 pub use write::Hooks;
-pub(crate) use write::{write_ordered, write_ordered_counted};
 
 use crate::apply::SchemaInfo;
 use crate::hlc::Hlc;
 use crate::ident::Schema;
+use crate::ident::Table;
 use crate::metrics as m;
-use crate::mutation::TableBatches;
+use crate::mutation::{group_by_table, Mutation};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{watch, Notify};
 
@@ -52,6 +56,8 @@ pub struct Sequencer {
     /// Raised shortly before the deadline: pipelines drop their window and release the lease.
     abandon: watch::Sender<bool>,
     modes: mode::Modes,
+    /// Rows dropped at or below the checkpoint, for one log line per schema per period.
+    dropped: accept::DropLog,
 }
 
 impl Sequencer {
@@ -80,30 +86,71 @@ impl Sequencer {
             deadline: Mutex::new(None),
             abandon: watch::channel(false).0,
             modes,
+            dropped: Default::default(),
         })
     }
 
-    pub fn immediate(&self) -> bool {
-        self.parts.args.immediate
-    }
-
-    /// Lets a request of `schema` run in the schema's current mode, which holds until the
-    /// admission is dropped.
-    pub async fn admit(&self, schema: &Schema) -> Result<Admission, SequenceError> {
-        self.modes.admit(schema).await
-    }
-
-    /// Best-effort mode: applies what per-key order allows, stages the rest.
-    pub async fn accept_best_effort(
+    /// The front door for a request's routed mutations: drops the redeliveries of rows
+    /// already applied, then hands the rest to the schema's current mode, which cannot change
+    /// until they are written — staged (consistent), applied (immediate), or applied where
+    /// per-key order allows and staged otherwise (best-effort). Returns once they are durable.
+    pub async fn accept(
         &self,
         schema: &Schema,
         info: &SchemaInfo,
-        batches: &TableBatches,
+        muts: Vec<(Table, Mutation)>,
     ) -> Result<(), SequenceError> {
-        if let Some(h) = &self.parts.hooks {
-            h.configure(&self.parts.applier, info);
+        let parts = &self.parts;
+        let committed = parts
+            .checkpoints
+            .fresh_committed(schema, accept::COMMITTED_MAX_AGE)
+            .await;
+        let mut below = 0u64;
+        let batches = group_by_table(muts.into_iter().filter(|(_, mu)| {
+            let keep = mu.time > committed;
+            below += u64::from(!keep);
+            keep
+        }));
+        accept::dropped(&self.dropped, schema, below, committed);
+        if batches.is_empty() {
+            return Ok(());
         }
-        best_effort::accept(&self.parts, schema, info, batches).await
+        let admission = self.modes.admit(schema).await?;
+        match admission.mode() {
+            Mode::Immediate => immediate::apply(parts, schema, &batches).await?,
+            Mode::BestEffort => {
+                let resolved = parts.checkpoints.cached_proposed(schema);
+                let mut batches = &batches;
+                let later;
+                if batches.values().flatten().any(|mu| mu.time <= resolved) {
+                    later = accept::after_resolved(batches, resolved);
+                    let dropped = accept::count(batches) - accept::count(&later);
+                    metrics::counter!(m::STAGE_BELOW_CHECKPOINT, m::LABEL_SCHEMA => schema.to_string())
+                        .increment(dropped as u64);
+                    batches = &later;
+                }
+                if !batches.is_empty() {
+                    if let Some(h) = &parts.hooks {
+                        h.configure(&parts.applier, info);
+                    }
+                    best_effort::accept(parts, schema, info, batches).await?
+                }
+            }
+            Mode::Consistent => drop(parts.stager.stage(&batches).await?),
+        }
+        drop(admission);
+        Ok(())
+    }
+
+    /// The front door for a resolved timestamp: committed at once in immediate mode,
+    /// otherwise recorded for the schema's pipeline, which is woken.
+    pub async fn resolved(&self, schema: &Schema, ts: Hlc) -> Result<(), SequenceError> {
+        if self.parts.args.immediate {
+            return immediate::resolved(&self.parts, schema, ts).await;
+        }
+        self.parts.checkpoints.advance(schema, ts).await?;
+        self.wake(schema);
+        Ok(())
     }
 
     /// Starts the pipeline of `schema` if it is not running, and wakes it.
@@ -207,49 +254,5 @@ impl Sequencer {
     /// The mode `schema` runs in here, if this process has seen it.
     pub fn mode(&self, schema: &Schema) -> Option<Mode> {
         self.modes.current(schema)
-    }
-
-    /// Immediate mode: applies one request in a single target transaction.
-    pub async fn apply_now(
-        &self,
-        schema: &Schema,
-        batches: &TableBatches,
-    ) -> Result<(), SequenceError> {
-        let info = self.parts.applier.schema(schema).await?;
-        if let Some(h) = &self.parts.hooks {
-            h.configure(&self.parts.applier, &info);
-        }
-        let mut tx = self
-            .parts
-            .target
-            .begin()
-            .await
-            .map_err(SequenceError::Sql)?;
-        write_ordered(
-            &self.parts.applier,
-            self.parts.hooks.as_ref(),
-            &mut tx,
-            &info,
-            batches,
-        )
-        .await?;
-        tx.commit().await.map_err(SequenceError::Sql)?;
-        Ok(())
-    }
-
-    /// Immediate mode: a resolved timestamp is recorded and committed at once.
-    pub async fn resolve_now(&self, schema: &Schema, ts: Hlc) -> Result<(), SequenceError> {
-        self.parts.checkpoints.advance(schema, ts).await?;
-        let mut tx = self
-            .parts
-            .stager
-            .database()
-            .begin()
-            .await
-            .map_err(SequenceError::Sql)?;
-        self.parts.checkpoints.commit(&mut tx, schema, ts).await?;
-        tx.commit().await.map_err(SequenceError::Sql)?;
-        self.parts.checkpoints.committed(schema, ts);
-        Ok(())
     }
 }

@@ -5,15 +5,13 @@
 use crate::hlc::Hlc;
 use crate::ident::Schema;
 use crate::target::{Database, Dialect};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 /// How often the target clock's offset is measured again.
 const CLOCK_REFRESH: Duration = Duration::from_secs(60);
-/// At most one "dropped below the checkpoint" line per schema per this long.
-const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Catalog look-ups for schemas not (yet) known to have tables, at once: a flood of requests
 /// for made-up schemas costs at most this many target connections.
 const LOOKUPS: usize = 2;
@@ -107,27 +105,6 @@ pub fn go_duration(d: Duration) -> String {
     }
 }
 
-/// Per schema, rows dropped below the committed checkpoint since the last log line.
-#[derive(Default)]
-pub struct DropLog {
-    schemas: Mutex<HashMap<Schema, (Option<Instant>, u64)>>,
-}
-
-impl DropLog {
-    /// Counts `rows` dropped for `schema` at `now`; returns the count to log when a line is
-    /// due (the rows since the last line, these included).
-    pub fn note(&self, schema: &Schema, rows: u64, now: Instant) -> Option<u64> {
-        let mut schemas = self.schemas.lock().expect("poisoned");
-        let (last, pending) = schemas.entry(schema.clone()).or_default();
-        *pending += rows;
-        if last.is_some_and(|t| now.saturating_duration_since(t) < DROP_LOG_EVERY) {
-            return None;
-        }
-        *last = Some(now);
-        Some(std::mem::take(pending))
-    }
-}
-
 /// Schemas known to have tables in the target, and the look-up of those that are not.
 pub struct SchemaGate {
     known: Mutex<HashSet<Schema>>,
@@ -182,21 +159,6 @@ AND lower(table_schema) = lower($1))"
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn drop_log_writes_one_line_per_schema_per_period() {
-        let log = DropLog::default();
-        let a = Schema::parse("db.a").unwrap();
-        let b = Schema::parse("db.b").unwrap();
-        let t0 = Instant::now();
-        assert_eq!(log.note(&a, 3, t0), Some(3));
-        assert_eq!(log.note(&a, 2, t0 + Duration::from_secs(1)), None);
-        assert_eq!(log.note(&b, 7, t0 + Duration::from_secs(2)), Some(7));
-        assert_eq!(log.note(&a, 4, t0 + Duration::from_secs(9)), None);
-        // The next line carries every row since the last one.
-        assert_eq!(log.note(&a, 1, t0 + Duration::from_secs(10)), Some(7));
-        assert_eq!(log.note(&a, 1, t0 + Duration::from_secs(11)), None);
-    }
 
     #[test]
     fn durations_are_spelled_as_in_go() {

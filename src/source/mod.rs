@@ -1,22 +1,20 @@
-//! Changefeed requests: routing and decoding ([`webhook`]), then the hand-off to the schema's
-//! mode: staging (consistent), the target (immediate), or the target where per-key order
-//! allows and staging otherwise (best-effort). A request is acknowledged only once what it
-//! carried is durable.
+//! Changefeed requests: routing and decoding ([`webhook`]), authentication, the schema check,
+//! the userscript's `dispatch`, then the hand-off to [`Sequencer::accept`] (or
+//! [`Sequencer::resolved`]), which stages or applies according to the schema's mode. A request
+//! is acknowledged only once what it carried is durable.
 
 mod guard;
 pub mod webhook;
 
 use crate::apply::{Applier, ApplyError, SchemaInfo};
 use crate::auth::Authenticator;
-use crate::checkpoint::{CheckpointError, Checkpoints};
 use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics as m;
-use crate::mutation::{group_by_table, Mutation, TableBatches};
+use crate::mutation::Mutation;
 use crate::script::ScriptError;
-use crate::sequence::{Hooks, Mode, SequenceError, Sequencer};
+use crate::sequence::{Hooks, SequenceError, Sequencer};
 use crate::server::{Handler, Request, Response};
-use crate::stage::{StageError, Stager};
 use crate::target::{Database, Dialect};
 use futures::future::BoxFuture;
 use http::StatusCode;
@@ -40,7 +38,7 @@ pub struct SourceArgs {
     pub max_clock_skew: Duration,
 }
 
-pub use guard::{go_duration, DropLog, SchemaGate, TargetClock};
+pub use guard::{go_duration, SchemaGate, TargetClock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -72,10 +70,6 @@ pub enum IngestError {
         error: sqlx::Error,
     },
     #[error(transparent)]
-    Stage(#[from] StageError),
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error(transparent)]
     Sequence(#[from] SequenceError),
@@ -94,13 +88,13 @@ impl IngestError {
             IngestError::UnknownTable(_) => StatusCode::BAD_REQUEST,
             IngestError::NoSuchSchema(_) => StatusCode::NOT_FOUND,
             IngestError::AheadOfClock { .. } => StatusCode::BAD_REQUEST,
-            IngestError::Stage(e) | IngestError::Sequence(SequenceError::Stage(e))
-                if e.is_bad_input() =>
-            {
+            IngestError::Sequence(SequenceError::Stage(e)) if e.is_bad_input() => {
                 StatusCode::BAD_REQUEST
             }
             _ if self.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
-            IngestError::Checkpoint(e) if e.is_bad_input() => StatusCode::BAD_REQUEST,
+            IngestError::Sequence(SequenceError::Checkpoint(e)) if e.is_bad_input() => {
+                StatusCode::BAD_REQUEST
+            }
             // The target refused the data itself (constraint, type): the request cannot succeed.
             IngestError::Apply(_) | IngestError::Sequence(SequenceError::Apply(_)) => {
                 StatusCode::BAD_REQUEST
@@ -111,8 +105,6 @@ impl IngestError {
 
     fn is_unavailable(&self) -> bool {
         match self {
-            IngestError::Stage(e) => e.is_unavailable(),
-            IngestError::Checkpoint(e) => e.is_unavailable(),
             IngestError::Apply(e) => e.is_unavailable(),
             IngestError::Sequence(e) => e.is_unavailable(),
             IngestError::Script(e) => e.is_retryable(),
@@ -141,22 +133,15 @@ pub struct Ingest {
     pub staging: Database,
     pub auth: Authenticator,
     pub applier: Applier,
-    pub stager: Arc<Stager>,
-    pub checkpoints: Arc<Checkpoints>,
     pub sequencer: Arc<Sequencer>,
     pub hooks: Option<Hooks>,
     pub limits: DecodeLimits,
     /// `--maxClockSkew` against the target's clock.
     pub clock: TargetClock,
     pub schemas: SchemaGate,
-    pub dropped: DropLog,
     /// Database health and the connections ingest may hold (see [`crate::target::Gate`]).
     pub gate: crate::target::Gate,
 }
-
-/// How long ingest trusts this process's view of a committed checkpoint before reading it
-/// again: the lease holder's view is always fresh, the others' would otherwise lag.
-const COMMITTED_MAX_AGE: Duration = Duration::from_secs(2);
 
 impl Ingest {
     /// The handler the server calls for every changefeed request.
@@ -197,7 +182,7 @@ impl Ingest {
             Payload::Empty => Err(WebhookError::EmptyBody.into()),
             Payload::Resolved(ts) => {
                 self.not_ahead(&schema, "resolved timestamp", ts).await?;
-                self.resolved(&schema, ts).await
+                Ok(self.sequencer.resolved(&schema, ts).await?)
             }
             Payload::Mutations(muts) => {
                 if let Some(newest) = muts.iter().map(|(_, mu)| mu.time).max() {
@@ -262,16 +247,6 @@ impl Ingest {
         }
     }
 
-    async fn resolved(&self, schema: &Schema, ts: Hlc) -> Result<(), IngestError> {
-        if self.sequencer.immediate() {
-            self.sequencer.resolve_now(schema, ts).await?;
-        } else {
-            self.checkpoints.advance(schema, ts).await?;
-            self.sequencer.wake(schema);
-        }
-        Ok(())
-    }
-
     async fn mutations(
         &self,
         schema: &Schema,
@@ -305,88 +280,17 @@ impl Ingest {
                 return Err(IngestError::UnknownTable(t.to_string()));
             }
         }
-        // Redeliveries at or before the committed checkpoint were applied already.
-        let committed = self
-            .checkpoints
-            .fresh_committed(schema, COMMITTED_MAX_AGE)
-            .await;
-        let mut below = 0u64;
-        let batches = group_by_table(muts.into_iter().filter(|(_, mu)| {
-            let keep = mu.time > committed;
-            below += u64::from(!keep);
-            keep
-        }));
-        if below > 0 {
-            metrics::counter!(m::STAGE_BELOW_CHECKPOINT, m::LABEL_SCHEMA => schema.to_string())
-                .increment(below);
-            if let Some(rows) = self.dropped.note(schema, below, Instant::now()) {
-                tracing::warn!(schema = %schema, rows, checkpoint = %committed, "dropped rows at or below the committed checkpoint (redeliveries, or a second changefeed or an older cursor on this schema)");
-            }
-        }
-        let result = if batches.is_empty() {
-            Ok(())
-        } else {
-            self.write(schema, &info, &batches).await
-        };
+        let result = self
+            .sequencer
+            .accept(schema, &info, muts)
+            .await
+            .map_err(IngestError::from);
         match &result {
             Ok(()) => metrics::counter!(m::MUTATIONS_SUCCESS, &labels).increment(received),
             Err(_) => metrics::counter!(m::MUTATIONS_ERROR, &labels).increment(received),
         }
         result
     }
-
-    /// Hands a request's mutations to its schema's current mode; the mode cannot change
-    /// while the request is being written.
-    async fn write(
-        &self,
-        schema: &Schema,
-        info: &SchemaInfo,
-        batches: &TableBatches,
-    ) -> Result<(), IngestError> {
-        let admission = self.sequencer.admit(schema).await?;
-        match admission.mode() {
-            Mode::Immediate => self.sequencer.apply_now(schema, batches).await?,
-            Mode::BestEffort => {
-                let resolved = self.checkpoints.cached_proposed(schema);
-                let later;
-                let mut batches = batches;
-                if batches.values().flatten().any(|mu| mu.time <= resolved) {
-                    later = after_resolved(batches, resolved);
-                    let dropped = count(batches) - count(&later);
-                    metrics::counter!(m::STAGE_BELOW_CHECKPOINT, m::LABEL_SCHEMA => schema.to_string())
-                        .increment(dropped as u64);
-                    batches = &later;
-                }
-                if !batches.is_empty() {
-                    self.sequencer
-                        .accept_best_effort(schema, info, batches)
-                        .await?
-                }
-            }
-            Mode::Consistent => drop(self.stager.stage(batches).await?),
-        }
-        drop(admission);
-        Ok(())
-    }
-}
-
-/// The mutations of `batches` later than `resolved`. A changefeed sends a resolved timestamp
-/// only once everything at or before it was acknowledged, so a row at or below a recorded one is
-/// a redelivery. Best-effort mode drops them: it writes straight to the target, where an old
-/// version would overwrite a newer one that nothing staged could protect.
-fn after_resolved(batches: &TableBatches, resolved: Hlc) -> TableBatches {
-    batches
-        .iter()
-        .map(|(t, muts)| {
-            let later: Vec<Mutation> = muts.iter().filter(|m| m.time > resolved).cloned().collect();
-            (t.clone(), later)
-        })
-        .filter(|(_, muts)| !muts.is_empty())
-        .collect()
-}
-
-fn count(batches: &TableBatches) -> usize {
-    batches.values().map(Vec::len).sum()
 }
 
 /// Primary keys from the target schema, for CDC-query feeds.
@@ -407,93 +311,11 @@ impl PrimaryKeys for Keys<'_> {
 /// When this process built its changefeed handler: the instance's uptime.
 static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
-/// Seconds from `t` to now by this process's clock; `None` for a zero checkpoint.
-fn seconds_since(t: Hlc) -> Option<f64> {
-    (!t.is_zero())
-        .then(|| Hlc::from_system_time(std::time::SystemTime::now()).seconds() - t.seconds())
-}
-
-/// The `/_/status` report: per schema with checkpoints, its mode here, checkpoints and lags,
-/// unapplied staged rows, the apply lease and the dead-letter rows; and this instance.
+/// The `/_/status` report: per schema with checkpoints, what the sequencer reports (see
+/// [`Sequencer::status`]); and this instance.
 async fn status(ingest: &Ingest) -> Result<serde_json::Value, String> {
     use serde_json::json;
-    let groups = ingest
-        .checkpoints
-        .groups()
-        .await
-        .map_err(|e| format!("cannot read the checkpoints: {e}"))?;
-    let leases = ingest.stager.schema().object("leases");
-    let mut schemas = Vec::new();
-    for g in groups {
-        let Ok(schema) = Schema::parse(&g.group) else {
-            continue;
-        };
-        let mut backlog: i64 = 0;
-        let tables = ingest
-            .stager
-            .registered(&schema)
-            .await
-            .map_err(|e| format!("cannot read the staging tables of {schema}: {e}"))?;
-        for t in &tables {
-            let sql = format!(
-                "SELECT count(*) FROM {} WHERE NOT applied",
-                ingest.stager.staging_table(t)
-            );
-            // A registered table whose staging table is not created yet holds nothing.
-            if let Ok(n) = sqlx::query_scalar::<_, i64>(&sql)
-                .fetch_one(&ingest.staging.pool)
-                .await
-            {
-                backlog += n;
-            }
-        }
-        let lease: Option<(String, String, bool, Option<String>)> = sqlx::query_as(&format!(
-            "SELECT hostname, expires::TEXT, expires > now(), acquired::TEXT FROM {leases} WHERE name = $1"
-        ))
-        .bind(crate::sequence::lease_name(&schema))
-        .fetch_optional(&ingest.staging.pool)
-        .await
-        .map_err(|e| format!("cannot read the leases: {e}"))?;
-        let dlq = Table::new(schema.clone(), ingest.applier.dlq_table_name());
-        let dlq_sql = match ingest.target.dialect {
-            Dialect::Postgres => dlq.quoted_in_db(),
-            Dialect::Cockroach => dlq.quoted(),
-        };
-        // No dead-letter table yet: null.
-        let dlq_rows: Option<i64> = sqlx::query_scalar(&format!("SELECT count(*) FROM {dlq_sql}"))
-            .fetch_one(&ingest.target.pool)
-            .await
-            .ok();
-        let blocked = ingest.sequencer.blocked(&schema).map(|b| {
-            let unix = |t: std::time::SystemTime| {
-                t.duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .ok()
-            };
-            json!({
-                "table": b.poison.as_ref().map(|p| p.0.to_string()),
-                "key": b.poison.as_ref().map(|p| p.1.clone()),
-                "time": b.poison.as_ref().map(|p| p.2.to_string()),
-                "error": b.error,
-                "next_retry_unix": b.next_retry.and_then(unix),
-            })
-        });
-        let b = g.bounds;
-        schemas.push(json!({
-            "blocked": blocked,
-            "schema": g.group,
-            "mode": ingest.sequencer.mode(&schema).map(|m| m.name()),
-            "committed": b.committed.to_string(),
-            "proposed": b.proposed.to_string(),
-            "target_lag_seconds": seconds_since(b.committed),
-            "source_lag_seconds": seconds_since(b.proposed),
-            "staged_backlog_rows": backlog,
-            "lease": lease.map(|(host, expires, held, since)| json!({
-                "holder": host, "expires": expires, "held": held, "since": since,
-            })),
-            "dlq_rows": dlq_rows,
-        }));
-    }
+    let schemas = ingest.sequencer.status().await?;
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
