@@ -1,13 +1,23 @@
 //! cdc-sink: the webhook target of CockroachDB changefeeds, for active-active replication.
 //!
+//! A batch travels one way, each step handing it to the next and never back:
+//!
 //! ```text
-//! changefeed ──HTTPS──▶ server ──▶ source::webhook ──▶ (script dispatch) ──▶ stage ──▶ 200 OK
-//!                                      │ resolved ts                        (durable first)
-//!                                      ▼
-//!                                  checkpoint ──▶ sequence (lease holder per schema)
-//!                                                   read staged window ≤ resolved, HLC order
-//!                                                   ──▶ apply: upsert/delete (CAS, merge, DLQ)
-//!                                                   ──▶ retire staged rows + commit checkpoint
+//! changefeed ─HTTPS─▶ server ─▶ source: route, decode, auth, (script dispatch)
+//!                                  │ mutations                 │ resolved timestamp
+//!                                  ▼                           ▼
+//!                               sequence::accept            sequence::resolved
+//!                               drop rows ≤ checkpoint,     consistent/best-effort: record it
+//!                               then by the schema's mode:  (checkpoint) and wake the pipeline;
+//!                               consistent  ─▶ stage        immediate: commit it at once
+//!                               immediate   ─▶ apply
+//!                               best-effort ─▶ apply, or stage where a key has staged rows
+//!                                  ▼
+//!                               200 OK once durable
+//!
+//! sequence::consistent (lease holder per schema): read the staged window ≤ resolved in HLC
+//! order ─▶ apply: upsert/delete (CAS, merge, DLQ) ─▶ retire staged rows + commit checkpoint,
+//! in one target transaction per flush
 //! ```
 //!
 //! | module | owns |
@@ -15,12 +25,12 @@
 //! | [`cli`] | the command tree |
 //! | [`sink`] | a whole sink: the `start` flags, the userscript's `setOptions`, the wiring of every part below, launch and stop |
 //! | [`server`] | listener, TLS, HTTP/1.1 + HTTP/2, diagnostic routes, graceful shutdown |
-//! | [`source`] | changefeed requests: URL routes, payload decoding, hand-off to the schema's mode |
+//! | [`source`] | changefeed requests: URL routes, payload decoding, authentication, the userscript's dispatch, hand-off to the sequencer |
 //! | [`auth`] | request authentication |
 //! | [`target`] | database connections, dialect detection, retries |
 //! | [`stage`] | the `_cdc_sink` staging tables |
 //! | [`checkpoint`] | resolved timestamps and leases |
-//! | [`sequence`] | consistent, best-effort and immediate modes, the choice between them, concurrent apply transactions, poison search |
+//! | [`sequence`] | the front door after decoding: drops redeliveries, picks each schema's mode (consistent, best-effort, immediate) and stages or applies; the consistent pipeline (lease, windows, concurrent flush transactions), the foreign-key write order, poison search, its part of `/_/status` |
 //! | [`apply`] | target schema introspection and the SQL that writes rows |
 //! | [`script`] | the userscript: loading (TS→JS, imports), the engine and its hooks, the worker threads and their watchdog, the `cdc-sink@v1` module, the `getTX()` bridge |
 //! | [`hlc`], [`ident`], [`mutation`] | shared vocabulary |
