@@ -35,7 +35,7 @@
 //! | [`script`] | the userscript: loading (TS→JS, imports), the engine and its hooks, the worker threads and their watchdog, the `cdc-sink@v1` module, the `getTX()` bridge |
 //! | [`hlc`], [`ident`], [`mutation`] | shared vocabulary |
 //! | [`metrics`] | the catalogue of metric names |
-//! | [`bench`] | the `cdc-sink bench` measurement; the userscript dispatch benchmark and the one bench userscript |
+//! | [`bench`](mod@bench) | the `cdc-sink bench` measurement; the userscript dispatch benchmark and the one bench userscript |
 //! | [`cluster`] | throwaway PostgreSQL clusters (demo, bench, tests) |
 //! | [`feed`] | a changefeed emulator reading a PostgreSQL source (local demo, tests) |
 //! | [`workload`] | the kv write workload |
