@@ -59,6 +59,10 @@ pub struct BenchArgs {
         value_parser = ["immediate", "best_effort", "consistent", "userscript"]
     )]
     pub paths: Vec<String>,
+    /// Print where each path's database time went: its ten costliest statements (the cluster
+    /// runs with `pg_stat_statements`).
+    #[arg(long)]
+    pub statements: bool,
     /// Only the paths: no drain, scaling curve or lag.
     #[arg(long)]
     pub quick: bool,
@@ -68,10 +72,18 @@ pub struct BenchArgs {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let cluster = tokio::task::spawn_blocking(|| {
+    let statements = args.statements;
+    let cluster = tokio::task::spawn_blocking(move || {
         Cluster::start_with(ClusterOptions {
             fsync: true,
-            settings: Vec::new(),
+            settings: if statements {
+                vec![(
+                    "shared_preload_libraries".to_string(),
+                    "'pg_stat_statements'".to_string(),
+                )]
+            } else {
+                Vec::new()
+            },
         })
     })
     .await??;
@@ -99,6 +111,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         flags: vec!["--immediate".into()],
         resolved_every: None,
         concurrency: args.concurrency,
+        statements,
     };
     let want = |p: &str| args.paths.iter().any(|x| x == p);
     if want("immediate") {
@@ -113,6 +126,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         flags: vec!["--bestEffortOnly".into()],
         resolved_every: Some(args.resolved_every.max(1)),
         concurrency: args.concurrency,
+        statements,
     };
     if want("best_effort") {
         let took = through_sink(&cluster, &best_effort, &bodies, &rows).await?;
@@ -134,6 +148,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .concat(),
         resolved_every: Some(args.resolved_every.max(1)),
         concurrency: args.concurrency,
+        statements,
     };
     // The consistent path again with the active-active userscript's logic on: dispatch with a
     // `_source` filter before staging, compare-and-set on the version, standard merge.
@@ -153,6 +168,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .concat(),
         resolved_every: Some(args.resolved_every.max(1)),
         concurrency: args.concurrency,
+        statements,
     };
     // The userscript's cost is a ratio of two runs: alternate them and keep the best of each,
     // so that a burst of other work on the machine does not decide it.
@@ -229,6 +245,8 @@ struct Plan {
     /// Post a resolved timestamp after every this many requests (consistent mode).
     resolved_every: Option<usize>,
     concurrency: usize,
+    /// Print the database's costliest statements after the run.
+    statements: bool,
 }
 
 /// Starts a sink on the plan's database and posts every body (and, in consistent mode, the
@@ -294,6 +312,9 @@ async fn through_sink(
         .await
         .with_context(|| format!("{db} path"))?;
     running.stop().await?;
+    if plan.statements {
+        print_statements(&pool, db).await?;
+    }
     Ok(took)
 }
 
@@ -495,6 +516,7 @@ async fn scale_point(
         flags: consistent.flags.clone(),
         resolved_every: consistent.resolved_every,
         concurrency: consistent.concurrency,
+        statements: consistent.statements,
     };
     let took = through_sink(cluster, &plan, &bodies, &rows).await?;
     let consistent_rows_per_s = rows.len() as f64 / took.as_secs_f64().max(1e-9);
@@ -581,6 +603,39 @@ async fn lag(args: &BenchArgs) -> anyhow::Result<bench::Lag> {
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(false),
     })
+}
+
+/// The ten statements of `db` that took the most database time, and their share of it.
+async fn print_statements(pool: &sqlx::PgPool, db: &str) -> anyhow::Result<()> {
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(pool)
+        .await?;
+    let rows: Vec<(f64, i64, i64, String)> = sqlx::query_as(
+        "SELECT s.total_exec_time, s.calls, s.rows, left(regexp_replace(s.query, '\\s+', ' ', 'g'), 110) \
+FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1 \
+ORDER BY s.total_exec_time DESC LIMIT 10",
+    )
+    .bind(db)
+    .fetch_all(pool)
+    .await?;
+    let total: f64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(s.total_exec_time), 0)::FLOAT8 FROM pg_stat_statements s \
+JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1",
+    )
+    .bind(db)
+    .fetch_one(pool)
+    .await?;
+    eprintln!("{db}: {total:.0} ms of statement time");
+    for (ms, calls, rows, q) in rows {
+        eprintln!(
+            "  {:>8.0} ms {:>5.1} % {:>7} calls {:>9} rows  {q}",
+            ms,
+            100.0 * ms / total.max(1e-9),
+            calls,
+            rows
+        );
+    }
+    Ok(())
 }
 
 /// Drops and recreates a path's database, for another run of it.

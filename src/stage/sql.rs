@@ -189,6 +189,43 @@ ON CONFLICT DO NOTHING RETURNING 1)",
     format!("WITH {} SELECT {}", ctes.join(", "), counts.join(", "))
 }
 
+/// PostgreSQL: streams one table's rows in binary COPY format (see [`copy_rows`]). COPY writes
+/// a page of rows per log record where the insert writes one per row, but it cannot skip rows
+/// already staged: a duplicate fails it, and the caller stages with [`insert`] instead.
+pub fn copy(table: &str) -> String {
+    format!("COPY {table} (nanos, logical, key, mut, before) FROM STDIN WITH (FORMAT binary)")
+}
+
+/// The binary COPY stream of [`copy`]'s five columns: a signature and two zero words, then per
+/// row a field count and each field as a big-endian length (-1 for NULL) and its bytes
+/// (integers as 8 big-endian bytes, text as UTF-8), and a -1 trailer.
+pub fn copy_rows<'a>(
+    rows: impl ExactSizeIterator<Item = (i64, i64, &'a str, &'a [u8], Option<&'a [u8]>)>,
+    size_hint: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(19 + 2 + size_hint + rows.len() * 48);
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes());
+    let field = |out: &mut Vec<u8>, bytes: &[u8]| {
+        out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+        out.extend_from_slice(bytes);
+    };
+    for (nanos, logical, key, mutation, before) in rows {
+        out.extend_from_slice(&5i16.to_be_bytes());
+        field(&mut out, &nanos.to_be_bytes());
+        field(&mut out, &logical.to_be_bytes());
+        field(&mut out, key.as_bytes());
+        field(&mut out, mutation);
+        match before {
+            Some(b) => field(&mut out, b),
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    out
+}
+
 /// PostgreSQL: statements that build the `key` index of an existing staging table without
 /// blocking its writers, drop a broken one (a build that was interrupted leaves an invalid
 /// index behind), and report its state: `(valid, being built)`, no row when it is missing.
@@ -320,6 +357,34 @@ mod tests {
         assert_eq!(
             crdb.object("checkpoints"),
             "\"_cdc_sink\".\"public\".\"checkpoints\""
+        );
+    }
+
+    #[test]
+    fn copy_rows_follow_the_binary_copy_layout() {
+        let rows = [
+            (1i64, 2i64, "[1]", &b"{}"[..], None),
+            (-1, 0, "", &b"null"[..], Some(&b"x"[..])),
+        ];
+        let out = copy_rows(rows.iter().copied(), 0);
+        let mut want: Vec<u8> = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0".to_vec();
+        want.extend([
+            0, 5, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 2,
+        ]);
+        want.extend([
+            0, 0, 0, 3, b'[', b'1', b']', 0, 0, 0, 2, b'{', b'}', 0xff, 0xff, 0xff, 0xff,
+        ]);
+        want.extend([
+            0, 5, 0, 0, 0, 8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]);
+        want.extend([0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        want.extend([
+            0, 0, 0, 4, b'n', b'u', b'l', b'l', 0, 0, 0, 1, b'x', 0xff, 0xff,
+        ]);
+        assert_eq!(out, want);
+        assert_eq!(
+            copy("\"_cdc_sink\".\"t\""),
+            "COPY \"_cdc_sink\".\"t\" (nanos, logical, key, mut, before) FROM STDIN WITH (FORMAT binary)"
         );
     }
 
