@@ -21,7 +21,7 @@
 //! | [`stage`] | the `_cdc_sink` staging tables |
 //! | [`checkpoint`] | resolved timestamps and leases |
 //! | [`sequence`] | consistent, best-effort and immediate modes, the choice between them, concurrent apply transactions, poison search |
-//! | [`apply`] | target schema introspection and the SQL that writes rows |
+//! | [`apply`] | the writer of target rows (`Applier`: mapping, upsert/delete SQL, compare-and-set, merge, dead-letter queue); the target schema cache it and the others read (`SchemaCache`); the `TableConfigs` it asks for each table's options |
 //! | [`script`] | the userscript: loading (TS→JS, imports), the engine and its hooks, the worker threads and their watchdog, the `cdc-sink@v1` module, the `getTX()` bridge |
 //! | [`hlc`], [`ident`], [`mutation`] | shared vocabulary |
 //! | [`metrics`] | the catalogue of metric names |

@@ -14,7 +14,7 @@
 //! |---|---|
 //! | `mod.rs` | the [`Sequencer`]: starting, waking and stopping the pipelines |
 //! | `parts.rs` | flags, the error, lease timing, the parts pipelines share, the registry of running pipelines |
-//! | `write.rs` | the foreign-key write order and the userscript's write hooks |
+//! | `write.rs` | the foreign-key write order, and the userscript's `map`, `deleteKey` and `apply` on the way to the applier |
 //! | `consistent/` | the consistent pipeline: lease loop, page reader, flush transactions, window scheduler |
 //! | `best_effort.rs` | best-effort ingest |
 //! | `mode.rs` | the mode of each schema |
@@ -31,7 +31,6 @@ pub use mode::{Admission, Mode};
 pub use parts::{lease_name, Blocked, Parts, Pipelines, SequenceArgs, SequenceError};
 use parts::{Running, RELEASE_MARGIN};
 pub use poison::{find_poison, Poison};
-pub use write::Hooks;
 pub(crate) use write::{write_ordered, write_ordered_counted};
 
 use crate::apply::SchemaInfo;
@@ -70,7 +69,7 @@ impl Sequencer {
         let sources = mode::Sources {
             checkpoints: parts.checkpoints.clone(),
             stager: parts.stager.clone(),
-            applier: parts.applier.clone(),
+            schemas: parts.applier.schemas().clone(),
         };
         let modes = mode::Modes::new(policy, sources, stop.subscribe());
         Arc::new(Sequencer {
@@ -100,9 +99,6 @@ impl Sequencer {
         info: &SchemaInfo,
         batches: &TableBatches,
     ) -> Result<(), SequenceError> {
-        if let Some(h) = &self.parts.hooks {
-            h.configure(&self.parts.applier, info);
-        }
         best_effort::accept(&self.parts, schema, info, batches).await
     }
 
@@ -141,7 +137,7 @@ impl Sequencer {
     /// target (a schema dropped since keeps its rows, but nothing can apply them).
     pub async fn recover(&self) -> Result<(), SequenceError> {
         for schema in self.parts.checkpoints.pending_schemas().await? {
-            let info = self.parts.applier.schema(&schema).await?;
+            let info = self.parts.applier.schemas().schema(&schema).await?;
             if info.tables.is_empty() {
                 tracing::warn!(schema = %schema, "pending checkpoints of a schema without tables; not starting its pipeline");
                 continue;
@@ -215,10 +211,7 @@ impl Sequencer {
         schema: &Schema,
         batches: &TableBatches,
     ) -> Result<(), SequenceError> {
-        let info = self.parts.applier.schema(schema).await?;
-        if let Some(h) = &self.parts.hooks {
-            h.configure(&self.parts.applier, &info);
-        }
+        let info = self.parts.applier.schemas().schema(schema).await?;
         let mut tx = self
             .parts
             .target
@@ -227,7 +220,7 @@ impl Sequencer {
             .map_err(SequenceError::Sql)?;
         write_ordered(
             &self.parts.applier,
-            self.parts.hooks.as_ref(),
+            self.parts.script.as_ref(),
             &mut tx,
             &info,
             batches,
