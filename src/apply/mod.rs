@@ -489,6 +489,71 @@ mod tests {
         assert_send(a.schemas().refresh(&s));
     }
 
+    /// Counts the questions; configures `cas` on every table.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl TableConfigs for Counting {
+        fn table_config(&self, _: &Table) -> Option<TableConfig> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(TableConfig {
+                cas: vec![crate::ident::Ident::new("ver")],
+                ..TableConfig::default()
+            })
+        }
+    }
+
+    fn lazy_target() -> Database {
+        Database {
+            pool: sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://localhost/nowhere")
+                .expect("lazy pool"),
+            dialect: Dialect::Postgres,
+            database: "nowhere".into(),
+            name: "target",
+        }
+    }
+
+    /// The plan cache compares options by identity: a table's options must be asked once and
+    /// then stay the same `Arc` until replaced.
+    #[tokio::test]
+    async fn table_options_are_asked_once_per_table_and_replacing_them_wins() {
+        let asked = Arc::new(Counting(Default::default()));
+        let a = Applier::with_options(
+            lazy_target(),
+            Duration::from_secs(60),
+            ApplyArgs::default(),
+            Some(asked.clone()),
+        );
+        let t = Table::new(Schema::new("nowhere", "public"), "t");
+        let u = Table::new(Schema::new("nowhere", "public"), "u");
+        let first = a.config(&t);
+        assert_eq!(first.cas, [crate::ident::Ident::new("ver")]);
+        assert!(Arc::ptr_eq(&first, &a.config(&t)));
+        a.config(&u);
+        assert_eq!(asked.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        a.set_config(&t, TableConfig::default());
+        assert!(a.config(&t).cas.is_empty());
+        assert_eq!(asked.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        // Without a source, every table has the defaults.
+        let plain = Applier::new(lazy_target(), Duration::from_secs(60));
+        assert_eq!(*plain.config(&t), TableConfig::default());
+    }
+
+    #[tokio::test]
+    async fn the_schema_cache_refuses_a_schema_of_another_database_without_asking_it() {
+        let a = Applier::new(lazy_target(), Duration::from_secs(60));
+        let err = a
+            .schemas()
+            .schema(&Schema::new("elsewhere", "public"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "schema elsewhere.public is not in the connected database nowhere"
+        );
+        assert!(a.schemas().cached_schemas().is_empty());
+    }
+
     #[test]
     fn errors_classify_for_status_codes() {
         let e = ApplyError::SchemaChanged { table: "t".into() };
