@@ -31,7 +31,7 @@
 //! | [`stage`] | the `_cdc_sink` staging tables |
 //! | [`checkpoint`] | resolved timestamps and leases |
 //! | [`sequence`] | the front door after decoding: drops redeliveries, picks each schema's mode (consistent, best-effort, immediate) and stages or applies; the consistent pipeline (lease, windows, concurrent flush transactions), the foreign-key write order, poison search, its part of `/_/status` |
-//! | [`apply`] | target schema introspection and the SQL that writes rows |
+//! | [`apply`] | the writer of target rows (`Applier`: mapping, upsert/delete SQL, compare-and-set, merge, dead-letter queue); the target schema cache it and the others read (`SchemaCache`); the `TableConfigs` it asks for each table's options |
 //! | [`script`] | the userscript: loading (TS→JS, imports), the engine and its hooks, the worker threads and their watchdog, the `cdc-sink@v1` module, the `getTX()` bridge |
 //! | [`hlc`], [`ident`], [`mutation`] | shared vocabulary |
 //! | [`metrics`] | the catalogue of metric names |

@@ -7,7 +7,7 @@ use crate::apply::{Applier, ApplyError};
 use crate::auth::{AuthArgs, AuthError, Authenticator};
 use crate::checkpoint::{AppliedRanges, CheckpointError, Checkpoints, Leases};
 use crate::script::{ScriptError, Userscript};
-use crate::sequence::{Hooks, Parts, SequenceArgs, SequenceError, Sequencer};
+use crate::sequence::{Parts, SequenceArgs, SequenceError, Sequencer};
 use crate::server::{ServerArgs, ServerError};
 use crate::source::webhook::DecodeLimits;
 use crate::source::{Ingest, SourceArgs};
@@ -281,7 +281,6 @@ pub fn prepare_with(argv: Vec<String>, tree: clap::Command) -> Result<Prepared, 
 pub async fn launch(prepared: Prepared) -> Result<Running, SinkError> {
     let Prepared { args, script } = prepared;
     args.validate()?;
-    let hooks = script.map(Hooks::new);
     crate::metrics::install();
     let crate::target::Opened {
         target,
@@ -310,6 +309,9 @@ pub async fn launch(prepared: Prepared) -> Result<Running, SinkError> {
         target.clone(),
         args.target.schema_refresh,
         args.apply.clone(),
+        script
+            .clone()
+            .map(|s| Arc::new(s) as Arc<dyn crate::apply::TableConfigs>),
     );
     let sequencer = Sequencer::new(Parts {
         args: args.sequence.clone(),
@@ -320,7 +322,7 @@ pub async fn launch(prepared: Prepared) -> Result<Running, SinkError> {
         ranges,
         leases,
         applier: applier.clone(),
-        hooks: hooks.clone(),
+        script: script.clone(),
         pipelines: Default::default(),
         control,
     });
@@ -334,7 +336,7 @@ pub async fn launch(prepared: Prepared) -> Result<Running, SinkError> {
         auth,
         applier,
         sequencer: sequencer.clone(),
-        hooks,
+        script,
         limits: DecodeLimits {
             ndjson_line_bytes: args.source.ndjson_buffer_size,
         },

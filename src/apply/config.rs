@@ -1,7 +1,7 @@
-//! Apply options: per table, set by the userscript's `configureTable` (§5.6), and per process,
-//! set by flags ([`ApplyArgs`]).
+//! Apply options: per table, asked of a [`TableConfigs`] (the userscript's `configureTable`,
+//! §5.6), and per process, set by flags ([`ApplyArgs`]).
 
-use crate::ident::Ident;
+use crate::ident::{Ident, Table};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -34,6 +34,14 @@ impl TableConfig {
     pub fn row_limit(&self) -> usize {
         self.row_limit.unwrap_or(DEFAULT_ROW_LIMIT).max(1)
     }
+}
+
+/// Where the applier gets each table's options. Asked once per table, the first time the
+/// applier builds that table's plan: the answer must not change afterwards (a userscript's
+/// options are fixed once it is loaded).
+pub trait TableConfigs: Send + Sync {
+    /// The options of `table`; `None` for the defaults.
+    fn table_config(&self, table: &Table) -> Option<TableConfig>;
 }
 
 /// The default `--dlqTableName`.

@@ -39,7 +39,7 @@ impl Applier {
         conn: &mut PgConnection,
         schema: &Schema,
     ) -> Result<Arc<DlqTable>, ApplyError> {
-        let mut info = self.current(Some(&mut *conn), schema).await?;
+        let mut info = self.schemas().current(Some(&mut *conn), schema).await?;
         if let Some(t) = self
             .inner
             .dlqs
@@ -53,7 +53,7 @@ impl Applier {
         let wanted = Table::new(schema.clone(), self.inner.options.dlq_table_name.as_str());
         if info.table(&wanted).is_none() {
             // Perhaps created since the schema was loaded.
-            info = self.load(Some(&mut *conn), schema).await?;
+            info = self.schemas().load(Some(&mut *conn), schema).await?;
         }
         if info.table(&wanted).is_none() {
             let uuid = self.uuid_default(conn).await?;
@@ -65,7 +65,7 @@ impl Applier {
                 });
             }
             self.create_dlq(&wanted, &ddl).await?;
-            info = self.refresh(schema).await?;
+            info = self.schemas().refresh(schema).await?;
         }
         let Some(ts) = info.table(&wanted) else {
             return Err(ApplyError::UnknownTable(wanted.to_string()));

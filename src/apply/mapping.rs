@@ -1029,7 +1029,7 @@ mod tests {
     #[test]
     fn a_merge_function_needs_cas_or_deadlines() {
         let err = plan(TableConfig {
-            merge: Some(crate::apply::merge::standard(None)),
+            merge: Some(crate::apply::standard::merge(None)),
             ..Default::default()
         })
         .unwrap_err();

@@ -1,5 +1,6 @@
 //! The conflict-resolution interface: what a merge function sees and may answer. Native
-//! mergers (the standard three-way merge) and userscript mergers both implement [`Merger`].
+//! mergers (the standard three-way merge, [`super::standard::merge`]) and userscript mergers
+//! both implement [`Merger`].
 
 use crate::hlc::Hlc;
 use crate::ident::Table;
@@ -85,14 +86,6 @@ impl fmt::Debug for MergeFn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("MergeFn(..)")
     }
-}
-
-/// The standard three-way merge (§6.4). Conflicts it cannot reconcile go to `fallback` in one
-/// call, with [`Conflict::unmerged`] set; without a fallback they fail the batch. A refused
-/// delete (no `proposed`) always goes to the fallback, listing the properties the target changed
-/// since `before`.
-pub fn standard(fallback: Option<MergeFn>) -> MergeFn {
-    MergeFn(Arc::new(super::standard::Standard { fallback }))
 }
 
 /// Whether two property values are the same datum under the standard merge's canonical

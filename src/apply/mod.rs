@@ -1,12 +1,20 @@
-//! Writing mutations to the target (§5): schema introspection, column mapping and the SQL that
-//! upserts and deletes rows.
+//! Writing mutations to the target (§5): column mapping and the SQL that upserts and deletes
+//! rows. The [`Applier`] only writes; what it needs to know it asks for:
 //!
-//! Per table, an [`Applier`] keeps a plan: the upsert and delete statements (one array
-//! parameter per column, `unnest`ed into rows, so any number of rows shares one prepared
-//! statement) and the mapping from payload properties to those arrays. Plans are rebuilt when
-//! the table's columns or its [`TableConfig`] change. Tables with compare-and-set columns or
-//! deadlines take the conditional path (`cas`): losers are dropped, or resolved by the table's
-//! merge function ([`merge`]) into unconditional writes and dead-letter rows (`dlq`).
+//! - the target's tables come from a [`SchemaCache`] (`schema.rs`: introspection and the cache
+//!   of what was read, reloaded after `--schemaRefresh` or when the target says it changed).
+//!   The applier holds one ([`Applier::schemas`]); ingest, the mode choice and the pipelines
+//!   read the same one.
+//! - each table's options ([`TableConfig`]) come from a [`TableConfigs`] given at construction
+//!   (`config.rs`; the userscript implements it), asked once per table.
+//!
+//! Per table, the applier keeps a plan: the upsert and delete statements (one array parameter
+//! per column, `unnest`ed into rows, so any number of rows shares one prepared statement) and
+//! the mapping from payload properties to those arrays. Plans are rebuilt when the table's
+//! columns change, or its options are replaced ([`Applier::set_config`]). Tables with
+//! compare-and-set columns or deadlines take the conditional path (`cas`): losers are dropped,
+//! or resolved by the table's merge function ([`merge`]; the standard three-way merge is
+//! [`standard::merge`]) into unconditional writes and dead-letter rows (`dlq`).
 
 pub(crate) mod canonical;
 mod cas;
@@ -16,14 +24,14 @@ mod mapping;
 pub mod merge;
 mod schema;
 mod sql;
-mod standard;
+pub mod standard;
 pub mod value;
 
-pub use config::{ApplyArgs, TableConfig, DEFAULT_DLQ_TABLE, DEFAULT_ROW_LIMIT};
-pub use schema::{dependency_levels, type_name, Column, SchemaInfo, TableSchema};
+pub use config::{ApplyArgs, TableConfig, TableConfigs, DEFAULT_DLQ_TABLE, DEFAULT_ROW_LIMIT};
+pub use schema::{dependency_levels, type_name, Column, SchemaCache, SchemaInfo, TableSchema};
 
 use crate::hlc::Hlc;
-use crate::ident::{Ident, Schema, Table};
+use crate::ident::{Schema, Table};
 use crate::metrics::{
     APPLY_CONFLICTS, APPLY_DELETES, APPLY_DURATION, APPLY_ERRORS, APPLY_MUTATION_AGE,
     APPLY_RESOLVES, APPLY_UPSERTS,
@@ -31,6 +39,7 @@ use crate::metrics::{
 use crate::mutation::Mutation;
 use crate::target::{self, Database, Dialect};
 use mapping::{Batch, Plan};
+use schema::DRIFT_REFRESH;
 use sqlx::PgConnection;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -170,28 +179,6 @@ fn is_schema_change(e: &sqlx::Error) -> bool {
     )
 }
 
-/// Minimum age of a cached schema before a payload that does not fit it triggers a reload;
-/// bounds the introspection load while a real drift keeps failing.
-const DRIFT_REFRESH: Duration = Duration::from_secs(1);
-
-/// How long one caller's claim on reloading a stale schema holds off the others.
-const RELOAD_CLAIM: Duration = Duration::from_secs(30);
-
-struct Cached {
-    info: Arc<SchemaInfo>,
-    loaded: Instant,
-    /// One caller reloads a stale schema; the others keep using the old one meanwhile. A
-    /// time, not a flag, so a reload whose future was dropped does not block later ones.
-    reloading: Option<Instant>,
-}
-
-enum Lookup {
-    Fresh(Arc<SchemaInfo>),
-    /// Stale, and this caller now owns the reload.
-    Reload(Arc<SchemaInfo>),
-    Missing,
-}
-
 /// Why executing a batch failed: a statement (perhaps our schema is out of date) or anything
 /// else.
 pub(crate) enum Failure {
@@ -201,16 +188,20 @@ pub(crate) enum Failure {
 
 struct Inner {
     target: Database,
-    refresh: Duration,
     options: ApplyArgs,
+    schemas: SchemaCache,
+    /// Asked for a table's options the first time its plan is built.
+    table_configs: Option<Arc<dyn TableConfigs>>,
     dlqs: Mutex<HashMap<Schema, Arc<dlq::DlqTable>>>,
-    schemas: Mutex<HashMap<Schema, Cached>>,
+    /// The options of every table planned so far, as `table_configs` answered (or as
+    /// [`Applier::set_config`] replaced them).
     configs: RwLock<HashMap<Table, Arc<TableConfig>>>,
     plans: Mutex<HashMap<Table, Arc<Plan>>>,
     default_config: Arc<TableConfig>,
 }
 
-/// Writes mutations to target tables. Cheap to clone; all clones share caches.
+/// Writes mutations to target tables. Cheap to clone; all clones share caches. The target's
+/// schemas come from its [`SchemaCache`], each table's options from its [`TableConfigs`].
 #[derive(Clone)]
 pub struct Applier {
     inner: Arc<Inner>,
@@ -227,20 +218,26 @@ impl std::fmt::Debug for Applier {
 
 impl Applier {
     /// `refresh` is how long a loaded schema is trusted (`--schemaRefresh`). Default
-    /// [`ApplyArgs`].
+    /// [`ApplyArgs`], and every table with the default options.
     pub fn new(target: Database, refresh: Duration) -> Self {
-        Self::with_options(target, refresh, ApplyArgs::default())
+        Self::with_options(target, refresh, ApplyArgs::default(), None)
     }
 
-    /// Like [`Applier::new`], with the apply flags (dead-letter table name and creation).
-    pub fn with_options(target: Database, refresh: Duration, options: ApplyArgs) -> Self {
+    /// Like [`Applier::new`], with the apply flags (dead-letter table name and creation) and
+    /// where each table's options come from (the userscript, when there is one).
+    pub fn with_options(
+        target: Database,
+        refresh: Duration,
+        options: ApplyArgs,
+        table_configs: Option<Arc<dyn TableConfigs>>,
+    ) -> Self {
         Applier {
             inner: Arc::new(Inner {
+                schemas: SchemaCache::new(target.clone(), refresh),
                 target,
-                refresh,
                 options,
+                table_configs,
                 dlqs: Mutex::new(HashMap::new()),
-                schemas: Mutex::new(HashMap::new()),
                 configs: RwLock::new(HashMap::new()),
                 plans: Mutex::new(HashMap::new()),
                 default_config: Arc::new(TableConfig::default()),
@@ -252,7 +249,13 @@ impl Applier {
         self.inner.target.dialect
     }
 
-    /// Replaces the options of `table`; the next apply rebuilds its SQL.
+    /// The target's schemas, as this applier sees them; shared with whoever else asks.
+    pub fn schemas(&self) -> &SchemaCache {
+        &self.inner.schemas
+    }
+
+    /// Replaces the options of `table`, whatever the [`TableConfigs`] answers: for tests and
+    /// tools that build options in code. The next apply rebuilds its SQL.
     pub fn set_config(&self, table: &Table, cfg: TableConfig) {
         self.inner
             .configs
@@ -261,14 +264,33 @@ impl Applier {
             .insert(table.clone(), Arc::new(cfg));
     }
 
+    /// The options of `table`: asked of the [`TableConfigs`] once, then kept, so the plan
+    /// (which compares them by identity) is rebuilt only when they are replaced.
     fn config(&self, table: &Table) -> Arc<TableConfig> {
-        self.inner
+        let known = self
+            .inner
             .configs
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(table)
-            .cloned()
-            .unwrap_or_else(|| self.inner.default_config.clone())
+            .cloned();
+        if let Some(cfg) = known {
+            return cfg;
+        }
+        let asked = self
+            .inner
+            .table_configs
+            .as_ref()
+            .and_then(|c| c.table_config(table))
+            .map(Arc::new)
+            .unwrap_or_else(|| self.inner.default_config.clone());
+        self.inner
+            .configs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(table.clone())
+            .or_insert(asked)
+            .clone()
     }
 
     /// The dead-letter table's name in each target schema (`--dlqTableName`).
@@ -276,154 +298,14 @@ impl Applier {
         &self.inner.options.dlq_table_name
     }
 
-    /// The schemas loaded so far (those this process has written to or been asked about).
-    pub fn cached_schemas(&self) -> Vec<Schema> {
-        let mut out: Vec<Schema> = self
-            .inner
-            .schemas
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .keys()
-            .cloned()
-            .collect();
-        out.sort_by_key(|s| s.canonical());
-        out
-    }
-
-    /// The schema, from cache while younger than the refresh interval.
-    pub async fn schema(&self, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
-        self.current(None, schema).await
-    }
-
-    /// Reloads the schema now.
-    pub async fn refresh(&self, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
-        self.check_database(schema)?;
-        self.load(None, schema).await
-    }
-
-    /// PostgreSQL resolves names only inside the connected database.
-    fn check_database(&self, schema: &Schema) -> Result<(), ApplyError> {
-        let t = &self.inner.target;
-        if t.dialect == Dialect::Postgres && schema.db != Ident::new(t.database.as_str()) {
-            return Err(ApplyError::WrongDatabase {
-                schema: schema.to_string(),
-                database: t.database.clone(),
-            });
-        }
-        Ok(())
-    }
-
-    fn lookup(&self, schema: &Schema) -> Lookup {
-        let mut schemas = self
-            .inner
-            .schemas
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match schemas.get_mut(schema) {
-            None => Lookup::Missing,
-            Some(c)
-                if c.loaded.elapsed() < self.inner.refresh
-                    || c.reloading.is_some_and(|t| t.elapsed() < RELOAD_CLAIM) =>
-            {
-                Lookup::Fresh(c.info.clone())
-            }
-            Some(c) => {
-                c.reloading = Some(Instant::now());
-                Lookup::Reload(c.info.clone())
-            }
-        }
-    }
-
-    /// The cached schema, reloaded through `conn` (or the pool) when stale. Reload errors after
-    /// the first load are only logged: the previous schema stays in use.
-    async fn current(
-        &self,
-        conn: Option<&mut PgConnection>,
-        schema: &Schema,
-    ) -> Result<Arc<SchemaInfo>, ApplyError> {
-        self.check_database(schema)?;
-        match self.lookup(schema) {
-            Lookup::Fresh(info) => Ok(info),
-            Lookup::Missing => self.load(conn, schema).await,
-            Lookup::Reload(old) => match self.load(conn, schema).await {
-                Ok(info) => Ok(info),
-                Err(e) => {
-                    tracing::warn!(schema = %schema, error = %e, "schema refresh failed; keeping the previous schema");
-                    Ok(old)
-                }
-            },
-        }
-    }
-
-    async fn load(
-        &self,
-        conn: Option<&mut PgConnection>,
-        schema: &Schema,
-    ) -> Result<Arc<SchemaInfo>, ApplyError> {
-        let dialect = self.inner.target.dialect;
-        let loaded = match conn {
-            Some(c) => schema::load(c, dialect, schema).await,
-            None => match self.inner.target.acquire().await {
-                Ok(mut c) => schema::load(&mut c, dialect, schema).await,
-                Err(error) => Err(ApplyError::Introspect {
-                    schema: schema.to_string(),
-                    error,
-                }),
-            },
-        };
-        let mut schemas = self
-            .inner
-            .schemas
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match loaded {
-            Ok(info) => {
-                let info = match schemas.get(schema) {
-                    Some(old) => info.reuse(&old.info),
-                    None => info,
-                };
-                let info = Arc::new(info);
-                tracing::debug!(schema = %schema, tables = info.tables.len(), "loaded target schema");
-                schemas.insert(
-                    schema.clone(),
-                    Cached {
-                        info: info.clone(),
-                        loaded: Instant::now(),
-                        reloading: None,
-                    },
-                );
-                Ok(info)
-            }
-            Err(e) => {
-                // Try again after another interval rather than on every call.
-                if let Some(c) = schemas.get_mut(schema) {
-                    c.reloading = None;
-                    c.loaded = Instant::now();
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// Whether the cached schema was loaded more than `age` ago (or not at all).
-    fn loaded_before(&self, schema: &Schema, age: Duration) -> bool {
-        let schemas = self
-            .inner
-            .schemas
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        schemas
-            .get(schema)
-            .is_none_or(|c| c.loaded.elapsed() >= age)
-    }
-
     /// The plan of `table`, rebuilt when its columns or configuration changed.
     async fn plan(&self, conn: &mut PgConnection, table: &Table) -> Result<Arc<Plan>, ApplyError> {
-        let info = self.current(Some(&mut *conn), &table.schema).await?;
+        let schemas = &self.inner.schemas;
+        let info = schemas.current(Some(&mut *conn), &table.schema).await?;
         let ts = match info.table(table) {
             Some(ts) => ts.clone(),
             // Perhaps created since the last load.
-            None if self.loaded_before(&table.schema, DRIFT_REFRESH) => self
+            None if schemas.loaded_before(&table.schema, DRIFT_REFRESH) => schemas
                 .load(Some(conn), &table.schema)
                 .await?
                 .table(table)
@@ -510,9 +392,17 @@ impl Applier {
             Ok(b) => b,
             // The target may have gained the columns since we last looked: the source and the
             // target are usually altered together.
-            Err(ApplyError::Drift { .. }) if self.loaded_before(&table.schema, DRIFT_REFRESH) => {
+            Err(ApplyError::Drift { .. })
+                if self
+                    .inner
+                    .schemas
+                    .loaded_before(&table.schema, DRIFT_REFRESH) =>
+            {
                 tracing::info!(table = %table, "payload does not match the cached schema; reloading");
-                self.load(Some(&mut *conn), &table.schema).await?;
+                self.inner
+                    .schemas
+                    .load(Some(&mut *conn), &table.schema)
+                    .await?;
                 plan = self.plan(conn, table).await?;
                 plan.prepare(muts)?
             }
@@ -531,7 +421,7 @@ impl Applier {
         };
         tracing::info!(table = %table, code = %target::sqlstate(&error), "target schema changed; reloading");
         // The pool, not `conn`: a failed statement has aborted the caller's transaction.
-        self.refresh(&table.schema).await?;
+        self.inner.schemas.refresh(&table.schema).await?;
         let replanned = self.plan(conn, table).await?;
         if Arc::ptr_eq(&replanned, &plan) {
             return Err(ApplyError::Write {
@@ -594,8 +484,74 @@ mod tests {
     fn applier_and_its_futures_are_send(a: Applier, conn: &mut PgConnection, t: Table, s: Schema) {
         assert_send_sync(&a);
         assert_send(a.apply(conn, &t, &[]));
-        assert_send(a.schema(&s));
-        assert_send(a.refresh(&s));
+        assert_send_sync(a.schemas());
+        assert_send(a.schemas().schema(&s));
+        assert_send(a.schemas().refresh(&s));
+    }
+
+    /// Counts the questions; configures `cas` on every table.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl TableConfigs for Counting {
+        fn table_config(&self, _: &Table) -> Option<TableConfig> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(TableConfig {
+                cas: vec![crate::ident::Ident::new("ver")],
+                ..TableConfig::default()
+            })
+        }
+    }
+
+    fn lazy_target() -> Database {
+        Database {
+            pool: sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://localhost/nowhere")
+                .expect("lazy pool"),
+            dialect: Dialect::Postgres,
+            database: "nowhere".into(),
+            name: "target",
+        }
+    }
+
+    /// The plan cache compares options by identity: a table's options must be asked once and
+    /// then stay the same `Arc` until replaced.
+    #[tokio::test]
+    async fn table_options_are_asked_once_per_table_and_replacing_them_wins() {
+        let asked = Arc::new(Counting(Default::default()));
+        let a = Applier::with_options(
+            lazy_target(),
+            Duration::from_secs(60),
+            ApplyArgs::default(),
+            Some(asked.clone()),
+        );
+        let t = Table::new(Schema::new("nowhere", "public"), "t");
+        let u = Table::new(Schema::new("nowhere", "public"), "u");
+        let first = a.config(&t);
+        assert_eq!(first.cas, [crate::ident::Ident::new("ver")]);
+        assert!(Arc::ptr_eq(&first, &a.config(&t)));
+        a.config(&u);
+        assert_eq!(asked.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        a.set_config(&t, TableConfig::default());
+        assert!(a.config(&t).cas.is_empty());
+        assert_eq!(asked.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        // Without a source, every table has the defaults.
+        let plain = Applier::new(lazy_target(), Duration::from_secs(60));
+        assert_eq!(*plain.config(&t), TableConfig::default());
+    }
+
+    #[tokio::test]
+    async fn the_schema_cache_refuses_a_schema_of_another_database_without_asking_it() {
+        let a = Applier::new(lazy_target(), Duration::from_secs(60));
+        let err = a
+            .schemas()
+            .schema(&Schema::new("elsewhere", "public"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "schema elsewhere.public is not in the connected database nowhere"
+        );
+        assert!(a.schemas().cached_schemas().is_empty());
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! Target schema introspection (§5.1): tables, their columns as the applier needs them, and the
-//! foreign-key dependency order (§4.1).
+//! The target schema: introspection (§5.1) of tables, their columns as the applier needs them,
+//! and the foreign-key dependency order (§4.1); and the [`SchemaCache`] that keeps what was
+//! read, shared by the applier and everyone else who asks about the target's tables.
 
 use super::{sql, ApplyError};
 use crate::ident::{Ident, Schema, Table};
-use crate::target::Dialect;
+use crate::target::{Database, Dialect};
 use sqlx::PgConnection;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// One column of a target table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +65,208 @@ impl SchemaInfo {
             }
         }
         self
+    }
+}
+
+/// Minimum age of a cached schema before a table or a payload that does not fit it triggers a
+/// reload; bounds the introspection load while a real drift keeps failing.
+pub(super) const DRIFT_REFRESH: Duration = Duration::from_secs(1);
+
+/// How long one caller's claim on reloading a stale schema holds off the others.
+const RELOAD_CLAIM: Duration = Duration::from_secs(30);
+
+struct Cached {
+    info: Arc<SchemaInfo>,
+    loaded: Instant,
+    /// One caller reloads a stale schema; the others keep using the old one meanwhile. A
+    /// time, not a flag, so a reload whose future was dropped does not block later ones.
+    reloading: Option<Instant>,
+}
+
+enum Lookup {
+    Fresh(Arc<SchemaInfo>),
+    /// Stale, and this caller now owns the reload.
+    Reload(Arc<SchemaInfo>),
+    Missing,
+}
+
+struct CacheInner {
+    target: Database,
+    refresh: Duration,
+    schemas: Mutex<HashMap<Schema, Cached>>,
+}
+
+/// The target schemas this process has loaded, each trusted for the refresh interval
+/// (`--schemaRefresh`) and then reloaded by one caller while the others keep the previous one.
+/// Cheap to clone; all clones share the cache. The applier holds one
+/// ([`super::Applier::schemas`]); ingest, the mode choice and the pipelines ask it too.
+#[derive(Clone)]
+pub struct SchemaCache {
+    inner: Arc<CacheInner>,
+}
+
+impl std::fmt::Debug for SchemaCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaCache")
+            .field("database", &self.inner.target.database)
+            .field("refresh", &self.inner.refresh)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SchemaCache {
+    /// `refresh` is how long a loaded schema is trusted.
+    pub fn new(target: Database, refresh: Duration) -> SchemaCache {
+        SchemaCache {
+            inner: Arc::new(CacheInner {
+                target,
+                refresh,
+                schemas: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The schemas loaded so far (those this process has written to or been asked about).
+    pub fn cached_schemas(&self) -> Vec<Schema> {
+        let mut out: Vec<Schema> = self
+            .inner
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        out.sort_by_key(|s| s.canonical());
+        out
+    }
+
+    /// The schema, from cache while younger than the refresh interval.
+    pub async fn schema(&self, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
+        self.current(None, schema).await
+    }
+
+    /// Reloads the schema now.
+    pub async fn refresh(&self, schema: &Schema) -> Result<Arc<SchemaInfo>, ApplyError> {
+        self.check_database(schema)?;
+        self.load(None, schema).await
+    }
+
+    /// PostgreSQL resolves names only inside the connected database.
+    fn check_database(&self, schema: &Schema) -> Result<(), ApplyError> {
+        let t = &self.inner.target;
+        if t.dialect == Dialect::Postgres && schema.db != Ident::new(t.database.as_str()) {
+            return Err(ApplyError::WrongDatabase {
+                schema: schema.to_string(),
+                database: t.database.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, schema: &Schema) -> Lookup {
+        let mut schemas = self
+            .inner
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match schemas.get_mut(schema) {
+            None => Lookup::Missing,
+            Some(c)
+                if c.loaded.elapsed() < self.inner.refresh
+                    || c.reloading.is_some_and(|t| t.elapsed() < RELOAD_CLAIM) =>
+            {
+                Lookup::Fresh(c.info.clone())
+            }
+            Some(c) => {
+                c.reloading = Some(Instant::now());
+                Lookup::Reload(c.info.clone())
+            }
+        }
+    }
+
+    /// The cached schema, reloaded through `conn` (or the pool) when stale. Reload errors after
+    /// the first load are only logged: the previous schema stays in use.
+    pub(super) async fn current(
+        &self,
+        conn: Option<&mut PgConnection>,
+        schema: &Schema,
+    ) -> Result<Arc<SchemaInfo>, ApplyError> {
+        self.check_database(schema)?;
+        match self.lookup(schema) {
+            Lookup::Fresh(info) => Ok(info),
+            Lookup::Missing => self.load(conn, schema).await,
+            Lookup::Reload(old) => match self.load(conn, schema).await {
+                Ok(info) => Ok(info),
+                Err(e) => {
+                    tracing::warn!(schema = %schema, error = %e, "schema refresh failed; keeping the previous schema");
+                    Ok(old)
+                }
+            },
+        }
+    }
+
+    /// Reads the schema through `conn` (or the pool) and caches it, keeping the previous
+    /// `Arc` of every unchanged table.
+    pub(super) async fn load(
+        &self,
+        conn: Option<&mut PgConnection>,
+        schema: &Schema,
+    ) -> Result<Arc<SchemaInfo>, ApplyError> {
+        let dialect = self.inner.target.dialect;
+        let loaded = match conn {
+            Some(c) => load(c, dialect, schema).await,
+            None => match self.inner.target.acquire().await {
+                Ok(mut c) => load(&mut c, dialect, schema).await,
+                Err(error) => Err(ApplyError::Introspect {
+                    schema: schema.to_string(),
+                    error,
+                }),
+            },
+        };
+        let mut schemas = self
+            .inner
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match loaded {
+            Ok(info) => {
+                let info = match schemas.get(schema) {
+                    Some(old) => info.reuse(&old.info),
+                    None => info,
+                };
+                let info = Arc::new(info);
+                tracing::debug!(schema = %schema, tables = info.tables.len(), "loaded target schema");
+                schemas.insert(
+                    schema.clone(),
+                    Cached {
+                        info: info.clone(),
+                        loaded: Instant::now(),
+                        reloading: None,
+                    },
+                );
+                Ok(info)
+            }
+            Err(e) => {
+                // Try again after another interval rather than on every call.
+                if let Some(c) = schemas.get_mut(schema) {
+                    c.reloading = None;
+                    c.loaded = Instant::now();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the cached schema was loaded more than `age` ago (or not at all).
+    pub(super) fn loaded_before(&self, schema: &Schema, age: Duration) -> bool {
+        let schemas = self
+            .inner
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        schemas
+            .get(schema)
+            .is_none_or(|c| c.loaded.elapsed() >= age)
     }
 }
 

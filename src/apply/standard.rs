@@ -6,6 +6,15 @@ use super::merge::{Conflict, MergeError, MergeFn, Merger, Resolution, Row};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// The standard three-way merge (§6.4). Conflicts it cannot reconcile go to `fallback` in one
+/// call, with [`Conflict::unmerged`] set; without a fallback they fail the batch. A refused
+/// delete (no `proposed`) always goes to the fallback, listing the properties the target changed
+/// since `before`.
+pub fn merge(fallback: Option<MergeFn>) -> MergeFn {
+    MergeFn(Arc::new(Standard { fallback }))
+}
 
 pub(crate) struct Standard {
     pub fallback: Option<MergeFn>,
@@ -306,7 +315,7 @@ mod tests {
     #[test]
     fn the_fallback_gets_only_the_unmerged_conflicts_in_one_call() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let m = super::super::merge::standard(Some(MergeFn(Arc::new(Recorder(seen.clone())))));
+        let m = super::merge(Some(MergeFn(Arc::new(Recorder(seen.clone())))));
         let ok = conflict(
             Some(json!({"k": 1, "v": 1})),
             Some(json!({"k": 1, "v": 2})),
@@ -333,7 +342,7 @@ mod tests {
 
     #[test]
     fn without_fallback_an_unmerged_conflict_is_an_error_without_values() {
-        let m = super::super::merge::standard(None);
+        let m = super::merge(None);
         let bad = conflict(
             Some(json!({"k": 2, "secret": 1})),
             Some(json!({"k": 2, "secret": 2})),

@@ -10,18 +10,19 @@
 //! back and stays. Each batch commits on its own, so an interrupted replay leaves every row
 //! either applied and gone or untouched, and running it again resumes.
 
-use crate::apply::{Applier, ApplyArgs, TableSchema, DEFAULT_DLQ_TABLE};
+use crate::apply::{Applier, ApplyArgs, TableConfigs, TableSchema, DEFAULT_DLQ_TABLE};
 use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics::{DLQ_PURGED, DLQ_REPLAYED, LABEL_RESULT, LABEL_SCHEMA};
 use crate::mutation::{Mutation, TableBatches};
 use crate::script::Userscript;
-use crate::sequence::{write_ordered_counted, Hooks, SequenceError};
+use crate::sequence::{write_ordered_counted, SequenceError};
 use crate::target::{Database, Dialect, TargetArgs};
 use anyhow::Context;
 use serde_json::{json, Value};
 use sqlx::Acquire;
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -382,7 +383,11 @@ pub async fn replay(
     mut progress: impl FnMut(&ReplayReport) -> ControlFlow<()>,
 ) -> Result<ReplayReport, DlqError> {
     let schema = &dlq.schema;
-    let info = applier.schema(schema).await.map_err(SequenceError::from)?;
+    let info = applier
+        .schemas()
+        .schema(schema)
+        .await
+        .map_err(SequenceError::from)?;
     let named = match sel.table.as_deref() {
         Some(t) => {
             let name = table_filter(schema, t)?;
@@ -624,7 +629,19 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
             userscript,
             batch,
         } => {
-            let (db, schema, dlq) = open(&common).await?;
+            let (db, _, dlq) = open(&common).await?;
+            // The userscript's table options (compare-and-set, merge) decide how a replayed
+            // row is written; its `map` is not run again.
+            let script = match userscript {
+                Some(path) => {
+                    let flags = crate::sink::start_flags();
+                    let names: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).collect();
+                    let script = Userscript::load(&path, &names)
+                        .with_context(|| format!("loading {}", path.display()))?;
+                    Some(Arc::new(script) as Arc<dyn TableConfigs>)
+                }
+                None => None,
+            };
             let applier = Applier::with_options(
                 db.clone(),
                 Duration::from_secs(60),
@@ -633,15 +650,8 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
                     // A replayed row that loses is rolled back, never dead-lettered again.
                     dlq_auto_create: false,
                 },
+                script,
             );
-            if let Some(path) = userscript {
-                let flags = crate::sink::start_flags();
-                let names: Vec<&str> = flags.iter().map(|(n, _)| n.as_str()).collect();
-                let script = Userscript::load(&path, &names)
-                    .with_context(|| format!("loading {}", path.display()))?;
-                let info = applier.schema(&schema).await?;
-                Hooks::new(script).configure(&applier, &info);
-            }
             let report = replay(&applier, &db, &dlq, &sel, batch, |r| {
                 println!(
                     "batch {}: applied {}, lost again {}, failed {}",

@@ -29,5 +29,5 @@ impl Merger for JsMerger {
 /// `standardMerge(fallback)`: the native three-way merge, calling back into the script only
 /// for what it cannot reconcile.
 pub fn standard(fallback: Option<MergeFn>) -> MergeFn {
-    crate::apply::merge::standard(fallback)
+    crate::apply::standard::merge(fallback)
 }

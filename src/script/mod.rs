@@ -35,7 +35,7 @@ mod workers;
 pub use config::{Captured, DeletesTo, MergeKind, SourceOptions, TableName, TableOptions};
 
 use crate::apply::merge::{Conflict, MergeFn, Resolution};
-use crate::apply::{Applier, Column, SchemaInfo, TableConfig, TableSchema};
+use crate::apply::{Applier, Column, SchemaInfo, TableConfig, TableConfigs, TableSchema};
 use crate::ident::{Ident, Schema, Table};
 use crate::mutation::Mutation;
 use engine::{Reply, Work};
@@ -218,6 +218,13 @@ impl std::fmt::Debug for Userscript {
         f.debug_struct("Userscript")
             .field("path", &self.inner.path)
             .finish_non_exhaustive()
+    }
+}
+
+/// The applier asks the script for each table's `configureTable` options.
+impl TableConfigs for Userscript {
+    fn table_config(&self, table: &Table) -> Option<TableConfig> {
+        Userscript::table_config(self, table)
     }
 }
 
@@ -552,6 +559,7 @@ impl Userscript {
         let scope = table.schema.to_string();
         self.check_stuck(&scope, &what)?;
         let info = applier
+            .schemas()
             .schema(&table.schema)
             .await
             .map_err(|e| ScriptError::Target(e.to_string()))?;

@@ -97,7 +97,7 @@ async fn accept_once(
     batches: &TableBatches,
 ) -> Result<Outcome, SequenceError> {
     let stager = &parts.stager;
-    let hooks = parts.hooks.as_ref();
+    let script = parts.script.as_ref();
     let mut tx = parts.target.begin().await.map_err(SequenceError::Sql)?;
     check_constraints_now(&mut tx, stager.dialect()).await?;
 
@@ -118,13 +118,13 @@ async fn accept_once(
     let mut refused = Vec::new();
     if !direct.is_empty() {
         let mut sp = tx.begin().await.map_err(SequenceError::Sql)?;
-        match write_ordered(&parts.applier, hooks, &mut sp, info, &direct).await {
+        match write_ordered(&parts.applier, script, &mut sp, info, &direct).await {
             Ok(()) => sp.commit().await.map_err(SequenceError::Sql)?,
             Err(e) if is_transient(&e) => return Err(e),
             Err(e) => {
                 sp.rollback().await.map_err(SequenceError::Sql)?;
                 tracing::debug!(error = %e, "best-effort batch refused; applying mutations one at a time");
-                refused = poison::apply_each(&parts.applier, hooks, &mut tx, info, &direct, false)
+                refused = poison::apply_each(&parts.applier, script, &mut tx, info, &direct, false)
                     .await?;
             }
         }

@@ -13,14 +13,11 @@ pub(super) async fn apply(
     schema: &Schema,
     batches: &TableBatches,
 ) -> Result<(), SequenceError> {
-    let info = parts.applier.schema(schema).await?;
-    if let Some(h) = &parts.hooks {
-        h.configure(&parts.applier, &info);
-    }
+    let info = parts.applier.schemas().schema(schema).await?;
     let mut tx = parts.target.begin().await.map_err(SequenceError::Sql)?;
     write_ordered(
         &parts.applier,
-        parts.hooks.as_ref(),
+        parts.script.as_ref(),
         &mut tx,
         &info,
         batches,

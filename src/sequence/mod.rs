@@ -14,7 +14,7 @@
 //! |---|---|
 //! | `mod.rs` | the [`Sequencer`]: starting, waking and stopping the pipelines |
 //! | `parts.rs` | flags, the error, lease timing, the parts pipelines share, the registry of running pipelines |
-//! | `write.rs` | the foreign-key write order and the userscript's write hooks |
+//! | `write.rs` | the foreign-key write order, and the userscript's `map`, `deleteKey` and `apply` on the way to the applier |
 //! | `consistent/` | the consistent pipeline: lease loop, page reader, flush transactions, window scheduler |
 //! | `best_effort.rs` | best-effort ingest |
 //! | `mode.rs` | the mode of each schema |
@@ -35,7 +35,6 @@ pub use parts::{lease_name, Blocked, Parts, Pipelines, SequenceArgs, SequenceErr
 use parts::{Running, RELEASE_MARGIN};
 pub use poison::{find_poison, Poison};
 pub(crate) use write::write_ordered_counted;
-pub use write::Hooks;
 
 use crate::apply::SchemaInfo;
 use crate::hlc::Hlc;
@@ -76,7 +75,7 @@ impl Sequencer {
         let sources = mode::Sources {
             checkpoints: parts.checkpoints.clone(),
             stager: parts.stager.clone(),
-            applier: parts.applier.clone(),
+            schemas: parts.applier.schemas().clone(),
         };
         let modes = mode::Modes::new(policy, sources, stop.subscribe());
         Arc::new(Sequencer {
@@ -130,9 +129,6 @@ impl Sequencer {
                     batches = &later;
                 }
                 if !batches.is_empty() {
-                    if let Some(h) = &parts.hooks {
-                        h.configure(&parts.applier, info);
-                    }
                     best_effort::accept(parts, schema, info, batches).await?
                 }
             }
@@ -188,7 +184,7 @@ impl Sequencer {
     /// target (a schema dropped since keeps its rows, but nothing can apply them).
     pub async fn recover(&self) -> Result<(), SequenceError> {
         for schema in self.parts.checkpoints.pending_schemas().await? {
-            let info = self.parts.applier.schema(&schema).await?;
+            let info = self.parts.applier.schemas().schema(&schema).await?;
             if info.tables.is_empty() {
                 tracing::warn!(schema = %schema, "pending checkpoints of a schema without tables; not starting its pipeline");
                 continue;

@@ -22,7 +22,7 @@
 //! versions in order).
 
 use super::parts::{SequenceArgs, SequenceError};
-use crate::apply::Applier;
+use crate::apply::SchemaCache;
 use crate::checkpoint::{Bounds, Checkpoints};
 use crate::hlc::Hlc;
 use crate::ident::Schema;
@@ -134,14 +134,14 @@ struct SchemaMode {
 pub(crate) struct Sources {
     pub checkpoints: Arc<Checkpoints>,
     pub stager: Arc<Stager>,
-    pub applier: Applier,
+    pub schemas: SchemaCache,
 }
 
 impl Sources {
     /// Whether the staging tables of `schema` have the index best-effort needs; with `build`,
     /// builds the missing ones first.
     async fn indexed(&self, schema: &Schema, build: bool) -> Result<bool, SequenceError> {
-        let info = self.applier.schema(schema).await?;
+        let info = self.schemas.schema(schema).await?;
         let tables: Vec<_> = info.levels.iter().flatten().cloned().collect();
         Ok(self.stager.key_index(&tables, build).await?)
     }

@@ -2,14 +2,13 @@
 //! parts (databases, stager, checkpoints, applier, userscript) and the registry of running
 //! pipelines.
 
-use super::write::Hooks;
 use crate::apply::Applier;
 use crate::checkpoint::{AppliedRanges, CheckpointError, Checkpoints, Leases};
 use crate::config::parse_duration;
 use crate::hlc::Hlc;
 use crate::ident::{Schema, Table};
 use crate::metrics as m;
-use crate::script::ScriptError;
+use crate::script::{ScriptError, Userscript};
 use crate::stage::{StageError, Stager};
 use crate::target::Database;
 use std::collections::HashMap;
@@ -179,7 +178,8 @@ pub struct Parts {
     pub ranges: Arc<AppliedRanges>,
     pub leases: Arc<Leases>,
     pub applier: Applier,
-    pub hooks: Option<Hooks>,
+    /// The userscript's write-time hooks (`map`, `deleteKey`, `apply`), when there is one.
+    pub script: Option<Userscript>,
     /// The running pipelines (filled by the sequencer).
     pub pipelines: Pipelines,
     /// A small pool on the staging database for checkpoint commits (the leases have one

@@ -6,11 +6,12 @@
 //! blocks the schema (table, key, time) in its log line.
 
 use super::parts::SequenceError;
-use super::write::{write_order, write_ordered, Hooks, Pass};
+use super::write::{write_order, write_ordered, Pass};
 use crate::apply::{Applier, SchemaInfo};
 use crate::hlc::Hlc;
 use crate::ident::Table;
 use crate::mutation::{last_version_per_key, Mutation, TableBatches};
+use crate::script::Userscript;
 use crate::target::Dialect;
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -76,16 +77,16 @@ pub(crate) async fn check_constraints_now(
 /// transaction is then unusable and nothing is known about the mutations.
 pub(crate) async fn apply_each(
     applier: &Applier,
-    hooks: Option<&Hooks>,
+    script: Option<&Userscript>,
     conn: &mut PgConnection,
     info: &SchemaInfo,
     batches: &TableBatches,
     first_only: bool,
 ) -> Result<Vec<Poison>, SequenceError> {
     let mut refused = Vec::new();
-    for (table, part) in passes(hooks, info, batches) {
+    for (table, part) in passes(script, info, batches) {
         if part.len() > 1
-            && try_write(applier, hooks, conn, info, &table, &part)
+            && try_write(applier, script, conn, info, &table, &part)
                 .await?
                 .is_ok()
         {
@@ -94,7 +95,7 @@ pub(crate) async fn apply_each(
         for mu in part {
             if let Err(error) = try_write(
                 applier,
-                hooks,
+                script,
                 conn,
                 info,
                 &table,
@@ -123,14 +124,14 @@ pub(crate) async fn apply_each(
 /// went away). The search has the flush's own order and reduction (see [`apply_each`]).
 pub async fn find_poison(
     applier: &Applier,
-    hooks: Option<&Hooks>,
+    script: Option<&Userscript>,
     pool: &PgPool,
     info: &SchemaInfo,
     batches: &TableBatches,
 ) -> Result<Option<Poison>, SequenceError> {
     let mut tx = pool.begin().await.map_err(SequenceError::Sql)?;
     check_constraints_now(&mut tx, applier.dialect()).await?;
-    let found = apply_each(applier, hooks, &mut tx, info, batches, true).await?;
+    let found = apply_each(applier, script, &mut tx, info, batches, true).await?;
     tx.rollback().await.map_err(SequenceError::Sql)?;
     Ok(found.into_iter().next())
 }
@@ -139,7 +140,7 @@ pub async fn find_poison(
 /// back, `Err` transient.
 async fn try_write(
     applier: &Applier,
-    hooks: Option<&Hooks>,
+    script: Option<&Userscript>,
     conn: &mut PgConnection,
     info: &SchemaInfo,
     table: &Table,
@@ -148,7 +149,7 @@ async fn try_write(
     let mut batch = TableBatches::new();
     batch.insert(table.clone(), muts.to_vec());
     let mut sp = conn.begin().await.map_err(SequenceError::Sql)?;
-    match write_ordered(applier, hooks, &mut sp, info, &batch).await {
+    match write_ordered(applier, script, &mut sp, info, &batch).await {
         Ok(()) => {
             sp.commit().await.map_err(SequenceError::Sql)?;
             Ok(Ok(()))
@@ -165,11 +166,11 @@ async fn try_write(
 /// key; a pass of deletes (children first), then a pass of upserts (parents first). A table
 /// whose userscript has `apply` gets all its mutations in the upsert pass, as there.
 fn passes(
-    hooks: Option<&Hooks>,
+    script: Option<&Userscript>,
     info: &SchemaInfo,
     batches: &TableBatches,
 ) -> Vec<(Table, Vec<Mutation>)> {
-    let scripted = |t: &Table| hooks.is_some_and(|h| h.script().has_apply(t));
+    let scripted = |t: &Table| script.is_some_and(|s| s.has_apply(t));
     let mut out = Vec::new();
     for (t, pass) in write_order(info, batches, scripted) {
         let muts: Vec<Mutation> = last_version_per_key(&batches[t])

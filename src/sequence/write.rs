@@ -1,7 +1,10 @@
 //! How a flush's mutations are written: the foreign-key order (deletes from children to
-//! parents, then upserts from parents to children), the userscript's per-table hooks, and the
-//! reduction of each table's batch to the last version of each key. The consistent window, the
-//! best-effort path, immediate mode and the poison search all write through here.
+//! parents, then upserts from parents to children), each table's batch handed through the
+//! userscript's `map`/`deleteKey` and, for a table with `apply`, to the userscript instead of
+//! the applier, and the reduction of each table's batch to the last version of each key. The
+//! consistent window, the best-effort path, immediate mode and the poison search all write
+//! through here. Table options (`configureTable`) are not handled here: the applier asks the
+//! userscript for them itself.
 
 use super::parts::SequenceError;
 use crate::apply::{Applier, ApplyStats, SchemaInfo};
@@ -9,42 +12,7 @@ use crate::ident::Table;
 use crate::mutation::{last_version_per_key, Mutation, TableBatches};
 use crate::script::Userscript;
 use sqlx::PgConnection;
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-
-/// The userscript as the pipeline uses it: its per-table options go to the applier the first
-/// time a table is seen; its `map`, `deleteKey` and `apply` run at apply time.
-#[derive(Clone)]
-pub struct Hooks {
-    script: Userscript,
-    configured: Arc<Mutex<HashSet<Table>>>,
-}
-
-impl Hooks {
-    pub fn new(script: Userscript) -> Hooks {
-        Hooks {
-            script,
-            configured: Arc::new(Mutex::new(HashSet::new())),
-        }
-    }
-
-    pub fn script(&self) -> &Userscript {
-        &self.script
-    }
-
-    /// Hands the script's `configureTable` options of every table of `info` to the applier,
-    /// once per table (a schema reload may bring new tables).
-    pub fn configure(&self, applier: &Applier, info: &SchemaInfo) {
-        let mut done = self.configured.lock().expect("poisoned");
-        for table in info.tables.keys() {
-            if done.insert(table.clone()) {
-                if let Some(cfg) = self.script.table_config(table) {
-                    applier.set_config(table, cfg);
-                }
-            }
-        }
-    }
-}
+use std::collections::HashMap;
 
 /// Writes several tables' mutations in foreign-key order: deletes children first, upserts
 /// parents first. Each table's batch goes through the userscript's `map`/`deleteKey` and is
@@ -52,12 +20,12 @@ impl Hooks {
 /// table whose userscript has `apply` gets its whole batch there, in the upsert pass.
 pub(crate) async fn write_ordered(
     applier: &Applier,
-    hooks: Option<&Hooks>,
+    script: Option<&Userscript>,
     conn: &mut PgConnection,
     info: &SchemaInfo,
     batches: &TableBatches,
 ) -> Result<(), SequenceError> {
-    write_ordered_counted(applier, hooks, conn, info, batches)
+    write_ordered_counted(applier, script, conn, info, batches)
         .await
         .map(|_| ())
 }
@@ -66,7 +34,7 @@ pub(crate) async fn write_ordered(
 /// `apply` counts nothing).
 pub(crate) async fn write_ordered_counted(
     applier: &Applier,
-    hooks: Option<&Hooks>,
+    script: Option<&Userscript>,
     conn: &mut PgConnection,
     info: &SchemaInfo,
     batches: &TableBatches,
@@ -77,15 +45,15 @@ pub(crate) async fn write_ordered_counted(
     let mut scripted: HashMap<&Table, Vec<Mutation>> = HashMap::new();
     for (table, muts) in batches {
         let mapped;
-        let muts = match hooks {
-            Some(h) if h.script.has_map(table) => {
-                mapped = h.script.map(table, info, muts.clone()).await?;
+        let muts = match script {
+            Some(s) if s.has_map(table) => {
+                mapped = s.map(table, info, muts.clone()).await?;
                 &mapped
             }
             _ => muts,
         };
         let last = last_version_per_key(muts);
-        if hooks.is_some_and(|h| h.script.has_apply(table)) {
+        if script.is_some_and(|s| s.has_apply(table)) {
             scripted.insert(table, last.into_iter().cloned().collect());
             continue;
         }
@@ -111,8 +79,8 @@ pub(crate) async fn write_ordered_counted(
                 }
             }
             Pass::Script => {
-                if let (Some(muts), Some(h)) = (scripted.get(table), hooks) {
-                    h.script.apply(table, muts, conn, applier).await?;
+                if let (Some(muts), Some(s)) = (scripted.get(table), script) {
+                    s.apply(table, muts, conn, applier).await?;
                 }
             }
         }

@@ -12,8 +12,8 @@ use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics as m;
 use crate::mutation::Mutation;
-use crate::script::ScriptError;
-use crate::sequence::{Hooks, SequenceError, Sequencer};
+use crate::script::{ScriptError, Userscript};
+use crate::sequence::{SequenceError, Sequencer};
 use crate::server::{Handler, Request, Response};
 use crate::target::{Database, Dialect};
 use futures::future::BoxFuture;
@@ -134,7 +134,7 @@ pub struct Ingest {
     pub auth: Authenticator,
     pub applier: Applier,
     pub sequencer: Arc<Sequencer>,
-    pub hooks: Option<Hooks>,
+    pub script: Option<Userscript>,
     pub limits: DecodeLimits,
     /// `--maxClockSkew` against the target's clock.
     pub clock: TargetClock,
@@ -171,9 +171,6 @@ impl Ingest {
             .map_err(IngestError::Unauthorized)?;
         // Before anything keyed by the schema exists: checkpoint, lease, pipeline, metrics.
         let info = self.schema_with_tables(&schema).await?;
-        if let Some(h) = &self.hooks {
-            h.configure(&self.applier, &info);
-        }
         let payload = webhook::decode(&route, &req.body, &Keys(&info), &self.limits)?;
         // The mutations own copies of what they need: the body is not held while staging.
         drop(req);
@@ -198,7 +195,7 @@ impl Ingest {
     /// and only then loaded into the applier's cache.
     async fn schema_with_tables(&self, schema: &Schema) -> Result<Arc<SchemaInfo>, IngestError> {
         if self.schemas.is_known(schema) {
-            let info = self.applier.schema(schema).await?;
+            let info = self.applier.schemas().schema(schema).await?;
             if !info.tables.is_empty() {
                 return Ok(info);
             }
@@ -213,7 +210,7 @@ impl Ingest {
                 error,
             })?;
         let info = if found {
-            Some(self.applier.refresh(schema).await?).filter(|i| !i.tables.is_empty())
+            Some(self.applier.schemas().refresh(schema).await?).filter(|i| !i.tables.is_empty())
         } else {
             None
         };
@@ -260,21 +257,19 @@ impl Ingest {
         let received = muts.len() as u64;
         metrics::counter!(m::MUTATIONS_RECEIVED, &labels).increment(received);
         // The userscript routes (and drops) rows before they are staged.
-        let muts = match &self.hooks {
-            Some(h) if h.script().has_dispatch(schema) => {
-                match h.script().dispatch(schema, &info, muts).await {
-                    Ok(m) => m,
-                    Err(e) => {
-                        metrics::counter!(m::MUTATIONS_ERROR, &labels).increment(received);
-                        return Err(e.into());
-                    }
+        let muts = match &self.script {
+            Some(s) if s.has_dispatch(schema) => match s.dispatch(schema, &info, muts).await {
+                Ok(m) => m,
+                Err(e) => {
+                    metrics::counter!(m::MUTATIONS_ERROR, &labels).increment(received);
+                    return Err(e.into());
                 }
-            }
+            },
             _ => muts,
         };
         // Tables created after the schema was loaded: look again once before refusing.
         if muts.iter().any(|(t, _)| !info.tables.contains_key(t)) {
-            info = self.applier.refresh(schema).await?;
+            info = self.applier.schemas().refresh(schema).await?;
             if let Some((t, _)) = muts.iter().find(|(t, _)| !info.tables.contains_key(t)) {
                 metrics::counter!(m::MUTATIONS_ERROR, &labels).increment(received);
                 return Err(IngestError::UnknownTable(t.to_string()));
@@ -324,7 +319,7 @@ async fn status(ingest: &Ingest) -> Result<serde_json::Value, String> {
             "id": format!("{host}:{}", std::process::id()),
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": STARTED.get_or_init(Instant::now).elapsed().as_secs(),
-            "userscript": ingest.hooks.is_some(),
+            "userscript": ingest.script.is_some(),
         },
         "schemas": schemas,
     }))
@@ -381,11 +376,11 @@ impl Handler for IngestHandler {
     /// else introspected again).
     fn ready(&self) -> BoxFuture<'static, Result<(), String>> {
         let health = self.health();
-        let applier = self.0.applier.clone();
+        let schemas = self.0.applier.schemas().clone();
         Box::pin(async move {
             health.await?;
-            for schema in applier.cached_schemas() {
-                applier
+            for schema in schemas.cached_schemas() {
+                schemas
                     .schema(&schema)
                     .await
                     .map_err(|e| format!("target schema {schema} does not load: {e}"))?;

@@ -431,6 +431,7 @@ async fn generated_columns_are_never_written() {
     .await;
     let a = applier(&db);
     let info = a
+        .schemas()
         .schema(&Schema::new(db.name.as_str(), "public"))
         .await
         .unwrap();
@@ -622,6 +623,7 @@ async fn fk_dependency_levels_come_from_the_target_schema() {
     .await;
     let a = applier(&db);
     let info = a
+        .schemas()
         .schema(&Schema::new(db.name.to_uppercase(), "PUBLIC"))
         .await
         .unwrap();
@@ -645,6 +647,7 @@ async fn fk_dependency_levels_come_from_the_target_schema() {
     assert_eq!(child.table.schema.schema.raw(), "public");
 
     let err = a
+        .schemas()
         .schema(&Schema::new(db.name.as_str(), "cyc"))
         .await
         .unwrap_err();
@@ -656,6 +659,7 @@ async fn fk_dependency_levels_come_from_the_target_schema() {
         )
     );
     let err = a
+        .schemas()
         .schema(&Schema::new("elsewhere", "public"))
         .await
         .unwrap_err();

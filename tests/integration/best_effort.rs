@@ -404,7 +404,7 @@ async fn find_poison_names_the_third_of_five_rows_and_changes_nothing() {
     .expect("open target");
     let applier = Applier::new(target.clone(), Duration::from_secs(60));
     let schema = Schema::new("kv", "public");
-    let info = applier.schema(&schema).await.expect("schema");
+    let info = applier.schemas().schema(&schema).await.expect("schema");
     let table = Table::new(schema, "kv");
     let muts: Vec<Mutation> = (1..=5)
         .map(|k| Mutation {

@@ -2,6 +2,7 @@
 
 use crate::support::Db;
 use cdc_sink::apply::merge::{self, Conflict, MergeError, MergeFn, Merger, Resolution};
+use cdc_sink::apply::standard;
 use cdc_sink::apply::{Applier, ApplyArgs, ApplyError, ApplyStats, TableConfig};
 use cdc_sink::hlc::Hlc;
 use cdc_sink::ident::{Ident, Schema, Table};
@@ -24,6 +25,7 @@ fn applier_with(db: &Db, options: ApplyArgs) -> Applier {
         },
         Duration::from_secs(3600),
         options,
+        None,
     )
 }
 
@@ -531,7 +533,7 @@ async fn standard_merge_takes_what_only_the_source_changed() {
     a.set_config(
         &t,
         TableConfig {
-            merge: Some(merge::standard(Some(fallback))),
+            merge: Some(standard::merge(Some(fallback))),
             ..cas(&["ver"])
         },
     );
@@ -595,7 +597,7 @@ async fn standard_merge_without_before_is_two_way() {
     a.set_config(
         &t,
         TableConfig {
-            merge: Some(merge::standard(Some(fallback))),
+            merge: Some(standard::merge(Some(fallback))),
             ..cas(&["ver"])
         },
     );
@@ -636,7 +638,7 @@ async fn standard_merge_reconciles_unmapped_properties_through_extras() {
         &t,
         TableConfig {
             extras: Some(Ident::new("extra")),
-            merge: Some(merge::standard(None)),
+            merge: Some(standard::merge(None)),
             ..cas(&["ver"])
         },
     );
@@ -671,7 +673,7 @@ async fn an_unmerged_conflict_without_fallback_fails_the_batch() {
     a.set_config(
         &t,
         TableConfig {
-            merge: Some(merge::standard(None)),
+            merge: Some(standard::merge(None)),
             ..cas(&["ver"])
         },
     );
@@ -722,7 +724,7 @@ async fn without_a_merge_function_losers_are_dropped_and_nothing_is_dead_lettere
 
 fn to_dlq() -> TableConfig {
     TableConfig {
-        merge: Some(merge::standard(Some(MergeFn(Arc::new(Scripted {
+        merge: Some(standard::merge(Some(MergeFn(Arc::new(Scripted {
             seen: Arc::default(),
             answer: Box::new(|_| Ok(Resolution::Dlq("q".into()))),
         }))))),
@@ -886,7 +888,7 @@ async fn cas_guarded_deletes_apply_only_when_the_target_is_not_newer() {
     a.set_config(
         &t,
         TableConfig {
-            merge: Some(merge::standard(Some(fallback))),
+            merge: Some(standard::merge(Some(fallback))),
             ..cas(&["ver"])
         },
     );
@@ -1073,7 +1075,7 @@ async fn active_active_losers_land_in_the_dlq_with_their_columns() {
     a.set_config(
         &t,
         TableConfig {
-            merge: Some(merge::standard(Some(fallback))),
+            merge: Some(standard::merge(Some(fallback))),
             ..cas(&["_timestamp"])
         },
     );

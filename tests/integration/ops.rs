@@ -384,7 +384,7 @@ async fn a_reference_shaped_dlq_keeps_working_and_table_selection_says_how_to_ad
     // table; older rows match any table filter.
     db.exec("ALTER TABLE cdc_sink_dlq ADD COLUMN source_table TEXT")
         .await;
-    a.refresh(&schema(&db)).await.expect("refresh");
+    a.schemas().refresh(&schema(&db)).await.expect("refresh");
     lose(2, 2).await;
     let rows = dlq::list(&d, &q, &of_table("t")).await.expect("list");
     let tables: Vec<Option<&str>> = rows.iter().map(|r| r.source_table.as_deref()).collect();

@@ -125,7 +125,7 @@ pub(super) async fn write(
     let parts = &ctx.parts;
     write_ordered(
         &parts.applier,
-        parts.hooks.as_ref(),
+        parts.script.as_ref(),
         conn,
         &ctx.info,
         &job.batches,

@@ -264,9 +264,6 @@ impl Pipeline {
     ) -> Result<(), SequenceError> {
         let prepare = async {
             let (info, registered, unread) = self.known_tables(bounds).await?;
-            if let Some(h) = &self.parts.hooks {
-                h.configure(&self.parts.applier, &info);
-            }
             let tables = self.stageable(&info).await?;
             let mut conn = self
                 .parts
@@ -337,7 +334,7 @@ impl Pipeline {
     ) -> Result<(Arc<SchemaInfo>, usize, Vec<Table>), SequenceError> {
         let parts = &self.parts;
         let registered = parts.stager.registered(&self.schema).await?;
-        let mut info = parts.applier.schema(&self.schema).await?;
+        let mut info = parts.applier.schemas().schema(&self.schema).await?;
         let mut refreshed = false;
         for table in &registered {
             // A table dropped from the target long ago stays registered: only one with rows in
@@ -349,7 +346,7 @@ impl Pipeline {
                 continue;
             }
             if !refreshed {
-                info = parts.applier.refresh(&self.schema).await?;
+                info = parts.applier.schemas().refresh(&self.schema).await?;
                 refreshed = true;
             }
             if !info.tables.contains_key(table) {
@@ -389,7 +386,7 @@ impl Pipeline {
         let parts = &self.parts;
         let counted = async {
             let committed = parts.checkpoints.bounds(&self.schema).await?.committed;
-            let info = parts.applier.schema(&self.schema).await?;
+            let info = parts.applier.schemas().schema(&self.schema).await?;
             let tables = self.stageable(&info).await?;
             let mut tx = parts.stager.reader().await?;
             for table in &tables {
@@ -415,7 +412,7 @@ impl Pipeline {
         committed: Hlc,
     ) -> Result<(), SequenceError> {
         let parts = &self.parts;
-        let info = parts.applier.schema(&self.schema).await?;
+        let info = parts.applier.schemas().schema(&self.schema).await?;
         let mut tx = parts
             .stager
             .database()

@@ -67,7 +67,7 @@ pub(super) async fn extension(ctx: &Ctx, hi: Hlc, started: Instant) -> Option<Hl
     if proposed <= hi {
         return None;
     }
-    let info = ctx.parts.applier.schema(&ctx.schema).await.ok()?;
+    let info = ctx.parts.applier.schemas().schema(&ctx.schema).await.ok()?;
     if !Arc::ptr_eq(&info, &ctx.info) {
         return None;
     }

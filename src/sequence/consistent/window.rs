@@ -392,7 +392,7 @@ impl Window {
         let parts = &self.ctx.parts;
         let found = find_poison(
             &parts.applier,
-            parts.hooks.as_ref(),
+            parts.script.as_ref(),
             &parts.target.pool,
             &self.ctx.info,
             &job.batches,
