@@ -179,12 +179,16 @@ pub struct TableStats {
 }
 
 /// The statistics of `table` (a regclass spelling: `public.kv`, `_cdc_sink."x"`); zeros when
-/// the table does not exist.
+/// the table does not exist. Tuples are counted by scanning the table (`pgstattuple`): the
+/// cumulative statistics lag behind the backends that wrote them.
 pub async fn table_stats(pool: &PgPool, table: &str) -> Result<TableStats, BenchError> {
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        .execute(pool)
+        .await?;
     let row: Option<(i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT pg_total_relation_size(c.oid), coalesce(s.n_live_tup, 0), \
-coalesce(s.n_dead_tup, 0), coalesce(s.autovacuum_count, 0) \
-FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE c.oid = to_regclass($1)",
+        "SELECT pg_total_relation_size(c.oid), t.tuple_count, t.dead_tuple_count, \
+coalesce(s.autovacuum_count, 0) FROM pg_class c CROSS JOIN LATERAL pgstattuple(c.oid) AS t \
+LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE c.oid = to_regclass($1)",
     )
     .bind(table)
     .fetch_optional(pool)

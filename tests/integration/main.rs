@@ -4,6 +4,7 @@ mod support;
 
 mod apply;
 mod auth;
+mod bench;
 mod best_effort;
 mod conflicts;
 mod crash;
