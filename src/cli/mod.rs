@@ -15,6 +15,7 @@ mod userscript;
 mod verify;
 mod workload;
 
+use crate::error::ErrorChain;
 use clap::{ArgAction, Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -95,7 +96,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Demo(_) | Command::Bench(_) | Command::Healthcheck(_)
     );
     if let Err(e) = init_logging(&cli.log, quiet) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", ErrorChain(e.as_ref()));
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
@@ -124,8 +125,9 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "exiting");
-            eprintln!("error: {e:#}");
+            let chain = ErrorChain(e.as_ref());
+            tracing::error!(error = %chain, "exiting");
+            eprintln!("error: {chain}");
             ExitCode::FAILURE
         }
     }
@@ -186,7 +188,7 @@ fn init_logging(args: &LogArgs, quiet: bool) -> anyhow::Result<()> {
             .with(counter)
             .try_init()
     };
-    result.map_err(|e| anyhow::anyhow!("logging: {e}"))
+    anyhow::Context::context(result, "logging")
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ mod sender;
 mod source;
 
 use crate::config::{parse_bytes, parse_duration};
+use crate::error::ErrorChain;
 use crate::ident::{parse_dotted, IdentError};
 use crate::server::client::{Client, ClientError, ClientOptions};
 use std::path::PathBuf;
@@ -203,6 +204,8 @@ pub enum FeedError {
     CaCert(PathBuf, #[source] std::io::Error),
     #[error("invalid sink client settings")]
     Client(#[source] ClientError),
+    #[error("invalid --source")]
+    SourceUrl(#[source] crate::target::TargetError),
     #[error("source: {what}")]
     Source {
         what: String,
@@ -233,22 +236,6 @@ impl FeedError {
             _ => false,
         }
     }
-}
-
-/// The error and its causes on one line, for logs.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        // Many errors (sqlx's among them) already print their cause.
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// Counters of a running feed, for the demo's summary (also exported as metrics).
@@ -346,7 +333,9 @@ impl Feed {
         let _ = sender_task.await;
         match &result {
             Ok(()) => tracing::info!(slot = %self.args.slot, "feed stopped"),
-            Err(e) => tracing::error!(slot = %self.args.slot, error = %chain(e), "feed failed"),
+            Err(e) => {
+                tracing::error!(slot = %self.args.slot, error = %ErrorChain(e), "feed failed")
+            }
         }
         result
     }

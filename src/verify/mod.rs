@@ -92,6 +92,14 @@ impl Side {
 pub enum VerifyError {
     #[error("{0}")]
     Config(String),
+    #[error("invalid table name")]
+    TableName(#[source] crate::ident::IdentError),
+    #[error("invalid {side} url")]
+    Url {
+        side: &'static str,
+        #[source]
+        source: crate::target::TargetError,
+    },
     #[error("could not connect to the {side} database")]
     Connect {
         side: &'static str,
@@ -123,8 +131,7 @@ pub struct TableRef {
 
 impl TableRef {
     pub fn parse(s: &str) -> Result<TableRef, VerifyError> {
-        let parts =
-            parse_dotted(s.trim()).map_err(|e| VerifyError::Config(format!("table: {e}")))?;
+        let parts = parse_dotted(s.trim()).map_err(VerifyError::TableName)?;
         let raw: Vec<String> = parts.iter().map(|p| p.raw().to_string()).collect();
         let (database, schema, name) = match raw.as_slice() {
             [t] => (None, "public".to_string(), t.clone()),
@@ -326,7 +333,7 @@ pub async fn connect(
         idle_in_transaction: Duration::from_secs(600),
     };
     let mut opts: PgConnectOptions = crate::target::connect_options(url, &settings)
-        .map_err(|e| VerifyError::Config(format!("{side} url: {e}")))?
+        .map_err(|source| VerifyError::Url { side, source })?
         .application_name("cdc-sink verify")
         // Row text (timestamps, floats) must print the same on both sides.
         .options([

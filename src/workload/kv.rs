@@ -87,7 +87,7 @@ pub fn parse_write_seq(s: &str) -> Result<i64, String> {
 }
 
 fn table_parts(t: &str) -> Result<(Option<String>, String, String), WorkloadError> {
-    let parts = parse_dotted(t).map_err(|e| WorkloadError::Config(format!("--table: {e}")))?;
+    let parts = parse_dotted(t).map_err(WorkloadError::Table)?;
     let raw: Vec<String> = parts.iter().map(|p| p.raw().to_string()).collect();
     Ok(match raw.as_slice() {
         [t] => (None, "public".into(), t.clone()),
@@ -362,7 +362,7 @@ async fn worker(
                     .increment(1);
                 // One line per hundred failures is enough to see an outage.
                 if n.is_multiple_of(100) {
-                    tracing::warn!(error = %crate::feed::chain(&e), errors = n + 1, "kv write failed");
+                    tracing::warn!(error = %crate::error::ErrorChain(&e), errors = n + 1, "kv write failed");
                 }
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -382,7 +382,7 @@ async fn open(args: &KvArgs) -> Result<PgPool, WorkloadError> {
         idle_in_transaction: Duration::from_secs(60),
     };
     let base: PgConnectOptions = crate::target::connect_options(&args.conn, &settings)
-        .map_err(|e| WorkloadError::Config(format!("--conn: {e}")))?
+        .map_err(WorkloadError::Conn)?
         .application_name("cdc-sink workload");
     let (db, _, _) = table_parts(&args.table)?;
     let opts = match &db {

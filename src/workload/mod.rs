@@ -14,6 +14,10 @@ pub use histogram::Histogram;
 pub enum WorkloadError {
     #[error("{0}")]
     Config(String),
+    #[error("invalid --table")]
+    Table(#[source] crate::ident::IdentError),
+    #[error("invalid --conn")]
+    Conn(#[source] crate::target::TargetError),
     #[error("could not connect to {what}")]
     Connect {
         what: String,
