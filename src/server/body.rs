@@ -24,7 +24,9 @@ const MIN_ZSTD_WINDOW: u64 = 8 << 20;
 /// The longest `Content-Encoding` value echoed back in a 415.
 const MAX_ECHOED_ENCODING: usize = 40;
 
-/// Why a body was not accepted. Display is one line, without causes.
+/// Why a body was not accepted. Display is the one-line reason the client is answered with;
+/// what the transport or the decoder said is folded into that text (it is the reason, and the
+/// type stays comparable), never exposed as a source chain.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BodyError {
     #[error("request body larger than {limit} bytes (--maxRequestBytes)")]
