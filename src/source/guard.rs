@@ -65,7 +65,7 @@ impl TargetClock {
                     *self.measured.lock().expect("poisoned") = Instant::now();
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not read the target clock; keeping the last offset")
+                    tracing::warn!(error = %crate::error::ErrorChain(&e), "could not read the target clock; keeping the last offset")
                 }
             }
             self.refreshing.store(false, Ordering::Release);

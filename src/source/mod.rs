@@ -8,6 +8,7 @@ pub mod webhook;
 
 use crate::apply::{Applier, ApplyError, SchemaInfo};
 use crate::auth::Authenticator;
+use crate::error::ErrorChain;
 use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics as m;
@@ -60,10 +61,7 @@ pub enum IngestError {
         ts: Hlc,
         skew: String,
     },
-    #[error(
-        "could not look up schema {schema} in the target: {}",
-        crate::target::safe(error)
-    )]
+    #[error("could not look up schema {schema} in the target")]
     Lookup {
         schema: String,
         #[source]
@@ -325,6 +323,12 @@ async fn status(ingest: &Ingest) -> Result<serde_json::Value, String> {
     }))
 }
 
+/// The reason a probe answers 503 with: what failed, not why (the causes go to the debug log).
+fn unavailable(what: String, e: &(dyn std::error::Error + 'static)) -> String {
+    tracing::debug!(reason = %what, error = %ErrorChain(e), "probe failed");
+    what
+}
+
 /// The server's view of [`Ingest`]: cheap to clone into each request's task.
 #[derive(Clone)]
 pub struct IngestHandler(pub Arc<Ingest>);
@@ -351,14 +355,22 @@ impl Handler for IngestHandler {
                 },
                 Err(e) => {
                     let status = e.status();
+                    let chain = ErrorChain(&e);
                     if status.is_server_error() {
-                        tracing::warn!(path = %path, status = status.as_u16(), error = %e, "changefeed request failed");
+                        tracing::warn!(path = %path, status = status.as_u16(), error = %chain, "changefeed request failed");
                     } else {
-                        tracing::debug!(path = %path, status = status.as_u16(), error = %e, "changefeed request refused");
+                        tracing::debug!(path = %path, status = status.as_u16(), error = %chain, "changefeed request refused");
                     }
+                    // A refusal's reason may be its cause (the constraint the target named);
+                    // a failure's causes are the server's business and stay in the log.
+                    let body = if status.is_server_error() {
+                        e.to_string()
+                    } else {
+                        chain.to_string()
+                    };
                     Response {
                         status,
-                        body: e.to_string(),
+                        body,
                         retry_after: (status == StatusCode::SERVICE_UNAVAILABLE)
                             .then_some(Duration::from_secs(1)),
                     }
@@ -380,10 +392,9 @@ impl Handler for IngestHandler {
         Box::pin(async move {
             health.await?;
             for schema in schemas.cached_schemas() {
-                schemas
-                    .schema(&schema)
-                    .await
-                    .map_err(|e| format!("target schema {schema} does not load: {e}"))?;
+                schemas.schema(&schema).await.map_err(|e| {
+                    unavailable(format!("target schema {schema} does not load"), &e)
+                })?;
             }
             Ok(())
         })
@@ -401,11 +412,11 @@ impl Handler for IngestHandler {
             sqlx::query("SELECT 1")
                 .execute(&staging)
                 .await
-                .map_err(|e| format!("health check failed for staging: {e}"))?;
+                .map_err(|e| unavailable("health check failed for staging".into(), &e))?;
             sqlx::query("SELECT 1")
                 .execute(&target)
                 .await
-                .map_err(|e| format!("health check failed for target: {e}"))?;
+                .map_err(|e| unavailable("health check failed for target".into(), &e))?;
             Ok(())
         })
     }
