@@ -15,7 +15,7 @@ pub enum ClusterError {
     NoBinaries,
     #[error("{0} failed: {1}")]
     Command(String, String),
-    #[error("i/o error in {0}: {1}")]
+    #[error("i/o error in {0}")]
     Io(String, #[source] std::io::Error),
     #[error("user {0:?} not found; needed to run postgresql as root")]
     NoUser(String),

@@ -34,9 +34,9 @@ impl Dialect {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("invalid connection string: {0}")]
+    #[error("invalid connection string")]
     Url(#[source] sqlx::Error),
-    #[error("cannot connect to {what}: {source}")]
+    #[error("cannot connect to {what}")]
     Connect {
         what: &'static str,
         #[source]

@@ -51,9 +51,9 @@ pub struct AuthArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("could not create the jwt tables: {0}")]
+    #[error("could not create the jwt tables")]
     Ddl(#[source] sqlx::Error),
-    #[error("could not load jwt keys: {0}")]
+    #[error("could not load jwt keys")]
     Load(#[source] sqlx::Error),
     #[error("jwt_public_keys row {id}: {reason}")]
     BadKey { id: String, reason: String },
@@ -335,7 +335,7 @@ impl Authenticator {
         let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; jwt keys reload on the timer only");
+                tracing::warn!(error = %crate::error::ErrorChain(&e), "cannot listen for SIGHUP; jwt keys reload on the timer only");
                 None
             }
         };
@@ -451,7 +451,7 @@ impl Jwt {
             }
             Err(e) => {
                 metrics::counter!(m::JWT_REFRESH_ERRORS).increment(1);
-                tracing::warn!(error = %e, "jwt key refresh failed; keeping the previous keys");
+                tracing::warn!(error = %crate::error::ErrorChain(&e), "jwt key refresh failed; keeping the previous keys");
                 Err(e)
             }
         }

@@ -34,7 +34,7 @@ pub enum CheckpointError {
     },
     #[error("resolved timestamp must not be zero")]
     Zero,
-    #[error("checkpoint storage error: {}", crate::target::safe(.0))]
+    #[error("checkpoint storage error")]
     Sql(#[source] sqlx::Error),
     #[error("stored checkpoint {0:?} is not a valid timestamp")]
     Corrupt(String),
@@ -360,7 +360,7 @@ impl Checkpoints {
         };
         if due {
             if let Err(e) = self.bounds(schema).await {
-                tracing::debug!(schema = %schema, error = %e, "could not refresh the committed checkpoint");
+                tracing::debug!(schema = %schema, error = %crate::error::ErrorChain(&e), "could not refresh the committed checkpoint");
             }
         }
         self.cached_committed(schema)

@@ -135,7 +135,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(Schema::parse)
         .transpose()
-        .map_err(|e| anyhow::anyhow!("schema: {e}"))?;
+        .context("schema")?;
     let opened = open(&args.target, &args.stage).await?;
     let stager = Stager::open(opened.staging.clone(), &args.stage.staging_schema).await?;
     let now = db_now(&opened.target).await?;
@@ -197,7 +197,7 @@ async fn staged(
 }
 
 async fn reset(args: ResetArgs) -> anyhow::Result<()> {
-    let schema = Schema::parse(&args.schema).map_err(|e| anyhow::anyhow!("schema: {e}"))?;
+    let schema = Schema::parse(&args.schema).context("schema")?;
     let opened = open(&args.target, &args.stage).await?;
     let now = db_now(&opened.target).await?;
     let to = match args.to {

@@ -308,7 +308,7 @@ async fn demo(
         let name = format!("{}→{}", regions[from].name, regions[to].name);
         feeds.push(tokio::spawn(async move {
             if let Err(e) = feed.run(token).await {
-                tracing::error!(feed = %name, error = %e, "feed stopped");
+                tracing::error!(feed = %name, error = %crate::error::ErrorChain(&e), "feed stopped");
             }
         }));
     }
@@ -575,7 +575,7 @@ where
         match start().await {
             Ok(t) => return Ok(t),
             Err(e) if attempt < 3 && children.exited(name).is_some() => {
-                tracing::warn!(child = name, attempt, error = %e, "child exited before it was ready; starting it again");
+                tracing::warn!(child = name, attempt, error = %crate::error::ErrorChain(e.as_ref()), "child exited before it was ready; starting it again");
                 children.kill9(name).await;
                 attempt += 1;
             }

@@ -27,10 +27,11 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
-    #[error("cannot {what} the dead-letter queue {table}: {error}")]
+    #[error("cannot {what} the dead-letter queue {table}")]
     Sql {
         what: &'static str,
         table: String,
+        #[source]
         error: sqlx::Error,
     },
     #[error("table {0} is not in the target schema")]
@@ -452,7 +453,7 @@ pub async fn replay(
                 Err(e) if e.is_unavailable() => return Err(e.into()),
                 Err(e) => {
                     sp.rollback().await.map_err(sql_err("replay", dlq))?;
-                    tracing::warn!(event = %row.event, table = %table, error = %e,
+                    tracing::warn!(event = %row.event, table = %table, error = %crate::error::ErrorChain(&e),
                         "dead-letter row refused by the target; kept");
                     failed += 1;
                 }
@@ -550,8 +551,8 @@ pub enum DlqCommand {
 async fn open(common: &Common) -> anyhow::Result<(Database, Schema, Table)> {
     common.target.validate()?;
     let (target, _staging) = common.target.open().await.context("opening databases")?;
-    let schema = Schema::parse(&common.schema)
-        .map_err(|e| anyhow::anyhow!("schema {:?}: {e}", common.schema))?;
+    let schema =
+        Schema::parse(&common.schema).with_context(|| format!("schema {:?}", common.schema))?;
     let table = dlq_table(&schema, &common.dlq_table_name);
     Ok((target, schema, table))
 }
