@@ -91,12 +91,16 @@ pub enum ClientError {
     InvalidUrl { url: String, reason: String },
     #[error("invalid header {name:?}")]
     InvalidHeader { name: String },
-    #[error("invalid ca certificate: {0}")]
-    CaCert(String),
+    #[error("invalid ca certificate")]
+    CaCert(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("https needs ca_cert_pem or insecure_skip_verify")]
     NoTrust,
-    #[error("invalid TLS configuration: {0}")]
-    Tls(String),
+    #[error("invalid TLS configuration")]
+    Tls(#[source] rustls::Error),
+    #[error("invalid client certificate")]
+    ClientCert(#[source] rustls_pki_types::pem::Error),
+    #[error("invalid client key")]
+    ClientKey(#[source] rustls_pki_types::pem::Error),
     #[error("could not connect to {addr}")]
     Connect {
         addr: String,
@@ -470,7 +474,7 @@ fn client_config(opts: &ClientOptions) -> Result<Arc<ClientConfig>, ClientError>
     let provider = super::tls::provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Tls(e.to_string()))?;
+        .map_err(ClientError::Tls)?;
     let wants_cert = if opts.insecure_skip_verify {
         builder
             .dangerous()
@@ -479,10 +483,8 @@ fn client_config(opts: &ClientOptions) -> Result<Arc<ClientConfig>, ClientError>
         let pem = opts.ca_cert_pem.as_deref().ok_or(ClientError::NoTrust)?;
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| ClientError::CaCert(e.to_string()))?;
-            roots
-                .add(cert)
-                .map_err(|e| ClientError::CaCert(e.to_string()))?;
+            let cert = cert.map_err(|e| ClientError::CaCert(e.into()))?;
+            roots.add(cert).map_err(|e| ClientError::CaCert(e.into()))?;
         }
         if roots.is_empty() {
             return Err(ClientError::CaCert("no CERTIFICATE block found".into()));
@@ -494,12 +496,12 @@ fn client_config(opts: &ClientOptions) -> Result<Arc<ClientConfig>, ClientError>
         Some((cert, key)) => {
             let certs = CertificateDer::pem_slice_iter(cert)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ClientError::Tls(format!("client certificate: {e}")))?;
+                .map_err(ClientError::ClientCert)?;
             let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key)
-                .map_err(|e| ClientError::Tls(format!("client key: {e}")))?;
+                .map_err(ClientError::ClientKey)?;
             wants_cert
                 .with_client_auth_cert(certs, key)
-                .map_err(|e| ClientError::Tls(e.to_string()))?
+                .map_err(ClientError::Tls)?
         }
     };
     config.alpn_protocols = if opts.http2 {
