@@ -323,6 +323,29 @@ async fn status(ingest: &Ingest) -> Result<serde_json::Value, String> {
     }))
 }
 
+/// The answer to a request that failed, logged with the whole error. A refusal's reason may be
+/// its cause (the constraint the target named); a failure's causes are the server's business
+/// and stay in the log.
+fn answer(path: &str, e: &IngestError) -> Response {
+    let status = e.status();
+    let chain = ErrorChain(e);
+    if status.is_server_error() {
+        tracing::warn!(path = %path, status = status.as_u16(), error = %chain, "changefeed request failed");
+    } else {
+        tracing::debug!(path = %path, status = status.as_u16(), error = %chain, "changefeed request refused");
+    }
+    let body = if status.is_server_error() {
+        e.to_string()
+    } else {
+        chain.to_string()
+    };
+    Response {
+        status,
+        body,
+        retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(Duration::from_secs(1)),
+    }
+}
+
 /// The reason a probe answers 503 with: what failed, not why (the causes go to the debug log).
 fn unavailable(what: String, e: &(dyn std::error::Error + 'static)) -> String {
     tracing::debug!(reason = %what, error = %ErrorChain(e), "probe failed");
@@ -353,28 +376,7 @@ impl Handler for IngestHandler {
                     body: "OK".into(),
                     retry_after: None,
                 },
-                Err(e) => {
-                    let status = e.status();
-                    let chain = ErrorChain(&e);
-                    if status.is_server_error() {
-                        tracing::warn!(path = %path, status = status.as_u16(), error = %chain, "changefeed request failed");
-                    } else {
-                        tracing::debug!(path = %path, status = status.as_u16(), error = %chain, "changefeed request refused");
-                    }
-                    // A refusal's reason may be its cause (the constraint the target named);
-                    // a failure's causes are the server's business and stay in the log.
-                    let body = if status.is_server_error() {
-                        e.to_string()
-                    } else {
-                        chain.to_string()
-                    };
-                    Response {
-                        status,
-                        body,
-                        retry_after: (status == StatusCode::SERVICE_UNAVAILABLE)
-                            .then_some(Duration::from_secs(1)),
-                    }
-                }
+                Err(e) => answer(&path, &e),
             }
         })
     }
@@ -419,5 +421,31 @@ impl Handler for IngestHandler {
                 .map_err(|e| unavailable("health check failed for target".into(), &e))?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_answered_with_its_top_level_message_only() {
+        let e = IngestError::Lookup {
+            schema: "db.public".into(),
+            error: sqlx::Error::PoolTimedOut,
+        };
+        let r = answer("/db/public", &e);
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.body, "could not look up schema db.public in the target");
+        assert_eq!(r.retry_after, Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_refusal_is_answered_with_its_reason() {
+        let e = IngestError::Webhook(WebhookError::EmptyBody.at("line 1"));
+        let r = answer("/db/public", &e);
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(r.body, "line 1: request body is empty");
+        assert_eq!(r.retry_after, None);
     }
 }
