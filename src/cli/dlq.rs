@@ -99,10 +99,10 @@ impl Selection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DlqRow {
     pub event: String,
-    pub dlq_name: String,
+    pub(crate) dlq_name: String,
     pub time: Hlc,
     pub after: Option<String>,
-    pub before: Option<String>,
+    pub(crate) before: Option<String>,
     /// When it was dead-lettered; `None` if the table has no `dlq_time` column.
     pub dlq_time: Option<String>,
     /// The table (in the queue's schema, lower-cased) it came from; `None` when not recorded.
@@ -203,7 +203,7 @@ fn sql_err(what: &'static str, table: &Table) -> impl FnOnce(sqlx::Error) -> Dlq
 }
 
 /// Whether the queue has the `source_table` column.
-pub async fn records_tables(db: &Database, table: &Table) -> Result<bool, DlqError> {
+pub(crate) async fn records_tables(db: &Database, table: &Table) -> Result<bool, DlqError> {
     let columns = match db.dialect {
         Dialect::Postgres => "information_schema.columns".to_string(),
         Dialect::Cockroach => format!("{}.information_schema.columns", table.schema.db.quoted()),
@@ -485,22 +485,22 @@ pub async fn replay(
 #[derive(clap::Args, Debug)]
 pub struct DlqArgs {
     #[command(subcommand)]
-    pub command: DlqCommand,
+    pub(crate) command: DlqCommand,
 }
 
 #[derive(clap::Args, Debug)]
-pub struct Common {
+pub(crate) struct Common {
     #[command(flatten)]
-    pub target: TargetArgs,
+    pub(crate) target: TargetArgs,
     /// The target schema (`db.schema`).
-    pub schema: String,
+    pub(crate) schema: String,
     /// The dead-letter table's name in the schema.
     #[arg(long = "dlqTableName", env = "CDC_SINK_DLQ_TABLE_NAME", default_value = DEFAULT_DLQ_TABLE)]
-    pub dlq_table_name: String,
+    pub(crate) dlq_table_name: String,
 }
 
 #[derive(clap::Subcommand, Debug)]
-pub enum DlqCommand {
+pub(crate) enum DlqCommand {
     /// Print the selected rows, oldest first (a table, or `--json`).
     List {
         #[command(flatten)]

@@ -28,27 +28,27 @@ use std::process::ExitCode;
 )]
 pub struct Cli {
     #[command(flatten)]
-    pub log: LogArgs,
+    pub(crate) log: LogArgs,
     #[command(subcommand)]
     pub command: Command,
 }
 
 /// Logging flags, shared by every command.
 #[derive(clap::Args, Debug, Clone)]
-pub struct LogArgs {
+pub(crate) struct LogArgs {
     /// More logging: once for debug, twice for trace.
     #[arg(short = 'v', long = "verbose", action = ArgAction::Count, global = true)]
-    pub verbose: u8,
+    pub(crate) verbose: u8,
     /// `text`, or `fluent` for one JSON object per line.
     #[arg(long = "logFormat", env = "CDC_SINK_LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "fluent", "json"])]
-    pub log_format: String,
+    pub(crate) log_format: String,
     /// Append logs to this file instead of standard error.
     #[arg(
         long = "logDestination",
         env = "CDC_SINK_LOG_DESTINATION",
         global = true
     )]
-    pub log_destination: Option<std::path::PathBuf>,
+    pub(crate) log_destination: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

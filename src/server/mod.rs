@@ -7,9 +7,9 @@
 //! Changefeed requests run detached from their connection: a client that hangs up does not
 //! abort staging half-way, only `--httpResponseTimeout` (or the end of the grace period) does.
 
-pub mod body;
+pub(crate) mod body;
 pub mod client;
-pub mod tls;
+pub(crate) mod tls;
 
 pub use client::{Client, ClientError, ClientOptions, ClientResponse, Protocol};
 pub use tls::{self_signed, self_signed_pem, SelfSigned};
@@ -169,7 +169,7 @@ impl Default for ServerArgs {
 
 impl ServerArgs {
     /// Checks the flags once, before anything starts, with the reference's messages.
-    pub fn validate(&self) -> Result<(), ServerError> {
+    pub(crate) fn validate(&self) -> Result<(), ServerError> {
         if self.bind_addr.trim().is_empty() {
             return Err(ServerError::BindAddrUnset);
         }
@@ -322,8 +322,8 @@ pub struct Request {
     /// The `access_token` query parameter, decoded.
     pub access_token: Option<String>,
     /// The client certificate of the connection (verified when `--tlsClientCA` is set).
-    pub client_cert: Option<Arc<CertificateDer<'static>>>,
-    pub headers: HeaderMap,
+    pub(crate) client_cert: Option<Arc<CertificateDer<'static>>>,
+    pub(crate) headers: HeaderMap,
     pub body: Bytes,
 }
 
@@ -344,14 +344,14 @@ impl std::fmt::Debug for Request {
 /// The handler's answer; sent as one line of `text/plain`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
-    pub status: StatusCode,
-    pub body: String,
-    pub retry_after: Option<Duration>,
+    pub(crate) status: StatusCode,
+    pub(crate) body: String,
+    pub(crate) retry_after: Option<Duration>,
 }
 
 impl Response {
     /// 200 `OK`.
-    pub fn ok() -> Response {
+    pub(crate) fn ok() -> Response {
         Response::text(StatusCode::OK, "OK")
     }
 
@@ -364,7 +364,7 @@ impl Response {
     }
 
     /// Adds a `Retry-After` header (whole seconds, rounded up).
-    pub fn with_retry_after(mut self, after: Duration) -> Response {
+    pub(crate) fn with_retry_after(mut self, after: Duration) -> Response {
         self.retry_after = Some(after);
         self
     }

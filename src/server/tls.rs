@@ -19,8 +19,8 @@ pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 /// A generated certificate with its key, in DER (to serve) and PEM (for clients to trust).
 pub struct SelfSigned {
-    pub certs: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
+    pub(crate) certs: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
     pub cert_pem: String,
     pub key_pem: String,
 }

@@ -25,24 +25,24 @@ use webhook::{DecodeLimits, Payload, PrimaryKeys, WebhookError};
 
 /// Flags of the ingest step.
 #[derive(clap::Args, Debug, Clone)]
-pub struct SourceArgs {
+pub(crate) struct SourceArgs {
     /// Maximum bytes of one ndjson line.
     #[arg(
         long = "ndjsonBufferSize",
         env = "CDC_SINK_NDJSON_BUFFER_SIZE",
         default_value_t = 65_536
     )]
-    pub ndjson_buffer_size: usize,
+    pub(crate) ndjson_buffer_size: usize,
     /// Refuse (400) resolved timestamps and `updated` times further than this ahead of the
     /// target database's clock; 0 turns the check off.
     #[arg(long = "maxClockSkew", env = "CDC_SINK_MAX_CLOCK_SKEW", default_value = "1h0m0s", value_parser = crate::config::parse_duration)]
-    pub max_clock_skew: Duration,
+    pub(crate) max_clock_skew: Duration,
 }
 
-pub use guard::{go_duration, SchemaGate, TargetClock};
+pub(crate) use guard::{go_duration, SchemaGate, TargetClock};
 
 #[derive(Debug, thiserror::Error)]
-pub enum IngestError {
+pub(crate) enum IngestError {
     #[error(transparent)]
     Webhook(#[from] WebhookError),
     #[error("missing or invalid access token: {}", .0.reason())]
@@ -78,7 +78,7 @@ pub enum IngestError {
 }
 
 impl IngestError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             IngestError::Webhook(e) => e.status(),
             IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -126,24 +126,24 @@ impl IngestError {
 }
 
 /// The changefeed handler behind the server: everything a request may touch.
-pub struct Ingest {
-    pub target: Database,
-    pub staging: Database,
-    pub auth: Authenticator,
-    pub applier: Applier,
-    pub sequencer: Arc<Sequencer>,
-    pub script: Option<Userscript>,
-    pub limits: DecodeLimits,
+pub(crate) struct Ingest {
+    pub(crate) target: Database,
+    pub(crate) staging: Database,
+    pub(crate) auth: Authenticator,
+    pub(crate) applier: Applier,
+    pub(crate) sequencer: Arc<Sequencer>,
+    pub(crate) script: Option<Userscript>,
+    pub(crate) limits: DecodeLimits,
     /// `--maxClockSkew` against the target's clock.
-    pub clock: TargetClock,
-    pub schemas: SchemaGate,
+    pub(crate) clock: TargetClock,
+    pub(crate) schemas: SchemaGate,
     /// Database health and the connections ingest may hold (see [`crate::target::Gate`]).
-    pub gate: crate::target::Gate,
+    pub(crate) gate: crate::target::Gate,
 }
 
 impl Ingest {
     /// The handler the server calls for every changefeed request.
-    pub fn into_handler(self) -> IngestHandler {
+    pub(crate) fn into_handler(self) -> IngestHandler {
         STARTED.get_or_init(Instant::now);
         IngestHandler(Arc::new(self))
     }
@@ -354,7 +354,7 @@ fn unavailable(what: String, e: &(dyn std::error::Error + 'static)) -> String {
 
 /// The server's view of [`Ingest`]: cheap to clone into each request's task.
 #[derive(Clone)]
-pub struct IngestHandler(pub Arc<Ingest>);
+pub(crate) struct IngestHandler(pub Arc<Ingest>);
 
 impl Handler for IngestHandler {
     fn changefeed(&self, req: Request) -> BoxFuture<'static, Response> {

@@ -8,7 +8,7 @@ pub mod kv;
 
 mod histogram;
 
-pub use histogram::Histogram;
+pub(crate) use histogram::Histogram;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
