@@ -15,7 +15,7 @@ pub enum ClusterError {
     NoBinaries,
     #[error("{0} failed: {1}")]
     Command(String, String),
-    #[error("i/o error in {0}: {1}")]
+    #[error("i/o error in {0}")]
     Io(String, #[source] std::io::Error),
     #[error("user {0:?} not found; needed to run postgresql as root")]
     NoUser(String),
@@ -30,18 +30,18 @@ pub struct ClusterOptions {
     pub settings: Vec<(String, String)>,
 }
 
-/// A running throwaway cluster; stopped and removed on drop (kept if `keep` is set).
+/// A running throwaway cluster; stopped and removed on drop (kept when dropped by a panicking
+/// thread, for the post-mortem of a failed test).
 #[derive(Debug)]
 pub struct Cluster {
     bin: PathBuf,
     root: PathBuf,
     port: u16,
     owner: Option<(u32, u32)>,
-    keep: bool,
 }
 
 /// Finds the server binaries: `PG_BIN`, then `PATH`, then the newest `/usr/lib/postgresql/*/bin`.
-pub fn find_binaries() -> Result<PathBuf, ClusterError> {
+pub(crate) fn find_binaries() -> Result<PathBuf, ClusterError> {
     if let Some(dir) = std::env::var_os("PG_BIN") {
         let dir = PathBuf::from(dir);
         if dir.join("initdb").exists() {
@@ -203,7 +203,7 @@ fn template(bin: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf, ClusterErr
 
 impl Cluster {
     /// Starts a new cluster with default options (fsync off, logical decoding on).
-    pub fn start() -> Result<Cluster, ClusterError> {
+    pub(crate) fn start() -> Result<Cluster, ClusterError> {
         Self::start_with(ClusterOptions::default())
     }
 
@@ -246,7 +246,6 @@ impl Cluster {
             root,
             port: 0,
             owner,
-            keep: false,
         };
         let mut last = None;
         for _ in 0..5 {
@@ -356,21 +355,12 @@ impl Cluster {
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
-
-    /// Keep the data directory after drop (for post-mortems of a failed test).
-    pub fn keep(&mut self) {
-        self.keep = true;
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
-        if self.keep || std::thread::panicking() {
+        if std::thread::panicking() {
             eprintln!("kept postgresql cluster at {}", self.root.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.root);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 /// Parses a Go duration: a sequence of decimal numbers with units `ns`, `us`/`µs`, `ms`, `s`,
 /// `m`, `h` (`1h30m`, `1.5s`), or `0`. Negative durations are refused.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s == "0" {
         return Ok(Duration::ZERO);
@@ -44,7 +44,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Formats a duration the way Go prints it (`1m0s`, `24h0m0s`, `500ms`), for help texts and
 /// SQL intervals.
-pub fn format_duration(d: Duration) -> String {
+pub(crate) fn format_duration(d: Duration) -> String {
     if d.is_zero() {
         return "0s".into();
     }
@@ -82,7 +82,7 @@ fn trim_float(v: f64) -> String {
 
 /// Parses a byte size: a whole number with an optional unit `B`, `KB`/`KiB`, `MB`/`MiB`,
 /// `GB`/`GiB` (both spellings mean powers of 1024, as the changefeed options do).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(end);

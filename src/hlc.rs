@@ -42,7 +42,7 @@ impl Hlc {
         self.logical
     }
 
-    pub const fn is_zero(self) -> bool {
+    pub(crate) const fn is_zero(self) -> bool {
         self.nanos == 0 && self.logical == 0
     }
 

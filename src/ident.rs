@@ -30,7 +30,7 @@ impl Ident {
     }
 
     /// Lower-cased form, used for comparison and for staging table names.
-    pub fn canonical(&self) -> String {
+    pub(crate) fn canonical(&self) -> String {
         self.0.to_lowercase()
     }
 
@@ -84,7 +84,7 @@ impl fmt::Display for Ident {
 /// A two-part target namespace, `database.schema`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Schema {
-    pub db: Ident,
+    pub(crate) db: Ident,
     pub schema: Ident,
 }
 
@@ -101,12 +101,12 @@ impl Schema {
     }
 
     /// The lower-cased `db.schema` text used as group name in checkpoints and leases.
-    pub fn canonical(&self) -> String {
+    pub(crate) fn canonical(&self) -> String {
         format!("{}.{}", self.db.canonical(), self.schema.canonical())
     }
 
     /// Parses `db.schema` (parts optionally quoted).
-    pub fn parse(s: &str) -> Result<Schema, IdentError> {
+    pub(crate) fn parse(s: &str) -> Result<Schema, IdentError> {
         let parts = parse_dotted(s)?;
         match <[Ident; 2]>::try_from(parts) {
             Ok([db, schema]) => Ok(Schema { db, schema }),
@@ -137,18 +137,18 @@ impl Table {
     }
 
     /// `"db"."schema"."table"`.
-    pub fn quoted(&self) -> String {
+    pub(crate) fn quoted(&self) -> String {
         format!("{}.{}", self.schema.quoted(), self.name.quoted())
     }
 
     /// `"schema"."table"`: PostgreSQL only resolves names inside the connected database.
-    pub fn quoted_in_db(&self) -> String {
+    pub(crate) fn quoted_in_db(&self) -> String {
         format!("{}.{}", self.schema.schema.quoted(), self.name.quoted())
     }
 
     /// Lower-cased `db_schema_table`, the full name of this table's staging table. Distinct
     /// tables can share it (`a_b.c.t` and `a.b_c.t`): the staging registry refuses the second.
-    pub fn staging_name(&self) -> String {
+    pub(crate) fn staging_name(&self) -> String {
         format!(
             "{}_{}_{}",
             self.schema.db.canonical(),
@@ -159,14 +159,14 @@ impl Table {
 
     /// [`Table::staging_name`] fitted into an identifier of at most `limit` bytes (see
     /// [`fit_identifier`]); `None` keeps it whole.
-    pub fn staging_name_within(&self, limit: Option<usize>) -> String {
+    pub(crate) fn staging_name_within(&self, limit: Option<usize>) -> String {
         fit_identifier(&self.staging_name(), limit)
     }
 
     /// Resolves a possibly qualified name (`t`, `schema.t`, `db.schema.t`) against a default
     /// schema: the last part is the table, the rest are discarded (the URL schema wins, as in
     /// the reference).
-    pub fn parse_in(schema: &Schema, name: &str) -> Result<Table, IdentError> {
+    pub(crate) fn parse_in(schema: &Schema, name: &str) -> Result<Table, IdentError> {
         let parts = parse_dotted(name)?;
         if parts.len() > 3 {
             return Err(IdentError::TooManyParts(name.to_string(), 3));
@@ -190,7 +190,7 @@ impl fmt::Display for Table {
 
 /// FNV-1a, 64 bits: a hash that stays the same across Rust releases and on every instance
 /// (std's `DefaultHasher` promises neither), for names derived from names.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
@@ -203,7 +203,7 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 /// prefix cut on a UTF-8 character boundary, `_` and the 16 hex digits of the FNV-1a hash of
 /// the whole name, `limit` bytes at most. The database would otherwise cut the name itself,
 /// and two names sharing their first `limit` bytes would name one object.
-pub fn fit_identifier(name: &str, limit: Option<usize>) -> String {
+pub(crate) fn fit_identifier(name: &str, limit: Option<usize>) -> String {
     let Some(limit) = limit else {
         return name.to_string();
     };

@@ -42,6 +42,7 @@
 //! | [`verify`] | compares a table on two databases |
 //! | [`demo`] | the local active-active demo's schema, scripts and summary |
 //! | [`config`], [`civil`] | flag value parsers; calendar arithmetic for time spellings |
+//! | [`error`] | [`error::ErrorChain`], the one printer of an error with its causes (CLI, logs) |
 
 pub mod apply;
 pub mod auth;
@@ -52,6 +53,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod feed;
 pub mod hlc;
 pub mod ident;

@@ -16,136 +16,136 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
-pub const LABEL_SCHEMA: &str = "schema";
-pub const LABEL_TABLE: &str = "table";
-pub const LABEL_CODE: &str = "code";
-pub const LABEL_POOL: &str = "pool";
-pub const LABEL_KIND: &str = "kind";
-pub const LABEL_TARGET: &str = "target";
-pub const LABEL_DLQ: &str = "dlq";
-pub const LABEL_MODE: &str = "mode";
-pub const LABEL_LEVEL: &str = "level";
-pub const LABEL_SET: &str = "set";
+pub(crate) const LABEL_SCHEMA: &str = "schema";
+pub(crate) const LABEL_TABLE: &str = "table";
+pub(crate) const LABEL_CODE: &str = "code";
+pub(crate) const LABEL_POOL: &str = "pool";
+pub(crate) const LABEL_KIND: &str = "kind";
+pub(crate) const LABEL_TARGET: &str = "target";
+pub(crate) const LABEL_DLQ: &str = "dlq";
+pub(crate) const LABEL_MODE: &str = "mode";
+pub(crate) const LABEL_LEVEL: &str = "level";
+pub(crate) const LABEL_SET: &str = "set";
 /// The one `set` label value of the `lockset_*` family: the per-schema flush scheduler.
-pub const SET_SCHEDULER: &str = "scheduler";
+pub(crate) const SET_SCHEDULER: &str = "scheduler";
 
-pub const LOG_MESSAGES: &str = "log_message_count";
+pub(crate) const LOG_MESSAGES: &str = "log_message_count";
 
-pub const INFO: &str = "cdc_sink_info";
-pub const START_SECONDS: &str = "cdc_sink_start_seconds";
+pub(crate) const INFO: &str = "cdc_sink_info";
+pub(crate) const START_SECONDS: &str = "cdc_sink_start_seconds";
 
-pub const HTTP_STATUS_CODES: &str = "http_status_codes_total";
-pub const HTTP_LATENCY: &str = "http_latency_seconds";
-pub const HTTP_PAYLOAD_IN: &str = "http_payload_in_bytes_total";
+pub(crate) const HTTP_STATUS_CODES: &str = "http_status_codes_total";
+pub(crate) const HTTP_LATENCY: &str = "http_latency_seconds";
+pub(crate) const HTTP_PAYLOAD_IN: &str = "http_payload_in_bytes_total";
 // Admission of request bodies (`--maxInflightBytes`).
-pub const HTTP_INFLIGHT_BYTES: &str = "http_inflight_request_bytes";
-pub const HTTP_OVER_BUDGET: &str = "http_over_budget_requests_total";
+pub(crate) const HTTP_INFLIGHT_BYTES: &str = "http_inflight_request_bytes";
+pub(crate) const HTTP_OVER_BUDGET: &str = "http_over_budget_requests_total";
 
-pub const MUTATIONS_RECEIVED: &str = "mutations_received_count";
-pub const MUTATIONS_SUCCESS: &str = "mutations_success_count";
-pub const MUTATIONS_ERROR: &str = "mutations_error_count";
+pub(crate) const MUTATIONS_RECEIVED: &str = "mutations_received_count";
+pub(crate) const MUTATIONS_SUCCESS: &str = "mutations_success_count";
+pub(crate) const MUTATIONS_ERROR: &str = "mutations_error_count";
 
-pub const TARGET_APPLIED_TIMESTAMP: &str = "target_applied_timestamp_seconds";
-pub const TARGET_PENDING_TIMESTAMP: &str = "target_pending_timestamp_seconds";
-pub const TARGET_LAG: &str = "target_lag_seconds";
-pub const SOURCE_LAG: &str = "source_lag_seconds";
+pub(crate) const TARGET_APPLIED_TIMESTAMP: &str = "target_applied_timestamp_seconds";
+pub(crate) const TARGET_PENDING_TIMESTAMP: &str = "target_pending_timestamp_seconds";
+pub(crate) const TARGET_LAG: &str = "target_lag_seconds";
+pub(crate) const SOURCE_LAG: &str = "source_lag_seconds";
 
-pub const CHECKPOINT_ADVANCE_DURATION: &str = "checkpoint_advance_duration_seconds";
-pub const CHECKPOINT_COMMIT_DURATION: &str = "checkpoint_commit_duration_seconds";
-pub const CHECKPOINT_REFRESH_DURATION: &str = "checkpoint_refresh_duration_seconds";
-pub const CHECKPOINT_COMMITTED_TIME: &str = "checkpoint_committed_time_seconds";
-pub const CHECKPOINT_COMMITTED_AGE: &str = "checkpoint_committed_age_seconds";
-pub const CHECKPOINT_PROPOSED_TIME: &str = "checkpoint_proposed_time_seconds";
-pub const CHECKPOINT_PROPOSED_AGE: &str = "checkpoint_proposed_age_seconds";
-pub const CHECKPOINT_BACKWARDS: &str = "checkpoint_proposed_going_backwards_errors";
+pub(crate) const CHECKPOINT_ADVANCE_DURATION: &str = "checkpoint_advance_duration_seconds";
+pub(crate) const CHECKPOINT_COMMIT_DURATION: &str = "checkpoint_commit_duration_seconds";
+pub(crate) const CHECKPOINT_REFRESH_DURATION: &str = "checkpoint_refresh_duration_seconds";
+pub(crate) const CHECKPOINT_COMMITTED_TIME: &str = "checkpoint_committed_time_seconds";
+pub(crate) const CHECKPOINT_COMMITTED_AGE: &str = "checkpoint_committed_age_seconds";
+pub(crate) const CHECKPOINT_PROPOSED_TIME: &str = "checkpoint_proposed_time_seconds";
+pub(crate) const CHECKPOINT_PROPOSED_AGE: &str = "checkpoint_proposed_age_seconds";
+pub(crate) const CHECKPOINT_BACKWARDS: &str = "checkpoint_proposed_going_backwards_errors";
 
-pub const STAGE_MUTATIONS: &str = "stage_mutations_total";
-pub const STAGE_DUPLICATES: &str = "stage_duplicate_mutations_total";
-pub const STAGE_ERRORS: &str = "stage_errors_total";
-pub const STAGE_DURATION: &str = "stage_duration_seconds";
-pub const STAGE_READ_ROWS: &str = "stage_read_rows";
-pub const STAGE_READ_DURATION: &str = "stage_read_duration_seconds";
-pub const STAGE_READ_LAG: &str = "stage_read_lag_seconds";
-pub const STAGE_READ_QUEUE: &str = "stage_read_queue_count";
-pub const STAGE_MERGE_LAG: &str = "stage_merge_lag_seconds";
-pub const STAGE_MERGE_QUEUE: &str = "stage_merge_queue_count";
-pub const STAGE_STALE: &str = "stage_stale_mutations_count";
-pub const STAGE_BACKLOG: &str = "stage_backlog_mutations";
-pub const STAGE_RETIRE_ERRORS: &str = "stage_retire_errors_total";
-pub const STAGE_RETIRE_DURATION: &str = "stage_retire_duration_seconds";
-pub const SCRIPT_ENTRY_WAIT: &str = "script_entry_wait_seconds";
-pub const SCRIPT_EXEC_TIME: &str = "script_exec_time_seconds";
-pub const SCRIPT_STUCK_WORKERS: &str = "script_stuck_workers";
-pub const STAGE_BELOW_CHECKPOINT: &str = "stage_below_checkpoint_mutations_total";
-pub const STAGE_SKIPPED_APPLIED: &str = "stage_skipped_applied_mutations_total";
+pub(crate) const STAGE_MUTATIONS: &str = "stage_mutations_total";
+pub(crate) const STAGE_DUPLICATES: &str = "stage_duplicate_mutations_total";
+pub(crate) const STAGE_ERRORS: &str = "stage_errors_total";
+pub(crate) const STAGE_DURATION: &str = "stage_duration_seconds";
+pub(crate) const STAGE_READ_ROWS: &str = "stage_read_rows";
+pub(crate) const STAGE_READ_DURATION: &str = "stage_read_duration_seconds";
+pub(crate) const STAGE_READ_LAG: &str = "stage_read_lag_seconds";
+pub(crate) const STAGE_READ_QUEUE: &str = "stage_read_queue_count";
+pub(crate) const STAGE_MERGE_LAG: &str = "stage_merge_lag_seconds";
+pub(crate) const STAGE_MERGE_QUEUE: &str = "stage_merge_queue_count";
+pub(crate) const STAGE_STALE: &str = "stage_stale_mutations_count";
+pub(crate) const STAGE_BACKLOG: &str = "stage_backlog_mutations";
+pub(crate) const STAGE_RETIRE_ERRORS: &str = "stage_retire_errors_total";
+pub(crate) const STAGE_RETIRE_DURATION: &str = "stage_retire_duration_seconds";
+pub(crate) const SCRIPT_ENTRY_WAIT: &str = "script_entry_wait_seconds";
+pub(crate) const SCRIPT_EXEC_TIME: &str = "script_exec_time_seconds";
+pub(crate) const SCRIPT_STUCK_WORKERS: &str = "script_stuck_workers";
+pub(crate) const STAGE_BELOW_CHECKPOINT: &str = "stage_below_checkpoint_mutations_total";
+pub(crate) const STAGE_SKIPPED_APPLIED: &str = "stage_skipped_applied_mutations_total";
 
-pub const APPLY_UPSERTS: &str = "apply_upserts_total";
-pub const APPLY_DELETES: &str = "apply_deletes_total";
-pub const APPLY_ERRORS: &str = "apply_errors_total";
-pub const APPLY_CONFLICTS: &str = "apply_conflicts_total";
-pub const APPLY_RESOLVES: &str = "apply_resolves_total";
-pub const APPLY_DURATION: &str = "apply_duration_seconds";
-pub const APPLY_MUTATION_AGE: &str = "apply_mutation_age_seconds";
+pub(crate) const APPLY_UPSERTS: &str = "apply_upserts_total";
+pub(crate) const APPLY_DELETES: &str = "apply_deletes_total";
+pub(crate) const APPLY_ERRORS: &str = "apply_errors_total";
+pub(crate) const APPLY_CONFLICTS: &str = "apply_conflicts_total";
+pub(crate) const APPLY_RESOLVES: &str = "apply_resolves_total";
+pub(crate) const APPLY_DURATION: &str = "apply_duration_seconds";
+pub(crate) const APPLY_MUTATION_AGE: &str = "apply_mutation_age_seconds";
 
-pub const CORE_SWEEP_ACTIVE: &str = "core_sweep_active_bool";
-pub const CORE_SWEEP_APPLY_COUNT: &str = "core_sweep_apply_count";
-pub const CORE_SWEEP_DURATION: &str = "core_sweep_duration_seconds";
-pub const CORE_SWEEP_SUCCESS_TIMESTAMP: &str = "core_sweep_success_timestamp_seconds";
-pub const CORE_SWEEP_ATTEMPT_TIMESTAMP: &str = "core_sweep_attempt_timestamp_seconds";
-pub const CORE_SWEEP_SKEW: &str = "core_sweep_skew_count";
-pub const CORE_FLUSHES_IN_FLIGHT: &str = "core_sweep_flushes_in_flight";
-pub const CORE_FLUSH_OVERLAPS: &str = "core_sweep_overlapping_flushes_total";
-pub const CORE_FLUSH_DEFERRED: &str = "core_sweep_deferred_flushes_total";
+pub(crate) const CORE_SWEEP_ACTIVE: &str = "core_sweep_active_bool";
+pub(crate) const CORE_SWEEP_APPLY_COUNT: &str = "core_sweep_apply_count";
+pub(crate) const CORE_SWEEP_DURATION: &str = "core_sweep_duration_seconds";
+pub(crate) const CORE_SWEEP_SUCCESS_TIMESTAMP: &str = "core_sweep_success_timestamp_seconds";
+pub(crate) const CORE_SWEEP_ATTEMPT_TIMESTAMP: &str = "core_sweep_attempt_timestamp_seconds";
+pub(crate) const CORE_SWEEP_SKEW: &str = "core_sweep_skew_count";
+pub(crate) const CORE_FLUSHES_IN_FLIGHT: &str = "core_sweep_flushes_in_flight";
+pub(crate) const CORE_FLUSH_OVERLAPS: &str = "core_sweep_overlapping_flushes_total";
+pub(crate) const CORE_FLUSH_DEFERRED: &str = "core_sweep_deferred_flushes_total";
 
-pub const BEST_EFFORT_APPLIED: &str = "best_effort_accept_applied_count";
-pub const BEST_EFFORT_DEFERRED: &str = "best_effort_accept_deferred_count";
-pub const BEST_EFFORT_ERRORS: &str = "best_effort_accept_error_count";
-pub const BEST_EFFORT_DURATION: &str = "best_effort_accept_duration_seconds";
-pub const SEQUENCE_MODE: &str = "sequence_mode";
+pub(crate) const BEST_EFFORT_APPLIED: &str = "best_effort_accept_applied_count";
+pub(crate) const BEST_EFFORT_DEFERRED: &str = "best_effort_accept_deferred_count";
+pub(crate) const BEST_EFFORT_ERRORS: &str = "best_effort_accept_error_count";
+pub(crate) const BEST_EFFORT_DURATION: &str = "best_effort_accept_duration_seconds";
+pub(crate) const SEQUENCE_MODE: &str = "sequence_mode";
 
-pub const SCHEDULER_EXECUTED: &str = "sequencer_scheduler_executed_tasks_count";
-pub const SCHEDULER_EXECUTING: &str = "sequencer_scheduler_executing_tasks_count";
-pub const LOCKSET_DEFERRED_START: &str = "lockset_deferred_start_count";
-pub const LOCKSET_IMMEDIATE_START: &str = "lockset_immediate_start_count";
-pub const LOCKSET_RETRIED: &str = "lockset_retried_tasks_count";
-pub const LOCKSET_EXEC_WAIT: &str = "lockset_exec_wait_seconds";
-pub const LOCKSET_EXEC_COMPLETE: &str = "lockset_exec_complete_seconds";
+pub(crate) const SCHEDULER_EXECUTED: &str = "sequencer_scheduler_executed_tasks_count";
+pub(crate) const SCHEDULER_EXECUTING: &str = "sequencer_scheduler_executing_tasks_count";
+pub(crate) const LOCKSET_DEFERRED_START: &str = "lockset_deferred_start_count";
+pub(crate) const LOCKSET_IMMEDIATE_START: &str = "lockset_immediate_start_count";
+pub(crate) const LOCKSET_RETRIED: &str = "lockset_retried_tasks_count";
+pub(crate) const LOCKSET_EXEC_WAIT: &str = "lockset_exec_wait_seconds";
+pub(crate) const LOCKSET_EXEC_COMPLETE: &str = "lockset_exec_complete_seconds";
 
-pub const RETRY_ACTIONS: &str = "retry_actions_total";
-pub const RETRY_RETRIED: &str = "retry_retried_total";
-pub const RETRY_ABORTED: &str = "retry_aborted_total";
+pub(crate) const RETRY_ACTIONS: &str = "retry_actions_total";
+pub(crate) const RETRY_RETRIED: &str = "retry_retried_total";
+pub(crate) const RETRY_ABORTED: &str = "retry_aborted_total";
 
-pub const POOL_ACQUIRED: &str = "pool_acquired_connection_count";
-pub const POOL_IDLE: &str = "pool_idle_connection_count";
-pub const POOL_MAX: &str = "pool_max_connection_count";
-pub const POOL_CONSTRUCTING: &str = "pool_constructing_connection_count";
-pub const POOL_ACQUIRE_WAIT_COUNT: &str = "pool_acquire_wait_count";
-pub const POOL_ACQUIRE_WAIT_SECONDS: &str = "pool_acquire_wait_seconds";
-pub const POOL_DIAL_ERRORS: &str = "pool_dial_error_count";
-pub const POOL_DIAL_SUCCESS: &str = "pool_dial_success_count";
-pub const POOL_DIAL_LATENCY: &str = "pool_dial_latency_seconds";
-pub const POOL_SQL_READY_LATENCY: &str = "pool_sql_ready_latency_seconds";
+pub(crate) const POOL_ACQUIRED: &str = "pool_acquired_connection_count";
+pub(crate) const POOL_IDLE: &str = "pool_idle_connection_count";
+pub(crate) const POOL_MAX: &str = "pool_max_connection_count";
+pub(crate) const POOL_CONSTRUCTING: &str = "pool_constructing_connection_count";
+pub(crate) const POOL_ACQUIRE_WAIT_COUNT: &str = "pool_acquire_wait_count";
+pub(crate) const POOL_ACQUIRE_WAIT_SECONDS: &str = "pool_acquire_wait_seconds";
+pub(crate) const POOL_DIAL_ERRORS: &str = "pool_dial_error_count";
+pub(crate) const POOL_DIAL_SUCCESS: &str = "pool_dial_success_count";
+pub(crate) const POOL_DIAL_LATENCY: &str = "pool_dial_latency_seconds";
+pub(crate) const POOL_SQL_READY_LATENCY: &str = "pool_sql_ready_latency_seconds";
 
-pub const STMTCACHE_HITS: &str = "stmtcache_hits_total";
-pub const STMTCACHE_MISSES: &str = "stmtcache_misses_total";
-pub const STMTCACHE_RELEASES: &str = "stmtcache_releases_total";
-pub const STMTCACHE_DROPS: &str = "stmtcache_drops_total";
+pub(crate) const STMTCACHE_HITS: &str = "stmtcache_hits_total";
+pub(crate) const STMTCACHE_MISSES: &str = "stmtcache_misses_total";
+pub(crate) const STMTCACHE_RELEASES: &str = "stmtcache_releases_total";
+pub(crate) const STMTCACHE_DROPS: &str = "stmtcache_drops_total";
 
-pub const DLQ_MUTATIONS: &str = "dlq_mutations_total";
-pub const DLQ_REPLAYED: &str = "dlq_replayed_total";
-pub const DLQ_PURGED: &str = "dlq_purged_total";
-pub const POISON_BACKOFF: &str = "sequence_poison_backoff_total";
+pub(crate) const DLQ_MUTATIONS: &str = "dlq_mutations_total";
+pub(crate) const DLQ_REPLAYED: &str = "dlq_replayed_total";
+pub(crate) const DLQ_PURGED: &str = "dlq_purged_total";
+pub(crate) const POISON_BACKOFF: &str = "sequence_poison_backoff_total";
 
-pub const CORE_PIPELINES: &str = "core_pipelines";
-pub const INGEST_AHEAD_OF_CLOCK: &str = "ingest_ahead_of_clock_total";
-pub const INGEST_NO_SUCH_SCHEMA: &str = "ingest_no_such_schema_total";
+pub(crate) const CORE_PIPELINES: &str = "core_pipelines";
+pub(crate) const INGEST_AHEAD_OF_CLOCK: &str = "ingest_ahead_of_clock_total";
+pub(crate) const INGEST_NO_SUCH_SCHEMA: &str = "ingest_no_such_schema_total";
 
-pub const LABEL_RESULT: &str = "result";
-pub const LABEL_REASON: &str = "reason";
-pub const AUTH_REQUESTS: &str = "auth_requests_total";
-pub const AUTH_DISABLED: &str = "auth_disabled";
-pub const JWT_LAST_REFRESH_TIME: &str = "jwt_last_refresh_time";
-pub const JWT_REFRESH_ERRORS: &str = "jwt_refresh_errors_total";
+pub(crate) const LABEL_RESULT: &str = "result";
+pub(crate) const LABEL_REASON: &str = "reason";
+pub(crate) const AUTH_REQUESTS: &str = "auth_requests_total";
+pub(crate) const AUTH_DISABLED: &str = "auth_disabled";
+pub(crate) const JWT_LAST_REFRESH_TIME: &str = "jwt_last_refresh_time";
+pub(crate) const JWT_REFRESH_ERRORS: &str = "jwt_refresh_errors_total";
 
 /// Latency buckets of the reference: 1ms..9ms, 10ms..90ms, 100ms..900ms, 1s..9s, 10s..60s.
 fn latency_buckets() -> Vec<f64> {
@@ -183,7 +183,7 @@ fn age_buckets() -> Vec<f64> {
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the global Prometheus recorder once per process and describes every metric.
-pub fn install() -> PrometheusHandle {
+pub(crate) fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
@@ -217,7 +217,7 @@ pub fn install() -> PrometheusHandle {
 }
 
 /// Renders the current metrics in the Prometheus text format.
-pub fn render() -> String {
+pub(crate) fn render() -> String {
     install().render()
 }
 
@@ -598,7 +598,7 @@ fn register_global() {
 }
 
 /// Registers a pool's counters at 0 (label `pool`: `target` or `staging`).
-pub fn register_pool(pool: &'static str) {
+pub(crate) fn register_pool(pool: &'static str) {
     let l = [(LABEL_POOL, pool)];
     for name in [POOL_ACQUIRE_WAIT_COUNT, POOL_DIAL_SUCCESS, POOL_DIAL_ERRORS] {
         metrics::counter!(name, &l).increment(0);
@@ -608,7 +608,7 @@ pub fn register_pool(pool: &'static str) {
 }
 
 /// Registers the counters of a schema at 0, with the labels their recording sites use.
-pub fn register_schema(schema: &crate::ident::Schema) {
+pub(crate) fn register_schema(schema: &crate::ident::Schema) {
     let target = [
         (LABEL_KIND, "cdc".to_string()),
         (LABEL_TARGET, schema.to_string()),
@@ -634,7 +634,7 @@ pub fn register_schema(schema: &crate::ident::Schema) {
 
 /// Registers the counters of a table (and of its schema) at 0, with the labels their
 /// recording sites use: the first time this process stages or reads the table.
-pub fn register_table(table: &crate::ident::Table) {
+pub(crate) fn register_table(table: &crate::ident::Table) {
     register_schema(&table.schema);
     let l = table_labels(table);
     for name in [
@@ -654,7 +654,7 @@ pub fn register_table(table: &crate::ident::Table) {
 }
 
 /// The `schema` and `table` labels of a table: `db.schema` and the name as written.
-pub fn table_labels(table: &crate::ident::Table) -> [(&'static str, String); 2] {
+pub(crate) fn table_labels(table: &crate::ident::Table) -> [(&'static str, String); 2] {
     [
         (LABEL_SCHEMA, table.schema.to_string()),
         (LABEL_TABLE, table.name.raw().to_string()),
@@ -676,7 +676,7 @@ fn level_label(level: &tracing::Level) -> &'static str {
 
 /// A tracing layer counting events by level into `log_message_count{level}`. Placed over the
 /// log filter, it counts the events that are written, not every event the code could emit.
-pub struct LogCounter;
+pub(crate) struct LogCounter;
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogCounter {
     fn on_event(
@@ -691,23 +691,23 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogCounter {
 
 // The changefeed emulator (`cdc-sink feed`), the kv workload and the verifier; described by
 // their modules when they start.
-pub const LABEL_FEED: &str = "feed";
-pub const FEED_BATCHES: &str = "feed_batches_sent_total";
-pub const FEED_MESSAGES: &str = "feed_messages_sent_total";
-pub const FEED_BYTES: &str = "feed_sent_bytes_total";
-pub const FEED_RETRIES: &str = "feed_retries_total";
-pub const FEED_CHAOS_RESENDS: &str = "feed_chaos_resends_total";
-pub const FEED_RESOLVED: &str = "feed_resolved_sent_total";
-pub const FEED_SOURCE_ERRORS: &str = "feed_source_errors_total";
-pub const FEED_LAG: &str = "feed_lag_seconds";
-pub const WORKLOAD_OPS: &str = "workload_ops_total";
-pub const WORKLOAD_ERRORS: &str = "workload_errors_total";
-pub const VERIFY_DIVERGENT_ROWS: &str = "verify_divergent_rows";
-pub const VERIFY_CLEAN_CHECKS: &str = "verify_consecutive_clean_checks";
+pub(crate) const LABEL_FEED: &str = "feed";
+pub(crate) const FEED_BATCHES: &str = "feed_batches_sent_total";
+pub(crate) const FEED_MESSAGES: &str = "feed_messages_sent_total";
+pub(crate) const FEED_BYTES: &str = "feed_sent_bytes_total";
+pub(crate) const FEED_RETRIES: &str = "feed_retries_total";
+pub(crate) const FEED_CHAOS_RESENDS: &str = "feed_chaos_resends_total";
+pub(crate) const FEED_RESOLVED: &str = "feed_resolved_sent_total";
+pub(crate) const FEED_SOURCE_ERRORS: &str = "feed_source_errors_total";
+pub(crate) const FEED_LAG: &str = "feed_lag_seconds";
+pub(crate) const WORKLOAD_OPS: &str = "workload_ops_total";
+pub(crate) const WORKLOAD_ERRORS: &str = "workload_errors_total";
+pub(crate) const VERIFY_DIVERGENT_ROWS: &str = "verify_divergent_rows";
+pub(crate) const VERIFY_CLEAN_CHECKS: &str = "verify_consecutive_clean_checks";
 /// Rows `verify --repair` wrote (`kind` = `upsert` or `delete`), by table.
-pub const VERIFY_REPAIRED_ROWS: &str = "verify_repaired_rows_total";
+pub(crate) const VERIFY_REPAIRED_ROWS: &str = "verify_repaired_rows_total";
 /// 1 once `verify --watch` saw `--clean` clean checks in a row, else 0.
-pub const VERIFY_FAILBACK_READY: &str = "verify_failback_ready";
+pub(crate) const VERIFY_FAILBACK_READY: &str = "verify_failback_ready";
 
 #[cfg(test)]
 mod tests {

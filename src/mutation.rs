@@ -27,7 +27,7 @@ impl Mutation {
 pub type TableBatches = BTreeMap<Table, Vec<Mutation>>;
 
 /// Groups `(table, mutation)` pairs per table, keeping their order.
-pub fn group_by_table(items: impl IntoIterator<Item = (Table, Mutation)>) -> TableBatches {
+pub(crate) fn group_by_table(items: impl IntoIterator<Item = (Table, Mutation)>) -> TableBatches {
     let mut out = TableBatches::new();
     for (t, m) in items {
         out.entry(t).or_default().push(m);
@@ -37,7 +37,7 @@ pub fn group_by_table(items: impl IntoIterator<Item = (Table, Mutation)>) -> Tab
 
 /// Keeps, for each key, only the mutation with the greatest time (the later one in the slice on
 /// a tie). Order of the survivors follows their first appearance.
-pub fn last_version_per_key(muts: &[Mutation]) -> Vec<&Mutation> {
+pub(crate) fn last_version_per_key(muts: &[Mutation]) -> Vec<&Mutation> {
     let mut index: std::collections::HashMap<&str, usize> =
         std::collections::HashMap::with_capacity(muts.len());
     let mut out: Vec<&Mutation> = Vec::with_capacity(muts.len());

@@ -79,22 +79,22 @@ in one transaction): drop --stagingConn or --bestEffortOnly"
 #[derive(clap::Args, Debug, Clone)]
 pub struct StartArgs {
     #[command(flatten)]
-    pub server: ServerArgs,
+    pub(crate) server: ServerArgs,
     #[command(flatten)]
-    pub target: TargetArgs,
+    pub(crate) target: TargetArgs,
     #[command(flatten)]
-    pub stage: StageArgs,
+    pub(crate) stage: StageArgs,
     #[command(flatten)]
     pub sequence: SequenceArgs,
     #[command(flatten)]
-    pub source: SourceArgs,
+    pub(crate) source: SourceArgs,
     #[command(flatten)]
-    pub auth: AuthArgs,
+    pub(crate) auth: AuthArgs,
     #[command(flatten)]
-    pub apply: crate::apply::ApplyArgs,
+    pub(crate) apply: crate::apply::ApplyArgs,
     /// TypeScript or JavaScript userscript: dispatch, per-table options, merges.
     #[arg(long = "userscript", env = "CDC_SINK_USERSCRIPT")]
-    pub userscript: Option<std::path::PathBuf>,
+    pub(crate) userscript: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub script: crate::script::ScriptArgs,
 }
@@ -120,7 +120,6 @@ impl StartArgs {
 pub struct Running {
     pub addr: std::net::SocketAddr,
     pub metrics_addr: Option<std::net::SocketAddr>,
-    pub tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), SinkError>>,
 }
@@ -136,7 +135,7 @@ impl Running {
     }
 
     /// Waits until the server stops by itself (after a signal).
-    pub async fn wait(mut self) -> Result<(), SinkError> {
+    pub(crate) async fn wait(mut self) -> Result<(), SinkError> {
         (&mut self.task).await.map_err(SinkError::Task)?
     }
 }
@@ -171,7 +170,7 @@ pub fn loopback_argv(target_url: &str, extra: &[&str]) -> Vec<String> {
 
 /// The long names of the `start` flags (what `setOptions` may set), each with whether it
 /// takes a value (`false` for switches).
-pub fn start_flags() -> Vec<(String, bool)> {
+pub(crate) fn start_flags() -> Vec<(String, bool)> {
     StartArgs::augment_args(clap::Command::new("start"))
         .get_arguments()
         .filter_map(|a| {
@@ -208,7 +207,7 @@ pub fn prepare(argv: Vec<String>) -> Result<Prepared, SinkError> {
 /// Like [`prepare`], parsing with `tree`, a whole command tree whose `start` subcommand has
 /// the [`StartArgs`] flags: the binary's, whose command lines may also carry the flags every
 /// command shares.
-pub fn prepare_with(argv: Vec<String>, tree: clap::Command) -> Result<Prepared, SinkError> {
+pub(crate) fn prepare_with(argv: Vec<String>, tree: clap::Command) -> Result<Prepared, SinkError> {
     let args = parse(&tree, &argv)
         .map_err(SinkError::Flags)?
         .ok_or(SinkError::NotStart)?;
@@ -346,7 +345,7 @@ pub async fn launch(prepared: Prepared) -> Result<Running, SinkError> {
     }
     .into_handler();
     let bound = crate::server::bind(&args.server).await?;
-    let (addr, metrics_addr, tls) = (bound.local_addr(), bound.metrics_addr(), bound.tls());
+    let (addr, metrics_addr) = (bound.local_addr(), bound.metrics_addr());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = args.server.grace_period;
     let stopping = sequencer.clone();
@@ -368,14 +367,13 @@ pub async fn launch(prepared: Prepared) -> Result<Running, SinkError> {
     Ok(Running {
         addr,
         metrics_addr,
-        tls,
         stop: Some(stop_tx),
         task,
     })
 }
 
 /// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

@@ -15,7 +15,7 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Dialect::Postgres => "postgresql",
             Dialect::Cockroach => "cockroachdb",
@@ -24,7 +24,7 @@ impl Dialect {
 
     /// The longest identifier, in bytes, the database keeps as written: PostgreSQL silently
     /// cuts longer ones (NAMEDATALEN − 1), CockroachDB does not cut.
-    pub fn identifier_limit(self) -> Option<usize> {
+    pub(crate) fn identifier_limit(self) -> Option<usize> {
         match self {
             Dialect::Postgres => Some(63),
             Dialect::Cockroach => None,
@@ -34,9 +34,9 @@ impl Dialect {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("invalid connection string: {0}")]
+    #[error("invalid connection string")]
     Url(#[source] sqlx::Error),
-    #[error("cannot connect to {what}: {source}")]
+    #[error("cannot connect to {what}")]
     Connect {
         what: &'static str,
         #[source]
@@ -72,13 +72,17 @@ pub struct Database {
 
 impl Database {
     /// Begins a transaction on a connection from [`Database::acquire`].
-    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pub(crate) async fn begin(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
         sqlx::Transaction::begin(self.acquire().await?, None).await
     }
 
     /// Takes a connection from the pool, counting the wait in `pool_acquire_wait_*` and, when
     /// it opens a new connection, the time to open it in `pool_dial_latency_seconds`.
-    pub async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+    pub(crate) async fn acquire(
+        &self,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
         acquire_counted(&self.pool, self.name).await
     }
 }
@@ -122,7 +126,7 @@ fn normalise_url(url: &str) -> Result<String, TargetError> {
 }
 
 /// Parses a connection URL into options carrying our session settings.
-pub fn connect_options(
+pub(crate) fn connect_options(
     url: &str,
     settings: &PoolSettings,
 ) -> Result<PgConnectOptions, TargetError> {
@@ -154,7 +158,7 @@ pub async fn open(
 }
 
 /// [`open`], with the [`Health`] its successful connections report to.
-pub async fn open_watched(
+pub(crate) async fn open_watched(
     url: &str,
     what: &'static str,
     settings: &PoolSettings,
@@ -210,14 +214,14 @@ pub async fn open_watched(
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `pool` label of the control pool.
-pub const CONTROL: &str = "control";
+pub(crate) const CONTROL: &str = "control";
 
 /// Connections of the control pool: lease renewals and checkpoint commits, short statements
 /// that must not queue behind ingest or bulk apply work.
 const CONTROL_CONNECTIONS: u32 = 4;
 
 /// A small pool of its own on the database of `db` (see [`CONTROL_CONNECTIONS`]).
-pub fn control_pool(
+pub(crate) fn control_pool(
     url: &str,
     db: &Database,
     settings: &PoolSettings,
@@ -258,7 +262,7 @@ fn record_dial(pool: &'static str) {
 }
 
 /// SQLSTATEs worth retrying at once: serialization failures and dropped connections.
-pub fn is_retryable_sqlstate(code: &str) -> bool {
+pub(crate) fn is_retryable_sqlstate(code: &str) -> bool {
     matches!(
         code,
         "40001" | "40P01" | "40003" | "08003" | "08006" | "57P01"
@@ -267,7 +271,7 @@ pub fn is_retryable_sqlstate(code: &str) -> bool {
 
 /// Whether an error means the database is unreachable or overloaded (HTTP 503), as opposed to
 /// a statement the database refused (bad data: HTTP 400).
-pub fn is_unavailable(e: &sqlx::Error) -> bool {
+pub(crate) fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
@@ -287,7 +291,7 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
 }
 
 /// The SQLSTATE of an error, or `unknown`.
-pub fn sqlstate(e: &sqlx::Error) -> String {
+pub(crate) fn sqlstate(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Database(db) => db
             .code()
@@ -298,7 +302,7 @@ pub fn sqlstate(e: &sqlx::Error) -> String {
 }
 
 /// Runs `op` again, immediately, up to ten times while it fails with a retryable SQLSTATE.
-pub async fn retry<T, F, Fut>(mut op: F) -> Result<T, sqlx::Error>
+pub(crate) async fn retry<T, F, Fut>(mut op: F) -> Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
@@ -326,7 +330,7 @@ where
 /// `CREATE … IF NOT EXISTS` checks before it inserts into the catalog, so two sessions can both
 /// pass the check (unique violation on a catalog index, duplicate table, schema or object).
 /// Running the statement again finds the object and does nothing.
-pub fn is_ddl_race(code: &str) -> bool {
+pub(crate) fn is_ddl_race(code: &str) -> bool {
     matches!(code, "23505" | "42P07" | "42P06" | "42710")
 }
 
@@ -339,7 +343,7 @@ const DDL_LOCK: i64 = 0x0063_6463_7369_6e6b;
 /// statement by statement. Either way a lost race (see [`is_ddl_race`]) or a retryable error
 /// runs it again. Not for `CREATE INDEX CONCURRENTLY`, which cannot run in a transaction:
 /// see [`ddl_retry`].
-pub async fn run_ddl(db: &Database, stmts: &[String]) -> Result<(), sqlx::Error> {
+pub(crate) async fn run_ddl(db: &Database, stmts: &[String]) -> Result<(), sqlx::Error> {
     let mut attempt: u32 = 0;
     loop {
         match run_ddl_once(db, stmts).await {
@@ -384,7 +388,7 @@ async fn run_ddl_once(db: &Database, stmts: &[String]) -> Result<(), sqlx::Error
 
 /// Runs `op` again, after a short growing pause, while it fails with a lost DDL race, a lock
 /// timeout or a retryable SQLSTATE (at most 20 times).
-pub async fn ddl_retry<T, F, Fut>(mut op: F) -> Result<T, sqlx::Error>
+pub(crate) async fn ddl_retry<T, F, Fut>(mut op: F) -> Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
@@ -490,68 +494,68 @@ mod tests {
 
 /// Flags for the target and staging connections.
 #[derive(clap::Args, Debug, Clone)]
-pub struct TargetArgs {
+pub(crate) struct TargetArgs {
     /// Target database URL (postgres://, postgresql://, pg:// or pgx://); CockroachDB or
     /// PostgreSQL is detected from `version()`.
     #[arg(long = "targetConn", env = "CDC_SINK_TARGET_CONN")]
-    pub target_conn: Option<String>,
+    pub(crate) target_conn: Option<String>,
     /// Maximum target connections.
     #[arg(
         long = "targetMaxPoolSize",
         env = "CDC_SINK_TARGET_MAX_POOL_SIZE",
         default_value_t = 128
     )]
-    pub target_max_pool_size: u32,
+    pub(crate) target_max_pool_size: u32,
     /// Maximum lifetime of a target connection.
     #[arg(long = "targetMaxLifetime", env = "CDC_SINK_TARGET_MAX_LIFETIME", default_value = "5m0s", value_parser = crate::config::parse_duration)]
-    pub target_max_lifetime: Duration,
+    pub(crate) target_max_lifetime: Duration,
     /// Maximum idle time of a target connection.
     #[arg(long = "targetIdleTime", env = "CDC_SINK_TARGET_IDLE_TIME", default_value = "1m0s", value_parser = crate::config::parse_duration)]
-    pub target_idle_time: Duration,
+    pub(crate) target_idle_time: Duration,
     /// Accepted for compatibility (connection lifetimes are not jittered).
     #[arg(long = "targetJitterTime", env = "CDC_SINK_TARGET_JITTER_TIME", default_value = "15s", value_parser = crate::config::parse_duration)]
-    pub target_jitter_time: Duration,
+    pub(crate) target_jitter_time: Duration,
     /// Prepared statements kept per target connection.
     #[arg(
         long = "targetStatementCacheSize",
         env = "CDC_SINK_TARGET_STATEMENT_CACHE_SIZE",
         default_value_t = 128
     )]
-    pub target_statement_cache_size: usize,
+    pub(crate) target_statement_cache_size: usize,
     /// The target's idle_in_transaction_session_timeout.
     #[arg(long = "applyTimeout", env = "CDC_SINK_APPLY_TIMEOUT", default_value = "30s", value_parser = crate::config::parse_duration)]
-    pub apply_timeout: Duration,
+    pub(crate) apply_timeout: Duration,
     /// Staging database URL (PostgreSQL or CockroachDB); empty means the target database, where
     /// each apply transaction also deletes the staged rows it applied.
     #[arg(long = "stagingConn", env = "CDC_SINK_STAGING_CONN")]
-    pub staging_conn: Option<String>,
+    pub(crate) staging_conn: Option<String>,
     /// Maximum staging connections.
     #[arg(
         long = "stagingMaxPoolSize",
         env = "CDC_SINK_STAGING_MAX_POOL_SIZE",
         default_value_t = 128
     )]
-    pub staging_max_pool_size: u32,
+    pub(crate) staging_max_pool_size: u32,
     #[arg(long = "stagingMaxLifetime", env = "CDC_SINK_STAGING_MAX_LIFETIME", default_value = "5m0s", value_parser = crate::config::parse_duration)]
-    pub staging_max_lifetime: Duration,
+    pub(crate) staging_max_lifetime: Duration,
     #[arg(long = "stagingIdleTime", env = "CDC_SINK_STAGING_IDLE_TIME", default_value = "1m0s", value_parser = crate::config::parse_duration)]
-    pub staging_idle_time: Duration,
+    pub(crate) staging_idle_time: Duration,
     #[arg(long = "stagingJitterTime", env = "CDC_SINK_STAGING_JITTER_TIME", default_value = "15s", value_parser = crate::config::parse_duration)]
-    pub staging_jitter_time: Duration,
+    pub(crate) staging_jitter_time: Duration,
     /// How often the target schema is reloaded (0 disables periodic reloads).
     #[arg(long = "schemaRefresh", env = "CDC_SINK_SCHEMA_REFRESH", default_value = "1m0s", value_parser = crate::config::parse_duration)]
-    pub schema_refresh: Duration,
+    pub(crate) schema_refresh: Duration,
 }
 
 impl TargetArgs {
-    pub fn validate(&self) -> Result<(), TargetError> {
+    pub(crate) fn validate(&self) -> Result<(), TargetError> {
         if self.target_conn.as_deref().unwrap_or("").is_empty() {
             return Err(TargetError::Missing);
         }
         Ok(())
     }
 
-    pub fn target_settings(&self) -> PoolSettings {
+    pub(crate) fn target_settings(&self) -> PoolSettings {
         PoolSettings {
             max_connections: self.target_max_pool_size,
             max_lifetime: self.target_max_lifetime,
@@ -560,7 +564,7 @@ impl TargetArgs {
         }
     }
 
-    pub fn staging_settings(&self) -> PoolSettings {
+    pub(crate) fn staging_settings(&self) -> PoolSettings {
         PoolSettings {
             max_connections: self.staging_max_pool_size,
             max_lifetime: self.staging_max_lifetime,
@@ -570,7 +574,7 @@ impl TargetArgs {
     }
 
     /// `--stagingConn` names another database than `--targetConn`.
-    pub fn separate_staging(&self) -> bool {
+    pub(crate) fn separate_staging(&self) -> bool {
         self.staging_conn
             .as_deref()
             .is_some_and(|s| !s.is_empty() && Some(s) != self.target_conn.as_deref())
@@ -578,14 +582,14 @@ impl TargetArgs {
 
     /// Opens the target and the staging database (the same pool when `--stagingConn` is unset
     /// or equal to `--targetConn`).
-    pub async fn open(&self) -> Result<(Database, Database), TargetError> {
+    pub(crate) async fn open(&self) -> Result<(Database, Database), TargetError> {
         let opened = self.open_all().await?;
         Ok((opened.target, opened.staging))
     }
 
     /// Opens the target, the staging database and the control pool on staging, with the
     /// health of each database ingest uses.
-    pub async fn open_all(&self) -> Result<Opened, TargetError> {
+    pub(crate) async fn open_all(&self) -> Result<Opened, TargetError> {
         let url = self.target_conn.as_deref().ok_or(TargetError::Missing)?;
         let target_settings = self.target_settings();
         let (target, target_health) = open_watched(url, "target", &target_settings).await?;
@@ -615,17 +619,17 @@ impl TargetArgs {
 }
 
 /// The databases a running sink uses.
-pub struct Opened {
-    pub target: Database,
-    pub staging: Database,
+pub(crate) struct Opened {
+    pub(crate) target: Database,
+    pub(crate) staging: Database,
     /// Leases and checkpoint commits (on the staging database).
-    pub control: Database,
+    pub(crate) control: Database,
     /// What ingest passes before using `target` and `staging`.
-    pub gate: Gate,
+    pub(crate) gate: Gate,
 }
 
 /// Publishes the pool gauges (`pool_*{pool}`) every few seconds while the pool is open.
-pub fn spawn_pool_metrics(db: &Database) {
+pub(crate) fn spawn_pool_metrics(db: &Database) {
     let pool_name = db.name;
     let pool = db.pool.clone();
     tokio::spawn(async move {
@@ -649,10 +653,10 @@ pub fn spawn_pool_metrics(db: &Database) {
 /// in messages such as `invalid input syntax for type integer: "…"` and in `DETAIL` (key
 /// values of a unique violation), so the detail is dropped and such quotes are masked.
 /// Errors that are not from the database server print as they are: they carry no row values.
-pub struct Safe<'a>(pub &'a sqlx::Error);
+pub(crate) struct Safe<'a>(pub &'a sqlx::Error);
 
 /// [`Safe`] for `e`.
-pub fn safe(e: &sqlx::Error) -> Safe<'_> {
+pub(crate) fn safe(e: &sqlx::Error) -> Safe<'_> {
     Safe(e)
 }
 
@@ -739,7 +743,7 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// its own, bounded by [`PROBE_TIMEOUT`]). A failed probe marks the database down: waiting
 /// requests and new ones are refused at once, and the probe is repeated until a connection
 /// succeeds. A busy database still answers the probe, so queueing under load is not refused.
-pub struct Health {
+pub(crate) struct Health {
     what: &'static str,
     opts: PgConnectOptions,
     started: std::time::Instant,
@@ -750,7 +754,7 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(what: &'static str, opts: PgConnectOptions) -> Arc<Health> {
+    pub(crate) fn new(what: &'static str, opts: PgConnectOptions) -> Arc<Health> {
         Arc::new(Health {
             what,
             opts,
@@ -761,16 +765,16 @@ impl Health {
         })
     }
 
-    pub fn what(&self) -> &'static str {
+    pub(crate) fn what(&self) -> &'static str {
         self.what
     }
 
-    pub fn is_down(&self) -> bool {
+    pub(crate) fn is_down(&self) -> bool {
         *self.down.borrow()
     }
 
     /// The database answered.
-    pub fn ok(&self) {
+    pub(crate) fn ok(&self) {
         let now = self.started.elapsed().as_millis() as u64;
         self.last_ok
             .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
@@ -789,7 +793,7 @@ impl Health {
     }
 
     /// An operation failed with `e`: if it looks like a lost connection, probe.
-    pub fn failed(self: &Arc<Self>, e: &sqlx::Error) {
+    pub(crate) fn failed(self: &Arc<Self>, e: &sqlx::Error) {
         let code = sqlstate(e);
         if matches!(
             e,
@@ -848,7 +852,7 @@ impl Health {
 
     /// Resolves once the database is found unreachable while the caller waits on it: after
     /// [`STALL`] with no recent sign of life, a probe decides.
-    pub async fn unreachable(self: &Arc<Self>) {
+    pub(crate) async fn unreachable(self: &Arc<Self>) {
         let mut down = self.down.subscribe();
         tokio::time::sleep(STALL).await;
         loop {
@@ -869,12 +873,12 @@ impl Health {
 /// The database is unreachable (HTTP 503 at once).
 #[derive(Debug, thiserror::Error)]
 #[error("the {0} database is unreachable")]
-pub struct Unreachable(pub &'static str);
+pub(crate) struct Unreachable(pub &'static str);
 
 /// What stands between a changefeed request and the pools: the databases' [`Health`], and
 /// permits that keep connections for the apply pipelines (reading windows, applying,
 /// checkpoints), so that ingest alone can never hold every connection.
-pub struct Gate {
+pub(crate) struct Gate {
     health: Vec<Arc<Health>>,
     permits: tokio::sync::Semaphore,
 }
@@ -882,7 +886,7 @@ pub struct Gate {
 impl Gate {
     /// `pool_size` is the smaller of the pools ingest uses; a quarter of it (at least two
     /// connections) is kept from ingest.
-    pub fn new(health: Vec<Arc<Health>>, pool_size: u32) -> Gate {
+    pub(crate) fn new(health: Vec<Arc<Health>>, pool_size: u32) -> Gate {
         Gate {
             health,
             permits: tokio::sync::Semaphore::new(ingest_permits(pool_size)),
@@ -892,7 +896,7 @@ impl Gate {
     /// Runs `work` (which uses at most one connection of each pool at a time) under a
     /// permit; refuses at once while a database is down, and gives up on `work` as soon as
     /// one is found down while it waits.
-    pub async fn run<T, E: From<Unreachable>>(
+    pub(crate) async fn run<T, E: From<Unreachable>>(
         &self,
         work: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
@@ -918,7 +922,7 @@ impl Gate {
     }
 
     /// The first database known to be unreachable, if any.
-    pub fn down(&self) -> Option<Unreachable> {
+    pub(crate) fn down(&self) -> Option<Unreachable> {
         self.health
             .iter()
             .find(|h| h.is_down())
@@ -926,7 +930,7 @@ impl Gate {
     }
 
     /// Records the outcome of a request's database work.
-    pub fn observe(&self, outcome: Result<(), &sqlx::Error>) {
+    pub(crate) fn observe(&self, outcome: Result<(), &sqlx::Error>) {
         for h in &self.health {
             match outcome {
                 Ok(()) => h.ok(),

@@ -10,23 +10,23 @@ pub const NAMESPACE_LEGACY: &str = "https://github.com/cockroachdb/cdc-sink";
 /// The namespace of the later replicator releases; honoured as well.
 pub const NAMESPACE: &str = "https://github.com/cockroachdb/replicator";
 /// The issuer `make-jwt` writes (not checked on verification, as in the reference).
-pub const ISSUER: &str = "cdc-sink";
+pub(crate) const ISSUER: &str = "cdc-sink";
 
 /// The claims the sink reads; everything else in a token is ignored.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Claims {
-    pub jti: String,
+pub(crate) struct Claims {
+    pub(crate) jti: String,
     /// Each entry as listed: `["db", "schema"]`, parts possibly `*`.
-    pub schemas: Vec<Vec<String>>,
-    pub exp: Option<f64>,
-    pub nbf: Option<f64>,
-    pub iat: Option<f64>,
+    pub(crate) schemas: Vec<Vec<String>>,
+    pub(crate) exp: Option<f64>,
+    pub(crate) nbf: Option<f64>,
+    pub(crate) iat: Option<f64>,
 }
 
 impl Claims {
     /// Reads and checks the claims, in the reference's order: shape, time claims (against
     /// `now`, unix seconds, no leeway), `jti`, then at least one schema.
-    pub fn parse(v: &Value, now: f64) -> Result<Claims, Denied> {
+    pub(crate) fn parse(v: &Value, now: f64) -> Result<Claims, Denied> {
         let obj = v.as_object().ok_or(Denied::Claims)?;
         let time = |name: &str| match obj.get(name) {
             None | Some(Value::Null) => Ok(None),
@@ -70,14 +70,14 @@ impl Claims {
 
     /// Whether one listed schema matches `schema` part by part: equal part counts, `*` matches
     /// any part, names compare case-insensitively.
-    pub fn grants(&self, schema: &Schema) -> bool {
+    pub(crate) fn grants(&self, schema: &Schema) -> bool {
         self.schemas.iter().any(|listed| matches(listed, schema))
     }
 }
 
 /// One listed schema against the request's: equal part counts, `*` matches any part, names
 /// compare case-insensitively.
-pub fn matches(listed: &[String], schema: &Schema) -> bool {
+pub(crate) fn matches(listed: &[String], schema: &Schema) -> bool {
     let want = [&schema.db, &schema.schema];
     listed.len() == want.len()
         && listed
@@ -115,7 +115,7 @@ fn namespace_schemas(ns: Option<&Value>) -> Result<Vec<Vec<String>>, Denied> {
 
 /// The claim object `make-jwt` signs: a fresh `jti`, issuer `cdc-sink`, the legacy namespace
 /// (read by the reference and by every later release), and `exp` when given.
-pub fn mint(schemas: &[Vec<String>], exp: Option<u64>) -> Value {
+pub(crate) fn mint(schemas: &[Vec<String>], exp: Option<u64>) -> Value {
     let mut claims = serde_json::json!({
         "iss": ISSUER,
         "jti": uuid::Uuid::new_v4().to_string(),

@@ -10,7 +10,7 @@ use p521::ecdsa::{Signature, SigningKey, VerifyingKey};
 
 /// Why a token was not verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// Not three base64url parts, or a payload that is not a JSON object.
     Malformed,
     /// The signature does not verify under the key.
@@ -19,7 +19,7 @@ pub enum Failure {
 
 /// Checks the signature of `token` (whose header the caller has read and found `ES512`) and
 /// returns its claims. The payload is decoded only once the signature holds.
-pub fn verify(key: &VerifyingKey, token: &str) -> Result<serde_json::Value, Failure> {
+pub(crate) fn verify(key: &VerifyingKey, token: &str) -> Result<serde_json::Value, Failure> {
     let (signed, signature) = token.rsplit_once('.').ok_or(Failure::Malformed)?;
     let (_, payload) = signed.split_once('.').ok_or(Failure::Malformed)?;
     let signature = URL_SAFE_NO_PAD
@@ -39,7 +39,10 @@ pub fn verify(key: &VerifyingKey, token: &str) -> Result<serde_json::Value, Fail
 }
 
 /// A compact ES512 token for `claims`, with the header `jsonwebtoken` writes for the others.
-pub fn sign(key: &SigningKey, claims: &impl serde::Serialize) -> Result<String, serde_json::Error> {
+pub(crate) fn sign(
+    key: &SigningKey,
+    claims: &impl serde::Serialize,
+) -> Result<String, serde_json::Error> {
     let header = serde_json::json!({"typ": "JWT", "alg": "ES512"});
     let mut token = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
     token.push('.');

@@ -13,8 +13,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, SubjectPublicKeyInfoDer};
 use std::collections::HashSet;
 
-pub const KEYS_TABLE: &str = "jwt_public_keys";
-pub const REVOKED_TABLE: &str = "jwt_revoked_ids";
+pub(crate) const KEYS_TABLE: &str = "jwt_public_keys";
+pub(crate) const REVOKED_TABLE: &str = "jwt_revoked_ids";
 
 const OID_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
 const OID_EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
@@ -31,7 +31,7 @@ pub(super) const CONTEXT_0: u8 = 0xa0;
 
 /// A token algorithm the sink accepts (the reference's list). `jsonwebtoken` has no ES512.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Alg {
+pub(crate) enum Alg {
     ES256,
     ES384,
     ES512,
@@ -42,7 +42,7 @@ pub enum Alg {
 
 impl Alg {
     /// The `alg` header value; anything else (`none`, HS*, PS*, EdDSA, other case) is None.
-    pub fn from_name(name: &str) -> Option<Alg> {
+    pub(crate) fn from_name(name: &str) -> Option<Alg> {
         Some(match name {
             "ES256" => Alg::ES256,
             "ES384" => Alg::ES384,
@@ -54,7 +54,7 @@ impl Alg {
         })
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Alg::ES256 => "ES256",
             Alg::ES384 => "ES384",
@@ -91,14 +91,14 @@ enum Verifier {
 }
 
 /// One verification key and the token algorithms it may verify.
-pub struct Key {
-    pub algs: &'static [Alg],
+pub(crate) struct Key {
+    pub(crate) algs: &'static [Alg],
     verifier: Verifier,
 }
 
 /// Why a key did not verify a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VerifyFailure {
+pub(crate) enum VerifyFailure {
     Malformed,
     Signature,
 }
@@ -106,7 +106,7 @@ pub enum VerifyFailure {
 impl Key {
     /// The claims of `token`, whose header says `alg`, if this key verifies it. A key verifies
     /// only the algorithms of its type (`algs`), whatever the header says.
-    pub fn verify(&self, token: &str, alg: Alg) -> Result<serde_json::Value, VerifyFailure> {
+    pub(crate) fn verify(&self, token: &str, alg: Alg) -> Result<serde_json::Value, VerifyFailure> {
         if !self.algs.contains(&alg) {
             return Err(VerifyFailure::Signature);
         }
@@ -142,9 +142,9 @@ impl Key {
 
 /// What a refresh loads: the active keys, in table order, and the revoked token ids.
 #[derive(Default)]
-pub struct KeySet {
-    pub keys: Vec<Key>,
-    pub revoked: HashSet<String>,
+pub(crate) struct KeySet {
+    pub(crate) keys: Vec<Key>,
+    pub(crate) revoked: HashSet<String>,
 }
 
 /// Reads one DER element: (tag, contents, the rest). Definite lengths only.
@@ -199,7 +199,7 @@ fn curve_algs(oid: &[u8]) -> Result<&'static [Alg], String> {
 }
 
 /// A PEM `PUBLIC KEY` (SPKI) block of an EC or RSA key.
-pub fn parse_public_key(pem: &str) -> Result<Key, String> {
+pub(crate) fn parse_public_key(pem: &str) -> Result<Key, String> {
     let spki = SubjectPublicKeyInfoDer::from_pem_slice(pem.as_bytes())
         .map_err(|_| "not a PEM PUBLIC KEY block".to_string())?;
     let bad = || "not a valid SubjectPublicKeyInfo".to_string();
@@ -255,7 +255,7 @@ enum Signer {
 
 /// A private key for signing, with the algorithm the reference picks for it.
 pub struct SigningKey {
-    pub alg: Alg,
+    pub(crate) alg: Alg,
     signer: Signer,
 }
 
@@ -357,13 +357,13 @@ fn sec1_curve(der: &[u8]) -> Option<&[u8]> {
 
 /// The key and revocation tables of a staging schema.
 #[derive(Clone, Debug)]
-pub struct Tables {
-    pub keys: String,
-    pub revoked: String,
+pub(crate) struct Tables {
+    pub(crate) keys: String,
+    pub(crate) revoked: String,
 }
 
 impl Tables {
-    pub fn new(staging: &StagingSchema) -> Tables {
+    pub(crate) fn new(staging: &StagingSchema) -> Tables {
         Tables {
             keys: staging.object(KEYS_TABLE),
             revoked: staging.object(REVOKED_TABLE),
@@ -372,7 +372,7 @@ impl Tables {
 
     /// The two tables with the Go cdc-sink's columns, so that keys and revocations written for
     /// it work unchanged; created if missing.
-    pub fn ddl(&self, dialect: Dialect) -> Vec<String> {
+    pub(crate) fn ddl(&self, dialect: Dialect) -> Vec<String> {
         let text = match dialect {
             Dialect::Postgres => "TEXT",
             Dialect::Cockroach => "STRING",
@@ -392,7 +392,7 @@ public_key {text} NOT NULL, active BOOL NOT NULL DEFAULT true)",
 
     /// Reads the active keys and the revoked ids. A row that is not a usable public key
     /// fails the whole load, so the caller keeps the set it has.
-    pub async fn load(&self, db: &Database) -> Result<KeySet, AuthError> {
+    pub(crate) async fn load(&self, db: &Database) -> Result<KeySet, AuthError> {
         let rows: Vec<(String, String)> = sqlx::query_as(&format!(
             "SELECT id::TEXT, public_key FROM {} WHERE active ORDER BY id",
             self.keys

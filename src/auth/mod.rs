@@ -9,7 +9,7 @@
 pub mod claims;
 mod es512;
 pub mod keys;
-pub mod token;
+pub(crate) mod token;
 
 use crate::config::parse_duration;
 use crate::ident::Schema;
@@ -25,7 +25,7 @@ use tokio::task::AbortHandle;
 const OPEN_WARNING_EVERY: Duration = Duration::from_secs(3600);
 
 #[derive(clap::Args, Debug, Clone, Default)]
-pub struct AuthArgs {
+pub(crate) struct AuthArgs {
     /// Accept every request without a token (only behind a trusted network).
     #[arg(
         long = "disableAuthentication",
@@ -36,24 +36,24 @@ pub struct AuthArgs {
         default_value = "false",
         value_parser = clap::builder::BoolishValueParser::new()
     )]
-    pub disable_authentication: bool,
+    pub(crate) disable_authentication: bool,
     /// NAME=db.schema: a client certificate whose DNS or IP subject alternative name, or subject common name, is NAME may write db.schema without a token (`*` matches a part; repeat or comma-separate; needs --tlsClientCA)
     #[arg(
         long = "tlsClientSchemas",
         env = "CDC_SINK_TLS_CLIENT_SCHEMAS",
         value_delimiter = ','
     )]
-    pub tls_client_schemas: Vec<String>,
+    pub(crate) tls_client_schemas: Vec<String>,
     /// How often JWT keys and revocations are reloaded (0 disables; SIGHUP reloads too).
     #[arg(long = "jwtRefresh", env = "CDC_SINK_JWT_REFRESH", default_value = "1m0s", value_parser = parse_duration)]
-    pub jwt_refresh: Duration,
+    pub(crate) jwt_refresh: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("could not create the jwt tables: {0}")]
+    #[error("could not create the jwt tables")]
     Ddl(#[source] sqlx::Error),
-    #[error("could not load jwt keys: {0}")]
+    #[error("could not load jwt keys")]
     Load(#[source] sqlx::Error),
     #[error("jwt_public_keys row {id}: {reason}")]
     BadKey { id: String, reason: String },
@@ -73,7 +73,7 @@ struct CertGrant {
 }
 
 impl AuthArgs {
-    pub fn validate(&self) -> Result<(), AuthError> {
+    pub(crate) fn validate(&self) -> Result<(), AuthError> {
         self.cert_grants().map(drop)
     }
 
@@ -175,7 +175,7 @@ fn subject_common_names(der: &[u8]) -> Vec<String> {
 
 /// Why a request was refused; its reason is the 401 body, its label the metric's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Denied {
+pub(crate) enum Denied {
     MissingToken,
     Malformed,
     Algorithm,
@@ -192,7 +192,7 @@ pub enum Denied {
 
 impl Denied {
     /// One line for the client; never contains the token.
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Denied::MissingToken => "no bearer token or access_token",
             Denied::Malformed => "token is malformed",
@@ -212,7 +212,7 @@ impl Denied {
     }
 
     /// The bounded `reason` label of the auth metric.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Denied::MissingToken => "missing_token",
             Denied::Malformed => "malformed",
@@ -233,7 +233,7 @@ impl Denied {
 /// Decides whether a request may write to a schema. Cheap to clone; the background tasks
 /// (key refresh, open-listener warning) stop when the last clone is dropped.
 #[derive(Clone)]
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     jwt: Option<Arc<Jwt>>,
     cert_grants: Arc<Vec<CertGrant>>,
     _tasks: Arc<Tasks>,
@@ -275,7 +275,7 @@ fn now_secs() -> f64 {
 
 /// Whether `bind_addr` (`host:port`) listens on loopback only; every interface (`:port`) and
 /// names other than `localhost` count as reachable from elsewhere.
-pub fn is_loopback_bind(bind_addr: &str) -> bool {
+pub(crate) fn is_loopback_bind(bind_addr: &str) -> bool {
     let host = bind_addr
         .trim()
         .rsplit_once(':')
@@ -291,7 +291,7 @@ impl Authenticator {
     /// With authentication on: creates the key tables, loads the key set (failure stops the
     /// start) and starts the refresh task. Off: warns when the listener is reachable from
     /// other hosts, now and every hour.
-    pub async fn open(
+    pub(crate) async fn open(
         args: &AuthArgs,
         bind_addr: &str,
         staging: &Database,
@@ -335,7 +335,7 @@ impl Authenticator {
         let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; jwt keys reload on the timer only");
+                tracing::warn!(error = %crate::error::ErrorChain(&e), "cannot listen for SIGHUP; jwt keys reload on the timer only");
                 None
             }
         };
@@ -349,7 +349,7 @@ impl Authenticator {
 
     /// Whether the request may write to `schema`: a client certificate mapped to it by
     /// `--tlsClientSchemas`, else a token. Records the verdict in the metrics.
-    pub fn check(
+    pub(crate) fn check(
         &self,
         headers: &http::HeaderMap,
         access_token: Option<&str>,
@@ -377,14 +377,6 @@ impl Authenticator {
         metrics::counter!(m::AUTH_REQUESTS, m::LABEL_RESULT => result, m::LABEL_REASON => reason)
             .increment(1);
         verdict
-    }
-
-    /// Reloads keys and revocations now (what SIGHUP does); on failure the previous set stays.
-    pub async fn refresh(&self) -> Result<(), AuthError> {
-        match &self.jwt {
-            Some(jwt) => jwt.refresh().await,
-            None => Ok(()),
-        }
     }
 }
 
@@ -451,7 +443,7 @@ impl Jwt {
             }
             Err(e) => {
                 metrics::counter!(m::JWT_REFRESH_ERRORS).increment(1);
-                tracing::warn!(error = %e, "jwt key refresh failed; keeping the previous keys");
+                tracing::warn!(error = %crate::error::ErrorChain(&e), "jwt key refresh failed; keeping the previous keys");
                 Err(e)
             }
         }

@@ -9,7 +9,7 @@ const PARAM: &str = "access_token";
 
 /// The token of a request. A present `Authorization` header decides alone: only its exact
 /// `Bearer ` form carries a token, any other scheme means none (the query is not consulted).
-pub fn bearer<'a>(headers: &'a HeaderMap, access_token: Option<&'a str>) -> Option<&'a str> {
+pub(crate) fn bearer<'a>(headers: &'a HeaderMap, access_token: Option<&'a str>) -> Option<&'a str> {
     let header = headers
         .get(AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or(""))
@@ -23,7 +23,7 @@ pub fn bearer<'a>(headers: &'a HeaderMap, access_token: Option<&'a str>) -> Opti
 
 /// Splits the `access_token` parameter (its first value, decoded) out of a raw query; the
 /// other parameters are kept as they were. Every `access_token` is removed.
-pub fn take_access_token(query: Option<&str>) -> (Option<String>, Option<String>) {
+pub(crate) fn take_access_token(query: Option<&str>) -> (Option<String>, Option<String>) {
     let Some(query) = query else {
         return (None, None);
     };

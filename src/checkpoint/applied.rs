@@ -18,7 +18,7 @@ use crate::target::{Database, Dialect};
 use sqlx::{PgConnection, Row};
 
 /// The name of the table in the staging schema.
-pub const TABLE: &str = "applied_ranges";
+pub(crate) const TABLE: &str = "applied_ranges";
 
 /// The `applied_ranges` table of a staging schema.
 pub struct AppliedRanges {
@@ -27,10 +27,10 @@ pub struct AppliedRanges {
 
 /// Time ranges `(after, upto]` known to be applied, sorted and merged.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Ranges(Vec<(Hlc, Hlc)>);
+pub(crate) struct Ranges(Vec<(Hlc, Hlc)>);
 
 impl Ranges {
-    pub fn new(mut ranges: Vec<(Hlc, Hlc)>) -> Ranges {
+    pub(crate) fn new(mut ranges: Vec<(Hlc, Hlc)>) -> Ranges {
         ranges.retain(|(a, u)| a < u);
         ranges.sort();
         let mut merged: Vec<(Hlc, Hlc)> = Vec::with_capacity(ranges.len());
@@ -43,19 +43,19 @@ impl Ranges {
         Ranges(merged)
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
     /// `t` lies inside one of the ranges.
-    pub fn contains(&self, t: Hlc) -> bool {
+    pub(crate) fn contains(&self, t: Hlc) -> bool {
         let i = self.0.partition_point(|(_, u)| *u < t);
         self.0.get(i).is_some_and(|(a, _)| *a < t)
     }
 }
 
 impl AppliedRanges {
-    pub async fn open(
+    pub(crate) async fn open(
         db: &Database,
         staging: &StagingSchema,
     ) -> Result<AppliedRanges, CheckpointError> {
@@ -68,7 +68,7 @@ impl AppliedRanges {
 
     /// Records `(after, upto]` of `schema` as applied, inside the transaction that applied
     /// it (or, with separate staging, the one that retires it).
-    pub async fn record(
+    pub(crate) async fn record(
         &self,
         conn: &mut PgConnection,
         schema: &Schema,
@@ -86,7 +86,7 @@ impl AppliedRanges {
     }
 
     /// The recorded ranges of `schema` that end after `committed`.
-    pub async fn load(
+    pub(crate) async fn load(
         &self,
         conn: &mut PgConnection,
         schema: &Schema,
@@ -109,7 +109,7 @@ impl AppliedRanges {
 
     /// Forgets the ranges of `schema` that the checkpoint `upto` covers, inside the
     /// transaction that commits it.
-    pub async fn forget(
+    pub(crate) async fn forget(
         &self,
         conn: &mut PgConnection,
         schema: &Schema,

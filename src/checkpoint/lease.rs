@@ -17,13 +17,16 @@ pub struct Leases {
 
 /// A held lease; `nonce` fences it against a later holder.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
-    pub name: String,
-    pub nonce: Uuid,
+pub(crate) struct Lease {
+    pub(crate) name: String,
+    pub(crate) nonce: Uuid,
 }
 
 impl Leases {
-    pub async fn open(db: Database, staging: &StagingSchema) -> Result<Leases, CheckpointError> {
+    pub(crate) async fn open(
+        db: Database,
+        staging: &StagingSchema,
+    ) -> Result<Leases, CheckpointError> {
         let table = staging.object("leases");
         let text = if db.dialect == Dialect::Cockroach {
             "STRING"
@@ -61,7 +64,7 @@ impl Leases {
     }
 
     /// Takes the lease if it is free or expired.
-    pub async fn try_acquire(
+    pub(crate) async fn try_acquire(
         &self,
         name: &str,
         lifetime: Duration,
@@ -90,7 +93,7 @@ acquired = excluded.acquired WHERE l.expires < now() RETURNING nonce::TEXT",
     /// Extends a held lease; `false` when it was lost (expired and taken, or released).
     /// Inside a transaction it also locks the lease row exclusively until the end, which
     /// would stall every concurrent transaction [`Leases::fence`]d on it: renew on its own.
-    pub async fn renew(
+    pub(crate) async fn renew(
         &self,
         conn: &mut PgConnection,
         lease: &Lease,
@@ -110,7 +113,7 @@ acquired = excluded.acquired WHERE l.expires < now() RETURNING nonce::TEXT",
     /// lease is still ours and unexpired. The shared row lock lets our concurrent transactions
     /// proceed together while a takeover (an `UPDATE` of the row) waits for all of them to
     /// end; renewing, also an `UPDATE`, waits the same way, so it is done between them.
-    pub async fn fence(
+    pub(crate) async fn fence(
         &self,
         conn: &mut PgConnection,
         lease: &Lease,
@@ -125,7 +128,7 @@ acquired = excluded.acquired WHERE l.expires < now() RETURNING nonce::TEXT",
     }
 
     /// Renews outside any transaction.
-    pub async fn renew_now(
+    pub(crate) async fn renew_now(
         &self,
         lease: &Lease,
         lifetime: Duration,
@@ -134,7 +137,7 @@ acquired = excluded.acquired WHERE l.expires < now() RETURNING nonce::TEXT",
         self.renew(&mut conn, lease, lifetime).await
     }
 
-    pub async fn release(&self, lease: &Lease) -> Result<(), CheckpointError> {
+    pub(crate) async fn release(&self, lease: &Lease) -> Result<(), CheckpointError> {
         let stmt = format!(
             "DELETE FROM {t} WHERE name = $1 AND nonce = $2::UUID",
             t = self.table

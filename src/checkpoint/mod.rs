@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-pub use applied::{AppliedRanges, Ranges, TABLE as APPLIED_RANGES_TABLE};
-pub use lease::{Lease, Leases};
+pub(crate) use applied::{AppliedRanges, Ranges, TABLE as APPLIED_RANGES_TABLE};
+pub(crate) use lease::{Lease, Leases};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -34,7 +34,7 @@ pub enum CheckpointError {
     },
     #[error("resolved timestamp must not be zero")]
     Zero,
-    #[error("checkpoint storage error: {}", crate::target::safe(.0))]
+    #[error("checkpoint storage error")]
     Sql(#[source] sqlx::Error),
     #[error("stored checkpoint {0:?} is not a valid timestamp")]
     Corrupt(String),
@@ -50,12 +50,12 @@ serving it (or wait for the lease to expire), or pass --force to revoke the leas
 }
 
 impl CheckpointError {
-    pub fn is_unavailable(&self) -> bool {
+    pub(crate) fn is_unavailable(&self) -> bool {
         matches!(self, CheckpointError::Sql(e) if target::is_unavailable(e))
     }
 
     /// Caused by the request (400) rather than by us.
-    pub fn is_bad_input(&self) -> bool {
+    pub(crate) fn is_bad_input(&self) -> bool {
         matches!(
             self,
             CheckpointError::Backwards { .. } | CheckpointError::Zero
@@ -66,9 +66,9 @@ impl CheckpointError {
 /// The checkpoint range of a schema: everything at or before `committed` is applied; the
 /// window `(committed, proposed]` is complete and waits to be applied.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Bounds {
-    pub committed: Hlc,
-    pub proposed: Hlc,
+pub(crate) struct Bounds {
+    pub(crate) committed: Hlc,
+    pub(crate) proposed: Hlc,
 }
 
 /// The `checkpoints` table.
@@ -82,7 +82,7 @@ pub struct Checkpoints {
 }
 
 impl Checkpoints {
-    pub async fn open(
+    pub(crate) async fn open(
         db: Database,
         staging: &StagingSchema,
     ) -> Result<Arc<Checkpoints>, CheckpointError> {
@@ -100,7 +100,7 @@ impl Checkpoints {
 
     /// Records a resolved timestamp for `schema`. An equal timestamp is an idempotent
     /// redelivery; an older one than the newest stored is refused.
-    pub async fn advance(&self, schema: &Schema, ts: Hlc) -> Result<(), CheckpointError> {
+    pub(crate) async fn advance(&self, schema: &Schema, ts: Hlc) -> Result<(), CheckpointError> {
         if ts.is_zero() {
             return Err(CheckpointError::Zero);
         }
@@ -145,7 +145,7 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
 
     /// Reads the current bounds of `schema` from the table; the cache follows them, downwards
     /// too (after `cdc-sink checkpoint reset`).
-    pub async fn bounds(&self, schema: &Schema) -> Result<Bounds, CheckpointError> {
+    pub(crate) async fn bounds(&self, schema: &Schema) -> Result<Bounds, CheckpointError> {
         let started = Instant::now();
         self.read
             .lock()
@@ -185,7 +185,7 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
     }
 
     /// The last known committed checkpoint of `schema` (from this process's view).
-    pub fn cached_committed(&self, schema: &Schema) -> Hlc {
+    pub(crate) fn cached_committed(&self, schema: &Schema) -> Hlc {
         self.cache
             .lock()
             .expect("poisoned")
@@ -195,7 +195,7 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
     }
 
     /// The newest resolved timestamp of `schema` this process knows of (from its view).
-    pub fn cached_proposed(&self, schema: &Schema) -> Hlc {
+    pub(crate) fn cached_proposed(&self, schema: &Schema) -> Hlc {
         self.cache
             .lock()
             .expect("poisoned")
@@ -257,7 +257,7 @@ SELECT (SELECT hlc::TEXT FROM newest), (SELECT count(*) FROM ins)",
     /// it is applied. `upto` may lie inside a resolved window (a window applied in several
     /// transactions commits as it goes), so it is written as its own row; older rows, applied
     /// or not, are covered by it and removed.
-    pub async fn commit(
+    pub(crate) async fn commit(
         &self,
         conn: &mut PgConnection,
         schema: &Schema,
@@ -292,7 +292,7 @@ ON CONFLICT (group_name, source_hlc, partition) DO UPDATE SET target_applied_at 
     }
 
     /// Records that a commit made by this process became durable.
-    pub fn committed(&self, schema: &Schema, upto: Hlc) {
+    pub(crate) fn committed(&self, schema: &Schema, upto: Hlc) {
         let proposed = self
             .cache
             .lock()
@@ -311,7 +311,7 @@ ON CONFLICT (group_name, source_hlc, partition) DO UPDATE SET target_applied_at 
 
     /// Schemas with proposed but unapplied checkpoints: their pipelines start at once on
     /// start-up so staged data is applied without waiting for new traffic.
-    pub async fn pending_schemas(&self) -> Result<Vec<Schema>, CheckpointError> {
+    pub(crate) async fn pending_schemas(&self) -> Result<Vec<Schema>, CheckpointError> {
         let stmt = format!(
             "SELECT DISTINCT group_name FROM {t} WHERE target_applied_at IS NULL",
             t = self.table
@@ -326,28 +326,32 @@ ON CONFLICT (group_name, source_hlc, partition) DO UPDATE SET target_applied_at 
 
 /// One schema's checkpoint rows, as `cdc-sink checkpoint show` prints them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GroupBounds {
+pub(crate) struct GroupBounds {
     /// The schema as stored (`group_name`).
-    pub group: String,
-    pub bounds: Bounds,
+    pub(crate) group: String,
+    pub(crate) bounds: Bounds,
 }
 
 /// What [`Checkpoints::reset`] found newer than the reset point (and removes).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ResetPlan {
+pub(crate) struct ResetPlan {
     /// Rows newer than the reset point.
-    pub rows: u64,
+    pub(crate) rows: u64,
     /// The newest committed row among them: when set, the reset point is committed instead.
-    pub committed: Option<Hlc>,
+    pub(crate) committed: Option<Hlc>,
     /// The instance holding the schema's lease and when the lease expires (a reset refuses
     /// unless forced, which revokes it).
-    pub lease_holder: Option<(String, String)>,
+    pub(crate) lease_holder: Option<(String, String)>,
 }
 
 impl Checkpoints {
     /// The committed checkpoint of `schema`, read from the table first when this process's
     /// view of it is older than `max_age` (one reader at a time; a failed read keeps the view).
-    pub async fn fresh_committed(&self, schema: &Schema, max_age: std::time::Duration) -> Hlc {
+    pub(crate) async fn fresh_committed(
+        &self,
+        schema: &Schema,
+        max_age: std::time::Duration,
+    ) -> Hlc {
         let due = {
             let mut read = self.read.lock().expect("poisoned");
             match read.get(schema) {
@@ -360,14 +364,14 @@ impl Checkpoints {
         };
         if due {
             if let Err(e) = self.bounds(schema).await {
-                tracing::debug!(schema = %schema, error = %e, "could not refresh the committed checkpoint");
+                tracing::debug!(schema = %schema, error = %crate::error::ErrorChain(&e), "could not refresh the committed checkpoint");
             }
         }
         self.cached_committed(schema)
     }
 
     /// Every schema's bounds, by name.
-    pub async fn groups(&self) -> Result<Vec<GroupBounds>, CheckpointError> {
+    pub(crate) async fn groups(&self) -> Result<Vec<GroupBounds>, CheckpointError> {
         let stmt = format!(
             "SELECT group_name, max(source_hlc) FILTER (WHERE target_applied_at IS NOT NULL)::TEXT, \
 max(source_hlc)::TEXT FROM {t} GROUP BY group_name ORDER BY group_name",
@@ -407,7 +411,7 @@ max(source_hlc)::TEXT FROM {t} GROUP BY group_name ORDER BY group_name",
     /// starts again from the table. When a committed row is removed, `to` becomes the
     /// committed checkpoint (the target holds everything up to the removed one, so everything
     /// up to `to` too); otherwise only proposed rows go.
-    pub async fn reset(
+    pub(crate) async fn reset(
         &self,
         schema: &Schema,
         to: Hlc,
@@ -492,10 +496,10 @@ FROM {t} WHERE group_name = $1 AND source_hlc > $2::DECIMAL",
 
 /// The other staging tables a checkpoint reset changes (quoted names), and the schema's lease.
 #[derive(Clone, Copy, Debug)]
-pub struct ResetTables<'a> {
-    pub leases: &'a str,
-    pub lease_name: &'a str,
-    pub ranges: &'a str,
+pub(crate) struct ResetTables<'a> {
+    pub(crate) leases: &'a str,
+    pub(crate) lease_name: &'a str,
+    pub(crate) ranges: &'a str,
 }
 
 /// `DECIMAL` text `nanos.logical` back to an HLC. The logical part has 10 digits when written

@@ -15,11 +15,11 @@ use std::time::Duration;
 #[derive(clap::Args, Debug)]
 pub struct CheckpointArgs {
     #[command(subcommand)]
-    pub command: CheckpointCommand,
+    pub(crate) command: CheckpointCommand,
 }
 
 #[derive(clap::Subcommand, Debug)]
-pub enum CheckpointCommand {
+pub(crate) enum CheckpointCommand {
     /// Print each schema's committed and newest proposed checkpoint, and its unapplied
     /// staged rows per table.
     Show(ShowArgs),
@@ -29,39 +29,39 @@ pub enum CheckpointCommand {
 }
 
 #[derive(clap::Args, Debug)]
-pub struct ShowArgs {
+pub(crate) struct ShowArgs {
     #[command(flatten)]
-    pub target: TargetArgs,
+    pub(crate) target: TargetArgs,
     #[command(flatten)]
-    pub stage: StageArgs,
+    pub(crate) stage: StageArgs,
     /// Only this schema (`db.schema`).
-    pub schema: Option<String>,
+    pub(crate) schema: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
-pub struct ResetArgs {
+pub(crate) struct ResetArgs {
     #[command(flatten)]
-    pub target: TargetArgs,
+    pub(crate) target: TargetArgs,
     #[command(flatten)]
-    pub stage: StageArgs,
+    pub(crate) stage: StageArgs,
     /// The schema (`db.schema`).
-    pub schema: String,
+    pub(crate) schema: String,
     /// The new newest checkpoint: an HLC (`nanos.logical`), `now`, or `now-<duration>` (e.g.
     /// `now-1h`), by the database clock. Use the cursor the changefeed will be re-created with.
     #[arg(long = "to", value_parser = ResetPoint::parse)]
-    pub to: ResetPoint,
+    pub(crate) to: ResetPoint,
     /// Do it; without this, only print what would be done.
     #[arg(long = "yes")]
-    pub yes: bool,
+    pub(crate) yes: bool,
     /// Reset even while an instance holds the schema's apply lease: the lease is revoked and
     /// the holder starts again from the new checkpoint.
     #[arg(long = "force")]
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 /// Where `--to` points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResetPoint {
+pub(crate) enum ResetPoint {
     At(Hlc),
     /// The database clock's now, minus this.
     Ago(Duration),
@@ -122,7 +122,7 @@ async fn db_now(db: &Database) -> anyhow::Result<Hlc> {
     Ok(Hlc::new(micros.saturating_mul(1000), 0))
 }
 
-pub async fn run(args: CheckpointArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: CheckpointArgs) -> anyhow::Result<()> {
     match args.command {
         CheckpointCommand::Show(a) => show(a).await,
         CheckpointCommand::Reset(a) => reset(a).await,
@@ -135,7 +135,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(Schema::parse)
         .transpose()
-        .map_err(|e| anyhow::anyhow!("schema: {e}"))?;
+        .context("schema")?;
     let opened = open(&args.target, &args.stage).await?;
     let stager = Stager::open(opened.staging.clone(), &args.stage.staging_schema).await?;
     let now = db_now(&opened.target).await?;
@@ -197,7 +197,7 @@ async fn staged(
 }
 
 async fn reset(args: ResetArgs) -> anyhow::Result<()> {
-    let schema = Schema::parse(&args.schema).map_err(|e| anyhow::anyhow!("schema: {e}"))?;
+    let schema = Schema::parse(&args.schema).context("schema")?;
     let opened = open(&args.target, &args.stage).await?;
     let now = db_now(&opened.target).await?;
     let to = match args.to {

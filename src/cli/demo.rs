@@ -24,46 +24,46 @@ use tokio_util::sync::CancellationToken;
 pub struct DemoArgs {
     /// How long the workloads write.
     #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// Writes per second on each side.
     #[arg(long, default_value_t = 100.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Workload connections per side.
     #[arg(long, default_value_t = 4)]
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Bytes per value.
     #[arg(long = "value-bytes", default_value_t = 16)]
-    pub value_bytes: usize,
+    pub(crate) value_bytes: usize,
     /// Start the west workload at this key (0: both sides write the same keys and conflict).
     #[arg(long = "west-start", default_value_t = 0)]
-    pub west_start: i64,
+    pub(crate) west_start: i64,
     /// Feed fault injection: probability of re-sending an earlier batch.
     #[arg(long, default_value_t = 0.0)]
-    pub chaos: f64,
+    pub(crate) chaos: f64,
     /// Give up waiting for the two sides to agree after this long.
     #[arg(long = "converge-timeout", default_value = "2m", value_parser = crate::config::parse_duration)]
-    pub converge_timeout: Duration,
+    pub(crate) converge_timeout: Duration,
     /// Print the summary as one JSON line.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Keep everything running after the summary, until Ctrl-C.
     #[arg(long)]
-    pub keep: bool,
+    pub(crate) keep: bool,
     /// Run the sinks open: no keys, no tokens.
     #[arg(long)]
-    pub insecure: bool,
+    pub(crate) insecure: bool,
     /// Sink instances per direction, sharing that direction's target database (they agree
     /// through its leases); above 1 they sit behind an HAProxy, which must be installed.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
-    pub sinks: u16,
+    pub(crate) sinks: u16,
     /// Run a Prometheus (which must be installed) scraping every sink and balancer, and print
     /// its URL.
     #[arg(long)]
-    pub monitor: bool,
+    pub(crate) monitor: bool,
     /// Kill one sink of each direction with SIGKILL a third of the way into the workloads
     /// (needs --sinks 2 or more); the others take over.
     #[arg(long = "kill-one")]
-    pub kill_one: bool,
+    pub(crate) kill_one: bool,
 }
 
 /// One sink process.
@@ -130,7 +130,7 @@ struct Live {
     summary: Summary,
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let programs = Programs::find(&args)?;
     let dir = std::env::temp_dir().join(format!("cdc-sink-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -308,7 +308,7 @@ async fn demo(
         let name = format!("{}→{}", regions[from].name, regions[to].name);
         feeds.push(tokio::spawn(async move {
             if let Err(e) = feed.run(token).await {
-                tracing::error!(feed = %name, error = %e, "feed stopped");
+                tracing::error!(feed = %name, error = %crate::error::ErrorChain(&e), "feed stopped");
             }
         }));
     }
@@ -575,7 +575,7 @@ where
         match start().await {
             Ok(t) => return Ok(t),
             Err(e) if attempt < 3 && children.exited(name).is_some() => {
-                tracing::warn!(child = name, attempt, error = %e, "child exited before it was ready; starting it again");
+                tracing::warn!(child = name, attempt, error = %crate::error::ErrorChain(e.as_ref()), "child exited before it was ready; starting it again");
                 children.kill9(name).await;
                 attempt += 1;
             }

@@ -27,10 +27,11 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
-    #[error("cannot {what} the dead-letter queue {table}: {error}")]
+    #[error("cannot {what} the dead-letter queue {table}")]
     Sql {
         what: &'static str,
         table: String,
+        #[source]
         error: sqlx::Error,
     },
     #[error("table {0} is not in the target schema")]
@@ -98,10 +99,10 @@ impl Selection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DlqRow {
     pub event: String,
-    pub dlq_name: String,
+    pub(crate) dlq_name: String,
     pub time: Hlc,
     pub after: Option<String>,
-    pub before: Option<String>,
+    pub(crate) before: Option<String>,
     /// When it was dead-lettered; `None` if the table has no `dlq_time` column.
     pub dlq_time: Option<String>,
     /// The table (in the queue's schema, lower-cased) it came from; `None` when not recorded.
@@ -202,7 +203,7 @@ fn sql_err(what: &'static str, table: &Table) -> impl FnOnce(sqlx::Error) -> Dlq
 }
 
 /// Whether the queue has the `source_table` column.
-pub async fn records_tables(db: &Database, table: &Table) -> Result<bool, DlqError> {
+pub(crate) async fn records_tables(db: &Database, table: &Table) -> Result<bool, DlqError> {
     let columns = match db.dialect {
         Dialect::Postgres => "information_schema.columns".to_string(),
         Dialect::Cockroach => format!("{}.information_schema.columns", table.schema.db.quoted()),
@@ -452,7 +453,7 @@ pub async fn replay(
                 Err(e) if e.is_unavailable() => return Err(e.into()),
                 Err(e) => {
                     sp.rollback().await.map_err(sql_err("replay", dlq))?;
-                    tracing::warn!(event = %row.event, table = %table, error = %e,
+                    tracing::warn!(event = %row.event, table = %table, error = %crate::error::ErrorChain(&e),
                         "dead-letter row refused by the target; kept");
                     failed += 1;
                 }
@@ -484,22 +485,22 @@ pub async fn replay(
 #[derive(clap::Args, Debug)]
 pub struct DlqArgs {
     #[command(subcommand)]
-    pub command: DlqCommand,
+    pub(crate) command: DlqCommand,
 }
 
 #[derive(clap::Args, Debug)]
-pub struct Common {
+pub(crate) struct Common {
     #[command(flatten)]
-    pub target: TargetArgs,
+    pub(crate) target: TargetArgs,
     /// The target schema (`db.schema`).
-    pub schema: String,
+    pub(crate) schema: String,
     /// The dead-letter table's name in the schema.
     #[arg(long = "dlqTableName", env = "CDC_SINK_DLQ_TABLE_NAME", default_value = DEFAULT_DLQ_TABLE)]
-    pub dlq_table_name: String,
+    pub(crate) dlq_table_name: String,
 }
 
 #[derive(clap::Subcommand, Debug)]
-pub enum DlqCommand {
+pub(crate) enum DlqCommand {
     /// Print the selected rows, oldest first (a table, or `--json`).
     List {
         #[command(flatten)]
@@ -550,8 +551,8 @@ pub enum DlqCommand {
 async fn open(common: &Common) -> anyhow::Result<(Database, Schema, Table)> {
     common.target.validate()?;
     let (target, _staging) = common.target.open().await.context("opening databases")?;
-    let schema = Schema::parse(&common.schema)
-        .map_err(|e| anyhow::anyhow!("schema {:?}: {e}", common.schema))?;
+    let schema =
+        Schema::parse(&common.schema).with_context(|| format!("schema {:?}", common.schema))?;
     let table = dlq_table(&schema, &common.dlq_table_name);
     Ok((target, schema, table))
 }

@@ -3,7 +3,7 @@
 use crate::feed::{Feed, FeedArgs};
 use tokio_util::sync::CancellationToken;
 
-pub async fn feed(args: FeedArgs) -> anyhow::Result<()> {
+pub(crate) async fn feed(args: FeedArgs) -> anyhow::Result<()> {
     let feed = Feed::new(args)?;
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();

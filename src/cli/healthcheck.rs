@@ -9,22 +9,22 @@ use std::time::Duration;
 pub struct HealthcheckArgs {
     /// The sink's `--bindAddr` port (or its `--metricsAddr` port with `--http`).
     #[arg(long, env = "CDC_SINK_HEALTHCHECK_PORT", default_value_t = 30004)]
-    pub port: u16,
+    pub(crate) port: u16,
     /// Host to probe; the container itself by default.
     #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
+    pub(crate) host: String,
     /// Plain HTTP (a `--metricsAddr` listener) instead of TLS.
     #[arg(long)]
-    pub http: bool,
+    pub(crate) http: bool,
     /// Accept any server certificate (the sink's `--tlsSelfSigned` certificate).
     #[arg(long = "insecureSkipVerify")]
-    pub insecure_skip_verify: bool,
+    pub(crate) insecure_skip_verify: bool,
     /// PEM certificate to trust instead (e.g. the sink's `--tlsCertificate`).
     #[arg(long = "caCert", conflicts_with = "insecure_skip_verify")]
-    pub ca_cert: Option<std::path::PathBuf>,
+    pub(crate) ca_cert: Option<std::path::PathBuf>,
     /// Give up after this long (e.g. `5s`).
     #[arg(long, default_value = "5s", value_parser = crate::config::parse_duration)]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 impl HealthcheckArgs {
@@ -39,7 +39,7 @@ impl HealthcheckArgs {
     }
 }
 
-pub async fn run(args: HealthcheckArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: HealthcheckArgs) -> anyhow::Result<()> {
     if !args.http && !args.insecure_skip_verify && args.ca_cert.is_none() {
         bail!(
             "a TLS probe needs --insecureSkipVerify or --caCert (or --http for a metrics listener)"

@@ -11,11 +11,11 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug)]
 pub struct JwtArgs {
     #[command(subcommand)]
-    pub command: JwtCommand,
+    pub(crate) command: JwtCommand,
 }
 
 #[derive(clap::Subcommand, Debug)]
-pub enum JwtCommand {
+pub(crate) enum JwtCommand {
     /// List the verification keys: id, active, the algorithms each verifies.
     Keys(ConnArgs),
     /// Install a PEM public key (checked first); prints its id.
@@ -35,11 +35,11 @@ pub enum JwtCommand {
 }
 
 #[derive(clap::Args, Debug)]
-pub struct ConnArgs {
+pub(crate) struct ConnArgs {
     #[command(flatten)]
-    pub target: TargetArgs,
+    pub(crate) target: TargetArgs,
     #[command(flatten)]
-    pub stage: StageArgs,
+    pub(crate) stage: StageArgs,
 }
 
 /// The staging database and its key tables (created if missing, as `start` does).
@@ -57,7 +57,7 @@ async fn open(conn: &ConnArgs) -> anyhow::Result<(Database, Tables)> {
 }
 
 /// The `jti` of a compact token, or `id` itself when it is not one.
-pub fn token_id(id: &str) -> anyhow::Result<String> {
+pub(crate) fn token_id(id: &str) -> anyhow::Result<String> {
     let parts: Vec<&str> = id.trim().split('.').collect();
     let [_, payload, _] = parts.as_slice() else {
         return Ok(id.trim().to_string());
@@ -73,7 +73,7 @@ pub fn token_id(id: &str) -> anyhow::Result<String> {
     }
 }
 
-pub async fn run(args: JwtArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: JwtArgs) -> anyhow::Result<()> {
     match args.command {
         JwtCommand::Keys(conn) => {
             let (db, tables) = open(&conn).await?;

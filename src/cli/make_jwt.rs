@@ -15,33 +15,33 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct MakeJwtArgs {
     /// Schema the token grants, `database.schema` (`*` matches any part); repeat or comma-separate
     #[arg(short = 'a', long = "allow", value_delimiter = ',')]
-    pub allow: Vec<String>,
+    pub(crate) allow: Vec<String>,
     /// PEM private key to sign with: PKCS#8, SEC1 (EC) or PKCS#1 (RSA); P-256, P-384, P-521 or RSA
     #[arg(short = 'k', long = "key")]
-    pub key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     /// Write the token to this file (mode 0600) instead of standard output
     #[arg(short = 'o', long = "out")]
-    pub out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// Print the unsigned claims instead of a token (no key needed)
     #[arg(long = "claim")]
-    pub claim: bool,
+    pub(crate) claim: bool,
     /// Token lifetime (Go duration, e.g. 720h); without it the token does not expire
     #[arg(long = "expires", value_parser = parse_duration)]
-    pub expires: Option<Duration>,
+    pub(crate) expires: Option<Duration>,
     /// Write a new key pair (--key, mode 0600, and its .pub.pem) and print the SQL that installs the public key
     #[arg(long = "generate-key")]
-    pub generate_key: bool,
+    pub(crate) generate_key: bool,
     /// Algorithm of the key --generate-key writes: ES256 (P-256), ES384 (P-384) or ES512 (P-521)
     #[arg(long = "alg", value_enum, ignore_case = true, default_value = "ES256")]
-    pub alg: KeyAlg,
+    pub(crate) alg: KeyAlg,
     /// Staging schema named in the SQL printed by --generate-key
     #[arg(long = "stagingSchema", default_value = "_cdc_sink")]
-    pub staging_schema: String,
+    pub(crate) staging_schema: String,
 }
 
 /// The curve of a generated key, named by the token algorithm it signs.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeyAlg {
+pub(crate) enum KeyAlg {
     #[value(name = "ES256")]
     Es256,
     #[value(name = "ES384")]
@@ -51,7 +51,7 @@ pub enum KeyAlg {
 }
 
 /// A new key pair for `alg`: (private PKCS#8 PEM, public SPKI PEM).
-pub fn generate_key(alg: KeyAlg) -> anyhow::Result<(String, String)> {
+pub(crate) fn generate_key(alg: KeyAlg) -> anyhow::Result<(String, String)> {
     let rcgen_alg = match alg {
         KeyAlg::Es256 => &rcgen::PKCS_ECDSA_P256_SHA256,
         KeyAlg::Es384 => &rcgen::PKCS_ECDSA_P384_SHA384,
@@ -74,7 +74,7 @@ pub fn generate_key(alg: KeyAlg) -> anyhow::Result<(String, String)> {
 }
 
 /// The public key file written beside `key`: `k.pem` → `k.pub.pem`, else `k.pub`.
-pub fn public_key_path(key: &Path) -> PathBuf {
+pub(crate) fn public_key_path(key: &Path) -> PathBuf {
     let name = key.file_name().map(|n| n.to_string_lossy().to_string());
     match name.as_deref().and_then(|n| n.strip_suffix(".pem")) {
         Some(stem) => key.with_file_name(format!("{stem}.pub.pem")),
@@ -100,7 +100,7 @@ fn schemas(allow: &[String]) -> anyhow::Result<Vec<Vec<String>>> {
 }
 
 /// The SQL that installs `public_pem` as an active key.
-pub fn install_sql(staging_schema: &str, public_pem: &str) -> anyhow::Result<String> {
+pub(crate) fn install_sql(staging_schema: &str, public_pem: &str) -> anyhow::Result<String> {
     let parts = parse_dotted(staging_schema).context("--stagingSchema")?;
     let mut table: Vec<String> = parts.iter().map(|p| p.quoted()).collect();
     table.push(keys::KEYS_TABLE.to_string());
@@ -145,7 +145,7 @@ fn expiry(expires: Option<Duration>) -> Option<u64> {
     })
 }
 
-pub fn run(args: MakeJwtArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: MakeJwtArgs) -> anyhow::Result<()> {
     if args.generate_key {
         let Some(key_path) = &args.key else {
             bail!("--generate-key needs -k/--key: where to write the private key");

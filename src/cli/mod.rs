@@ -15,6 +15,7 @@ mod userscript;
 mod verify;
 mod workload;
 
+use crate::error::ErrorChain;
 use clap::{ArgAction, Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -27,27 +28,27 @@ use std::process::ExitCode;
 )]
 pub struct Cli {
     #[command(flatten)]
-    pub log: LogArgs,
+    pub(crate) log: LogArgs,
     #[command(subcommand)]
     pub command: Command,
 }
 
 /// Logging flags, shared by every command.
 #[derive(clap::Args, Debug, Clone)]
-pub struct LogArgs {
+pub(crate) struct LogArgs {
     /// More logging: once for debug, twice for trace.
     #[arg(short = 'v', long = "verbose", action = ArgAction::Count, global = true)]
-    pub verbose: u8,
+    pub(crate) verbose: u8,
     /// `text`, or `fluent` for one JSON object per line.
     #[arg(long = "logFormat", env = "CDC_SINK_LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "fluent", "json"])]
-    pub log_format: String,
+    pub(crate) log_format: String,
     /// Append logs to this file instead of standard error.
     #[arg(
         long = "logDestination",
         env = "CDC_SINK_LOG_DESTINATION",
         global = true
     )]
-    pub log_destination: Option<std::path::PathBuf>,
+    pub(crate) log_destination: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,7 +96,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Demo(_) | Command::Bench(_) | Command::Healthcheck(_)
     );
     if let Err(e) = init_logging(&cli.log, quiet) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", ErrorChain(e.as_ref()));
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
@@ -124,8 +125,9 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "exiting");
-            eprintln!("error: {e:#}");
+            let chain = ErrorChain(e.as_ref());
+            tracing::error!(error = %chain, "exiting");
+            eprintln!("error: {chain}");
             ExitCode::FAILURE
         }
     }
@@ -186,7 +188,7 @@ fn init_logging(args: &LogArgs, quiet: bool) -> anyhow::Result<()> {
             .with(counter)
             .try_init()
     };
-    result.map_err(|e| anyhow::anyhow!("logging: {e}"))
+    anyhow::Context::context(result, "logging")
 }
 
 #[cfg(test)]

@@ -9,16 +9,16 @@ pub struct StatusArgs {
     /// Base URL of the instance's diagnostics: its `--metricsAddr` when set
     /// (`http://host:port`), else its main address.
     #[arg(long = "url")]
-    pub url: String,
+    pub(crate) url: String,
     /// Accept any server certificate (a self-signed main port).
     #[arg(long = "insecureSkipVerify")]
-    pub insecure_skip_verify: bool,
+    pub(crate) insecure_skip_verify: bool,
     /// Print the JSON as served.
     #[arg(long = "json")]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
-pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let client = Client::new(
         &args.url,
         ClientOptions {

@@ -12,13 +12,13 @@ use std::path::PathBuf;
 pub struct UserscriptArgs {
     /// Print the TypeScript declarations of the `cdc-sink@v1` module.
     #[arg(long = "api")]
-    pub api: bool,
+    pub(crate) api: bool,
     #[command(subcommand)]
-    pub command: Option<UserscriptCommand>,
+    pub(crate) command: Option<UserscriptCommand>,
 }
 
 #[derive(clap::Subcommand, Debug)]
-pub enum UserscriptCommand {
+pub(crate) enum UserscriptCommand {
     /// Load a script and print what it configures.
     Check {
         /// The script (.ts or .js).
@@ -45,7 +45,7 @@ pub enum UserscriptCommand {
     },
 }
 
-pub fn run(args: UserscriptArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: UserscriptArgs) -> anyhow::Result<()> {
     if args.api {
         print!("{}", script::API_DTS);
         return Ok(());

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 /// comparison's row limit of divergent rows).
 const REPAIR_ROUNDS: u32 = 20;
 
-pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+pub(crate) async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let table = TableRef::parse(&args.table)?;
     let db = table.database.as_deref();
     let source = verify::connect(&args.source, db, "source").await?;

@@ -9,7 +9,7 @@ pub enum WorkloadCommand {
     Kv(KvArgs),
 }
 
-pub async fn workload(cmd: WorkloadCommand) -> anyhow::Result<()> {
+pub(crate) async fn workload(cmd: WorkloadCommand) -> anyhow::Result<()> {
     let WorkloadCommand::Kv(args) = cmd;
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();

@@ -8,26 +8,26 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 /// What one balancer's configuration is made of.
-pub struct Balancer<'a> {
+pub(crate) struct Balancer<'a> {
     /// The region whose sinks it fronts (`east`, `west`).
-    pub region: &'a str,
+    pub(crate) region: &'a str,
     /// Where the changefeed posts.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// HAProxy's own liveness, stats and `/metrics`.
-    pub monitor: SocketAddr,
+    pub(crate) monitor: SocketAddr,
     /// Certificate and key of the changefeed frontend, in one PEM file.
-    pub cert: &'a Path,
-    pub sinks: &'a [SocketAddr],
+    pub(crate) cert: &'a Path,
+    pub(crate) sinks: &'a [SocketAddr],
 }
 
 impl Balancer<'_> {
     /// The name of sink `i` (from 0) in HAProxy's backend, its logs and its metrics.
-    pub fn server_name(&self, i: usize) -> String {
+    pub(crate) fn server_name(&self, i: usize) -> String {
         format!("{}_sink_{}", self.region, i + 1)
     }
 
     /// The configuration file's text.
-    pub fn config(&self) -> String {
+    pub(crate) fn config(&self) -> String {
         let mut servers = String::new();
         for (i, addr) in self.sinks.iter().enumerate() {
             servers.push_str(&format!("    server {} {addr}\n", self.server_name(i)));
@@ -81,7 +81,7 @@ backend {region}_sinks
 
 /// A self-signed certificate for `127.0.0.1` and `localhost` with its key, as HAProxy's
 /// `crt` file wants them: both in one PEM.
-pub fn certificate_pem() -> Result<String, DemoError> {
+pub(crate) fn certificate_pem() -> Result<String, DemoError> {
     let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
         .map_err(DemoError::Certificate)?;
     Ok(format!(
@@ -92,7 +92,7 @@ pub fn certificate_pem() -> Result<String, DemoError> {
 }
 
 /// Runs `haproxy -c` on a configuration file: an error carries HAProxy's complaint.
-pub fn check(haproxy: &Path, config: &Path) -> Result<(), DemoError> {
+pub(crate) fn check(haproxy: &Path, config: &Path) -> Result<(), DemoError> {
     let out = std::process::Command::new(haproxy)
         .args(["-c", "-q", "-f"])
         .arg(config)
@@ -116,21 +116,21 @@ pub fn check(haproxy: &Path, config: &Path) -> Result<(), DemoError> {
 
 /// One sink as its balancer's statistics (`/stats;csv`) show it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct ServerStats {
-    pub balancer: String,
-    pub server: String,
+pub(crate) struct ServerStats {
+    pub(crate) balancer: String,
+    pub(crate) server: String,
     /// `UP`, `DOWN`, … as the health checks left it.
-    pub status: String,
+    pub(crate) status: String,
     /// Requests HAProxy sent to it.
-    pub requests: u64,
+    pub(crate) requests: u64,
     /// Connection and response errors HAProxy saw from it.
-    pub errors: u64,
+    pub(crate) errors: u64,
     /// Requests HAProxy moved from it to another server after a failed connection.
-    pub redispatched: u64,
+    pub(crate) redispatched: u64,
 }
 
 /// The servers (not the frontend and backend totals) in HAProxy's CSV statistics.
-pub fn parse_stats_csv(balancer: &str, text: &str) -> Vec<ServerStats> {
+pub(crate) fn parse_stats_csv(balancer: &str, text: &str) -> Vec<ServerStats> {
     let mut lines = text.lines();
     let Some(header) = lines.next().and_then(|h| h.strip_prefix("# ")) else {
         return Vec::new();

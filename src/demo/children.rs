@@ -15,26 +15,31 @@ struct Child {
 }
 
 /// The running children, by name.
-pub struct Children {
+pub(crate) struct Children {
     dir: PathBuf,
     running: Mutex<Vec<Child>>,
 }
 
 impl Children {
     /// Children whose logs go to `dir/NAME.log`.
-    pub fn new(dir: &Path) -> Children {
+    pub(crate) fn new(dir: &Path) -> Children {
         Children {
             dir: dir.to_path_buf(),
             running: Mutex::new(Vec::new()),
         }
     }
 
-    pub fn log_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn log_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.log"))
     }
 
     /// Starts `program` as child `name`; its stdout and stderr go to its log file.
-    pub fn spawn(&self, name: &str, program: &Path, args: &[String]) -> Result<u32, DemoError> {
+    pub(crate) fn spawn(
+        &self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+    ) -> Result<u32, DemoError> {
         let log = std::fs::File::create(self.log_path(name))
             .map_err(|e| DemoError::Write(self.log_path(name), e))?;
         let err_log = log
@@ -70,7 +75,7 @@ impl Children {
     }
 
     /// How child `name` ended, once it has (`None` while it runs or when it is unknown).
-    pub fn exited(&self, name: &str) -> Option<String> {
+    pub(crate) fn exited(&self, name: &str) -> Option<String> {
         let mut running = self.running.lock().expect("poisoned");
         let child = running.iter_mut().find(|c| c.name == name)?;
         match child.process.try_wait() {
@@ -81,25 +86,25 @@ impl Children {
     }
 
     /// The last lines of child `name`'s log, for an error message.
-    pub fn log_tail(&self, name: &str) -> String {
+    pub(crate) fn log_tail(&self, name: &str) -> String {
         let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
-    pub fn pid(&self, name: &str) -> Option<u32> {
+    pub(crate) fn pid(&self, name: &str) -> Option<u32> {
         let running = self.running.lock().expect("poisoned");
         running.iter().find(|c| c.name == name).map(|c| c.pid)
     }
 
     /// Every running child's name and pid, in start order.
-    pub fn pids(&self) -> Vec<(String, u32)> {
+    pub(crate) fn pids(&self) -> Vec<(String, u32)> {
         let running = self.running.lock().expect("poisoned");
         running.iter().map(|c| (c.name.clone(), c.pid)).collect()
     }
 
     /// SIGKILL to child `name`, which is then reaped and forgotten; its pid.
-    pub async fn kill9(&self, name: &str) -> Option<u32> {
+    pub(crate) async fn kill9(&self, name: &str) -> Option<u32> {
         let mut child = {
             let mut running = self.running.lock().expect("poisoned");
             let i = running.iter().position(|c| c.name == name)?;
@@ -112,7 +117,7 @@ impl Children {
     }
 
     /// SIGTERM to every child, then SIGKILL to those still running after `within`.
-    pub async fn stop_all(&self, within: Duration) {
+    pub(crate) async fn stop_all(&self, within: Duration) {
         let children: Vec<Child> = std::mem::take(&mut *self.running.lock().expect("poisoned"));
         for c in &children {
             // SAFETY: kill(2) on the pid of a child not yet reaped, so not reused.
@@ -136,7 +141,7 @@ impl Children {
 
 /// The first `program` on `PATH`, else in the sbin directories: Debian installs HAProxy in
 /// `/usr/sbin`, which an unprivileged user's `PATH` usually lacks.
-pub fn on_path(program: &str) -> Option<PathBuf> {
+pub(crate) fn on_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let path = path.to_str().unwrap_or("");
     let found = path

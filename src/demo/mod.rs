@@ -3,17 +3,17 @@
 //! Prometheus) and their configurations. The command in `cli::demo` starts the clusters,
 //! sinks, balancers, feeds and workloads around them.
 
-pub mod balancer;
-pub mod children;
-pub mod monitor;
+pub(crate) mod balancer;
+pub(crate) mod children;
+pub(crate) mod monitor;
 
-pub use children::{on_path, Children};
+pub(crate) use children::{on_path, Children};
 
 use serde::Serialize;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
-pub enum DemoError {
+pub(crate) enum DemoError {
     #[error("{program} is not installed (not found on PATH nor in /usr/sbin); {hint}")]
     NotInstalled {
         program: &'static str,
@@ -34,19 +34,19 @@ pub enum DemoError {
 }
 
 /// What to install when a program the demo needs is missing.
-pub const HAPROXY_HINT: &str = "--sinks above 1 puts HAProxy in front of the sinks: \
+pub(crate) const HAPROXY_HINT: &str = "--sinks above 1 puts HAProxy in front of the sinks: \
 install it (Debian/Ubuntu: `sudo apt-get install haproxy`; macOS: `brew install haproxy`) or \
 run with --sinks 1";
-pub const PROMETHEUS_HINT: &str = "--monitor runs a local Prometheus: install it \
+pub(crate) const PROMETHEUS_HINT: &str = "--monitor runs a local Prometheus: install it \
 (Debian/Ubuntu: `sudo apt-get install prometheus`, which provides the `prometheus` binary; \
 macOS: `brew install prometheus`) or run without --monitor";
 
 /// The two regions of the demo.
-pub const REGIONS: [&str; 2] = ["east", "west"];
+pub(crate) const REGIONS: [&str; 2] = ["east", "west"];
 
 /// The userscripts the sinks run, shipped in `userscripts/` and embedded so the demo works
 /// from any directory.
-pub const SCRIPTS: [(&str, &str); 3] = [
+pub(crate) const SCRIPTS: [(&str, &str); 3] = [
     ("repl.ts", include_str!("../../userscripts/repl.ts")),
     (
         "east_west.ts",
@@ -59,7 +59,7 @@ pub const SCRIPTS: [(&str, &str); 3] = [
 ];
 
 /// The script of the sink that writes into `region` (it receives the other region's feed).
-pub fn script_for(region: &str) -> &'static str {
+pub(crate) fn script_for(region: &str) -> &'static str {
     if region == "west" {
         "east_west.ts"
     } else {
@@ -73,7 +73,7 @@ pub fn script_for(region: &str) -> &'static str {
 /// ones: two writes of one key in the same microsecond would otherwise tie on `_timestamp`,
 /// each side would refuse the other's row (compare-and-set needs strictly newer), and the
 /// regions would stay apart (seen with lock-step workloads on this machine).
-pub fn schema_sql(region: &str) -> String {
+pub(crate) fn schema_sql(region: &str) -> String {
     let parity = if region == "east" { 0 } else { 1 };
     format!(
         "CREATE TABLE public.kv (
@@ -109,7 +109,7 @@ CREATE TABLE public.cdc_sink_dlq (
 }
 
 /// Percentile of `samples` (nearest rank); 0 when there are none.
-pub fn percentile(samples: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(samples: &[f64], p: f64) -> f64 {
     if samples.is_empty() {
         return 0.0;
     }
@@ -121,57 +121,57 @@ pub fn percentile(samples: &[f64], p: f64) -> f64 {
 
 /// What the demo prints at the end (`--json`: one line with these keys).
 #[derive(Clone, Debug, Serialize)]
-pub struct Summary {
-    pub east_rows: i64,
-    pub west_rows: i64,
-    pub divergent_rows: u64,
-    pub dlq_rows_east: i64,
-    pub dlq_rows_west: i64,
-    pub east_writes: u64,
-    pub west_writes: u64,
-    pub rows_per_second: f64,
-    pub lag_p50_seconds: f64,
-    pub lag_p99_seconds: f64,
-    pub converged: bool,
-    pub seconds_to_converge: f64,
+pub(crate) struct Summary {
+    pub(crate) east_rows: i64,
+    pub(crate) west_rows: i64,
+    pub(crate) divergent_rows: u64,
+    pub(crate) dlq_rows_east: i64,
+    pub(crate) dlq_rows_west: i64,
+    pub(crate) east_writes: u64,
+    pub(crate) west_writes: u64,
+    pub(crate) rows_per_second: f64,
+    pub(crate) lag_p50_seconds: f64,
+    pub(crate) lag_p99_seconds: f64,
+    pub(crate) converged: bool,
+    pub(crate) seconds_to_converge: f64,
     /// Changefeed requests the sinks accepted on a verified token (0 with `--insecure`).
-    pub token_requests: u64,
+    pub(crate) token_requests: u64,
     /// Sink instances per direction.
-    pub sinks_per_direction: usize,
+    pub(crate) sinks_per_direction: usize,
     /// Requests the feeds sent that failed and were sent again (a sink or balancer answering
     /// an error, or no answer).
-    pub feed_retries: u64,
+    pub(crate) feed_retries: u64,
     /// Batches the sinks acknowledged, both feeds together.
-    pub feed_batches: u64,
+    pub(crate) feed_batches: u64,
     /// The sinks `--kill-one` killed.
-    pub killed: Vec<Killed>,
+    pub(crate) killed: Vec<Killed>,
     /// The Prometheus of `--monitor`.
-    pub prometheus_url: Option<String>,
+    pub(crate) prometheus_url: Option<String>,
     /// Its targets' health when the demo checked them, after converging.
-    pub prometheus_targets: Vec<monitor::TargetHealth>,
+    pub(crate) prometheus_targets: Vec<monitor::TargetHealth>,
     /// Each sink as its balancer saw it at the summary (with `--sinks` above 1).
-    pub balancer_servers: Vec<balancer::ServerStats>,
+    pub(crate) balancer_servers: Vec<balancer::ServerStats>,
     /// Every child process of the demo that was running at the summary, with its pid.
-    pub processes: Vec<(String, u32)>,
+    pub(crate) processes: Vec<(String, u32)>,
 }
 
 /// A sink `--kill-one` killed with SIGKILL.
 #[derive(Clone, Debug, Serialize)]
-pub struct Killed {
-    pub sink: String,
-    pub pid: u32,
+pub(crate) struct Killed {
+    pub(crate) sink: String,
+    pub(crate) pid: u32,
     /// Seconds after the workloads started.
-    pub at_seconds: f64,
+    pub(crate) at_seconds: f64,
     /// Whether it held its direction's apply lease when it was killed.
-    pub held_lease: bool,
+    pub(crate) held_lease: bool,
     /// Seconds until another sink held the lease, when one did before the summary.
-    pub lease_taken_over_after_seconds: Option<f64>,
+    pub(crate) lease_taken_over_after_seconds: Option<f64>,
     /// The sink that took it.
-    pub lease_taken_over_by: Option<String>,
+    pub(crate) lease_taken_over_by: Option<String>,
 }
 
 impl Summary {
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         format!(
             "rows: east {} west {}\n\
 divergent rows: {}{}\n\

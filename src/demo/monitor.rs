@@ -7,17 +7,17 @@ use std::net::SocketAddr;
 
 /// One endpoint Prometheus scrapes.
 #[derive(Clone, Debug)]
-pub struct ScrapeTarget {
+pub(crate) struct ScrapeTarget {
     /// `cdc-sink` or `haproxy`.
-    pub job: &'static str,
-    pub cluster: String,
+    pub(crate) job: &'static str,
+    pub(crate) cluster: String,
     /// The sink's or balancer's name, e.g. `east_sink_1`.
-    pub name: String,
-    pub addr: SocketAddr,
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
 }
 
 /// The configuration file's text. JSON is YAML, and needs no quoting rules of its own.
-pub fn config(targets: &[ScrapeTarget]) -> String {
+pub(crate) fn config(targets: &[ScrapeTarget]) -> String {
     let mut jobs: Vec<serde_json::Value> = Vec::new();
     for (job, path) in [("cdc-sink", "/_/varz"), ("haproxy", "/metrics")] {
         let statics: Vec<serde_json::Value> = targets
@@ -47,15 +47,15 @@ pub fn config(targets: &[ScrapeTarget]) -> String {
 
 /// A target as `/api/v1/targets` reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct TargetHealth {
-    pub job: String,
-    pub name: String,
+pub(crate) struct TargetHealth {
+    pub(crate) job: String,
+    pub(crate) name: String,
     /// `up`, `down` or `unknown` (not scraped yet).
-    pub health: String,
+    pub(crate) health: String,
 }
 
 /// The active targets in an `/api/v1/targets` answer.
-pub fn parse_targets(body: &str) -> Option<Vec<TargetHealth>> {
+pub(crate) fn parse_targets(body: &str) -> Option<Vec<TargetHealth>> {
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
     let active = v.get("data")?.get("activeTargets")?.as_array()?;
     let label = |t: &serde_json::Value, k: &str| {

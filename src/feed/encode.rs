@@ -9,7 +9,7 @@ use crate::hlc::Hlc;
 
 /// How a column's text value becomes JSON.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// Integers: the text is already an exact JSON number.
     Integer,
     /// Floats and decimals: a JSON number, except `NaN`/`Infinity`, which CockroachDB writes
@@ -28,7 +28,7 @@ pub enum Kind {
 
 impl Kind {
     /// Built-in types by OID; `None` means "ask the catalog" (domains, enums, user arrays).
-    pub fn builtin(oid: u32) -> Option<Kind> {
+    pub(crate) fn builtin(oid: u32) -> Option<Kind> {
         let array = |k: Kind| Some(Kind::Array(Box::new(k), b','));
         match oid {
             20 | 21 | 23 | 26 => Some(Kind::Integer),
@@ -55,7 +55,7 @@ impl Kind {
     }
 
     /// From `pg_type` facts: `typcategory` and, for arrays, the element's kind.
-    pub fn from_category(category: u8, element: Option<Kind>, delimiter: u8) -> Kind {
+    pub(crate) fn from_category(category: u8, element: Option<Kind>, delimiter: u8) -> Kind {
         match (category, element) {
             (b'A', Some(e)) => Kind::Array(Box::new(e), delimiter),
             (b'B', _) => Kind::Bool,
@@ -65,7 +65,7 @@ impl Kind {
 }
 
 /// Appends `s` as a JSON string.
-pub fn push_json_string(out: &mut String, s: &str) {
+pub(crate) fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -113,7 +113,7 @@ fn rfc3339(text: &str, with_zone: bool) -> String {
 }
 
 /// Appends the JSON for one PostgreSQL text value of `kind`.
-pub fn push_value(out: &mut String, kind: &Kind, text: &str) -> Result<(), FeedError> {
+pub(crate) fn push_value(out: &mut String, kind: &Kind, text: &str) -> Result<(), FeedError> {
     match kind {
         Kind::Integer | Kind::Number if is_json_number(text) => out.push_str(text),
         Kind::Integer | Kind::Number => push_json_string(out, text),
@@ -253,12 +253,12 @@ impl ArrayParser<'_> {
 
 /// The shape of one fed table: topic, columns in JSON key order, key columns in key order.
 #[derive(Clone, Debug)]
-pub struct Shape {
-    pub topic: String,
+pub(crate) struct Shape {
+    pub(crate) topic: String,
     /// `(name, kind, position in the tuple)`, sorted by name.
-    pub columns: Vec<(String, Kind, usize)>,
+    pub(crate) columns: Vec<(String, Kind, usize)>,
     /// Tuple positions of the primary-key columns, in key order.
-    pub key: Vec<usize>,
+    pub(crate) key: Vec<usize>,
 }
 
 fn datum_text(datums: &[Datum], i: usize) -> Option<Option<&[u8]>> {
@@ -272,7 +272,7 @@ fn datum_text(datums: &[Datum], i: usize) -> Option<Option<&[u8]>> {
 impl Shape {
     /// A row image as a JSON object; unchanged TOAST values are taken from `fallback` (the old
     /// row). Columns whose value is unknown are left out and named in `missing`.
-    pub fn object(
+    pub(crate) fn object(
         &self,
         datums: &[Datum],
         fallback: Option<&[Datum]>,
@@ -304,7 +304,7 @@ impl Shape {
     }
 
     /// The primary key as a JSON array.
-    pub fn key(&self, datums: &[Datum]) -> Result<String, FeedError> {
+    pub(crate) fn key(&self, datums: &[Datum]) -> Result<String, FeedError> {
         let mut out = String::from("[");
         for (n, pos) in self.key.iter().enumerate() {
             if n > 0 {
@@ -333,7 +333,7 @@ impl Shape {
 
 /// One changefeed message in CockroachDB's wrapped envelope. `before` is `Some` with `diff`
 /// (the text `null` when there is no old row).
-pub fn message(
+pub(crate) fn message(
     after: Option<&str>,
     before: Option<&str>,
     key: &str,
@@ -359,7 +359,7 @@ pub fn message(
 }
 
 /// The webhook body carrying `messages`.
-pub fn payload<S: AsRef<str>>(messages: &[S]) -> String {
+pub(crate) fn payload<S: AsRef<str>>(messages: &[S]) -> String {
     let size: usize = messages.iter().map(|m| m.as_ref().len() + 1).sum();
     let mut out = String::with_capacity(size + 32);
     out.push_str("{\"payload\":[");
@@ -376,7 +376,7 @@ pub fn payload<S: AsRef<str>>(messages: &[S]) -> String {
 }
 
 /// The body of a resolved-timestamp message.
-pub fn resolved(at: Hlc) -> String {
+pub(crate) fn resolved(at: Hlc) -> String {
     format!("{{\"resolved\":\"{at}\"}}")
 }
 

@@ -21,12 +21,13 @@
 //! Limits: a transaction is held in memory whole; an initial scan interrupted by a restart is
 //! not resumed (drop the slot to start over); `TRUNCATE` is not replicated (logged).
 
-pub mod encode;
-pub mod pgoutput;
+pub(crate) mod encode;
+pub(crate) mod pgoutput;
 mod sender;
 mod source;
 
 use crate::config::{parse_bytes, parse_duration};
+use crate::error::ErrorChain;
 use crate::ident::{parse_dotted, IdentError};
 use crate::server::client::{Client, ClientError, ClientOptions};
 use std::path::PathBuf;
@@ -41,13 +42,13 @@ use tokio_util::sync::CancellationToken;
 pub struct FeedArgs {
     /// Source PostgreSQL URL (wal_level=logical); the database is the one of --tables.
     #[arg(long = "source", env = "CDC_SINK_FEED_SOURCE")]
-    pub source: String,
+    pub(crate) source: String,
     /// Tables to feed, as db.schema.table (comma-separated or repeated; one database).
     #[arg(long = "tables", value_delimiter = ',', required = true)]
-    pub tables: Vec<String>,
+    pub(crate) tables: Vec<String>,
     /// Sink URL: https://host:port/<target db>/<schema>.
     #[arg(long = "sink", env = "CDC_SINK_FEED_SINK")]
-    pub sink: String,
+    pub(crate) sink: String,
     /// Do not verify the sink's certificate (insecure_tls_skip_verify).
     #[arg(long = "insecureSkipVerify")]
     pub insecure_skip_verify: bool,
@@ -56,7 +57,7 @@ pub struct FeedArgs {
     pub ca_cert: Option<PathBuf>,
     /// Authorization header value, e.g. "Bearer <jwt>" (webhook_auth_header).
     #[arg(long = "authHeader", env = "CDC_SINK_FEED_AUTH_HEADER")]
-    pub auth_header: Option<String>,
+    pub(crate) auth_header: Option<String>,
     /// Resolved timestamp period; 0 disables resolved messages.
     #[arg(long = "resolved", default_value = "1s", value_parser = parse_duration)]
     pub resolved: Duration,
@@ -74,13 +75,13 @@ pub struct FeedArgs {
     pub initial_scan: bool,
     /// Replication slot (and publication) name.
     #[arg(long = "slot", default_value = "cdc_sink_feed")]
-    pub slot: String,
+    pub(crate) slot: String,
     /// Fault injection: probability of re-sending an earlier batch after each one.
     #[arg(long = "chaos", default_value_t = 0.0)]
     pub chaos: f64,
     /// A sink answer slower than this is a failure (webhook_client_timeout).
     #[arg(long = "clientTimeout", default_value = "10s", value_parser = parse_duration)]
-    pub client_timeout: Duration,
+    pub(crate) client_timeout: Duration,
     /// First retry delay; doubles up to --retryMaxBackoff.
     #[arg(long = "retryBackoff", default_value = "500ms", value_parser = parse_duration)]
     pub retry_backoff: Duration,
@@ -116,7 +117,7 @@ impl FeedArgs {
         }
     }
 
-    pub fn validate(&self) -> Result<(), FeedError> {
+    pub(crate) fn validate(&self) -> Result<(), FeedError> {
         let bad = |m: &str| Err(FeedError::Config(m.to_string()));
         if !(0.0..=1.0).contains(&self.chaos) {
             return bad("--chaos must be a probability between 0 and 1");
@@ -203,6 +204,8 @@ pub enum FeedError {
     CaCert(PathBuf, #[source] std::io::Error),
     #[error("invalid sink client settings")]
     Client(#[source] ClientError),
+    #[error("invalid --source")]
+    SourceUrl(#[source] crate::target::TargetError),
     #[error("source: {what}")]
     Source {
         what: String,
@@ -235,40 +238,24 @@ impl FeedError {
     }
 }
 
-/// The error and its causes on one line, for logs.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        // Many errors (sqlx's among them) already print their cause.
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 /// Counters of a running feed, for the demo's summary (also exported as metrics).
 #[derive(Debug, Default)]
 pub struct FeedStats {
-    pub batches: AtomicU64,
-    pub messages: AtomicU64,
-    pub bytes: AtomicU64,
+    pub(crate) batches: AtomicU64,
+    pub(crate) messages: AtomicU64,
+    pub(crate) bytes: AtomicU64,
     pub retries: AtomicU64,
     pub chaos_resends: AtomicU64,
-    pub resolved_sent: AtomicU64,
+    pub(crate) resolved_sent: AtomicU64,
     /// Nanoseconds of the newest acknowledged resolved timestamp (0 before the first).
-    pub resolved_nanos: AtomicI64,
+    pub(crate) resolved_nanos: AtomicI64,
     /// Nanoseconds of the newest acknowledged `updated`.
-    pub updated_nanos: AtomicI64,
+    pub(crate) updated_nanos: AtomicI64,
 }
 
 impl FeedStats {
     /// Seconds between now and the newest acknowledged resolved timestamp, once there is one.
-    pub fn lag(&self) -> Option<f64> {
+    pub(crate) fn lag(&self) -> Option<f64> {
         let r = self.resolved_nanos.load(Ordering::Relaxed);
         (r > 0).then(|| {
             let now = crate::hlc::Hlc::from_system_time(std::time::SystemTime::now());
@@ -346,7 +333,9 @@ impl Feed {
         let _ = sender_task.await;
         match &result {
             Ok(()) => tracing::info!(slot = %self.args.slot, "feed stopped"),
-            Err(e) => tracing::error!(slot = %self.args.slot, error = %chain(e), "feed failed"),
+            Err(e) => {
+                tracing::error!(slot = %self.args.slot, error = %ErrorChain(e), "feed failed")
+            }
         }
         result
     }

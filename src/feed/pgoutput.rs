@@ -9,7 +9,7 @@ const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 /// A write-ahead log position.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Lsn(pub u64);
+pub(crate) struct Lsn(pub u64);
 
 impl std::fmt::Display for Lsn {
     /// PostgreSQL's `X/Y` spelling, accepted by `::pg_lsn`.
@@ -20,7 +20,7 @@ impl std::fmt::Display for Lsn {
 
 /// One column value of a tuple.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Datum {
+pub(crate) enum Datum {
     Null,
     /// A TOASTed value the update did not change; the plugin leaves it out.
     Unchanged,
@@ -28,21 +28,21 @@ pub enum Datum {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Column {
-    pub name: String,
-    pub type_oid: u32,
+pub(crate) struct Column {
+    pub(crate) name: String,
+    pub(crate) type_oid: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Relation {
-    pub oid: u32,
-    pub namespace: String,
-    pub name: String,
-    pub columns: Vec<Column>,
+pub(crate) struct Relation {
+    pub(crate) oid: u32,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) columns: Vec<Column>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Message {
+pub(crate) enum Message {
     /// Start of a transaction; `commit_micros` is the commit time in Unix microseconds.
     Begin {
         final_lsn: Lsn,
@@ -155,7 +155,7 @@ fn unix_micros(pg_micros: u64) -> i64 {
 }
 
 /// Decodes one message.
-pub fn decode(buf: &[u8]) -> Result<Message, FeedError> {
+pub(crate) fn decode(buf: &[u8]) -> Result<Message, FeedError> {
     let mut r = Reader { buf, pos: 0 };
     let tag = r.u8("tag")?;
     Ok(match tag {

@@ -250,7 +250,7 @@ impl Sender {
                         .take(200)
                         .collect::<String>()
                 ),
-                Ok(Err(e)) => super::chain(&e),
+                Ok(Err(e)) => crate::error::ErrorChain(&e).to_string(),
                 Err(_) => format!("no answer within {:?}", self.timeout),
             };
             self.stats.retries.fetch_add(1, Ordering::Relaxed);

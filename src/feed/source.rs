@@ -9,7 +9,8 @@
 
 use super::encode::{self, Kind, Shape};
 use super::pgoutput::{self, Datum, Lsn, Message, Relation};
-use super::{chain, FeedArgs, FeedError};
+use super::{FeedArgs, FeedError};
+use crate::error::ErrorChain;
 use crate::hlc::Hlc;
 use crate::ident::Ident;
 use crate::metrics as m;
@@ -124,7 +125,7 @@ impl Reader {
             idle_in_transaction: Duration::from_secs(6 * 3600),
         };
         let mut connect = crate::target::connect_options(&args.source, &settings)
-            .map_err(|e| FeedError::Config(format!("--source: {}", chain(&e))))?
+            .map_err(FeedError::SourceUrl)?
             .application_name("cdc-sink feed");
         if let Some(db) = tables.iter().find_map(|t| t.0.clone()) {
             connect = connect.database(&db);
@@ -175,7 +176,7 @@ impl Reader {
                 Err(e) => {
                     metrics::counter!(m::FEED_SOURCE_ERRORS, m::LABEL_FEED => self.slot.clone())
                         .increment(1);
-                    warn!(slot = %self.slot, error = %chain(&e), retry_in = ?delay, "source unavailable; reconnecting");
+                    warn!(slot = %self.slot, error = %ErrorChain(&e), retry_in = ?delay, "source unavailable; reconnecting");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(delay) => {}

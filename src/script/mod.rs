@@ -99,8 +99,8 @@ pub enum ScriptError {
     Config(String),
     #[error("userscript engine: {0}")]
     Engine(String),
-    #[error("cannot read the target schema: {0}")]
-    Target(String),
+    #[error("cannot read the target schema")]
+    Target(#[source] crate::apply::ApplyError),
 }
 
 fn js_text(context: &str, file: Option<&str>, line: u32, column: u32, message: &str) -> String {
@@ -562,7 +562,7 @@ impl Userscript {
             .schemas()
             .schema(&table.schema)
             .await
-            .map_err(|e| ScriptError::Target(e.to_string()))?;
+            .map_err(ScriptError::Target)?;
         let ts = info
             .table(table)
             .ok_or_else(|| ScriptError::UnknownTable(table.to_string()))?;

@@ -170,7 +170,7 @@ impl Shared {
         // The same script loaded before; report a failure without waiting here.
         std::thread::spawn(move || {
             if let Ok(Err(e)) = ready.recv() {
-                tracing::error!(script = %name, error = %e, "replacement userscript worker failed to start");
+                tracing::error!(script = %name, error = %crate::error::ErrorChain(&e), "replacement userscript worker failed to start");
             }
         });
     }

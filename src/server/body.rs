@@ -24,9 +24,11 @@ const MIN_ZSTD_WINDOW: u64 = 8 << 20;
 /// The longest `Content-Encoding` value echoed back in a 415.
 const MAX_ECHOED_ENCODING: usize = 40;
 
-/// Why a body was not accepted. Display is one line, without causes.
+/// Why a body was not accepted. Display is the one-line reason the client is answered with;
+/// what the transport or the decoder said is folded into that text (it is the reason, and the
+/// type stays comparable), never exposed as a source chain.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     #[error("request body larger than {limit} bytes (--maxRequestBytes)")]
     TooLarge { limit: u64 },
     #[error("decompressed request body larger than {limit} bytes (--maxRequestBytes)")]
@@ -47,7 +49,7 @@ pub enum BodyError {
 }
 
 impl BodyError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             BodyError::TooLarge { .. } | BodyError::DecompressedTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
@@ -61,7 +63,7 @@ impl BodyError {
 
 /// The codings a body may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
+pub(crate) enum Encoding {
     Identity,
     Gzip,
     Zstd,
@@ -70,7 +72,7 @@ pub enum Encoding {
 impl Encoding {
     /// The body's coding from its `Content-Encoding` header; more than one coding (other than
     /// `identity`) is refused, as changefeeds apply one.
-    pub fn of(headers: &HeaderMap) -> Result<Encoding, BodyError> {
+    pub(crate) fn of(headers: &HeaderMap) -> Result<Encoding, BodyError> {
         let mut found = Encoding::Identity;
         for value in headers.get_all(CONTENT_ENCODING) {
             let text = String::from_utf8_lossy(value.as_bytes());
@@ -105,13 +107,13 @@ fn unsupported(text: &str) -> BodyError {
 
 /// The server-wide budget of body bytes in flight.
 #[derive(Clone, Debug)]
-pub struct Budget {
+pub(crate) struct Budget {
     free: Arc<Semaphore>,
     total: u64,
 }
 
 impl Budget {
-    pub fn new(total: u64) -> Budget {
+    pub(crate) fn new(total: u64) -> Budget {
         let permits = usize::try_from(total)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
@@ -122,7 +124,7 @@ impl Budget {
     }
 
     /// An empty reservation, to be grown as the body's size becomes known.
-    pub fn reservation(&self) -> Reservation {
+    pub(crate) fn reservation(&self) -> Reservation {
         Reservation {
             budget: self.clone(),
             held: 0,
@@ -130,21 +132,22 @@ impl Budget {
     }
 
     /// Bytes not reserved now.
-    pub fn available(&self) -> u64 {
+    #[cfg(test)]
+    fn available(&self) -> u64 {
         self.free.available_permits() as u64
     }
 }
 
 /// Bytes of the budget held by one request; given back when dropped.
 #[derive(Debug)]
-pub struct Reservation {
+pub(crate) struct Reservation {
     budget: Budget,
     held: u64,
 }
 
 impl Reservation {
     /// Holds at least `bytes` in all, or fails without waiting (keeping what it held).
-    pub fn grow_to(&mut self, bytes: u64) -> Result<(), BodyError> {
+    pub(crate) fn grow_to(&mut self, bytes: u64) -> Result<(), BodyError> {
         while self.held < bytes {
             let step = u32::try_from(bytes - self.held).unwrap_or(u32::MAX);
             match self.budget.free.try_acquire_many(step) {
@@ -165,13 +168,14 @@ impl Reservation {
     }
 
     /// Gives back what is held beyond `bytes`.
-    pub fn shrink_to(&mut self, bytes: u64) {
+    pub(crate) fn shrink_to(&mut self, bytes: u64) {
         if self.held > bytes {
             self.release(self.held - bytes);
         }
     }
 
-    pub fn held(&self) -> u64 {
+    #[cfg(test)]
+    fn held(&self) -> u64 {
         self.held
     }
 
@@ -195,7 +199,7 @@ impl Drop for Reservation {
 /// Reads a whole body within `limit` bytes (before and after decompression) and the budget.
 /// The declared size is reserved and checked before anything is read; the returned
 /// reservation covers the returned bytes and must be kept while they are in use.
-pub async fn read<B>(
+pub(crate) async fn read<B>(
     body: B,
     headers: &HeaderMap,
     limit: u64,

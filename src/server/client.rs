@@ -3,6 +3,7 @@
 //! over one multiplexed connection, or HTTP/1.1 with a pool of keep-alive connections, and
 //! reconnects after a connection error.
 
+use crate::error::ErrorChain;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::uri::{Authority, Scheme};
@@ -90,20 +91,32 @@ pub enum ClientError {
     InvalidUrl { url: String, reason: String },
     #[error("invalid header {name:?}")]
     InvalidHeader { name: String },
-    #[error("invalid ca certificate: {0}")]
-    CaCert(String),
+    #[error("invalid ca certificate")]
+    CaCert(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("https needs ca_cert_pem or insecure_skip_verify")]
     NoTrust,
-    #[error("invalid TLS configuration: {0}")]
-    Tls(String),
-    #[error("could not connect to {addr}: {reason}")]
-    Connect { addr: String, reason: String },
-    #[error("TLS handshake with {addr} failed: {reason}")]
-    Handshake { addr: String, reason: String },
-    #[error("http request failed: {0}")]
-    Http(String),
-    #[error("could not read the response body: {0}")]
-    Body(String),
+    #[error("invalid TLS configuration")]
+    Tls(#[source] rustls::Error),
+    #[error("invalid client certificate")]
+    ClientCert(#[source] rustls_pki_types::pem::Error),
+    #[error("invalid client key")]
+    ClientKey(#[source] rustls_pki_types::pem::Error),
+    #[error("could not connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr} failed")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("http request failed")]
+    Http(#[source] hyper::Error),
+    #[error("could not read the response body")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Cheap to clone; clones share the connections.
@@ -272,7 +285,7 @@ impl Client {
             let mut err = result;
             match err.take_message() {
                 Some(mut unsent) if !retried => {
-                    debug!(error = %err.error(), "connection closed before sending; reconnecting");
+                    debug!(error = %ErrorChain(err.error()), "connection closed before sending; reconnecting");
                     retried = true;
                     // Restore the absolute form for a possible HTTP/2 retry.
                     if let Ok(abs) = self.absolute(
@@ -286,7 +299,7 @@ impl Client {
                     }
                     req = unsent;
                 }
-                _ => return Err(ClientError::Http(hyper_reason(err.error()))),
+                _ => return Err(ClientError::Http(err.into_error())),
             }
         }
     }
@@ -363,28 +376,28 @@ impl Client {
     async fn connect(&self) -> Result<Conn, ClientError> {
         let inner = &self.inner;
         let addr = format!("{}:{}", inner.host, inner.port);
-        let connect_err = |reason: String| ClientError::Connect {
+        let connect_err = |source| ClientError::Connect {
             addr: addr.clone(),
-            reason,
+            source,
         };
         let tcp = timeout(
             CONNECT_TIMEOUT,
             TcpStream::connect((inner.host.as_str(), inner.port)),
         )
         .await
-        .map_err(|_| connect_err("timed out".into()))?
-        .map_err(|e| connect_err(e.to_string()))?;
+        .map_err(|_| connect_err(timed_out()))?
+        .map_err(connect_err)?;
         let _ = tcp.set_nodelay(true);
         match &inner.tls {
             Some((connector, name)) => {
-                let handshake_err = |reason: String| ClientError::Handshake {
+                let handshake_err = |source| ClientError::Handshake {
                     addr: addr.clone(),
-                    reason,
+                    source,
                 };
                 let stream = timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
                     .await
-                    .map_err(|_| handshake_err("timed out".into()))?
-                    .map_err(|e| handshake_err(e.to_string()))?;
+                    .map_err(|_| handshake_err(timed_out()))?
+                    .map_err(handshake_err)?;
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
                 self.handshake(TokioIo::new(stream), h2).await
             }
@@ -396,7 +409,7 @@ impl Client {
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let fail = |e: hyper::Error| ClientError::Http(hyper_reason(&e));
+        let fail = ClientError::Http;
         let conn = if h2 {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 // Large bodies: let more of one request be buffered while the window opens.
@@ -406,7 +419,7 @@ impl Client {
                 .map_err(fail)?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
-                    debug!(error = %e, "http/2 connection ended");
+                    debug!(error = %ErrorChain(&e), "http/2 connection ended");
                 }
             });
             Conn::H2(sender)
@@ -414,7 +427,7 @@ impl Client {
             let (sender, conn) = http1::handshake(io).await.map_err(fail)?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
-                    debug!(error = %e, "http/1.1 connection ended");
+                    debug!(error = %ErrorChain(&e), "http/1.1 connection ended");
                 }
             });
             Conn::H1(sender)
@@ -443,7 +456,7 @@ async fn read_response(
     let bytes = Limited::new(body, MAX_RESPONSE_BYTES)
         .collect()
         .await
-        .map_err(|e| ClientError::Body(e.to_string()))?
+        .map_err(ClientError::Body)?
         .to_bytes();
     Ok(ClientResponse {
         status: parts.status,
@@ -452,20 +465,16 @@ async fn read_response(
     })
 }
 
-/// hyper's message plus its immediate cause, on one line (hyper's own text is often just
-/// "connection error").
-fn hyper_reason(e: &hyper::Error) -> String {
-    match std::error::Error::source(e) {
-        Some(cause) => format!("{e}: {cause}"),
-        None => e.to_string(),
-    }
+/// The cause of a connect or handshake that took longer than [`CONNECT_TIMEOUT`].
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")
 }
 
 fn client_config(opts: &ClientOptions) -> Result<Arc<ClientConfig>, ClientError> {
     let provider = super::tls::provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Tls(e.to_string()))?;
+        .map_err(ClientError::Tls)?;
     let wants_cert = if opts.insecure_skip_verify {
         builder
             .dangerous()
@@ -474,10 +483,8 @@ fn client_config(opts: &ClientOptions) -> Result<Arc<ClientConfig>, ClientError>
         let pem = opts.ca_cert_pem.as_deref().ok_or(ClientError::NoTrust)?;
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| ClientError::CaCert(e.to_string()))?;
-            roots
-                .add(cert)
-                .map_err(|e| ClientError::CaCert(e.to_string()))?;
+            let cert = cert.map_err(|e| ClientError::CaCert(e.into()))?;
+            roots.add(cert).map_err(|e| ClientError::CaCert(e.into()))?;
         }
         if roots.is_empty() {
             return Err(ClientError::CaCert("no CERTIFICATE block found".into()));
@@ -489,12 +496,12 @@ fn client_config(opts: &ClientOptions) -> Result<Arc<ClientConfig>, ClientError>
         Some((cert, key)) => {
             let certs = CertificateDer::pem_slice_iter(cert)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ClientError::Tls(format!("client certificate: {e}")))?;
+                .map_err(ClientError::ClientCert)?;
             let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key)
-                .map_err(|e| ClientError::Tls(format!("client key: {e}")))?;
+                .map_err(ClientError::ClientKey)?;
             wants_cert
                 .with_client_auth_cert(certs, key)
-                .map_err(|e| ClientError::Tls(e.to_string()))?
+                .map_err(ClientError::Tls)?
         }
     };
     config.alpn_protocols = if opts.http2 {

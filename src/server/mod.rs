@@ -7,14 +7,15 @@
 //! Changefeed requests run detached from their connection: a client that hangs up does not
 //! abort staging half-way, only `--httpResponseTimeout` (or the end of the grace period) does.
 
-pub mod body;
+pub(crate) mod body;
 pub mod client;
-pub mod tls;
+pub(crate) mod tls;
 
 pub use client::{Client, ClientError, ClientOptions, ClientResponse, Protocol};
 pub use tls::{self_signed, self_signed_pem, SelfSigned};
 
 use crate::config::{format_duration, parse_bytes, parse_duration};
+use crate::error::ErrorChain;
 use crate::metrics as m;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -168,7 +169,7 @@ impl Default for ServerArgs {
 
 impl ServerArgs {
     /// Checks the flags once, before anything starts, with the reference's messages.
-    pub fn validate(&self) -> Result<(), ServerError> {
+    pub(crate) fn validate(&self) -> Result<(), ServerError> {
         if self.bind_addr.trim().is_empty() {
             return Err(ServerError::BindAddrUnset);
         }
@@ -259,9 +260,9 @@ fn parse_listen_addr(flag: &'static str, addr: &str) -> Result<(Option<String>, 
 
 async fn bind_listener(flag: &'static str, addr: &str) -> Result<TcpListener, ServerError> {
     let (host, port) = parse_listen_addr(flag, addr)?;
-    let bind_err = |e: std::io::Error| ServerError::Bind {
+    let bind_err = |source| ServerError::Bind {
         addr: addr.to_string(),
-        reason: e.to_string(),
+        source,
     };
     match host {
         Some(host) => TcpListener::bind((host.as_str(), port))
@@ -287,14 +288,27 @@ pub enum ServerError {
     SelfSignedWithCertificate,
     #[error("invalid --{flag}: {reason}")]
     InvalidFlag { flag: &'static str, reason: String },
+    #[error("could not read {path}")]
+    TlsRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file was read; what it holds is not usable (`reason` says what is wrong with it).
     #[error("could not read {path}: {reason}")]
     TlsFile { path: String, reason: String },
-    #[error("could not generate a self-signed certificate: {0}")]
-    SelfSigned(String),
-    #[error("invalid TLS configuration: {0}")]
-    Tls(String),
-    #[error("could not listen on {addr}: {reason}")]
-    Bind { addr: String, reason: String },
+    #[error("could not generate a self-signed certificate")]
+    SelfSigned(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("invalid TLS configuration")]
+    Tls(#[source] rustls::Error),
+    #[error("invalid TLS configuration: tlsClientCA")]
+    ClientCa(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("could not listen on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One changefeed request, body fully read (within `--maxRequestBytes`).
@@ -308,8 +322,8 @@ pub struct Request {
     /// The `access_token` query parameter, decoded.
     pub access_token: Option<String>,
     /// The client certificate of the connection (verified when `--tlsClientCA` is set).
-    pub client_cert: Option<Arc<CertificateDer<'static>>>,
-    pub headers: HeaderMap,
+    pub(crate) client_cert: Option<Arc<CertificateDer<'static>>>,
+    pub(crate) headers: HeaderMap,
     pub body: Bytes,
 }
 
@@ -330,14 +344,14 @@ impl std::fmt::Debug for Request {
 /// The handler's answer; sent as one line of `text/plain`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
-    pub status: StatusCode,
-    pub body: String,
-    pub retry_after: Option<Duration>,
+    pub(crate) status: StatusCode,
+    pub(crate) body: String,
+    pub(crate) retry_after: Option<Duration>,
 }
 
 impl Response {
     /// 200 `OK`.
-    pub fn ok() -> Response {
+    pub(crate) fn ok() -> Response {
         Response::text(StatusCode::OK, "OK")
     }
 
@@ -350,7 +364,7 @@ impl Response {
     }
 
     /// Adds a `Retry-After` header (whole seconds, rounded up).
-    pub fn with_retry_after(mut self, after: Duration) -> Response {
+    pub(crate) fn with_retry_after(mut self, after: Duration) -> Response {
         self.retry_after = Some(after);
         self
     }
@@ -411,7 +425,7 @@ async fn reload_tls_on_sighup(
             }
             Ok(None) => {}
             Err(e) => {
-                warn!(error = %e, "sighup: tls reload failed; keeping the certificates served")
+                warn!(error = %ErrorChain(&e), "sighup: tls reload failed; keeping the certificates served")
             }
         }
     }
@@ -487,9 +501,9 @@ pub async fn bind(args: &ServerArgs) -> Result<Bound, ServerError> {
 }
 
 fn local_addr(l: &TcpListener, addr: &str) -> Result<SocketAddr, ServerError> {
-    l.local_addr().map_err(|e| ServerError::Bind {
+    l.local_addr().map_err(|source| ServerError::Bind {
         addr: addr.to_string(),
-        reason: e.to_string(),
+        source,
     })
 }
 
@@ -542,7 +556,7 @@ impl Bound {
                         self_signed,
                     )))),
                     Err(e) => {
-                        warn!(error = %e, "cannot listen for SIGHUP; tls files are not reloaded");
+                        warn!(error = %ErrorChain(&e), "cannot listen for SIGHUP; tls files are not reloaded");
                         None
                     }
                 }
@@ -746,7 +760,7 @@ async fn accept_loop(
                 }
                 Err(e) => {
                     // Typically EMFILE; back off briefly instead of spinning.
-                    warn!(error = %e, "accept failed");
+                    warn!(error = %ErrorChain(&e), "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -841,7 +855,7 @@ async fn serve_connection(
             .with_time(every)
             .with_interval(every);
         if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
-            debug!(peer = %peer, error = %e, "could not enable tcp keepalive");
+            debug!(peer = %peer, error = %ErrorChain(&e), "could not enable tcp keepalive");
         }
     }
     let result = match tls {
@@ -876,7 +890,7 @@ async fn serve_connection(
                     .await
                 }
                 Ok(Some(Err(e))) => {
-                    debug!(peer = %peer, error = %e, "tls handshake failed");
+                    debug!(peer = %peer, error = %ErrorChain(&e), "tls handshake failed");
                     return;
                 }
                 Err(_) => {
@@ -888,7 +902,7 @@ async fn serve_connection(
         None => drive(TokioIo::new(stream), &builder, routes, &limits, stop, None).await,
     };
     if let Err(e) = result {
-        debug!(peer = %peer, error = %e, "connection ended with an error");
+        debug!(peer = %peer, error = %ErrorChain(&*e), "connection ended with an error");
     }
 }
 
@@ -1075,7 +1089,7 @@ async fn changefeed(
     match task.await {
         Ok(resp) => resp,
         Err(e) => {
-            error!(error = %e, "changefeed handler failed");
+            error!(error = %ErrorChain(&e), "changefeed handler failed");
             finish(
                 start,
                 Response::text(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),

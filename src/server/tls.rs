@@ -19,8 +19,8 @@ pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 /// A generated certificate with its key, in DER (to serve) and PEM (for clients to trust).
 pub struct SelfSigned {
-    pub certs: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
+    pub(crate) certs: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
     pub cert_pem: String,
     pub key_pem: String,
 }
@@ -45,7 +45,7 @@ pub fn self_signed() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'sta
 /// Like [`self_signed`], also returning the PEM texts (tests, bench and the feed trust the
 /// certificate; tests write them to files).
 pub fn self_signed_pem() -> Result<SelfSigned, ServerError> {
-    let err = |e: rcgen::Error| ServerError::SelfSigned(e.to_string());
+    let err = |e: rcgen::Error| ServerError::SelfSigned(e.into());
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
     let mut params = CertificateParams::new(vec![
         "localhost".to_string(),
@@ -83,9 +83,9 @@ pub fn self_signed_pem() -> Result<SelfSigned, ServerError> {
 pub(crate) fn load_certs(
     path: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, String), ServerError> {
-    let bytes = std::fs::read(path).map_err(|e| ServerError::TlsFile {
+    let bytes = std::fs::read(path).map_err(|source| ServerError::TlsRead {
         path: path.display().to_string(),
-        reason: e.to_string(),
+        source,
     })?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
@@ -104,9 +104,9 @@ pub(crate) fn load_certs(
 
 /// Reads the first private key (PKCS#8, SEC1 or PKCS#1) of a PEM file.
 pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerError> {
-    let bytes = std::fs::read(path).map_err(|e| ServerError::TlsFile {
+    let bytes = std::fs::read(path).map_err(|source| ServerError::TlsRead {
         path: path.display().to_string(),
-        reason: e.to_string(),
+        source,
     })?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| ServerError::TlsFile {
         path: path.display().to_string(),
@@ -132,7 +132,7 @@ pub(crate) fn server_config(
 ) -> Result<Arc<ServerConfig>, ServerError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
+        .map_err(ServerError::Tls)?;
     let builder = match client_roots {
         None => builder.with_no_client_auth(),
         Some(roots) => {
@@ -140,20 +140,20 @@ pub(crate) fn server_config(
             for cert in roots {
                 store
                     .add(cert)
-                    .map_err(|e| ServerError::Tls(format!("tlsClientCA: {e}")))?;
+                    .map_err(|e| ServerError::ClientCa(e.into()))?;
             }
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(store),
                 provider(),
             )
             .build()
-            .map_err(|e| ServerError::Tls(format!("tlsClientCA: {e}")))?;
+            .map_err(|e| ServerError::ClientCa(e.into()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut config = builder
         .with_single_cert(certs, key)
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
+        .map_err(ServerError::Tls)?;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }

@@ -18,7 +18,7 @@ const LOOKUPS: usize = 2;
 
 /// The target database's clock as seen from here: its offset from the local clock, measured
 /// at start and again every [`CLOCK_REFRESH`] by the request that finds it stale.
-pub struct TargetClock {
+pub(crate) struct TargetClock {
     skew: Duration,
     offset_nanos: AtomicI64,
     measured: Mutex<Instant>,
@@ -27,7 +27,7 @@ pub struct TargetClock {
 
 impl TargetClock {
     /// Measures the offset once; `skew` zero disables the bound (and the measuring).
-    pub async fn open(db: &Database, skew: Duration) -> Result<TargetClock, sqlx::Error> {
+    pub(crate) async fn open(db: &Database, skew: Duration) -> Result<TargetClock, sqlx::Error> {
         let offset = if skew.is_zero() {
             0
         } else {
@@ -41,14 +41,14 @@ impl TargetClock {
         })
     }
 
-    pub fn skew(&self) -> Duration {
+    pub(crate) fn skew(&self) -> Duration {
         self.skew
     }
 
     /// The latest acceptable timestamp right now, `None` when the bound is off. Measures the
     /// offset again first when it is stale (one request at a time; a failed measurement keeps
     /// the previous offset).
-    pub async fn limit(&self, db: &Database) -> Option<Hlc> {
+    pub(crate) async fn limit(&self, db: &Database) -> Option<Hlc> {
         if self.skew.is_zero() {
             return None;
         }
@@ -65,7 +65,7 @@ impl TargetClock {
                     *self.measured.lock().expect("poisoned") = Instant::now();
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not read the target clock; keeping the last offset")
+                    tracing::warn!(error = %crate::error::ErrorChain(&e), "could not read the target clock; keeping the last offset")
                 }
             }
             self.refreshing.store(false, Ordering::Release);
@@ -92,7 +92,7 @@ async fn measure_offset(db: &Database) -> Result<i64, sqlx::Error> {
 }
 
 /// Go-style spelling of a duration for messages (`1h0m0s`, `30s`, `500ms`).
-pub fn go_duration(d: Duration) -> String {
+pub(crate) fn go_duration(d: Duration) -> String {
     let secs = d.as_secs();
     if secs == 0 {
         return format!("{}ms", d.as_millis());
@@ -106,7 +106,7 @@ pub fn go_duration(d: Duration) -> String {
 }
 
 /// Schemas known to have tables in the target, and the look-up of those that are not.
-pub struct SchemaGate {
+pub(crate) struct SchemaGate {
     known: Mutex<HashSet<Schema>>,
     lookups: tokio::sync::Semaphore,
 }
@@ -121,21 +121,25 @@ impl Default for SchemaGate {
 }
 
 impl SchemaGate {
-    pub fn is_known(&self, schema: &Schema) -> bool {
+    pub(crate) fn is_known(&self, schema: &Schema) -> bool {
         self.known.lock().expect("poisoned").contains(schema)
     }
 
-    pub fn remember(&self, schema: &Schema) {
+    pub(crate) fn remember(&self, schema: &Schema) {
         self.known.lock().expect("poisoned").insert(schema.clone());
     }
 
-    pub fn forget(&self, schema: &Schema) {
+    pub(crate) fn forget(&self, schema: &Schema) {
         self.known.lock().expect("poisoned").remove(schema);
     }
 
     /// Whether `schema` has a base table in the target, asked of the catalog directly so an
     /// unknown name leaves nothing cached behind. An unknown CockroachDB database is "no".
-    pub async fn has_tables(&self, db: &Database, schema: &Schema) -> Result<bool, sqlx::Error> {
+    pub(crate) async fn has_tables(
+        &self,
+        db: &Database,
+        schema: &Schema,
+    ) -> Result<bool, sqlx::Error> {
         let _permit = self.lookups.acquire().await.expect("never closed");
         let is = match db.dialect {
             Dialect::Postgres => "information_schema".to_string(),

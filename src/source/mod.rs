@@ -8,6 +8,7 @@ pub mod webhook;
 
 use crate::apply::{Applier, ApplyError, SchemaInfo};
 use crate::auth::Authenticator;
+use crate::error::ErrorChain;
 use crate::hlc::Hlc;
 use crate::ident::{Ident, Schema, Table};
 use crate::metrics as m;
@@ -24,24 +25,24 @@ use webhook::{DecodeLimits, Payload, PrimaryKeys, WebhookError};
 
 /// Flags of the ingest step.
 #[derive(clap::Args, Debug, Clone)]
-pub struct SourceArgs {
+pub(crate) struct SourceArgs {
     /// Maximum bytes of one ndjson line.
     #[arg(
         long = "ndjsonBufferSize",
         env = "CDC_SINK_NDJSON_BUFFER_SIZE",
         default_value_t = 65_536
     )]
-    pub ndjson_buffer_size: usize,
+    pub(crate) ndjson_buffer_size: usize,
     /// Refuse (400) resolved timestamps and `updated` times further than this ahead of the
     /// target database's clock; 0 turns the check off.
     #[arg(long = "maxClockSkew", env = "CDC_SINK_MAX_CLOCK_SKEW", default_value = "1h0m0s", value_parser = crate::config::parse_duration)]
-    pub max_clock_skew: Duration,
+    pub(crate) max_clock_skew: Duration,
 }
 
-pub use guard::{go_duration, SchemaGate, TargetClock};
+pub(crate) use guard::{go_duration, SchemaGate, TargetClock};
 
 #[derive(Debug, thiserror::Error)]
-pub enum IngestError {
+pub(crate) enum IngestError {
     #[error(transparent)]
     Webhook(#[from] WebhookError),
     #[error("missing or invalid access token: {}", .0.reason())]
@@ -60,10 +61,7 @@ pub enum IngestError {
         ts: Hlc,
         skew: String,
     },
-    #[error(
-        "could not look up schema {schema} in the target: {}",
-        crate::target::safe(error)
-    )]
+    #[error("could not look up schema {schema} in the target")]
     Lookup {
         schema: String,
         #[source]
@@ -80,7 +78,7 @@ pub enum IngestError {
 }
 
 impl IngestError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             IngestError::Webhook(e) => e.status(),
             IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -128,24 +126,24 @@ impl IngestError {
 }
 
 /// The changefeed handler behind the server: everything a request may touch.
-pub struct Ingest {
-    pub target: Database,
-    pub staging: Database,
-    pub auth: Authenticator,
-    pub applier: Applier,
-    pub sequencer: Arc<Sequencer>,
-    pub script: Option<Userscript>,
-    pub limits: DecodeLimits,
+pub(crate) struct Ingest {
+    pub(crate) target: Database,
+    pub(crate) staging: Database,
+    pub(crate) auth: Authenticator,
+    pub(crate) applier: Applier,
+    pub(crate) sequencer: Arc<Sequencer>,
+    pub(crate) script: Option<Userscript>,
+    pub(crate) limits: DecodeLimits,
     /// `--maxClockSkew` against the target's clock.
-    pub clock: TargetClock,
-    pub schemas: SchemaGate,
+    pub(crate) clock: TargetClock,
+    pub(crate) schemas: SchemaGate,
     /// Database health and the connections ingest may hold (see [`crate::target::Gate`]).
-    pub gate: crate::target::Gate,
+    pub(crate) gate: crate::target::Gate,
 }
 
 impl Ingest {
     /// The handler the server calls for every changefeed request.
-    pub fn into_handler(self) -> IngestHandler {
+    pub(crate) fn into_handler(self) -> IngestHandler {
         STARTED.get_or_init(Instant::now);
         IngestHandler(Arc::new(self))
     }
@@ -325,9 +323,38 @@ async fn status(ingest: &Ingest) -> Result<serde_json::Value, String> {
     }))
 }
 
+/// The answer to a request that failed, logged with the whole error. A refusal's reason may be
+/// its cause (the constraint the target named); a failure's causes are the server's business
+/// and stay in the log.
+fn answer(path: &str, e: &IngestError) -> Response {
+    let status = e.status();
+    let chain = ErrorChain(e);
+    if status.is_server_error() {
+        tracing::warn!(path = %path, status = status.as_u16(), error = %chain, "changefeed request failed");
+    } else {
+        tracing::debug!(path = %path, status = status.as_u16(), error = %chain, "changefeed request refused");
+    }
+    let body = if status.is_server_error() {
+        e.to_string()
+    } else {
+        chain.to_string()
+    };
+    Response {
+        status,
+        body,
+        retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(Duration::from_secs(1)),
+    }
+}
+
+/// The reason a probe answers 503 with: what failed, not why (the causes go to the debug log).
+fn unavailable(what: String, e: &(dyn std::error::Error + 'static)) -> String {
+    tracing::debug!(reason = %what, error = %ErrorChain(e), "probe failed");
+    what
+}
+
 /// The server's view of [`Ingest`]: cheap to clone into each request's task.
 #[derive(Clone)]
-pub struct IngestHandler(pub Arc<Ingest>);
+pub(crate) struct IngestHandler(pub Arc<Ingest>);
 
 impl Handler for IngestHandler {
     fn changefeed(&self, req: Request) -> BoxFuture<'static, Response> {
@@ -349,20 +376,7 @@ impl Handler for IngestHandler {
                     body: "OK".into(),
                     retry_after: None,
                 },
-                Err(e) => {
-                    let status = e.status();
-                    if status.is_server_error() {
-                        tracing::warn!(path = %path, status = status.as_u16(), error = %e, "changefeed request failed");
-                    } else {
-                        tracing::debug!(path = %path, status = status.as_u16(), error = %e, "changefeed request refused");
-                    }
-                    Response {
-                        status,
-                        body: e.to_string(),
-                        retry_after: (status == StatusCode::SERVICE_UNAVAILABLE)
-                            .then_some(Duration::from_secs(1)),
-                    }
-                }
+                Err(e) => answer(&path, &e),
             }
         })
     }
@@ -380,10 +394,9 @@ impl Handler for IngestHandler {
         Box::pin(async move {
             health.await?;
             for schema in schemas.cached_schemas() {
-                schemas
-                    .schema(&schema)
-                    .await
-                    .map_err(|e| format!("target schema {schema} does not load: {e}"))?;
+                schemas.schema(&schema).await.map_err(|e| {
+                    unavailable(format!("target schema {schema} does not load"), &e)
+                })?;
             }
             Ok(())
         })
@@ -401,12 +414,38 @@ impl Handler for IngestHandler {
             sqlx::query("SELECT 1")
                 .execute(&staging)
                 .await
-                .map_err(|e| format!("health check failed for staging: {e}"))?;
+                .map_err(|e| unavailable("health check failed for staging".into(), &e))?;
             sqlx::query("SELECT 1")
                 .execute(&target)
                 .await
-                .map_err(|e| format!("health check failed for target: {e}"))?;
+                .map_err(|e| unavailable("health check failed for target".into(), &e))?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_answered_with_its_top_level_message_only() {
+        let e = IngestError::Lookup {
+            schema: "db.public".into(),
+            error: sqlx::Error::PoolTimedOut,
+        };
+        let r = answer("/db/public", &e);
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.body, "could not look up schema db.public in the target");
+        assert_eq!(r.retry_after, Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_refusal_is_answered_with_its_reason() {
+        let e = IngestError::Webhook(WebhookError::EmptyBody.at("line 1"));
+        let r = answer("/db/public", &e);
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(r.body, "line 1: request body is empty");
+        assert_eq!(r.retry_after, None);
     }
 }

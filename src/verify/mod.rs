@@ -26,42 +26,42 @@ const MAX_BUCKETS: i64 = 1024;
 pub struct VerifyArgs {
     /// First database URL (e.g. east, or the changefeed source).
     #[arg(long = "source", env = "CDC_SINK_VERIFY_SOURCE")]
-    pub source: String,
+    pub(crate) source: String,
     /// Second database URL (e.g. west, or the sink's target).
     #[arg(long = "target", env = "CDC_SINK_VERIFY_TARGET")]
-    pub target: String,
+    pub(crate) target: String,
     /// Table as db.schema.table (the database overrides the URLs'), schema.table or table.
     #[arg(long = "table", default_value = "kv.public.kv")]
-    pub table: String,
+    pub(crate) table: String,
     /// Check repeatedly at this interval until --clean checks in a row find no difference.
     #[arg(long = "watch", value_parser = parse_duration)]
-    pub watch: Option<Duration>,
+    pub(crate) watch: Option<Duration>,
     /// Consecutive clean checks that end --watch successfully.
     #[arg(long = "clean", default_value_t = 3)]
-    pub clean: u32,
+    pub(crate) clean: u32,
     /// Give up watching after this long.
     #[arg(long = "timeout", default_value = "10m", value_parser = parse_duration)]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Columns to leave out of the comparison (comma-separated).
     #[arg(long = "ignore-columns", value_delimiter = ',')]
-    pub ignore_columns: Vec<String>,
+    pub(crate) ignore_columns: Vec<String>,
     /// Divergent keys to list per kind.
     #[arg(long = "sample", default_value_t = 5)]
-    pub sample: usize,
+    pub(crate) sample: usize,
     /// One JSON report per check on standard output.
     #[arg(long = "json")]
-    pub json: bool,
+    pub(crate) json: bool,
     /// After reporting divergent keys, copy the --from side's version of each (insert,
     /// update or delete) to the other side, through plain SQL (no compare-and-set, no merge):
     /// for failback once writes stopped on one side.
     #[arg(long = "repair", requires = "from")]
-    pub repair: bool,
+    pub(crate) repair: bool,
     /// The authoritative side for --repair.
     #[arg(long = "from", value_enum, requires = "repair")]
-    pub from: Option<Side>,
+    pub(crate) from: Option<Side>,
     /// Keys per repair transaction.
     #[arg(long = "repair-batch", default_value_t = 500)]
-    pub repair_batch: usize,
+    pub(crate) repair_batch: usize,
 }
 
 /// One of the two databases.
@@ -73,14 +73,14 @@ pub enum Side {
 }
 
 impl Side {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Side::Source => "source",
             Side::Target => "target",
         }
     }
 
-    pub fn other(self) -> Side {
+    pub(crate) fn other(self) -> Side {
         match self {
             Side::Source => Side::Target,
             Side::Target => Side::Source,
@@ -92,6 +92,14 @@ impl Side {
 pub enum VerifyError {
     #[error("{0}")]
     Config(String),
+    #[error("invalid table name")]
+    TableName(#[source] crate::ident::IdentError),
+    #[error("invalid {side} url")]
+    Url {
+        side: &'static str,
+        #[source]
+        source: crate::target::TargetError,
+    },
     #[error("could not connect to the {side} database")]
     Connect {
         side: &'static str,
@@ -116,15 +124,14 @@ pub enum VerifyError {
 /// A table named as `db.schema.table`, `schema.table` or `table`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableRef {
-    pub database: Option<String>,
-    pub schema: String,
-    pub name: String,
+    pub(crate) database: Option<String>,
+    pub(crate) schema: String,
+    pub(crate) name: String,
 }
 
 impl TableRef {
     pub fn parse(s: &str) -> Result<TableRef, VerifyError> {
-        let parts =
-            parse_dotted(s.trim()).map_err(|e| VerifyError::Config(format!("table: {e}")))?;
+        let parts = parse_dotted(s.trim()).map_err(VerifyError::TableName)?;
         let raw: Vec<String> = parts.iter().map(|p| p.raw().to_string()).collect();
         let (database, schema, name) = match raw.as_slice() {
             [t] => (None, "public".to_string(), t.clone()),
@@ -176,7 +183,7 @@ pub enum DiffKind {
 /// One comparison.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Report {
-    pub table: String,
+    pub(crate) table: String,
     pub source_rows: i64,
     pub target_rows: i64,
     pub buckets: i64,
@@ -191,12 +198,12 @@ pub struct Report {
     /// Every divergent key found (up to the row limit), as a JSON object of the key columns:
     /// what a repair works on.
     #[serde(skip)]
-    pub keys: Vec<String>,
+    pub(crate) keys: Vec<String>,
     /// Columns compared (after --ignore-columns) and those present on one side only.
-    pub columns: Vec<String>,
-    pub only_in_source: Vec<String>,
+    pub(crate) columns: Vec<String>,
+    pub(crate) only_in_source: Vec<String>,
     pub only_in_target: Vec<String>,
-    pub elapsed_seconds: f64,
+    pub(crate) elapsed_seconds: f64,
 }
 
 impl Report {
@@ -326,7 +333,7 @@ pub async fn connect(
         idle_in_transaction: Duration::from_secs(600),
     };
     let mut opts: PgConnectOptions = crate::target::connect_options(url, &settings)
-        .map_err(|e| VerifyError::Config(format!("{side} url: {e}")))?
+        .map_err(|source| VerifyError::Url { side, source })?
         .application_name("cdc-sink verify")
         // Row text (timestamps, floats) must print the same on both sides.
         .options([
@@ -562,7 +569,7 @@ fn key_object(key: &[String]) -> String {
 /// What a repair did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct RepairReport {
-    pub table: String,
+    pub(crate) table: String,
     /// The authoritative side, and the side written.
     pub from: &'static str,
     pub to: &'static str,
@@ -573,7 +580,7 @@ pub struct RepairReport {
     /// Rows deleted because the authoritative side has no row with their key.
     pub deleted: u64,
     pub batches: u64,
-    pub elapsed_seconds: f64,
+    pub(crate) elapsed_seconds: f64,
 }
 
 impl std::fmt::Display for RepairReport {
@@ -651,7 +658,7 @@ fn repair_sql(table: &str, key: &[String], write: &[String]) -> RepairSql {
 /// authoritative side has are inserted or written over, the others deleted. Every column
 /// both sides have is written, hidden ones included; columns only the written side has keep
 /// their value (or default). Plain SQL: no compare-and-set, no merge, no foreign key order.
-pub async fn repair(
+pub(crate) async fn repair(
     source: &PgPool,
     target: &PgPool,
     table: &TableRef,
@@ -828,11 +835,11 @@ pub async fn watch(
 
 /// When a watch checks and when it stops.
 #[derive(Clone, Copy, Debug)]
-pub struct WatchOptions {
-    pub interval: Duration,
+pub(crate) struct WatchOptions {
+    pub(crate) interval: Duration,
     /// Consecutive clean checks that end it in sync ("failback ready").
-    pub clean: u32,
-    pub timeout: Duration,
+    pub(crate) clean: u32,
+    pub(crate) timeout: Duration,
 }
 
 /// [`watch`], where a check that finds differences also repairs them when `repair_with` is
@@ -840,7 +847,7 @@ pub struct WatchOptions {
 /// interval later, sees whether writes still arrive). The `verify_failback_ready` gauge is 1
 /// once the watch ends in sync.
 #[allow(clippy::too_many_arguments)]
-pub async fn watch_and_repair(
+pub(crate) async fn watch_and_repair(
     source: &PgPool,
     target: &PgPool,
     table: &TableRef,

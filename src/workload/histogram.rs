@@ -8,7 +8,7 @@ const GROWTH: f64 = 1.02;
 const BUCKETS: usize = 1400;
 
 #[derive(Clone, Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     counts: Vec<u64>,
     total: u64,
     max_micros: u64,
@@ -39,14 +39,14 @@ fn upper(b: usize) -> f64 {
 }
 
 impl Histogram {
-    pub fn record(&mut self, d: Duration) {
+    pub(crate) fn record(&mut self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.counts[bucket(us)] += 1;
         self.total += 1;
         self.max_micros = self.max_micros.max(us);
     }
 
-    pub fn merge(&mut self, other: &Histogram) {
+    pub(crate) fn merge(&mut self, other: &Histogram) {
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
             *a += b;
         }
@@ -54,16 +54,17 @@ impl Histogram {
         self.max_micros = self.max_micros.max(other.max_micros);
     }
 
-    pub fn count(&self) -> u64 {
+    #[cfg(test)]
+    fn count(&self) -> u64 {
         self.total
     }
 
-    pub fn max(&self) -> Duration {
+    pub(crate) fn max(&self) -> Duration {
         Duration::from_micros(self.max_micros)
     }
 
     /// The `q` quantile (0..=1); zero when empty.
-    pub fn quantile(&self, q: f64) -> Duration {
+    pub(crate) fn quantile(&self, q: f64) -> Duration {
         if self.total == 0 {
             return Duration::ZERO;
         }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 pub struct KvArgs {
     /// Database URL.
     #[arg(long = "conn", env = "CDC_SINK_WORKLOAD_CONN")]
-    pub conn: String,
+    pub(crate) conn: String,
     /// How long to run; 0 runs until interrupted.
     #[arg(long = "duration", default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,
@@ -57,7 +57,7 @@ impl KvArgs {
         }
     }
 
-    pub fn validate(&self) -> Result<(), WorkloadError> {
+    pub(crate) fn validate(&self) -> Result<(), WorkloadError> {
         let bad = |m: &str| Err(WorkloadError::Config(m.to_string()));
         if self.concurrency == 0 || self.concurrency > 256 {
             return bad("--concurrency must be between 1 and 256");
@@ -77,7 +77,7 @@ impl KvArgs {
 }
 
 /// Accepts cockroach's `S<n>`/`R<n>` spellings and a bare number.
-pub fn parse_write_seq(s: &str) -> Result<i64, String> {
+pub(crate) fn parse_write_seq(s: &str) -> Result<i64, String> {
     let digits = s.trim().trim_start_matches(['S', 'R', 's', 'r']);
     digits
         .parse::<i64>()
@@ -87,7 +87,7 @@ pub fn parse_write_seq(s: &str) -> Result<i64, String> {
 }
 
 fn table_parts(t: &str) -> Result<(Option<String>, String, String), WorkloadError> {
-    let parts = parse_dotted(t).map_err(|e| WorkloadError::Config(format!("--table: {e}")))?;
+    let parts = parse_dotted(t).map_err(WorkloadError::Table)?;
     let raw: Vec<String> = parts.iter().map(|p| p.raw().to_string()).collect();
     Ok(match raw.as_slice() {
         [t] => (None, "public".into(), t.clone()),
@@ -104,16 +104,16 @@ fn table_parts(t: &str) -> Result<(Option<String>, String, String), WorkloadErro
 /// One progress report (every second).
 #[derive(Clone, Debug)]
 pub struct Progress {
-    pub elapsed: Duration,
-    pub errors: u64,
+    pub(crate) elapsed: Duration,
+    pub(crate) errors: u64,
     /// Operations in the last interval, per second.
-    pub ops_per_sec: f64,
+    pub(crate) ops_per_sec: f64,
     /// Operations since the start, per second.
-    pub ops_per_sec_cum: f64,
-    pub p50: Duration,
-    pub p95: Duration,
-    pub p99: Duration,
-    pub max: Duration,
+    pub(crate) ops_per_sec_cum: f64,
+    pub(crate) p50: Duration,
+    pub(crate) p95: Duration,
+    pub(crate) p99: Duration,
+    pub(crate) max: Duration,
 }
 
 impl std::fmt::Display for Progress {
@@ -136,7 +136,7 @@ impl std::fmt::Display for Progress {
 
 impl Progress {
     /// The column titles matching [`Progress`]'s `Display`.
-    pub const HEADER: &'static str =
+    pub(crate) const HEADER: &'static str =
         "_elapsed___errors__ops/sec(inst)___ops/sec(cum)__p50(ms)__p95(ms)__p99(ms)_pMax(ms)";
 }
 
@@ -145,12 +145,12 @@ impl Progress {
 pub struct Summary {
     pub ops: u64,
     pub errors: u64,
-    pub elapsed_seconds: f64,
+    pub(crate) elapsed_seconds: f64,
     pub ops_per_sec: f64,
     pub p50_ms: f64,
-    pub p95_ms: f64,
+    pub(crate) p95_ms: f64,
     pub p99_ms: f64,
-    pub max_ms: f64,
+    pub(crate) max_ms: f64,
     /// Sequential runs: the next unused key (the write seq to continue from).
     pub next_seq: Option<i64>,
 }
@@ -362,7 +362,7 @@ async fn worker(
                     .increment(1);
                 // One line per hundred failures is enough to see an outage.
                 if n.is_multiple_of(100) {
-                    tracing::warn!(error = %crate::feed::chain(&e), errors = n + 1, "kv write failed");
+                    tracing::warn!(error = %crate::error::ErrorChain(&e), errors = n + 1, "kv write failed");
                 }
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -382,7 +382,7 @@ async fn open(args: &KvArgs) -> Result<PgPool, WorkloadError> {
         idle_in_transaction: Duration::from_secs(60),
     };
     let base: PgConnectOptions = crate::target::connect_options(&args.conn, &settings)
-        .map_err(|e| WorkloadError::Config(format!("--conn: {e}")))?
+        .map_err(WorkloadError::Conn)?
         .application_name("cdc-sink workload");
     let (db, _, _) = table_parts(&args.table)?;
     let opts = match &db {

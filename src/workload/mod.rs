@@ -8,12 +8,16 @@ pub mod kv;
 
 mod histogram;
 
-pub use histogram::Histogram;
+pub(crate) use histogram::Histogram;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
     #[error("{0}")]
     Config(String),
+    #[error("invalid --table")]
+    Table(#[source] crate::ident::IdentError),
+    #[error("invalid --conn")]
+    Conn(#[source] crate::target::TargetError),
     #[error("could not connect to {what}")]
     Connect {
         what: String,

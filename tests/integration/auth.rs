@@ -305,7 +305,7 @@ async fn tokens_are_verified_as_the_reference_does() {
     let err = match cdc_sink::sink::launch(cdc_sink::sink::prepare(argv).expect("flags")).await {
         Ok(_) => panic!("a sink started with a bad key row"),
         // With its causes, as the command line prints it.
-        Err(e) => format!("{:#}", anyhow::Error::from(e)),
+        Err(e) => cdc_sink::error::ErrorChain(&e).to_string(),
     };
     assert!(err.contains("jwt_public_keys row"), "{err}");
 }

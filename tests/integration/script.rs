@@ -243,12 +243,11 @@ fn set_options_override_the_command_line_and_unknown_flags_are_refused() {
         &["--userscript", bad.to_str().unwrap()],
     );
     // With its causes, as the command line prints it.
-    let err = anyhow::Error::from(
-        cdc_sink::sink::prepare(argv)
-            .err()
-            .expect("unknown flag refused"),
-    );
-    assert!(format!("{err:#}").contains("noSuchFlag"), "{err:#}");
+    let err = cdc_sink::sink::prepare(argv)
+        .err()
+        .expect("unknown flag refused");
+    let err = cdc_sink::error::ErrorChain(&err).to_string();
+    assert!(err.contains("noSuchFlag"), "{err}");
 }
 
 #[tokio::test]

@@ -98,7 +98,7 @@ pub enum WebhookError {
 impl WebhookError {
     /// 404 when the path names nothing we serve, 400 for any bad body: CockroachDB retries any
     /// non-2xx alike, so the code is free to tell people and load balancers which it was.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         if self.is_routing() {
             StatusCode::NOT_FOUND
         } else {
@@ -107,7 +107,7 @@ impl WebhookError {
     }
 
     /// True for errors found while parsing the request path.
-    pub fn is_routing(&self) -> bool {
+    pub(crate) fn is_routing(&self) -> bool {
         match self {
             WebhookError::TooManySegments(_)
             | WebhookError::TooFewSegments
@@ -121,7 +121,8 @@ impl WebhookError {
     }
 
     /// The error without its location wrappers.
-    pub fn root(&self) -> &WebhookError {
+    #[cfg(test)]
+    pub(crate) fn root(&self) -> &WebhookError {
         match self {
             WebhookError::At { error, .. } => error.root(),
             e => e,

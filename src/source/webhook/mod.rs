@@ -16,7 +16,7 @@ mod path;
 mod payload;
 mod resolved;
 
-pub use error::WebhookError;
+pub(crate) use error::WebhookError;
 pub use limits::{MAX_DEPTH, MAX_KEY_BYTES};
 pub use path::{parse_path, Route, MAX_SEGMENTS};
 pub use resolved::parse_resolved_digits;

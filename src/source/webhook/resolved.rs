@@ -6,7 +6,7 @@ use crate::civil::{days_from_civil, days_in_month};
 use crate::hlc::Hlc;
 
 /// Number of digits in a resolved file name.
-pub const RESOLVED_DIGITS: usize = 33;
+pub(crate) const RESOLVED_DIGITS: usize = 33;
 
 /// Converts the 33 digits of a resolved file name into an HLC.
 pub fn parse_resolved_digits(digits: &str) -> Result<Hlc, WebhookError> {
