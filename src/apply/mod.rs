@@ -75,8 +75,12 @@ impl ApplyStats {
 pub enum ApplyError {
     #[error("schema {schema} is not in the connected database {database}")]
     WrongDatabase { schema: String, database: String },
-    #[error("cannot read the schema {schema}: {}", crate::target::safe(error))]
-    Introspect { schema: String, error: sqlx::Error },
+    #[error("cannot read the schema {schema}")]
+    Introspect {
+        schema: String,
+        #[source]
+        error: sqlx::Error,
+    },
     #[error("cyclical FK references involving tables {tables}")]
     Cycle { tables: String },
     #[error("table {table} has more than one column named {column} (names are case-insensitive)")]
@@ -90,9 +94,10 @@ pub enum ApplyError {
     TableCollision { first: String, second: String },
     #[error("{0}")]
     Config(String),
-    #[error("merge failed for {table}: {error}")]
+    #[error("merge failed for {table}")]
     Merge {
         table: String,
+        #[source]
         error: merge::MergeError,
     },
     #[error("a merge function for {table} returned a row that does not fit the table: {detail}")]
@@ -104,11 +109,12 @@ pub enum ApplyError {
     DlqMissing { table: String, ddl: String },
     #[error("dlq table {table} was found, but it is missing the following columns: {missing}")]
     DlqColumns { table: String, missing: String },
-    #[error(
-        "cannot create the dead-letter queue table {table}: {}",
-        crate::target::safe(error)
-    )]
-    DlqCreate { table: String, error: sqlx::Error },
+    #[error("cannot create the dead-letter queue table {table}")]
+    DlqCreate {
+        table: String,
+        #[source]
+        error: sqlx::Error,
+    },
     #[error("schema drift detected in {table} at payload object offset {offset}: {detail}")]
     Drift {
         table: String,
@@ -128,8 +134,12 @@ pub enum ApplyError {
     },
     #[error("invalid payload for {table}: {detail}")]
     Payload { table: String, detail: String },
-    #[error("cannot write to {table}: {}", crate::target::safe(error))]
-    Write { table: String, error: sqlx::Error },
+    #[error("cannot write to {table}")]
+    Write {
+        table: String,
+        #[source]
+        error: sqlx::Error,
+    },
     #[error("the schema of {table} changed while applying; retry the transaction")]
     SchemaChanged { table: String },
 }
@@ -563,8 +573,9 @@ mod tests {
             error: sqlx::Error::PoolTimedOut,
         };
         assert!(e.is_unavailable() && !e.is_retryable());
+        assert_eq!(e.to_string(), "cannot write to t");
         assert_eq!(
-            e.to_string(),
+            crate::error::ErrorChain(&e).to_string(),
             "cannot write to t: pool timed out while waiting for an open connection"
         );
         let e = ApplyError::Drift {

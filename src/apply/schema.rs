@@ -198,7 +198,7 @@ impl SchemaCache {
             Lookup::Reload(old) => match self.load(conn, schema).await {
                 Ok(info) => Ok(info),
                 Err(e) => {
-                    tracing::warn!(schema = %schema, error = %e, "schema refresh failed; keeping the previous schema");
+                    tracing::warn!(schema = %schema, error = %crate::error::ErrorChain(&e), "schema refresh failed; keeping the previous schema");
                     Ok(old)
                 }
             },

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("baseline write failed: {0}")]
+    #[error("baseline write failed")]
     Sql(#[from] sqlx::Error),
 }
 

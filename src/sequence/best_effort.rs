@@ -61,7 +61,7 @@ pub(crate) async fn accept(
     let (counts, refused) = loop {
         match accept_once(parts, info, batches).await {
             Err(e) if attempt < ATTEMPTS && is_serialization(&e) => {
-                tracing::debug!(schema = %schema, error = %e, "best-effort request conflicted; retrying");
+                tracing::debug!(schema = %schema, error = %crate::error::ErrorChain(&e), "best-effort request conflicted; retrying");
                 attempt += 1;
             }
             other => break other?,
@@ -71,7 +71,7 @@ pub(crate) async fn accept(
         if p.is_foreign_key() {
             tracing::debug!(table = %p.table, key = %p.key, time = %p.time, "foreign key not satisfied yet; mutation deferred to staging");
         } else {
-            tracing::warn!(table = %p.table, time = %p.time, code = p.sqlstate().as_deref().unwrap_or("none"), error = %p.error, "target refused a mutation; deferred to staging");
+            tracing::warn!(table = %p.table, time = %p.time, code = p.sqlstate().as_deref().unwrap_or("none"), error = %crate::error::ErrorChain(&p.error), "target refused a mutation; deferred to staging");
             tracing::debug!(table = %p.table, key = %p.key, time = %p.time, "refused mutation key");
         }
     }
@@ -123,7 +123,7 @@ async fn accept_once(
             Err(e) if is_transient(&e) => return Err(e),
             Err(e) => {
                 sp.rollback().await.map_err(SequenceError::Sql)?;
-                tracing::debug!(error = %e, "best-effort batch refused; applying mutations one at a time");
+                tracing::debug!(error = %crate::error::ErrorChain(&e), "best-effort batch refused; applying mutations one at a time");
                 refused = poison::apply_each(&parts.applier, script, &mut tx, info, &direct, false)
                     .await?;
             }

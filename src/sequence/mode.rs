@@ -287,7 +287,7 @@ async fn evaluate(
         let bounds = match checkpoints.bounds(&schema).await {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(schema = %schema, error = %e, "cannot read checkpoints to choose the sequencing mode; keeping it");
+                tracing::warn!(schema = %schema, error = %crate::error::ErrorChain(&e), "cannot read checkpoints to choose the sequencing mode; keeping it");
                 continue;
             }
         };
@@ -308,11 +308,11 @@ async fn evaluate(
                 }
                 Ok(false) => {}
                 Err(e) if current != Mode::BestEffort => {
-                    tracing::warn!(schema = %schema, error = %e, "cannot build the staging index best-effort mode needs; staying consistent");
+                    tracing::warn!(schema = %schema, error = %crate::error::ErrorChain(&e), "cannot build the staging index best-effort mode needs; staying consistent");
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(schema = %schema, error = %e, "cannot build the staging index best-effort mode needs");
+                    tracing::warn!(schema = %schema, error = %crate::error::ErrorChain(&e), "cannot build the staging index best-effort mode needs");
                 }
             }
         }

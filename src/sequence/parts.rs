@@ -119,12 +119,14 @@ pub enum SequenceError {
     Stage(#[from] StageError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("target transaction failed: {}", crate::target::safe(.0))]
+    #[error("target transaction failed")]
     Sql(#[source] sqlx::Error),
     #[error("lease on {0} was lost")]
     LeaseLost(String),
     #[error(transparent)]
     Script(#[from] ScriptError),
+    /// An apply task that panicked or was cut short, described in words (a panic carries no
+    /// error value to keep as a source).
     #[error("apply task failed: {0}")]
     Task(String),
     #[error("rows of table {0} are staged but the table is not in the target schema; create it, or delete its staged rows")]

@@ -13,6 +13,13 @@ fn seconds_since(t: Hlc) -> Option<f64> {
         .then(|| Hlc::from_system_time(std::time::SystemTime::now()).seconds() - t.seconds())
 }
 
+/// A status answer's reason (the top message only: it is a 5xx body); the cause goes to the
+/// log.
+fn unavailable(what: String, e: &(dyn std::error::Error + 'static)) -> String {
+    tracing::debug!(error = %crate::error::ErrorChain(e), "{what}");
+    what
+}
+
 impl Sequencer {
     /// One JSON object per schema with checkpoints; the error is a one-line reason.
     pub async fn status(&self) -> Result<Vec<serde_json::Value>, String> {
@@ -22,7 +29,7 @@ impl Sequencer {
             .checkpoints
             .groups()
             .await
-            .map_err(|e| format!("cannot read the checkpoints: {e}"))?;
+            .map_err(|e| unavailable("cannot read the checkpoints".into(), &e))?;
         let leases = parts.stager.schema().object("leases");
         let mut schemas = Vec::new();
         for g in groups {
@@ -34,7 +41,7 @@ impl Sequencer {
                 .stager
                 .registered(&schema)
                 .await
-                .map_err(|e| format!("cannot read the staging tables of {schema}: {e}"))?;
+                .map_err(|e| unavailable(format!("cannot read the staging tables of {schema}"), &e))?;
             for t in &tables {
                 let sql = format!(
                     "SELECT count(*) FROM {} WHERE NOT applied",
@@ -54,7 +61,7 @@ impl Sequencer {
             .bind(crate::sequence::lease_name(&schema))
             .fetch_optional(&parts.stager.database().pool)
             .await
-            .map_err(|e| format!("cannot read the leases: {e}"))?;
+            .map_err(|e| unavailable("cannot read the leases".into(), &e))?;
             let dlq = Table::new(schema.clone(), parts.applier.dlq_table_name());
             let dlq_sql = match parts.target.dialect {
                 Dialect::Postgres => dlq.quoted_in_db(),

@@ -38,30 +38,21 @@ pub struct StageArgs {
 pub enum StageError {
     #[error("staging schema {0:?} is not valid: {1}")]
     Schema(String, String),
-    #[error(
-        "could not create staging table {table}: {}",
-        crate::target::safe(source)
-    )]
+    #[error("could not create staging table {table}")]
     Create {
         table: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("could not write staged mutations: {}", crate::target::safe(.0))]
+    #[error("could not write staged mutations")]
     Write(#[source] sqlx::Error),
-    #[error(
-        "could not read staged mutations of {table}: {}",
-        crate::target::safe(source)
-    )]
+    #[error("could not read staged mutations of {table}")]
     Read {
         table: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error(
-        "could not retire staged mutations of {table}: {}",
-        crate::target::safe(source)
-    )]
+    #[error("could not retire staged mutations of {table}")]
     Retire {
         table: String,
         #[source]

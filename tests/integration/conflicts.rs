@@ -507,7 +507,7 @@ async fn a_failing_merger_fails_the_batch_and_writes_nothing() {
         .unwrap_err();
     assert!(matches!(err, ApplyError::Merge { .. }), "{err}");
     assert_eq!(
-        err.to_string(),
+        cdc_sink::error::ErrorChain(&err).to_string(),
         format!("merge failed for {t}: merge function failed: no way")
     );
     // The caller's transaction is still usable: the apply rolled back to its savepoint.

@@ -85,7 +85,7 @@ pub(super) async fn run_flush(
         written = started.elapsed();
         if let Err(e) = staging_step(&ctx, &job, role).await {
             metrics::counter!(m::CORE_SWEEP_SKEW, &schema_label(&ctx.schema)).increment(1);
-            tracing::warn!(schema = %ctx.schema, error = %e, "flush applied to the target but not retired from staging; its rows will be applied again");
+            tracing::warn!(schema = %ctx.schema, error = %crate::error::ErrorChain(&e), "flush applied to the target but not retired from staging; its rows will be applied again");
             return Err(e);
         }
     } else {

@@ -90,7 +90,7 @@ impl Pipeline {
                             match released {
                                 Ok(Ok(())) => {}
                                 Ok(Err(e)) => {
-                                    tracing::warn!(schema = %self.schema, error = %e, "could not release apply lease")
+                                    tracing::warn!(schema = %self.schema, error = %crate::error::ErrorChain(&e), "could not release apply lease")
                                 }
                                 Err(_) => {
                                     tracing::warn!(schema = %self.schema, "could not release apply lease in time; it expires by itself")
@@ -107,7 +107,7 @@ impl Pipeline {
                 Ok(None) => {}
                 Err(e) => {
                     failures += 1;
-                    tracing::warn!(schema = %self.schema, error = %e, "could not acquire apply lease");
+                    tracing::warn!(schema = %self.schema, error = %crate::error::ErrorChain(&e), "could not acquire apply lease");
                 }
             }
             if idle_check.is_some_and(|every| checked.elapsed() >= every) {
@@ -195,7 +195,11 @@ impl Pipeline {
                 Err(e) => {
                     self.parts
                         .pipelines
-                        .failed(&self.schema, e.to_string(), backoff(attempt + 1))
+                        .failed(
+                            &self.schema,
+                            crate::error::ErrorChain(e).to_string(),
+                            backoff(attempt + 1),
+                        )
                 }
             }
             let wait = match result {
@@ -217,9 +221,9 @@ impl Pipeline {
                     let wait = backoff(attempt);
                     metrics::counter!(m::POISON_BACKOFF, &schema_label(&self.schema)).increment(1);
                     if e.is_unavailable() {
-                        tracing::warn!(schema = %self.schema, error = %e, retry_in = ?wait, "target unavailable; will retry");
+                        tracing::warn!(schema = %self.schema, error = %crate::error::ErrorChain(&e), retry_in = ?wait, "target unavailable; will retry");
                     } else {
-                        tracing::error!(schema = %self.schema, error = %e, retry_in = ?wait, "could not apply window; will retry");
+                        tracing::error!(schema = %self.schema, error = %crate::error::ErrorChain(&e), retry_in = ?wait, "could not apply window; will retry");
                     }
                     Some(wait)
                 }
@@ -234,7 +238,7 @@ impl Pipeline {
                     Ok(true) => renewed = Instant::now(),
                     Ok(false) => return Held::Lost,
                     Err(e) => {
-                        tracing::warn!(schema = %self.schema, error = %e, "could not renew apply lease");
+                        tracing::warn!(schema = %self.schema, error = %crate::error::ErrorChain(&e), "could not renew apply lease");
                         if renewed.elapsed() >= LEASE_LIFETIME {
                             return Held::Lost;
                         }
@@ -370,7 +374,7 @@ impl Pipeline {
             match self.parts.stager.ensure(table).await {
                 Ok(_) => tables.push(table.clone()),
                 Err(e @ StageError::NameTaken { .. }) => {
-                    tracing::debug!(schema = %self.schema, error = %e, "not reading a table that cannot be staged");
+                    tracing::debug!(schema = %self.schema, error = %crate::error::ErrorChain(&e), "not reading a table that cannot be staged");
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -400,7 +404,7 @@ impl Pipeline {
             tx.commit().await.map_err(SequenceError::Sql)
         };
         if let Err(e) = counted.await {
-            tracing::debug!(schema = %self.schema, error = %e, "could not count the staged backlog");
+            tracing::debug!(schema = %self.schema, error = %crate::error::ErrorChain(&e), "could not count the staged backlog");
         }
     }
 

@@ -171,7 +171,7 @@ impl Window {
                     self.deferred.insert(idx);
                     metrics::counter!(m::CORE_FLUSH_DEFERRED, &schema_label(&self.ctx.schema))
                         .increment(1);
-                    tracing::debug!(schema = %self.ctx.schema, error = %e, "flush deferred until earlier flushes finish");
+                    tracing::debug!(schema = %self.ctx.schema, error = %crate::error::ErrorChain(&e), "flush deferred until earlier flushes finish");
                 } else {
                     let d = self.jobs.remove(&idx).expect("dispatched flush");
                     metrics::histogram!(m::LOCKSET_EXEC_COMPLETE, m::LABEL_SET => m::SET_SCHEDULER)
@@ -202,7 +202,7 @@ impl Window {
         if self.error.is_none() {
             self.error = Some(e);
         } else if !matches!(e, SequenceError::Stopped) {
-            tracing::warn!(schema = %self.ctx.schema, error = %e, "another flush failed");
+            tracing::warn!(schema = %self.ctx.schema, error = %crate::error::ErrorChain(&e), "another flush failed");
         }
     }
 
@@ -371,7 +371,7 @@ impl Window {
         if upto > self.progress.committed() {
             let sweep = self.at_end(upto).then_some(self.sweep_from);
             if let Err(e) = commit_step(self.ctx.clone(), upto, sweep).await {
-                tracing::warn!(schema = %self.ctx.schema, error = %e, "could not commit the checkpoint of the applied flushes");
+                tracing::warn!(schema = %self.ctx.schema, error = %crate::error::ErrorChain(&e), "could not commit the checkpoint of the applied flushes");
             }
         }
         let error = self.error.take().expect("failed window has an error");
@@ -408,13 +408,13 @@ impl Window {
         }
         match found {
             Ok(Some(p)) => {
-                tracing::error!(schema = %self.ctx.schema, table = %p.table, key = %p.key, time = %p.time, error = %p.error, "poison mutation blocks the schema; will retry with backoff")
+                tracing::error!(schema = %self.ctx.schema, table = %p.table, key = %p.key, time = %p.time, error = %crate::error::ErrorChain(&p.error), "poison mutation blocks the schema; will retry with backoff")
             }
             Ok(None) => {
                 tracing::warn!(schema = %self.ctx.schema, "a flush failed but each of its mutations applies alone")
             }
             Err(e) => {
-                tracing::warn!(schema = %self.ctx.schema, error = %e, "could not search the failed flush for its poison mutation")
+                tracing::warn!(schema = %self.ctx.schema, error = %crate::error::ErrorChain(&e), "could not search the failed flush for its poison mutation")
             }
         }
     }
