@@ -33,7 +33,7 @@ fn canon(v: &Value) -> Canon {
 
 /// Whether two property values are the same datum; `None` is an absent property, which only
 /// equals another absent one (an explicit `null` is a value).
-pub fn equal(a: Option<&Value>, b: Option<&Value>) -> bool {
+pub(crate) fn equal(a: Option<&Value>, b: Option<&Value>) -> bool {
     match (a, b) {
         (None, None) => true,
         (Some(a), Some(b)) => a == b || canon(a) == canon(b),
@@ -98,7 +98,7 @@ pub(crate) fn is_json_number(s: &str) -> bool {
 /// `YYYY-MM-DD[T ]HH:MM:SS[.f…][offset]` → with an offset, the UTC instant as
 /// `YYYY-MM-DDTHH:MM:SS[.f]Z`; without one, the same shape without `Z`. The fraction keeps up
 /// to nanoseconds, without trailing zeros. `None` when `s` is not such a timestamp.
-pub fn normalise_timestamp(s: &str) -> Option<String> {
+pub(crate) fn normalise_timestamp(s: &str) -> Option<String> {
     let b = s.as_bytes();
     if b.len() < 19 || !matches!(b[10], b'T' | b't' | b' ') {
         return None;

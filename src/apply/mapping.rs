@@ -118,7 +118,7 @@ fn missing(what: &str, name: &Ident, schema: &TableSchema) -> ApplyError {
 }
 
 impl Plan {
-    pub fn new(
+    pub(crate) fn new(
         dialect: Dialect,
         schema: Arc<TableSchema>,
         config: Arc<TableConfig>,
@@ -256,7 +256,7 @@ impl Plan {
     }
 
     /// De-duplicates (last version per key wins), validates and converts a batch.
-    pub fn prepare(&self, muts: &[Mutation]) -> Result<Batch, ApplyError> {
+    pub(crate) fn prepare(&self, muts: &[Mutation]) -> Result<Batch, ApplyError> {
         let mut latest = last_version_per_key(muts);
         if self.conditional.is_some() {
             // Conditional statements lock the rows they lose on; a stable order keeps two
@@ -314,7 +314,7 @@ impl Plan {
     }
 
     /// Converts rows chosen by a merge function for an unconditional upsert.
-    pub fn prepare_rows(&self, rows: &[Row]) -> Result<Vec<Chunk>, ApplyError> {
+    pub(crate) fn prepare_rows(&self, rows: &[Row]) -> Result<Vec<Chunk>, ApplyError> {
         let mut upserts = Builder::new(&self.upsert_params, self.row_limit);
         let mut present = Vec::with_capacity(self.slots.len());
         let texts: Vec<String> = rows
@@ -380,7 +380,7 @@ impl Plan {
 
     /// The read parameters locating the target row of a mutation (an upsert's key columns
     /// from its payload, a delete's from its key).
-    pub fn read_key(&self, m: &Mutation) -> Result<Vec<Option<String>>, ApplyError> {
+    pub(crate) fn read_key(&self, m: &Mutation) -> Result<Vec<Option<String>>, ApplyError> {
         let Some(cond) = &self.conditional else {
             return Ok(Vec::new());
         };
@@ -418,7 +418,7 @@ impl Plan {
 
     /// A payload or `before` image as a merge function sees it: property names spelled as the
     /// columns they fill, generated and ignored properties left out.
-    pub fn image(&self, json: &str) -> Result<Row, ApplyError> {
+    pub(crate) fn image(&self, json: &str) -> Result<Row, ApplyError> {
         let obj: Row = serde_json::from_str(json).map_err(|e| ApplyError::Payload {
             table: self.table(),
             detail: format!("invalid row image: {}", json_error(&e)),
@@ -439,7 +439,7 @@ impl Plan {
     }
 
     /// The written primary-key columns, as images spell them.
-    pub fn primary_key(&self) -> Vec<String> {
+    pub(crate) fn primary_key(&self) -> Vec<String> {
         self.slots
             .iter()
             .filter(|s| s.required)
@@ -449,7 +449,7 @@ impl Plan {
 
     /// A target row read by [`Conditional::read_sql`] as a merge function sees it: JSON as the
     /// changefeed would send it, the extras column spread into its properties.
-    pub fn target_image(&self, texts: Vec<Option<String>>) -> Result<Row, ApplyError> {
+    pub(crate) fn target_image(&self, texts: Vec<Option<String>>) -> Result<Row, ApplyError> {
         let mut out = Row::new();
         for (i, (slot, text)) in self.slots.iter().zip(texts).enumerate() {
             let v: Value = match text {
@@ -646,7 +646,7 @@ impl Conditional {
         })
     }
 
-    pub fn read_params(&self) -> &[Param] {
+    pub(crate) fn read_params(&self) -> &[Param] {
         &self.read_params
     }
 

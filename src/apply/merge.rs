@@ -87,9 +87,3 @@ impl fmt::Debug for MergeFn {
         f.write_str("MergeFn(..)")
     }
 }
-
-/// Whether two property values are the same datum under the standard merge's canonical
-/// equality (`None` is an absent property; `1` equals `"1"`, timestamps compare as instants).
-pub fn canonical_eq(a: Option<&Value>, b: Option<&Value>) -> bool {
-    super::canonical::equal(a, b)
-}

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 /// The element type of an array parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Param {
+pub(crate) enum Param {
     /// Values as text, cast in SQL.
     Text,
     /// Presence flags selecting a column's DEFAULT.
@@ -22,7 +22,7 @@ pub enum Param {
 
 /// One target column as a statement writes (or matches) it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ColumnSql {
+pub(super) struct ColumnSql {
     pub name: Ident,
     pub data_type: String,
     /// Configured replacement expression (`$0` = the incoming value).
@@ -34,7 +34,7 @@ pub struct ColumnSql {
 }
 
 /// The table name as each dialect resolves it (PostgreSQL only sees the connected database).
-pub fn table_name(dialect: Dialect, table: &Table) -> String {
+pub(super) fn table_name(dialect: Dialect, table: &Table) -> String {
     match dialect {
         Dialect::Postgres => table.quoted_in_db(),
         Dialect::Cockroach => table.quoted(),
@@ -135,7 +135,7 @@ fn name_list<'a>(names: impl IntoIterator<Item = &'a Ident>) -> String {
 
 /// Inserts or replaces rows. `pk` is the whole primary key (the conflict target); `cols` the
 /// written columns, PK columns first.
-pub fn upsert(
+pub(super) fn upsert(
     dialect: Dialect,
     table: &Table,
     pk: &[Ident],
@@ -169,7 +169,12 @@ pub fn upsert(
 }
 
 /// Deletes rows by primary key; `pk` lists every PK column (generated ones too).
-pub fn delete(dialect: Dialect, table: &Table, pk: &[ColumnSql], params: &[Param]) -> String {
+pub(super) fn delete(
+    dialect: Dialect,
+    table: &Table,
+    pk: &[ColumnSql],
+    params: &[Param],
+) -> String {
     format!(
         "DELETE FROM {} WHERE ({}) IN ({})",
         table_name(dialect, table),
@@ -233,7 +238,7 @@ fn interval(d: Duration) -> String {
 
 /// What a conditional upsert checks before writing a row.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Conditions {
+pub(super) struct Conditions {
     /// Compare-and-set columns, in tuple order.
     pub cas: Vec<Ident>,
     /// Columns that must be newer than now minus the duration, sorted by name.
@@ -248,7 +253,7 @@ pub struct Conditions {
 ///
 /// Returns the 1-based position (`i`) of each row that was not written, and whether it is a
 /// conflict (it has a target row); expired rows without a target row vanish silently.
-pub fn conditional_upsert(
+pub(super) fn conditional_upsert(
     dialect: Dialect,
     table: &Table,
     pk: &[Ident],
@@ -340,7 +345,7 @@ pub fn conditional_upsert(
 /// Reads the current rows for keys `key` (1-based positions `i` of the keys sent), locking
 /// them for the rest of the transaction. Each row comes back as one array of `to_jsonb` texts,
 /// in the order of `read`; `ARRAY[…]` has no argument limit, unlike `jsonb_build_array`.
-pub fn read_locked(
+pub(super) fn read_locked(
     dialect: Dialect,
     table: &Table,
     key: &[ColumnSql],
@@ -370,7 +375,7 @@ pub fn read_locked(
 /// delete's `before` image (DESIGN §3.7). `cas` are the CAS columns with their parameters
 /// (the `before` values). Returns the 1-based position of each delete that removed nothing, and
 /// whether it is a conflict: a target row newer than `before` (or a NULL comparison) refused it.
-pub fn guarded_delete(
+pub(super) fn guarded_delete(
     dialect: Dialect,
     table: &Table,
     key: &[ColumnSql],
@@ -398,7 +403,7 @@ pub fn guarded_delete(
 }
 
 /// The columns a dead-letter table must have, in the order errors list them.
-pub const DLQ_COLUMNS: [&str; 5] = [
+pub(super) const DLQ_COLUMNS: [&str; 5] = [
     "dlq_name",
     "source_nanos",
     "source_logical",
@@ -409,11 +414,11 @@ pub const DLQ_COLUMNS: [&str; 5] = [
 /// The optional column naming the table a dead-letter row came from (in the queue's schema,
 /// lower-cased). Tables created before it existed, or by hand from the reference's DDL, lack
 /// it and keep working without it.
-pub const DLQ_SOURCE_TABLE: &str = "source_table";
+pub(super) const DLQ_SOURCE_TABLE: &str = "source_table";
 
 /// Writes dead-letter rows from five text arrays (name, nanos, logical, after, before) and,
 /// when `source_table`, a sixth with the table each came from.
-pub fn dlq_insert(dialect: Dialect, table: &Table, source_table: bool) -> String {
+pub(super) fn dlq_insert(dialect: Dialect, table: &Table, source_table: bool) -> String {
     let (col, val, arr, alias) = if source_table {
         (", \"source_table\"", ", d.p6", ", $6::TEXT[]", ", p6")
     } else {
@@ -429,7 +434,7 @@ pub fn dlq_insert(dialect: Dialect, table: &Table, source_table: bool) -> String
 
 /// The dead-letter table. `uuid` is false on PostgreSQL before 13, which has no built-in
 /// `gen_random_uuid()`.
-pub fn dlq_create(dialect: Dialect, table: &Table, uuid: bool) -> String {
+pub(super) fn dlq_create(dialect: Dialect, table: &Table, uuid: bool) -> String {
     let event = if uuid {
         "event UUID NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY"
     } else {
@@ -455,7 +460,7 @@ fn catalog_prefix(dialect: Dialect, schema: &Schema, catalog: &str) -> String {
 /// position, type parts, default and generation. Rows:
 /// `(catalog, schema, table, column, pk_position, data_type, udt_catalog, udt_schema, udt_name,
 /// collation, default, is_generated)`.
-pub fn columns_query(dialect: Dialect, schema: &Schema) -> String {
+pub(super) fn columns_query(dialect: Dialect, schema: &Schema) -> String {
     let is = catalog_prefix(dialect, schema, "information_schema");
     format!(
         "SELECT t.table_catalog::TEXT, t.table_schema::TEXT, t.table_name::TEXT, c.column_name::TEXT, \
@@ -478,7 +483,7 @@ pub fn columns_query(dialect: Dialect, schema: &Schema) -> String {
 /// Foreign keys between tables of schema `$1`: rows `(child, parent)`. Read from pg_catalog
 /// because constraint names are only unique per table, which makes the information_schema
 /// joins ambiguous.
-pub fn foreign_keys_query(dialect: Dialect, schema: &Schema) -> String {
+pub(super) fn foreign_keys_query(dialect: Dialect, schema: &Schema) -> String {
     let pg = catalog_prefix(dialect, schema, "pg_catalog");
     format!(
         "SELECT c.relname::TEXT, p.relname::TEXT FROM {pg}.pg_constraint AS k \

@@ -71,7 +71,7 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub(super) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let statements = args.statements;
     let cluster = tokio::task::spawn_blocking(move || {
         Cluster::start_with(ClusterOptions {

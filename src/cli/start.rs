@@ -5,7 +5,7 @@ use clap::CommandFactory;
 
 /// Runs a sink until SIGINT or SIGTERM. `argv` is the whole command line: the userscript's
 /// `setOptions` are applied by parsing it again with them appended.
-pub async fn start(argv: Vec<String>) -> anyhow::Result<()> {
+pub(super) async fn start(argv: Vec<String>) -> anyhow::Result<()> {
     let prepared = crate::sink::prepare_with(argv, super::Cli::command())?;
     crate::sink::launch(prepared).await?.wait().await?;
     Ok(())
@@ -22,7 +22,7 @@ pub struct PreflightArgs {
     pub rest: Vec<String>,
 }
 
-pub async fn preflight(args: PreflightArgs) -> anyhow::Result<()> {
+pub(super) async fn preflight(args: PreflightArgs) -> anyhow::Result<()> {
     let settings = crate::target::PoolSettings {
         max_connections: 2,
         max_lifetime: std::time::Duration::from_secs(60),

@@ -96,13 +96,6 @@ pub struct TableOptions {
     pub apply: bool,
 }
 
-impl TableOptions {
-    /// Whether rows of this table need a JS call at apply time (merge conflicts aside).
-    pub fn runs_js_per_row(&self) -> bool {
-        self.map || self.delete_key || self.apply
-    }
-}
-
 /// Everything the top level configured.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Captured {

@@ -28,17 +28,17 @@ const MAX_DEPTH: usize = 64;
 
 /// What the conversions need to know about a target table.
 #[derive(Clone, Debug, Default)]
-pub struct TableKeys {
+pub(super) struct TableKeys {
     /// Primary-key column names in key order, as spelled in the catalog.
     pub pk: Vec<String>,
     /// Lower-cased names of numeric columns.
     pub numeric: HashSet<String>,
 }
 
-pub type Keymap = HashMap<Table, TableKeys>;
+pub(super) type Keymap = HashMap<Table, TableKeys>;
 
 /// Per-table keys and numeric columns of a schema.
-pub fn keymap(info: &SchemaInfo) -> Keymap {
+pub(super) fn keymap(info: &SchemaInfo) -> Keymap {
     info.tables
         .iter()
         .map(|(t, ts)| {
@@ -57,7 +57,7 @@ pub fn keymap(info: &SchemaInfo) -> Keymap {
 }
 
 /// Whether a column type takes JSON numbers.
-pub fn is_numeric_type(data_type: &str) -> bool {
+pub(super) fn is_numeric_type(data_type: &str) -> bool {
     let base = data_type
         .split(['(', ' '])
         .next()
@@ -90,7 +90,7 @@ pub fn is_numeric_type(data_type: &str) -> bool {
 
 /// Interned property names (documents of one table repeat the same keys) and schema names.
 #[derive(Default)]
-pub struct KeyCache {
+pub(super) struct KeyCache {
     names: HashMap<String, JsString>,
     schemas: HashMap<crate::ident::Schema, JsString>,
     /// The keys of the last document by position: the next one most likely has the same.
@@ -103,7 +103,7 @@ pub struct KeyCache {
 }
 
 impl KeyCache {
-    pub fn get(&mut self, k: &str) -> JsString {
+    pub(super) fn get(&mut self, k: &str) -> JsString {
         if let Some(s) = self.names.get(k) {
             return s.clone();
         }
@@ -169,7 +169,7 @@ impl KeyCache {
     }
 
     /// `db.schema` as text.
-    pub fn schema(&mut self, schema: &crate::ident::Schema) -> JsString {
+    pub(super) fn schema(&mut self, schema: &crate::ident::Schema) -> JsString {
         if let Some(s) = self.schemas.get(schema) {
             return s.clone();
         }
@@ -185,7 +185,7 @@ impl KeyCache {
 /// objects made here share their shape with every object that gets the same keys in the same
 /// order (as object literals do), so building a document allocates no hash table and property
 /// reads in the script hit the engine's inline caches.
-pub fn new_object(ctx: &Context) -> JsObject {
+pub(super) fn new_object(ctx: &Context) -> JsObject {
     JsObject::new(
         ctx.root_shape(),
         ctx.intrinsics().constructors().object().prototype(),
@@ -208,7 +208,7 @@ fn put(obj: &JsObject, key: impl Into<PropertyKey>, value: impl Into<JsValue>) {
 }
 
 /// JSON to JS; numbers become their decimal text.
-pub fn to_js(v: &Value, ctx: &mut Context, keys: &mut KeyCache) -> JsResult<JsValue> {
+pub(super) fn to_js(v: &Value, ctx: &mut Context, keys: &mut KeyCache) -> JsResult<JsValue> {
     Ok(match v {
         Value::Null => JsValue::null(),
         Value::Bool(b) => JsValue::from(*b),
@@ -225,7 +225,7 @@ pub fn to_js(v: &Value, ctx: &mut Context, keys: &mut KeyCache) -> JsResult<JsVa
     })
 }
 
-pub fn object_to_js(
+pub(super) fn object_to_js(
     m: &Map<String, Value>,
     ctx: &mut Context,
     keys: &mut KeyCache,
@@ -242,7 +242,7 @@ pub fn object_to_js(
 /// it back untouched: then its original JSON text is reused, which saves most of the cost of
 /// the way back. One is reused from document to document.
 #[derive(Default)]
-pub struct Created {
+pub(super) struct Created {
     /// The object's shape once made: shared shapes are immutable, so an object that still has
     /// this one has the same keys, in the same order, with the same attributes. Holding it keeps
     /// its address from being reused.
@@ -379,7 +379,7 @@ fn invalid(e: serde_json::Error) -> JsError {
 
 /// A raw JSON object text to a JS object, properties in document order, straight from the
 /// text. `created` tells afterwards whether (and as what) a flat document was made.
-pub fn doc_to_js(
+pub(super) fn doc_to_js(
     raw: &str,
     ctx: &mut Context,
     keys: &mut KeyCache,
@@ -418,12 +418,12 @@ pub fn doc_to_js(
 }
 
 /// The input document as hints for converting a result back (see [`from_js`]).
-pub fn hints(raw: &str) -> JsResult<Map<String, Value>> {
+pub(super) fn hints(raw: &str) -> JsResult<Map<String, Value>> {
     serde_json::from_str(raw).map_err(invalid)
 }
 
 /// Whether `obj` still has exactly the properties it was created with, in the same order.
-pub fn unmodified(obj: &JsObject, created: &Created) -> bool {
+pub(super) fn unmodified(obj: &JsObject, created: &Created) -> bool {
     let Some(made) = &created.shape else {
         return false;
     };
@@ -455,7 +455,7 @@ pub fn unmodified(obj: &JsObject, created: &Created) -> bool {
 
 /// The own property keys of `obj`; for a plain object (what scripts return) read from its
 /// shape, without the engine's generic path.
-pub fn own_keys(obj: &JsObject, ctx: &mut Context) -> JsResult<Vec<PropertyKey>> {
+pub(super) fn own_keys(obj: &JsObject, ctx: &mut Context) -> JsResult<Vec<PropertyKey>> {
     if obj.is_ordinary() {
         let o = obj.borrow();
         if o.properties().index_property_keys().next().is_none() {
@@ -466,7 +466,7 @@ pub fn own_keys(obj: &JsObject, ctx: &mut Context) -> JsResult<Vec<PropertyKey>>
 }
 
 /// `obj[key]`; an own data property of a plain object or array is read directly.
-pub fn get(obj: &JsObject, key: &PropertyKey, ctx: &mut Context) -> JsResult<JsValue> {
+pub(super) fn get(obj: &JsObject, key: &PropertyKey, ctx: &mut Context) -> JsResult<JsValue> {
     if obj.is_ordinary() || obj.is_array() {
         let own = obj
             .borrow()
@@ -481,7 +481,7 @@ pub fn get(obj: &JsObject, key: &PropertyKey, ctx: &mut Context) -> JsResult<JsV
 }
 
 /// The elements of an array (or the value itself when it is not one).
-pub fn elements(v: JsValue, ctx: &mut Context) -> JsResult<Vec<JsValue>> {
+pub(super) fn elements(v: JsValue, ctx: &mut Context) -> JsResult<Vec<JsValue>> {
     let Some(a) = v.as_object().filter(|a| a.is_array()) else {
         return Ok(vec![v]);
     };
@@ -501,7 +501,7 @@ fn number_text(n: f64) -> Option<Number> {
 }
 
 /// JS to JSON. `hint` is the input value at the same place, if any.
-pub fn from_js(
+pub(super) fn from_js(
     v: &JsValue,
     hint: Option<&Value>,
     ctx: &mut Context,
@@ -581,7 +581,7 @@ pub fn from_js(
 /// The own string-keyed properties of `obj` (non-enumerable ones too: the engine offers no
 /// cheap test, and plain documents have none). `numeric(name)` says whether a
 /// top-level property is a numeric column.
-pub fn object_from_js(
+pub(super) fn object_from_js(
     obj: &JsObject,
     hints: Option<&Map<String, Value>>,
     numeric: &dyn Fn(&str) -> bool,
@@ -614,7 +614,7 @@ pub fn object_from_js(
 }
 
 /// A document returned by the script, for `table`: plain object required.
-pub fn doc_from_js(
+pub(super) fn doc_from_js(
     v: &JsValue,
     hints: Option<&Map<String, Value>>,
     keys: Option<&TableKeys>,
@@ -630,7 +630,7 @@ pub fn doc_from_js(
 }
 
 /// Looks a column up in a document: exact spelling first, then ignoring case.
-pub fn column<'a>(doc: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+pub(super) fn column<'a>(doc: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     doc.get(name).or_else(|| {
         doc.iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -640,7 +640,7 @@ pub fn column<'a>(doc: &'a Map<String, Value>, name: &str) -> Option<&'a Value> 
 
 /// The key of `doc` (a JSON array text) from the table's primary-key columns; the name of the
 /// first missing one otherwise.
-pub fn key_of(doc: &Map<String, Value>, keys: &TableKeys) -> Result<String, String> {
+pub(super) fn key_of(doc: &Map<String, Value>, keys: &TableKeys) -> Result<String, String> {
     let mut vals = Vec::with_capacity(keys.pk.len());
     for c in &keys.pk {
         match column(doc, c) {
@@ -654,7 +654,7 @@ pub fn key_of(doc: &Map<String, Value>, keys: &TableKeys) -> Result<String, Stri
 /// `meta` for one row, made for it alone: table, schema, HLC (`nanos`, `logical`, and the exact
 /// `updated` text) and, when known, the source name set to true. Merges and `apply` ops keep
 /// theirs; row callbacks get a [`shared_meta`].
-pub fn meta(
+pub(super) fn meta(
     table: &Table,
     time: Hlc,
     source: Option<&str>,
@@ -681,7 +681,7 @@ thread_local! {
 }
 
 /// Sets the row that the getters of a [`shared_meta`] describe.
-pub fn set_row_time(time: Hlc) {
+pub(super) fn set_row_time(time: Hlc) {
     ROW_TIME.with(|t| t.set(time));
 }
 
@@ -698,10 +698,10 @@ fn row_updated(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue>
 }
 
 /// The getters of a shared meta, made once per Context.
-pub struct RowGetters([JsFunction; 3]);
+pub(super) struct RowGetters([JsFunction; 3]);
 
 impl RowGetters {
-    pub fn new(ctx: &mut Context) -> RowGetters {
+    pub(super) fn new(ctx: &mut Context) -> RowGetters {
         let make = |f: NativeFunctionPointer, name: &str| {
             FunctionObjectBuilder::new(ctx.realm(), NativeFunction::from_fn_ptr(f))
                 .name(JsString::from(name))
@@ -721,7 +721,7 @@ impl RowGetters {
 /// runs ([`set_row_time`]). Making a `meta` per row cost about a fifth of a dispatch; the
 /// price is that a script which keeps `meta` past its callback sees later rows' times there
 /// (`{...meta}` keeps a copy).
-pub fn shared_meta(
+pub(super) fn shared_meta(
     (name, schema): (JsString, JsString),
     source: Option<&str>,
     getters: &RowGetters,
@@ -778,7 +778,7 @@ fn hlc_text(time: Hlc) -> JsString {
 }
 
 /// An error for a bad value returned by the script, as a JS TypeError.
-pub fn type_error(msg: impl Into<String>) -> JsError {
+pub(super) fn type_error(msg: impl Into<String>) -> JsError {
     JsNativeError::typ().with_message(msg.into()).into()
 }
 

@@ -124,7 +124,7 @@ impl Hints<'_> {
 }
 
 /// One Context with the script loaded.
-pub struct Engine {
+pub(super) struct Engine {
     ctx: Context,
     jobs: Rc<Jobs>,
     sources: Arc<Sources>,
@@ -141,7 +141,7 @@ pub struct Engine {
 pub(super) type Reply<T> = tokio::sync::oneshot::Sender<Result<T, ScriptError>>;
 
 /// Work for an engine thread.
-pub enum Work {
+pub(super) enum Work {
     Dispatch {
         source: String,
         schema: Schema,
@@ -177,7 +177,7 @@ pub enum Work {
 
 impl Engine {
     /// A fresh Context that has run the script's top level.
-    pub fn start(
+    pub(super) fn start(
         sources: Arc<Sources>,
         known_flags: Vec<String>,
         quiet: bool,
@@ -253,7 +253,7 @@ impl Engine {
         })
     }
 
-    pub fn captured(&self) -> &Captured {
+    pub(super) fn captured(&self) -> &Captured {
         &self.captured
     }
 
@@ -263,7 +263,7 @@ impl Engine {
 
     /// Runs one piece of work; `finished` is called just before its answer is sent, so what
     /// the worker records about the job is in place when the caller sees the answer.
-    pub fn run(&mut self, work: Work, deadline: Instant, finished: &mut dyn FnMut()) {
+    pub(super) fn run(&mut self, work: Work, deadline: Instant, finished: &mut dyn FnMut()) {
         // What `replicationKey` knows while the work's callbacks run.
         let scope = |schema: &Schema, keymap: Arc<Keymap>| {
             with_state(|s| {
@@ -363,7 +363,7 @@ impl Engine {
         Ok(o)
     }
 
-    pub fn dispatch(
+    pub(super) fn dispatch(
         &mut self,
         source: &str,
         schema: &Schema,
@@ -568,7 +568,7 @@ impl Engine {
         Ok(())
     }
 
-    pub fn map(
+    pub(super) fn map(
         &mut self,
         table: &Table,
         muts: Vec<Mutation>,
@@ -661,7 +661,7 @@ impl Engine {
         }
     }
 
-    pub fn merge(
+    pub(super) fn merge(
         &mut self,
         table: &Table,
         fallback: bool,

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The names the host module exports.
-pub const EXPORTS: [&str; 7] = [
+pub(super) const EXPORTS: [&str; 7] = [
     "configureSource",
     "configureTable",
     "getTX",
@@ -30,14 +30,14 @@ pub const EXPORTS: [&str; 7] = [
 
 /// JS functions a source registered.
 #[derive(Default, Clone)]
-pub struct SourceFns {
+pub(super) struct SourceFns {
     pub dispatch: Option<JsObject>,
     pub deletes_to: Option<JsObject>,
 }
 
 /// JS functions a table registered.
 #[derive(Default, Clone)]
-pub struct TableFns {
+pub(super) struct TableFns {
     pub map: Option<JsObject>,
     pub delete_key: Option<JsObject>,
     pub merge: Option<JsObject>,
@@ -47,14 +47,14 @@ pub struct TableFns {
 
 /// The tables `replicationKey` can name while a batch's callbacks run.
 #[derive(Clone)]
-pub struct KeyScope {
+pub(super) struct KeyScope {
     /// Where bare table names resolve.
     pub schema: Schema,
     pub keymap: Arc<Keymap>,
 }
 
 #[derive(Default)]
-pub struct State {
+pub(super) struct State {
     /// The script's file name, for logs.
     pub script: String,
     pub known_flags: Vec<String>,
@@ -75,12 +75,12 @@ thread_local! {
     pub static STATE: RefCell<State> = RefCell::new(State::default());
 }
 
-pub fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
+pub(super) fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
     STATE.with(|s| f(&mut s.borrow_mut()))
 }
 
 /// The functions registered for `t` (most specific name).
-pub fn table_fns(t: &Table) -> Option<TableFns> {
+pub(super) fn table_fns(t: &Table) -> Option<TableFns> {
     with_state(|s| {
         s.tables
             .iter()
@@ -90,7 +90,7 @@ pub fn table_fns(t: &Table) -> Option<TableFns> {
     })
 }
 
-pub fn source_fns(name: &str) -> Option<SourceFns> {
+pub(super) fn source_fns(name: &str) -> Option<SourceFns> {
     with_state(|s| s.sources.get(&name.to_lowercase()).cloned())
 }
 
@@ -398,7 +398,7 @@ fn set_options(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsV
 }
 
 /// A key array from JS, as JSON array text; `hint` is the original key.
-pub fn key_from_js(
+pub(super) fn key_from_js(
     v: &JsValue,
     hint: Option<&Value>,
     keys: &TableKeys,
@@ -466,7 +466,7 @@ console_fn!(console_warn, WARN);
 console_fn!(console_error, ERROR);
 
 /// Installs `console` and the Date prelude in a fresh Context.
-pub fn install_globals(ctx: &mut Context) -> JsResult<()> {
+pub(super) fn install_globals(ctx: &mut Context) -> JsResult<()> {
     let console = ObjectInitializer::new(ctx)
         .function(
             NativeFunction::from_fn_ptr(console_info),
@@ -527,7 +527,7 @@ const DATE_PRELUDE: &str = r#"(() => {
 })();"#;
 
 /// The host module: one instance per Context, shared by both module names.
-pub fn host_module(ctx: &mut Context) -> Module {
+pub(super) fn host_module(ctx: &mut Context) -> Module {
     let fns = ObjectInitializer::new(ctx)
         .function(
             NativeFunction::from_fn_ptr(configure_source),

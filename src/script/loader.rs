@@ -16,7 +16,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// The script's files, transpiled once per process and shared by all workers.
-pub struct Sources {
+pub(super) struct Sources {
     /// Canonical directory of the main script; imports may not leave it.
     pub dir: PathBuf,
     pub main: PathBuf,
@@ -26,7 +26,7 @@ pub struct Sources {
 }
 
 impl Sources {
-    pub fn new(path: &Path) -> Result<Sources, ScriptError> {
+    pub(super) fn new(path: &Path) -> Result<Sources, ScriptError> {
         let main = path.canonicalize().map_err(|e| ScriptError::Read {
             file: path.display().to_string(),
             error: e.to_string(),

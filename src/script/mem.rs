@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 /// The counters of one engine thread; leaked, so the allocator and the watchdog can hold them
 /// without reference counts (a few dozen bytes per engine thread ever started).
 #[derive(Debug, Default)]
-pub struct ThreadMem {
+pub(super) struct ThreadMem {
     /// Bytes allocated minus bytes freed on the thread since it started counting.
     pub live: AtomicI64,
 }
@@ -25,14 +25,14 @@ thread_local! {
 }
 
 /// Starts counting the calling thread's allocations.
-pub fn track_this_thread() -> &'static ThreadMem {
+pub(super) fn track_this_thread() -> &'static ThreadMem {
     let mem: &'static ThreadMem = Box::leak(Box::default());
     TRACKED.with(|t| t.set(Some(mem)));
     mem
 }
 
 /// Stops counting the calling thread's allocations.
-pub fn untrack_this_thread() {
+pub(super) fn untrack_this_thread() {
     let _ = TRACKED.try_with(|t| t.set(None));
 }
 
@@ -47,7 +47,7 @@ fn count(delta: i64) {
 }
 
 /// The system allocator, counting engine threads' bytes.
-pub struct Counting;
+pub(super) struct Counting;
 
 // SAFETY: every call is forwarded unchanged to `System`; the counting touches no memory the
 // caller owns.

@@ -5,7 +5,7 @@ use crate::apply::merge::{Conflict, MergeError, MergeFn, Merger, Resolution};
 use futures::future::BoxFuture;
 
 /// A table's `merge` function, or the fallback of its `standardMerge`.
-pub struct JsMerger {
+pub(super) struct JsMerger {
     pub script: Userscript,
     pub fallback: bool,
 }
@@ -28,6 +28,6 @@ impl Merger for JsMerger {
 
 /// `standardMerge(fallback)`: the native three-way merge, calling back into the script only
 /// for what it cannot reconcile.
-pub fn standard(fallback: Option<MergeFn>) -> MergeFn {
+pub(super) fn standard(fallback: Option<MergeFn>) -> MergeFn {
     crate::apply::standard::merge(fallback)
 }

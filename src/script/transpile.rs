@@ -12,7 +12,7 @@ use std::path::Path;
 
 /// One source file made runnable.
 #[derive(Debug, Clone)]
-pub struct Compiled {
+pub(super) struct Compiled {
     pub js: String,
     /// `(js line, js column, source line, source column)`, all 0-based, sorted by js position.
     /// Empty when the JavaScript is the source text itself.
@@ -21,7 +21,7 @@ pub struct Compiled {
 
 impl Compiled {
     /// The 1-based source position of a 1-based position in the generated JavaScript.
-    pub fn source_position(&self, line: u32, column: u32) -> (u32, u32) {
+    pub(super) fn source_position(&self, line: u32, column: u32) -> (u32, u32) {
         if self.map.is_empty() || line == 0 {
             return (line, column);
         }
@@ -43,7 +43,7 @@ impl Compiled {
 }
 
 /// 1-based line and column of a byte offset.
-pub fn line_col(text: &str, offset: usize) -> (u32, u32) {
+pub(super) fn line_col(text: &str, offset: usize) -> (u32, u32) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() as u32 + 1;
@@ -63,7 +63,7 @@ fn is_typescript(path: &Path) -> bool {
 
 /// Parses `text` (the contents of `path`) and, for TypeScript, strips the types. JavaScript is
 /// only checked, so its positions need no mapping.
-pub fn compile(path: &Path, text: &str) -> Result<Compiled, ScriptError> {
+pub(super) fn compile(path: &Path, text: &str) -> Result<Compiled, ScriptError> {
     let allocator = Allocator::default();
     let ts = is_typescript(path);
     let source_type = if ts {

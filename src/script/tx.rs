@@ -31,9 +31,9 @@ use std::sync::{Mutex, PoisonError};
 
 /// A statement parameter: its text, or NULL. The server converts the text to the parameter's
 /// type, so scripts can pass the exact decimal strings they received.
-pub type Param = Option<String>;
+pub(super) type Param = Option<String>;
 
-pub enum HostCall {
+pub(super) enum HostCall {
     Apply {
         id: u64,
         reply: flume::Sender<HostReply>,
@@ -55,7 +55,7 @@ pub enum HostCall {
 
 /// One value of a query result row.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Cell {
+pub(super) enum Cell {
     Null,
     Bool(bool),
     /// Every other type as its text, numbers included (exact).
@@ -63,13 +63,13 @@ pub enum Cell {
     Json(serde_json::Value),
 }
 
-pub enum Answer {
+pub(super) enum Answer {
     /// Rows written or affected.
     Done(u64),
     Rows(Vec<Vec<Cell>>),
 }
 
-pub struct HostReply {
+pub(super) struct HostReply {
     pub id: u64,
     /// The error text is the script's to see; it is not logged here.
     pub result: Result<Answer, String>,
@@ -80,7 +80,7 @@ pub struct HostReply {
 
 /// One column as `getTX().columns()` shows it.
 #[derive(Clone, Debug)]
-pub struct ColumnInfo {
+pub(super) struct ColumnInfo {
     pub name: String,
     pub data_type: String,
     pub primary: bool,
@@ -89,7 +89,7 @@ pub struct ColumnInfo {
 }
 
 /// The target transaction of the running `apply` callback.
-pub struct TxScope {
+pub(super) struct TxScope {
     pub table: Table,
     pub keys: TableKeys,
     pub columns: Vec<ColumnInfo>,
@@ -263,7 +263,7 @@ fn tx_table(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue> {
 }
 
 /// JS values of a query result row.
-pub fn cell_to_js(c: &Cell, ctx: &mut Context) -> JsResult<JsValue> {
+pub(super) fn cell_to_js(c: &Cell, ctx: &mut Context) -> JsResult<JsValue> {
     Ok(match c {
         Cell::Null => JsValue::null(),
         Cell::Bool(b) => JsValue::from(*b),
@@ -276,7 +276,7 @@ pub fn cell_to_js(c: &Cell, ctx: &mut Context) -> JsResult<JsValue> {
 }
 
 /// Settles the promise of host call `id`.
-pub fn settle(reply: HostReply, ctx: &mut Context) -> JsResult<()> {
+pub(super) fn settle(reply: HostReply, ctx: &mut Context) -> JsResult<()> {
     let Some(resolvers) = with_state(|s| s.tx.as_mut().and_then(|t| t.pending.remove(&reply.id)))
     else {
         return Ok(());
@@ -310,7 +310,7 @@ pub fn settle(reply: HostReply, ctx: &mut Context) -> JsResult<()> {
 }
 
 /// `ApplyOp[]` back to mutations of `table`. Ops that came from the batch keep their time.
-pub fn ops_to_mutations(
+pub(super) fn ops_to_mutations(
     ops: &JsValue,
     table: &Table,
     keys: &TableKeys,
@@ -763,7 +763,7 @@ async fn query(
 
 /// Runs one call on `conn` and answers it. Boxed: the caller's future must stay `Send`, which
 /// the compiler cannot prove through sqlx's executor bounds otherwise.
-pub fn serve<'a>(
+pub(super) fn serve<'a>(
     call: HostCall,
     conn: &'a mut PgConnection,
     applier: &'a Applier,

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 const STACK_BYTES: usize = 16 << 20;
 
 /// A queued piece of work.
-pub struct Job {
+pub(super) struct Job {
     pub work: Work,
     /// The schema the work belongs to: a worker stuck on it makes further work of that schema
     /// fail at once.
@@ -39,7 +39,7 @@ pub struct Job {
 
 /// Bounds on what a runaway script may cost.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub(super) struct Limits {
     /// Bytes an engine thread's heap may reach: past it between jobs the worker is replaced,
     /// and growing by more within one job aborts the process. 0 disables both.
     pub memory_budget: u64,
@@ -54,7 +54,7 @@ pub struct Limits {
 
 /// The default of [`Limits::on_abort`]: staging is durable and a supervisor restarts the
 /// process, so ending it is the one way to stop engine work that cannot be interrupted.
-pub fn abort_process(_reason: &str) {
+pub(super) fn abort_process(_reason: &str) {
     std::process::abort();
 }
 
@@ -86,7 +86,7 @@ struct Registry {
 }
 
 /// What the workers share.
-pub struct Shared {
+pub(super) struct Shared {
     pub sources: Arc<Sources>,
     pub known_flags: Vec<String>,
     pub jobs: flume::Receiver<Job>,
@@ -103,7 +103,7 @@ const WATCH_EVERY: Duration = Duration::from_millis(50);
 
 impl Shared {
     /// The shared state, and its watchdog thread (which ends with the last reference).
-    pub fn new(
+    pub(super) fn new(
         sources: Arc<Sources>,
         known_flags: Vec<String>,
         jobs: flume::Receiver<Job>,
@@ -134,7 +134,7 @@ impl Shared {
     }
 
     /// Starts a worker; the receiver answers once its top level ran.
-    pub fn spawn(
+    pub(super) fn spawn(
         self: &Arc<Self>,
         quiet: bool,
     ) -> std::sync::mpsc::Receiver<Result<Captured, ScriptError>> {
@@ -154,7 +154,7 @@ impl Shared {
     }
 
     /// Gives up on worker `id` (crashed or too big) and starts another in its place.
-    pub fn replace(self: &Arc<Self>, id: usize, why: &str) {
+    pub(super) fn replace(self: &Arc<Self>, id: usize, why: &str) {
         let removed = self.registry().workers.remove(&id);
         if let Some(lost) = removed {
             lost.store(true, Ordering::SeqCst);
@@ -178,7 +178,7 @@ impl Shared {
     /// The caller of the job `taken` stopped waiting for it. A worker still running it is
     /// abandoned: boa cannot interrupt it, so it runs on (marked stuck) while a fresh worker
     /// takes its place. Past `max_stuck` abandoned workers the process is aborted.
-    pub fn abandon(self: &Arc<Self>, taken: &Arc<AtomicUsize>) {
+    pub(super) fn abandon(self: &Arc<Self>, taken: &Arc<AtomicUsize>) {
         let Some(id) = taken.load(Ordering::SeqCst).checked_sub(1) else {
             return;
         };
@@ -229,12 +229,12 @@ impl Shared {
     }
 
     /// Whether an abandoned worker is still running work of `scope`.
-    pub fn stuck_on(&self, scope: &str) -> bool {
+    pub(super) fn stuck_on(&self, scope: &str) -> bool {
         self.registry().stuck.values().any(|s| s.scope == scope)
     }
 
     /// How many abandoned workers are still running.
-    pub fn stuck_workers(&self) -> usize {
+    pub(super) fn stuck_workers(&self) -> usize {
         self.registry().stuck.len()
     }
 

@@ -19,14 +19,14 @@ const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Per schema, rows dropped below the committed checkpoint since the last log line.
 #[derive(Default)]
-pub struct DropLog {
+pub(super) struct DropLog {
     schemas: Mutex<HashMap<Schema, (Option<Instant>, u64)>>,
 }
 
 impl DropLog {
     /// Counts `rows` dropped for `schema` at `now`; returns the count to log when a line is
     /// due (the rows since the last line, these included).
-    pub fn note(&self, schema: &Schema, rows: u64, now: Instant) -> Option<u64> {
+    pub(super) fn note(&self, schema: &Schema, rows: u64, now: Instant) -> Option<u64> {
         let mut schemas = self.schemas.lock().expect("poisoned");
         let (last, pending) = schemas.entry(schema.clone()).or_default();
         *pending += rows;

@@ -37,11 +37,9 @@ impl Sequencer {
                 continue;
             };
             let mut backlog: i64 = 0;
-            let tables = parts
-                .stager
-                .registered(&schema)
-                .await
-                .map_err(|e| unavailable(format!("cannot read the staging tables of {schema}"), &e))?;
+            let tables = parts.stager.registered(&schema).await.map_err(|e| {
+                unavailable(format!("cannot read the staging tables of {schema}"), &e)
+            })?;
             for t in &tables {
                 let sql = format!(
                     "SELECT count(*) FROM {} WHERE NOT applied",

@@ -97,15 +97,15 @@ impl fmt::Display for StagingSchema {
 
 /// The name of a staging table's index on `key` (the reference's), fitted like the table's
 /// name: index names share the schema's namespace, so a cut one could name another's index.
-pub fn key_index_name(dialect: Dialect, bare: &str) -> String {
+pub(super) fn key_index_name(dialect: Dialect, bare: &str) -> String {
     fit_identifier(&format!("{bare}_key_applied"), dialect.identifier_limit())
 }
 
 /// The staging registry: which target table owns each staging table name, so that two tables
 /// whose names map to one staging table are refused instead of sharing it.
-pub const REGISTRY: &str = "staging_tables";
+pub(super) const REGISTRY: &str = "staging_tables";
 
-pub fn registry_ddl(dialect: Dialect, quoted: &str) -> String {
+pub(super) fn registry_ddl(dialect: Dialect, quoted: &str) -> String {
     let text = match dialect {
         Dialect::Postgres => "TEXT",
         Dialect::Cockroach => "STRING",
@@ -117,7 +117,7 @@ group_name {text} NOT NULL, table_name {text} NOT NULL)"
 }
 
 /// Claims a staging name for `(group_name, table_name)` unless someone holds it (`$1..$3`).
-pub fn registry_claim(quoted: &str) -> String {
+pub(super) fn registry_claim(quoted: &str) -> String {
     format!(
         "INSERT INTO {quoted} (staging_name, group_name, table_name) VALUES ($1, $2, $3) \
 ON CONFLICT (staging_name) DO NOTHING"
@@ -125,12 +125,12 @@ ON CONFLICT (staging_name) DO NOTHING"
 }
 
 /// The owner of a staging name (`$1`).
-pub fn registry_owner(quoted: &str) -> String {
+pub(super) fn registry_owner(quoted: &str) -> String {
     format!("SELECT group_name, table_name FROM {quoted} WHERE staging_name = $1")
 }
 
 /// The registered tables of one schema (`$1` is its group name).
-pub fn registry_tables(quoted: &str) -> String {
+pub(super) fn registry_tables(quoted: &str) -> String {
     format!("SELECT table_name FROM {quoted} WHERE group_name = $1 ORDER BY table_name")
 }
 
@@ -138,7 +138,12 @@ pub fn registry_tables(quoted: &str) -> String {
 /// PostgreSQL gets the index on `key` only with `key_index`: [`stage_if_exists`] needs it, and
 /// every staged row pays for it (measured: a third to two thirds more time per staging
 /// insert), so it is built only for schemas that run best-effort (see [`key_index_sql`]).
-pub fn create_table(dialect: Dialect, quoted: &str, bare: &str, key_index: bool) -> Vec<String> {
+pub(super) fn create_table(
+    dialect: Dialect,
+    quoted: &str,
+    bare: &str,
+    key_index: bool,
+) -> Vec<String> {
     let index = Ident::new(key_index_name(dialect, bare)).quoted();
     match dialect {
         Dialect::Postgres => {
@@ -169,7 +174,7 @@ FAMILY cold (nanos, logical, key, mut, before), FAMILY hot (applied))"
 }
 
 /// One statement staging every table of a request; returns one count of inserted rows per table.
-pub fn insert(tables: &[String]) -> String {
+pub(super) fn insert(tables: &[String]) -> String {
     let mut ctes = Vec::with_capacity(tables.len());
     let mut counts = Vec::with_capacity(tables.len());
     for (i, t) in tables.iter().enumerate() {
@@ -192,14 +197,14 @@ ON CONFLICT DO NOTHING RETURNING 1)",
 /// PostgreSQL: streams one table's rows in binary COPY format (see [`copy_rows`]). COPY writes
 /// a page of rows per log record where the insert writes one per row, but it cannot skip rows
 /// already staged: a duplicate fails it, and the caller stages with [`insert`] instead.
-pub fn copy(table: &str) -> String {
+pub(super) fn copy(table: &str) -> String {
     format!("COPY {table} (nanos, logical, key, mut, before) FROM STDIN WITH (FORMAT binary)")
 }
 
 /// The binary COPY stream of [`copy`]'s five columns: a signature and two zero words, then per
 /// row a field count and each field as a big-endian length (-1 for NULL) and its bytes
 /// (integers as 8 big-endian bytes, text as UTF-8), and a -1 trailer.
-pub fn copy_rows<'a>(
+pub(super) fn copy_rows<'a>(
     rows: impl ExactSizeIterator<Item = (i64, i64, &'a str, &'a [u8], Option<&'a [u8]>)>,
     size_hint: usize,
 ) -> Vec<u8> {
@@ -230,13 +235,13 @@ pub fn copy_rows<'a>(
 /// blocking its writers, drop a broken one (a build that was interrupted leaves an invalid
 /// index behind), and report its state: `(valid, being built)`, no row when it is missing.
 /// `qualified` is the schema-qualified index name, as text for `to_regclass` (`$1`).
-pub struct KeyIndexSql {
+pub(super) struct KeyIndexSql {
     pub create: String,
     pub drop: String,
     pub status: &'static str,
 }
 
-pub fn key_index_sql(quoted_table: &str, index: &str, qualified: &str) -> KeyIndexSql {
+pub(super) fn key_index_sql(quoted_table: &str, index: &str, qualified: &str) -> KeyIndexSql {
     let index = Ident::new(index).quoted();
     KeyIndexSql {
         create: format!(
@@ -253,7 +258,7 @@ WHERE p.index_relid = i.indexrelid) FROM pg_index i WHERE i.indexrelid = to_regc
 /// order) and returns `(table index, key, rows inserted in that table)` for each of them; the
 /// caller applies the others directly. Parameters as in [`insert`]. The lookup goes through
 /// the `key` index (forced on CockroachDB, as the reference does, so it never scans a table).
-pub fn stage_if_exists(dialect: Dialect, tables: &[String]) -> String {
+pub(super) fn stage_if_exists(dialect: Dialect, tables: &[String]) -> String {
     let hint = match dialect {
         Dialect::Postgres => "",
         Dialect::Cockroach => "@{NO_FULL_SCAN}",
@@ -288,7 +293,7 @@ SELECT nanos, logical, key, mut, before FROM h{i} ON CONFLICT DO NOTHING RETURNI
 
 /// Keyset-paginated read of unapplied rows in `(after, upto]`; with `resume` the cursor is
 /// `(after, $6)` so a large source transaction can be read in pages.
-pub fn read(table: &str, resume: bool) -> String {
+pub(super) fn read(table: &str, resume: bool) -> String {
     let lower = if resume {
         "(nanos, logical, key) > ($1, $2, $6)"
     } else {
@@ -305,7 +310,7 @@ ORDER BY nanos, logical, key LIMIT $5"
 /// on the index from the lower bound (in a read transaction, see `read_settings`): it visits
 /// about `$3` entries however many rows the table holds before the bound (measured on
 /// PostgreSQL with 2,000,000 staged rows: 40 ms at the cap of 100,000).
-pub fn count_unapplied(table: &str) -> String {
+pub(super) fn count_unapplied(table: &str) -> String {
     format!(
         "SELECT count(*) FROM (SELECT 1 FROM {table} \
 WHERE (nanos, logical) > ($1, $2) AND NOT applied ORDER BY nanos, logical LIMIT $3) AS backlog"
@@ -313,7 +318,7 @@ WHERE (nanos, logical) > ($1, $2) AND NOT applied ORDER BY nanos, logical LIMIT 
 }
 
 /// Session settings of a staging read transaction (see `Stager::reader`).
-pub fn read_settings(dialect: Dialect) -> Option<&'static str> {
+pub(super) fn read_settings(dialect: Dialect) -> Option<&'static str> {
     match dialect {
         Dialect::Postgres => Some(
             "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true)",
@@ -324,7 +329,7 @@ pub fn read_settings(dialect: Dialect) -> Option<&'static str> {
 
 /// Deletes staged rows in `(after, upto]`. The lower bound matters: without it every delete
 /// walks the index entries of all rows deleted before it that vacuum has not removed yet.
-pub fn retire(table: &str) -> String {
+pub(super) fn retire(table: &str) -> String {
     format!(
         "DELETE FROM {table} WHERE (nanos, logical) > ($1, $2) AND (nanos, logical) <= ($3, $4)"
     )

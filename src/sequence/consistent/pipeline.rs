@@ -192,15 +192,11 @@ impl Pipeline {
                 Ok(_) => self.parts.pipelines.cleared(&self.schema),
                 Err(SequenceError::Stopped) => return Held::Stopped,
                 Err(SequenceError::LeaseLost(_)) => {}
-                Err(e) => {
-                    self.parts
-                        .pipelines
-                        .failed(
-                            &self.schema,
-                            crate::error::ErrorChain(e).to_string(),
-                            backoff(attempt + 1),
-                        )
-                }
+                Err(e) => self.parts.pipelines.failed(
+                    &self.schema,
+                    crate::error::ErrorChain(e).to_string(),
+                    backoff(attempt + 1),
+                ),
             }
             let wait = match result {
                 Ok(true) => {

@@ -69,25 +69,25 @@ pub(super) struct KeyLocks {
 
 impl KeyLocks {
     /// No in-flight flush holds any of `keys`.
-    pub fn free(&self, keys: &[u64]) -> bool {
+    pub(super) fn free(&self, keys: &[u64]) -> bool {
         keys.iter().all(|k| !self.held.contains_key(k))
     }
 
     /// Takes `keys` for flush `idx`; the caller checked [`KeyLocks::free`].
-    pub fn take(&mut self, idx: u64, keys: &[u64]) {
+    pub(super) fn take(&mut self, idx: u64, keys: &[u64]) {
         for k in keys {
             let prev = self.held.insert(*k, idx);
             debug_assert!(prev.is_none(), "key taken twice");
         }
     }
 
-    pub fn release(&mut self, keys: &[u64]) {
+    pub(super) fn release(&mut self, keys: &[u64]) {
         for k in keys {
             self.held.remove(k);
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.held.is_empty()
     }
 }
@@ -105,7 +105,7 @@ pub(super) struct Progress {
 }
 
 impl Progress {
-    pub fn new(committed: Hlc) -> Progress {
+    pub(super) fn new(committed: Hlc) -> Progress {
         Progress {
             pending: BTreeMap::new(),
             prefix: committed,
@@ -114,12 +114,12 @@ impl Progress {
     }
 
     /// Registers flush `idx` (indexes increase in time order) ending at `upto`.
-    pub fn push(&mut self, idx: u64, upto: Hlc) {
+    pub(super) fn push(&mut self, idx: u64, upto: Hlc) {
         self.pending.insert(idx, (upto, false));
     }
 
     /// Marks flush `idx` done and extends the prefix over every done flush at its front.
-    pub fn done(&mut self, idx: u64) {
+    pub(super) fn done(&mut self, idx: u64) {
         if let Some(e) = self.pending.get_mut(&idx) {
             e.1 = true;
         }
@@ -132,24 +132,24 @@ impl Progress {
     }
 
     /// Some flush registered before `idx` has not finished.
-    pub fn pending_before(&self, idx: u64) -> bool {
+    pub(super) fn pending_before(&self, idx: u64) -> bool {
         self.pending.range(..idx).any(|(_, (_, done))| !done)
     }
 
     /// Some registered flush has not finished.
-    pub fn any_pending(&self) -> bool {
+    pub(super) fn any_pending(&self) -> bool {
         self.pending.values().any(|(_, done)| !done)
     }
 
-    pub fn prefix(&self) -> Hlc {
+    pub(super) fn prefix(&self) -> Hlc {
         self.prefix
     }
 
-    pub fn committed(&self) -> Hlc {
+    pub(super) fn committed(&self) -> Hlc {
         self.committed
     }
 
-    pub fn set_committed(&mut self, at: Hlc) {
+    pub(super) fn set_committed(&mut self, at: Hlc) {
         self.committed = self.committed.max(at);
     }
 }

@@ -16,9 +16,9 @@ use tokio::task::JoinHandle;
 /// Records every changefeed request and answers `200 OK`. The query steers it:
 /// `delay_ms=N` sleeps first, `status=N` answers with that status. Clones share the records.
 #[derive(Clone)]
-pub struct Recorder(Arc<Records>);
+pub(crate) struct Recorder(Arc<Records>);
 
-pub struct Records {
+pub(crate) struct Records {
     pub requests: Mutex<Vec<Request>>,
     /// Handler calls begun / run to completion (a cancelled call never finishes).
     pub started: AtomicUsize,
@@ -34,7 +34,7 @@ impl std::ops::Deref for Recorder {
 }
 
 impl Recorder {
-    pub fn new() -> Recorder {
+    pub(crate) fn new() -> Recorder {
         Recorder(Arc::new(Records {
             requests: Mutex::new(Vec::new()),
             started: AtomicUsize::new(0),
@@ -44,19 +44,19 @@ impl Recorder {
     }
 
     /// Makes `/_/healthz` fail with `reason` (or succeed again with None).
-    pub fn set_health(&self, reason: Option<&str>) {
+    pub(crate) fn set_health(&self, reason: Option<&str>) {
         *self.health.lock().expect("lock") = reason.map_or(Ok(()), |r| Err(r.to_string()));
     }
 
-    pub fn requests(&self) -> Vec<Request> {
+    pub(crate) fn requests(&self) -> Vec<Request> {
         self.requests.lock().expect("lock").clone()
     }
 
-    pub fn started(&self) -> usize {
+    pub(crate) fn started(&self) -> usize {
         self.started.load(Ordering::SeqCst)
     }
 
-    pub fn finished(&self) -> usize {
+    pub(crate) fn finished(&self) -> usize {
         self.finished.load(Ordering::SeqCst)
     }
 }
@@ -102,7 +102,7 @@ impl Handler for Recorder {
 }
 
 /// Arguments for a test server: loopback, ephemeral port, cleartext, short grace period.
-pub fn args() -> ServerArgs {
+pub(crate) fn args() -> ServerArgs {
     ServerArgs {
         bind_addr: "127.0.0.1:0".into(),
         grace_period: Duration::from_secs(10),
@@ -110,7 +110,7 @@ pub fn args() -> ServerArgs {
     }
 }
 
-pub struct TestServer {
+pub(crate) struct TestServer {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub cert_pem: Option<String>,
@@ -120,7 +120,7 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub async fn start(args: ServerArgs) -> TestServer {
+    pub(crate) async fn start(args: ServerArgs) -> TestServer {
         let handler = Recorder::new();
         let bound = server::bind(&args).await.expect("bind");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -142,7 +142,7 @@ impl TestServer {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         let scheme = if self.cert_pem.is_some() {
             "https"
         } else {
@@ -152,7 +152,7 @@ impl TestServer {
     }
 
     /// A client that trusts the server's certificate.
-    pub fn client(&self, http2: bool) -> Client {
+    pub(crate) fn client(&self, http2: bool) -> Client {
         Client::new(
             &self.url(),
             ClientOptions {
@@ -164,20 +164,20 @@ impl TestServer {
         .expect("client")
     }
 
-    pub fn metrics_client(&self) -> Client {
+    pub(crate) fn metrics_client(&self) -> Client {
         let addr = self.metrics_addr.expect("metricsAddr set");
         Client::new(&format!("http://{addr}"), ClientOptions::default()).expect("client")
     }
 
     /// Resolves the shutdown future without waiting for the server to stop.
-    pub fn begin_shutdown(&mut self) {
+    pub(crate) fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
     }
 
     /// Waits (at most `within`) for `serve` to return.
-    pub async fn stopped(&mut self, within: Duration) -> Result<(), ServerError> {
+    pub(crate) async fn stopped(&mut self, within: Duration) -> Result<(), ServerError> {
         let task = self.task.take().expect("not yet stopped");
         tokio::time::timeout(within, task)
             .await
@@ -185,7 +185,7 @@ impl TestServer {
             .expect("server task")
     }
 
-    pub async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         self.begin_shutdown();
         self.stopped(Duration::from_secs(20)).await.expect("serve");
     }

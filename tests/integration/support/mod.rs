@@ -2,8 +2,8 @@
 
 #![allow(dead_code)]
 
-pub mod http;
-pub mod process;
+pub(crate) mod http;
+pub(crate) mod process;
 
 use cdc_sink::cluster::{Cluster, ClusterOptions};
 use sqlx::PgPool;
@@ -11,19 +11,19 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 /// A cluster with a fresh database `name` and a pool connected to it.
-pub struct Db {
+pub(crate) struct Db {
     pub cluster: Cluster,
     pub name: String,
     pub pool: PgPool,
 }
 
 impl Db {
-    pub async fn new(name: &str) -> Db {
+    pub(crate) async fn new(name: &str) -> Db {
         Db::with_options(name, ClusterOptions::default()).await
     }
 
     /// Like [`Db::new`], on a cluster started with `opts`.
-    pub async fn with_options(name: &str, opts: ClusterOptions) -> Db {
+    pub(crate) async fn with_options(name: &str, opts: ClusterOptions) -> Db {
         let cluster = tokio::task::spawn_blocking(move || Cluster::start_with(opts))
             .await
             .expect("join")
@@ -44,11 +44,11 @@ impl Db {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         self.cluster.url(&self.name)
     }
 
-    pub async fn exec(&self, sql: &str) {
+    pub(crate) async fn exec(&self, sql: &str) {
         sqlx::raw_sql(sql)
             .execute(&self.pool)
             .await
@@ -56,7 +56,7 @@ impl Db {
     }
 
     /// A fresh database `name` holding `public.kv (k INT8 PRIMARY KEY, v TEXT)`.
-    pub async fn kv(name: &str) -> Db {
+    pub(crate) async fn kv(name: &str) -> Db {
         let db = Db::new(name).await;
         db.exec("CREATE TABLE public.kv (k INT8 PRIMARY KEY, v TEXT)")
             .await;
@@ -64,7 +64,7 @@ impl Db {
     }
 
     /// The rows of `public.kv`, by key.
-    pub async fn kv_rows(&self) -> Vec<(i64, Option<String>)> {
+    pub(crate) async fn kv_rows(&self) -> Vec<(i64, Option<String>)> {
         sqlx::query_as("SELECT k, v FROM public.kv ORDER BY k")
             .fetch_all(&self.pool)
             .await
@@ -72,7 +72,7 @@ impl Db {
     }
 
     /// Rows of `table`, 0 when it does not exist (a staging table nothing was staged in).
-    pub async fn count_if_exists(&self, table: &str) -> i64 {
+    pub(crate) async fn count_if_exists(&self, table: &str) -> i64 {
         let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
             .bind(table)
             .fetch_one(&self.pool)
@@ -85,7 +85,7 @@ impl Db {
         }
     }
 
-    pub async fn count(&self, table: &str) -> i64 {
+    pub(crate) async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(&self.pool)
             .await
@@ -94,7 +94,7 @@ impl Db {
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -111,4 +111,4 @@ where
     }
 }
 
-pub mod sink;
+pub(crate) mod sink;

@@ -8,12 +8,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The real `cdc-sink` binary, started on `port` in front of a test database.
-pub struct Process {
+pub(crate) struct Process {
     pub child: Child,
     pub client: Client,
 }
 
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -22,12 +22,12 @@ pub fn free_port() -> u16 {
 }
 
 impl Process {
-    pub async fn start(db: &Db, port: u16, extra: &[&str]) -> Process {
+    pub(crate) async fn start(db: &Db, port: u16, extra: &[&str]) -> Process {
         Process::start_logging(db, port, extra, Stdio::null()).await
     }
 
     /// Starts the sink with its log (stderr) going to `log`.
-    pub async fn start_logging(db: &Db, port: u16, extra: &[&str], log: Stdio) -> Process {
+    pub(crate) async fn start_logging(db: &Db, port: u16, extra: &[&str], log: Stdio) -> Process {
         let mut p = Process::spawn(&db.url(), port, extra, log);
         if let Err(e) = p.healthy(Duration::from_secs(30)).await {
             panic!("sink health: {e}");
@@ -36,7 +36,7 @@ impl Process {
     }
 
     /// Spawns the sink in front of `target_url` without waiting for it to serve.
-    pub fn spawn(target_url: &str, port: u16, extra: &[&str], log: Stdio) -> Process {
+    pub(crate) fn spawn(target_url: &str, port: u16, extra: &[&str], log: Stdio) -> Process {
         let child = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
             .args([
                 "start",
@@ -65,7 +65,7 @@ impl Process {
     }
 
     /// Waits until `/_/healthz` answers 200; an exit or the deadline is an error.
-    pub async fn healthy(&mut self, within: Duration) -> Result<(), String> {
+    pub(crate) async fn healthy(&mut self, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.exited() {
@@ -82,15 +82,15 @@ impl Process {
     }
 
     /// The exit status, once the process has ended.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub async fn post(&self, path: &str, body: String) -> StatusCode {
+    pub(crate) async fn post(&self, path: &str, body: String) -> StatusCode {
         self.client
             .post(path, Bytes::from(body))
             .await
@@ -99,7 +99,7 @@ impl Process {
     }
 
     /// Posts `body`; a connection error or a request running over `within` is an `Err`.
-    pub async fn post_within(
+    pub(crate) async fn post_within(
         &self,
         path: &str,
         body: String,
@@ -112,7 +112,7 @@ impl Process {
         }
     }
 
-    pub fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
     }
