@@ -1,42 +1,24 @@
 //! `cdc-sink bench` end to end at small sizes: every path, the backlog drain in a child sink,
 //! the scaling curve and the demo's lag, printed as one JSON line whose figures hang together.
 
-use std::process::Command;
-
 #[test]
 fn the_benchmark_measures_every_path_the_drain_the_curve_and_the_lag() {
-    let out = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
-        .args([
-            "bench",
-            "--rows",
-            "3000",
-            "--batch-bytes",
-            "256KiB",
-            "--drain-rows",
-            "4000",
-            "--scale",
-            "1000,2000",
-            "--lag-rate",
-            "50",
-            "--lag-duration",
-            "3s",
-            "--json",
-        ])
-        .output()
-        .expect("run cdc-sink bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .rev()
-            .take(20)
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let s: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().expect("a summary line")).expect("json");
+    let s = crate::support::process::run_json(&[
+        "bench",
+        "--rows",
+        "3000",
+        "--batch-bytes",
+        "256KiB",
+        "--drain-rows",
+        "4000",
+        "--scale",
+        "1000,2000",
+        "--lag-rate",
+        "50",
+        "--lag-duration",
+        "3s",
+        "--json",
+    ]);
     let num = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("number: {v} in {s}"));
     for key in [
         "baseline_rows_per_s",

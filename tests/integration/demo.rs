@@ -4,32 +4,18 @@
 use std::process::Command;
 
 fn run_demo(extra: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
-        .args([
-            "demo",
-            "--duration",
-            "4s",
-            "--rate",
-            "40",
-            "--json",
-            "--converge-timeout",
-            "60s",
-        ])
-        .args(extra)
-        .output()
-        .expect("run cdc-sink demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .rev()
-            .take(20)
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    serde_json::from_str(stdout.lines().last().expect("a summary line")).expect("json summary")
+    let mut args = vec![
+        "demo",
+        "--duration",
+        "4s",
+        "--rate",
+        "40",
+        "--json",
+        "--converge-timeout",
+        "60s",
+    ];
+    args.extend_from_slice(extra);
+    crate::support::process::run_json(&args)
 }
 
 fn check(s: &serde_json::Value) {

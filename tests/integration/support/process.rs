@@ -7,6 +7,28 @@ use http::StatusCode;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// Runs `cdc-sink ARGS` to the end, fails the test (with the end of its log) unless it
+/// succeeds, and returns the JSON summary it printed last.
+pub(crate) fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_cdc-sink"))
+        .args(args)
+        .output()
+        .expect("run cdc-sink");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cdc-sink {} failed: {stdout}\n{}",
+        args.first().unwrap_or(&""),
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    serde_json::from_str(stdout.lines().last().expect("a summary line")).expect("json summary")
+}
+
 /// The real `cdc-sink` binary, started on `port` in front of a test database.
 pub(crate) struct Process {
     pub child: Child,
