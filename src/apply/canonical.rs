@@ -1,4 +1,4 @@
-//! Canonical equality of JSON values (§6.4): two spellings of the same datum compare equal, so
+//! Canonical equality of JSON values: two spellings of the same datum compare equal, so
 //! a value read back from the target matches the one the changefeed sent.
 //!
 //! Numbers compare by decimal text (exponents expanded), and a string holding a number equals

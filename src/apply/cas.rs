@@ -1,4 +1,4 @@
-//! Conditional apply (§6): compare-and-set and deadline upserts, CAS-guarded deletes, and the
+//! Conditional apply: compare-and-set and deadline upserts, CAS-guarded deletes, and the
 //! resolution of their losers by a merge function.
 //!
 //! Per batch: plain deletes, guarded deletes and conditional upserts each return their losers;

@@ -1,5 +1,5 @@
 //! Apply options: per table, asked of a [`TableConfigs`] (the userscript's `configureTable`,
-//! §5.6), and per process, set by flags ([`ApplyArgs`]).
+//! README.md, "Userscripts"), and per process, set by flags ([`ApplyArgs`]).
 
 use crate::ident::{Ident, Table};
 use std::collections::{BTreeMap, BTreeSet};
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// Rows per statement when a table sets no `rowLimit`. Larger than the reference's 100: with
 /// one array parameter per column the statement text does not grow with the row count, and the
-/// database is the bottleneck (DESIGN §7).
+/// database is the bottleneck, so fewer, larger statements win.
 pub const DEFAULT_ROW_LIMIT: usize = 1000;
 
 /// Options for one target table. Plain data: the userscript layer converts its JS values.

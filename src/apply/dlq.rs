@@ -1,4 +1,4 @@
-//! The dead-letter queue (§6.5, DESIGN §3.6): one table per target schema receiving the
+//! The dead-letter queue, in the Go cdc-sink's table layout: one table per target schema receiving the
 //! mutations a merge function sent there, written in the apply transaction.
 
 use super::{sql, Applier, ApplyError, SchemaInfo};

@@ -1,4 +1,4 @@
-//! Payload properties → column parameter arrays (§5.2, §5.3): one plan per table shape and
+//! Payload properties → column parameter arrays: one plan per table shape and
 //! configuration, turning a batch of mutations into statement-sized chunks.
 
 use super::canonical::normalise_timestamp;

@@ -1,4 +1,4 @@
-//! Writing mutations to the target (§5): column mapping and the SQL that upserts and deletes
+//! Writing mutations to the target: column mapping and the SQL that upserts and deletes
 //! rows. The [`Applier`] only writes; what it needs to know it asks for:
 //!
 //! - the target's tables come from a [`SchemaCache`] (`schema.rs`: introspection and the cache

@@ -1,5 +1,5 @@
-//! The target schema: introspection (§5.1) of tables, their columns as the applier needs them,
-//! and the foreign-key dependency order (§4.1); and the [`SchemaCache`] that keeps what was
+//! The target schema: introspection of tables, their columns as the applier needs them,
+//! and the foreign-key dependency order (tables that reference no other come first, and each child sits one level below its deepest parent); and the [`SchemaCache`] that keeps what was
 //! read, shared by the applier and everyone else who asks about the target's tables.
 
 use super::{sql, ApplyError};

@@ -2,7 +2,7 @@
 //!
 //! Write statements bind one array parameter per column and `unnest` them into rows, so a
 //! statement carries any number of rows and its text (hence its prepared plan) depends only on
-//! the table shape (DESIGN §7).
+//! the table shape.
 
 use super::value::base_type;
 use crate::ident::{Ident, Schema, Table};
@@ -245,7 +245,7 @@ pub(super) struct Conditions {
     pub deadlines: Vec<(Ident, Duration)>,
 }
 
-/// The compare-and-set / deadline upsert (§6.2). Rows whose deadline passed are not written;
+/// The compare-and-set / deadline upsert. Rows whose deadline passed are not written;
 /// an existing row is replaced only when the incoming CAS tuple is strictly greater (SQL row
 /// comparison, so NULLs and equal tuples lose). On PostgreSQL `ON CONFLICT DO UPDATE` compares
 /// against the latest committed version and locks the row even when the comparison fails, so
@@ -372,7 +372,7 @@ pub(super) fn read_locked(
 }
 
 /// Deletes rows by key only when the target row's CAS tuple is not newer than the one of the
-/// delete's `before` image (DESIGN §3.7). `cas` are the CAS columns with their parameters
+/// delete's `before` image, so that in active-active replication a delete cannot remove a row the other side has updated since. `cas` are the CAS columns with their parameters
 /// (the `before` values). Returns the 1-based position of each delete that removed nothing, and
 /// whether it is a conflict: a target row newer than `before` (or a NULL comparison) refused it.
 pub(super) fn guarded_delete(

@@ -1,4 +1,4 @@
-//! The standard three-way merge (§6.4): take what the source changed since `before` unless the
+//! The standard three-way merge (the userscript's `api.standardMerge`; README.md, "Conflicts: compare-and-set, merge, dead-letter queue, deletes"): take what the source changed since `before` unless the
 //! target changed it too; hand anything else to a fallback merger.
 
 use super::canonical::equal;
@@ -8,7 +8,7 @@ use futures::FutureExt;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-/// The standard three-way merge (§6.4). Conflicts it cannot reconcile go to `fallback` in one
+/// The standard three-way merge. Conflicts it cannot reconcile go to `fallback` in one
 /// call, with [`Conflict::unmerged`] set; without a fallback they fail the batch. A refused
 /// delete (no `proposed`) always goes to the fallback, listing the properties the target changed
 /// since `before`.

@@ -1,4 +1,4 @@
-//! Changefeed JSON values → text parameters for the target column's input function (§5.5).
+//! Changefeed JSON values → text parameters for the target column's input function.
 //!
 //! Every value travels as text inside a `TEXT[]` parameter and is cast in SQL, so the database
 //! does all type conversion (and reports range/precision errors itself).

@@ -247,6 +247,12 @@ impl Sequencer {
         self.parts.pipelines.blocked(schema)
     }
 
+    /// The sequencer's part of `/_/status`: one JSON object per schema with checkpoints (its
+    /// mode here, checkpoints and lags, staged backlog, lease, what blocks it, dead letters).
+    pub async fn status(&self) -> Result<Vec<serde_json::Value>, String> {
+        status::report(&self.parts, |s| self.modes.current(s)).await
+    }
+
     /// The mode `schema` runs in here, if this process has seen it.
     pub fn mode(&self, schema: &Schema) -> Option<Mode> {
         self.modes.current(schema)
