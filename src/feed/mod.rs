@@ -13,6 +13,9 @@
 //! resolved timestamps. The [`sender`] batches by bytes and time, posts with retries and only
 //! then reports the LSN as acknowledged; the reader advances the slot to it. A restarted feed
 //! therefore re-sends whatever was not acknowledged: at-least-once, like CockroachDB.
+//! The reader's other parts sit beside it: `setup.rs` (tables, publication, slot), `scan.rs`
+//! (the initial scan), `shape.rs` (column kinds and row changes) and `probe.rs` (the proof of
+//! resolved timestamps).
 //!
 //! Source requirements: `wal_level=logical` and a free replication slot. The feed sets
 //! `REPLICA IDENTITY FULL` on the fed tables (so updates carry unchanged TOAST values and
@@ -23,7 +26,11 @@
 
 pub(crate) mod encode;
 pub(crate) mod pgoutput;
+mod probe;
+mod scan;
 mod sender;
+mod setup;
+mod shape;
 mod source;
 
 use crate::config::{parse_bytes, parse_duration};
