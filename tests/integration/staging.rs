@@ -346,3 +346,49 @@ async fn processes_started_together_on_a_fresh_database_all_come_up_and_serve() 
         assert_eq!(n.trim(), "8", "round {round}");
     }
 }
+
+/// A request staged again, whole or in part (a redelivery), keeps one row per (time, key):
+/// copying it fails on the staged rows, and the insert that skips them stages only the new
+/// ones, counting the others as duplicates.
+#[tokio::test]
+async fn a_request_overlapping_staged_rows_stages_only_its_new_ones() {
+    use cdc_sink::hlc::Hlc;
+    use cdc_sink::mutation::{Mutation, TableBatches};
+    let db = Db::new("stage_overlap").await;
+    db.exec("CREATE TABLE public.t (k INT8 PRIMARY KEY, v TEXT)")
+        .await;
+    let stager = stager(&db).await;
+    let table = Table::new(Schema::new(&db.name, "public"), "t");
+    let batch_of = |keys: std::ops::Range<i64>| -> TableBatches {
+        let muts = keys
+            .map(|k| Mutation {
+                time: Hlc::new(1_000 + k, 0),
+                key: format!("[{k}]"),
+                after: Some(format!("{{\"k\":{k},\"v\":\"v{k}\"}}")),
+                before: None,
+            })
+            .collect();
+        [(table.clone(), muts)].into_iter().collect()
+    };
+    let first = stager.stage(&batch_of(0..10)).await.expect("stage 0..10");
+    assert_eq!((first.staged, first.duplicates), (10, 0));
+    let again = stager
+        .stage(&batch_of(0..10))
+        .await
+        .expect("stage 0..10 again");
+    assert_eq!((again.staged, again.duplicates), (0, 10));
+    let overlap = stager.stage(&batch_of(5..15)).await.expect("stage 5..15");
+    assert_eq!((overlap.staged, overlap.duplicates), (5, 5));
+    let staged: Vec<(i64, String)> = sqlx::query_as(&format!(
+        "SELECT nanos, convert_from(mut, 'UTF8') FROM {} ORDER BY nanos",
+        stager.staging_table(&table)
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .expect("read staging");
+    assert_eq!(staged.len(), 15);
+    for (i, (nanos, doc)) in staged.iter().enumerate() {
+        assert_eq!(*nanos, 1_000 + i as i64);
+        assert_eq!(doc, &format!("{{\"k\":{i},\"v\":\"v{i}\"}}"));
+    }
+}
