@@ -509,7 +509,8 @@ async fn payloads_that_do_not_fit_the_table_are_schema_drift() {
         .unwrap_err();
     assert_eq!(err.sqlstate().as_deref(), Some("22P02"), "{err}");
     assert!(
-        err.to_string()
+        cdc_sink::error::ErrorChain(&err)
+            .to_string()
             .starts_with(&format!("cannot write to {}.public.t: ", db.name)),
         "{err}"
     );

@@ -689,7 +689,7 @@ async fn an_unmerged_conflict_without_fallback_fails_the_batch() {
     )
     .await
     .unwrap_err();
-    let text = err.to_string();
+    let text = cdc_sink::error::ErrorChain(&err).to_string();
     assert!(
         text.contains("unmerged data conflict") && text.contains(r#"["v", "ver"]"#),
         "{text}"
