@@ -140,6 +140,20 @@ async fn the_monitor_scrapes_every_sink_and_balancer_until_ctrl_c() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("run cdc-sink demo");
+    // Should the test fail while the demo runs with `--keep`, Ctrl-C it: it then stops its
+    // sinks, balancers and Prometheus instead of leaving them running.
+    struct Interrupt(u32);
+    impl Drop for Interrupt {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                // SAFETY: kill(2) on our child's pid.
+                unsafe {
+                    libc::kill(self.0 as libc::pid_t, libc::SIGINT);
+                }
+            }
+        }
+    }
+    let _interrupt = Interrupt(demo.id());
     let stdout = demo.stdout.take().unwrap();
     let line = tokio::task::spawn_blocking(move || {
         std::io::BufReader::new(stdout)
