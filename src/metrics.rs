@@ -1,7 +1,8 @@
 //! The one catalogue of metric names. Names follow the reference so its dashboards work; each
 //! is described once, at start, by [`describe`]. Labels are `schema` (`db.schema` as written),
-//! `table` (the name as written), never row values. Counters of a table and its schema are
-//! registered at 0 the first time this process stages or reads the table ([`register_table`]).
+//! `table` (the name as written), never row values. Counters of a table and its schema (and
+//! the stale-row gauge) are registered at 0 the first time this process stages or reads the
+//! table ([`register_table`]).
 //!
 //! Where our pipeline differs from the reference's, a family maps to its nearest part (each
 //! description says what it measures here): the staging reader and cross-table merger are the
@@ -633,7 +634,9 @@ pub(crate) fn register_schema(schema: &crate::ident::Schema) {
 }
 
 /// Registers the counters of a table (and of its schema) at 0, with the labels their
-/// recording sites use: the first time this process stages or reads the table.
+/// recording sites use: the first time this process stages or reads the table. The stale-row
+/// gauge too: only a sweep of a caught-up schema sets it, which a schema whose resolved
+/// timestamps keep coming may not get for minutes.
 pub(crate) fn register_table(table: &crate::ident::Table) {
     register_schema(&table.schema);
     let l = table_labels(table);
@@ -651,6 +654,7 @@ pub(crate) fn register_table(table: &crate::ident::Table) {
     ] {
         metrics::counter!(name, &l).increment(0);
     }
+    let _ = metrics::gauge!(STAGE_STALE, &l);
 }
 
 /// The `schema` and `table` labels of a table: `db.schema` and the name as written.
@@ -780,6 +784,7 @@ mod tests {
         for line in [
             "apply_errors_total{schema=\"Db.public\",table=\"T\"} 0",
             "stage_retire_errors_total{schema=\"Db.public\",table=\"T\"} 0",
+            "stage_stale_mutations_count{schema=\"Db.public\",table=\"T\"} 0",
             "mutations_error_count{kind=\"cdc\",target=\"Db.public\"} 0",
             "sequence_poison_backoff_total{schema=\"Db.public\"} 0",
             "lockset_deferred_start_count{set=\"scheduler\"} 0",

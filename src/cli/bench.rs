@@ -354,14 +354,7 @@ async fn drain(
         2000.0
     };
     let rows = Rows::generate_at(args.drain_rows, args.value_bytes, per_second);
-    let baseline = {
-        fresh_database(cluster, "drain_baseline")?;
-        let pool = sqlx::PgPool::connect(&cluster.url("drain_baseline")).await?;
-        let took = bench::baseline(&pool, &rows).await?;
-        check_count(&pool, rows.len()).await?;
-        pool.close().await;
-        rows.len() as f64 / took.as_secs_f64().max(1e-9)
-    };
+    let baseline = baseline_at(cluster, &rows).await?;
     let bodies = rows.webhook_bodies(args.batch_bytes as usize);
 
     let dir = std::env::temp_dir().join(format!("cdc-sink-bench-drain-{}", std::process::id()));
@@ -484,6 +477,17 @@ WHERE h IS NOT NULL",
     })
 }
 
+/// The baseline's rows per second for `rows`, in a fresh database of its own: the reference a
+/// measurement at another size than `--rows` is divided by.
+async fn baseline_at(cluster: &Cluster, rows: &Rows) -> anyhow::Result<f64> {
+    fresh_database(cluster, "sized_baseline")?;
+    let pool = sqlx::PgPool::connect(&cluster.url("sized_baseline")).await?;
+    let took = bench::baseline(&pool, rows).await?;
+    check_count(&pool, rows.len()).await?;
+    pool.close().await;
+    Ok(Measure::new("baseline", rows.len(), took).rows_per_s)
+}
+
 /// A `/proc/PID/status` memory line (`VmRSS`, `VmHWM`) in MiB.
 fn rss_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -502,12 +506,7 @@ async fn scale_point(
     first: Option<f64>,
 ) -> anyhow::Result<bench::ScaleRow> {
     let rows = Rows::generate(n, args.value_bytes);
-    fresh_database(cluster, "scale_baseline")?;
-    let pool = sqlx::PgPool::connect(&cluster.url("scale_baseline")).await?;
-    let took = bench::baseline(&pool, &rows).await?;
-    check_count(&pool, rows.len()).await?;
-    pool.close().await;
-    let baseline = rows.len() as f64 / took.as_secs_f64().max(1e-9);
+    let baseline = baseline_at(cluster, &rows).await?;
 
     let bodies = rows.webhook_bodies(args.batch_bytes as usize);
     fresh_database(cluster, "scale")?;

@@ -350,17 +350,10 @@ impl Stager {
         let cols = columns(batches);
         if self.db.dialect == Dialect::Postgres {
             match self.copy(&names, &cols).await {
+                // A copy that went through staged every row it was offered.
                 Ok(()) => {
-                    let mut stats = StageStats::default();
-                    for (table, c) in batches.keys().zip(&cols) {
-                        let l = labels(table);
-                        metrics::counter!(m::STAGE_MUTATIONS, &l).increment(c.offered);
-                        metrics::counter!(m::STAGE_DUPLICATES, &l).increment(0);
-                        metrics::histogram!(m::STAGE_DURATION, &l)
-                            .record(started.elapsed().as_secs_f64());
-                        stats.staged += c.offered;
-                    }
-                    return Ok(stats);
+                    let all: Vec<u64> = cols.iter().map(|c| c.offered).collect();
+                    return Ok(record_staged(batches, &cols, &all, started));
                 }
                 // Whatever failed (a duplicate, or the database), the statement below either
                 // stages the request or reports the error as it always has.
@@ -488,19 +481,11 @@ impl Stager {
                 return Err(StageError::Write(e));
             }
         };
-        let mut stats = StageStats::default();
-        for (i, (table, c)) in batches.keys().zip(cols).enumerate() {
-            let inserted: i64 = row.try_get(i).map_err(StageError::Write)?;
-            let inserted = inserted.max(0) as u64;
-            let dups = c.offered.saturating_sub(inserted);
-            let l = labels(table);
-            metrics::counter!(m::STAGE_MUTATIONS, &l).increment(inserted);
-            metrics::counter!(m::STAGE_DUPLICATES, &l).increment(dups);
-            metrics::histogram!(m::STAGE_DURATION, &l).record(started.elapsed().as_secs_f64());
-            stats.staged += inserted;
-            stats.duplicates += dups;
-        }
-        Ok(stats)
+        let inserted = (0..cols.len())
+            .map(|i| row.try_get::<i64, _>(i).map(|n| n.max(0) as u64))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(StageError::Write)?;
+        Ok(record_staged(batches, cols, &inserted, started))
     }
 
     /// A read-only transaction for [`Stager::read`]. On PostgreSQL it steers the planner to the
@@ -636,6 +621,27 @@ impl Stager {
             .record(started.elapsed().as_secs_f64());
         Ok(done.rows_affected())
     }
+}
+
+/// Metrics and counts of a staged request: `inserted` rows per table (in table order), the
+/// rest of what each table was offered being duplicates of staged rows.
+fn record_staged(
+    batches: &TableBatches,
+    cols: &[Columns<'_>],
+    inserted: &[u64],
+    started: Instant,
+) -> StageStats {
+    let mut stats = StageStats::default();
+    for ((table, c), &n) in batches.keys().zip(cols).zip(inserted) {
+        let dups = c.offered.saturating_sub(n);
+        let l = labels(table);
+        metrics::counter!(m::STAGE_MUTATIONS, &l).increment(n);
+        metrics::counter!(m::STAGE_DUPLICATES, &l).increment(dups);
+        metrics::histogram!(m::STAGE_DURATION, &l).record(started.elapsed().as_secs_f64());
+        stats.staged += n;
+        stats.duplicates += dups;
+    }
+    stats
 }
 
 fn labels(table: &Table) -> [(&'static str, String); 2] {

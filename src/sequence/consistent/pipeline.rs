@@ -394,12 +394,7 @@ impl Pipeline {
                     .stager
                     .count_unapplied(&mut tx, table, committed, BACKLOG_CAP)
                     .await?;
-                let labels = m::table_labels(table);
-                metrics::gauge!(m::STAGE_BACKLOG, &labels).set(n as f64);
-                // Set only by a sweep of a caught-up schema, which a schema whose resolved
-                // timestamps keep coming may not get for a long time: the lease holder shows
-                // it from the start (registered, 0 until a sweep finds stale rows).
-                let _ = metrics::gauge!(m::STAGE_STALE, &labels);
+                metrics::gauge!(m::STAGE_BACKLOG, &m::table_labels(table)).set(n as f64);
             }
             *self.counted.lock().expect("poisoned") = tables;
             tx.commit().await.map_err(SequenceError::Sql)
